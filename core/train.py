@@ -220,7 +220,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         log(kind="end", state="done", total_s=round(time.time() - t_start, 3), best_epoch=best["epoch"],
             test_accuracy=test_acc, peaks=peaks)
         from .report import build_report
-        report = build_report(run_dir)
+        report = {**build_report(run_dir), "state": "done"}
         rundir.atomic_write_json(run_dir / rundir.REPORT, report)
         rundir.write_status(run_dir, state="done", phase="done", finished_at=rundir.now_iso(), step=step)
         return report

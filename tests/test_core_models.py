@@ -1,0 +1,145 @@
+"""4-bit QLoRA on CPU with tiny randomly initialised Phi, Llama and BERT models built from a config
+(no download), as transformers and peft test themselves."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
+from core.model import (add_lora, classification_head, count_parameters, load_adapter_weights, load_model,
+                        load_tokenizer, save_adapter)
+
+SNLI = Path(__file__).resolve().parents[2] / "shared" / "data" / "snli_sample"
+CPU = torch.device("cpu")
+
+
+def tiny_config(arch: str):
+    from transformers import BertConfig, LlamaConfig, PhiConfig
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_labels=3)
+    if arch == "phi":
+        return PhiConfig(partial_rotary_factor=0.5, eos_token_id=1, bos_token_id=1, pad_token_id=None, **common)
+    if arch == "llama":
+        return LlamaConfig(num_key_value_heads=2, eos_token_id=1, bos_token_id=1, pad_token_id=None, **common)
+    return BertConfig(pad_token_id=0, **common)
+
+
+def save_tiny_model(arch: str, folder: Path) -> Path:
+    from transformers import AutoModelForSequenceClassification
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(arch))
+    model.save_pretrained(folder)
+    return folder
+
+
+def save_word_tokenizer(folder: Path, words: list[str], causal: bool) -> None:
+    """A word-level tokenizer built offline. Causal: EOS only, no pad token (as Phi and Llama)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["[UNK]", "</s>"] if causal else ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(words))[:256 - len(specials)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if causal:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
+    else:
+        from tokenizers import processors
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                       cls_token="[CLS]", sep_token="[SEP]")
+    fast.save_pretrained(folder)
+
+
+def fixed_batch(pad_id: int):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, 256, (12, 10), generator=g)
+    mask = torch.ones_like(ids)
+    ids[:4, 7:] = pad_id  # some right padding
+    mask[:4, 7:] = 0
+    return {"input_ids": ids, "attention_mask": mask}, torch.arange(12) % 3
+
+
+@pytest.mark.parametrize("arch", ["phi", "llama", "bert"])
+def test_qlora_on_tiny_models(arch, tmp_path):
+    import bitsandbytes as bnb
+    folder = save_tiny_model(arch, tmp_path / arch)
+    pad_id = 0 if arch == "bert" else 1  # causal LMs pad with EOS
+    cfg = ModelConfig(name=str(folder))
+    torch.manual_seed(0)
+    model = load_model(cfg, 3, pad_id, CPU, torch.float32)
+    assert model.config.pad_token_id == pad_id
+    head = classification_head(model)
+    assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32  # not quantised
+    quantised = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantised) >= 2 * 4 and not any(n.split(".")[-1] in ("score", "classifier") for n in quantised)
+
+    model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
+    assert any("modules_to_save" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    counts = count_parameters(model)
+    assert counts["packed"] < counts["total"] and counts["trainable"] == sum(
+        p.numel() for p in model.parameters() if p.requires_grad)
+
+    batch, labels = fixed_batch(pad_id)
+
+    def loss_now():
+        model.eval()
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(model(**batch).logits, labels).item()
+
+    before = loss_now()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    torch.nn.functional.cross_entropy(model(**batch).logits, labels).backward()
+    opt.step()
+    after = loss_now()
+    assert after < before, (before, after)
+
+    # a saved adapter reloads into a freshly loaded base model to the same logits
+    save_adapter(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    model.eval()
+    with torch.no_grad():
+        logits = model(**batch).logits
+    torch.manual_seed(123)  # a different random head, to be overwritten by the saved one
+    fresh = add_lora(load_model(cfg, 3, pad_id, CPU, torch.float32), LoraSettings(r=4, alpha=8, dropout=0.0))
+    load_adapter_weights(fresh, tmp_path / "adapter")
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh(**batch).logits, logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi"])
+def test_full_run_of_a_tiny_causal_lm_without_pad_token(arch, tmp_path):
+    """The whole train() path on a causal LM whose tokenizer has no pad token: EOS pads, the
+    template turns pairs into text, and the `score` head is trained and saved."""
+    from core.train import train
+    rows = [json.loads(l) for l in (SNLI / "train.jsonl").read_text().splitlines()[:200]]
+    words = [w for r in rows for w in (r["premise"] + " " + r["hypothesis"]).replace(".", " . ").split()]
+    words += ["Premise", "Hypothesis", "Relation", ":"]
+    folder = save_tiny_model(arch, tmp_path / "model")
+    save_word_tokenizer(folder, words, causal=True)
+    tok = load_tokenizer(ModelConfig(name=str(folder)))
+    assert tok.pad_token == "</s>" and tok.sep_token is None
+    cfg = RunConfig(
+        model=ModelConfig(name=str(folder)),
+        data=DataConfig(source="files", train=str(SNLI / "train.jsonl"), test=str(SNLI / "test.jsonl"),
+                        max_train_rows=48, max_validation_rows=16, max_test_rows=24, max_length=64),
+        lora=LoraSettings(r=4, alpha=8),
+        train=TrainConfig(epochs=1, batch_size=16, micro_batch_size=8, lr=1e-3),
+    )
+    report = train(cfg, tmp_path / "run")
+    assert report["state"] == "done"
+    assert report["test_before"]["n"] == 24 and report["test_after"]["n"] == 24
+    setup = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert setup["kind"] == "setup" and setup["data"]["validation"]["used"] == 16
+    assert setup["data"]["validation"]["carved_from_train"]  # no validation file: 10% of train
+    saved = (tmp_path / "run" / "checkpoints" / "epoch-1" / "adapter_model.safetensors")
+    from safetensors import safe_open
+    keys = list(safe_open(str(saved), "pt").keys())
+    assert any("score" in k for k in keys) and any("lora_A" in k for k in keys)
