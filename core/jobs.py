@@ -24,7 +24,7 @@ def launch(cfg: RunConfig, run_dir: Path | None = None, env: dict | None = None)
     run_dir = Path(run_dir) if run_dir else rundir.run_path(rundir.new_run_id(cfg.preset))
     if (run_dir / rundir.STATUS).exists():
         raise ValueError(f"{run_dir} already holds a run")
-    run_dir.mkdir(parents=True, exist_ok=False)
+    run_dir.mkdir(parents=True, exist_ok=True)  # may already hold uploads (launch_with_uploads)
     cfg.save(run_dir / rundir.CONFIG)
     rundir.write_status(run_dir, state="queued", created_at=rundir.now_iso(), pid=None)
     log = open(run_dir / rundir.LOG, "ab")
@@ -35,6 +35,18 @@ def launch(cfg: RunConfig, run_dir: Path | None = None, env: dict | None = None)
     )
     log.close()
     return run_dir
+
+
+def launch_with_uploads(cfg: RunConfig, files: dict[str, tuple[str, bytes]], env: dict | None = None) -> Path:
+    """launch(), with uploaded data files saved into <run>/uploads/ first and the config's
+    data.train / data.validation / data.test pointing at them. files: split -> (name, bytes)."""
+    from .config import override
+    from .uploads import save_uploads
+    run_dir = rundir.run_path(rundir.new_run_id(cfg.preset))
+    run_dir.mkdir(parents=True, exist_ok=False)
+    saved = save_uploads(run_dir, files)
+    cfg = override(cfg, {"data.source": "files", **{f"data.{split}": path for split, path in saved.items()}})
+    return launch(cfg, run_dir=run_dir, env=env)
 
 
 def stop(run_dir: Path) -> None:

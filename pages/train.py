@@ -1,0 +1,396 @@
+"""Train: choose settings, see what will happen, launch the trainer, and watch it live.
+
+The trainer runs as its own process (core.jobs.launch); this page only reads the run folder, so
+closing the tab or restarting the server loses nothing: the live view re-attaches from disk.
+"""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+import ui
+from core import estimate, jobs, live, rundir, uploads
+from core.config import BUILTIN_DATA, EMBEDDED_MODEL, NLI_LABELS, PRESETS, get_preset, override
+from core.live import format_duration
+
+DATA_CHOICES = {"builtin": "Built-in NLI sample", "hub": "Hugging Face Hub dataset",
+                "upload": "Upload files (CSV / JSONL)"}
+PRESET_LABELS = {"demo": "Embedded demo (all-MiniLM-L6-v2, CPU, about a minute)",
+                 "phi2-snli": "Phi-2 on SNLI (the reference experiment, needs a GPU and the Hub)"}
+
+
+# --- the selected run ---------------------------------------------------------------------------
+
+def draw_metrics_row(snap: dict) -> None:
+    p = snap["progress"]
+    tp = p["throughput"]
+    steps = snap["steps"]
+    curve = live.validation_curve(snap["evals"])
+    c = st.columns(5)
+    c[0].metric("Elapsed", format_duration(p["elapsed_s"]))
+    if snap["state"] in live.ACTIVE:
+        c[1].metric("Time left", format_duration(p["eta_s"]) if p["eta_s"] is not None else "measuring…")
+    else:
+        c[1].metric("Steps", f"{p['step']}/{p['total_steps'] or '?'}")
+    c[2].metric("Pairs / s", f"{tp['samples_per_s']:.1f}" if tp else "–")
+    c[3].metric("Tokens / s", f"{tp['tokens_per_s']:.0f}" if tp else "–")
+    c[4].metric("Validation accuracy", f"{100 * curve[-1]['accuracy']:.1f}%" if curve else "–",
+                help="Latest validation pass (epoch 0 = before training)")
+    if steps or curve:
+        left, right = st.columns(2)
+        left.plotly_chart(ui.loss_figure(steps, snap["epochs"]), key=f"loss:{snap['run_id']}")
+        right.plotly_chart(ui.val_accuracy_figure(curve), key=f"val:{snap['run_id']}")
+
+
+def draw_resources(snap: dict) -> None:
+    res = snap["resources"]
+    if not res:
+        return
+    has_gpu = any("gpu_mem_gb" in r for r in res)
+    cols = st.columns(3 if has_gpu else 2)
+    cols[0].plotly_chart(ui.resources_figure(res, [("cpu_percent", "trainer CPU")], "CPU (100% = one core)", "%"),
+                         key=f"cpu:{snap['run_id']}")
+    cols[1].plotly_chart(ui.resources_figure(res, [("rss_gb", "trainer RSS"), ("ram_used_gb", "machine used")],
+                                             "RAM", "GiB"), key=f"ram:{snap['run_id']}")
+    if has_gpu:
+        cols[2].plotly_chart(ui.resources_figure(res, [("gpu_mem_gb", "memory (GiB)"), ("gpu_util", "utilisation (%)")],
+                                                 "GPU", "GiB / %"), key=f"gpu:{snap['run_id']}")
+    else:
+        st.caption("No GPU in use: this run trains on the CPU.")
+
+
+@st.fragment(run_every=1.5)
+def live_view(run_id: str) -> None:
+    """Refreshes itself every 1.5 s while the run is queued or running."""
+    run_dir = rundir.run_path(run_id)
+    snap = live.snapshot(run_dir)
+    if snap["state"] not in live.ACTIVE:
+        st.rerun()  # the whole page (and the sidebar's state) now shows the finished run
+    head, stop = st.columns([5, 1])
+    head.progress(snap["progress"]["fraction"], text=snap["progress"]["text"])
+    if rundir.stop_requested(run_dir):
+        stop.caption("Stopping after the current step…")
+    elif stop.button("Stop", icon="⏹️", key=f"stop:{run_id}", help="Ends the run cleanly after the current step"):
+        jobs.stop(run_dir)
+        st.toast("Asked the trainer to stop after its current step.")
+    if not snap["setup"]:
+        st.info("Loading the data and the model… the first numbers appear after the model has "
+                "been evaluated once before training.")
+    draw_metrics_row(snap)
+    draw_resources(snap)
+
+
+def draw_done(run_dir: Path, snap: dict) -> None:
+    report = rundir.read_json(run_dir / rundir.REPORT) or {}
+    b, a = report.get("test_before"), report.get("test_after")
+    if b and a:
+        c = st.columns(5)
+        c[0].metric("Test accuracy before", f"{100 * b['accuracy']:.1f}%")
+        c[1].metric("Test accuracy after", f"{100 * a['accuracy']:.1f}%",
+                    delta=f"{100 * (a['accuracy'] - b['accuracy']):+.1f} points")
+        c[2].metric("Test examples", f"{a['n']}")
+        c[3].metric("Best epoch", f"{report.get('best_epoch')}")
+        c[4].metric("Total time", format_duration(report.get("total_s")))
+    st.success("Done. Read the full report, or look at the examples fine-tuning fixed and broke.")
+    l1, l2, _ = st.columns([1, 1, 3])
+    l1.page_link("pages/report.py", label="Open the report", icon="📊")
+    l2.page_link("pages/failures.py", label="Open the failure cases", icon="🔍")
+    with st.expander("Training curves and resources", expanded=True):
+        draw_metrics_row(snap)
+        draw_resources(snap)
+
+
+def draw_selected(run_dir: Path) -> bool:
+    """The selected run's panel; returns whether the run is still active."""
+    snap = live.snapshot(run_dir)
+    state = snap["state"]
+    st.markdown(f"#### {ui.run_title(run_dir, snap['status'])}")
+    if state in live.ACTIVE:
+        live_view(run_dir.name)
+        return True
+    if state == "done":
+        draw_done(run_dir, snap)
+    elif state == "failed":
+        st.error(f"The run failed: {snap['status'].get('error') or 'no error message recorded'}")
+        if snap["status"].get("traceback"):
+            with st.expander("Traceback"):
+                st.code(snap["status"]["traceback"], language="text")
+        with st.expander("Last lines of train.log"):
+            st.code(live.log_tail(run_dir) or "(train.log is empty)", language="text")
+        draw_metrics_row(snap)
+    elif state == "stopped":
+        p = snap["progress"]
+        st.warning(f"Stopped at step {p['step']} of {p['total_steps'] or '?'}. The checkpoints saved "
+                   f"so far are in `{run_dir / rundir.CHECKPOINTS}`; start a new run to finish training.")
+        draw_metrics_row(snap)
+        draw_resources(snap)
+    else:
+        st.warning(f"This run folder has an unknown state {state!r}.")
+    return False
+
+
+# --- the form -----------------------------------------------------------------------------------
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def parse_upload(name: str, data: bytes) -> list[dict]:
+    return uploads.read_upload(name, data)
+
+
+@st.cache_data(show_spinner="Reading the model's configuration…", max_entries=32)
+def model_facts(model_json: str, n_labels: int, lora_json: str) -> dict:
+    """Parameter counts and shape without weights (cached: it builds the model on the meta device)."""
+    from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig
+    cfg = RunConfig(model=ModelConfig(**json.loads(model_json)),
+                    data=DataConfig(labels=[f"class{i}" for i in range(n_labels)]),
+                    lora=LoraSettings(**json.loads(lora_json)))
+    return estimate.model_facts_or_error(cfg)
+
+
+def upload_section(k) -> tuple[dict, dict, dict, list[str]]:
+    """Uploaders, previews and column mapping; returns (config changes, files, row counts, errors)."""
+    errors: list[str] = []
+    files: dict[str, tuple[str, bytes]] = {}
+    parsed: dict[str, list[dict]] = {}
+    kinds = ["csv", "tsv", "jsonl", "json", "parquet"]
+    cols = st.columns(3)
+    for col, split, label in zip(cols, ("train", "validation", "test"),
+                                 ("Train file", "Validation file (optional)", "Test file")):
+        f = col.file_uploader(label, type=kinds, key=f"upload:{split}")
+        if f is None:
+            continue
+        try:
+            rows = parse_upload(f.name, f.getvalue())
+        except ValueError as e:
+            col.error(str(e))
+            errors.append(f"{split} file: {e}")
+            continue
+        if not rows:
+            col.error("This file has no rows.")
+            errors.append(f"{split} file is empty")
+            continue
+        files[split] = (f.name, f.getvalue())
+        parsed[split] = rows
+        col.caption(f"{len(rows):,} rows · saved as `uploads/{split}-{uploads.safe_filename(f.name)}`")
+    if "train" not in parsed:
+        st.info("Upload a **train** and a **test** file (JSONL or CSV, one example per row). "
+                "Without a validation file, 10% of the train rows are held out for validation.")
+        errors.append("upload a train file")
+        return {}, files, {}, errors
+    if "test" not in parsed:
+        errors.append("upload a test file: the before/after report is measured on it")
+    rows = parsed["train"]
+    columns = list(rows[0].keys())
+    st.markdown("**Preview of the train file**")
+    st.dataframe(pd.DataFrame(rows[:5]), hide_index=True)
+    guess = uploads.guess_columns(columns)
+    pair = st.radio("Input", ["premise + hypothesis", "single text"], horizontal=True, key=k("input_kind"),
+                    index=0 if (guess["premise"] and guess["hypothesis"]) or not guess["text"] else 1)
+    idx = lambda c: columns.index(c) if c in columns else 0
+    mcols = st.columns(3)
+    changes: dict = {}
+    if pair == "premise + hypothesis":
+        changes["data.premise_column"] = mcols[0].selectbox("Premise column", columns, index=idx(guess["premise"]), key=k("prem_col"))
+        changes["data.hypothesis_column"] = mcols[1].selectbox("Hypothesis column", columns, index=idx(guess["hypothesis"]), key=k("hyp_col"))
+    else:
+        changes["data.text_column"] = mcols[0].selectbox("Text column", columns, index=idx(guess["text"]), key=k("text_col"))
+    label_col = mcols[2].selectbox("Label column", columns, index=idx(guess["label"]), key=k("label_col"))
+    changes["data.label_column"] = label_col
+    values = sorted({str(r.get(label_col)) for r in rows[:5000]})
+    names = st.text_input("Class names, in id order", ", ".join(NLI_LABELS), key=k("labels"),
+                          help="A label may be a class name or an integer id into this list. "
+                               "Rows labelled -1, '-' or empty are dropped and counted.")
+    changes["data.labels"] = [x.strip() for x in names.split(",") if x.strip()]
+    st.caption(f"Label values in the train file: {', '.join(values[:20])}{' …' if len(values) > 20 else ''}")
+    known = {s: len(r) for s, r in parsed.items()}
+    return changes, files, known, errors
+
+
+def check_mapping(cfg, parsed_rows: list[dict]) -> str | None:
+    """Map the first rows exactly as the trainer will; the error message if that fails."""
+    from core.data import to_examples
+    try:
+        to_examples(parsed_rows[:2000], cfg.data, "train")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def settings_form() -> None:
+    preset = st.selectbox("Preset", list(PRESETS), format_func=lambda p: PRESET_LABELS.get(p, p), key="preset",
+                          help="Starting settings; every field below can be changed.")
+    base = get_preset(preset)
+    k = lambda name: f"{name}@{preset}"  # each preset keeps its own field values
+    changes: dict = {}
+    errors: list[str] = []
+    files: dict = {}
+    known_rows: dict = {}
+
+    st.markdown("##### Model")
+    m1, m2 = st.columns([3, 1])
+    changes["model.name"] = m1.text_input(
+        "Model", base.model.name, key=k("model"),
+        help=f"A Hugging Face Hub id (e.g. microsoft/phi-2), a local folder in HF format, or {EMBEDDED_MODEL} "
+             "(ships with the app, works offline).").strip()
+    quantize = m2.checkbox("Load in 4-bit NF4 (QLoRA)", base.model.quantize is not None, key=k("quantize"))
+    changes["model.quantize"] = "bnb.nf4" if quantize else None
+
+    st.markdown("##### Data")
+    default_data = "builtin" if base.data.source == BUILTIN_DATA else "hub"
+    data_kind = st.radio("Dataset", list(DATA_CHOICES), format_func=DATA_CHOICES.get, horizontal=True,
+                         index=list(DATA_CHOICES).index(default_data), key=k("data_kind"))
+    if data_kind == "builtin":
+        from core.data import BUILTIN_DIR
+        changes["data.source"] = BUILTIN_DATA
+        if not (BUILTIN_DIR / "train.jsonl").exists():
+            errors.append(f"the built-in sample is missing from {BUILTIN_DIR}")
+        st.caption("Premise/hypothesis pairs labelled entailment, neutral or contradiction, each tagged "
+                   "with the phenomenon it tests (negation, quantifiers, …); ships with the app.")
+    elif data_kind == "hub":
+        h = st.columns([2, 1, 1, 1, 1])
+        source = h[0].text_input("Hub dataset id", base.data.source if default_data == "hub" else "stanfordnlp/snli",
+                                 key=k("hub_id")).strip()
+        changes["data.source"] = source
+        changes["data.hub_config"] = h[1].text_input("Configuration", base.data.hub_config or "", key=k("hub_config")).strip() or None
+        changes["data.train_split"] = h[2].text_input("Train split", base.data.train_split, key=k("hub_train")).strip()
+        changes["data.validation_split"] = h[3].text_input(
+            "Validation split", base.data.validation_split or "", key=k("hub_val"),
+            help="Leave empty to hold out 10% of train").strip() or None
+        changes["data.test_split"] = h[4].text_input("Test split", base.data.test_split, key=k("hub_test")).strip()
+        st.caption("Loaded with `datasets.load_dataset` when the run starts (needs the network or the HF cache).")
+    else:
+        up_changes, files, known_rows, up_errors = upload_section(k)
+        changes.update(up_changes)
+        changes["data.source"] = "files"
+        errors += up_errors
+
+    st.markdown("##### Rows used (stratified, seeded sample; 0 = all)")
+    r = st.columns(4)
+    for col, split in zip(r, ("train", "validation", "test")):
+        v = col.number_input(f"Max {split} rows", 0, 10_000_000, getattr(base.data, f"max_{split}_rows") or 0,
+                             step=16, key=k(f"max_{split}"))
+        changes[f"data.max_{split}_rows"] = int(v) or None
+    changes["data.max_length"] = int(r[3].number_input("Max length (tokens)", 8, 8192, base.data.max_length,
+                                                       step=16, key=k("max_length")))
+
+    st.markdown("##### LoRA")
+    lcols = st.columns(4)
+    lora_r = int(lcols[0].number_input("Rank r", 1, 1024, base.lora.r, key=k("lora_r")))
+    alpha = float(lcols[1].number_input("Alpha", 0.5, 4096.0, float(base.lora.alpha), step=1.0, key=k("lora_alpha")))
+    dropout = float(lcols[2].number_input("Dropout", 0.0, 0.95, float(base.lora.dropout), step=0.05, key=k("lora_dropout")))
+    tm_default = base.lora.target_modules
+    tm_text = lcols[3].text_input(
+        "Target modules", ", ".join(tm_default) if isinstance(tm_default, list) else (tm_default or ""),
+        key=k("target_modules"),
+        help="Comma-separated module names (e.g. q_proj, v_proj, fc1, fc2), all-linear, or empty for "
+             "the usual ones of the architecture.").strip()
+    target = None if not tm_text else "all-linear" if tm_text == "all-linear" else [t.strip() for t in tm_text.split(",") if t.strip()]
+    changes.update({"lora.r": lora_r, "lora.alpha": alpha, "lora.dropout": dropout, "lora.target_modules": target})
+
+    st.markdown("##### Training")
+    t = st.columns(5)
+    changes["train.epochs"] = int(t[0].number_input("Epochs", 1, 1000, base.train.epochs, key=k("epochs")))
+    changes["train.lr"] = float(t[1].number_input("Learning rate", 1e-6, 0.5, base.train.lr, step=1e-4,
+                                                  format="%.1e", key=k("lr")))
+    changes["train.batch_size"] = int(t[2].number_input("Batch size", 1, 4096, base.train.batch_size, key=k("batch")))
+    changes["train.seed"] = int(t[3].number_input("Seed", 0, 2**31 - 1, base.train.seed, key=k("seed")))
+    with t[4].popover("More"):
+        head_lr = st.number_input("Head learning rate (0 = same as LoRA)", 0.0, 0.5, base.train.head_lr or 0.0,
+                                  step=1e-4, format="%.1e", key=k("head_lr"))
+        changes["train.head_lr"] = float(head_lr) or None
+        micro = st.number_input("Micro-batch size (0 = batch size)", 0, 4096, base.train.micro_batch_size or 0,
+                                key=k("micro"))
+        changes["train.micro_batch_size"] = int(micro) or None
+        changes["model.compute_dtype"] = st.selectbox("Compute dtype", ["auto", "float32", "bfloat16", "float16"],
+                                                      key=k("dtype"))
+        changes["model.device"] = st.selectbox("Device", ["auto", "cpu", "cuda"], key=k("device"))
+
+    # --- validate, then show what will happen ----------------------------------------------------
+    try:
+        cfg = override(base, changes)
+    except ValueError as e:
+        st.error(f"Check the settings: {e}")
+        st.button("Launch", type="primary", disabled=True, key="launch_disabled")
+        return
+    if data_kind == "upload" and "train" in files:
+        err = check_mapping(cfg, parse_upload(*files["train"]))
+        if err:
+            errors.append(f"column/label mapping: {err}")
+
+    st.markdown("##### What will happen")
+    d = cfg.to_dict()
+    facts = model_facts(json.dumps(d["model"], sort_keys=True), len(cfg.data.labels),
+                        json.dumps(d["lora"], sort_keys=True))
+    p = estimate.plan(cfg, rows=known_rows or None, facts=facts)
+    draw_plan(cfg, p)
+    for e in errors:
+        st.warning(e)
+    if st.button("Launch", type="primary", disabled=bool(errors) or bool(p.get("error")), key="launch"):
+        try:
+            run_dir = jobs.launch_with_uploads(cfg, files) if files else jobs.launch(cfg)
+        except (ValueError, OSError) as e:
+            st.error(f"Could not start the run: {e}")
+            return
+        ui.select_run(run_dir.name)
+        st.rerun()
+
+
+def draw_plan(cfg, p: dict) -> None:
+    if p.get("error"):
+        st.error(p["error"])
+        return
+    device = f"GPU: {p['gpu']} ({p['gpu_memory_gb']} GiB)" if p["device"] == "cuda" else "CPU"
+    weights = "4-bit NF4 + LoRA" if cfg.model.quantize else "unquantised + LoRA"
+    c = st.columns(4)
+    c[0].metric("Device", device)
+    c[1].metric("Compute dtype", p["dtype"], help="bf16 on GPUs from Ampere on, fp16 on older ones (T4), fp32 on CPU")
+    c[2].metric("Weights", weights)
+    rows = p["rows"]
+    fmt = lambda n: "?" if n is None else f"{n:,}"
+    c[3].metric("Rows train / val / test", f"{fmt(rows['train'])} / {fmt(rows['validation'])} / {fmt(rows['test'])}")
+    c = st.columns(4)
+    if p["params"]:
+        pr = p["params"]
+        c[0].metric("Total parameters", f"{pr['total'] / 1e6:,.1f} M", help=f"{pr['total']:,} (4-bit weights counted at full size)")
+        c[1].metric("Packed 4-bit count", f"{pr['packed'] / 1e6:,.1f} M", help=f"{pr['packed']:,}: the naive numel() sum of a 4-bit model")
+        c[2].metric("Trainable (LoRA + head)", f"{pr['trainable'] / 1e6:,.2f} M",
+                    help=f"{pr['trainable']:,} = {100 * pr['trainable'] / pr['total']:.2f}% of total")
+    else:
+        c[0].caption(f"Parameter counts need the model's config: {p['params_error']}")
+    steps = p.get("total_steps")
+    c[3].metric("Optimiser steps", f"{steps:,}" if steps else "?",
+                help=f"{p.get('steps_per_epoch', '?')} per epoch × {cfg.train.epochs} epochs")
+    notes = []
+    if p.get("time"):
+        notes.append(f"**Time:** about {format_duration(p['time']['seconds'])}, scaled from the measured "
+                     f"speed of run `{p['time']['from_run']}` ({p['time']['train_rows_per_s']} training rows/s).")
+    else:
+        notes.append("**Time:** no estimate yet: it is scaled from an earlier finished run of this model on "
+                     "this device, and there is none.")
+    gm = p.get("gpu_memory")
+    if gm:
+        text = f"**GPU memory:** about {gm['estimate_gb']} GiB at most (weights, LoRA optimiser state and " \
+               f"activations at max length)" if gm["estimate_gb"] else "**GPU memory:** no estimate (unknown model shape)"
+        if gm.get("measured_gb"):
+            text += f"; run `{gm['measured_run']}` peaked at {gm['measured_gb']} GiB"
+        notes.append(text + ".")
+    else:
+        notes.append("**GPU memory:** none, this run uses the CPU.")
+    st.markdown("  \n".join(notes))
+
+
+# --- the page -----------------------------------------------------------------------------------
+
+st.title("Train")
+run_dir = ui.selected_run()
+active = False
+if run_dir:
+    active = draw_selected(run_dir)
+else:
+    st.info("**No runs yet.** Pick a preset below and press **Launch**. The embedded demo fine-tunes a "
+            "small sentence model in 4-bit on the built-in NLI sample: on a laptop CPU it takes about a "
+            "minute, and you can watch it live here. Then open **Report** and **Failures**.")
+st.divider()
+with st.expander("Start a new run", expanded=not active, icon="🚀"):
+    settings_form()

@@ -1,0 +1,167 @@
+"""Streamlit helpers shared by the frame (app.py) and the pages: the selected run, the sidebar,
+and the Plotly figures. Everything here only reads the run folder through core."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from core import rundir
+
+STATE_ICONS = {"queued": "⏳", "running": "🔄", "done": "✅", "stopped": "⏹️", "failed": "❌"}
+COLORS = {"before": "#9ca3af", "after": "#4f46e5", "line": "#4f46e5", "second": "#f59e0b"}
+RUN_KEY = "run"  # session_state key of the selected run id (a UI choice, nothing else)
+
+
+@st.cache_resource(show_spinner=False)
+def hardware() -> dict:
+    """This machine's CPU, RAM and GPUs (torch is imported once per server)."""
+    from core.resources import hardware_info
+    return hardware_info()
+
+
+def hardware_line(info: dict) -> str:
+    from core.resources import describe_hardware
+    if info.get("gpus"):
+        return "GPU: " + describe_hardware(info)
+    return describe_hardware(info)
+
+
+def select_run(run_id: str | None) -> None:
+    """Make `run_id` the run every page shows (and keep it in the URL as ?run=)."""
+    st.session_state[RUN_KEY] = run_id
+    if run_id:
+        st.query_params["run"] = run_id
+    elif "run" in st.query_params:
+        del st.query_params["run"]
+
+
+def sidebar() -> None:
+    """The runs folder as a list with states, the selection, and the hardware in use."""
+    runs = rundir.list_runs()
+    ids = [r["id"] for r in runs]
+    by_id = {r["id"]: r for r in runs}
+    wanted = st.session_state.get(RUN_KEY) or st.query_params.get("run")
+    if wanted not in by_id:
+        if wanted and st.query_params.get("run") == wanted:
+            st.sidebar.warning(f"Run `{wanted}` is not in the runs folder.")
+        wanted = ids[0] if ids else None
+    with st.sidebar:
+        st.markdown("### Runs")
+        if not runs:
+            st.caption("No runs yet. Start one on the **Train** page: the demo preset trains "
+                       "a small model on CPU in about a minute.")
+            select_run(None)
+        else:
+            counts = {s: sum(r["state"] == s for r in runs) for s in STATE_ICONS}
+            st.caption(" · ".join(f"{STATE_ICONS[s]} {n} {s}" for s, n in counts.items() if n))
+            choice = st.radio(
+                "Selected run", ids, index=ids.index(wanted), label_visibility="collapsed",
+                format_func=lambda i: f"{STATE_ICONS.get(by_id[i]['state'], '❔')} {i} · {by_id[i]['state']}",
+                key=f"run_picker:{wanted}:{len(ids)}",
+            )
+            select_run(choice)
+        st.caption(f"Runs folder: `{rundir.runs_root()}`")
+        st.divider()
+        st.markdown("**Hardware**")
+        st.caption(hardware_line(hardware()))
+
+
+def selected_run() -> Path | None:
+    run_id = st.session_state.get(RUN_KEY)
+    if not run_id:
+        return None
+    try:
+        path = rundir.run_path(run_id)
+    except ValueError:
+        return None
+    return path if (path / rundir.STATUS).exists() else None
+
+
+def run_title(run_dir: Path, status: dict | None = None) -> str:
+    cfg = rundir.read_json(run_dir / rundir.CONFIG, {}) or {}
+    state = (status or rundir.read_status(run_dir)).get("state", "unknown")
+    model = (cfg.get("model") or {}).get("name", "?")
+    return f"{STATE_ICONS.get(state, '❔')} `{run_dir.name}` · {state} · {model}"
+
+
+def no_run_message(what: str) -> None:
+    st.info(f"No run selected yet. {what} Start a run on the **Train** page; "
+            "when it is done, its report and failure cases appear here.")
+    st.page_link("pages/train.py", label="Go to Train", icon="🏋️")
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+def _layout(fig: go.Figure, title: str, height: int = 260, **kw) -> go.Figure:
+    fig.update_layout(title=dict(text=title, font=dict(size=14)), height=height,
+                      margin=dict(l=10, r=10, t=40, b=10), template="plotly_white",
+                      legend=dict(orientation="h", y=-0.25), **kw)
+    return fig
+
+
+def loss_figure(steps: list[dict], epochs: list[dict]) -> go.Figure:
+    fig = go.Figure()
+    fig.add_scatter(x=[s["step"] for s in steps], y=[s["loss"] for s in steps], mode="lines+markers",
+                    name="step loss", line=dict(color=COLORS["line"]), marker=dict(size=4))
+    if epochs and steps:
+        spe = steps[0].get("steps_per_epoch") or 1
+        fig.add_scatter(x=[e["epoch"] * spe for e in epochs], y=[e["train_loss"] for e in epochs],
+                        mode="markers", name="epoch mean", marker=dict(size=10, color=COLORS["second"]))
+    return _layout(fig, "Training loss", xaxis_title="optimiser step", yaxis_title="cross-entropy")
+
+
+def val_accuracy_figure(curve: list[dict]) -> go.Figure:
+    fig = go.Figure()
+    fig.add_scatter(x=[c["epoch"] for c in curve], y=[100 * c["accuracy"] for c in curve],
+                    mode="lines+markers+text", text=[f"{100 * c['accuracy']:.1f}%" for c in curve],
+                    textposition="top center", line=dict(color=COLORS["line"]), name="validation")
+    return _layout(fig, "Validation accuracy by epoch (0 = before training)", xaxis_title="epoch",
+                   yaxis_title="accuracy (%)", xaxis=dict(dtick=1), yaxis=dict(range=[0, 105]))
+
+
+def resources_figure(resources: list[dict], keys: list[tuple[str, str]], title: str, unit: str) -> go.Figure:
+    fig = go.Figure()
+    colors = [COLORS["line"], COLORS["second"], "#10b981"]
+    for (key, name), color in zip(keys, colors):
+        pts = [(r["elapsed_s"], r[key]) for r in resources if key in r]
+        fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines", name=name,
+                        line=dict(color=color))
+    return _layout(fig, title, height=220, xaxis_title="seconds", yaxis_title=unit)
+
+
+def accuracy_figure(before: dict, after: dict, best_epoch) -> go.Figure:
+    names = ["before fine-tuning", f"after (epoch {best_epoch})"]
+    accs = [100 * before["accuracy"], 100 * after["accuracy"]]
+    lo = [100 * s["ci95"][0] for s in (before, after)]
+    hi = [100 * s["ci95"][1] for s in (before, after)]
+    fig = go.Figure(go.Bar(
+        x=names, y=accs, marker_color=[COLORS["before"], COLORS["after"]],
+        text=[f"{a:.1f}%<br>{s['correct']}/{s['n']}" for a, s in zip(accs, (before, after))],
+        textposition="inside", insidetextanchor="middle",
+        error_y=dict(type="data", symmetric=False, array=[h - a for h, a in zip(hi, accs)],
+                     arrayminus=[a - l for a, l in zip(accs, lo)], color="#374151"),
+    ))
+    return _layout(fig, f"Test accuracy with 95% Wilson intervals (n = {after['n']})", height=340,
+                   yaxis=dict(range=[0, 100], title="accuracy (%)"), showlegend=False)
+
+
+def confusion_figure(matrix: list[list[int]], labels: list[str], title: str) -> go.Figure:
+    fig = go.Figure(go.Heatmap(z=matrix, x=labels, y=labels, colorscale="Blues", showscale=False,
+                               text=[[str(v) for v in row] for row in matrix], texttemplate="%{text}",
+                               hovertemplate="gold %{y}, predicted %{x}: %{z}<extra></extra>"))
+    return _layout(fig, title, height=300, xaxis_title="predicted", yaxis_title="gold",
+                   yaxis=dict(autorange="reversed"))
+
+
+def probs_figure(labels: list[str], before: list[float], after: list[float], gold: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_bar(x=labels, y=before, name="before", marker_color=COLORS["before"],
+                text=[f"{p:.2f}" for p in before], textposition="outside")
+    fig.add_bar(x=labels, y=after, name="after", marker_color=COLORS["after"],
+                text=[f"{p:.2f}" for p in after], textposition="outside")
+    fig.add_annotation(x=gold, y=1.08, text="gold", showarrow=False, font=dict(color="#059669"))
+    return _layout(fig, "Predicted probabilities", height=300, barmode="group",
+                   yaxis=dict(range=[0, 1.15], title="probability"))
