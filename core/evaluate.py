@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import rundir
+from . import perf, rundir
 from .data import Example, collate
 
 
@@ -32,21 +32,24 @@ def predict(model, encoded: list[dict], batch_size: int, pad_id: int, device: to
     was_training = model.training
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))  # less padding
-    probs: list[torch.Tensor | None] = [None] * len(encoded)
-    total_loss = 0.0
+    drop_mask = perf.is_causal(model)  # right padding + causal attention: the mask changes nothing
+    chunks, losses = [], []
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         batch = {k: v.to(device, non_blocking=True) for k, v in collate(encoded, idx, pad_id).items()}
         labels = batch.pop("labels")
+        if drop_mask:
+            batch.pop("attention_mask")
         with autocast(device, dtype):
             logits = model(**batch).logits.float()
-        total_loss += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        for i, p in zip(idx, torch.softmax(logits, -1).cpu()):
-            probs[i] = p
+        losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        chunks.append(torch.softmax(logits, -1))  # stays on the device: one copy and sync at the end
     model.train(was_training)
     if not encoded:
         return np.zeros((0, 0)), float("nan")
-    return torch.stack(probs).numpy(), total_loss / len(encoded)
+    probs = torch.empty((len(encoded), chunks[0].shape[-1]), dtype=torch.float32)
+    probs[torch.tensor(order)] = torch.cat(chunks).cpu()
+    return probs.numpy(), float(torch.stack(losses).sum().item()) / len(encoded)
 
 
 def prediction_rows(examples: list[Example], probs: np.ndarray, labels: list[str]) -> list[dict]:

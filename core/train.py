@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import rundir
+from . import perf, rundir
 from .config import RunConfig
 from .data import batch_indices, collate, encode, load_splits
 from .evaluate import accuracy, autocast, predict, prediction_rows
@@ -110,6 +110,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         seed_everything(cfg.train.seed)  # the new head and the LoRA matrices start from the seed
         model = load_model(cfg.model, len(labels), pad_id, device, dtype, id2label=dict(enumerate(labels)))
         model = add_lora(model, cfg.lora)
+        tuned = perf.tune_model(model, dtype)  # fused GELU, 16-bit LayerNorm out, fp32 residual on fp16
         load_s = time.time() - t_load
         encoded = {s: encode(ex, tokenizer, cfg.data) for s, ex in splits.items()}
         steps_per_epoch = math.ceil(len(encoded["train"]) / cfg.train.batch_size)
@@ -118,7 +119,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         log(kind="setup", device=str(device), compute_dtype=str(dtype).replace("torch.", ""),
             hardware=hardware_info(), params=params, data=data_stats, labels=labels,
             steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs=cfg.train.epochs,
-            load_s=round(load_s, 3), model_type=model.config.model_type,
+            load_s=round(load_s, 3), model_type=model.config.model_type, speedups=tuned,
             target_modules=sorted(model.peft_config["default"].target_modules),
             mean_tokens={s: round(float(np.mean([len(e["input_ids"]) for e in v])), 1) for s, v in encoded.items()})
         ckpt_dir = run_dir / rundir.CHECKPOINTS
@@ -149,6 +150,10 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
             optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.train.schedule))
         scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and dtype == torch.float16) else None
         trainable = [p for p in model.parameters() if p.requires_grad]
+        stepper = perf.TrainStep(model, device, dtype, pad_id, scaler=scaler)  # CUDA graphs on GPU
+        flops = perf.flops_info(model)
+        peak = perf.peak_flops(device)
+        stepper.zero_grad()
         micro = cfg.train.micro_batch_size or cfg.train.batch_size
         best = None  # the epoch with the highest validation accuracy (lower loss breaks ties)
         step = 0
@@ -164,17 +169,12 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
                 t_step = time.time()
                 step_loss, real_tokens, padded_tokens = 0.0, 0, 0
                 for s in range(0, len(idx), micro):
-                    batch = {k: v.to(device, non_blocking=True)
-                             for k, v in collate(encoded["train"], idx[s:s + micro], pad_id).items()}
-                    labels_t = batch.pop("labels")
-                    with autocast(device, dtype):
-                        logits = model(**batch).logits
-                    # sum over rows / rows in the step: micro-batches of any size weigh each row once
-                    loss = torch.nn.functional.cross_entropy(logits.float(), labels_t, reduction="sum") / len(idx)
-                    (scaler.scale(loss) if scaler else loss).backward()
-                    step_loss += loss.item()
+                    batch = collate(encoded["train"], idx[s:s + micro], pad_id)
+                    # sum of CE over rows / rows in the step: micro-batches of any size weigh each row once
+                    stepper.run(batch, step_rows=len(idx), rows=micro)
                     real_tokens += int(batch["attention_mask"].sum())
-                    padded_tokens += batch["attention_mask"].numel()
+                    padded_tokens += len(batch["input_ids"]) * perf.pad_width(batch["input_ids"].shape[1])
+                step_loss = stepper.take_loss()
                 if scaler:
                     scaler.unscale_(optimizer)
                 grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm).item()
@@ -184,7 +184,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
                     scaler.update()
                 else:
                     optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                stepper.zero_grad()  # in place: CUDA graphs accumulate into the same .grad tensors
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
                 step += 1
@@ -194,6 +194,9 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
                 log(kind="step", step=step, epoch=epoch, epoch_step=b + 1, steps_per_epoch=len(batches),
                     loss=step_loss, lr=lr, grad_norm=grad_norm, rows=len(idx),
                     samples_per_s=round(len(idx) / dt, 2), tokens_per_s=round(real_tokens / dt, 1),
+                    mfu=perf.round_or_none(perf.mfu(perf.flops_per_token(flops, padded_tokens / len(idx)),
+                                                    real_tokens / dt, peak), 4),
+                    cuda_graphs=stepper.graphs,
                     pad_fraction=round(1 - real_tokens / padded_tokens, 4), step_s=round(dt, 4))
                 if step % 5 == 0 or b + 1 == len(batches):
                     rundir.write_status(run_dir, step=step)

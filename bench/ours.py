@@ -1,0 +1,239 @@
+"""Our path on the benchmark assets: the app's own training loop (core.train.train), plus a
+batch-size sweep for MFU, a profile, and an fp16 check.
+
+    python -m bench.ours experiment ROOT --micro 32 --out ours.json   # the whole reference experiment
+    python -m bench.ours sweep ROOT --out sweep.json                  # tokens/s and MFU per batch size, profile
+    python -m bench.ours fp16 ROOT --out fp16.json                    # fp16 training stays finite
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from core import perf
+from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
+
+
+def run_config(root: str, micro: int | None, dtype: str = "auto", epochs: int = 5, train_rows: int = 1000,
+               eval_bs: int = 256) -> RunConfig:
+    return RunConfig(
+        preset="bench",
+        model=ModelConfig(name=f"{root}/model", compute_dtype=dtype),
+        data=DataConfig(source="files", train=f"{root}/data/train.jsonl", validation=f"{root}/data/validation.jsonl",
+                        test=f"{root}/data/test.jsonl", max_train_rows=train_rows, max_validation_rows=500,
+                        max_test_rows=1000, max_length=128),
+        lora=LoraSettings(r=16, alpha=32, dropout=0.05, target_modules=["q_proj", "v_proj", "fc1", "fc2"]),
+        train=TrainConfig(epochs=epochs, lr=2e-4, batch_size=32, micro_batch_size=micro, schedule="linear",
+                          warmup_ratio=0.06, seed=0, eval_batch_size=eval_bs),
+    )
+
+
+def summarise(run_dir: Path) -> dict:
+    recs = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
+    setup = next(r for r in recs if r["kind"] == "setup")
+    steps = [r for r in recs if r["kind"] == "step"]
+    steady = [r for r in steps if r["epoch"] >= 2] or steps
+    dt = sum(r["step_s"] for r in steady)
+    rows = sum(r["rows"] for r in steady)
+    toks = sum(r["tokens_per_s"] * r["step_s"] for r in steady)
+    mfus = [r.get("mfu") for r in steady]
+    evals = [r for r in recs if r["kind"] == "eval"]
+    val_after = [r for r in evals if r["split"] == "validation" and r["stage"].startswith("epoch-")]
+    end = next(r for r in recs if r["kind"] == "end")
+    return {
+        "pairs_per_s": rows / dt,
+        "pairs_per_s_all_steps": sum(r["rows"] for r in steps) / sum(r["step_s"] for r in steps),
+        "real_tokens_per_s": toks / dt,
+        "mfu": (sum(m * r["step_s"] for m, r in zip(mfus, steady)) / dt) if all(m is not None for m in mfus) else None,
+        "eval_pairs_per_s": sum(r["n"] for r in val_after) / sum(r["seconds"] for r in val_after),
+        "eval_pairs_per_s_all": sum(r["n"] for r in evals) / sum(r["seconds"] for r in evals),
+        "peak_gib": (end.get("peaks") or {}).get("torch_peak_gb"),
+        "total_s": end["total_s"], "load_s": setup["load_s"], "state": end["state"],
+        "cuda_graphs": steps[-1].get("cuda_graphs"), "speedups": setup.get("speedups"),
+        "mean_tokens": setup.get("mean_tokens"), "test_accuracy": end.get("test_accuracy"),
+        "losses_finite": all(math.isfinite(r["loss"]) for r in steps),
+        "eval_losses_finite": all(math.isfinite(r["loss"]) for r in evals),
+        "first_losses": [round(r["loss"], 4) for r in steps[:3]], "last_losses": [round(r["loss"], 4) for r in steps[-3:]],
+        "epoch_s": [r["epoch_s"] for r in recs if r["kind"] == "epoch"],
+    }
+
+
+def experiment(a) -> dict:
+    from core.train import train
+    run_dir = Path(a.run_dir or f"/tmp/ours-{a.micro}-{a.dtype}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    train(run_config(a.root, a.micro, a.dtype, a.epochs, a.train_rows, a.eval_bs), run_dir)
+    out = {"name": f"ours (batch 32, micro {a.micro}, {a.dtype})", **summarise(run_dir)}
+    return out
+
+
+def load(root: str, dtype=torch.bfloat16):
+    from core.model import add_lora, load_model, load_tokenizer
+    cfg = run_config(root, None)
+    tok = load_tokenizer(cfg.model)
+    torch.manual_seed(0)
+    model = load_model(cfg.model, 3, tok.pad_token_id, torch.device("cuda", 0), dtype)
+    model = add_lora(model, cfg.lora)
+    perf.tune_model(model, dtype)
+    return cfg, tok, model
+
+
+def sweep(a) -> dict:
+    from core.data import batch_indices, collate, encode, load_splits
+    cfg, tok, model = load(a.root)
+    dev = torch.device("cuda", 0)
+    splits, _ = load_splits(cfg.data, 0)
+    enc = encode(splits["train"], tok, cfg.data)
+    info = perf.flops_info(model)
+    peak = perf.peak_flops(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    model.train()
+    results = []
+    for bs in [int(x) for x in a.batches.split(",")]:
+        stepper = perf.TrainStep(model, dev, torch.bfloat16, tok.pad_token_id)
+        stepper.zero_grad()
+        batches = batch_indices(enc, bs, shuffle=True, seed=1, bucket=True)
+        batches = [b for b in batches if len(b) == bs] or batches
+        torch.cuda.reset_peak_memory_stats()
+        def one(idx):
+            batch = collate(enc, idx, tok.pad_token_id)
+            stepper.run(batch, step_rows=len(idx), rows=bs)
+            loss = stepper.take_loss()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            stepper.zero_grad()
+            return batch
+        # capture every shape first (warm-up), then time a pass over the same batches
+        for idx in batches:
+            one(idx)
+        torch.cuda.synchronize()
+        reps = max(1, math.ceil(a.min_steps / len(batches)))
+        t0 = time.time()
+        real = padded_rows_w = rows = 0
+        for _ in range(reps):
+            for idx in batches:
+                batch = one(idx)
+                real += int(batch["attention_mask"].sum())
+                padded_rows_w += len(idx) * perf.pad_width(batch["input_ids"].shape[1])
+                rows += len(idx)
+        torch.cuda.synchronize()
+        dt = time.time() - t0
+        f = perf.flops_per_token(info, padded_rows_w / rows)
+        r = {"batch": bs, "pairs_per_s": rows / dt, "real_tokens_per_s": real / dt,
+             "mfu": perf.mfu(f, real / dt, peak), "step_ms": 1000 * dt / (reps * len(batches)),
+             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "graphs": stepper.graphs,
+             "captures": stepper.captures, "graph_error": stepper.graph_error}
+        print(json.dumps(r), flush=True)
+        results.append(r)
+        del stepper
+        torch.cuda.empty_cache()
+    out = {"flops_info": info, "peak_flops": peak, "sweep": results}
+    if a.profile:
+        out["profile"] = profile(model, enc, tok.pad_token_id, params, opt, a.profile_batch)
+    return out
+
+
+def profile(model, enc, pad_id, params, opt, bs) -> dict:
+    """Where a step's time goes, eager and with CUDA graphs: wall vs summed GPU kernel time."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    from core.data import batch_indices, collate
+    dev = torch.device("cuda", 0)
+    batches = [b for b in batch_indices(enc, bs, shuffle=True, seed=2, bucket=True) if len(b) == bs][:6]
+    out = {}
+    for mode in ("eager", "graphs"):
+        stepper = perf.TrainStep(model, dev, torch.bfloat16, pad_id, graphs=(mode == "graphs"))
+        stepper.zero_grad()
+        def one(idx):
+            stepper.run(collate(enc, idx, pad_id), step_rows=len(idx), rows=bs)
+            stepper.take_loss()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            stepper.zero_grad()
+        for idx in batches:
+            one(idx)
+        torch.cuda.synchronize()
+        with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.time()
+            for idx in batches:
+                one(idx)
+            torch.cuda.synchronize()
+            wall = time.time() - t0
+        ev = prof.key_averages()
+        gpu_us = sum(e.self_device_time_total for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
+        kernels = sum(e.count for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
+        top = sorted((e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: -e.self_device_time_total)[:15]
+        out[mode] = {"batch": bs, "steps": len(batches), "wall_ms_per_step": 1000 * wall / len(batches),
+                     "gpu_kernel_ms_per_step": gpu_us / 1000 / len(batches),
+                     "kernels_per_step": kernels / len(batches),
+                     "top_kernels": [{"name": e.key[:90], "ms_per_step": e.self_device_time_total / 1000 / len(batches),
+                                      "count_per_step": e.count / len(batches)} for e in top]}
+        print(json.dumps({k: v for k, v in out[mode].items() if k != "top_kernels"}), flush=True)
+        del stepper
+    return out
+
+
+def fp16(a) -> dict:
+    """Train and evaluate in float16 (the T4 path: GradScaler, no CUDA graphs): every loss finite?
+    Also a stress case: hidden states pushed past fp16's range by scaling the embedding, where an
+    fp16 residual stream overflows and our fp32 residual stream (tune_model on fp16) does not."""
+    from core.train import train
+    run_dir = Path("/tmp/ours-fp16")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    train(run_config(a.root, None, "float16", epochs=1, train_rows=256), run_dir)
+    out = {"train_fp16": summarise(run_dir)}
+    cfg, tok, model = load(a.root, torch.float16)  # tuned: fp32 embedding
+    ids = torch.randint(5, 20000, (8, 32), device="cuda")
+    res = {}
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        emb = model.get_input_embeddings()
+        for scale in (1.0, 5e6):
+            w0 = emb.weight.data.clone()
+            emb.weight.data.mul_(scale)
+            tuned = model(input_ids=ids).logits.float()
+            emb.weight.data = emb.weight.data.half()  # the plain layout: fp16 embedding, fp16 residual
+            plain = model(input_ids=ids).logits.float()
+            emb.weight.data = w0
+            res[f"embedding_x{scale:g}"] = {"fp32_residual_finite": bool(torch.isfinite(tuned).all()),
+                                            "fp16_residual_finite": bool(torch.isfinite(plain).all())}
+    out["stress"] = res
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cmd", choices=["experiment", "sweep", "fp16"])
+    ap.add_argument("root")
+    ap.add_argument("--micro", type=int, default=None)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--train-rows", type=int, default=1000)
+    ap.add_argument("--eval-bs", type=int, default=256)
+    ap.add_argument("--run-dir", default=None)
+    ap.add_argument("--batches", default="32,64,128,256")
+    ap.add_argument("--min-steps", type=int, default=12)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-batch", type=int, default=32)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    out = {"experiment": experiment, "sweep": sweep, "fp16": fp16}[a.cmd](a)
+    print(json.dumps(out)[:3000])
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        json.dump(out, open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""One command: build the assets, run the reference and ours on the same GPU, print the table.
+
+    python -m bench.run [--root /tmp/qlora-bench] [--ref-train-rows 240] [--out bench/out]
+
+Each part runs in its own process (clean peak-memory figures). Writes <out>/*.json and
+<out>/table.md. The reference's full-experiment time is extrapolated from its measured rates
+unless --ref-train-rows 1000 --ref-epochs 5 (about 6 minutes on an H200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def sh(args: list[str], log: Path) -> int:
+    print("$", " ".join(args), flush=True)
+    with open(log, "a") as f:
+        p = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        f.write(p.stdout)
+    tail = p.stdout.strip().splitlines()[-3:]
+    print("\n".join(t[:400] for t in tail), flush=True)
+    return p.returncode
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def table(ref: dict | None, rows: list[dict]) -> str:
+    head = "| run | pairs/s | real tokens/s | MFU | peak GiB | eval pairs/s | total s | x ref pairs/s | x ref eval | x ref total |"
+    lines = [head, "|" + "---|" * 10]
+    for r in ([ref] if ref else []) + rows:
+        ratio = lambda k, inv=False: (fmt((ref[k] / r[k]) if inv else (r[k] / ref[k]), ".1f")
+                                      if ref and r.get(k) and ref.get(k) else "-")
+        lines.append(f"| {r['name']} | {fmt(r.get('pairs_per_s'), '.1f')} | {fmt(r.get('real_tokens_per_s'), '.0f')} | "
+                     f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('peak_gib'), '.2f')} | {fmt(r.get('eval_pairs_per_s'), '.0f')} | "
+                     f"{fmt(r.get('total_s'), '.1f')}{'*' if r.get('total_s_is_extrapolated') else ''} | "
+                     f"{ratio('pairs_per_s')} | {ratio('eval_pairs_per_s')} | {ratio('total_s', inv=True)} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", default="/tmp/qlora-bench")
+    ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--ref-train-rows", type=int, default=240)
+    ap.add_argument("--ref-epochs", type=int, default=1)
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: ref,ours,lowmem,sweep,fp16")
+    ap.add_argument("--micro-lowmem", type=int, default=16)
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "bench.log"
+    skip = set(filter(None, a.skip.split(",")))
+    py = sys.executable
+    t0 = time.time()
+    sh([py, "-m", "bench.assets", a.root], log)
+    parts = {
+        "ref": [py, "-m", "bench.reference", a.root, "--train-rows", str(a.ref_train_rows), "--epochs",
+                str(a.ref_epochs), "--out", str(out / "reference.json")],
+        "ours": [py, "-m", "bench.ours", "experiment", a.root, "--micro", "32", "--out", str(out / "ours.json")],
+        "lowmem": [py, "-m", "bench.ours", "experiment", a.root, "--micro", str(a.micro_lowmem),
+                   "--out", str(out / "ours_lowmem.json")],
+        "sweep": [py, "-m", "bench.ours", "sweep", a.root, "--profile", "--out", str(out / "sweep.json")],
+        "fp16": [py, "-m", "bench.ours", "fp16", a.root, "--out", str(out / "fp16.json")],
+    }
+    for name, cmd in parts.items():
+        if name not in skip:
+            sh(cmd, log)
+    read = lambda n: json.loads((out / n).read_text()) if (out / n).is_file() else None
+    ref = read("reference.json")
+    rows = [r for r in (read("ours.json"), read("ours_lowmem.json")) if r]
+    sw = read("sweep.json")
+    if sw:
+        best = max(sw["sweep"], key=lambda r: r["real_tokens_per_s"])
+        rows.append({"name": f"ours, train only, best batch {best['batch']}", **{k: best[k] for k in
+                     ("pairs_per_s", "real_tokens_per_s", "mfu", "peak_gib")}})
+    text = table(ref, rows)
+    if sw:
+        text += "\n\nbatch sweep (train steps only, CUDA graphs, bf16):\n" + "\n".join(
+            f"- batch {r['batch']}: {r['pairs_per_s']:.0f} pairs/s, {r['real_tokens_per_s']:.0f} tokens/s, "
+            f"MFU {fmt(r['mfu'], '.1%')}, {r['step_ms']:.1f} ms/step, peak {r['peak_gib']:.2f} GiB" for r in sw["sweep"])
+    fp = read("fp16.json")
+    if fp:
+        text += "\n\nfp16: " + json.dumps({"losses_finite": fp["train_fp16"]["losses_finite"],
+                                           "eval_losses_finite": fp["train_fp16"]["eval_losses_finite"],
+                                           "stress": fp["stress"]})
+    text += f"\n\n(* extrapolated from the measured rates; bench wall {time.time() - t0:.0f} s)"
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

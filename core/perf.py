@@ -1,0 +1,279 @@
+"""Speed: model FLOPs utilisation, and the optimised training step (CUDA graphs, lean dtypes).
+
+    info = flops_info(model)                          # N, LoRA term, layers, hidden size
+    f = flops_per_token(info, seq_len=32)             # 4N + 6*sum r(d_in+d_out) + 12*L*s*d
+    mfu(f, tokens_per_s, peak_flops(device))          # None where the peak is unknown (CPU)
+
+    tune_model(model, dtype)                          # fused GELU, LayerNorm in the compute dtype
+    step = TrainStep(model, device, dtype, pad_id)    # forward+backward of micro-batches
+    step.zero_grad(); step.run(batch, rows_in_step); loss = step.take_loss()
+
+TrainStep pads a micro-batch to a width that is a multiple of 16 (few distinct shapes) and, on a
+CUDA GPU without a GradScaler, captures forward+backward of each (rows, width) shape once as a
+CUDA graph and replays it: one launch instead of thousands of kernel launches and the Python of
+peft/bitsandbytes/transformers per step. Rows that only fill a graph's shape are copies of real
+rows with loss weight 0. Set QLORA_CUDA_GRAPHS=0 to run the same padded step eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+# Dense peak rates (FLOP/s) of the matrix units in the dtype we train in (bf16; fp16 on a T4).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+              "L4": 121e12, "T4": 65e12, "A10": 125e12, "L40": 181e12, "V100": 125e12}
+WIDTH_MULTIPLE = 16
+
+
+def peak_flops(device: torch.device | None = None) -> float | None:
+    """The GPU's dense bf16/fp16 peak from PEAK_FLOPS by name; None on CPU or for unknown GPUs."""
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_FLOPS[key]
+    return None
+
+
+def _is_lora_part(name: str) -> bool:
+    return any(part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+               for part in name.split("."))
+
+
+def flops_info(model) -> dict:
+    """What the FLOPs formula needs, read off a (peft) model.
+
+    n_linear: weights of the linear layers that run for every token (base weights of attention and
+    MLP projections; LoRA matrices and the classification head excluded); lora: sum over LoRA
+    modules of r * (d_in + d_out); layers, hidden: L and d of the transformer."""
+    from .model import HEAD_NAMES
+    n_linear = 0
+    lora = 0
+    for name, module in model.named_modules():
+        if _is_lora_part(name) or "modules_to_save" in name or "original_module" in name:
+            continue
+        if name.split(".")[-1] in HEAD_NAMES:
+            continue
+        lora_a = getattr(module, "lora_A", None)
+        if isinstance(lora_a, torch.nn.ModuleDict):  # a peft LoRA layer: r * (d_in + d_out)
+            for a in lora_a.values():
+                lora += a.out_features * (module.in_features + module.out_features)
+        elif isinstance(module, torch.nn.Linear):  # bnb's Linear4bit is a Linear too
+            n_linear += module.in_features * module.out_features
+    cfg = getattr(model, "config", None)
+    layers = getattr(cfg, "num_hidden_layers", None) or 0
+    hidden = getattr(cfg, "hidden_size", None) or 0
+    return {"n_linear": n_linear, "lora": lora, "layers": layers, "hidden": hidden}
+
+
+def flops_per_token(info: dict, seq_len: float) -> float:
+    """F = 4N + 6*sum r(d_in+d_out) + 12*L*s*d per real token: forward (2N) and the input gradient
+    of the frozen weights (2N), LoRA forward + both gradients, and attention scores/values."""
+    return 4 * info["n_linear"] + 6 * info["lora"] + 12 * info["layers"] * seq_len * info["hidden"]
+
+
+def mfu(flops_per_tok: float, tokens_per_s: float, peak: float | None) -> float | None:
+    if not peak:
+        return None
+    return flops_per_tok * tokens_per_s / peak
+
+
+# --- model tuning -----------------------------------------------------------------------------
+
+class _LayerNormInDtype(torch.nn.Module):
+    """LayerNorm that returns the compute dtype (statistics in fp32 inside the kernel) instead of
+    autocast's fp32 output, so the activations after it stay 16-bit (half the memory and bytes).
+    The residual stream keeps the dtype of its input (fp32 where the embedding is fp32)."""
+
+    def __init__(self, ln: torch.nn.LayerNorm, dtype: torch.dtype):
+        super().__init__()
+        self.ln = ln
+        self.dtype = dtype
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):  # normalise in x's dtype, then cast
+            w = self.ln.weight.to(x.dtype) if self.ln.weight is not None else None
+            b = self.ln.bias.to(x.dtype) if self.ln.bias is not None else None
+            return torch.nn.functional.layer_norm(x, self.ln.normalized_shape, w, b, self.ln.eps).to(self.dtype)
+
+
+def tune_model(model, dtype: torch.dtype) -> list[str]:
+    """Changes that keep the function and make it cheaper; returns what was changed.
+
+    - GELU written out in Python (gelu_new: 8 kernels, 4 saved tensors) -> the fused tanh GELU
+      (the same formula in one kernel);
+    - on a 16-bit compute dtype, LayerNorm outputs that dtype (see _LayerNormInDtype);
+    - with float16, the embedding is kept in float32 so the residual stream is float32 and cannot
+      overflow (Phi's activations exceed fp16's 65504 in the residual stream)."""
+    changes = []
+    try:
+        from transformers.activations import GELUTanh, NewGELUActivation
+    except ImportError:  # pragma: no cover - older transformers
+        GELUTanh = NewGELUActivation = None
+    lowp = dtype in (torch.bfloat16, torch.float16)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if NewGELUActivation is not None and type(child) is NewGELUActivation:
+                setattr(module, child_name, GELUTanh())
+                changes.append("gelu_new->fused tanh gelu")
+            elif lowp and type(child) is torch.nn.LayerNorm and not _is_lora_part(f"{name}.{child_name}"):
+                setattr(module, child_name, _LayerNormInDtype(child, dtype))
+                changes.append("layernorm->compute dtype")
+    if dtype == torch.float16:
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if emb is not None and emb.weight.dtype != torch.float32:
+            emb.to(torch.float32)
+            changes.append("embedding->float32 (fp32 residual stream)")
+    return sorted(set(changes))
+
+
+def is_causal(model) -> bool:
+    """True for decoder-only models (attention modules with is_causal): with right padding, real
+    tokens never attend to the pads after them, so the attention mask can be left out (SDPA then
+    runs its causal flash kernel, no mask is built, no host sync)."""
+    for m in model.modules():
+        if getattr(m, "is_causal", None) is True and hasattr(m, "q_proj"):
+            return True
+    return False
+
+
+def pad_width(width: int, multiple: int = WIDTH_MULTIPLE) -> int:
+    return -(-width // multiple) * multiple
+
+
+def pad_batch(batch: dict[str, torch.Tensor], pad_id: int, width: int | None = None,
+              rows: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Right-pad a collated batch to `width` columns and `rows` rows (filler rows copy real rows
+    cyclically); returns the batch and the number of real rows."""
+    n = batch["input_ids"].shape[0]
+    w = batch["input_ids"].shape[1]
+    width = width or w
+    rows = rows or n
+    out = {}
+    for k, v in batch.items():
+        if v.ndim == 2 and width > w:
+            fill = pad_id if k == "input_ids" else 0
+            v = torch.cat([v, torch.full((n, width - w), fill, dtype=v.dtype)], dim=1)
+        if rows > n:
+            v = v[torch.arange(rows) % n]
+        out[k] = v
+    return out, n
+
+
+# --- the training step -----------------------------------------------------------------------
+
+class TrainStep:
+    """Forward + backward of micro-batches into the .grad of the trainable weights."""
+
+    def __init__(self, model, device: torch.device, dtype: torch.dtype, pad_id: int, scaler=None,
+                 graphs: bool | None = None):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.pad_id = pad_id
+        self.scaler = scaler
+        if graphs is None:
+            graphs = os.environ.get("QLORA_CUDA_GRAPHS", "1") != "0"
+        self.graphs = bool(graphs) and device.type == "cuda" and scaler is None
+        self.drop_mask = is_causal(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+        self.cache: dict[tuple[int, int], dict] = {}
+        self.pool = None
+        self.captures = 0
+        self.graph_error: str | None = None
+
+    # grads stay allocated (graphs add into them): zero in place instead of setting to None
+    def zero_grad(self) -> None:
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
+
+    def take_loss(self) -> float:
+        """The summed loss since the last call (one host sync)."""
+        value = float(self.loss_sum.item())
+        self.loss_sum.zero_()
+        return value
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast("cuda", dtype=self.dtype, cache_enabled=False)
+        return contextlib.nullcontext()
+
+    def _fwd_bwd(self, b: dict[str, torch.Tensor]) -> None:
+        kwargs = {"input_ids": b["input_ids"]}
+        if not self.drop_mask:
+            kwargs["attention_mask"] = b["attention_mask"]
+        if "token_type_ids" in b:
+            kwargs["token_type_ids"] = b["token_type_ids"]
+        with self._autocast():
+            logits = self.model(**kwargs).logits
+        ce = torch.nn.functional.cross_entropy(logits.float(), b["labels"], reduction="none")
+        loss = (ce * b["weight"]).sum()
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        self.loss_sum.add_(loss.detach())
+
+    def run(self, batch: dict[str, torch.Tensor], step_rows: int, rows: int | None = None) -> None:
+        """Add the gradient of sum(CE over the batch's rows) / step_rows into .grad.
+
+        `batch` is a CPU batch from data.collate; `rows` pads it to a fixed row count (the
+        micro-batch size) so that the last, shorter batch of an epoch reuses a graph."""
+        width = pad_width(batch["input_ids"].shape[1])
+        padded, n = pad_batch(batch, self.pad_id, width, rows if self.graphs else None)
+        weight = torch.zeros(padded["input_ids"].shape[0], dtype=torch.float32)
+        weight[:n] = 1.0 / step_rows
+        padded["weight"] = weight
+        if not self.graphs:
+            self._fwd_bwd({k: v.to(self.device, non_blocking=True) for k, v in padded.items()})
+            return
+        key = tuple(padded["input_ids"].shape)
+        entry = self.cache.get(key)
+        if entry is None:
+            entry = self._capture(padded)
+            if entry is None:  # capture failed: run eagerly from now on
+                self._fwd_bwd({k: v.to(self.device, non_blocking=True) for k, v in padded.items()})
+                return
+        for k, v in padded.items():
+            entry["static"][k].copy_(v, non_blocking=True)
+        entry["graph"].replay()
+
+    def _capture(self, example: dict[str, torch.Tensor]) -> dict | None:
+        static = {k: v.to(self.device).clone() for k, v in example.items()}  # outside the graph pool
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        saved = [p.grad.clone() for p in self.params]
+        saved_loss = self.loss_sum.clone()
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up: lazy initialisation stays out of the capture
+                self._fwd_bwd(static)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self._fwd_bwd(static)
+        except Exception as e:  # an op that syncs or is not capturable: fall back to eager
+            self.graphs = False
+            self.graph_error = f"{type(e).__name__}: {e}"[:500]
+            torch.cuda.synchronize(self.device)
+            return None
+        finally:
+            for p, g in zip(self.params, saved):  # the warm-up's gradient does not count
+                p.grad.copy_(g)
+            self.loss_sum.copy_(saved_loss)
+        self.pool = graph.pool()
+        self.captures += 1
+        entry = {"graph": graph, "static": static}
+        self.cache[tuple(example["input_ids"].shape)] = entry
+        return entry
+
+
+def round_or_none(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
