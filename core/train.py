@@ -173,7 +173,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
                     # sum of CE over rows / rows in the step: micro-batches of any size weigh each row once
                     stepper.run(batch, step_rows=len(idx), rows=micro)
                     real_tokens += int(batch["attention_mask"].sum())
-                    padded_tokens += len(batch["input_ids"]) * perf.pad_width(batch["input_ids"].shape[1])
+                    padded_tokens += len(batch["input_ids"]) * stepper.width(batch["input_ids"].shape[1])
                 step_loss = stepper.take_loss()
                 if scaler:
                     scaler.unscale_(optimizer)
