@@ -2,6 +2,7 @@
 
     streamlit run app.py
 
+Pages live in app_pages/ (not pages/, which Streamlit would also serve as a second, frameless app).
 The sidebar lists the runs in the runs folder ($QLORA_STUDIO_RUNS, else runs/) with their state;
 the run picked there (also kept in the URL as ?run=<id>) is the one every page shows. Pages only
 read run folders through core/, so a refresh or a server restart rebuilds everything from disk.
@@ -11,12 +12,12 @@ import streamlit as st
 
 import ui
 
-st.set_page_config(page_title="QLoRA Studio", page_icon="🧪", layout="wide")
+st.set_page_config(page_title="QLoRA Studio", page_icon=":material/science:", layout="wide")
 
 pages = st.navigation([
-    st.Page("pages/train.py", title="Train", icon="🏋️", default=True),
-    st.Page("pages/report.py", title="Report", icon="📊"),
-    st.Page("pages/failures.py", title="Failures", icon="🔍"),
+    st.Page("app_pages/train.py", title="Train", icon=":material/model_training:", default=True),
+    st.Page("app_pages/report.py", title="Report", icon=":material/summarize:"),
+    st.Page("app_pages/failures.py", title="Failures", icon=":material/rule:"),
 ])
 ui.sidebar()
 pages.run()

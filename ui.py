@@ -10,7 +10,11 @@ import streamlit as st
 
 from core import rundir
 
-STATE_ICONS = {"queued": "⏳", "running": "🔄", "done": "✅", "stopped": "⏹️", "failed": "❌"}
+# Material icons ship with Streamlit's frontend (emoji need a font the machine may not have).
+STATE_ICONS = {"queued": ":gray[:material/schedule:]", "running": ":blue[:material/progress_activity:]",
+               "done": ":green[:material/check_circle:]", "stopped": ":orange[:material/stop_circle:]",
+               "failed": ":red[:material/error:]"}
+UNKNOWN_ICON = ":gray[:material/help:]"
 COLORS = {"before": "#9ca3af", "after": "#4f46e5", "line": "#4f46e5", "second": "#f59e0b"}
 RUN_KEY = "run"  # session_state key of the selected run id (a UI choice, nothing else)
 
@@ -59,7 +63,7 @@ def sidebar() -> None:
             st.caption(" · ".join(f"{STATE_ICONS[s]} {n} {s}" for s, n in counts.items() if n))
             choice = st.radio(
                 "Selected run", ids, index=ids.index(wanted), label_visibility="collapsed",
-                format_func=lambda i: f"{STATE_ICONS.get(by_id[i]['state'], '❔')} {i} · {by_id[i]['state']}",
+                format_func=lambda i: f"{STATE_ICONS.get(by_id[i]['state'], UNKNOWN_ICON)} {i} · {by_id[i]['state']}",
                 key=f"run_picker:{wanted}:{len(ids)}",
             )
             select_run(choice)
@@ -84,13 +88,13 @@ def run_title(run_dir: Path, status: dict | None = None) -> str:
     cfg = rundir.read_json(run_dir / rundir.CONFIG, {}) or {}
     state = (status or rundir.read_status(run_dir)).get("state", "unknown")
     model = (cfg.get("model") or {}).get("name", "?")
-    return f"{STATE_ICONS.get(state, '❔')} `{run_dir.name}` · {state} · {model}"
+    return f"{STATE_ICONS.get(state, UNKNOWN_ICON)} `{run_dir.name}` · {state} · {model}"
 
 
 def no_run_message(what: str) -> None:
     st.info(f"No run selected yet. {what} Start a run on the **Train** page; "
             "when it is done, its report and failure cases appear here.")
-    st.page_link("pages/train.py", label="Go to Train", icon="🏋️")
+    st.page_link("app_pages/train.py", label="Go to Train", icon=":material/model_training:")
 
 
 # --- figures ------------------------------------------------------------------------------------
@@ -98,7 +102,7 @@ def no_run_message(what: str) -> None:
 def _layout(fig: go.Figure, title: str, height: int = 260, **kw) -> go.Figure:
     fig.update_layout(title=dict(text=title, font=dict(size=14)), height=height,
                       margin=dict(l=10, r=10, t=40, b=10), template="plotly_white",
-                      legend=dict(orientation="h", y=-0.25), **kw)
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1), **kw)
     return fig
 
 
@@ -140,7 +144,7 @@ def accuracy_figure(before: dict, after: dict, best_epoch) -> go.Figure:
     fig = go.Figure(go.Bar(
         x=names, y=accs, marker_color=[COLORS["before"], COLORS["after"]],
         text=[f"{a:.1f}%<br>{s['correct']}/{s['n']}" for a, s in zip(accs, (before, after))],
-        textposition="inside", insidetextanchor="middle",
+        textposition="inside", insidetextanchor="start", textfont=dict(color="white"),
         error_y=dict(type="data", symmetric=False, array=[h - a for h, a in zip(hi, accs)],
                      arrayminus=[a - l for a, l in zip(accs, lo)], color="#374151"),
     ))
@@ -165,3 +169,10 @@ def probs_figure(labels: list[str], before: list[float], after: list[float], gol
     fig.add_annotation(x=gold, y=1.08, text="gold", showarrow=False, font=dict(color="#059669"))
     return _layout(fig, "Predicted probabilities", height=300, barmode="group",
                    yaxis=dict(range=[0, 1.15], title="probability"))
+
+
+@st.fragment(run_every=2)
+def rerun_when_finished(run_id: str) -> None:
+    """On pages that wait for a run: rerun the whole page once the run is no longer active."""
+    if rundir.read_status(rundir.run_path(run_id)).get("state") not in ("queued", "running"):
+        st.rerun()

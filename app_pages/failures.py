@@ -10,7 +10,8 @@ import ui
 from core import live, rundir
 from core.report import CATEGORIES, load_comparison
 
-ICONS = {"fixed": "🟢", "still failing": "🔴", "regressed": "🟠", "still right": "⚪"}
+ICONS = {"fixed": ":green[:material/check_circle:]", "still failing": ":red[:material/cancel:]",
+         "regressed": ":orange[:material/trending_down:]", "still right": ":gray[:material/check:]"}
 HELP = {"fixed": "wrong before, right after", "still failing": "wrong before and after",
         "regressed": "right before, wrong after", "still right": "right before and after"}
 SORTS = {"largest gain in p(gold) first": ("gold_prob_change", True),
@@ -29,7 +30,8 @@ if not rows:
     if state in live.ACTIVE:
         st.info(f"Run `{run_dir.name}` is still {state}. The test examples are scored before training and "
                 "again after the last epoch; this page fills in when the run is done.")
-        st.page_link("pages/train.py", label="Watch it on the Train page", icon="🏋️")
+        ui.rerun_when_finished(run_dir.name)
+        st.page_link("app_pages/train.py", label="Watch it on the Train page", icon=":material/model_training:")
     else:
         st.warning(f"Run `{run_dir.name}` ({state}) has no before/after test predictions to compare.")
     st.stop()
@@ -69,33 +71,35 @@ if not shown:
     st.stop()
 
 # --- table and detail ---------------------------------------------------------------------------
-table, detail = st.columns([3, 2], gap="large")
-with table:
-    st.caption(f"{len(shown)} of {len(rows)} examples · click a row to see it in detail")
-    df = pd.DataFrame([{"category": f"{ICONS[r['category']]} {r['category']}", "id": r["id"], "gold": r["gold"],
-                        "before": r["pred_before"], "after": r["pred_after"],
-                        "Δ p(gold)": r["gold_prob_change"], "tag": r.get("tag", ""),
-                        "premise": r.get("premise") or r.get("text", ""), "hypothesis": r.get("hypothesis", "")}
-                       for r in shown])
-    if not tags:
-        df = df.drop(columns="tag")
-    signature = f"{category}|{gold}|{pred_before}|{pred_after}|{tag}|{search}|{sort}"
-    event = st.dataframe(df, on_select="rerun", selection_mode="single-row", hide_index=True, height=430,
-                         key=f"fail_table:{zlib.crc32(signature.encode())}",
-                         column_config={"Δ p(gold)": st.column_config.NumberColumn(format="%+.3f")})
+st.caption(f"{len(shown)} of {len(rows)} examples · click a row to see it in detail below")
+df = pd.DataFrame([{"category": r["category"], "gold": r["gold"], "before": r["pred_before"],
+                    "after": r["pred_after"], "Δ p(gold)": r["gold_prob_change"],
+                    "premise": r.get("premise") or r.get("text", ""), "hypothesis": r.get("hypothesis", ""),
+                    "tag": r.get("tag", ""), "id": r["id"]}
+                   for r in shown])
+if not tags:
+    df = df.drop(columns="tag")
+signature = f"{category}|{gold}|{pred_before}|{pred_after}|{tag}|{search}|{sort}"
+event = st.dataframe(df, on_select="rerun", selection_mode="single-row", hide_index=True, height=318,
+                     key=f"fail_table:{zlib.crc32(signature.encode())}",
+                     column_config={"Δ p(gold)": st.column_config.NumberColumn(format="%+.3f", width="small"),
+                                    "premise": st.column_config.TextColumn(width="large"),
+                                    "hypothesis": st.column_config.TextColumn(width="large")})
 picked = event.selection.rows if event and event.selection else []
 r = shown[picked[0]] if picked and picked[0] < len(shown) else shown[0]
 
-with detail:
-    st.markdown(f"#### {ICONS[r['category']]} {r['category'].capitalize()} · `{r['id']}`")
-    if r.get("premise") or r.get("hypothesis"):
-        st.markdown(f"**Premise:** {r.get('premise', '')}")
-        st.markdown(f"**Hypothesis:** {r.get('hypothesis', '')}")
-    else:
-        st.markdown(f"**Text:** {r.get('text', '')}")
-    st.markdown(f"**Gold:** {r['gold']}" + (f" · **tag:** {r['tag']}" if r.get("tag") else ""))
-    st.markdown(f"**Before:** {r['pred_before']} (p(gold) = {r['gold_prob_before']:.3f}) → "
-                f"**after:** {r['pred_after']} (p(gold) = {r['gold_prob_after']:.3f}, {r['gold_prob_change']:+.3f})")
-    st.plotly_chart(ui.probs_figure(labels, r["probs_before"], r["probs_after"], r["gold"]), key="detail_probs")
-    if not picked:
-        st.caption("Showing the first example of the table; click a row to see another.")
+with st.container(border=True):
+    text, chart = st.columns([1, 1], gap="large")
+    with text:
+        st.markdown(f"#### {ICONS[r['category']]} {r['category'].capitalize()} · `{r['id']}`")
+        if r.get("premise") or r.get("hypothesis"):
+            st.markdown(f"**Premise:** {r.get('premise', '')}")
+            st.markdown(f"**Hypothesis:** {r.get('hypothesis', '')}")
+        else:
+            st.markdown(f"**Text:** {r.get('text', '')}")
+        st.markdown(f"**Gold:** {r['gold']}" + (f" · **tag:** {r['tag']}" if r.get("tag") else ""))
+        st.markdown(f"**Before:** {r['pred_before']} (p(gold) = {r['gold_prob_before']:.3f}) → "
+                    f"**after:** {r['pred_after']} (p(gold) = {r['gold_prob_after']:.3f}, {r['gold_prob_change']:+.3f})")
+        if not picked:
+            st.caption("Showing the first example of the table; click a row to see another.")
+    chart.plotly_chart(ui.probs_figure(labels, r["probs_before"], r["probs_after"], r["gold"]), key="detail_probs")

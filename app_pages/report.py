@@ -21,12 +21,15 @@ if run_dir is None:
 status = rundir.read_status(run_dir)
 state = status.get("state")
 report = rundir.read_json(run_dir / rundir.REPORT)
-if report is None:
-    if state in live.ACTIVE:
-        st.info(f"Run `{run_dir.name}` is still {state}: its report is written when training ends. "
-                "Watch its progress on the Train page; this page fills in by itself when you come back.")
-        st.page_link("pages/train.py", label="Watch it on the Train page", icon="🏋️")
-        st.stop()
+if report is not None:
+    report["state"] = state  # report.json is written a moment before the run is marked done
+elif state in live.ACTIVE:
+    st.info(f"Run `{run_dir.name}` is still {state}: its report is written when training ends. "
+            "Watch its progress on the Train page; this page fills in by itself when it is done.")
+    ui.rerun_when_finished(run_dir.name)
+    st.page_link("app_pages/train.py", label="Watch it on the Train page", icon=":material/model_training:")
+    st.stop()
+else:
     report = build_report(run_dir)
     st.warning(f"Run `{run_dir.name}` is **{state}**: this report shows only what it produced before it "
                f"ended.{' Error: ' + status['error'] if status.get('error') else ''}")
@@ -39,9 +42,9 @@ head.caption(f"Run `{report['run_id']}` · {report.get('state')} · preset {repo
              f"device {report.get('device') or 'n/a'}, compute dtype {report.get('compute_dtype') or 'n/a'} · "
              f"{describe_hardware(hw) if hw else 'hardware n/a'}")
 dl.download_button("Download Markdown", render_markdown(report), file_name=f"{report['run_id']}-report.md",
-                   mime="text/markdown", icon="⬇️", use_container_width=True)
+                   mime="text/markdown", icon=":material/download:", use_container_width=True)
 dl.download_button("Download HTML", render_html(report), file_name=f"{report['run_id']}-report.html",
-                   mime="text/html", icon="⬇️", use_container_width=True)
+                   mime="text/html", icon=":material/download:", use_container_width=True)
 
 # --- accuracy -----------------------------------------------------------------------------------
 st.subheader("Accuracy on the test split, before vs after")
@@ -165,5 +168,7 @@ if report.get("changes"):
         st.markdown(f"**{cat.capitalize()}** (examples)")
         st.dataframe(pd.DataFrame([{"premise": e.get("premise") or e.get("text", ""), "hypothesis": e.get("hypothesis", ""),
                                     "gold": e["gold"], "before": e["pred_before"], "after": e["pred_after"],
-                                    "Δ p(gold)": e["gold_prob_change"]} for e in rows]), hide_index=True)
-    st.page_link("pages/failures.py", label="Browse every test example on the Failures page", icon="🔍")
+                                    "Δ p(gold)": e["gold_prob_change"]} for e in rows]), hide_index=True,
+                     column_config={"premise": st.column_config.TextColumn(width="large"),
+                                    "hypothesis": st.column_config.TextColumn(width="large")})
+    st.page_link("app_pages/failures.py", label="Browse every test example on the Failures page", icon=":material/rule:")

@@ -17,7 +17,7 @@ from core.live import format_duration
 
 DATA_CHOICES = {"builtin": "Built-in NLI sample", "hub": "Hugging Face Hub dataset",
                 "upload": "Upload files (CSV / JSONL)"}
-PRESET_LABELS = {"demo": "Embedded demo (all-MiniLM-L6-v2, CPU, about a minute)",
+PRESET_LABELS = {"demo": "Embedded demo: all-MiniLM-L6-v2 in 4-bit on the built-in NLI sample (CPU, offline)",
                  "phi2-snli": "Phi-2 on SNLI (the reference experiment, needs a GPU and the Hub)"}
 
 
@@ -72,7 +72,7 @@ def live_view(run_id: str) -> None:
     head.progress(snap["progress"]["fraction"], text=snap["progress"]["text"])
     if rundir.stop_requested(run_dir):
         stop.caption("Stopping after the current step…")
-    elif stop.button("Stop", icon="⏹️", key=f"stop:{run_id}", help="Ends the run cleanly after the current step"):
+    elif stop.button("Stop", icon=":material/stop:", key=f"stop:{run_id}", help="Ends the run cleanly after the current step"):
         jobs.stop(run_dir)
         st.toast("Asked the trainer to stop after its current step.")
     if not snap["setup"]:
@@ -95,8 +95,8 @@ def draw_done(run_dir: Path, snap: dict) -> None:
         c[4].metric("Total time", format_duration(report.get("total_s")))
     st.success("Done. Read the full report, or look at the examples fine-tuning fixed and broke.")
     l1, l2, _ = st.columns([1, 1, 3])
-    l1.page_link("pages/report.py", label="Open the report", icon="📊")
-    l2.page_link("pages/failures.py", label="Open the failure cases", icon="🔍")
+    l1.page_link("app_pages/report.py", label="Open the report", icon=":material/summarize:")
+    l2.page_link("app_pages/failures.py", label="Open the failure cases", icon=":material/rule:")
     with st.expander("Training curves and resources", expanded=True):
         draw_metrics_row(snap)
         draw_resources(snap)
@@ -340,44 +340,43 @@ def draw_plan(cfg, p: dict) -> None:
     if p.get("error"):
         st.error(p["error"])
         return
-    device = f"GPU: {p['gpu']} ({p['gpu_memory_gb']} GiB)" if p["device"] == "cuda" else "CPU"
-    weights = "4-bit NF4 + LoRA" if cfg.model.quantize else "unquantised + LoRA"
-    c = st.columns(4)
-    c[0].metric("Device", device)
-    c[1].metric("Compute dtype", p["dtype"], help="bf16 on GPUs from Ampere on, fp16 on older ones (T4), fp32 on CPU")
-    c[2].metric("Weights", weights)
+    device = f"the GPU {p['gpu']} ({p['gpu_memory_gb']} GiB)" if p["device"] == "cuda" else "the CPU"
+    weights = "4-bit NF4" + (" with double quantisation" if cfg.model.double_quant else "") if cfg.model.quantize else "unquantised"
+    targets = cfg.lora.target_modules
+    targets = "the architecture's usual modules" if targets is None else targets if isinstance(targets, str) else ", ".join(targets)
     rows = p["rows"]
     fmt = lambda n: "?" if n is None else f"{n:,}"
-    c[3].metric("Rows train / val / test", f"{fmt(rows['train'])} / {fmt(rows['validation'])} / {fmt(rows['test'])}")
-    c = st.columns(4)
+    steps = p.get("total_steps")
+    st.markdown(
+        f"Runs on **{device}** in **{p['dtype']}**; base weights **{weights}**, LoRA r={cfg.lora.r} "
+        f"(alpha {cfg.lora.alpha:g}) on {targets}.  \n"
+        f"Rows: **{fmt(rows['train'])}** train, **{fmt(rows['validation'])}** validation, **{fmt(rows['test'])}** test "
+        f"→ **{fmt(steps)}** optimiser steps ({p.get('steps_per_epoch', '?')} per epoch × {cfg.train.epochs} epochs).")
+    c = st.columns(5)
     if p["params"]:
         pr = p["params"]
         c[0].metric("Total parameters", f"{pr['total'] / 1e6:,.1f} M", help=f"{pr['total']:,} (4-bit weights counted at full size)")
-        c[1].metric("Packed 4-bit count", f"{pr['packed'] / 1e6:,.1f} M", help=f"{pr['packed']:,}: the naive numel() sum of a 4-bit model")
+        c[1].metric("Packed 4-bit count", f"{pr['packed'] / 1e6:,.1f} M",
+                    help=f"{pr['packed']:,}: the naive numel() sum of a 4-bit model (two weights per byte)")
         c[2].metric("Trainable (LoRA + head)", f"{pr['trainable'] / 1e6:,.2f} M",
-                    help=f"{pr['trainable']:,} = {100 * pr['trainable'] / pr['total']:.2f}% of total")
+                    help=f"{pr['trainable']:,} = {100 * pr['trainable'] / pr['total']:.2f}% of the total")
     else:
-        c[0].caption(f"Parameter counts need the model's config: {p['params_error']}")
-    steps = p.get("total_steps")
-    c[3].metric("Optimiser steps", f"{steps:,}" if steps else "?",
-                help=f"{p.get('steps_per_epoch', '?')} per epoch × {cfg.train.epochs} epochs")
-    notes = []
-    if p.get("time"):
-        notes.append(f"**Time:** about {format_duration(p['time']['seconds'])}, scaled from the measured "
-                     f"speed of run `{p['time']['from_run']}` ({p['time']['train_rows_per_s']} training rows/s).")
-    else:
-        notes.append("**Time:** no estimate yet: it is scaled from an earlier finished run of this model on "
-                     "this device, and there is none.")
+        c[0].caption(f"No parameter counts: they need the model's config ({p['params_error']})")
+    t = p.get("time")
+    c[3].metric("Estimated time", f"~{format_duration(t['seconds'], short=True)}" if t else "no estimate yet",
+                help=(f"Scaled from the measured speed of run {t['from_run']} ({t['train_rows_per_s']} training "
+                      "rows/s), assuming similar text lengths." if t else
+                      "Estimates are scaled from an earlier finished run of this model on this device; there is none yet."))
     gm = p.get("gpu_memory")
     if gm:
-        text = f"**GPU memory:** about {gm['estimate_gb']} GiB at most (weights, LoRA optimiser state and " \
-               f"activations at max length)" if gm["estimate_gb"] else "**GPU memory:** no estimate (unknown model shape)"
+        value = f"≤ {gm['estimate_gb']} GiB" if gm["estimate_gb"] else "unknown"
+        helptext = ("Weights + LoRA optimiser state + activations of one micro-batch at max length "
+                    "(an upper bound: batches are padded only to their longest row).")
         if gm.get("measured_gb"):
-            text += f"; run `{gm['measured_run']}` peaked at {gm['measured_gb']} GiB"
-        notes.append(text + ".")
+            helptext += f" Run {gm['measured_run']} peaked at {gm['measured_gb']} GiB."
+        c[4].metric("Estimated GPU memory", value, help=helptext)
     else:
-        notes.append("**GPU memory:** none, this run uses the CPU.")
-    st.markdown("  \n".join(notes))
+        c[4].metric("GPU memory", "none", help="This run uses the CPU.")
 
 
 # --- the page -----------------------------------------------------------------------------------
@@ -388,9 +387,10 @@ active = False
 if run_dir:
     active = draw_selected(run_dir)
 else:
-    st.info("**No runs yet.** Pick a preset below and press **Launch**. The embedded demo fine-tunes a "
-            "small sentence model in 4-bit on the built-in NLI sample: on a laptop CPU it takes about a "
-            "minute, and you can watch it live here. Then open **Report** and **Failures**.")
+    st.info("**No runs yet.** Pick a preset below and press **Launch**. The embedded demo fine-tunes a small "
+            "sentence model in 4-bit on the built-in NLI sample, offline, on the CPU; for a first look in about "
+            "a minute, set *Epochs* to 1 and *Max train rows* to 128. You watch it live here, then open "
+            "**Report** and **Failures**.")
 st.divider()
-with st.expander("Start a new run", expanded=not active, icon="🚀"):
+with st.expander("Start a new run", expanded=not active, icon=":material/rocket_launch:"):
     settings_form()

@@ -133,11 +133,13 @@ def log_tail(run_dir: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def format_duration(seconds: float | None) -> str:
-    """42 s, 3 min 05 s, 1 h 02 min."""
+def format_duration(seconds: float | None, short: bool = False) -> str:
+    """42 s, 3 min 05 s, 1 h 02 min (short: 42 s, 3 min, 1 h 02 min)."""
     if seconds is None:
         return "n/a"
     s = int(round(seconds))
+    if short and 60 <= s < 3600:
+        return f"{round(s / 60)} min"
     if s < 60:
         return f"{s} s"
     if s < 3600:
