@@ -23,7 +23,7 @@ from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainC
 
 
 def run_config(root: str, micro: int | None, dtype: str = "auto", epochs: int = 5, train_rows: int = 1000,
-               eval_bs: int = 256) -> RunConfig:
+               eval_bs: int = 512) -> RunConfig:
     return RunConfig(
         preset="bench",
         model=ModelConfig(name=f"{root}/model", compute_dtype=dtype),
@@ -56,7 +56,8 @@ def summarise(run_dir: Path) -> dict:
         "eval_pairs_per_s": sum(r["n"] for r in val_after) / sum(r["seconds"] for r in val_after),
         "eval_pairs_per_s_all": sum(r["n"] for r in evals) / sum(r["seconds"] for r in evals),
         "peak_gib": (end.get("peaks") or {}).get("torch_peak_gb"),
-        "total_s": end["total_s"], "load_s": setup["load_s"], "state": end["state"],
+        "total_s": end["total_s"], "load_s": setup["load_s"], "load_peak_gib": setup.get("load_peak_gb"),
+        "state": end["state"],
         "cuda_graphs": steps[-1].get("cuda_graphs"), "speedups": setup.get("speedups"),
         "mean_tokens": setup.get("mean_tokens"), "test_accuracy": end.get("test_accuracy"),
         "losses_finite": all(math.isfinite(r["loss"]) for r in steps),
@@ -220,9 +221,9 @@ def main():
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--train-rows", type=int, default=1000)
-    ap.add_argument("--eval-bs", type=int, default=256)
+    ap.add_argument("--eval-bs", type=int, default=512)
     ap.add_argument("--run-dir", default=None)
-    ap.add_argument("--batches", default="32,64,128,256")
+    ap.add_argument("--batches", default="32,64,128,256,512")
     ap.add_argument("--min-steps", type=int, default=12)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-batch", type=int, default=32)

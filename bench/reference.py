@@ -78,7 +78,8 @@ def main():
         output_dir="/tmp/ref-out", per_device_train_batch_size=8, per_device_eval_batch_size=8,
         num_train_epochs=a.epochs, learning_rate=2e-4, fp16=True, gradient_checkpointing=True,
         optim="paged_adamw_8bit", logging_steps=10, save_strategy="no", eval_strategy="no",
-        report_to="none", disable_tqdm=True, warmup_ratio=0.06, lr_scheduler_type="linear")
+        report_to="none", disable_tqdm=True, lr_scheduler_type="linear",
+        warmup_steps=round(0.06 * a.epochs * -(-len(train_ds) // 8)))
     timer = StepTimer()
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, callbacks=[timer])
     torch.cuda.reset_peak_memory_stats()

@@ -18,14 +18,18 @@ import time
 from pathlib import Path
 
 
-def sh(args: list[str], log: Path) -> int:
-    print("$", " ".join(args), flush=True)
+def sh(args: list[str], log: Path, env: dict | None = None) -> float:
+    """Run one part; returns its process wall time (Python start and imports included)."""
+    print("$", " ".join(f"{k}={v}" for k, v in (env or {}).items()), " ".join(args), flush=True)
+    t0 = time.time()
     with open(log, "a") as f:
-        p = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        p = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, **(env or {})})
         f.write(p.stdout)
+    wall = time.time() - t0
     tail = p.stdout.strip().splitlines()[-3:]
-    print("\n".join(t[:400] for t in tail), flush=True)
-    return p.returncode
+    print("\n".join(t[:400] for t in tail), f"[rc {p.returncode}, {wall:.1f} s]", flush=True)
+    return wall
 
 
 def fmt(x, spec):
@@ -33,14 +37,16 @@ def fmt(x, spec):
 
 
 def table(ref: dict | None, rows: list[dict]) -> str:
-    head = "| run | pairs/s | real tokens/s | MFU | peak GiB | eval pairs/s | total s | x ref pairs/s | x ref eval | x ref total |"
-    lines = [head, "|" + "---|" * 10]
+    head = ("| run | pairs/s | real tokens/s | MFU | peak GiB | eval pairs/s | total s | process s "
+            "| x ref pairs/s | x ref eval | x ref total |")
+    lines = [head, "|" + "---|" * 11]
     for r in ([ref] if ref else []) + rows:
         ratio = lambda k, inv=False: (fmt((ref[k] / r[k]) if inv else (r[k] / ref[k]), ".1f")
                                       if ref and r.get(k) and ref.get(k) else "-")
         lines.append(f"| {r['name']} | {fmt(r.get('pairs_per_s'), '.1f')} | {fmt(r.get('real_tokens_per_s'), '.0f')} | "
                      f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('peak_gib'), '.2f')} | {fmt(r.get('eval_pairs_per_s'), '.0f')} | "
                      f"{fmt(r.get('total_s'), '.1f')}{'*' if r.get('total_s_is_extrapolated') else ''} | "
+                     f"{fmt(r.get('process_s'), '.1f')} | "
                      f"{ratio('pairs_per_s')} | {ratio('eval_pairs_per_s')} | {ratio('total_s', inv=True)} |")
     return "\n".join(lines)
 
@@ -51,8 +57,7 @@ def main():
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--ref-train-rows", type=int, default=240)
     ap.add_argument("--ref-epochs", type=int, default=1)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: ref,ours,lowmem,sweep,fp16")
-    ap.add_argument("--micro-lowmem", type=int, default=16)
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: ref,ours,nobudget,sweep,fp16")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,17 +70,26 @@ def main():
         "ref": [py, "-m", "bench.reference", a.root, "--train-rows", str(a.ref_train_rows), "--epochs",
                 str(a.ref_epochs), "--out", str(out / "reference.json")],
         "ours": [py, "-m", "bench.ours", "experiment", a.root, "--micro", "32", "--out", str(out / "ours.json")],
-        "lowmem": [py, "-m", "bench.ours", "experiment", a.root, "--micro", str(a.micro_lowmem),
-                   "--out", str(out / "ours_lowmem.json")],
+        "nobudget": [py, "-m", "bench.ours", "experiment", a.root, "--micro", "32",
+                     "--out", str(out / "ours_nobudget.json")],
         "sweep": [py, "-m", "bench.ours", "sweep", a.root, "--profile", "--out", str(out / "sweep.json")],
         "fp16": [py, "-m", "bench.ours", "fp16", a.root, "--out", str(out / "fp16.json")],
     }
+    envs = {"nobudget": {"QLORA_MICRO_TOKENS": "0"}, "sweep": {"QLORA_MICRO_TOKENS": "0"}}
+    walls = {}
     for name, cmd in parts.items():
         if name not in skip:
-            sh(cmd, log)
+            walls[name] = sh(cmd, log, envs.get(name))
     read = lambda n: json.loads((out / n).read_text()) if (out / n).is_file() else None
     ref = read("reference.json")
-    rows = [r for r in (read("ours.json"), read("ours_lowmem.json")) if r]
+    rows = []
+    for part, n in (("ours", "ours.json"), ("nobudget", "ours_nobudget.json")):
+        r = read(n)
+        if r:
+            r["process_s"] = walls.get(part)
+            if part == "nobudget":
+                r["name"] += ", no token budget"
+            rows.append(r)
     sw = read("sweep.json")
     if sw:
         best = max(sw["sweep"], key=lambda r: r["real_tokens_per_s"])

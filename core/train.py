@@ -112,6 +112,10 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         model = add_lora(model, cfg.lora)
         tuned = perf.tune_model(model, dtype)  # fused GELU, 16-bit LayerNorm out, fp32 residual on fp16
         load_s = time.time() - t_load
+        load_peak_gb = None
+        if device.type == "cuda":  # loading peaks higher than training (16-bit shards before quantising)
+            load_peak_gb = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+            torch.cuda.reset_peak_memory_stats(device)
         encoded = {s: encode(ex, tokenizer, cfg.data) for s, ex in splits.items()}
         steps_per_epoch = math.ceil(len(encoded["train"]) / cfg.train.batch_size)
         total_steps = steps_per_epoch * cfg.train.epochs
@@ -119,7 +123,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         log(kind="setup", device=str(device), compute_dtype=str(dtype).replace("torch.", ""),
             hardware=hardware_info(), params=params, data=data_stats, labels=labels,
             steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs=cfg.train.epochs,
-            load_s=round(load_s, 3), model_type=model.config.model_type, speedups=tuned,
+            load_s=round(load_s, 3), load_peak_gb=load_peak_gb, model_type=model.config.model_type, speedups=tuned,
             target_modules=sorted(model.peft_config["default"].target_modules),
             mean_tokens={s: round(float(np.mean([len(e["input_ids"]) for e in v])), 1) for s, v in encoded.items()})
         ckpt_dir = run_dir / rundir.CHECKPOINTS
