@@ -1,0 +1,31 @@
+"""Shared fixtures: one real, tiny training run for the whole session, and helpers to build
+other run folders (failed, running) by hand."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The run folder of a real training run: the demo preset on the built-in NLI sample,
+    64 train / 32 validation / 48 test rows, 2 epochs (about a minute on 2 CPU cores).
+    Tests must treat it as read-only: it is shared by the whole session."""
+    run = tmp_path_factory.mktemp("tiny-runs") / "tiny-run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "core", "train", "--preset", "demo", "--max-train-rows", "64",
+         "--max-validation-rows", "32", "--max-test-rows", "48", "--epochs", "2", "--run-dir", str(run)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "QLORA_STUDIO_RUNS": str(run.parent)},
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"tiny training run failed (exit {proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    assert json.loads((run / "status.json").read_text())["state"] == "done"
+    return run

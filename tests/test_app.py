@@ -1,0 +1,350 @@
+"""The app's pages under streamlit.testing.v1.AppTest, against a real tiny training run (the
+session fixture `tiny_run`) and a few run folders written by hand (failed, running, empty).
+Each test asserts what the page shows: numbers from report.json, counts, example texts."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core import jobs, rundir
+from core.config import get_preset
+from core.report import CATEGORIES, load_comparison
+from core.resources import describe_hardware, hardware_info
+
+ROOT = Path(__file__).resolve().parents[1]
+pct = lambda x: f"{100 * x:.1f}%"
+
+
+def start(runs_root: Path, monkeypatch, page: str | None = None, run: str | None = None) -> AppTest:
+    monkeypatch.setenv("QLORA_STUDIO_RUNS", str(runs_root))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=240)
+    if run:
+        at.query_params["run"] = run
+    at.run()
+    if page:
+        at.switch_page(f"app_pages/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def text_of(at: AppTest) -> str:
+    parts = []
+    for kind in ("title", "header", "subheader", "markdown", "caption", "info", "warning", "error", "success"):
+        parts += [str(e.value) for e in getattr(at, kind)]
+    return "\n".join(parts)
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def plotly_specs(at: AppTest) -> list[dict]:
+    return [json.loads(e.proto.spec) for e in at.get("plotly_chart")]
+
+
+@pytest.fixture
+def report(tiny_run) -> dict:
+    return json.loads((tiny_run / "report.json").read_text())
+
+
+# --- frame --------------------------------------------------------------------------------------
+
+def test_empty_runs_folder_explains_what_to_do(tmp_path, monkeypatch):
+    at = start(tmp_path / "runs", monkeypatch)
+    text = text_of(at)
+    assert "No runs yet" in text and "Launch" in text
+    assert "Start one on the **Train** page" in "\n".join(c.value for c in at.sidebar.caption)
+    assert describe_hardware(hardware_info()) in "\n".join(c.value for c in at.sidebar.caption)
+    for page in ("report", "failures"):
+        at.switch_page(f"app_pages/{page}.py").run()
+        assert "No run selected yet" in text_of(at)
+
+
+def test_sidebar_lists_runs_with_state_and_query_param_selects(tiny_run, tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    shutil.copytree(tiny_run, root / tiny_run.name, ignore=shutil.ignore_patterns("checkpoints"))
+    failed = make_failed_run(root)
+    at = start(root, monkeypatch)
+    radio = at.sidebar.radio[0]
+    assert len(radio.options) == 2
+    assert any(failed.name in o and "failed" in o for o in radio.options)
+    assert any(tiny_run.name in o and "done" in o for o in radio.options)
+    assert at.session_state["run"] == failed.name  # the newest run is selected by default
+    at = start(root, monkeypatch, run=tiny_run.name)
+    assert at.session_state["run"] == tiny_run.name and at.query_params["run"] == tiny_run.name
+    assert "Test accuracy before" in metrics(at)
+    # picking another run in the sidebar changes what every page shows
+    at.sidebar.radio[0].set_value(next(o for o in at.sidebar.radio[0].options if failed.name in o)).run()
+    assert at.session_state["run"] == failed.name and "boom" in text_of(at)
+
+
+# --- Train --------------------------------------------------------------------------------------
+
+def test_train_page_shows_the_done_run(tiny_run, monkeypatch, report):
+    at = start(tiny_run.parent, monkeypatch)
+    m = metrics(at)
+    assert m["Test accuracy before"] == pct(report["test_before"]["accuracy"])
+    assert m["Test accuracy after"] == pct(report["test_after"]["accuracy"])
+    assert m["Test examples"] == "48"
+    assert m["Best epoch"] == str(report["best_epoch"])
+    assert m["Steps"] == "4/4"  # 64 rows / batch 32 = 2 steps per epoch, 2 epochs
+    specs = plotly_specs(at)
+    titles = [s["layout"]["title"]["text"] for s in specs]
+    assert "Training loss" in titles and "RAM" in titles
+    loss = next(s for s in specs if s["layout"]["title"]["text"] == "Training loss")
+    assert loss["data"][0]["x"] == [1, 2, 3, 4]
+    val = next(s for s in specs if s["layout"]["title"]["text"].startswith("Validation accuracy"))
+    assert val["data"][0]["x"] == [0, 1, 2]
+    assert [p.label for p in at.get("page_link")][:2] == ["Open the report", "Open the failure cases"]
+
+
+def test_plan_before_launch_shows_dtype_params_and_rows(tmp_path, monkeypatch):
+    at = start(tmp_path / "runs", monkeypatch)
+    at.number_input(key="max_train@demo").set_value(96).run()
+    text = text_of(at)
+    assert "Runs on **the CPU** in **float32**" in text
+    assert "**96** train" in text and "→ **12** optimiser steps (3 per epoch × 4 epochs)" in text
+    m = metrics(at)
+    assert m["Total parameters"] == "23.4 M" and m["Trainable (LoRA + head)"].endswith(" M")
+    assert m["Estimated time"] == "no estimate yet" and m["GPU memory"] == "none"
+
+
+def test_invalid_settings_are_shown_and_block_launch(tmp_path, monkeypatch):
+    at = start(tmp_path / "runs", monkeypatch)
+    at.text_input(key="model@demo").set_value("   ").run()
+    assert any("model.name must not be empty" in e.value for e in at.error)
+    assert at.button(key="launch_disabled").disabled
+    assert not list((tmp_path / "runs").glob("*"))
+
+
+class FakePopen:
+    """Stands in for the trainer process: records the command, starts nothing."""
+    calls: list = []
+
+    def __init__(self, args, **kwargs):
+        FakePopen.calls.append(args)
+
+
+def test_launch_writes_the_form_into_config_and_selects_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs.subprocess, "Popen", FakePopen)
+    FakePopen.calls = []
+    at = start(tmp_path / "runs", monkeypatch)
+    for key, value in (("epochs@demo", 1), ("max_train@demo", 80), ("max_validation@demo", 24),
+                       ("max_test@demo", 30), ("lora_r@demo", 8), ("seed@demo", 7)):
+        at.number_input(key=key).set_value(value)
+    at.text_input(key="target_modules@demo").set_value("query, value")
+    at.run()
+    at.button(key="launch").click().run()
+    assert not at.exception
+    runs = rundir.list_runs(tmp_path / "runs")
+    assert len(runs) == 1 and at.session_state["run"] == runs[0]["id"]
+    cfg = json.loads((runs[0]["path"] / "config.json").read_text())
+    assert cfg["train"]["epochs"] == 1 and cfg["train"]["seed"] == 7 and cfg["lora"]["r"] == 8
+    assert cfg["data"]["max_train_rows"] == 80 and cfg["data"]["max_test_rows"] == 30
+    assert cfg["lora"]["target_modules"] == ["query", "value"] and cfg["data"]["source"] == "builtin:nli-sample"
+    assert FakePopen.calls and FakePopen.calls[0][-1] == str(runs[0]["path"])
+    assert "queued" in text_of(at)  # the page now follows the new run
+
+
+def test_uploaded_files_preview_mapping_and_launch(tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs.subprocess, "Popen", FakePopen)
+    FakePopen.calls = []
+    train = "s1,s2,gold\n" + "".join(f"A man plays guitar {i}.,A person plays music.,{i % 3}\n" for i in range(30))
+    test = "s1,s2,gold\nA dog runs.,An animal moves.,0\nA cat sleeps.,The cat is awake.,2\n"
+    at = start(tmp_path / "runs", monkeypatch)
+    at.radio(key="data_kind@demo").set_value("upload").run()
+    assert "Upload a **train** and a **test** file" in text_of(at)
+    at.file_uploader(key="upload:train").set_value(("../../My Train!.csv", train.encode(), "text/csv"))
+    at.file_uploader(key="upload:test").set_value(("test.csv", test.encode(), "text/csv"))
+    at.run()
+    preview = at.dataframe[0].value
+    assert list(preview.columns) == ["s1", "s2", "gold"] and len(preview) == 5
+    assert "30 rows" in text_of(at)
+    # no column is named like a premise: the mapping must be chosen, and the trainer's own check says so
+    assert any("column/label mapping" in w.value for w in at.warning)
+    assert at.button(key="launch").disabled
+    at.selectbox(key="prem_col@demo").set_value("s1")
+    at.selectbox(key="hyp_col@demo").set_value("s2")
+    at.selectbox(key="label_col@demo").set_value("gold")
+    at.run()
+    assert not any("column/label mapping" in w.value for w in at.warning)
+    assert "Label values in the train file: 0, 1, 2" in text_of(at)
+    at.button(key="launch").click().run()
+    run = rundir.list_runs(tmp_path / "runs")[0]["path"]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["source"] == "files" and cfg["data"]["label_column"] == "gold"
+    assert cfg["data"]["premise_column"] == "s1" and cfg["data"]["validation"] is None
+    assert Path(cfg["data"]["train"]) == run / "uploads" / "train-My_Train.csv"
+    assert (run / "uploads" / "train-My_Train.csv").read_text() == train
+    assert Path(cfg["data"]["test"]).read_text() == test
+
+
+def test_failed_run_shows_error_traceback_and_log(tmp_path, monkeypatch):
+    run = make_failed_run(tmp_path / "runs")
+    at = start(run.parent, monkeypatch)
+    assert any("RuntimeError: boom at step 3" in e.value for e in at.error)
+    labels = [e.label for e in at.expander]
+    assert "Traceback" in labels and "Last lines of train.log" in labels
+    codes = "\n".join(c.value for c in at.code)
+    assert 'File "core/train.py"' in codes and "loading model" in codes
+
+
+def test_running_run_reattaches_with_progress_eta_and_stop(tmp_path, monkeypatch):
+    trainer = subprocess.Popen(["sleep", "120"])  # stands in for the trainer process
+    try:
+        run = make_running_run(tmp_path / "runs", trainer.pid)
+        check_running_run(run, trainer, monkeypatch)
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+
+def check_running_run(run: Path, trainer, monkeypatch):
+    at = start(run.parent, monkeypatch)
+    bar = at.get("progress")[0]
+    assert "training · epoch 1/2 · step 3/8 · about" in bar.proto.text
+    m = metrics(at)
+    assert m["Time left"] != "measuring…" and m["Pairs / s"] == "10.0"
+    assert m["Validation accuracy"] == "40.0%"
+    assert any(s["layout"]["title"]["text"] == "Training loss" for s in plotly_specs(at))
+    at.button(key=f"stop:{run.name}").click().run()
+    assert rundir.stop_requested(run)
+    assert trainer.wait(timeout=10) == -signal.SIGTERM  # Stop also sends SIGTERM to the trainer
+    rundir.write_status(run, pid=os.getpid())  # still running (as far as the folder says)
+    for page in ("report", "failures"):
+        at.switch_page(f"app_pages/{page}.py").run()
+        assert "is still running" in text_of(at)
+
+
+# --- Report -------------------------------------------------------------------------------------
+
+def test_report_page_shows_every_section_with_the_run_numbers(tiny_run, monkeypatch, report):
+    at = start(tiny_run.parent, monkeypatch, page="report")
+    b, a = report["test_before"], report["test_after"]
+    m = metrics(at)
+    assert m["Before fine-tuning"] == pct(b["accuracy"])
+    assert m[f"After (epoch {report['best_epoch']})"] == pct(a["accuracy"])
+    for cat in CATEGORIES:
+        assert m[cat.capitalize()] == str(report["changes"][cat])
+    frames = [d.value for d in at.dataframe]
+    acc = frames[0]
+    assert list(acc["correct"]) == [b["correct"], a["correct"]] and list(acc["n"]) == [48, 48]
+    epochs = next(f for f in frames if "train loss" in f.columns)
+    assert list(epochs["epoch"]) == [1, 2]
+    params = next(f for f in frames if "count" in f.columns)
+    assert f"{report['params']['trainable']:,}" in params["value"].iloc[2]
+    assert f"{report['params']['packed']:,}" == params["value"].iloc[1]
+    resources = next(f for f in frames if "resource" in f.columns)
+    assert resources["peak"].iloc[5] == f"{report['resources']['checkpoints_mb']:.1f} MB"
+    per_class = next(f for f in frames if "F1 after" in f.columns)
+    assert list(per_class["class"]) == ["entailment", "neutral", "contradiction"]
+    by_tag = next(f for f in frames if "tag" in f.columns and "before" in f.columns)
+    assert sum(by_tag["n"]) == 48
+    first_fixed = report["change_examples"]["fixed"][0] if report["change_examples"]["fixed"] else None
+    if first_fixed:
+        assert any(first_fixed["premise"] in list(f.get("premise", [])) for f in frames)
+    specs = {s["layout"]["title"]["text"]: s for s in plotly_specs(at)}
+    bars = specs[f"Test accuracy with 95% Wilson intervals (n = {a['n']})"]["data"][0]
+    assert bars["y"] == pytest.approx([100 * b["accuracy"], 100 * a["accuracy"]])
+    assert specs["Confusion after (rows gold, columns predicted)"]["data"][0]["z"] == a["confusion"]
+    downloads = [d.proto.label for d in at.get("download_button")]
+    assert downloads == ["Download Markdown", "Download HTML"]
+    assert "CPU only" in text_of(at) or "GPU" in text_of(at)
+
+
+# --- Failures -----------------------------------------------------------------------------------
+
+def test_failures_page_counts_filters_search_and_detail(tiny_run, monkeypatch):
+    rows, labels = load_comparison(tiny_run)
+    counts = {c: sum(r["category"] == c for r in rows) for c in CATEGORIES}
+    at = start(tiny_run.parent, monkeypatch, page="failures")
+    m = metrics(at)
+    for cat in CATEGORIES:
+        assert next(v for k, v in m.items() if k.endswith(cat.capitalize())) == str(counts[cat])
+    assert f"{len(rows)} of {len(rows)} examples" in text_of(at)
+    table = at.dataframe[0].value
+    assert len(table) == len(rows)
+    assert list(table["Δ p(gold)"]) == sorted(table["Δ p(gold)"], reverse=True)
+    best = max(rows, key=lambda r: r["gold_prob_change"])
+    assert f"**Premise:** {best['premise']}" in text_of(at)  # the detail shows the first row
+
+    # one category; the detail follows it
+    cat = next(c for c in ("fixed", "regressed", "still failing") if counts[c])
+    at.radio(key="fail_category").set_value(cat).run()
+    shown = sorted((r for r in rows if r["category"] == cat), key=lambda r: -r["gold_prob_change"])
+    assert f"{len(shown)} of {len(rows)} examples" in text_of(at)
+    assert set(at.dataframe[0].value["category"]) == {cat}
+    text = text_of(at)
+    assert f"**Hypothesis:** {shown[0]['hypothesis']}" in text and f"**Gold:** {shown[0]['gold']}" in text
+    assert f"**Before:** {shown[0]['pred_before']}" in text
+    probs = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"] == "Predicted probabilities")
+    assert probs["data"][0]["y"] == shown[0]["probs_before"] and probs["data"][1]["y"] == shown[0]["probs_after"]
+
+    # gold label and tag filters, then the reverse sort
+    at.radio(key="fail_category").set_value("all")
+    at.multiselect(key="fail_gold").set_value(["neutral"]).run()
+    assert set(at.dataframe[0].value["gold"]) == {"neutral"}
+    tag = rows[0]["tag"]
+    at.multiselect(key="fail_gold").set_value([])
+    at.multiselect(key="fail_tag").set_value([tag]).run()
+    assert set(at.dataframe[0].value["tag"]) == {tag}
+    assert len(at.dataframe[0].value) == sum(r["tag"] == tag for r in rows)
+    at.multiselect(key="fail_tag").set_value([])
+    at.selectbox(key="fail_sort").set_value("largest loss in p(gold) first").run()
+    col = list(at.dataframe[0].value["Δ p(gold)"])
+    assert col == sorted(col)
+
+    # search by a word of one hypothesis
+    target = rows[len(rows) // 2]
+    at.text_input(key="fail_search").set_value(target["id"]).run()
+    assert list(at.dataframe[0].value["id"]) == [target["id"]]
+    assert f"**Premise:** {target['premise']}" in text_of(at)
+    at.text_input(key="fail_search").set_value("zzzz no such text").run()
+    assert "No example matches these filters" in text_of(at)
+
+
+# --- hand-made run folders ----------------------------------------------------------------------
+
+def make_failed_run(root: Path) -> Path:
+    run = root / "20990101-000000-demo-fail"
+    run.mkdir(parents=True)
+    get_preset("demo").save(run / "config.json")
+    rundir.write_status(run, state="failed", pid=None, created_at="2099-01-01T00:00:00+00:00",
+                        started_at="2099-01-01T00:00:00+00:00", finished_at="2099-01-01T00:00:09+00:00",
+                        error="RuntimeError: boom at step 3",
+                        traceback='Traceback (most recent call last):\n  File "core/train.py", line 1\nRuntimeError: boom')
+    (run / "train.log").write_text("run folder: x\nloading model\nRuntimeError: boom at step 3\n")
+    return run
+
+
+def make_running_run(root: Path, pid: int) -> Path:
+    """A run whose trainer (`pid`) is alive: 3 of 8 steps done."""
+    run = root / "20990101-000000-demo-live"
+    run.mkdir(parents=True)
+    get_preset("demo").save(run / "config.json")
+    started = time.time() - 30
+    rundir.write_status(run, state="running", phase="training", pid=pid,
+                        created_at=rundir.now_iso(), started_at=rundir.now_iso())
+    m = run / "metrics.jsonl"
+    rundir.append_jsonl(m, {"t": started, "kind": "setup", "total_steps": 8, "epochs": 2, "steps_per_epoch": 4,
+                            "device": "cpu", "compute_dtype": "float32", "labels": ["a", "b", "c"]})
+    rundir.append_jsonl(m, {"t": started + 2, "kind": "eval", "split": "validation", "stage": "before",
+                            "accuracy": 0.4, "loss": 1.1, "n": 20, "seconds": 2.0})
+    rundir.append_jsonl(m, {"t": started + 4, "kind": "eval", "split": "test", "stage": "before",
+                            "accuracy": 0.3, "loss": 1.1, "n": 30, "seconds": 3.0})
+    for step in (1, 2, 3):
+        rundir.append_jsonl(m, {"t": started + 4 + 3 * step, "kind": "step", "step": step, "epoch": 1,
+                                "epoch_step": step, "steps_per_epoch": 4, "loss": 1.1 - 0.01 * step,
+                                "rows": 32, "samples_per_s": 10.0, "tokens_per_s": 300.0,
+                                "pad_fraction": 0.1, "step_s": 3.2})
+    for i in range(5):
+        rundir.append_jsonl(run / "resources.jsonl", {"t": started + i, "cpu_percent": 90.0 + i,
+                                                      "rss_gb": 0.5, "ram_used_gb": 2.0})
+    return run
