@@ -109,6 +109,7 @@ def evaluate_run(run_dir: Path, data_file: Path, name: str | None = None, batch_
     model = load_model(cfg.model, len(cfg.data.labels), tokenizer.pad_token_id, device, dtype,
                        id2label=dict(enumerate(cfg.data.labels)))
     model = add_lora(model, cfg.lora)
+    perf.tune_model(model, dtype)  # the same numerics as during training
     encoded = encode(examples, tokenizer, cfg.data)
     bs = batch_size or cfg.train.eval_batch_size
     result = {"name": name, "n": len(examples), "dropped_unlabelled": stats.dropped_unlabelled, "best_epoch": best}
