@@ -57,7 +57,7 @@ def main():
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--ref-train-rows", type=int, default=240)
     ap.add_argument("--ref-epochs", type=int, default=1)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: ref,ours,nobudget,sweep,fp16")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: ref,ours,nobudget,sweep,fp16; all: only rebuild the table from --out")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,8 @@ def main():
     skip = set(filter(None, a.skip.split(",")))
     py = sys.executable
     t0 = time.time()
-    sh([py, "-m", "bench.assets", a.root], log)
+    if skip != {"all"}:
+        sh([py, "-m", "bench.assets", a.root], log)
     parts = {
         "ref": [py, "-m", "bench.reference", a.root, "--train-rows", str(a.ref_train_rows), "--epochs",
                 str(a.ref_epochs), "--out", str(out / "reference.json")],
@@ -78,7 +79,7 @@ def main():
     envs = {"nobudget": {"QLORA_MICRO_TOKENS": "0"}, "sweep": {"QLORA_MICRO_TOKENS": "0"}}
     walls = {}
     for name, cmd in parts.items():
-        if name not in skip:
+        if name not in skip and "all" not in skip:
             walls[name] = sh(cmd, log, envs.get(name))
     read = lambda n: json.loads((out / n).read_text()) if (out / n).is_file() else None
     ref = read("reference.json")

@@ -34,8 +34,7 @@ def predict(model, encoded: list[dict], batch_size: int, pad_id: int, device: to
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))  # less padding
     drop_mask = perf.is_causal(model)  # right padding + causal attention: the mask changes nothing
     chunks, losses = [], []
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+    for idx in perf.eval_batches(encoded, order, batch_size, device):  # rows and tokens bounded
         batch = {k: v.to(device, non_blocking=True) for k, v in collate(encoded, idx, pad_id).items()}
         labels = batch.pop("labels")
         if drop_mask:

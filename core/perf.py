@@ -241,9 +241,7 @@ class TrainStep:
             while cap > 1 and cap * width > self.token_budget:
                 cap //= 2
             for s in range(0, n, cap):
-                part = {k: v[s:s + cap] for k, v in batch.items()}
-                keep = max(1, int(part["attention_mask"].sum(1).max()))  # drop all-pad columns
-                part = {k: (v[:, :keep] if v.ndim == 2 else v) for k, v in part.items()}
+                part = {k: v[s:s + cap] for k, v in batch.items()}  # same width: no new shapes
                 self.run(part, step_rows, rows=cap)
             return
         padded, n = pad_batch(batch, self.pad_id, width, rows if self.graphs else None)
@@ -305,6 +303,24 @@ def micro_token_budget(device: torch.device) -> int | None:
     if env is not None:
         return int(env) or None
     return 1024 if device.type == "cuda" else None
+
+
+def eval_batches(encoded: list[dict], order: list[int], batch_size: int, device: torch.device) -> list[list[int]]:
+    """Batches of `order` (rows sorted by length) of at most batch_size rows and, on a GPU, at most
+    QLORA_EVAL_TOKENS (default 16384) padded tokens: no batch pads hundreds of short rows to the
+    longest one, and evaluation memory stays bounded."""
+    budget = int(os.environ.get("QLORA_EVAL_TOKENS", "16384")) if device.type == "cuda" else 0
+    batches, cur, width = [], [], 0
+    for i in order:
+        w = max(width, pad_width(len(encoded[i]["input_ids"])))
+        if cur and (len(cur) >= batch_size or (budget and (len(cur) + 1) * w > budget)):
+            batches.append(cur)
+            cur, w = [], pad_width(len(encoded[i]["input_ids"]))
+        cur.append(i)
+        width = w
+    if cur:
+        batches.append(cur)
+    return batches
 
 
 def round_or_none(x: float | None, digits: int) -> float | None:
