@@ -16,6 +16,7 @@ STATE_ICONS = {"queued": ":gray[:material/schedule:]", "running": ":blue[:materi
                "failed": ":red[:material/error:]"}
 UNKNOWN_ICON = ":gray[:material/help:]"
 COLORS = {"before": "#9ca3af", "after": "#4f46e5", "line": "#4f46e5", "second": "#f59e0b"}
+PLOTLY = {"displayModeBar": False}  # the charts are small; the toolbar only hides their legend
 RUN_KEY = "run"  # session_state key of the selected run id (a UI choice, nothing else)
 
 
@@ -61,12 +62,15 @@ def sidebar() -> None:
         else:
             counts = {s: sum(r["state"] == s for r in runs) for s in STATE_ICONS}
             st.caption(" · ".join(f"{STATE_ICONS[s]} {n} {s}" for s, n in counts.items() if n))
-            choice = st.radio(
-                "Selected run", ids, index=ids.index(wanted), label_visibility="collapsed",
+            # The radio's value is set from the selection before it is drawn (the selection can
+            # change elsewhere: a launch, ?run=); a click updates the selection in its callback.
+            st.session_state["run_picker"] = wanted
+            st.radio(
+                "Selected run", ids, label_visibility="collapsed", key="run_picker",
                 format_func=lambda i: f"{STATE_ICONS.get(by_id[i]['state'], UNKNOWN_ICON)} {i} · {by_id[i]['state']}",
-                key=f"run_picker:{wanted}:{len(ids)}",
+                on_change=lambda: select_run(st.session_state["run_picker"]),
             )
-            select_run(choice)
+            select_run(wanted)
         st.caption(f"Runs folder: `{rundir.runs_root()}`")
         st.divider()
         st.markdown("**Hardware**")

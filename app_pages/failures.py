@@ -80,7 +80,8 @@ df = pd.DataFrame([{"category": r["category"], "gold": r["gold"], "before": r["p
 if not tags:
     df = df.drop(columns="tag")
 signature = f"{category}|{gold}|{pred_before}|{pred_after}|{tag}|{search}|{sort}"
-event = st.dataframe(df, on_select="rerun", selection_mode="single-row", hide_index=True, height=318,
+event = st.dataframe(df, on_select="rerun", selection_mode="single-row", hide_index=True,
+                     height=min(318, 35 * (len(df) + 1) + 3),
                      key=f"fail_table:{zlib.crc32(signature.encode())}",
                      column_config={"Δ p(gold)": st.column_config.NumberColumn(format="%+.3f", width="small"),
                                     "premise": st.column_config.TextColumn(width="large"),
@@ -88,10 +89,10 @@ event = st.dataframe(df, on_select="rerun", selection_mode="single-row", hide_in
 picked = event.selection.rows if event and event.selection else []
 r = shown[picked[0]] if picked and picked[0] < len(shown) else shown[0]
 
-with st.container(border=True):
+with st.container(border=True, key="detail"):
     text, chart = st.columns([1, 1], gap="large")
     with text:
-        st.markdown(f"#### {ICONS[r['category']]} {r['category'].capitalize()} · `{r['id']}`")
+        st.subheader(f"{ICONS[r['category']]} {r['category'].capitalize()} · `{r['id']}`", anchor=False)
         if r.get("premise") or r.get("hypothesis"):
             st.markdown(f"**Premise:** {r.get('premise', '')}")
             st.markdown(f"**Hypothesis:** {r.get('hypothesis', '')}")
@@ -102,4 +103,4 @@ with st.container(border=True):
                     f"**after:** {r['pred_after']} (p(gold) = {r['gold_prob_after']:.3f}, {r['gold_prob_change']:+.3f})")
         if not picked:
             st.caption("Showing the first example of the table; click a row to see another.")
-    chart.plotly_chart(ui.probs_figure(labels, r["probs_before"], r["probs_after"], r["gold"]), key="detail_probs")
+    chart.plotly_chart(ui.probs_figure(labels, r["probs_before"], r["probs_after"], r["gold"]), config=ui.PLOTLY, key="detail_probs")

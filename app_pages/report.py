@@ -35,7 +35,7 @@ else:
                f"ended.{' Error: ' + status['error'] if status.get('error') else ''}")
 
 # --- header and downloads -----------------------------------------------------------------------
-head, dl = st.columns([4, 1])
+head, dl = st.columns([3, 1])
 head.markdown(f"#### {report.get('model')} on {report.get('dataset')}")
 hw = report.get("hardware")
 head.caption(f"Run `{report['run_id']}` · {report.get('state')} · preset {report.get('preset')} · "
@@ -63,7 +63,7 @@ if b and a:
             for name, s in (("before", b), ("after", a))]), hide_index=True)
         st.caption(f"n = {a['n']} test examples. The after model is the epoch with the best validation "
                    "accuracy; the test split was never used to choose anything. Intervals are Wilson 95%.")
-    right.plotly_chart(ui.accuracy_figure(b, a, report.get("best_epoch")), key="accuracy")
+    right.plotly_chart(ui.accuracy_figure(b, a, report.get("best_epoch")), config=ui.PLOTLY, key="accuracy")
 else:
     st.info("The run ended before the test split was scored before and after training.")
 
@@ -141,9 +141,9 @@ if b and a:
         for pb, pa in zip(b["per_class"], a["per_class"])]), hide_index=True)
     c1, c2 = st.columns(2)
     c1.plotly_chart(ui.confusion_figure(b["confusion"], labels, "Confusion before (rows gold, columns predicted)"),
-                    key="confusion_before")
+                    config=ui.PLOTLY, key="confusion_before")
     c2.plotly_chart(ui.confusion_figure(a["confusion"], labels, "Confusion after (rows gold, columns predicted)"),
-                    key="confusion_after")
+                    config=ui.PLOTLY, key="confusion_after")
 
 # --- by tag -------------------------------------------------------------------------------------
 if report.get("by_tag"):

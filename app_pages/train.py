@@ -40,8 +40,8 @@ def draw_metrics_row(snap: dict) -> None:
                 help="Latest validation pass (epoch 0 = before training)")
     if steps or curve:
         left, right = st.columns(2)
-        left.plotly_chart(ui.loss_figure(steps, snap["epochs"]), key=f"loss:{snap['run_id']}")
-        right.plotly_chart(ui.val_accuracy_figure(curve), key=f"val:{snap['run_id']}")
+        left.plotly_chart(ui.loss_figure(steps, snap["epochs"]), config=ui.PLOTLY, key=f"loss:{snap['run_id']}")
+        right.plotly_chart(ui.val_accuracy_figure(curve), config=ui.PLOTLY, key=f"val:{snap['run_id']}")
 
 
 def draw_resources(snap: dict) -> None:
@@ -51,12 +51,12 @@ def draw_resources(snap: dict) -> None:
     has_gpu = any("gpu_mem_gb" in r for r in res)
     cols = st.columns(3 if has_gpu else 2)
     cols[0].plotly_chart(ui.resources_figure(res, [("cpu_percent", "trainer CPU")], "CPU (100% = one core)", "%"),
-                         key=f"cpu:{snap['run_id']}")
+                         config=ui.PLOTLY, key=f"cpu:{snap['run_id']}")
     cols[1].plotly_chart(ui.resources_figure(res, [("rss_gb", "trainer RSS"), ("ram_used_gb", "machine used")],
-                                             "RAM", "GiB"), key=f"ram:{snap['run_id']}")
+                                             "RAM", "GiB"), config=ui.PLOTLY, key=f"ram:{snap['run_id']}")
     if has_gpu:
         cols[2].plotly_chart(ui.resources_figure(res, [("gpu_mem_gb", "memory (GiB)"), ("gpu_util", "utilisation (%)")],
-                                                 "GPU", "GiB / %"), key=f"gpu:{snap['run_id']}")
+                                                 "GPU", "GiB / %"), config=ui.PLOTLY, key=f"gpu:{snap['run_id']}")
     else:
         st.caption("No GPU in use: this run trains on the CPU.")
 
