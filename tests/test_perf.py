@@ -1,0 +1,140 @@
+"""The optimised path (core.perf) computes what the plain path computes, on CPU.
+
+A tiny Phi (same family as Phi-2: partial rotary, parallel attention + MLP, gelu_new) in NF4 with
+LoRA: predictions and gradients of the plain forward/backward (attention mask, Python GELU, fixed
+micro-batches) against the optimised one (tune_model, no mask for the causal model, TrainStep
+with padding rows, token-budget splitting), and the FLOPs formula on Phi-2's real shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from core import perf
+from core.config import LoraSettings
+from core.data import collate
+from core.evaluate import predict
+
+PHI2 = dict(hidden_size=2560, num_hidden_layers=32, intermediate_size=10240, num_attention_heads=32,
+            partial_rotary_factor=0.4, vocab_size=51200)
+LORA = LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj", "fc1", "fc2"])
+
+
+def phi2_meta():
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForSequenceClassification, PhiConfig
+    from core.model import add_lora
+    cfg = PhiConfig(**PHI2, num_labels=3, pad_token_id=0)
+    with init_empty_weights():
+        model = AutoModelForSequenceClassification.from_config(cfg)
+    return add_lora(model, LORA)
+
+
+def test_flops_per_token_matches_formula_on_phi2():
+    info = perf.flops_info(phi2_meta())
+    assert info["n_linear"] == 2_516_582_400  # the issue's N = 2.516e9
+    per_layer = 2 * 16 * (2560 + 2560) + 2 * 16 * (2560 + 10240)  # q, v, fc1, fc2
+    assert info["lora"] == 32 * per_layer
+    assert (info["layers"], info["hidden"]) == (32, 2560)
+    s = 27.0
+    expected = 4 * 2.5165824e9 + 6 * 32 * per_layer + 12 * 32 * s * 2560
+    assert math.isclose(perf.flops_per_token(info, s), expected, rel_tol=1e-12)
+    assert math.isclose(perf.mfu(expected, 1000.0, 989e12), expected * 1000 / 989e12)
+    assert perf.mfu(expected, 1000.0, None) is None
+    assert perf.peak_flops(torch.device("cpu")) is None
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Phi saved to disk, loaded in NF4 through core.model like the app does."""
+    from transformers import PhiConfig, PhiForCausalLM
+    from core.config import ModelConfig
+    from core.model import add_lora, load_model
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-phi")
+    cfg = PhiConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
+                    partial_rotary_factor=0.4, vocab_size=300, pad_token_id=0)
+    PhiForCausalLM(cfg).save_pretrained(path)
+
+    def make():
+        torch.manual_seed(1)
+        m = load_model(ModelConfig(name=str(path), compute_dtype="float32", device="cpu"), 3, 0,
+                       torch.device("cpu"), torch.float32)
+        return add_lora(m, LORA)
+    return make
+
+
+def rows(n=10, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(4, 30, (1,), generator=g))
+        out.append({"input_ids": torch.randint(1, 300, (length,), generator=g).tolist(), "label": i % 3})
+    return out
+
+
+def plain_logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def test_tuned_model_and_maskless_forward_give_the_same_predictions(tiny):
+    plain, fast = tiny(), tiny()
+    changes = perf.tune_model(fast, torch.float32)
+    assert "gelu_new->fused tanh gelu" in changes
+    assert perf.is_causal(fast)
+    enc = rows()
+    batch = collate(enc, list(range(len(enc))), 0)
+    ref = plain_logits(plain.eval(), batch)
+    fast.eval()
+    with torch.no_grad():  # no attention mask, and padded to a multiple of 16 like the GPU path
+        padded, _ = perf.pad_batch(batch, 0, perf.pad_width(batch["input_ids"].shape[1]))
+        got = fast(input_ids=padded["input_ids"]).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    probs, _ = predict(fast, enc, 4, 0, torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(torch.from_numpy(probs), torch.softmax(ref, -1), rtol=1e-4, atol=1e-4)
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_train_step_gradient_matches_plain_backward(tiny, monkeypatch):
+    plain, fast = tiny(), tiny()
+    perf.tune_model(fast, torch.float32)
+    enc = rows(12)
+    idx = list(range(12))
+    # plain: one batch with mask, mean CE
+    plain.train()
+    batch = collate(enc, idx, 0)
+    logits = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+    ref = grads(plain)
+    # optimised: micro-batches of 8 padded to 8 rows, and a token budget that splits the first
+    for budget in ("0", "64"):
+        monkeypatch.setenv("QLORA_MICRO_TOKENS", budget)
+        fast.train()
+        step = perf.TrainStep(fast, torch.device("cpu"), torch.float32, 0)
+        step.zero_grad()
+        for s in range(0, 12, 8):
+            step.run(collate(enc, idx[s:s + 8], 0), step_rows=12, rows=8)
+        loss = step.take_loss()
+        assert math.isclose(loss, torch.nn.functional.cross_entropy(logits, batch["labels"]).item(), rel_tol=1e-4)
+        got = grads(fast)
+        for name, g in ref.items():
+            torch.testing.assert_close(got[name], g, rtol=1e-3, atol=1e-5, msg=f"{name} (budget {budget})")
+
+
+def test_pad_batch_and_eval_batches():
+    enc = rows(6)
+    batch = collate(enc, [0, 1, 2], 0)
+    padded, n = perf.pad_batch(batch, 0, 32, 5)
+    assert n == 3 and padded["input_ids"].shape == (5, 32)
+    assert torch.equal(padded["input_ids"][3], padded["input_ids"][0])  # filler rows copy real rows
+    assert int(padded["attention_mask"][:, batch["input_ids"].shape[1]:].sum()) == 0
+    order = sorted(range(6), key=lambda i: len(enc[i]["input_ids"]))
+    assert [i for b in perf.eval_batches(enc, order, 4, torch.device("cpu")) for i in b] == order
