@@ -56,8 +56,8 @@ def sidebar() -> None:
     with st.sidebar:
         st.markdown("### Runs")
         if not runs:
-            st.caption("No runs yet. Start one on the **Train** page: the demo preset trains "
-                       "a small model on CPU in about a minute.")
+            st.caption("No runs yet. Start one on the **Train** page: the demo preset fine-tunes "
+                       "a small model in 4-bit on the CPU, offline.")
             select_run(None)
         else:
             counts = {s: sum(r["state"] == s for r in runs) for s in STATE_ICONS}

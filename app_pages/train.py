@@ -17,8 +17,7 @@ from core.live import format_duration
 
 DATA_CHOICES = {"builtin": "Built-in NLI sample", "hub": "Hugging Face Hub dataset",
                 "upload": "Upload files (CSV / JSONL)"}
-PRESET_LABELS = {"demo": "Embedded demo: all-MiniLM-L6-v2 in 4-bit on the built-in NLI sample (CPU, offline)",
-                 "phi2-snli": "Phi-2 on SNLI (the reference experiment, needs a GPU and the Hub)"}
+PRESET_LABELS = {"demo": "Embedded demo (MiniLM, CPU, offline)", "phi2-snli": "Phi-2 on SNLI (GPU, Hub)"}
 
 
 # --- the selected run ---------------------------------------------------------------------------
@@ -218,8 +217,11 @@ def check_mapping(cfg, parsed_rows: list[dict]) -> str | None:
 
 
 def settings_form() -> None:
-    preset = st.selectbox("Preset", list(PRESETS), format_func=lambda p: PRESET_LABELS.get(p, p), key="preset",
-                          help="Starting settings; every field below can be changed.")
+    top = st.columns([2, 2, 1])
+    preset = top[0].selectbox("Preset", list(PRESETS), format_func=lambda p: PRESET_LABELS.get(p, p), key="preset",
+                              help="Starting settings; every field below can be changed. Embedded demo: all-MiniLM-L6-v2 in "
+                                   "4-bit on the built-in NLI sample, runs on a CPU without network. Phi-2 on SNLI: "
+                                   "the reference experiment, needs a GPU and the Hugging Face Hub.")
     base = get_preset(preset)
     k = lambda name: f"{name}@{preset}"  # each preset keeps its own field values
     changes: dict = {}
@@ -227,27 +229,69 @@ def settings_form() -> None:
     files: dict = {}
     known_rows: dict = {}
 
-    st.markdown("##### Model")
-    m1, m2 = st.columns([3, 1])
-    changes["model.name"] = m1.text_input(
+    changes["model.name"] = top[1].text_input(
         "Model", base.model.name, key=k("model"),
         help=f"A Hugging Face Hub id (e.g. microsoft/phi-2), a local folder in HF format, or {EMBEDDED_MODEL} "
              "(ships with the app, works offline).").strip()
-    quantize = m2.checkbox("Load in 4-bit NF4 (QLoRA)", base.model.quantize is not None, key=k("quantize"))
+    top[2].markdown("&nbsp;")  # aligns the checkbox with the inputs
+    quantize = top[2].checkbox("4-bit NF4 (QLoRA)", base.model.quantize is not None, key=k("quantize"),
+                               help="Load the base model's linear layers in 4-bit NF4; off = unquantised")
     changes["model.quantize"] = "bnb.nf4" if quantize else None
 
-    st.markdown("##### Data")
-    default_data = "builtin" if base.data.source == BUILTIN_DATA else "hub"
-    data_kind = st.radio("Dataset", list(DATA_CHOICES), format_func=DATA_CHOICES.get, horizontal=True,
-                         index=list(DATA_CHOICES).index(default_data), key=k("data_kind"))
-    if data_kind == "builtin":
-        from core.data import BUILTIN_DIR
-        changes["data.source"] = BUILTIN_DATA
-        if not (BUILTIN_DIR / "train.jsonl").exists():
-            errors.append(f"the built-in sample is missing from {BUILTIN_DIR}")
-        st.caption("Premise/hypothesis pairs labelled entailment, neutral or contradiction, each tagged "
-                   "with the phenomenon it tests (negation, quantifiers, …); ships with the app.")
-    elif data_kind == "hub":
+    left, right = st.columns(2, gap="large")
+    with left:
+        st.markdown("##### Data")
+        default_data = "builtin" if base.data.source == BUILTIN_DATA else "hub"
+        data_kind = st.radio("Dataset", list(DATA_CHOICES), format_func=DATA_CHOICES.get, horizontal=True,
+                             index=list(DATA_CHOICES).index(default_data), key=k("data_kind"))
+        if data_kind == "builtin":
+            from core.data import BUILTIN_DIR
+            changes["data.source"] = BUILTIN_DATA
+            if not (BUILTIN_DIR / "train.jsonl").exists():
+                errors.append(f"the built-in sample is missing from {BUILTIN_DIR}")
+            st.caption("Premise/hypothesis pairs labelled entailment, neutral or contradiction, each tagged "
+                       "with the phenomenon it tests (negation, quantifiers, …); ships with the app.")
+        r = st.columns(2)
+        for i, split in enumerate(("train", "validation", "test")):
+            v = r[i % 2].number_input(f"Max {split} rows", 0, 10_000_000, getattr(base.data, f"max_{split}_rows") or 0,
+                                      step=16, key=k(f"max_{split}"), help="A stratified, seeded sample; 0 = all rows")
+            changes[f"data.max_{split}_rows"] = int(v) or None
+        changes["data.max_length"] = int(r[1].number_input("Max length (tokens)", 8, 8192, base.data.max_length,
+                                                           step=16, key=k("max_length")))
+    with right:
+        st.markdown("##### LoRA")
+        lcols = st.columns(2)
+        lora_r = int(lcols[0].number_input("Rank r", 1, 1024, base.lora.r, key=k("lora_r")))
+        alpha = float(lcols[1].number_input("Alpha", 0.5, 4096.0, float(base.lora.alpha), step=1.0, key=k("lora_alpha")))
+        dropout = float(lcols[0].number_input("Dropout", 0.0, 0.95, float(base.lora.dropout), step=0.05, key=k("lora_dropout")))
+        tm_default = base.lora.target_modules
+        tm_text = lcols[1].text_input(
+            "Target modules", ", ".join(tm_default) if isinstance(tm_default, list) else (tm_default or ""),
+            key=k("target_modules"),
+            help="Comma-separated module names (e.g. q_proj, v_proj, fc1, fc2), all-linear, or empty for "
+                 "the usual ones of the architecture.").strip()
+        target = None if not tm_text else "all-linear" if tm_text == "all-linear" else [t.strip() for t in tm_text.split(",") if t.strip()]
+        changes.update({"lora.r": lora_r, "lora.alpha": alpha, "lora.dropout": dropout, "lora.target_modules": target})
+
+        st.markdown("##### Training")
+        t = st.columns(2)
+        changes["train.epochs"] = int(t[0].number_input("Epochs", 1, 1000, base.train.epochs, key=k("epochs")))
+        changes["train.lr"] = float(t[1].number_input("Learning rate", 1e-6, 0.5, base.train.lr, step=1e-4,
+                                                      format="%.1e", key=k("lr")))
+        changes["train.batch_size"] = int(t[0].number_input("Batch size", 1, 4096, base.train.batch_size, key=k("batch")))
+        changes["train.seed"] = int(t[1].number_input("Seed", 0, 2**31 - 1, base.train.seed, key=k("seed")))
+        with st.popover("More settings"):
+            head_lr = st.number_input("Head learning rate (0 = same as LoRA)", 0.0, 0.5, base.train.head_lr or 0.0,
+                                      step=1e-4, format="%.1e", key=k("head_lr"))
+            changes["train.head_lr"] = float(head_lr) or None
+            micro = st.number_input("Micro-batch size (0 = batch size)", 0, 4096, base.train.micro_batch_size or 0,
+                                    key=k("micro"))
+            changes["train.micro_batch_size"] = int(micro) or None
+            changes["model.compute_dtype"] = st.selectbox("Compute dtype", ["auto", "float32", "bfloat16", "float16"],
+                                                          key=k("dtype"))
+            changes["model.device"] = st.selectbox("Device", ["auto", "cpu", "cuda"], key=k("device"))
+
+    if data_kind == "hub":
         h = st.columns([2, 1, 1, 1, 1])
         source = h[0].text_input("Hub dataset id", base.data.source if default_data == "hub" else "stanfordnlp/snli",
                                  key=k("hub_id")).strip()
@@ -259,52 +303,11 @@ def settings_form() -> None:
             help="Leave empty to hold out 10% of train").strip() or None
         changes["data.test_split"] = h[4].text_input("Test split", base.data.test_split, key=k("hub_test")).strip()
         st.caption("Loaded with `datasets.load_dataset` when the run starts (needs the network or the HF cache).")
-    else:
+    elif data_kind == "upload":
         up_changes, files, known_rows, up_errors = upload_section(k)
         changes.update(up_changes)
         changes["data.source"] = "files"
         errors += up_errors
-
-    st.markdown("##### Rows used (stratified, seeded sample; 0 = all)")
-    r = st.columns(4)
-    for col, split in zip(r, ("train", "validation", "test")):
-        v = col.number_input(f"Max {split} rows", 0, 10_000_000, getattr(base.data, f"max_{split}_rows") or 0,
-                             step=16, key=k(f"max_{split}"))
-        changes[f"data.max_{split}_rows"] = int(v) or None
-    changes["data.max_length"] = int(r[3].number_input("Max length (tokens)", 8, 8192, base.data.max_length,
-                                                       step=16, key=k("max_length")))
-
-    st.markdown("##### LoRA")
-    lcols = st.columns(4)
-    lora_r = int(lcols[0].number_input("Rank r", 1, 1024, base.lora.r, key=k("lora_r")))
-    alpha = float(lcols[1].number_input("Alpha", 0.5, 4096.0, float(base.lora.alpha), step=1.0, key=k("lora_alpha")))
-    dropout = float(lcols[2].number_input("Dropout", 0.0, 0.95, float(base.lora.dropout), step=0.05, key=k("lora_dropout")))
-    tm_default = base.lora.target_modules
-    tm_text = lcols[3].text_input(
-        "Target modules", ", ".join(tm_default) if isinstance(tm_default, list) else (tm_default or ""),
-        key=k("target_modules"),
-        help="Comma-separated module names (e.g. q_proj, v_proj, fc1, fc2), all-linear, or empty for "
-             "the usual ones of the architecture.").strip()
-    target = None if not tm_text else "all-linear" if tm_text == "all-linear" else [t.strip() for t in tm_text.split(",") if t.strip()]
-    changes.update({"lora.r": lora_r, "lora.alpha": alpha, "lora.dropout": dropout, "lora.target_modules": target})
-
-    st.markdown("##### Training")
-    t = st.columns(5)
-    changes["train.epochs"] = int(t[0].number_input("Epochs", 1, 1000, base.train.epochs, key=k("epochs")))
-    changes["train.lr"] = float(t[1].number_input("Learning rate", 1e-6, 0.5, base.train.lr, step=1e-4,
-                                                  format="%.1e", key=k("lr")))
-    changes["train.batch_size"] = int(t[2].number_input("Batch size", 1, 4096, base.train.batch_size, key=k("batch")))
-    changes["train.seed"] = int(t[3].number_input("Seed", 0, 2**31 - 1, base.train.seed, key=k("seed")))
-    with t[4].popover("More"):
-        head_lr = st.number_input("Head learning rate (0 = same as LoRA)", 0.0, 0.5, base.train.head_lr or 0.0,
-                                  step=1e-4, format="%.1e", key=k("head_lr"))
-        changes["train.head_lr"] = float(head_lr) or None
-        micro = st.number_input("Micro-batch size (0 = batch size)", 0, 4096, base.train.micro_batch_size or 0,
-                                key=k("micro"))
-        changes["train.micro_batch_size"] = int(micro) or None
-        changes["model.compute_dtype"] = st.selectbox("Compute dtype", ["auto", "float32", "bfloat16", "float16"],
-                                                      key=k("dtype"))
-        changes["model.device"] = st.selectbox("Device", ["auto", "cpu", "cuda"], key=k("device"))
 
     # --- validate, then show what will happen ----------------------------------------------------
     try:
@@ -377,6 +380,9 @@ def draw_plan(cfg, p: dict) -> None:
         c[4].metric("Estimated GPU memory", value, help=helptext)
     else:
         c[4].metric("GPU memory", "none", help="This run uses the CPU.")
+    if p["device"] == "cpu" and (p["params"] or {}).get("total", 0) > 500e6:
+        st.warning(f"This model has {p['params']['total'] / 1e9:.1f} B parameters and the run would use the CPU: "
+                   "expect hours per epoch. Use a machine with a CUDA GPU, or the embedded demo model.")
 
 
 # --- the page -----------------------------------------------------------------------------------
@@ -391,6 +397,5 @@ else:
             "sentence model in 4-bit on the built-in NLI sample, offline, on the CPU; for a first look in about "
             "a minute, set *Epochs* to 1 and *Max train rows* to 128. You watch it live here, then open "
             "**Report** and **Failures**.")
-st.divider()
 with st.expander("Start a new run", expanded=not active, icon=":material/rocket_launch:"):
     settings_form()

@@ -129,6 +129,7 @@ def test_demo_run_end_to_end_in_a_real_browser(server):
             page.goto(url)
             expect(page.get_by_text("No runs yet.", exact=False).first).to_be_visible()
             settle(page)
+            shot(page, "train-empty")
 
             # --- Train: a small demo run ----------------------------------------------------------
             for label, value in FORM.items():
@@ -138,7 +139,6 @@ def test_demo_run_end_to_end_in_a_real_browser(server):
             train_rows = planned_rows(override(cfg, {"data.max_train_rows": FORM.get("Max train rows")}))["train"]
             per_epoch = -(-train_rows // cfg.train.batch_size)
             expect(page.get_by_text(f"{per_epoch} per epoch × {epochs} epochs", exact=False)).to_be_visible()
-            shot(page, "train-empty")
             page.get_by_role("button", name="Launch").click()
 
             expect(page.get_by_role("button", name="Stop")).to_be_visible(timeout=60_000)
@@ -147,10 +147,16 @@ def test_demo_run_end_to_end_in_a_real_browser(server):
             page.wait_for_timeout(1600)  # one more refresh, so the charts hold a step
             shot(page, "train-live")
             assert re.search(r"\?run=", page.url), page.url  # a refresh keeps the selection
+            # a new tab (no ?run=) re-attaches to the run from its folder alone
+            (run,) = [p.parent for p in runs.glob("*/status.json")]
+            other = browser.new_page(viewport=VIEWPORT)
+            other.goto(url)
+            expect(other.locator("[data-testid=stMain]").get_by_text(run.name)).to_be_visible()
+            expect(other.locator("[data-testid=stProgress]").or_(other.get_by_text("Test accuracy after"))).to_be_visible()
+            other.close()
 
             expect(page.get_by_text("Test accuracy after")).to_be_visible(timeout=(1200 if UPDATE else 240) * 1000)
             settle(page)
-            (run,) = [p.parent for p in runs.glob("*/status.json")]
             assert json.loads((run / "status.json").read_text())["state"] == "done"
             report = json.loads((run / "report.json").read_text())
             page.wait_for_timeout(1000)
