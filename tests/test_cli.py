@@ -20,17 +20,8 @@ def cli(*args, env=None, check=True):
     return proc
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("cli") / "demo-run"
-    proc = cli("train", "--preset", "demo", "--max-train-rows", 96, "--max-validation-rows", 30,
-               "--max-test-rows", 45, "--epochs", 2, "--run-dir", run)
-    return run, proc.stdout
-
-
-def test_train_writes_the_whole_run_folder(demo_run):
-    run, stdout = demo_run
-    assert "# QLoRA fine-tuning report" in stdout
+def test_train_writes_the_whole_run_folder(tiny_run):
+    run = tiny_run  # conftest: `python -m core train --preset demo`, 64/32/48 rows, 2 epochs
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "done" and status["pid"] and status["finished_at"] and status["error"] is None
     config = json.loads((run / "config.json").read_text())
@@ -42,10 +33,10 @@ def test_train_writes_the_whole_run_folder(demo_run):
     assert kinds[0] == "setup" and kinds[-1] == "end"
     setup = metrics[0]
     assert setup["compute_dtype"] == "float32" and setup["device"] == "cpu"
-    assert setup["data"]["train"]["used"] == 96 and setup["data"]["test"]["used"] == 45
+    assert setup["data"]["train"]["used"] == 64 and setup["data"]["test"]["used"] == 48
     assert setup["params"]["trainable"] < setup["params"]["packed"] < setup["params"]["total"]
     steps = [m for m in metrics if m["kind"] == "step"]
-    assert len(steps) == setup["total_steps"] == 2 * 3  # 96 rows / batch 32, two epochs
+    assert len(steps) == setup["total_steps"] == 2 * 2  # 64 rows / batch 32, two epochs
     assert all(s["loss"] > 0 and s["samples_per_s"] > 0 and s["tokens_per_s"] > 0 for s in steps)
     epochs = [m for m in metrics if m["kind"] == "epoch"]
     assert [e["epoch"] for e in epochs] == [1, 2] and all(0 <= e["val_accuracy"] <= 1 for e in epochs)
@@ -60,22 +51,23 @@ def test_train_writes_the_whole_run_folder(demo_run):
 
     before = [json.loads(l) for l in (run / "predictions" / "test_before.jsonl").read_text().splitlines()]
     after = [json.loads(l) for l in (run / "predictions" / "test_after.jsonl").read_text().splitlines()]
-    assert len(before) == len(after) == 45 and [r["id"] for r in before] == [r["id"] for r in after]
+    assert len(before) == len(after) == 48 and [r["id"] for r in before] == [r["id"] for r in after]
     assert all(abs(sum(r["probs"]) - 1) < 1e-3 and r["tag"] and r["premise"] for r in after)
 
     report = json.loads((run / "report.json").read_text())
     assert report["state"] == "done" and report["best_epoch"] in (1, 2)
     assert report["test_after"]["correct"] == sum(r["correct"] for r in after)
-    assert report["test_before"]["accuracy"] == pytest.approx(sum(r["correct"] for r in before) / 45)
-    assert sum(report["changes"].values()) == 45
+    assert report["test_before"]["accuracy"] == pytest.approx(sum(r["correct"] for r in before) / 48)
+    assert sum(report["changes"].values()) == 48
     assert report["params"] == setup["params"]
     assert len(report["epochs"]) == 2 and report["resources"]["checkpoints_mb"] > 0
 
 
-def test_evaluate_reproduces_the_before_and_after_models(demo_run, tmp_path):
+def test_evaluate_reproduces_the_before_and_after_models(tiny_run, tmp_path):
     """Scoring the run's own test rows again gives exactly the run's before/after accuracies:
     the "before" model (step-0 head included) and the selected adapter are reproducible."""
-    run, _ = demo_run
+    import shutil
+    run = shutil.copytree(tiny_run, tmp_path / "run")  # the session's run stays read-only
     before = [json.loads(l) for l in (run / "predictions" / "test_before.jsonl").read_text().splitlines()]
     data = tmp_path / "again.jsonl"
     data.write_text("".join(json.dumps({"premise": r["premise"], "hypothesis": r["hypothesis"], "label": r["gold"]}) + "\n"
@@ -83,14 +75,14 @@ def test_evaluate_reproduces_the_before_and_after_models(demo_run, tmp_path):
     proc = cli("evaluate", run, "--data", data, "--json")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     report = json.loads((run / "report.json").read_text())
-    assert result["n"] == 45
+    assert result["n"] == 48
     assert result["accuracy_before"] == pytest.approx(report["test_before"]["accuracy"])
     assert result["accuracy_after"] == pytest.approx(report["test_after"]["accuracy"])
     assert (run / "predictions" / "again_before.jsonl").exists() and (run / "predictions" / "again_after.jsonl").exists()
 
 
-def test_report_command_prints_markdown_and_html(demo_run, tmp_path):
-    run, _ = demo_run
+def test_report_command_prints_markdown_and_html(tiny_run, tmp_path):
+    run = tiny_run  # conftest: `python -m core train --preset demo`, 64/32/48 rows, 2 epochs
     proc = cli("report", run, "--html", tmp_path / "r.html")
     report = json.loads((run / "report.json").read_text())
     acc = f"{100 * report['test_after']['accuracy']:.1f}%"
