@@ -71,7 +71,9 @@ def sidebar() -> None:
                 on_change=lambda: select_run(st.session_state["run_picker"]),
             )
             select_run(wanted)
-        st.caption(f"Runs folder: `{rundir.runs_root()}`")
+        root = rundir.runs_root()
+        shown = root.relative_to(rundir.PROJECT_ROOT) if root.is_relative_to(rundir.PROJECT_ROOT) else f"…/{root.name}"
+        st.caption(f"Runs folder: `{shown}`", help=f"{root} (set QLORA_STUDIO_RUNS to use another folder)")
         st.divider()
         st.markdown("**Hardware**")
         st.caption(hardware_line(hardware()))

@@ -31,13 +31,15 @@ def estimate_remaining(setup: dict, steps: list[dict], evals: list[dict], epochs
                        test_after_done: bool) -> float | None:
     """Seconds left, from measured step and evaluation times; None until a step has been timed.
 
-    Remaining work = optimiser steps not yet taken (at the mean of the last 20 steps), one
+    Remaining work = optimiser steps not yet taken (at the mean of the last 20 steps, not counting
+    the first, which also pays for warm-up), one
     validation pass after each epoch not yet finished, and the final test pass (each as long as
     the same pass took before training)."""
     total_steps = setup.get("total_steps")
     if not total_steps or not steps:
         return None
-    recent = [s["step_s"] for s in steps[-20:]]
+    timed = steps[1:] or steps  # the first step also pays for warm-up (allocations, graph capture)
+    recent = [s["step_s"] for s in timed[-20:]]
     remaining = max(0, total_steps - steps[-1]["step"]) * (sum(recent) / len(recent))
     val = [e["seconds"] for e in evals if e.get("split") == "validation"]
     test = [e["seconds"] for e in evals if e.get("split") == "test"]
