@@ -27,6 +27,7 @@ FLAGS = {
     "quantize": ("model.quantize", lambda s: None if s.lower() in ("none", "null", "no") else s),
     "compute-dtype": ("model.compute_dtype", str),
     "device": ("model.device", str),
+    "pooling": ("model.pooling", str),
     "dataset": ("data.source", str),
     "train": ("data.train", str),
     "validation": ("data.validation", str),

@@ -117,11 +117,57 @@ def load_model(cfg: ModelConfig, num_labels: int, pad_token_id: int | None, devi
         # we alternate evaluation and training, so keep the one layout that serves both.
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+    set_pooling(model, resolve_pooling(cfg))
     head = classification_head(model)
     head.to(torch.float32)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+class MaskedMeanPooler(torch.nn.Module):
+    """Mean of the last hidden states over the real (unmasked) tokens, in place of BERT's [CLS]
+    pooler: how sentence-transformers models such as all-MiniLM-L6-v2 were trained to summarise a
+    text. The attention mask reaches it through a forward pre-hook on the encoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return hidden.mean(1)
+        m = self.mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def resolve_pooling(cfg: ModelConfig) -> str:
+    """`model` or `mean` for cfg.pooling (auto reads a sentence-transformers pooling config)."""
+    if cfg.pooling != "auto":
+        return cfg.pooling
+    import json
+    folder = Path(resolve_model_name(cfg.name))
+    try:
+        pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    except (OSError, ValueError):
+        return "model"
+    return "mean" if pooling.get("pooling_mode_mean_tokens") else "model"
+
+
+def set_pooling(model, mode: str) -> None:
+    """Put a MaskedMeanPooler in place of an encoder's pooler (no-op for `model`)."""
+    if mode == "model":
+        return
+    encoder = model.base_model
+    if getattr(encoder, "pooler", None) is None:
+        raise ValueError(f"pooling={mode!r} needs an encoder with a pooler (BERT-like); "
+                         f"{model.config.model_type} has none: use pooling=model")
+    pooler = MaskedMeanPooler()
+    encoder.pooler = pooler
+
+    def keep_mask(module, args, kwargs):
+        pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    encoder.register_forward_pre_hook(keep_mask, with_kwargs=True)
 
 
 def classification_head(model) -> torch.nn.Module:

@@ -27,7 +27,7 @@ from .config import RunConfig
 from .data import batch_indices, collate, encode, load_splits
 from .evaluate import accuracy, autocast, predict, prediction_rows
 from .model import (add_lora, count_parameters, load_adapter_weights, load_model, load_tokenizer,
-                    pick_compute_dtype, pick_device, save_adapter)
+                    pick_compute_dtype, pick_device, resolve_pooling, save_adapter)
 from .resources import ResourceSampler, hardware_info
 
 
@@ -124,6 +124,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
             hardware=hardware_info(), params=params, data=data_stats, labels=labels,
             steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs=cfg.train.epochs,
             load_s=round(load_s, 3), load_peak_gb=load_peak_gb, model_type=model.config.model_type, speedups=tuned,
+            pooling=resolve_pooling(cfg.model),
             target_modules=sorted(model.peft_config["default"].target_modules),
             mean_tokens={s: round(float(np.mean([len(e["input_ids"]) for e in v])), 1) for s, v in encoded.items()})
         ckpt_dir = run_dir / rundir.CHECKPOINTS

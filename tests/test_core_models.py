@@ -143,3 +143,26 @@ def test_full_run_of_a_tiny_causal_lm_without_pad_token(arch, tmp_path):
     from safetensors import safe_open
     keys = list(safe_open(str(saved), "pt").keys())
     assert any("score" in k for k in keys) and any("lora_A" in k for k in keys)
+
+
+def test_mean_pooling_ignores_padding_and_auto_follows_the_model_folder(tmp_path):
+    from core.config import EMBEDDED_MODEL
+    from core.model import MaskedMeanPooler, resolve_pooling
+    folder = save_tiny_model("bert", tmp_path / "bert")
+    assert resolve_pooling(ModelConfig(name=str(folder))) == "model"  # no sentence-transformers config
+    assert resolve_pooling(ModelConfig(name=EMBEDDED_MODEL)) == "mean"  # all-MiniLM-L6-v2: 1_Pooling, mean
+    with pytest.raises(ValueError, match="pooling"):
+        ModelConfig(pooling="max")
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(name=str(folder), pooling="mean"), 3, 0, CPU, torch.float32)
+    assert isinstance(model.bert.pooler, MaskedMeanPooler)
+    model.eval()
+    ids = torch.randint(5, 256, (1, 6))
+    padded = torch.cat([ids, torch.zeros((1, 4), dtype=torch.long)], 1)
+    other = torch.randint(5, 256, (1, 10))
+    with torch.no_grad():
+        alone = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        mask = torch.tensor([[1] * 6 + [0] * 4, [1] * 10])
+        batch = model(input_ids=torch.cat([padded, other]), attention_mask=mask).logits
+    assert torch.allclose(alone[0], batch[0], atol=1e-5)
+    assert not torch.allclose(batch[0], batch[1], atol=1e-3)

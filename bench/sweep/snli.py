@@ -1,0 +1,50 @@
+"""Hyperparameter sweep of the demo recipe on the shared SNLI sample (3,000 train rows), run on the
+GPU machine in float32 (closest to the CPU's numerics), 6 runs at a time.
+
+    bash bench/sweep/prepare.sh            # here: .sweep/ = model (fp16 copy, < 64 MiB), SNLI rows, slim bnb wheel
+    # on the device, in the repo root, carrying .sweep:
+    pip install --target /tmp/site .sweep/*.whl && PYTHONPATH=/tmp/site python3 bench/sweep/snli.py
+
+Results of 2026-11-29 are in bench/sweeps-2026-11-29/; the choice is made on validation accuracy.
+"""
+import json, os, subprocess, sys, time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+root = Path(__file__).resolve().parents[2] / ".sweep"  # made by bench/sweep/prepare.sh
+out = Path(os.environ.get("OUT", "/tmp/out"))
+base = ["-m", "core", "train", "--preset", "demo", "--model", str(root / "model"), "--device", "cuda",
+        "--compute-dtype", "float32", "--train", str(root / "data/train.jsonl"),
+        "--validation", str(root / "data/validation.jsonl"), "--test", str(root / "data/test.jsonl")]
+C = {
+ "model_lr1e-3_ep6_do0": "--pooling model --lr 1e-3 --head-lr 3e-3 --epochs 6 --lora-dropout 0",
+ "mean_lr1e-3_ep6_do0": "--pooling mean --lr 1e-3 --head-lr 3e-3 --epochs 6 --lora-dropout 0",
+ "mean_lr1e-3_ep6_do0_s1": "--pooling mean --lr 1e-3 --head-lr 3e-3 --epochs 6 --lora-dropout 0 --seed 1",
+ "mean_lr1e-3_ep6_do0_s2": "--pooling mean --lr 1e-3 --head-lr 3e-3 --epochs 6 --lora-dropout 0 --seed 2",
+ "mean_lr1e-3_ep4_do0": "--pooling mean --lr 1e-3 --head-lr 3e-3 --epochs 4 --lora-dropout 0",
+ "mean_lr7e-4_ep6_do0": "--pooling mean --lr 7e-4 --head-lr 3e-3 --epochs 6 --lora-dropout 0",
+ "mean_lr1.5e-3_ep6_do0": "--pooling mean --lr 1.5e-3 --head-lr 3e-3 --epochs 6 --lora-dropout 0",
+ "mean_lr2e-3_ep4_do0": "--pooling mean --lr 2e-3 --head-lr 3e-3 --epochs 4 --lora-dropout 0",
+ "mean_lr1e-3_ep6_do05": "--pooling mean --lr 1e-3 --head-lr 3e-3 --epochs 6 --lora-dropout 0.05",
+ "mean_lr5e-4_ep4_plain": "--pooling mean --lr 5e-4 --head-lr 5e-4 --epochs 4 --lora-dropout 0.05 --warmup-ratio 0 --schedule constant",
+ "mean_lr1e-3_ep6_head1e-2": "--pooling mean --lr 1e-3 --head-lr 1e-2 --epochs 6 --lora-dropout 0",
+ "mean_lr1e-3_ep5_do0": "--pooling mean --lr 1e-3 --head-lr 3e-3 --epochs 5 --lora-dropout 0",
+}
+def one(name):
+    t = time.time()
+    p = subprocess.run([sys.executable] + base + C[name].split() + ["--run-dir", f"/tmp/sw/{name}"],
+                       capture_output=True, text=True)
+    wall = time.time() - t
+    m = [json.loads(l) for l in open(f"/tmp/sw/{name}/metrics.jsonl")] if os.path.exists(f"/tmp/sw/{name}/metrics.jsonl") else []
+    vals = [round(r["val_accuracy"], 3) for r in m if r.get("kind") == "epoch"]
+    end = [r for r in m if r.get("kind") == "end"]
+    res = {"name": name, "rc": p.returncode, "wall": round(wall, 1), "val": vals,
+           "best_epoch": end[-1].get("best_epoch") if end else None,
+           "test_after": end[-1].get("test_accuracy") if end else None, "err": p.stderr[-400:] if p.returncode else ""}
+    print(json.dumps(res), flush=True)
+    return res
+with ThreadPoolExecutor(int(os.environ.get("WORKERS", 6))) as ex:
+    results = list(ex.map(one, C))
+out.mkdir(parents=True, exist_ok=True)
+(out / "sweep.json").write_text(json.dumps(results, indent=1))
+for r in sorted(results, key=lambda r: -(max(r["val"]) if r["val"] else 0)):
+    print(f"{r['name']:28s} val_best {max(r['val']) if r['val'] else None}  test {r['test_after']}  ep {r['best_epoch']}  vals {r['val']}  {r['wall']}s")
