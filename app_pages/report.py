@@ -73,10 +73,13 @@ epochs = report.get("epochs") or []
 if epochs:
     n_ep = len(epochs)
     c = st.columns(5)
-    c[0].metric("Total", live.format_duration(report.get("total_s")), help="Load + evaluation + training")
-    c[1].metric("Per epoch (mean)", live.format_duration(report["train_s"] / n_ep))
-    c[2].metric("Training", live.format_duration(report.get("train_s")))
-    c[3].metric("Evaluation", live.format_duration(report.get("eval_s")))
+    exact = lambda x: None if x is None else f"{x:.1f} s"
+    c[0].metric("Total", live.format_duration(report.get("total_s"), short=True),
+                help=f"{exact(report.get('total_s'))}: model load + evaluations + training")
+    c[1].metric("Per epoch (mean)", live.format_duration(report["train_s"] / n_ep, short=True),
+                help=exact(report["train_s"] / n_ep))
+    c[2].metric("Training", live.format_duration(report.get("train_s"), short=True), help=exact(report.get("train_s")))
+    c[3].metric("Evaluation", live.format_duration(report.get("eval_s"), short=True), help=exact(report.get("eval_s")))
     c[4].metric("Model load", live.format_duration(report.get("load_s")))
     st.dataframe(pd.DataFrame([{"epoch": e["epoch"], "train loss": round(e["train_loss"], 4),
                                 "validation accuracy": pct(e["val_accuracy"]),

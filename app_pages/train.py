@@ -28,9 +28,9 @@ def draw_metrics_row(snap: dict) -> None:
     steps = snap["steps"]
     curve = live.validation_curve(snap["evals"])
     c = st.columns(5)
-    c[0].metric("Elapsed", format_duration(p["elapsed_s"]))
+    c[0].metric("Elapsed", format_duration(p["elapsed_s"], short=True))
     if snap["state"] in live.ACTIVE:
-        c[1].metric("Time left", format_duration(p["eta_s"]) if p["eta_s"] is not None else "measuring…")
+        c[1].metric("Time left", format_duration(p["eta_s"], short=True) if p["eta_s"] is not None else "measuring…")
     else:
         c[1].metric("Steps", f"{p['step']}/{p['total_steps'] or '?'}")
     c[2].metric("Pairs / s", f"{tp['samples_per_s']:.1f}" if tp else "–")
@@ -91,7 +91,7 @@ def draw_done(run_dir: Path, snap: dict) -> None:
                     delta=f"{100 * (a['accuracy'] - b['accuracy']):+.1f} points")
         c[2].metric("Test examples", f"{a['n']}")
         c[3].metric("Best epoch", f"{report.get('best_epoch')}")
-        c[4].metric("Total time", format_duration(report.get("total_s")))
+        c[4].metric("Total time", format_duration(report.get("total_s"), short=True))
     st.success("Done. Read the full report, or look at the examples fine-tuning fixed and broke.")
     l1, l2, _ = st.columns([1, 1, 3])
     l1.page_link("app_pages/report.py", label="Open the report", icon=":material/summarize:")
@@ -366,7 +366,7 @@ def draw_plan(cfg, p: dict) -> None:
     else:
         c[0].caption(f"No parameter counts: they need the model's config ({p['params_error']})")
     t = p.get("time")
-    c[3].metric("Estimated time", f"~{format_duration(t['seconds'], short=True)}" if t else "no estimate yet",
+    c[3].metric("Estimated time", f"~{format_duration(t['seconds'], short=True)}" if t else "unknown",
                 help=(f"Scaled from the measured speed of run {t['from_run']} ({t['train_rows_per_s']} training "
                       "rows/s), assuming similar text lengths." if t else
                       "Estimates are scaled from an earlier finished run of this model on this device; there is none yet."))

@@ -113,7 +113,7 @@ def test_plan_before_launch_shows_dtype_params_and_rows(tmp_path, monkeypatch):
     assert "**96** train" in text and "→ **12** optimiser steps (3 per epoch × 4 epochs)" in text
     m = metrics(at)
     assert m["Total parameters"] == "23.4 M" and m["Trainable (LoRA + head)"].endswith(" M")
-    assert m["Estimated time"] == "no estimate yet" and m["GPU memory"] == "none"
+    assert m["Estimated time"] == "unknown" and m["GPU memory"] == "none"
 
 
 def test_invalid_settings_are_shown_and_block_launch(tmp_path, monkeypatch):
