@@ -10,7 +10,7 @@ read run folders through core/, so a refresh or a server restart rebuilds everyt
 
 import streamlit as st
 
-import ui
+from app_pages import ui
 
 st.set_page_config(page_title="QLoRA Studio", page_icon=":material/science:", layout="wide")
 

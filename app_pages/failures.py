@@ -6,7 +6,7 @@ import zlib
 import pandas as pd
 import streamlit as st
 
-import ui
+from app_pages import ui
 from core import live, rundir
 from core.report import CATEGORIES, load_comparison
 

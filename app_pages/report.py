@@ -4,7 +4,7 @@ with downloads as Markdown and as a self-contained HTML file."""
 import pandas as pd
 import streamlit as st
 
-import ui
+from app_pages import ui
 from core import live, rundir
 from core.report import CATEGORIES, build_report, render_html, render_markdown
 from core.resources import describe_hardware

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-import ui
+from app_pages import ui
 from core import estimate, jobs, live, rundir, uploads
 from core.config import BUILTIN_DATA, EMBEDDED_MODEL, NLI_LABELS, PRESETS, get_preset, override
 from core.live import format_duration
@@ -27,7 +27,7 @@ def draw_metrics_row(snap: dict) -> None:
     tp = p["throughput"]
     steps = snap["steps"]
     curve = live.validation_curve(snap["evals"])
-    c = st.columns(5)
+    c = st.columns(6)
     c[0].metric("Elapsed", format_duration(p["elapsed_s"], short=True))
     if snap["state"] in live.ACTIVE:
         c[1].metric("Time left", format_duration(p["eta_s"], short=True) if p["eta_s"] is not None else "measuring…")
@@ -35,7 +35,11 @@ def draw_metrics_row(snap: dict) -> None:
         c[1].metric("Steps", f"{p['step']}/{p['total_steps'] or '?'}")
     c[2].metric("Pairs / s", f"{tp['samples_per_s']:.1f}" if tp else "–")
     c[3].metric("Tokens / s", f"{tp['tokens_per_s']:.0f}" if tp else "–")
-    c[4].metric("Validation accuracy", f"{100 * curve[-1]['accuracy']:.1f}%" if curve else "–",
+    c[4].metric("MFU", f"{100 * tp['mfu']:.1f}%" if tp and tp.get("mfu") is not None else "–",
+                help="Model FLOPs utilisation over the last steps: FLOPs per real token "
+                     "(4N + 6·ΣLoRA r(d_in+d_out) + 12·L·s·d) × real tokens/s ÷ the GPU's dense "
+                     "bf16/fp16 peak. Shown on GPUs with a known peak; – on CPU.")
+    c[5].metric("Validation accuracy", f"{100 * curve[-1]['accuracy']:.1f}%" if curve else "–",
                 help="Latest validation pass (epoch 0 = before training)")
     if steps or curve:
         left, right = st.columns(2)
@@ -85,7 +89,7 @@ def draw_done(run_dir: Path, snap: dict) -> None:
     report = rundir.read_json(run_dir / rundir.REPORT) or {}
     b, a = report.get("test_before"), report.get("test_after")
     if b and a:
-        c = st.columns(5)
+        c = st.columns(6)
         c[0].metric("Test accuracy before", f"{100 * b['accuracy']:.1f}%")
         c[1].metric("Test accuracy after", f"{100 * a['accuracy']:.1f}%",
                     delta=f"{100 * (a['accuracy'] - b['accuracy']):+.1f} points")
@@ -355,7 +359,7 @@ def draw_plan(cfg, p: dict) -> None:
         f"(alpha {cfg.lora.alpha:g}) on {targets}.  \n"
         f"Rows: **{fmt(rows['train'])}** train, **{fmt(rows['validation'])}** validation, **{fmt(rows['test'])}** test "
         f"→ **{fmt(steps)}** optimiser steps ({p.get('steps_per_epoch', '?')} per epoch × {cfg.train.epochs} epochs).")
-    c = st.columns(5)
+    c = st.columns(6)
     if p["params"]:
         pr = p["params"]
         c[0].metric("Total parameters", f"{pr['total'] / 1e6:,.1f} M", help=f"{pr['total']:,} (4-bit weights counted at full size)")

@@ -87,8 +87,11 @@ def snapshot(run_dir: Path, now: float | None = None) -> dict:
     throughput = None
     if recent:
         secs = sum(s["step_s"] for s in recent)
+        timed = [s for s in recent if s.get("mfu") is not None]  # MFU is logged on GPUs with a known peak
         throughput = {"samples_per_s": sum(s["rows"] for s in recent) / secs,
-                      "tokens_per_s": sum(s["tokens_per_s"] * s["step_s"] for s in recent) / secs}
+                      "tokens_per_s": sum(s["tokens_per_s"] * s["step_s"] for s in recent) / secs,
+                      "mfu": (sum(s["mfu"] * s["step_s"] for s in timed) / sum(s["step_s"] for s in timed)
+                              if timed else None)}
     t0 = resources[0]["t"] if resources else now
     for r in resources:
         r["elapsed_s"] = round(r["t"] - t0, 2)

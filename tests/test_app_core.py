@@ -37,9 +37,10 @@ def test_snapshot_of_a_running_and_a_finished_folder(tmp_path):
     rundir.append_jsonl(run / "metrics.jsonl", {"kind": "setup", "total_steps": 4, "epochs": 2})
     rundir.append_jsonl(run / "metrics.jsonl", {"kind": "eval", "split": "validation", "stage": "before",
                                                 "accuracy": 0.3, "seconds": 1.0, "n": 10})
-    for i in (1, 2):
+    for i, mfu in ((1, 0.10), (2, 0.20)):
         rundir.append_jsonl(run / "metrics.jsonl", {"kind": "step", "step": i, "epoch": 1, "step_s": 1.0,
-                                                    "rows": 8, "tokens_per_s": 100.0, "loss": 1.0})
+                                                    "rows": 8, "tokens_per_s": 100.0, "loss": 1.0,
+                                                    "mfu": mfu})
     rundir.append_jsonl(run / "metrics.jsonl", {"kind": "eval", "split": "validation", "stage": "epoch-1",
                                                 "accuracy": 0.5, "seconds": 1.0, "n": 10})
     rundir.append_jsonl(run / "metrics.jsonl", {"kind": "epoch", "epoch": 1, "train_loss": 1.0, "val_accuracy": 0.5,
@@ -49,7 +50,8 @@ def test_snapshot_of_a_running_and_a_finished_folder(tmp_path):
     snap = live.snapshot(run)
     p = snap["progress"]
     assert p["fraction"] == 1.0 and p["elapsed_s"] == 65.0 and p["eta_s"] is None
-    assert p["step"] == 2 and p["throughput"] == {"samples_per_s": 8.0, "tokens_per_s": 100.0}
+    assert p["step"] == 2 and p["throughput"]["samples_per_s"] == 8.0 and p["throughput"]["tokens_per_s"] == 100.0
+    assert p["throughput"]["mfu"] == pytest.approx(0.15)  # mean over recent steps, weighted by step time
     assert live.validation_curve(snap["evals"]) == [
         {"epoch": 0, "accuracy": 0.3, "loss": None, "n": 10}, {"epoch": 1, "accuracy": 0.5, "loss": None, "n": 10}]
 
