@@ -398,8 +398,8 @@ if run_dir:
     active = draw_selected(run_dir)
 else:
     st.info("**No runs yet.** Pick a preset below and press **Launch**. The embedded demo fine-tunes a small "
-            "sentence model in 4-bit on the built-in NLI sample, offline, on the CPU; for a first look in a minute "
-            "or two, set *Epochs* to 1 and *Max train rows* to 128. You watch it live here, then open "
+            "sentence model in 4-bit on the built-in NLI sample, offline, on the CPU, in about a minute or two on "
+            "2 cores (for a quicker look, set *Epochs* to 1). You watch it live here, then open "
             "**Report** and **Failures**.")
 with st.expander("Start a new run", expanded=not active, icon=":material/rocket_launch:"):
     settings_form()

@@ -175,10 +175,11 @@ def plan(cfg: RunConfig, rows: dict[str, int] | None = None, root: Path | None =
 def model_facts_or_error(cfg: RunConfig) -> dict:
     """{"params": parameter counts, "shape": model_shape, "error": None}, without loading any
     weights; on failure (a Hub id without network, a typo) params is None and error says why."""
-    from .model import estimate_parameters
+    from .model import estimate_parameters, resolve_pooling
     try:
         params = estimate_parameters(cfg.model.name, len(cfg.data.labels), cfg.lora,
-                                     quantize=cfg.model.quantize is not None, revision=cfg.model.revision)
+                                     quantize=cfg.model.quantize is not None, revision=cfg.model.revision,
+                                     pooling=resolve_pooling(cfg.model))
         return {"params": params, "shape": model_shape(cfg.model.name, cfg.model.revision), "error": None}
     except Exception as e:  # noqa: BLE001 - any failure here only means "no estimate"
         return {"params": None, "shape": {}, "error": f"{type(e).__name__}: {e}"}

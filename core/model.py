@@ -223,21 +223,23 @@ def count_parameters(model) -> dict[str, int]:
 
 
 def estimate_parameters(model_name: str, num_labels: int, lora: LoraSettings, quantize: bool = True,
-                        revision: str | None = None) -> dict[str, int]:
+                        revision: str | None = None, pooling: str = "model") -> dict[str, int]:
     """count_parameters without loading weights: the model is built on the meta device from its
     config (which for a Hub model needs the network or a cached config)."""
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(resolve_model_name(model_name), revision=revision, num_labels=num_labels)
-    return estimate_parameters_from_config(config, lora, quantize)
+    return estimate_parameters_from_config(config, lora, quantize, pooling)
 
 
-def estimate_parameters_from_config(config, lora: LoraSettings, quantize: bool = True) -> dict[str, int]:
+def estimate_parameters_from_config(config, lora: LoraSettings, quantize: bool = True,
+                                    pooling: str = "model") -> dict[str, int]:
     from accelerate import init_empty_weights
     from transformers import AutoModelForSequenceClassification
     if config.pad_token_id is None:
         config.pad_token_id = 0
     with init_empty_weights():
         model = AutoModelForSequenceClassification.from_config(config)
+    set_pooling(model, pooling)
     quantized = set()
     if quantize:
         for name, module in model.named_modules():

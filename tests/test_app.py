@@ -112,7 +112,7 @@ def test_plan_before_launch_shows_dtype_params_and_rows(tmp_path, monkeypatch):
     assert "Runs on **the CPU** in **float32**" in text
     assert "**96** train" in text and "→ **12** optimiser steps (3 per epoch × 4 epochs)" in text
     m = metrics(at)
-    assert m["Total parameters"] == "23.4 M" and m["Trainable (LoRA + head)"].endswith(" M")
+    assert m["Total parameters"] == "23.2 M" and m["Trainable (LoRA + head)"].endswith(" M")
     assert m["Estimated time"] == "unknown" and m["GPU memory"] == "none"
 
 

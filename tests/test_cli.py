@@ -107,3 +107,14 @@ def test_bad_inputs_give_clear_errors_and_exit_2(tmp_path):
     assert p.returncode == 2 and "unknown label 'maybe'" in p.stderr
     status = json.loads((tmp_path / "r3" / "status.json").read_text())
     assert status["state"] == "failed" and "unknown label" in status["error"]
+
+
+def test_the_plan_before_launch_counts_the_parameters_the_run_had(tiny_run):
+    """core.estimate builds the model on the meta device (no weights): its counts must equal the
+    loaded 4-bit model's, mean pooling of the embedded model included."""
+    from core.config import RunConfig
+    from core.estimate import model_facts_or_error
+    cfg = RunConfig.load(tiny_run / "config.json")
+    setup = json.loads((tiny_run / "metrics.jsonl").read_text().splitlines()[0])
+    assert setup["pooling"] == "mean"
+    assert model_facts_or_error(cfg)["params"] == setup["params"]
