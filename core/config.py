@@ -257,7 +257,8 @@ def preset_demo() -> RunConfig:
         data=DataConfig(source=BUILTIN_DATA, max_length=128),
         # Chosen by validation accuracy in a sweep on the SNLI sample (bench/RESULTS.md): mean
         # pooling (auto: the model was trained for it), no LoRA dropout (the model's own dropout
-        # regularises enough, and the dropout masks cost ~10% of a CPU step), 4 epochs.
+        # regularises enough, and the dropout masks cost ~10% of a CPU step), 4 epochs. Over six
+        # seeds it is as accurate as the plain recipe (0.744 vs 0.739 on SNLI), in less time.
         lora=LoraSettings(r=16, alpha=32, dropout=0.0, target_modules="all-linear"),
         train=TrainConfig(epochs=4, lr=1e-3, head_lr=3e-3, batch_size=32, schedule="linear",
                           warmup_ratio=0.06, seed=0),
