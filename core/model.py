@@ -70,7 +70,12 @@ def gpu_supports_bf16(capability: tuple[int, int]) -> bool:
 def load_tokenizer(cfg: ModelConfig):
     """The model's tokenizer, with a pad token set (causal LMs have none: reuse EOS or UNK)."""
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(resolve_model_name(cfg.name), revision=cfg.revision)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model_name(cfg.name), revision=cfg.revision)
+    except OSError as e:  # not a local folder, and the Hub unreachable or the id unknown
+        raise RuntimeError(f"could not load the tokenizer of model {cfg.name!r}: {e}".rstrip() +
+                           " Without network access, give a local folder in Hugging Face format "
+                           "(e.g. one saved with save_pretrained) as --model.") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
         if tok.pad_token is None:

@@ -107,6 +107,10 @@ def test_bad_inputs_give_clear_errors_and_exit_2(tmp_path):
     assert p.returncode == 2 and "unknown label 'maybe'" in p.stderr
     status = json.loads((tmp_path / "r3" / "status.json").read_text())
     assert status["state"] == "failed" and "unknown label" in status["error"]
+    p = cli("train", "--preset", "demo", "--model", "no-such-org/no-such-model", "--max-train-rows", 30,
+            "--run-dir", tmp_path / "r4", env={"HF_HUB_OFFLINE": "1"}, check=False)
+    assert p.returncode == 2 and "could not load the tokenizer of model 'no-such-org/no-such-model'" in p.stderr
+    assert json.loads((tmp_path / "r4" / "status.json").read_text())["state"] == "failed"
 
 
 def test_the_plan_before_launch_counts_the_parameters_the_run_had(tiny_run):
