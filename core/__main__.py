@@ -59,7 +59,8 @@ FLAGS = {
 }
 
 
-def build_config(args) -> "RunConfig":
+def build_config(args):
+    """The RunConfig of `train`: a preset or --config file, then the flags on top."""
     from .config import RunConfig, get_preset, override
     if args.config:
         cfg = RunConfig.load(Path(args.config))

@@ -25,7 +25,7 @@ import torch
 from . import perf, rundir
 from .config import RunConfig
 from .data import batch_indices, collate, encode, load_splits
-from .evaluate import accuracy, autocast, predict, prediction_rows
+from .evaluate import accuracy, predict, prediction_rows
 from .model import (add_lora, count_parameters, load_adapter_weights, load_model, load_tokenizer,
                     pick_compute_dtype, pick_device, resolve_pooling, save_adapter)
 from .resources import ResourceSampler, hardware_info
