@@ -22,7 +22,7 @@ status = rundir.read_status(run_dir)
 state = status.get("state")
 report = rundir.read_json(run_dir / rundir.REPORT)
 if report is not None:
-    report["state"] = state  # report.json is written a moment before the run is marked done
+    report["state"] = state  # status.json is the authority on the state
 elif state in live.ACTIVE:
     st.info(f"Run `{run_dir.name}` is still {state}: its report is written when training ends. "
             "Watch its progress on the Train page; this page fills in by itself when it is done.")
