@@ -1881,6 +1881,19 @@ def _word_count(text: str) -> int:
     return len(text.split())
 
 
+def _sentence_errors(where: str, kind: str, text: str, words: tuple[int, int], show: str = "") -> list[str]:
+    """Whitespace, final period and length checks shared by premises and hypotheses."""
+    errors = []
+    if text != text.strip() or "  " in text:
+        errors.append(f"{where}: {kind} has stray whitespace{show}")
+    if not text.endswith("."):
+        errors.append(f"{where}: {kind} should end with a period{show}")
+    lo, hi = words
+    if not lo <= _word_count(text) <= hi:
+        errors.append(f"{where}: {kind} has {_word_count(text)} words (want {lo}-{hi}){show}")
+    return errors
+
+
 def validate(items) -> None:
     """Check the hand-written data; raise DataError listing every problem."""
     errors: list[str] = []
@@ -1896,13 +1909,7 @@ def validate(items) -> None:
             errors.append(f"{where}: premise must be a non-empty string")
             continue
         where = f"item {idx:04d} ({premise[:40]!r})"
-        if premise != premise.strip() or "  " in premise:
-            errors.append(f"{where}: premise has stray whitespace")
-        if not premise.endswith("."):
-            errors.append(f"{where}: premise should end with a period")
-        lo, hi = PREMISE_WORDS
-        if not lo <= _word_count(premise) <= hi:
-            errors.append(f"{where}: premise has {_word_count(premise)} words (want {lo}-{hi})")
+        errors += _sentence_errors(where, "premise", premise, PREMISE_WORDS)
         key = re.sub(r"\W+", " ", premise.lower()).strip()
         if key in seen_premises:
             errors.append(f"{where}: duplicate of premise in item {seen_premises[key]:04d}")
@@ -1920,13 +1927,7 @@ def validate(items) -> None:
             if not text.strip():
                 errors.append(f"{where}: empty hypothesis")
                 continue
-            if text != text.strip() or "  " in text:
-                errors.append(f"{where}: hypothesis has stray whitespace: {text!r}")
-            if not text.endswith("."):
-                errors.append(f"{where}: hypothesis should end with a period: {text!r}")
-            lo, hi = HYPOTHESIS_WORDS
-            if not lo <= _word_count(text) <= hi:
-                errors.append(f"{where}: hypothesis has {_word_count(text)} words (want {lo}-{hi}): {text!r}")
+            errors += _sentence_errors(where, "hypothesis", text, HYPOTHESIS_WORDS, show=f": {text!r}")
             if text.lower() == premise.lower():
                 errors.append(f"{where}: hypothesis repeats the premise")
             if text.lower() in texts:
