@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import rundir
+from .report import throughput
 
 ACTIVE = ("queued", "running")
 
@@ -83,15 +84,7 @@ def snapshot(run_dir: Path, now: float | None = None) -> dict:
     else:
         fraction = 0.0
 
-    recent = steps[-10:]
-    throughput = None
-    if recent:
-        secs = sum(s["step_s"] for s in recent)
-        timed = [s for s in recent if s.get("mfu") is not None]  # MFU is logged on GPUs with a known peak
-        throughput = {"samples_per_s": sum(s["rows"] for s in recent) / secs,
-                      "tokens_per_s": sum(s["tokens_per_s"] * s["step_s"] for s in recent) / secs,
-                      "mfu": (sum(s["mfu"] * s["step_s"] for s in timed) / sum(s["step_s"] for s in timed)
-                              if timed else None)}
+    recent_throughput = throughput(steps[-10:])  # the last few steps: what the run does now
     t0 = resources[0]["t"] if resources else now
     for r in resources:
         r["elapsed_s"] = round(r["t"] - t0, 2)
@@ -112,7 +105,7 @@ def snapshot(run_dir: Path, now: float | None = None) -> dict:
         "evals": evals, "epochs": epochs, "end": end, "resources": resources,
         "progress": {"fraction": fraction, "eta_s": eta, "elapsed_s": elapsed, "step": step,
                      "total_steps": total_steps, "epoch": epoch, "epochs": setup.get("epochs"),
-                     "phase": phase, "throughput": throughput, "text": " · ".join(parts)},
+                     "phase": phase, "throughput": recent_throughput, "text": " · ".join(parts)},
     }
 
 

@@ -262,12 +262,6 @@ def estimate_parameters_from_config(config, lora: LoraSettings, quantize: bool =
     return {"total": total, "packed": packed, "trainable": trainable}
 
 
-def trainable_state_dict(model) -> dict[str, torch.Tensor]:
-    """The adapter's weights (LoRA + head) as peft saves them, copied to CPU."""
-    from peft import get_peft_model_state_dict
-    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
-
-
 def load_trainable_state_dict(model, state: dict[str, torch.Tensor]) -> None:
     from peft import set_peft_model_state_dict
     result = set_peft_model_state_dict(model, state)

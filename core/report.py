@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html as html_lib
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +134,7 @@ def build_report(run_dir: Path) -> dict:
         "total_s": end.get("total_s"),
         "train_s": round(sum(e["epoch_s"] for e in epochs), 3) if epochs else None,
         "eval_s": round(sum(e.get("seconds") or 0 for e in evals), 3) if evals else None,
-        "throughput": _throughput(steps),
+        "throughput": throughput(steps),
         "evals": evals,
     }
     peaks: dict = {}
@@ -171,15 +172,23 @@ def _dataset_name(data: dict) -> str:
     return data.get("source") or ""
 
 
-def _throughput(steps: list[dict]) -> dict | None:
+def throughput(steps: list[dict]) -> dict | None:
+    """Pairs/s, real tokens/s and MFU over `steps` (step records), each weighted by step time;
+    the report takes every step, the live view the last few. MFU is None where it was not logged
+    (CPU, unknown GPU); pad_fraction where the records carry it."""
     if not steps:
         return None
     secs = sum(s["step_s"] for s in steps)
     rows = sum(s["rows"] for s in steps)
     tokens = sum(s["tokens_per_s"] * s["step_s"] for s in steps)
-    return {"samples_per_s": round(rows / secs, 2), "tokens_per_s": round(tokens / secs, 1),
-            "steps": len(steps), "mean_step_s": round(secs / len(steps), 4),
-            "pad_fraction": round(float(np.mean([s["pad_fraction"] for s in steps])), 4)}
+    timed = [s for s in steps if s.get("mfu") is not None]
+    out = {"samples_per_s": round(rows / secs, 2), "tokens_per_s": round(tokens / secs, 1),
+           "mfu": round(sum(s["mfu"] * s["step_s"] for s in timed) / sum(s["step_s"] for s in timed), 4)
+           if timed else None,
+           "steps": len(steps), "mean_step_s": round(secs / len(steps), 4)}
+    if all("pad_fraction" in s for s in steps):
+        out["pad_fraction"] = round(float(np.mean([s["pad_fraction"] for s in steps])), 4)
+    return out
 
 
 def _by_tag(rows: list[dict]) -> list[dict]:
@@ -313,7 +322,6 @@ def render_html(r: dict) -> str:
             body.append("</table>")
             in_table = False
         text = html_lib.escape(line)
-        import re
         text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
         text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
         if line.startswith("### "):
