@@ -64,6 +64,12 @@ def summarise(run_dir: Path) -> dict:
         "eval_losses_finite": all(math.isfinite(r["loss"]) for r in evals),
         "first_losses": [round(r["loss"], 4) for r in steps[:3]], "last_losses": [round(r["loss"], 4) for r in steps[-3:]],
         "epoch_s": [r["epoch_s"] for r in recs if r["kind"] == "epoch"],
+        "train_peak_gib": max((r.get("train_peak_gb") or 0 for r in recs if r["kind"] == "epoch"), default=None),
+        "eval_peak_gib": max((r.get("peak_gb") or 0 for r in evals), default=None),
+        "eval_s": sum(r["seconds"] for r in evals),
+        "save_s": sum(r.get("save_s") or 0 for r in recs if r["kind"] == "epoch"),
+        "capture_s": next((r.get("capture_s") for r in reversed(recs) if r["kind"] == "epoch"), None),
+        "graph_captures": next((r.get("graph_captures") for r in reversed(recs) if r["kind"] == "epoch"), None),
     }
 
 
@@ -75,6 +81,8 @@ def experiment(a) -> dict:
         torch.cuda.reset_peak_memory_stats()
     train(run_config(a.root, a.micro, a.dtype, a.epochs, a.train_rows, a.eval_bs), run_dir)
     out = {"name": f"ours (batch 32, micro {a.micro}, {a.dtype})", **summarise(run_dir)}
+    if a.keep_metrics:
+        shutil.copy(run_dir / "metrics.jsonl", a.keep_metrics)
     return out
 
 
@@ -141,18 +149,21 @@ def sweep(a) -> dict:
         torch.cuda.empty_cache()
     out = {"flops_info": info, "peak_flops": peak, "sweep": results}
     if a.profile:
-        out["profile"] = profile(model, enc, tok.pad_token_id, params, opt, a.profile_batch)
+        out["profile"] = {}
+        for i, bs in enumerate(int(x) for x in str(a.profile_batch).split(",")):
+            modes = ("eager", "graphs") if i == 0 else ("graphs",)
+            out["profile"][str(bs)] = profile(model, enc, tok.pad_token_id, params, opt, bs, modes)
     return out
 
 
-def profile(model, enc, pad_id, params, opt, bs) -> dict:
+def profile(model, enc, pad_id, params, opt, bs, modes=("eager", "graphs")) -> dict:
     """Where a step's time goes, eager and with CUDA graphs: wall vs summed GPU kernel time."""
     from torch.profiler import ProfilerActivity, profile as tprofile
     from core.data import batch_indices, collate
     dev = torch.device("cuda", 0)
     batches = [b for b in batch_indices(enc, bs, shuffle=True, seed=2, bucket=True) if len(b) == bs][:6]
     out = {}
-    for mode in ("eager", "graphs"):
+    for mode in modes:
         stepper = perf.TrainStep(model, dev, torch.bfloat16, pad_id, graphs=(mode == "graphs"))
         stepper.zero_grad()
         def one(idx):
@@ -174,7 +185,7 @@ def profile(model, enc, pad_id, params, opt, bs) -> dict:
         gpu_us = sum(e.self_device_time_total for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
         kernels = sum(e.count for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
         top = sorted((e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA),
-                     key=lambda e: -e.self_device_time_total)[:15]
+                     key=lambda e: -e.self_device_time_total)[:25]
         out[mode] = {"batch": bs, "steps": len(batches), "wall_ms_per_step": 1000 * wall / len(batches),
                      "gpu_kernel_ms_per_step": gpu_us / 1000 / len(batches),
                      "kernels_per_step": kernels / len(batches),
@@ -182,6 +193,47 @@ def profile(model, enc, pad_id, params, opt, bs) -> dict:
                                       "count_per_step": e.count / len(batches)} for e in top]}
         print(json.dumps({k: v for k, v in out[mode].items() if k != "top_kernels"}), flush=True)
         del stepper
+    return out
+
+
+def eval_speed(a) -> dict:
+    """Evaluation throughput (pairs/s) and peak memory per QLORA_EVAL_TOKENS budget, on the test
+    split (1,000 pairs), after one warm-up pass; plus a profile of one pass at the first budget."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    from core.data import encode, load_splits
+    from core.evaluate import predict
+    cfg, tok, model = load(a.root)
+    dev = torch.device("cuda", 0)
+    splits, _ = load_splits(cfg.data, 0)
+    enc = encode(splits["test"], tok, cfg.data)
+    out = {"n": len(enc), "budgets": []}
+    for budget in [int(x) for x in a.eval_tokens.split(",")]:
+        os.environ["QLORA_EVAL_TOKENS"] = str(budget)
+        predict(model, enc, 1024, tok.pad_token_id, dev, torch.bfloat16)  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**30
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            predict(model, enc, 1024, tok.pad_token_id, dev, torch.bfloat16)
+            times.append(time.perf_counter() - t0)
+        r = {"eval_tokens": budget, "pairs_per_s": len(enc) / min(times), "seconds": times,
+             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "resident_gib": base}
+        print(json.dumps(r), flush=True)
+        out["budgets"].append(r)
+    os.environ["QLORA_EVAL_TOKENS"] = a.eval_tokens.split(",")[0]
+    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        predict(model, enc, 1024, tok.pad_token_id, dev, torch.bfloat16)
+        wall = time.perf_counter() - t0
+    ev = prof.key_averages()
+    cuda = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA]
+    out["profile"] = {"wall_s": wall, "gpu_kernel_s": sum(e.self_device_time_total for e in cuda) / 1e6,
+                      "kernels": sum(e.count for e in cuda),
+                      "top_kernels": [{"name": e.key[:90], "ms": e.self_device_time_total / 1000, "count": e.count}
+                                      for e in sorted(cuda, key=lambda e: -e.self_device_time_total)[:25]]}
+    print(json.dumps({k: v for k, v in out["profile"].items() if k != "top_kernels"}), flush=True)
     return out
 
 
@@ -215,7 +267,7 @@ def fp16(a) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["experiment", "sweep", "fp16"])
+    ap.add_argument("cmd", choices=["experiment", "sweep", "fp16", "eval"])
     ap.add_argument("root")
     ap.add_argument("--micro", type=int, default=None)
     ap.add_argument("--dtype", default="auto")
@@ -226,10 +278,12 @@ def main():
     ap.add_argument("--batches", default="32,64,128,256,512")
     ap.add_argument("--min-steps", type=int, default=12)
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--profile-batch", type=int, default=32)
+    ap.add_argument("--profile-batch", default="32", help="comma list; eager vs graphs at the first")
+    ap.add_argument("--eval-tokens", default="16384,8192,24576,32768")
+    ap.add_argument("--keep-metrics", default=None, help="copy the run's metrics.jsonl here")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    out = {"experiment": experiment, "sweep": sweep, "fp16": fp16}[a.cmd](a)
+    out = {"experiment": experiment, "sweep": sweep, "fp16": fp16, "eval": eval_speed}[a.cmd](a)
     print(json.dumps(out)[:3000])
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,11 @@ def main():
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--ref-train-rows", type=int, default=240)
     ap.add_argument("--ref-epochs", type=int, default=1)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: ref,ours,nobudget,sweep,fp16; all: only rebuild the table from --out")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: ref,ours,nobudget,sweep,fp16,eval; all: only rebuild the table from --out")
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="more runs of our experiment, each NAME:VAR=VALUE[,VAR=VALUE...] (environment switches)")
+    ap.add_argument("--sweep-batches", default="32,64,128,256,512")
+    ap.add_argument("--profile-batch", default="32,256")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,13 +74,23 @@ def main():
     parts = {
         "ref": [py, "-m", "bench.reference", a.root, "--train-rows", str(a.ref_train_rows), "--epochs",
                 str(a.ref_epochs), "--out", str(out / "reference.json")],
-        "ours": [py, "-m", "bench.ours", "experiment", a.root, "--micro", "32", "--out", str(out / "ours.json")],
+        "ours": [py, "-m", "bench.ours", "experiment", a.root, "--micro", "32", "--out", str(out / "ours.json"),
+                 "--keep-metrics", str(out / "ours.metrics.jsonl")],
         "nobudget": [py, "-m", "bench.ours", "experiment", a.root, "--micro", "32",
                      "--out", str(out / "ours_nobudget.json")],
-        "sweep": [py, "-m", "bench.ours", "sweep", a.root, "--profile", "--out", str(out / "sweep.json")],
+        "sweep": [py, "-m", "bench.ours", "sweep", a.root, "--profile", "--batches", a.sweep_batches,
+                  "--profile-batch", a.profile_batch, "--out", str(out / "sweep.json")],
+        "eval": [py, "-m", "bench.ours", "eval", a.root, "--out", str(out / "eval.json")],
         "fp16": [py, "-m", "bench.ours", "fp16", a.root, "--out", str(out / "fp16.json")],
     }
     envs = {"nobudget": {"QLORA_MICRO_TOKENS": "0"}, "sweep": {"QLORA_MICRO_TOKENS": "0"}}
+    variants = []
+    for v in a.variants:
+        name, _, assigns = v.partition(":")
+        variants.append(name)
+        parts[name] = [py, "-m", "bench.ours", "experiment", a.root, "--micro", "32", "--out",
+                       str(out / f"variant_{name}.json"), "--keep-metrics", str(out / f"variant_{name}.metrics.jsonl")]
+        envs[name] = dict(kv.split("=", 1) for kv in assigns.split(",") if kv)
     walls = {}
     for name, cmd in parts.items():
         if name not in skip and "all" not in skip:
@@ -84,12 +98,15 @@ def main():
     read = lambda n: json.loads((out / n).read_text()) if (out / n).is_file() else None
     ref = read("reference.json")
     rows = []
-    for part, n in (("ours", "ours.json"), ("nobudget", "ours_nobudget.json")):
+    for part, n in (("ours", "ours.json"), ("nobudget", "ours_nobudget.json"),
+                    *((v, f"variant_{v}.json") for v in variants)):
         r = read(n)
         if r:
             r["process_s"] = walls.get(part)
             if part == "nobudget":
                 r["name"] += ", no token budget"
+            elif part in variants:
+                r["name"] += ", " + " ".join(f"{k}={v}" for k, v in envs[part].items())
             rows.append(r)
     sw = read("sweep.json")
     if sw:
@@ -101,6 +118,11 @@ def main():
         text += "\n\nbatch sweep (train steps only, CUDA graphs, bf16):\n" + "\n".join(
             f"- batch {r['batch']}: {r['pairs_per_s']:.0f} pairs/s, {r['real_tokens_per_s']:.0f} tokens/s, "
             f"MFU {fmt(r['mfu'], '.1%')}, {r['step_ms']:.1f} ms/step, peak {r['peak_gib']:.2f} GiB" for r in sw["sweep"])
+    ev = read("eval.json")
+    if ev:
+        text += "\n\nevaluation, test split (%d pairs), best of 3 passes:\n" % ev["n"] + "\n".join(
+            f"- QLORA_EVAL_TOKENS={r['eval_tokens']}: {r['pairs_per_s']:.0f} pairs/s, peak {r['peak_gib']:.2f} GiB"
+            for r in ev["budgets"])
     fp = read("fp16.json")
     if fp:
         text += "\n\nfp16: " + json.dumps({"losses_finite": fp["train_fp16"]["losses_finite"],

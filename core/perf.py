@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import torch
 
@@ -106,6 +107,8 @@ def tune_model(model, dtype: torch.dtype) -> list[str]:
 
     - GELU written out in Python (gelu_new: 8 kernels, 4 saved tensors) -> the fused tanh GELU
       (the same formula in one kernel);
+    - every bitsandbytes 4-bit linear layer, with its LoRA adapter if it has one, runs as one
+      autograd function (core.qlinear; QLORA_FUSED=0 keeps peft's path);
     - on a 16-bit compute dtype, LayerNorm outputs that dtype (see _LayerNormInDtype);
     - with float16, the embedding is kept in float32 so the residual stream is float32 and cannot
       overflow (Phi's activations exceed fp16's 65504 in the residual stream)."""
@@ -123,6 +126,9 @@ def tune_model(model, dtype: torch.dtype) -> list[str]:
             elif lowp and type(child) is torch.nn.LayerNorm and not _is_lora_part(f"{name}.{child_name}"):
                 setattr(module, child_name, _LayerNormInDtype(child, dtype))
                 changes.append("layernorm->compute dtype")
+    from . import qlinear
+    if qlinear.install(model):  # fewer kernels and saved tensors per 4-bit linear (+ LoRA) layer
+        changes.append("4-bit linear + LoRA as one autograd function")
     if dtype == torch.float16:
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if emb is not None and emb.weight.dtype != torch.float32:
@@ -185,6 +191,7 @@ class TrainStep:
         self.cache: dict[tuple[int, int], dict] = {}
         self.pool = None
         self.captures = 0
+        self.capture_s = 0.0  # wall time spent capturing graphs (warm-up included)
         self.graph_error: str | None = None
         self.token_budget = micro_token_budget(device)
         self.warmup_each = os.environ.get("QLORA_GRAPH_WARMUP", "first") == "each"
@@ -263,6 +270,13 @@ class TrainStep:
         entry["graph"].replay()
 
     def _capture(self, example: dict[str, torch.Tensor]) -> dict | None:
+        t0 = time.perf_counter()
+        try:
+            return self._capture_graph(example)
+        finally:
+            self.capture_s += time.perf_counter() - t0
+
+    def _capture_graph(self, example: dict[str, torch.Tensor]) -> dict | None:
         static = {k: v.to(self.device).clone() for k, v in example.items()}  # outside the graph pool
         for p in self.params:
             if p.grad is None:
@@ -321,6 +335,25 @@ def eval_batches(encoded: list[dict], order: list[int], batch_size: int, device:
     if cur:
         batches.append(cur)
     return batches
+
+
+class PeakMemory:
+    """Peak GPU memory (torch's allocator, GiB) per phase and overall; all None on CPU.
+
+        peaks = PeakMemory(device); ...; peaks.phase()  # peak since the last phase() call"""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.overall: float | None = None
+
+    def phase(self) -> float | None:
+        if not self.cuda:
+            return None
+        gib = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.overall = gib if self.overall is None else max(self.overall, gib)
+        return gib
 
 
 def round_or_none(x: float | None, digits: int) -> float | None:

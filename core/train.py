@@ -112,10 +112,9 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         model = add_lora(model, cfg.lora)
         tuned = perf.tune_model(model, dtype)  # fused GELU, 16-bit LayerNorm out, fp32 residual on fp16
         load_s = time.time() - t_load
-        load_peak_gb = None
-        if device.type == "cuda":  # loading peaks higher than training (16-bit shards before quantising)
-            load_peak_gb = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-            torch.cuda.reset_peak_memory_stats(device)
+        memory = perf.PeakMemory(device)  # loading peaks apart (16-bit shards before quantising)
+        load_peak_gb = memory.phase()
+        memory.overall = None
         encoded = {s: encode(ex, tokenizer, cfg.data) for s, ex in splits.items()}
         steps_per_epoch = math.ceil(len(encoded["train"]) / cfg.train.batch_size)
         total_steps = steps_per_epoch * cfg.train.epochs
@@ -137,7 +136,8 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
             secs = time.time() - t0
             acc = accuracy(probs, splits[split])
             log(kind="eval", split=split, stage=stage, accuracy=acc, loss=loss, n=len(splits[split]),
-                seconds=round(secs, 3), pairs_per_s=round(len(splits[split]) / max(secs, 1e-9), 1))
+                seconds=round(secs, 3), pairs_per_s=round(len(splits[split]) / max(secs, 1e-9), 1),
+                peak_gb=memory.phase())
             return probs, acc, loss
 
         # --- before ----------------------------------------------------------------------------
@@ -206,13 +206,17 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
                 if step % 5 == 0 or b + 1 == len(batches):
                     rundir.write_status(run_dir, step=step)
             epoch_s = time.time() - t_epoch
+            train_peak_gb = memory.phase()
             check_stop()
             _, val_acc, val_loss = evaluate("validation", f"epoch-{epoch}")
+            t_save = time.time()
             save_adapter(model, ckpt_dir / f"epoch-{epoch}")
+            save_s = time.time() - t_save
             if best is None or (val_acc, -val_loss) > (best["val_accuracy"], -best["val_loss"]):
                 best = {"epoch": epoch, "val_accuracy": val_acc, "val_loss": val_loss}
             log(kind="epoch", epoch=epoch, train_loss=epoch_loss / max(1, epoch_rows), val_accuracy=val_acc,
-                val_loss=val_loss, epoch_s=round(epoch_s, 3), best_epoch=best["epoch"],
+                val_loss=val_loss, epoch_s=round(epoch_s, 3), best_epoch=best["epoch"], train_peak_gb=train_peak_gb,
+                graph_captures=stepper.captures, capture_s=round(stepper.capture_s, 3), save_s=round(save_s, 3),
                 checkpoint=f"{rundir.CHECKPOINTS}/epoch-{epoch}")
             model.train()
 
@@ -223,8 +227,9 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         rundir.atomic_write_jsonl(run_dir / rundir.PREDICTIONS / "test_after.jsonl",
                                   prediction_rows(splits["test"], probs, labels))
         peaks = sampler.stop()
-        if device.type == "cuda":
-            peaks["torch_peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        memory.phase()
+        if memory.overall is not None:
+            peaks["torch_peak_gb"] = memory.overall  # the highest of the phases after loading
         log(kind="end", state="done", total_s=round(time.time() - t_start, 3), best_epoch=best["epoch"],
             test_accuracy=test_acc, peaks=peaks)
         from .report import build_report
