@@ -116,6 +116,10 @@ def load_model(cfg: ModelConfig, num_labels: int, pad_token_id: int | None, devi
     )
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # causal LMs find the last real token with it
+    if getattr(model.config, "use_cache", False):
+        # a classifier never generates: without this, every forward of a decoder (training and
+        # evaluation alike) builds a key/value cache, a copy of every layer's keys and values
+        model.config.use_cache = False
     for module in model.modules():
         # bitsandbytes repacks 4-bit weights for an AVX512-BF16 CPU kernel at the first eval
         # forward, after which training forwards fail ("a view of a leaf Variable ... in-place");

@@ -18,8 +18,10 @@ rows with loss weight 0. Set QLORA_CUDA_GRAPHS=0 to run the same padded step eag
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
+import types
 
 import torch
 
@@ -102,6 +104,60 @@ class _LayerNormInDtype(torch.nn.Module):
             return torch.nn.functional.layer_norm(x, self.ln.normalized_shape, w, b, self.ln.eps).to(self.dtype)
 
 
+def _rotary_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
+    """(C, S, P) with rope(x) = x * C + (x @ P) * S on whole heads [..., head_dim]: C and S are
+    cos and sin padded with 1 and 0 over the dims that are not rotated, P the signed permutation
+    of rotate_half. Kept for the last (cos, sin) seen: all layers of a forward share them."""
+    cached = _rotary_tables.last
+    if cached is not None and cached[0] is cos and cached[1] is sin and cached[2].shape[-1] == head_dim:
+        return cached[2:]
+    rd = cos.shape[-1]
+    half = rd // 2
+    pad = head_dim - rd
+    c = torch.nn.functional.pad(cos, (0, pad), value=1.0).unsqueeze(-2)  # [B, S, 1, D]
+    s = torch.nn.functional.pad(sin, (0, pad), value=0.0).unsqueeze(-2)
+    p = torch.zeros(head_dim, head_dim, dtype=cos.dtype, device=cos.device)
+    j = torch.arange(half, device=cos.device)
+    p[j + half, j] = -1.0  # out[j] = -x[j + half] for j < half
+    p[j, j + half] = 1.0  # out[j + half] = x[j]
+    _rotary_tables.last = (cos, sin, c, s, p)
+    return c, s, p
+
+
+_rotary_tables.last = None
+
+
+def _phi_attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None,
+                           **kwargs):
+    """PhiAttention.forward with the partial rotary embedding as x * C + (x @ P) * S on the
+    projections' own [batch, seq, heads, head_dim] layout: three contiguous kernels per tensor
+    instead of slices, a rotate_half cat, strided products and a cat back. Same maths; the
+    original runs whenever this does not apply (cache, q/k LayerNorm)."""
+    if past_key_values is not None or self.qk_layernorm:
+        return self._qlora_original_forward(hidden_states, position_embeddings, attention_mask,
+                                            past_key_values=past_key_values, **kwargs)
+    from transformers.models.phi import modeling_phi
+    shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+    cos, sin = position_embeddings
+    c, s, p = _rotary_tables(cos, sin, self.head_dim)
+
+    def rope(x):
+        x = x.view(shape)
+        return torch.addcmul(x * c, (x.reshape(-1, self.head_dim) @ p).view(x.shape), s).transpose(1, 2)
+
+    query_states = rope(self.q_proj(hidden_states))
+    key_states = rope(self.k_proj(hidden_states))
+    value_states = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+    impl = self.config._attn_implementation
+    attention = (modeling_phi.eager_attention_forward if impl == "eager"
+                 else modeling_phi.ALL_ATTENTION_FUNCTIONS[impl])
+    attn_output, attn_weights = attention(self, query_states, key_states, value_states, attention_mask,
+                                          dropout=0.0 if not self.training else self.attention_dropout,
+                                          scaling=self.scaling, **kwargs)
+    attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
+    return self.dense(attn_output), attn_weights
+
+
 def tune_model(model, dtype: torch.dtype) -> list[str]:
     """Changes that keep the function and make it cheaper; returns what was changed.
 
@@ -126,6 +182,13 @@ def tune_model(model, dtype: torch.dtype) -> list[str]:
             elif lowp and type(child) is torch.nn.LayerNorm and not _is_lora_part(f"{name}.{child_name}"):
                 setattr(module, child_name, _LayerNormInDtype(child, dtype))
                 changes.append("layernorm->compute dtype")
+    if os.environ.get("QLORA_ROTARY", "1") != "0":
+        for module in model.modules():
+            if (type(module).__name__ == "PhiAttention" and hasattr(module, "rotary_ndims")
+                    and not hasattr(module, "_qlora_original_forward")):
+                module._qlora_original_forward = module.forward
+                module.forward = types.MethodType(_phi_attention_forward, module)
+                changes.append("partial rotary embedding in three kernels")
     from . import qlinear
     if qlinear.install(model):  # fewer kernels and saved tensors per 4-bit linear (+ LoRA) layer
         changes.append("4-bit linear + LoRA as one autograd function")
@@ -201,8 +264,7 @@ class TrainStep:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            else:
-                p.grad.zero_()
+        torch._foreach_zero_([p.grad for p in self.params])  # a few launches instead of one per tensor
 
     def width(self, width: int) -> int:
         """The padded width a batch of `width` columns runs at: a multiple of 16 on GPU (few shapes
@@ -211,7 +273,11 @@ class TrainStep:
 
     def take_loss(self) -> float:
         """The summed loss since the last call (one host sync)."""
-        value = float(self.loss_sum.item())
+        return float(self.take_loss_tensor())
+
+    def take_loss_tensor(self) -> torch.Tensor:
+        """The summed loss since the last call as a device scalar (no host sync)."""
+        value = self.loss_sum.clone()
         self.loss_sum.zero_()
         return value
 
@@ -320,20 +386,50 @@ def micro_token_budget(device: torch.device) -> int | None:
 
 
 def eval_batches(encoded: list[dict], order: list[int], batch_size: int, device: torch.device) -> list[list[int]]:
-    """Batches of `order` (rows sorted by length) of at most batch_size rows and, on a GPU, at most
-    QLORA_EVAL_TOKENS (default 16384) padded tokens: no batch pads hundreds of short rows to the
-    longest one, and evaluation memory stays bounded."""
-    budget = int(os.environ.get("QLORA_EVAL_TOKENS", "16384")) if device.type == "cuda" else 0
-    batches, cur, width = [], [], 0
+    """Split `order` (rows sorted by length) into evaluation batches with the fewest padded tokens
+    plus a fixed cost per batch: each batch holds rows of neighbouring lengths, at most batch_size
+    rows and, on a GPU, at most QLORA_EVAL_TOKENS (default 16384) padded tokens (memory bound).
+
+    Exact, by dynamic programming over the distinct lengths: cost = padded tokens + BATCH_COST
+    tokens per batch (on a GPU, about what dequantising the weights and launching the kernels of
+    one forward costs; on a CPU, little). One long row no longer pads hundreds of short ones."""
+    gpu = device.type == "cuda"
+    budget = int(os.environ.get("QLORA_EVAL_TOKENS", "16384")) if gpu else 0
+    batch_cost = int(os.environ.get("QLORA_EVAL_BATCH_COST", "1024" if gpu else "32"))
+    lengths, counts = [], []  # distinct lengths in order, and how many rows have each
     for i in order:
-        w = max(width, pad_width(len(encoded[i]["input_ids"])))
-        if cur and (len(cur) >= batch_size or (budget and (len(cur) + 1) * w > budget)):
-            batches.append(cur)
-            cur, w = [], pad_width(len(encoded[i]["input_ids"]))
-        cur.append(i)
-        width = w
-    if cur:
-        batches.append(cur)
+        n = len(encoded[i]["input_ids"])
+        if lengths and lengths[-1] == n:
+            counts[-1] += 1
+        else:
+            lengths.append(n)
+            counts.append(1)
+
+    def cap(width: int) -> int:  # most rows of this width in one batch
+        return max(1, min(batch_size, budget // width if budget else batch_size))
+
+    best = [0.0] + [math.inf] * len(lengths)  # best[j]: cost of the first j lengths
+    cut = [0] * (len(lengths) + 1)
+    for j in range(1, len(lengths) + 1):
+        rows = 0
+        for i in range(j, 0, -1):  # the last span holds lengths i-1 .. j-1, padded to lengths[j-1]
+            rows += counts[i - 1]
+            cost = best[i - 1] + rows * lengths[j - 1] + -(-rows // cap(lengths[j - 1])) * batch_cost
+            if cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    spans, j = [], len(lengths)
+    while j > 0:
+        spans.append((cut[j], j))
+        j = cut[j]
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    batches = []
+    for a, b in reversed(spans):
+        rows = order[starts[a]:starts[b]]
+        k = -(-len(rows) // cap(lengths[b - 1]))  # batches this span needs; equal sizes
+        size = -(-len(rows) // k)
+        batches += [rows[s:s + size] for s in range(0, len(rows), size)]
     return batches
 
 

@@ -38,13 +38,22 @@ def dequantize(weight, quant_state) -> torch.Tensor:
     return bnbF.dequantize_4bit(weight, quant_state)
 
 
+_MM_OUT_DTYPE: dict[str, bool] = {}  # device type -> torch.mm(..., out_dtype=) works there
+
+
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with a float32 result (weight gradients of fp32 LoRA matrices)."""
-    if a.dtype != torch.float32 and a.is_cuda:
-        try:  # cuBLAS writes fp32 directly from its fp32 accumulator
+    """a @ b with a float32 result (weight gradients of fp32 LoRA matrices): straight from
+    cuBLAS's fp32 accumulator where torch supports out_dtype (checked once per device type)."""
+    if a.dtype != torch.float32:
+        kind = a.device.type
+        if kind not in _MM_OUT_DTYPE:
+            try:
+                torch.mm(a[:1, :1], b[:1, :1], out_dtype=torch.float32)
+                _MM_OUT_DTYPE[kind] = True
+            except (RuntimeError, TypeError, NotImplementedError):
+                _MM_OUT_DTYPE[kind] = False
+        if _MM_OUT_DTYPE[kind]:
             return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            pass
     return torch.mm(a, b).float()
 
 
@@ -58,40 +67,55 @@ def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     return x * noise, noise
 
 
-def _dropout_backward(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+def _apply_mask(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """x * mask / (1 - p) with a mask from _dropout (the dropout's output, or its gradient)."""
     if mask.dtype == torch.bool:
-        return torch.ops.aten.native_dropout_backward(grad, mask, 1.0 / (1 - p))
-    return grad * mask
+        return torch.ops.aten.native_dropout_backward(x, mask, 1.0 / (1 - p))
+    return x * mask
+
+
+def _activate(h: torch.Tensor, act: str | None) -> torch.Tensor:
+    return torch.nn.functional.gelu(h, approximate="tanh") if act == "gelu_tanh" else h
 
 
 class QLoRALinearFn(torch.autograd.Function):
-    """y = x dequant(W4)^T + b [+ s * dropout(x) A^T B^T]; see the module docstring."""
+    """y = h dequant(W4)^T + b [+ s * dropout(h) A^T B^T] with h = act(x), or x; see the module
+    docstring. With an activation, its input x is saved and act(x) recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, quant_state, bias, lora_a, lora_b, scale, p):
+    def forward(ctx, x, weight, quant_state, bias, lora_a, lora_b, scale, p, act):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         dtype = x2.dtype
+        h = _activate(x2, act)
         w = dequantize(weight, quant_state)
         if w.dtype != dtype:
             w = w.to(dtype)
-        y = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else torch.mm(x2, w.t())
+        if lora_a is not None and p == 0 and not any(ctx.needs_input_grad) and h.shape[0] > h.shape[1]:
+            # inference on many rows: add s B A into this call's copy of W (d_out x d_in) rather than
+            # s (h A^T) B^T into the output (rows x d_out); the same sum, fewer bytes moved
+            w.addmm_(lora_b.to(dtype), lora_a.to(dtype), alpha=scale)
+            lora_a = None
+        y = torch.addmm(bias.to(dtype), h, w.t()) if bias is not None else torch.mm(h, w.t())
         del w
-        ctx.weight, ctx.quant_state, ctx.p, ctx.scale = weight, quant_state, p, scale
+        ctx.weight, ctx.quant_state, ctx.p, ctx.scale, ctx.act = weight, quant_state, p, scale, act
         ctx.x_shape = shape
-        if lora_a is None:
-            ctx.lora = False
+        ctx.lora = lora_a is not None
+        if not ctx.lora:
+            if act is not None:
+                ctx.save_for_backward(x2)
             return y.view(*shape[:-1], y.shape[-1])
-        ctx.lora = True
         a = lora_a.to(dtype)
         b = lora_b.to(dtype)
         if p > 0:
-            xd, mask = _dropout(x2, p)
+            hd, mask = _dropout(h, p)
         else:
-            xd, mask = x2, None
-        u = torch.mm(xd, a.t()).mul_(scale)
+            hd, mask = h, None
+        u = torch.mm(hd, a.t()).mul_(scale)
+        del hd
         y.addmm_(u, b.t())
-        ctx.save_for_backward(xd, mask, u, a, b)
+        # the input, not its dropped-out copy: layers that share an input (q, k, v, fc1) share it
+        ctx.save_for_backward(x2, mask, u, a, b)
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -99,30 +123,39 @@ class QLoRALinearFn(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[4], ctx.needs_input_grad[5]
         gx = ga = gb = None
+        x2 = mask = None
         if ctx.lora:
-            xd, mask, u, a, b = ctx.saved_tensors
+            x2, mask, u, a, b = ctx.saved_tensors
             if g.dtype != a.dtype:
                 g = g.to(a.dtype)
+        elif ctx.act is not None:
+            (x2,) = ctx.saved_tensors
         if need_x:
             w = dequantize(ctx.weight, ctx.quant_state)
             if w.dtype != g.dtype:
                 w = w.to(g.dtype)
-            gx = torch.mm(g, w)
+            gx = torch.mm(g, w)  # the gradient with respect to h
             del w
         if ctx.lora:
-            v = torch.mm(g, b).mul_(ctx.scale)  # gradient of xd A^T, rows x r
+            v = torch.mm(g, b).mul_(ctx.scale)  # the gradient of dropout(h) A^T, rows x r
             if need_x:
                 if mask is None:
                     gx.addmm_(v, a)
                 else:
-                    gx.add_(_dropout_backward(torch.mm(v, a), mask, ctx.p))
+                    gx.add_(_apply_mask(torch.mm(v, a), mask, ctx.p))
             if need_a:
-                ga = _mm_fp32(v.t(), xd)
+                hd = _activate(x2, ctx.act)
+                if mask is not None:
+                    hd = _apply_mask(hd, mask, ctx.p)
+                ga = _mm_fp32(v.t(), hd)
+                del hd
             if need_b:
                 gb = _mm_fp32(g.t(), u)
         if gx is not None:
+            if ctx.act == "gelu_tanh":
+                gx = torch.ops.aten.gelu_backward(gx, x2, approximate="tanh")
             gx = gx.view(ctx.x_shape)
-        return gx, None, None, None, ga, gb, None, None
+        return gx, None, None, None, ga, gb, None, None, None
 
 
 def _base_of(module):
@@ -151,32 +184,42 @@ def _lora_parts(module):
     return module.lora_A[name].weight, lora_b.weight, module.scaling[name], module.lora_dropout[name]
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _fused_forward(self, x: torch.Tensor, *args, act: str | None = None, **kwargs) -> torch.Tensor:
+    """forward() of a 4-bit layer (or its LoRA wrapper) through QLoRALinearFn; `act` applies an
+    activation to x first, inside the function (see _mlp_forward)."""
     original = getattr(self, _ORIGINAL)
-    if args or kwargs:  # adapter_names (mixed batches) and the like
-        return original(x, *args, **kwargs)
     base = _base_of(self)
     parts = None
     if base is not self:  # a peft LoRA layer
         parts = _lora_parts(self)
-        if parts is None:
-            return original(x)
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
     fix_4bit_weight_quant_state_from_module(base)
     quant_state = base.weight.quant_state
-    if getattr(quant_state, "packing_format_for_cpu", False):
-        return original(x)
+    if (args or kwargs or (base is not self and parts is None)  # adapter_names and other cases peft handles
+            or getattr(quant_state, "packing_format_for_cpu", False)):
+        return original(_activate(x, act), *args, **kwargs)
     compute = base.compute_dtype or x.dtype
     inp_dtype = x.dtype
     h = x.to(compute) if x.dtype != compute else x
     with torch.autocast(x.device.type, enabled=False):
         if parts is None:
-            y = QLoRALinearFn.apply(h, base.weight, quant_state, base.bias, None, None, 1.0, 0.0)
+            y = QLoRALinearFn.apply(h, base.weight, quant_state, base.bias, None, None, 1.0, 0.0, act)
         else:
             a, b, scale, drop = parts
             p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
-            y = QLoRALinearFn.apply(h, base.weight, quant_state, base.bias, a, b, float(scale), float(p))
+            y = QLoRALinearFn.apply(h, base.weight, quant_state, base.bias, a, b, float(scale), float(p), act)
     return y if y.dtype == inp_dtype else y.to(inp_dtype)
+
+
+def _mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """fc2(gelu_tanh(fc1(x))) with the GELU inside fc2's function: its output is never stored."""
+    return self.fc2(self.fc1(hidden_states), act="gelu_tanh")
+
+
+def _is_tanh_gelu(module) -> bool:
+    if isinstance(module, torch.nn.GELU):
+        return module.approximate == "tanh"
+    return type(module).__name__ in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "GELUPytorchTanh")
 
 
 def enabled() -> bool:
@@ -202,6 +245,12 @@ def install(model) -> int:
         setattr(module, _ORIGINAL, module.forward)
         module.forward = types.MethodType(_fused_forward, module)
         count += 1
+    for module in model.modules():  # Phi-style MLPs: fc1 -> tanh GELU -> fc2
+        fc1, fc2, act = (getattr(module, n, None) for n in ("fc1", "fc2", "activation_fn"))
+        if (fc1 is not None and hasattr(fc2, _ORIGINAL) and _is_tanh_gelu(act)
+                and not hasattr(module, _ORIGINAL)):
+            setattr(module, _ORIGINAL, module.forward)
+            module.forward = types.MethodType(_mlp_forward, module)
     return count
 
 

@@ -102,11 +102,13 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         seed_everything(cfg.train.seed)
         labels = cfg.data.labels
         splits, data_stats = load_splits(cfg.data, cfg.train.seed)
+        timings = {"data_s": time.time() - t_start}
         device = pick_device(cfg.model.device)
         dtype = pick_compute_dtype(device, cfg.model.compute_dtype)
         tokenizer = load_tokenizer(cfg.model)
         pad_id = tokenizer.pad_token_id
         t_load = time.time()
+        timings["tokenizer_s"] = t_load - t_start - timings["data_s"]
         seed_everything(cfg.train.seed)  # the new head and the LoRA matrices start from the seed
         model = load_model(cfg.model, len(labels), pad_id, device, dtype, id2label=dict(enumerate(labels)))
         model = add_lora(model, cfg.lora)
@@ -115,12 +117,18 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         memory = perf.PeakMemory(device)  # loading peaks apart (16-bit shards before quantising)
         load_peak_gb = memory.phase()
         memory.overall = None
+        t0 = time.time()
         encoded = {s: encode(ex, tokenizer, cfg.data) for s, ex in splits.items()}
+        timings["encode_s"] = time.time() - t0
         steps_per_epoch = math.ceil(len(encoded["train"]) / cfg.train.batch_size)
         total_steps = steps_per_epoch * cfg.train.epochs
         params = count_parameters(model)
+        t0 = time.time()
+        hardware = hardware_info()
+        timings["hardware_s"] = time.time() - t0
         log(kind="setup", device=str(device), compute_dtype=str(dtype).replace("torch.", ""),
-            hardware=hardware_info(), params=params, data=data_stats, labels=labels,
+            hardware=hardware, params=params, setup_s=round(time.time() - t_start, 3),
+            timings={k: round(v, 3) for k, v in timings.items()}, data=data_stats, labels=labels,
             steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs=cfg.train.epochs,
             load_s=round(load_s, 3), load_peak_gb=load_peak_gb, model_type=model.config.model_type, speedups=tuned,
             pooling=resolve_pooling(cfg.model),
@@ -169,42 +177,53 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
                                     seed=cfg.train.seed * 1000 + epoch, bucket=cfg.train.length_bucketing)
             t_epoch = time.time()
             epoch_loss, epoch_rows = 0.0, 0
+            launched = []  # steps sent to the device whose loss has not been read yet
+            t_done = t_epoch
             for b, idx in enumerate(batches):
                 check_stop()
-                t_step = time.time()
-                step_loss, real_tokens, padded_tokens = 0.0, 0, 0
+                real_tokens, padded_tokens = 0, 0
                 for s in range(0, len(idx), micro):
                     batch = collate(encoded["train"], idx[s:s + micro], pad_id)
                     # sum of CE over rows / rows in the step: micro-batches of any size weigh each row once
                     stepper.run(batch, step_rows=len(idx), rows=micro)
                     real_tokens += int(batch["attention_mask"].sum())
                     padded_tokens += len(batch["input_ids"]) * stepper.width(batch["input_ids"].shape[1])
-                step_loss = stepper.take_loss()
+                loss = stepper.take_loss_tensor()  # stays on the device: no wait here
                 if scaler:
                     scaler.unscale_(optimizer)
-                grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm).item()
-                             if cfg.train.max_grad_norm else float("nan"))
+                grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
+                             if cfg.train.max_grad_norm else None)
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()
                 else:
                     optimizer.step()
                 stepper.zero_grad()  # in place: CUDA graphs accumulate into the same .grad tensors
-                lr = scheduler.get_last_lr()[0]
+                launched.append({"step": step + 1, "epoch_step": b + 1, "rows": len(idx), "loss": loss,
+                                 "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                                 "real": real_tokens, "padded": padded_tokens})
                 scheduler.step()
                 step += 1
-                dt = time.time() - t_step
-                epoch_loss += step_loss * len(idx)
-                epoch_rows += len(idx)
-                log(kind="step", step=step, epoch=epoch, epoch_step=b + 1, steps_per_epoch=len(batches),
-                    loss=step_loss, lr=lr, grad_norm=grad_norm, rows=len(idx),
-                    samples_per_s=round(len(idx) / dt, 2), tokens_per_s=round(real_tokens / dt, 1),
-                    mfu=perf.round_or_none(perf.mfu(perf.flops_per_token(flops, padded_tokens / len(idx)),
-                                                    real_tokens / dt, peak), 4),
-                    cuda_graphs=stepper.graphs,
-                    pad_fraction=round(1 - real_tokens / padded_tokens, 4), step_s=round(dt, 4))
-                if step % 5 == 0 or b + 1 == len(batches):
-                    rundir.write_status(run_dir, step=step)
+                # Log the previous step now that this one is queued behind it: the GPU keeps working
+                # while Python reads, logs and collates the next batch (all of them at the epoch's end).
+                while len(launched) > (0 if b + 1 == len(batches) else 1):
+                    r = launched.pop(0)
+                    step_loss = float(r["loss"])  # waits until the GPU has finished that step
+                    now = time.time()
+                    dt, t_done = now - t_done, now
+                    epoch_loss += step_loss * r["rows"]
+                    epoch_rows += r["rows"]
+                    log(kind="step", step=r["step"], epoch=epoch, epoch_step=r["epoch_step"],
+                        steps_per_epoch=len(batches), loss=step_loss, lr=r["lr"],
+                        grad_norm=float(r["grad_norm"]) if r["grad_norm"] is not None else float("nan"),
+                        rows=r["rows"], samples_per_s=round(r["rows"] / dt, 2),
+                        tokens_per_s=round(r["real"] / dt, 1),
+                        mfu=perf.round_or_none(perf.mfu(perf.flops_per_token(flops, r["padded"] / r["rows"]),
+                                                        r["real"] / dt, peak), 4),
+                        cuda_graphs=stepper.graphs, pad_fraction=round(1 - r["real"] / r["padded"], 4),
+                        step_s=round(dt, 4))
+                    if r["step"] % 5 == 0 or r["epoch_step"] == len(batches):
+                        rundir.write_status(run_dir, step=r["step"])
             epoch_s = time.time() - t_epoch
             train_peak_gb = memory.phase()
             check_stop()

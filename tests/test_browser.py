@@ -28,7 +28,7 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-network
 VIEWPORT = {"width": 1360, "height": 960}
 UPDATE = bool(os.environ.get("UPDATE_SCREENSHOTS"))
 # A small run for the test; the README's screenshots show the demo preset as a new user gets it.
-FORM = {} if UPDATE else {"Epochs": 1, "Max train rows": 96, "Max validation rows": 30, "Max test rows": 60}
+FORM = {} if UPDATE else {"Epochs": 2, "Max train rows": 160, "Max validation rows": 30, "Max test rows": 60}
 
 
 def chromium_path() -> str:
