@@ -25,7 +25,7 @@ def main() -> int:
     dev = torch.device("cuda", 0)
     path = tempfile.mkdtemp()
     torch.manual_seed(0)
-    cfg = PhiConfig(hidden_size=512, num_hidden_layers=4, intermediate_size=2048, num_attention_heads=8,
+    cfg = PhiConfig(hidden_size=640, num_hidden_layers=4, intermediate_size=2560, num_attention_heads=8,
                     partial_rotary_factor=0.4, vocab_size=1000, pad_token_id=0)
     PhiForCausalLM(cfg).save_pretrained(path)
     lora = LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj", "fc1", "fc2"])
@@ -72,6 +72,17 @@ def main() -> int:
                               "logits_rel_err": logit_err, "max_grad_rel_err": grad_err,
                               "same_predictions": same_pred, "grads": len(out["plain"][1])}
         ok &= logit_err < 0.02 and grad_err < 0.05 and len(out["tuned"][1]) == len(out["plain"][1])
+        # evaluation through captured graphs (capture, then replay) against eager evaluation
+        from core.evaluate import predict
+        enc = [{"input_ids": ids[i, :8 + 2 * i].tolist(), "label": int(labels[i])} for i in range(16)]
+        eager, _ = predict(tuned, enc, 8, 0, dev, dtype)
+        graphs = perf.EvalGraphs(tuned, dev)
+        first, _ = predict(tuned, enc, 8, 0, dev, dtype, graphs=graphs)
+        again, _ = predict(tuned, enc, 8, 0, dev, dtype, graphs=graphs)
+        eval_err = float(max(abs(first - eager).max(), abs(again - eager).max()))
+        report[str(dtype)].update(eval_graphs=graphs.enabled, eval_graph_shapes=len(graphs.cache),
+                                  eval_graph_error=graphs.error, eval_probs_max_abs_err=eval_err)
+        ok &= eval_err < 1e-2 and graphs.enabled
     print(json.dumps(report, indent=1))
     print("OK" if ok else "MISMATCH")
     return 0 if ok else 1

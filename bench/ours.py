@@ -56,6 +56,10 @@ def summarise(run_dir: Path) -> dict:
         "eval_pairs_per_s": sum(r["n"] for r in val_after) / sum(r["seconds"] for r in val_after),
         "eval_pairs_per_s_all": sum(r["n"] for r in evals) / sum(r["seconds"] for r in evals),
         "peak_gib": (end.get("peaks") or {}).get("torch_peak_gb"),
+        "reserved_gib": (end.get("peaks") or {}).get("torch_reserved_gb"),
+        "eval_graphs": evals[-1].get("cuda_graphs") if evals else None,
+        "eval_graph_error": next((r["graph_error"] for r in evals if r.get("graph_error")), None),
+        "setup_s": setup.get("setup_s"), "setup_timings": setup.get("timings"),
         "total_s": end["total_s"], "load_s": setup["load_s"], "load_peak_gib": setup.get("load_peak_gb"),
         "state": end["state"],
         "cuda_graphs": steps[-1].get("cuda_graphs"), "speedups": setup.get("speedups"),
@@ -209,19 +213,24 @@ def eval_speed(a) -> dict:
     out = {"n": len(enc), "budgets": []}
     for budget in [int(x) for x in a.eval_tokens.split(",")]:
         os.environ["QLORA_EVAL_TOKENS"] = str(budget)
-        predict(model, enc, 1024, tok.pad_token_id, dev, torch.bfloat16)  # warm-up
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**30
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            predict(model, enc, 1024, tok.pad_token_id, dev, torch.bfloat16)
-            times.append(time.perf_counter() - t0)
-        r = {"eval_tokens": budget, "pairs_per_s": len(enc) / min(times), "seconds": times,
-             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "resident_gib": base}
-        print(json.dumps(r), flush=True)
-        out["budgets"].append(r)
+        for mode in ("eager", "graphs"):
+            graphs = perf.EvalGraphs(model, dev) if mode == "graphs" else None
+            predict(model, enc, 1024, tok.pad_token_id, dev, torch.bfloat16, graphs=graphs)  # warm-up / capture
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated() / 2**30
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                predict(model, enc, 1024, tok.pad_token_id, dev, torch.bfloat16, graphs=graphs)
+                times.append(time.perf_counter() - t0)
+            r = {"eval_tokens": budget, "mode": mode, "pairs_per_s": len(enc) / min(times), "seconds": times,
+                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "resident_gib": base,
+                 "reserved_gib": torch.cuda.memory_reserved() / 2**30,
+                 "graph_error": graphs.error if graphs else None}
+            print(json.dumps(r), flush=True)
+            out["budgets"].append(r)
+            del graphs
     os.environ["QLORA_EVAL_TOKENS"] = a.eval_tokens.split(",")[0]
     with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
@@ -279,7 +288,7 @@ def main():
     ap.add_argument("--min-steps", type=int, default=12)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-batch", default="32", help="comma list; eager vs graphs at the first")
-    ap.add_argument("--eval-tokens", default="16384,8192,24576,32768")
+    ap.add_argument("--eval-tokens", default="16384,32768")
     ap.add_argument("--keep-metrics", default=None, help="copy the run's metrics.jsonl here")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()

@@ -121,7 +121,8 @@ def main():
     ev = read("eval.json")
     if ev:
         text += "\n\nevaluation, test split (%d pairs), best of 3 passes:\n" % ev["n"] + "\n".join(
-            f"- QLORA_EVAL_TOKENS={r['eval_tokens']}: {r['pairs_per_s']:.0f} pairs/s, peak {r['peak_gib']:.2f} GiB"
+            f"- QLORA_EVAL_TOKENS={r['eval_tokens']}, {r.get('mode', 'eager')}: {r['pairs_per_s']:.0f} pairs/s, "
+            f"peak {r['peak_gib']:.2f} GiB"
             for r in ev["budgets"])
     fp = read("fp16.json")
     if fp:

@@ -79,7 +79,8 @@ def model_shape(name: str, revision: str | None = None) -> dict:
     """hidden size, layers, heads and vocabulary of a model, from its config (no weights)."""
     from transformers import AutoConfig
     from .model import resolve_model_name
-    c = AutoConfig.from_pretrained(resolve_model_name(name), revision=revision)
+    folder = resolve_model_name(name)
+    c = AutoConfig.from_pretrained(folder, revision=revision, local_files_only=Path(folder).is_dir())
     return {"hidden": getattr(c, "hidden_size", None) or getattr(c, "n_embd", None),
             "layers": getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None),
             "heads": getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None),

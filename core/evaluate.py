@@ -27,20 +27,30 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 @torch.inference_mode()
 def predict(model, encoded: list[dict], batch_size: int, pad_id: int, device: torch.device,
-            dtype: torch.dtype) -> tuple[np.ndarray, float]:
-    """Class probabilities (n, classes) in the order of `encoded`, and the mean cross-entropy."""
+            dtype: torch.dtype, graphs: perf.EvalGraphs | None = None) -> tuple[np.ndarray, float]:
+    """Class probabilities (n, classes) in the order of `encoded`, and the mean cross-entropy.
+
+    `graphs` (a perf.EvalGraphs kept across calls) replays captured forwards on a GPU: worth it
+    when the same examples are scored again, as the validation set is after every epoch."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))  # less padding
     drop_mask = perf.is_causal(model)  # right padding + causal attention: the mask changes nothing
+
+    def forward(batch):
+        with autocast(device, dtype):
+            return model(**batch).logits.float()
+
     chunks, losses = [], []
     for idx in perf.eval_batches(encoded, order, batch_size, device):  # rows and tokens bounded
-        batch = {k: v.to(device, non_blocking=True) for k, v in collate(encoded, idx, pad_id).items()}
-        labels = batch.pop("labels")
+        batch = collate(encoded, idx, pad_id)
+        labels = batch.pop("labels").to(device, non_blocking=True)
         if drop_mask:
             batch.pop("attention_mask")
-        with autocast(device, dtype):
-            logits = model(**batch).logits.float()
+        if graphs is not None:
+            logits = graphs.logits(batch, forward)
+        else:
+            logits = forward({k: v.to(device, non_blocking=True) for k, v in batch.items()})
         losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         chunks.append(torch.softmax(logits, -1))  # stays on the device: one copy and sync at the end
     model.train(was_training)

@@ -71,7 +71,8 @@ def load_tokenizer(cfg: ModelConfig):
     """The model's tokenizer, with a pad token set (causal LMs have none: reuse EOS or UNK)."""
     from transformers import AutoTokenizer
     try:
-        tok = AutoTokenizer.from_pretrained(resolve_model_name(cfg.name), revision=cfg.revision)
+        name = resolve_model_name(cfg.name)
+        tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, local_files_only=Path(name).is_dir())
     except OSError as e:  # not a local folder, and the Hub unreachable or the id unknown
         raise RuntimeError(f"could not load the tokenizer of model {cfg.name!r}: {e}".rstrip() +
                            " Without network access, give a local folder in Hugging Face format "
@@ -106,9 +107,11 @@ def load_model(cfg: ModelConfig, num_labels: int, pad_token_id: int | None, devi
         kwargs.update(id2label=id2label, label2id={v: k for k, v in id2label.items()})
     if cfg.quantize == "bnb.nf4":
         kwargs["quantization_config"] = quantization_config(cfg, compute_dtype)
+    name = resolve_model_name(cfg.name)
     model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_name(cfg.name),
+        name,
         revision=cfg.revision,
+        local_files_only=Path(name).is_dir(),  # a folder needs no Hub lookups (each can wait on a timeout)
         num_labels=num_labels,
         dtype=compute_dtype,
         device_map={"": device},
@@ -236,7 +239,9 @@ def estimate_parameters(model_name: str, num_labels: int, lora: LoraSettings, qu
     """count_parameters without loading weights: the model is built on the meta device from its
     config (which for a Hub model needs the network or a cached config)."""
     from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(resolve_model_name(model_name), revision=revision, num_labels=num_labels)
+    folder = resolve_model_name(model_name)
+    config = AutoConfig.from_pretrained(folder, revision=revision, num_labels=num_labels,
+                                        local_files_only=Path(folder).is_dir())
     return estimate_parameters_from_config(config, lora, quantize, pooling)
 
 

@@ -116,10 +116,11 @@ def _rotary_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
     pad = head_dim - rd
     c = torch.nn.functional.pad(cos, (0, pad), value=1.0).unsqueeze(-2)  # [B, S, 1, D]
     s = torch.nn.functional.pad(sin, (0, pad), value=0.0).unsqueeze(-2)
+    # device-side ops only (no host scalars): this may run inside a CUDA graph capture
+    eye = torch.eye(half, dtype=cos.dtype, device=cos.device)
     p = torch.zeros(head_dim, head_dim, dtype=cos.dtype, device=cos.device)
-    j = torch.arange(half, device=cos.device)
-    p[j + half, j] = -1.0  # out[j] = -x[j + half] for j < half
-    p[j, j + half] = 1.0  # out[j + half] = x[j]
+    p[half:rd, :half] = -eye  # out[j] = -x[j + half] for j < half
+    p[:half, half:rd] = eye  # out[j + half] = x[j]
     _rotary_tables.last = (cos, sin, c, s, p)
     return c, s, p
 
@@ -331,8 +332,8 @@ class TrainStep:
             if entry is None:  # capture failed: run eagerly from now on
                 self._fwd_bwd({k: v.to(self.device, non_blocking=True) for k, v in padded.items()})
                 return
-        for k, v in padded.items():
-            entry["static"][k].copy_(v, non_blocking=True)
+        for k, v in padded.items():  # from pinned memory: the copy waits in the stream, not the host
+            entry["static"][k].copy_(v.pin_memory(), non_blocking=True)
         entry["graph"].replay()
 
     def _capture(self, example: dict[str, torch.Tensor]) -> dict | None:
@@ -372,6 +373,58 @@ class TrainStep:
         self.captures += 1
         entry = {"graph": graph, "static": static}
         self.cache[tuple(example["input_ids"].shape)] = entry
+        return entry
+
+
+class EvalGraphs:
+    """Evaluation forwards captured as CUDA graphs, one per batch shape, and replayed: a run scores
+    the same validation batches after every epoch (and the same test batches before and after), so
+    each shape is captured once and every later pass runs without Python or launch overhead.
+    Eager (and a no-op) on CPU, or when QLORA_EVAL_GRAPHS=0, or after a capture fails."""
+
+    def __init__(self, model, device: torch.device):
+        self.model = model
+        self.device = device
+        self.enabled = device.type == "cuda" and os.environ.get("QLORA_EVAL_GRAPHS", "1") != "0"
+        self.cache: dict[tuple, dict] = {}
+        self.pool = None
+        self.error: str | None = None
+
+    def logits(self, batch: dict[str, torch.Tensor], forward) -> torch.Tensor:
+        """forward(batch on the device) -> logits, run through a graph for this batch's shape. The
+        result of a replay lives in the graph's output: use it before the same shape runs again."""
+        if not self.enabled:
+            return forward({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
+        entry = self.cache.get(key)
+        if entry is None:
+            entry = self._capture(batch, forward, key)
+            if entry is None:
+                return forward({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+        for k, v in batch.items():
+            entry["static"][k].copy_(v.pin_memory(), non_blocking=True)
+        entry["graph"].replay()
+        return entry["out"]
+
+    def _capture(self, batch, forward, key) -> dict | None:
+        static = {k: v.to(self.device) for k, v in batch.items()}
+        try:
+            if not self.cache:  # warm-up on a side stream: lazy initialisation stays out of the capture
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    forward(static)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = forward(static)
+        except Exception as e:  # not capturable: evaluate eagerly from now on
+            self.enabled = False
+            self.error = f"{type(e).__name__}: {e}"[:500]
+            torch.cuda.synchronize(self.device)
+            return None
+        self.pool = graph.pool()
+        self.cache[key] = entry = {"graph": graph, "static": static, "out": out}
         return entry
 
 
@@ -431,6 +484,33 @@ def eval_batches(encoded: list[dict], order: list[int], batch_size: int, device:
         size = -(-len(rows) // k)
         batches += [rows[s:s + size] for s in range(0, len(rows), size)]
     return batches
+
+
+def fetch_later(*values: torch.Tensor | None):
+    """Start copying device scalars to the host now; returns a function that waits for exactly
+    this copy (not for the work queued after it) and gives the floats (None stays None).
+
+    Reading a CUDA tensor with .item() waits for everything queued on the stream before the read,
+    so a training loop that reads step n-1's loss after queueing step n waits for step n too; an
+    event recorded right after step n-1 does not."""
+    present = [v.detach().float().reshape(()) for v in values if v is not None]
+    if not present:
+        return lambda: [None] * len(values)
+    stacked = torch.stack(present)
+    if stacked.is_cuda:
+        host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+        host.copy_(stacked, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+    else:
+        host, done = stacked, None
+
+    def get() -> list[float | None]:
+        if done is not None:
+            done.synchronize()
+        floats = iter(host.tolist())
+        return [None if v is None else next(floats) for v in values]
+    return get
 
 
 class PeakMemory:

@@ -135,17 +135,20 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
             target_modules=sorted(model.peft_config["default"].target_modules),
             mean_tokens={s: round(float(np.mean([len(e["input_ids"]) for e in v])), 1) for s, v in encoded.items()})
         ckpt_dir = run_dir / rundir.CHECKPOINTS
+        eval_graphs = perf.EvalGraphs(model, device)  # validation and test batches repeat: replay them
         save_adapter(model, ckpt_dir / "epoch-0")  # the "before" model, head initialisation included
 
         def evaluate(split: str, stage: str) -> tuple[np.ndarray, float, float]:
             rundir.write_status(run_dir, phase=f"evaluating {split} ({stage})")
             t0 = time.time()
-            probs, loss = predict(model, encoded[split], cfg.train.eval_batch_size, pad_id, device, dtype)
+            probs, loss = predict(model, encoded[split], cfg.train.eval_batch_size, pad_id, device, dtype,
+                                  graphs=eval_graphs)
             secs = time.time() - t0
             acc = accuracy(probs, splits[split])
             log(kind="eval", split=split, stage=stage, accuracy=acc, loss=loss, n=len(splits[split]),
                 seconds=round(secs, 3), pairs_per_s=round(len(splits[split]) / max(secs, 1e-9), 1),
-                peak_gb=memory.phase())
+                peak_gb=memory.phase(), cuda_graphs=eval_graphs.enabled,
+                **({"graph_error": eval_graphs.error} if eval_graphs.error else {}))
             return probs, acc, loss
 
         # --- before ----------------------------------------------------------------------------
@@ -199,8 +202,8 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
                 else:
                     optimizer.step()
                 stepper.zero_grad()  # in place: CUDA graphs accumulate into the same .grad tensors
-                launched.append({"step": step + 1, "epoch_step": b + 1, "rows": len(idx), "loss": loss,
-                                 "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                launched.append({"step": step + 1, "epoch_step": b + 1, "rows": len(idx),
+                                 "values": perf.fetch_later(loss, grad_norm), "lr": scheduler.get_last_lr()[0],
                                  "real": real_tokens, "padded": padded_tokens})
                 scheduler.step()
                 step += 1
@@ -208,14 +211,14 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
                 # while Python reads, logs and collates the next batch (all of them at the epoch's end).
                 while len(launched) > (0 if b + 1 == len(batches) else 1):
                     r = launched.pop(0)
-                    step_loss = float(r["loss"])  # waits until the GPU has finished that step
+                    step_loss, grad_norm = r["values"]()  # waits until the GPU has finished that step
                     now = time.time()
                     dt, t_done = now - t_done, now
                     epoch_loss += step_loss * r["rows"]
                     epoch_rows += r["rows"]
                     log(kind="step", step=r["step"], epoch=epoch, epoch_step=r["epoch_step"],
                         steps_per_epoch=len(batches), loss=step_loss, lr=r["lr"],
-                        grad_norm=float(r["grad_norm"]) if r["grad_norm"] is not None else float("nan"),
+                        grad_norm=grad_norm if grad_norm is not None else float("nan"),
                         rows=r["rows"], samples_per_s=round(r["rows"] / dt, 2),
                         tokens_per_s=round(r["real"] / dt, 1),
                         mfu=perf.round_or_none(perf.mfu(perf.flops_per_token(flops, r["padded"] / r["rows"]),
@@ -249,6 +252,8 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         memory.phase()
         if memory.overall is not None:
             peaks["torch_peak_gb"] = memory.overall  # the highest of the phases after loading
+            # what torch holds from the driver, CUDA graphs' memory pools included
+            peaks["torch_reserved_gb"] = round(torch.cuda.memory_reserved(device) / 2**30, 3)
         log(kind="end", state="done", total_s=round(time.time() - t_start, 3), best_epoch=best["epoch"],
             test_accuracy=test_acc, peaks=peaks)
         from .report import build_report
