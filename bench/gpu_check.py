@@ -76,6 +76,7 @@ def main() -> int:
         from core.evaluate import predict
         enc = [{"input_ids": ids[i, :8 + 2 * i].tolist(), "label": int(labels[i])} for i in range(16)]
         eager, _ = predict(tuned, enc, 8, 0, dev, dtype)
+        os.environ["QLORA_EVAL_GRAPHS"] = "1"
         graphs = perf.EvalGraphs(tuned, dev)
         first, _ = predict(tuned, enc, 8, 0, dev, dtype, graphs=graphs)
         again, _ = predict(tuned, enc, 8, 0, dev, dtype, graphs=graphs)

@@ -214,6 +214,7 @@ def eval_speed(a) -> dict:
     for budget in [int(x) for x in a.eval_tokens.split(",")]:
         os.environ["QLORA_EVAL_TOKENS"] = str(budget)
         for mode in ("eager", "graphs"):
+            os.environ["QLORA_EVAL_GRAPHS"] = "1"
             graphs = perf.EvalGraphs(model, dev) if mode == "graphs" else None
             predict(model, enc, 1024, tok.pad_token_id, dev, torch.bfloat16, graphs=graphs)  # warm-up / capture
             torch.cuda.synchronize()
