@@ -10,6 +10,7 @@ The CPU tests (tests/test_perf.py) check the same in float32; this checks the 16
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 
