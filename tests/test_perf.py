@@ -59,11 +59,11 @@ def tiny(tmp_path_factory):
                     partial_rotary_factor=0.4, vocab_size=300, pad_token_id=0)
     PhiForCausalLM(cfg).save_pretrained(path)
 
-    def make():
+    def make(lora: LoraSettings = LORA):
         torch.manual_seed(1)
         m = load_model(ModelConfig(name=str(path), compute_dtype="float32", device="cpu"), 3, 0,
                        torch.device("cpu"), torch.float32)
-        return add_lora(m, LORA)
+        return add_lora(m, lora)
     return make
 
 
@@ -138,3 +138,102 @@ def test_pad_batch_and_eval_batches():
     assert int(padded["attention_mask"][:, batch["input_ids"].shape[1]:].sum()) == 0
     order = sorted(range(6), key=lambda i: len(enc[i]["input_ids"]))
     assert [i for b in perf.eval_batches(enc, order, 4, torch.device("cpu")) for i in b] == order
+
+
+def test_fused_qlora_rotary_and_mlp_match_peft_with_dropout(tiny, monkeypatch):
+    """core.qlinear (4-bit linear + LoRA in one function, GELU inside fc2) and the three-kernel
+    rotary give peft's and transformers' outputs and LoRA gradients, dropout included (the same
+    random draws: the function draws its masks as torch's dropout does)."""
+    from dataclasses import replace
+    from core import qlinear
+    plain, fast = tiny(replace(LORA, dropout=0.3)), tiny(replace(LORA, dropout=0.3))
+    for m in (plain, fast):
+        for name, p in m.named_parameters():
+            if "lora_B" in name:  # B starts at zero: give it values so that A's gradient is non-trivial
+                torch.manual_seed(len(name))
+                p.data.normal_(0, 0.1)
+    assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in fast.modules()) == 2 * 4
+    changes = perf.tune_model(fast, torch.float32)
+    assert "4-bit linear + LoRA as one autograd function" in changes
+    assert "partial rotary embedding in three kernels" in changes
+    fused = [m for m in fast.modules() if hasattr(m, "_qlora_original_forward")]
+    assert len(fused) >= 2 * 6 + 2  # 6 linear layers and the MLP of each of the 2 layers, + attention
+    enc = rows(8)
+    batch = collate(enc, list(range(8)), 0)
+    out = {}
+    for name, model in (("plain", plain), ("fast", fast)):
+        model.train()
+        torch.manual_seed(5)
+        logits = model(input_ids=batch["input_ids"]).logits
+        torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+        out[name] = (logits.detach(), grads(model))
+    torch.testing.assert_close(out["fast"][0], out["plain"][0], rtol=1e-5, atol=1e-5)
+    assert out["fast"][1].keys() == out["plain"][1].keys()
+    for name, g in out["plain"][1].items():
+        assert float(g.abs().max()) > 0, name
+        torch.testing.assert_close(out["fast"][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    # a state the function does not cover runs peft's own forward: adapters disabled = the base model
+    fast.eval()
+    with torch.no_grad():
+        with fast.disable_adapter():
+            base_fast = fast(input_ids=batch["input_ids"]).logits
+        with plain.disable_adapter():
+            base_plain = plain.eval()(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(base_fast, base_plain, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("QLORA_FUSED", "0")
+    assert qlinear.install(tiny()) == 0
+
+
+def test_eval_batches_are_the_cheapest_split():
+    """The dynamic programme against every split of the distinct lengths into consecutive spans."""
+    import itertools
+    g = torch.Generator().manual_seed(7)
+    lengths = [int(x) for x in torch.randint(5, 70, (60,), generator=g)]
+    enc = [{"input_ids": [1] * n} for n in lengths]
+    order = sorted(range(len(enc)), key=lambda i: lengths[i])
+    device = torch.device("cuda")  # the GPU policy (token budget, batch cost); nothing runs on it
+    for budget, batch_cost, batch_size in ((2048, 256, 40), (100000, 1024, 1000), (600, 64, 8)):
+        import os
+        os.environ["QLORA_EVAL_TOKENS"], os.environ["QLORA_EVAL_BATCH_COST"] = str(budget), str(batch_cost)
+        try:
+            batches = perf.eval_batches(enc, order, batch_size, device)
+        finally:
+            del os.environ["QLORA_EVAL_TOKENS"], os.environ["QLORA_EVAL_BATCH_COST"]
+        assert [i for b in batches for i in b] == order
+        cap = lambda w: max(1, min(batch_size, budget // w))
+        for b in batches:
+            width = max(lengths[i] for i in b)
+            assert len(b) <= cap(width)
+        cost = lambda bs: sum(len(b) * max(lengths[i] for i in b) for b in bs) + len(bs) * batch_cost
+        distinct = sorted(set(lengths))
+        counts = [lengths.count(n) for n in distinct]
+        best = None
+        for cuts in itertools.chain.from_iterable(itertools.combinations(range(1, len(distinct)), k)
+                                                  for k in range(0, 4)):  # up to 4 spans: enough here
+            edges = [0, *cuts, len(distinct)]
+            c = 0
+            for a, b in zip(edges, edges[1:]):
+                n, w = sum(counts[a:b]), distinct[b - 1]
+                c += n * w + -(-n // cap(w)) * batch_cost
+            best = c if best is None else min(best, c)
+        assert cost(batches) <= best  # the DP considers every split, not only these
+
+
+def test_fetch_later_and_eval_graphs_on_cpu(tiny):
+    get = perf.fetch_later(torch.tensor(1.5), None, torch.tensor([2.0]))
+    assert get() == [1.5, None, 2.0]
+    model = tiny()
+    perf.tune_model(model, torch.float32)
+    graphs = perf.EvalGraphs(model, torch.device("cpu"))
+    assert not graphs.enabled  # CUDA only; on CPU predict runs eagerly with the same result
+    enc = rows(9)
+    p1, l1 = predict(model, enc, 4, 0, torch.device("cpu"), torch.float32)
+    p2, l2 = predict(model, enc, 4, 0, torch.device("cpu"), torch.float32, graphs=graphs)
+    assert (p1 == p2).all() and l1 == l2
+
+
+def test_a_classifier_builds_no_key_value_cache(tiny):
+    model = tiny()
+    assert model.config.use_cache is False
+    out = model(input_ids=torch.randint(1, 300, (2, 9)))
+    assert out.past_key_values is None
