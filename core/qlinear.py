@@ -2,17 +2,21 @@
 
 peft runs a LoRA layer on a bitsandbytes NF4 base as bnb's matmul_4bit (dequantise, GEMM), a
 defensive clone of the output, dropout, autocast casts, two small GEMMs, a scale and an add: a
-dozen kernels and as many saved tensors. `QLoRALinear` computes the same function with the fewest
+dozen kernels and as many saved tensors. `QLoRALinearFn` computes the same function with fewer
 kernels and saved tensors (s = alpha / r, m = dropout mask / (1 - p)):
 
-    forward:   W = dequant(W4);  y = x W^T + b;  xd = m * x;  u = s * xd A^T;  y += u B^T
+    forward:   W = dequant(W4);  y = x W^T + b;  u = s * (m * x) A^T;  y += u B^T
     backward:  W = dequant(W4)              (dequantised again: a 16-bit W is never kept)
-               v = s * g B;  gx = g W + m * (v A);  gA = v^T xd;  gB = g^T u
+               v = s * g B;  gx = g W + m * (v A);  gA = v^T (m * x);  gB = g^T u
 
-It saves xd, the dropout mask and u (rows x r, tiny); never W, never x itself. A base layer with
-no adapter (k_proj, dense) takes the same path with nothing saved at all: a frozen weight needs no
-input to pass the gradient on. LoRA weights stay fp32 (the optimiser's copy); their 16-bit copies
-are made per call (r x d: tiny) and their gradients come back in fp32.
+It saves x, the dropout mask and u (rows x r, tiny), and recomputes m * x in backward: q, k, v
+and fc1 read the same x, so they keep one copy between them. Never W. A base layer with no
+adapter (k_proj, dense) saves nothing: a frozen weight needs no input to pass the gradient on.
+With act="gelu_tanh" (Phi's MLP: fc2(gelu(h))) the input is h, the GELU runs inside and is
+recomputed in backward, so its output is never stored. LoRA weights stay fp32 (the optimiser's
+copy); their 16-bit copies are made per call (r x d: tiny) and their gradients come back in
+fp32. Without gradients and on more rows than inputs, s B A is added into the call's own copy
+of W instead (one GEMM over the rows, not two).
 
     install(model)     # every bnb Linear4bit, with or without a peft LoRA adapter; returns a count
     uninstall(model)   # back to peft's and bitsandbytes' own forward
