@@ -80,9 +80,9 @@ def planned_rows(cfg: RunConfig, known: dict[str, int] | None = None) -> dict[st
 def model_shape(name: str, revision: str | None = None) -> dict:
     """hidden size, layers, heads and vocabulary of a model, from its config (no weights)."""
     from transformers import AutoConfig
-    from .model import resolve_model_name
-    folder = resolve_model_name(name)
-    c = AutoConfig.from_pretrained(folder, revision=revision, local_files_only=Path(folder).is_dir())
+    from .model import pretrained_source
+    name, source = pretrained_source(name, revision)
+    c = AutoConfig.from_pretrained(name, **source)
     return {"hidden": getattr(c, "hidden_size", None) or getattr(c, "n_embd", None),
             "layers": getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None),
             "heads": getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None),

@@ -42,6 +42,13 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
+def pretrained_source(name: str, revision: str | None = None) -> tuple[str, dict]:
+    """(the name for from_pretrained, its revision/local_files_only arguments): a local folder,
+    the embedded model's included, is read as it is, with no Hub lookup."""
+    path = resolve_model_name(name)
+    return path, {"revision": revision, "local_files_only": Path(path).is_dir()}
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("model.device is cuda but no CUDA GPU is available")
@@ -71,8 +78,8 @@ def load_tokenizer(cfg: ModelConfig):
     """The model's tokenizer, with a pad token set (causal LMs have none: reuse EOS or UNK)."""
     from transformers import AutoTokenizer
     try:
-        name = resolve_model_name(cfg.name)
-        tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, local_files_only=Path(name).is_dir())
+        name, source = pretrained_source(cfg.name, cfg.revision)
+        tok = AutoTokenizer.from_pretrained(name, **source)
     except OSError as e:  # not a local folder, and the Hub unreachable or the id unknown
         raise RuntimeError(f"could not load the tokenizer of model {cfg.name!r}: {e}".rstrip() +
                            " Without network access, give a local folder in Hugging Face format "
@@ -107,11 +114,10 @@ def load_model(cfg: ModelConfig, num_labels: int, pad_token_id: int | None, devi
         kwargs.update(id2label=id2label, label2id={v: k for k, v in id2label.items()})
     if cfg.quantize == "bnb.nf4":
         kwargs["quantization_config"] = quantization_config(cfg, compute_dtype)
-    name = resolve_model_name(cfg.name)
+    name, source = pretrained_source(cfg.name, cfg.revision)
     model = AutoModelForSequenceClassification.from_pretrained(
         name,
-        revision=cfg.revision,
-        local_files_only=Path(name).is_dir(),  # a folder needs no Hub lookups (each can wait on a timeout)
+        **source,
         num_labels=num_labels,
         dtype=compute_dtype,
         device_map={"": device},
@@ -239,9 +245,8 @@ def estimate_parameters(model_name: str, num_labels: int, lora: LoraSettings, qu
     """count_parameters without loading weights: the model is built on the meta device from its
     config (which for a Hub model needs the network or a cached config)."""
     from transformers import AutoConfig
-    folder = resolve_model_name(model_name)
-    config = AutoConfig.from_pretrained(folder, revision=revision, num_labels=num_labels,
-                                        local_files_only=Path(folder).is_dir())
+    name, source = pretrained_source(model_name, revision)
+    config = AutoConfig.from_pretrained(name, **source, num_labels=num_labels)
     return estimate_parameters_from_config(config, lora, quantize, pooling)
 
 
