@@ -78,7 +78,7 @@ def main() -> int:
         enc = [{"input_ids": ids[i, :8 + 2 * i].tolist(), "label": int(labels[i])} for i in range(16)]
         eager, _ = predict(tuned, enc, 8, 0, dev, dtype)
         os.environ["QLORA_EVAL_GRAPHS"] = "1"
-        graphs = perf.EvalGraphs(tuned, dev)
+        graphs = perf.EvalGraphs(dev)
         first, _ = predict(tuned, enc, 8, 0, dev, dtype, graphs=graphs)
         again, _ = predict(tuned, enc, 8, 0, dev, dtype, graphs=graphs)
         eval_err = float(max(abs(first - eager).max(), abs(again - eager).max()))

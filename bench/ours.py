@@ -215,7 +215,7 @@ def eval_speed(a) -> dict:
         os.environ["QLORA_EVAL_TOKENS"] = str(budget)
         for mode in ("eager", "graphs"):
             os.environ["QLORA_EVAL_GRAPHS"] = "1"
-            graphs = perf.EvalGraphs(model, dev) if mode == "graphs" else None
+            graphs = perf.EvalGraphs(dev) if mode == "graphs" else None
             predict(model, enc, 1024, tok.pad_token_id, dev, torch.bfloat16, graphs=graphs)  # warm-up / capture
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -236,6 +236,22 @@ def pad_batch(batch: dict[str, torch.Tensor], pad_id: int, width: int | None = N
 
 # --- the training step -----------------------------------------------------------------------
 
+def capture_graph(run, device: torch.device, pool, warm_up: bool):
+    """(CUDA graph of run(), what run() returned inside it), in memory pool `pool`. With warm_up,
+    run() goes once on a side stream first, so lazy initialisation stays out of the capture.
+    Raises whatever the capture raises (an op that syncs or cannot be captured)."""
+    if warm_up:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = run()
+    return graph, out
+
+
 class TrainStep:
     """Forward + backward of micro-batches into the .grad of the trainable weights."""
 
@@ -338,28 +354,15 @@ class TrainStep:
 
     def _capture(self, example: dict[str, torch.Tensor]) -> dict | None:
         t0 = time.perf_counter()
-        try:
-            return self._capture_graph(example)
-        finally:
-            self.capture_s += time.perf_counter() - t0
-
-    def _capture_graph(self, example: dict[str, torch.Tensor]) -> dict | None:
         static = {k: v.to(self.device).clone() for k, v in example.items()}  # outside the graph pool
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         saved = [p.grad.clone() for p in self.params]
         saved_loss = self.loss_sum.clone()
-        try:
-            if self.captures == 0 or self.warmup_each:  # later shapes: capture without a warm-up
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):  # warm-up: lazy initialisation stays out of the capture
-                    self._fwd_bwd(static)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self._fwd_bwd(static)
+        try:  # later shapes: capture without a warm-up
+            graph, _ = capture_graph(lambda: self._fwd_bwd(static), self.device, self.pool,
+                                     warm_up=self.captures == 0 or self.warmup_each)
         except Exception as e:  # an op that syncs or is not capturable: fall back to eager
             self.graphs = False
             self.graph_error = f"{type(e).__name__}: {e}"[:500]
@@ -369,6 +372,7 @@ class TrainStep:
             for p, g in zip(self.params, saved):  # the warm-up's gradient does not count
                 p.grad.copy_(g)
             self.loss_sum.copy_(saved_loss)
+            self.capture_s += time.perf_counter() - t0
         self.pool = graph.pool()
         self.captures += 1
         entry = {"graph": graph, "static": static}
@@ -384,8 +388,7 @@ class EvalGraphs:
     reference experiment: 2,597 pairs/s replayed against 1,967 eager; a capture costs about the
     time of one eager pass). Eager on CPU, and after a capture fails."""
 
-    def __init__(self, model, device: torch.device):
-        self.model = model
+    def __init__(self, device: torch.device):
         self.device = device
         self.enabled = device.type == "cuda" and os.environ.get("QLORA_EVAL_GRAPHS", "1") != "0"
         self.cache: dict[tuple, dict] = {}
@@ -395,14 +398,12 @@ class EvalGraphs:
     def logits(self, batch: dict[str, torch.Tensor], forward) -> torch.Tensor:
         """forward(batch on the device) -> logits, run through a graph for this batch's shape. The
         result of a replay lives in the graph's output: use it before the same shape runs again."""
-        if not self.enabled:
+        entry = None
+        if self.enabled:
+            key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
+            entry = self.cache.get(key) or self._capture(batch, forward, key)
+        if entry is None:  # disabled, or the capture just failed
             return forward({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-        key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
-        entry = self.cache.get(key)
-        if entry is None:
-            entry = self._capture(batch, forward, key)
-            if entry is None:
-                return forward({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
         for k, v in batch.items():
             entry["static"][k].copy_(v.pin_memory(), non_blocking=True)
         entry["graph"].replay()
@@ -411,15 +412,7 @@ class EvalGraphs:
     def _capture(self, batch, forward, key) -> dict | None:
         static = {k: v.to(self.device) for k, v in batch.items()}
         try:
-            if not self.cache:  # warm-up on a side stream: lazy initialisation stays out of the capture
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    forward(static)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = forward(static)
+            graph, out = capture_graph(lambda: forward(static), self.device, self.pool, warm_up=not self.cache)
         except Exception as e:  # not capturable: evaluate eagerly from now on
             self.enabled = False
             self.error = f"{type(e).__name__}: {e}"[:500]
@@ -527,12 +520,13 @@ class PeakMemory:
         self.device = device
         self.overall: float | None = None
 
-    def phase(self) -> float | None:
+    def phase(self, in_overall: bool = True) -> float | None:
         if not self.cuda:
             return None
         gib = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.overall = gib if self.overall is None else max(self.overall, gib)
+        if in_overall:
+            self.overall = gib if self.overall is None else max(self.overall, gib)
         return gib
 
 

@@ -114,9 +114,8 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         model = add_lora(model, cfg.lora)
         tuned = perf.tune_model(model, dtype)  # fused GELU, 16-bit LayerNorm out, fp32 residual on fp16
         load_s = time.time() - t_load
-        memory = perf.PeakMemory(device)  # loading peaks apart (16-bit shards before quantising)
-        load_peak_gb = memory.phase()
-        memory.overall = None
+        memory = perf.PeakMemory(device)
+        load_peak_gb = memory.phase(in_overall=False)  # loading peaks apart (16-bit shards before quantising)
         t0 = time.time()
         encoded = {s: encode(ex, tokenizer, cfg.data) for s, ex in splits.items()}
         timings["encode_s"] = time.time() - t0
@@ -135,7 +134,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
             target_modules=sorted(model.peft_config["default"].target_modules),
             mean_tokens={s: round(float(np.mean([len(e["input_ids"]) for e in v])), 1) for s, v in encoded.items()})
         ckpt_dir = run_dir / rundir.CHECKPOINTS
-        eval_graphs = perf.EvalGraphs(model, device)  # validation and test batches repeat: replay them
+        eval_graphs = perf.EvalGraphs(device)  # validation and test batches repeat: replay them
         save_adapter(model, ckpt_dir / "epoch-0")  # the "before" model, head initialisation included
 
         def evaluate(split: str, stage: str) -> tuple[np.ndarray, float, float]:

@@ -224,7 +224,7 @@ def test_fetch_later_and_eval_graphs_on_cpu(tiny):
     assert get() == [1.5, None, 2.0]
     model = tiny()
     perf.tune_model(model, torch.float32)
-    graphs = perf.EvalGraphs(model, torch.device("cpu"))
+    graphs = perf.EvalGraphs(torch.device("cpu"))
     assert not graphs.enabled  # CUDA only; on CPU predict runs eagerly with the same result
     enc = rows(9)
     p1, l1 = predict(model, enc, 4, 0, torch.device("cpu"), torch.float32)
