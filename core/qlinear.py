@@ -19,7 +19,6 @@ fp32. Without gradients and on more rows than inputs, s B A is added into the ca
 of W instead (one GEMM over the rows, not two).
 
     install(model)     # every bnb Linear4bit, with or without a peft LoRA adapter; returns a count
-    uninstall(model)   # back to peft's and bitsandbytes' own forward
 
 A layer falls back to its original forward for anything the function does not cover (several or
 disabled adapters, merged weights, DoRA and other variants, LoRA bias, mixed-adapter batches).
@@ -31,14 +30,16 @@ from __future__ import annotations
 import os
 import types
 
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
 import torch
+from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
 _ORIGINAL = "_qlora_original_forward"
 
 
 def dequantize(weight, quant_state) -> torch.Tensor:
     """The 16-bit (or fp32) weight [out, in] of a bnb Params4bit, double quantisation included."""
-    import bitsandbytes.functional as bnbF
     return bnbF.dequantize_4bit(weight, quant_state)
 
 
@@ -164,7 +165,6 @@ class QLoRALinearFn(torch.autograd.Function):
 
 def _base_of(module):
     """The bnb Linear4bit under a peft LoRA layer, or the module itself if it is one."""
-    import bitsandbytes as bnb
     base = getattr(module, "base_layer", module)
     return base if isinstance(base, bnb.nn.Linear4bit) else None
 
@@ -196,7 +196,6 @@ def _fused_forward(self, x: torch.Tensor, *args, act: str | None = None, **kwarg
     parts = None
     if base is not self:  # a peft LoRA layer
         parts = _lora_parts(self)
-    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
     fix_4bit_weight_quant_state_from_module(base)
     quant_state = base.weight.quant_state
     if (args or kwargs or (base is not self and parts is None)  # adapter_names and other cases peft handles
@@ -232,12 +231,8 @@ def enabled() -> bool:
 
 def install(model) -> int:
     """Route every 4-bit linear layer (LoRA-wrapped or plain) through QLoRALinearFn; returns how
-    many layers now take it. No-op (0) when QLORA_FUSED=0 or bitsandbytes is absent."""
+    many layers now take it. No-op (0) when QLORA_FUSED=0."""
     if not enabled():
-        return 0
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:  # pragma: no cover - bnb is a requirement
         return 0
     under_lora = {id(m.base_layer) for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
     count = 0
@@ -256,10 +251,3 @@ def install(model) -> int:
             setattr(module, _ORIGINAL, module.forward)
             module.forward = types.MethodType(_mlp_forward, module)
     return count
-
-
-def uninstall(model) -> None:
-    for module in model.modules():
-        if hasattr(module, _ORIGINAL):
-            module.forward = getattr(module, _ORIGINAL)
-            delattr(module, _ORIGINAL)
