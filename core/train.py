@@ -11,6 +11,7 @@ Everything is written into the run folder as it happens (see core/rundir.py).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -26,8 +27,8 @@ from . import perf, rundir
 from .config import RunConfig
 from .data import batch_indices, collate, encode, load_splits
 from .evaluate import accuracy, predict, prediction_rows
-from .model import (add_lora, count_parameters, load_adapter_weights, load_model, load_tokenizer,
-                    pick_compute_dtype, pick_device, resolve_pooling, save_adapter)
+from .model import (AdapterSaver, add_lora, count_parameters, load_adapter_weights, load_model, load_tokenizer,
+                    pick_compute_dtype, pick_device, resolve_pooling)
 from .resources import ResourceSampler, hardware_info
 
 
@@ -94,6 +95,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
             raise Stopped()
 
     sampler = ResourceSampler(run_dir / rundir.RESOURCES).start()
+    saver = None
     t_start = time.time()
     try:
         # --- setup --------------------------------------------------------------------------
@@ -134,19 +136,24 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
             target_modules=sorted(model.peft_config["default"].target_modules),
             mean_tokens={s: round(float(np.mean([len(e["input_ids"]) for e in v])), 1) for s, v in encoded.items()})
         ckpt_dir = run_dir / rundir.CHECKPOINTS
-        eval_graphs = perf.EvalGraphs(device)  # validation and test batches repeat: replay them
-        save_adapter(model, ckpt_dir / "epoch-0")  # the "before" model, head initialisation included
+        # Validation is scored before training and after every epoch: its batches are captured once as
+        # CUDA graphs and replayed. Test is scored twice, where a capture costs more than it saves.
+        eval_graphs = perf.EvalGraphs(device)
+        graph_splits = {"validation"} if cfg.train.epochs >= 2 else set()
+        saver = AdapterSaver(model)  # later checkpoints are written while training goes on
+        saver.save(ckpt_dir / "epoch-0")  # the "before" model, head initialisation included
 
         def evaluate(split: str, stage: str) -> tuple[np.ndarray, float, float]:
             rundir.write_status(run_dir, phase=f"evaluating {split} ({stage})")
             t0 = time.time()
+            graphs = eval_graphs if split in graph_splits else None
             probs, loss = predict(model, encoded[split], cfg.train.eval_batch_size, pad_id, device, dtype,
-                                  graphs=eval_graphs)
+                                  graphs=graphs)
             secs = time.time() - t0
             acc = accuracy(probs, splits[split])
             log(kind="eval", split=split, stage=stage, accuracy=acc, loss=loss, n=len(splits[split]),
                 seconds=round(secs, 3), pairs_per_s=round(len(splits[split]) / max(secs, 1e-9), 1),
-                peak_gb=memory.phase(), cuda_graphs=eval_graphs.enabled,
+                peak_gb=memory.phase(), cuda_graphs=graphs is not None and eval_graphs.enabled,
                 **({"graph_error": eval_graphs.error} if eval_graphs.error else {}))
             return probs, acc, loss
 
@@ -231,7 +238,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
             check_stop()
             _, val_acc, val_loss = evaluate("validation", f"epoch-{epoch}")
             t_save = time.time()
-            save_adapter(model, ckpt_dir / f"epoch-{epoch}")
+            saver.save(ckpt_dir / f"epoch-{epoch}")  # a copy now, the file on a thread
             save_s = time.time() - t_save
             if best is None or (val_acc, -val_loss) > (best["val_accuracy"], -best["val_loss"]):
                 best = {"epoch": epoch, "val_accuracy": val_acc, "val_loss": val_loss}
@@ -243,6 +250,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
 
         # --- after: the best epoch by validation, scored once on test ---------------------------------
         check_stop()
+        saver.wait()
         load_adapter_weights(model, ckpt_dir / f"epoch-{best['epoch']}")
         probs, test_acc, _ = evaluate("test", "after")
         rundir.atomic_write_jsonl(run_dir / rundir.PREDICTIONS / "test_after.jsonl",
@@ -273,6 +281,9 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
                             error=message, traceback=traceback.format_exc(limit=20))
         raise
     finally:
+        if saver is not None:  # a checkpoint being written is finished, not cut off
+            with contextlib.suppress(Exception):
+                saver.wait()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
-from core.model import (add_lora, classification_head, count_parameters, load_adapter_weights, load_model,
-                        load_tokenizer, save_adapter)
+from core.model import (AdapterSaver, add_lora, classification_head, count_parameters, load_adapter_weights,
+                        load_model, load_tokenizer, save_adapter)
 
 SNLI = Path(__file__).resolve().parents[2] / "shared" / "data" / "snli_sample"
 CPU = torch.device("cpu")
@@ -112,6 +112,45 @@ def test_qlora_on_tiny_models(arch, tmp_path):
     fresh.eval()
     with torch.no_grad():
         assert torch.allclose(fresh(**batch).logits, logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["phi", "bert"])
+def test_threaded_checkpoints_match_peft_saves(arch, tmp_path):
+    """AdapterSaver's later checkpoints (tensor copies written on a thread) hold the same keys,
+    values and config as peft's save_pretrained of the same moment, although the parameters
+    change right after save() returns; a failed write is raised by wait()."""
+    from safetensors.torch import load_file
+    folder = save_tiny_model(arch, tmp_path / arch)
+    torch.manual_seed(0)
+    model = add_lora(load_model(ModelConfig(name=str(folder)), 3, 0, CPU, torch.float32),
+                     LoraSettings(r=4, alpha=8, dropout=0.0))
+    saver = AdapterSaver(model)
+    saver.save(tmp_path / "epoch-0")  # through peft
+    assert saver.keys  # every key maps to a parameter: later saves take the fast path
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(torch.randn_like(p))
+    save_adapter(model, tmp_path / "peft-1")
+    saver.save(tmp_path / "epoch-1")
+    with torch.no_grad():  # changed while (or before) the thread writes: not in the checkpoint
+        for p in trainable:
+            p.mul_(-3.0)
+    saver.wait()
+    ours, peft = load_file(tmp_path / "epoch-1" / "adapter_model.safetensors"), load_file(
+        tmp_path / "peft-1" / "adapter_model.safetensors")
+    assert ours.keys() == peft.keys() and len(ours) >= 3
+    for k in ours:
+        assert torch.equal(ours[k], peft[k]), k
+    assert (json.loads((tmp_path / "epoch-1" / "adapter_config.json").read_text())
+            == json.loads((tmp_path / "peft-1" / "adapter_config.json").read_text()))
+    assert not list(tmp_path.glob(".*.tmp"))  # written aside, then renamed
+
+    (tmp_path / "epoch-0" / "adapter_config.json").unlink()  # the next write cannot copy it
+    saver.save(tmp_path / "epoch-2")
+    with pytest.raises(RuntimeError, match="writing a checkpoint failed"):
+        saver.wait()
+    assert not (tmp_path / "epoch-2").exists()
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi"])
