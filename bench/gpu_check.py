@@ -19,7 +19,7 @@ import torch
 
 def main() -> int:
     from transformers import PhiConfig, PhiForCausalLM
-    from core import perf
+    from core import packing, perf
     from core.config import LoraSettings, ModelConfig
     from core.model import add_lora, load_model
 
@@ -63,6 +63,26 @@ def main() -> int:
                 with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
                     logits = model(input_ids=ids.to(dev)).logits.float()
                 out["graphs"] = step.graphs
+                # packed (core/packing.py): the same rows end to end, FlashAttention's varlen kernel
+                grads = {n: p.grad.float().clone() for n, p in model.named_parameters()
+                         if p.requires_grad and p.grad is not None}
+                model.train()
+                rows = [{"input_ids": ids[i].tolist(), "label": int(labels[i])} for i in range(16)]
+                pstep = perf.TrainStep(model, dev, dtype, 0, graphs=dtype == torch.bfloat16)
+                out["packed_enabled"] = pstep.packed
+                pstep.zero_grad()
+                pstep.run_packed(rows, step_rows=16, max_rows=16, max_len=64)
+                pstep.zero_grad()
+                pstep.run_packed(rows, step_rows=16, max_rows=16, max_len=64)
+                out["packed_graphs"] = pstep.graphs
+                model.eval()
+                with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+                    plogits = packing.packed_logits(model, {k: v.to(dev) for k, v in packing.pack(rows, 0).items()},
+                                                    64).float()
+                out["packed"] = (plogits, {n: p.grad.float().clone() for n, p in model.named_parameters()
+                                           if p.requires_grad and p.grad is not None})
+                out[name] = (logits.detach(), grads)
+                continue
             out[name] = (logits.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters()
                                            if p.requires_grad and p.grad is not None})
         rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-12))
@@ -73,10 +93,20 @@ def main() -> int:
                               "logits_rel_err": logit_err, "max_grad_rel_err": grad_err,
                               "same_predictions": same_pred, "grads": len(out["plain"][1])}
         ok &= logit_err < 0.02 and grad_err < 0.05 and len(out["tuned"][1]) == len(out["plain"][1])
+        p_logit_err = rel(out["packed"][0], out["plain"][0])
+        p_grad_err = max(rel(out["packed"][1][n], gp) for n, gp in out["plain"][1].items())
+        report[str(dtype)].update(packed_enabled=out["packed_enabled"], packed_graphs=out["packed_graphs"],
+                                  packed_logits_rel_err=p_logit_err, packed_max_grad_rel_err=p_grad_err)
+        ok &= out["packed_enabled"] and p_logit_err < 0.02 and p_grad_err < 0.05
         # evaluation through captured graphs (capture, then replay) against eager evaluation
         from core.evaluate import predict
         enc = [{"input_ids": ids[i, :8 + 2 * i].tolist(), "label": int(labels[i])} for i in range(16)]
-        eager, _ = predict(tuned, enc, 8, 0, dev, dtype)
+        eager, _ = predict(tuned, enc, 8, 0, dev, dtype)  # packed (the default on a GPU)
+        os.environ["QLORA_PACK"] = "0"
+        padded, _ = predict(tuned, enc, 8, 0, dev, dtype)
+        os.environ["QLORA_PACK"] = "auto"
+        report[str(dtype)]["packed_vs_padded_probs_max_abs_err"] = float(abs(eager - padded).max())
+        ok &= float(abs(eager - padded).max()) < 1e-2
         os.environ["QLORA_EVAL_GRAPHS"] = "1"
         graphs = perf.EvalGraphs(dev)
         first, _ = predict(tuned, enc, 8, 0, dev, dtype, graphs=graphs)

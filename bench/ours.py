@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from core import perf
+from core import packing, perf
 from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
 
 
@@ -119,14 +119,22 @@ def sweep(a) -> dict:
         batches = batch_indices(enc, bs, shuffle=True, seed=1, bucket=True)
         batches = [b for b in batches if len(b) == bs] or batches
         torch.cuda.reset_peak_memory_stats()
-        def one(idx):
-            batch = collate(enc, idx, tok.pad_token_id)
-            stepper.run(batch, step_rows=len(idx), rows=bs)
-            loss = stepper.take_loss()
+        max_len = packing.round_up(max(len(e["input_ids"]) for e in enc))
+
+        def one(idx):  # as core.train's loop does it: no wait for the loss
+            if stepper.packed:
+                real, processed = stepper.run_packed([enc[i] for i in idx], step_rows=len(idx), max_rows=bs,
+                                                     max_len=max_len)
+            else:
+                batch = collate(enc, idx, tok.pad_token_id)
+                stepper.run(batch, step_rows=len(idx), rows=bs)
+                real = int(batch["attention_mask"].sum())
+                processed = len(idx) * perf.pad_width(batch["input_ids"].shape[1])
+            stepper.take_loss_tensor()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             stepper.zero_grad()
-            return batch
+            return real, processed
         # capture every shape first (warm-up), then time a pass over the same batches
         for idx in batches:
             one(idx)
@@ -136,9 +144,9 @@ def sweep(a) -> dict:
         real = padded_rows_w = rows = 0
         for _ in range(reps):
             for idx in batches:
-                batch = one(idx)
-                real += int(batch["attention_mask"].sum())
-                padded_rows_w += len(idx) * perf.pad_width(batch["input_ids"].shape[1])
+                r, p = one(idx)
+                real += r
+                padded_rows_w += p
                 rows += len(idx)
         torch.cuda.synchronize()
         dt = time.time() - t0
@@ -146,7 +154,8 @@ def sweep(a) -> dict:
         r = {"batch": bs, "pairs_per_s": rows / dt, "real_tokens_per_s": real / dt,
              "mfu": perf.mfu(f, real / dt, peak), "step_ms": 1000 * dt / (reps * len(batches)),
              "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "graphs": stepper.graphs,
-             "captures": stepper.captures, "graph_error": stepper.graph_error}
+             "captures": stepper.captures, "graph_error": stepper.graph_error, "packed": stepper.packed,
+             "pad_fraction": 1 - real / padded_rows_w}
         print(json.dumps(r), flush=True)
         results.append(r)
         del stepper
@@ -170,9 +179,14 @@ def profile(model, enc, pad_id, params, opt, bs, modes=("eager", "graphs")) -> d
     for mode in modes:
         stepper = perf.TrainStep(model, dev, torch.bfloat16, pad_id, graphs=(mode == "graphs"))
         stepper.zero_grad()
+        max_len = packing.round_up(max(len(e["input_ids"]) for e in enc))
+
         def one(idx):
-            stepper.run(collate(enc, idx, pad_id), step_rows=len(idx), rows=bs)
-            stepper.take_loss()
+            if stepper.packed:
+                stepper.run_packed([enc[i] for i in idx], step_rows=len(idx), max_rows=bs, max_len=max_len)
+            else:
+                stepper.run(collate(enc, idx, pad_id), step_rows=len(idx), rows=bs)
+            stepper.take_loss_tensor()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             stepper.zero_grad()

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import perf, rundir
+from . import packing, perf, rundir
 from .data import Example, collate
 
 
@@ -32,6 +33,8 @@ def predict(model, encoded: list[dict], batch_size: int, pad_id: int, device: to
 
     `graphs` (a perf.EvalGraphs kept across calls) replays captured forwards on a GPU: worth it
     when the same examples are scored again, as the validation set is after every epoch."""
+    if packing.enabled(model, device):
+        return _predict_packed(model, encoded, batch_size, pad_id, device, dtype, graphs)
     was_training = model.training
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))  # less padding
@@ -58,6 +61,35 @@ def predict(model, encoded: list[dict], batch_size: int, pad_id: int, device: to
         return np.zeros((0, 0)), float("nan")
     probs = torch.empty((len(encoded), chunks[0].shape[-1]), dtype=torch.float32)
     probs[torch.tensor(order)] = torch.cat(chunks).cpu()
+    return probs.numpy(), float(torch.stack(losses).sum().item()) / len(encoded)
+
+
+def _predict_packed(model, encoded, batch_size, pad_id, device, dtype, graphs):
+    """predict() on packed batches (core/packing.py): no padding; batches of at most batch_size
+    rows and QLORA_EVAL_TOKENS (16384) tokens, the same batches every time for the same rows."""
+    was_training = model.training
+    model.eval()
+    if not encoded:
+        return np.zeros((0, 0)), float("nan")
+    max_len = packing.round_up(max(len(e["input_ids"]) for e in encoded))
+    budget = int(os.environ.get("QLORA_EVAL_TOKENS", "16384"))
+
+    def forward(batch):
+        with autocast(device, dtype):
+            return packing.packed_logits(model, batch, max_len).float()
+
+    chunks, losses = [], []
+    for part in packing.split_rows(encoded, budget, batch_size):
+        batch = packing.pack(part, pad_id)
+        labels = batch.pop("labels").to(device, non_blocking=True)
+        if graphs is not None:
+            logits = graphs.logits(batch, forward, extra_key=max_len)
+        else:
+            logits = forward({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        chunks.append(torch.softmax(logits, -1))
+    model.train(was_training)
+    probs = torch.cat(chunks).cpu()
     return probs.numpy(), float(torch.stack(losses).sum().item()) / len(encoded)
 
 

@@ -25,6 +25,8 @@ import types
 
 import torch
 
+from . import packing
+
 # Dense peak rates (FLOP/s) of the matrix units in the dtype we train in (bf16; fp16 on a T4).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
               "L4": 121e12, "T4": 65e12, "A10": 125e12, "L40": 181e12, "V100": 125e12}
@@ -130,25 +132,39 @@ _rotary_tables.last = None
 
 def _phi_attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None,
                            **kwargs):
-    """PhiAttention.forward with the partial rotary embedding as x * C + (x @ P) * S on the
-    projections' own [batch, seq, heads, head_dim] layout: three contiguous kernels per tensor
-    instead of slices, a rotate_half cat, strided products and a cat back. Same maths; the
-    original runs whenever this does not apply (cache, q/k LayerNorm)."""
+    """PhiAttention.forward with the partial rotary embedding in one Triton kernel per tensor on a
+    GPU (core/rope.py), elsewhere as x * C + (x @ P) * S on the projections' own [batch, seq,
+    heads, head_dim] layout: three contiguous kernels per tensor instead of slices, a
+    rotate_half cat, strided products and a cat back. Same maths; the original runs whenever
+    this does not apply (cache, q/k LayerNorm)."""
     if past_key_values is not None or self.qk_layernorm:
         return self._qlora_original_forward(hidden_states, position_embeddings, attention_mask,
                                             past_key_values=past_key_values, **kwargs)
     from transformers.models.phi import modeling_phi
+    from . import rope as triton_rope
     shape = (*hidden_states.shape[:-1], -1, self.head_dim)
     cos, sin = position_embeddings
-    c, s, p = _rotary_tables(cos, sin, self.head_dim)
+    packed = kwargs.pop(packing.KEY, None)
+    if packed is not None:  # rows laid end to end (core/packing.py): per-row positions and attention
+        cos, sin = packing.rotary_tables(packed, cos, sin)
 
-    def rope(x):
-        x = x.view(shape)
-        return torch.addcmul(x * c, (x.reshape(-1, self.head_dim) @ p).view(x.shape), s).transpose(1, 2)
+    if triton_rope.available(hidden_states):  # one kernel each way (core/rope.py)
+        def rope(x):
+            return triton_rope.rope(x, cos, sin, self.head_dim).view(shape).transpose(1, 2)
+    else:
+        c, s, p = _rotary_tables(cos, sin, self.head_dim)
+
+        def rope(x):
+            x = x.view(shape)
+            return torch.addcmul(x * c, (x.reshape(-1, self.head_dim) @ p).view(x.shape), s).transpose(1, 2)
 
     query_states = rope(self.q_proj(hidden_states))
     key_states = rope(self.k_proj(hidden_states))
     value_states = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+    if packed is not None:  # [1, heads, T, head_dim] views -> [T, heads, head_dim]
+        out = packing.attention(query_states[0].transpose(0, 1), key_states[0].transpose(0, 1),
+                                value_states[0].transpose(0, 1), packed, self.scaling)
+        return self.dense(out.reshape(*hidden_states.shape[:-1], -1)), None
     impl = self.config._attn_implementation
     attention = (modeling_phi.eager_attention_forward if impl == "eager"
                  else modeling_phi.ALL_ATTENTION_FUNCTIONS[impl])
@@ -189,7 +205,7 @@ def tune_model(model, dtype: torch.dtype) -> list[str]:
                     and not hasattr(module, "_qlora_original_forward")):
                 module._qlora_original_forward = module.forward
                 module.forward = types.MethodType(_phi_attention_forward, module)
-                changes.append("partial rotary embedding in three kernels")
+                changes.append("partial rotary embedding fused (one Triton kernel on GPU, three torch kernels elsewhere)")
     from . import qlinear
     if qlinear.install(model):  # fewer kernels and saved tensors per 4-bit linear (+ LoRA) layer
         changes.append("4-bit linear + LoRA as one autograd function")
@@ -268,7 +284,9 @@ class TrainStep:
         self.drop_mask = is_causal(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-        self.cache: dict[tuple[int, int], dict] = {}
+        self.cache: dict[tuple, dict] = {}
+        self.packed = packing.enabled(model, device)  # rows laid end to end: use run_packed()
+        self.max_len = 0
         self.pool = None
         self.captures = 0
         self.capture_s = 0.0  # wall time spent capturing graphs (warm-up included)
@@ -304,13 +322,17 @@ class TrainStep:
         return contextlib.nullcontext()
 
     def _fwd_bwd(self, b: dict[str, torch.Tensor]) -> None:
-        kwargs = {"input_ids": b["input_ids"]}
-        if not self.drop_mask:
-            kwargs["attention_mask"] = b["attention_mask"]
-        if "token_type_ids" in b:
-            kwargs["token_type_ids"] = b["token_type_ids"]
-        with self._autocast():
-            logits = self.model(**kwargs).logits
+        if "cu_seqlens" in b:  # packed (core/packing.py)
+            with self._autocast():
+                logits = packing.packed_logits(self.model, b, self.max_len)
+        else:
+            kwargs = {"input_ids": b["input_ids"]}
+            if not self.drop_mask:
+                kwargs["attention_mask"] = b["attention_mask"]
+            if "token_type_ids" in b:
+                kwargs["token_type_ids"] = b["token_type_ids"]
+            with self._autocast():
+                logits = self.model(**kwargs).logits
         ce = torch.nn.functional.cross_entropy(logits.float(), b["labels"], reduction="none")
         loss = (ce * b["weight"]).sum()
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -338,21 +360,40 @@ class TrainStep:
         weight = torch.zeros(padded["input_ids"].shape[0], dtype=torch.float32)
         weight[:n] = 1.0 / step_rows
         padded["weight"] = weight
+        self._launch(padded)
+
+    def run_packed(self, rows: list[dict], step_rows: int, max_rows: int, max_len: int) -> tuple[int, int]:
+        """run() for a model that packs (core/packing.py): `rows` (encoded examples) laid end to
+        end in micro-batches of at most max_rows rows and token_budget tokens, no padding but the
+        filler up to a multiple of 64. max_len: the longest row of the data, rounded up (fixed
+        for the run: graphs bake it in). Returns (real tokens, tokens processed)."""
+        self.max_len = max_len
+        real = processed = 0
+        for part in packing.split_rows(rows, self.token_budget, max_rows):
+            batch = packing.pack(part, self.pad_id, slots=max_rows if self.graphs else None,
+                                 weight=1.0 / step_rows)
+            real += sum(len(r["input_ids"]) for r in part)
+            processed += len(batch["input_ids"])
+            self._launch(batch)
+        return real, processed
+
+    def _launch(self, batch: dict[str, torch.Tensor]) -> None:
+        """Forward + backward of one CPU batch: replayed from its shape's graph, captured first."""
         if not self.graphs:
-            self._fwd_bwd({k: v.to(self.device, non_blocking=True) for k, v in padded.items()})
+            self._fwd_bwd({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
             return
-        key = tuple(padded["input_ids"].shape)
+        key = (self.max_len if "cu_seqlens" in batch else None, *(tuple(v.shape) for _, v in sorted(batch.items())))
         entry = self.cache.get(key)
         if entry is None:
-            entry = self._capture(padded)
+            entry = self._capture(batch, key)
             if entry is None:  # capture failed: run eagerly from now on
-                self._fwd_bwd({k: v.to(self.device, non_blocking=True) for k, v in padded.items()})
+                self._fwd_bwd({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
                 return
-        for k, v in padded.items():  # from pinned memory: the copy waits in the stream, not the host
+        for k, v in batch.items():  # from pinned memory: the copy waits in the stream, not the host
             entry["static"][k].copy_(v.pin_memory(), non_blocking=True)
         entry["graph"].replay()
 
-    def _capture(self, example: dict[str, torch.Tensor]) -> dict | None:
+    def _capture(self, example: dict[str, torch.Tensor], key) -> dict | None:
         t0 = time.perf_counter()
         static = {k: v.to(self.device).clone() for k, v in example.items()}  # outside the graph pool
         for p in self.params:
@@ -376,7 +417,7 @@ class TrainStep:
         self.pool = graph.pool()
         self.captures += 1
         entry = {"graph": graph, "static": static}
-        self.cache[tuple(example["input_ids"].shape)] = entry
+        self.cache[key] = entry
         return entry
 
 
@@ -395,12 +436,13 @@ class EvalGraphs:
         self.pool = None
         self.error: str | None = None
 
-    def logits(self, batch: dict[str, torch.Tensor], forward) -> torch.Tensor:
-        """forward(batch on the device) -> logits, run through a graph for this batch's shape. The
-        result of a replay lives in the graph's output: use it before the same shape runs again."""
+    def logits(self, batch: dict[str, torch.Tensor], forward, extra_key=None) -> torch.Tensor:
+        """forward(batch on the device) -> logits, run through a graph for this batch's shape (and
+        extra_key: what else forward bakes in). The result of a replay lives in the graph's
+        output: use it before the same shape runs again."""
         entry = None
         if self.enabled:
-            key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
+            key = (extra_key, *((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items())))
             entry = self.cache.get(key) or self._capture(batch, forward, key)
         if entry is None:  # disabled, or the capture just failed
             return forward({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})

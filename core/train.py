@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import perf, rundir
+from . import packing, perf, rundir
 from .config import RunConfig
 from .data import batch_indices, collate, encode, load_splits
 from .evaluate import accuracy, predict, prediction_rows
@@ -177,6 +177,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         peak = perf.peak_flops(device)
         stepper.zero_grad()
         micro = cfg.train.micro_batch_size or cfg.train.batch_size
+        max_len = packing.round_up(max((len(e["input_ids"]) for e in encoded["train"]), default=1))
         best = None  # the epoch with the highest validation accuracy (lower loss breaks ties)
         step = 0
         model.train()
@@ -190,13 +191,17 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
             t_done = t_epoch
             for b, idx in enumerate(batches):
                 check_stop()
-                real_tokens, padded_tokens = 0, 0
-                for s in range(0, len(idx), micro):
-                    batch = collate(encoded["train"], idx[s:s + micro], pad_id)
-                    # sum of CE over rows / rows in the step: micro-batches of any size weigh each row once
-                    stepper.run(batch, step_rows=len(idx), rows=micro)
-                    real_tokens += int(batch["attention_mask"].sum())
-                    padded_tokens += len(batch["input_ids"]) * stepper.width(batch["input_ids"].shape[1])
+                # sum of CE over rows / rows in the step: micro-batches of any size weigh each row once
+                if stepper.packed:  # rows end to end, no padding (core/packing.py)
+                    real_tokens, padded_tokens = stepper.run_packed(
+                        [encoded["train"][i] for i in idx], step_rows=len(idx), max_rows=micro, max_len=max_len)
+                else:
+                    real_tokens, padded_tokens = 0, 0
+                    for s in range(0, len(idx), micro):
+                        batch = collate(encoded["train"], idx[s:s + micro], pad_id)
+                        stepper.run(batch, step_rows=len(idx), rows=micro)
+                        real_tokens += int(batch["attention_mask"].sum())
+                        padded_tokens += len(batch["input_ids"]) * stepper.width(batch["input_ids"].shape[1])
                 loss = stepper.take_loss_tensor()  # stays on the device: no wait here
                 if scaler:
                     scaler.unscale_(optimizer)
