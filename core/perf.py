@@ -8,11 +8,12 @@
     step = TrainStep(model, device, dtype, pad_id)    # forward+backward of micro-batches
     step.zero_grad(); step.run(batch, rows_in_step); loss = step.take_loss()
 
-TrainStep pads a micro-batch to a width that is a multiple of 16 (few distinct shapes) and, on a
-CUDA GPU without a GradScaler, captures forward+backward of each (rows, width) shape once as a
-CUDA graph and replays it: one launch instead of thousands of kernel launches and the Python of
-peft/bitsandbytes/transformers per step. Rows that only fill a graph's shape are copies of real
-rows with loss weight 0. Set QLORA_CUDA_GRAPHS=0 to run the same padded step eagerly.
+TrainStep packs a micro-batch's rows end to end where the model allows it (run_packed,
+core/packing.py), else pads it to a width that is a multiple of 16 (few distinct shapes); on a
+CUDA GPU without a GradScaler it captures forward+backward of each shape once as a CUDA graph and
+replays it: one launch instead of thousands of kernel launches and the Python of
+peft/bitsandbytes/transformers per step. Rows (or packed slots) that only fill a graph's shape
+have loss weight 0. Set QLORA_CUDA_GRAPHS=0 to run the same step eagerly.
 """
 
 from __future__ import annotations
@@ -425,9 +426,11 @@ class EvalGraphs:
     """Evaluation forwards captured as CUDA graphs, one per batch shape, and replayed: a run scores
     the same validation batches after every epoch (and the same test batches before and after), so
     each shape is captured once and every later pass runs without Python or launch overhead.
-    On a GPU unless QLORA_EVAL_GRAPHS=0 (measured 2026-11-29 on an H200, 1,000 test pairs of the
-    reference experiment: 2,597 pairs/s replayed against 1,967 eager; a capture costs about the
-    time of one eager pass). Eager on CPU, and after a capture fails."""
+    On a GPU unless QLORA_EVAL_GRAPHS=0 (measured 2026-11-29 on an H200, 1,000 padded test pairs
+    of the reference experiment: 2,597 pairs/s replayed against 1,967 eager; a capture costs about
+    the time of one eager pass). Packed evaluation runs a few large batches, which gain nothing
+    from it (3,563 against 3,566 pairs/s): core.train uses it for padded models only. Eager on CPU,
+    and after a capture fails."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -466,10 +469,10 @@ class EvalGraphs:
 
 
 def micro_token_budget(device: torch.device) -> int | None:
-    """Most padded tokens in one forward/backward (QLORA_MICRO_TOKENS; 0 = no limit). Default on
-    a GPU: 768, which keeps a Phi-2-sized model's whole run under 4 GiB (measured 2026-11-29 on
-    an H200, the reference experiment at batch 32: peak 3.52 GiB at 768, 4.20 GiB at 1024 with
-    22% more pairs/s; bench/RESULTS.md); none on CPU."""
+    """Most tokens (padding included) in one forward/backward (QLORA_MICRO_TOKENS; 0 = no limit).
+    Default on a GPU: 768, which keeps a Phi-2-sized model's whole run under 4 GiB (measured
+    2026-11-29 on an H200, the reference experiment at batch 32, packed: peak 3.68 GiB at 768,
+    4.21 GiB at 1024 with 15% more pairs/s; bench/RESULTS.md); none on CPU."""
     env = os.environ.get("QLORA_MICRO_TOKENS")
     if env is not None:
         return int(env) or None

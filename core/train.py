@@ -136,10 +136,11 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
             target_modules=sorted(model.peft_config["default"].target_modules),
             mean_tokens={s: round(float(np.mean([len(e["input_ids"]) for e in v])), 1) for s, v in encoded.items()})
         ckpt_dir = run_dir / rundir.CHECKPOINTS
-        # Validation is scored before training and after every epoch: its batches are captured once as
-        # CUDA graphs and replayed. Test is scored twice, where a capture costs more than it saves.
+        # Validation is scored before training and after every epoch: its padded batches are captured
+        # once as CUDA graphs and replayed. Test is scored twice, where a capture costs more than it
+        # saves; packed evaluation runs a few large batches, which graphs do not speed up.
         eval_graphs = perf.EvalGraphs(device)
-        graph_splits = {"validation"} if cfg.train.epochs >= 2 else set()
+        graph_splits = {"validation"} if cfg.train.epochs >= 2 and not packing.enabled(model, device) else set()
         saver = AdapterSaver(model)  # later checkpoints are written while training goes on
         saver.save(ckpt_dir / "epoch-0")  # the "before" model, head initialisation included
 
