@@ -103,17 +103,22 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def plain_gradient(model, batch):
+    """Logits and LoRA/head gradients of one masked forward+backward of mean CE (the plain path)."""
+    model.train()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+    return logits, grads(model)
+
+
 def test_train_step_gradient_matches_plain_backward(tiny, monkeypatch):
     plain, fast = tiny(), tiny()
     perf.tune_model(fast, torch.float32)
     enc = rows(12)
     idx = list(range(12))
     # plain: one batch with mask, mean CE
-    plain.train()
     batch = collate(enc, idx, 0)
-    logits = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
-    ref = grads(plain)
+    logits, ref = plain_gradient(plain, batch)
     # optimised: micro-batches of 8 padded to 8 rows, and a token budget that splits the first
     for budget in ("0", "64"):
         monkeypatch.setenv("QLORA_MICRO_TOKENS", budget)
@@ -329,10 +334,7 @@ def test_packed_forward_and_gradients_match_padded(tiny, monkeypatch):
     torch.testing.assert_close(torch.from_numpy(probs), torch.softmax(ref, -1), rtol=1e-4, atol=1e-4)
     assert math.isclose(loss, torch.nn.functional.cross_entropy(ref, batch["labels"]).item(), rel_tol=1e-4)
 
-    plain.train()
-    logits = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
-    want = grads(plain)
+    logits, want = plain_gradient(plain, batch)
     for budget in ("0", "128"):
         monkeypatch.setenv("QLORA_MICRO_TOKENS", budget)
         fast.train()
