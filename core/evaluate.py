@@ -33,7 +33,7 @@ def predict(model, encoded: list[dict], batch_size: int, pad_id: int, device: to
 
     `graphs` (a perf.EvalGraphs kept across calls) replays captured forwards on a GPU: worth it
     when the same examples are scored again, as the validation set is after every epoch."""
-    if packing.enabled(model, device):
+    if packing.enabled(model, device, dtype):
         return _predict_packed(model, encoded, batch_size, pad_id, device, dtype, graphs)
     was_training = model.training
     model.eval()

@@ -26,13 +26,23 @@ MULTIPLE = 64  # packed length rounded up to this: few shapes to capture, filler
 KEY = "qlora_packed"  # the keyword that carries the packing through the model to attention
 
 
-def enabled(model, device: torch.device) -> bool:
+def enabled(model, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether training and evaluation pack this model's batches: QLORA_PACK=0 never, =1 wherever
-    supported (CPU included: the tests), by default on a GPU."""
+    supported (CPU included: the tests), by default on a GPU that runs FlashAttention on them."""
     mode = os.environ.get("QLORA_PACK", "auto")
-    if mode == "0" or (mode != "1" and device.type != "cuda"):
+    if mode == "0" or (mode != "1" and device.type != "cuda") or not supported(model):
         return False
-    return supported(model)
+    if device.type != "cuda":
+        return True
+    head_dim = next(m.head_dim for m in model.modules() if type(m).__name__ == "PhiAttention")
+    return flash_ok(torch.cuda.get_device_capability(device), dtype, head_dim)
+
+
+def flash_ok(capability: tuple[int, int], dtype: torch.dtype, head_dim: int) -> bool:
+    """FlashAttention 2 (torch's varlen kernel): Ampere or newer (not a T4: sm 7.5), 16-bit
+    inputs, head size a multiple of 8 up to 256."""
+    return (capability >= (8, 0) and dtype in (torch.float16, torch.bfloat16)
+            and head_dim % 8 == 0 and head_dim <= 256)
 
 
 def supported(model) -> bool:

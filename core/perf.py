@@ -286,7 +286,7 @@ class TrainStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float32)
         self.cache: dict[tuple, dict] = {}
-        self.packed = packing.enabled(model, device)  # rows laid end to end: use run_packed()
+        self.packed = packing.enabled(model, device, dtype)  # rows laid end to end: use run_packed()
         self.max_len = 0
         self.pool = None
         self.captures = 0

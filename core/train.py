@@ -140,7 +140,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         # once as CUDA graphs and replayed. Test is scored twice, where a capture costs more than it
         # saves; packed evaluation runs a few large batches, which graphs do not speed up.
         eval_graphs = perf.EvalGraphs(device)
-        graph_splits = {"validation"} if cfg.train.epochs >= 2 and not packing.enabled(model, device) else set()
+        graph_splits = {"validation"} if cfg.train.epochs >= 2 and not packing.enabled(model, device, dtype) else set()
         saver = AdapterSaver(model)  # later checkpoints are written while training goes on
         saver.save(ckpt_dir / "epoch-0")  # the "before" model, head initialisation included
 

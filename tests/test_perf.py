@@ -320,7 +320,10 @@ def test_packed_forward_and_gradients_match_padded(tiny, monkeypatch):
     monkeypatch.setenv("QLORA_PACK", "1")
     plain, fast = tiny(), tiny()
     perf.tune_model(fast, torch.float32)
-    assert packing.enabled(fast, torch.device("cpu")) and not packing.supported(plain)
+    assert packing.enabled(fast, torch.device("cpu"), torch.float32) and not packing.supported(plain)
+    assert packing.flash_ok((9, 0), torch.bfloat16, 80) and packing.flash_ok((8, 0), torch.float16, 64)
+    assert not packing.flash_ok((7, 5), torch.float16, 80)  # a T4: padded batches
+    assert not packing.flash_ok((9, 0), torch.float32, 80) and not packing.flash_ok((9, 0), torch.bfloat16, 84)
     enc = rows(12)
     batch = collate(enc, list(range(12)), 0)
     ref = plain_logits(plain.eval(), batch)
