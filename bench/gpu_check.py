@@ -53,8 +53,10 @@ def main() -> int:
                 with torch.autocast("cuda", dtype=dtype):
                     logits = model(input_ids=ids.to(dev)).logits.float()
                 torch.nn.functional.cross_entropy(logits, labels.to(dev), reduction="sum").div(16).backward()
-            else:  # through TrainStep: CUDA graphs on bf16 (eager on fp16, which needs a GradScaler)
-                step = perf.TrainStep(model, dev, dtype, 0, graphs=dtype == torch.bfloat16)
+            else:  # through TrainStep's CUDA graphs; fp16 with a GradScaler, as core.train runs it
+                scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+                unscale = lambda: 1.0 / scaler.get_scale() if scaler else 1.0
+                step = perf.TrainStep(model, dev, dtype, 0, scaler=scaler)
                 step.zero_grad()
                 step.run(batch, step_rows=16, rows=16)
                 step.zero_grad()  # the first run captured the graph (its gradient does not count)
@@ -64,11 +66,11 @@ def main() -> int:
                     logits = model(input_ids=ids.to(dev)).logits.float()
                 out["graphs"] = step.graphs
                 # packed (core/packing.py): the same rows end to end, FlashAttention's varlen kernel
-                grads = {n: p.grad.float().clone() for n, p in model.named_parameters()
+                grads = {n: p.grad.float() * unscale() for n, p in model.named_parameters()
                          if p.requires_grad and p.grad is not None}
                 model.train()
                 rows = [{"input_ids": ids[i].tolist(), "label": int(labels[i])} for i in range(16)]
-                pstep = perf.TrainStep(model, dev, dtype, 0, graphs=dtype == torch.bfloat16)
+                pstep = perf.TrainStep(model, dev, dtype, 0, scaler=scaler)
                 out["packed_enabled"] = pstep.packed
                 pstep.zero_grad()
                 pstep.run_packed(rows, step_rows=16, max_rows=16, max_len=64)
@@ -79,7 +81,7 @@ def main() -> int:
                 with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
                     plogits = packing.packed_logits(model, {k: v.to(dev) for k, v in packing.pack(rows, 0).items()},
                                                     64).float()
-                out["packed"] = (plogits, {n: p.grad.float().clone() for n, p in model.named_parameters()
+                out["packed"] = (plogits, {n: p.grad.float() * unscale() for n, p in model.named_parameters()
                                            if p.requires_grad and p.grad is not None})
                 out[name] = (logits.detach(), grads)
                 continue

@@ -262,7 +262,7 @@ def eval_speed(a) -> dict:
 
 
 def fp16(a) -> dict:
-    """Train and evaluate in float16 (the T4 path: GradScaler, no CUDA graphs): every loss finite?
+    """Train and evaluate in float16 (the T4's dtype: GradScaler, CUDA graphs): every loss finite?
     Also a stress case: hidden states pushed past fp16's range by scaling the embedding, where an
     fp16 residual stream overflows and our fp32 residual stream (tune_model on fp16) does not."""
     from core.train import train

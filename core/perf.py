@@ -10,7 +10,7 @@
 
 TrainStep packs a micro-batch's rows end to end where the model allows it (run_packed,
 core/packing.py), else pads it to a width that is a multiple of 16 (few distinct shapes); on a
-CUDA GPU without a GradScaler it captures forward+backward of each shape once as a CUDA graph and
+CUDA GPU it captures forward+backward of each shape once as a CUDA graph and
 replays it: one launch instead of thousands of kernel launches and the Python of
 peft/bitsandbytes/transformers per step. Rows (or packed slots) that only fill a graph's shape
 have loss weight 0. Set QLORA_CUDA_GRAPHS=0 to run the same step eagerly.
@@ -281,7 +281,9 @@ class TrainStep:
         self.scaler = scaler
         if graphs is None:
             graphs = os.environ.get("QLORA_CUDA_GRAPHS", "1") != "0"
-        self.graphs = bool(graphs) and device.type == "cuda" and scaler is None
+        # with a GradScaler (fp16) the graph multiplies the loss by the scaler's scale tensor, which
+        # GradScaler.update() changes in place: the replays see each step's scale
+        self.graphs = bool(graphs) and device.type == "cuda"
         self.drop_mask = is_causal(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float32)
