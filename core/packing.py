@@ -9,7 +9,7 @@ kernel (`cu_seqlens`, causal), and the classifier reads the last token of each r
     batch = pack([encoded[i] for i in idx], pad_id, slots=32)   # CPU tensors, fixed slot count
     logits = packed_logits(model, batch, max_len)              # [slots, classes]
 
-Used for Phi-family models whose attention core.perf has patched (`enabled(model, device)`): on a
+Used for Phi-family models whose attention core.perf has patched (`enabled(model, device, dtype)`): on a
 GPU unless QLORA_PACK=0; QLORA_PACK=1 on CPU runs the same code with a block-diagonal causal mask
 (the tests).
 Empty slots (fewer rows than slots, so a CUDA graph's shapes stay fixed) are zero-length rows
@@ -18,6 +18,7 @@ whose loss weight is 0.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -35,7 +36,23 @@ def enabled(model, device: torch.device, dtype: torch.dtype) -> bool:
     if device.type != "cuda":
         return True
     head_dim = next(m.head_dim for m in model.modules() if type(m).__name__ == "PhiAttention")
-    return flash_ok(torch.cuda.get_device_capability(device), dtype, head_dim)
+    return (flash_ok(torch.cuda.get_device_capability(device), dtype, head_dim)
+            and _flash_runs(torch.device(device.type, torch.cuda.current_device() if device.index is None
+                                         else device.index), dtype, head_dim))
+
+
+@functools.cache
+def _flash_runs(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """One tiny varlen call, once per device and dtype: a torch build without the kernel for this
+    GPU falls back to padded batches instead of failing in the first training step."""
+    try:
+        q = torch.zeros(8, 1, head_dim, device=device, dtype=dtype)
+        cu = torch.tensor([0, 5, 8], device=device, dtype=torch.int32)
+        _FlashVarlen.apply(q, q, q, cu, 8, 1.0)
+        torch.cuda.synchronize(device)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 def flash_ok(capability: tuple[int, int], dtype: torch.dtype, head_dim: int) -> bool:
