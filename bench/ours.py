@@ -101,8 +101,31 @@ def load(root: str, dtype=torch.bfloat16):
     return cfg, tok, model
 
 
+def step_fn(stepper, enc, pad_id, params, opt, bs):
+    """One optimiser step over the rows `idx` of `enc`, as core.train's loop runs it (packed where
+    the stepper packs; no wait for the loss), returning (real tokens, tokens processed)."""
+    from core.data import collate
+    max_len = packing.max_len(enc)
+
+    def one(idx):
+        if stepper.packed:
+            real, processed = stepper.run_packed([enc[i] for i in idx], step_rows=len(idx), max_rows=bs,
+                                                 max_len=max_len)
+        else:
+            batch = collate(enc, idx, pad_id)
+            stepper.run(batch, step_rows=len(idx), rows=bs)
+            real = int(batch["attention_mask"].sum())
+            processed = len(idx) * perf.pad_width(batch["input_ids"].shape[1])
+        stepper.take_loss_tensor()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        stepper.zero_grad()
+        return real, processed
+    return one
+
+
 def sweep(a) -> dict:
-    from core.data import batch_indices, collate, encode, load_splits
+    from core.data import batch_indices, encode, load_splits
     cfg, tok, model = load(a.root)
     dev = torch.device("cuda", 0)
     splits, _ = load_splits(cfg.data, 0)
@@ -119,22 +142,7 @@ def sweep(a) -> dict:
         batches = batch_indices(enc, bs, shuffle=True, seed=1, bucket=True)
         batches = [b for b in batches if len(b) == bs] or batches
         torch.cuda.reset_peak_memory_stats()
-        max_len = packing.round_up(max(len(e["input_ids"]) for e in enc))
-
-        def one(idx):  # as core.train's loop does it: no wait for the loss
-            if stepper.packed:
-                real, processed = stepper.run_packed([enc[i] for i in idx], step_rows=len(idx), max_rows=bs,
-                                                     max_len=max_len)
-            else:
-                batch = collate(enc, idx, tok.pad_token_id)
-                stepper.run(batch, step_rows=len(idx), rows=bs)
-                real = int(batch["attention_mask"].sum())
-                processed = len(idx) * perf.pad_width(batch["input_ids"].shape[1])
-            stepper.take_loss_tensor()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            stepper.zero_grad()
-            return real, processed
+        one = step_fn(stepper, enc, tok.pad_token_id, params, opt, bs)
         # capture every shape first (warm-up), then time a pass over the same batches
         for idx in batches:
             one(idx)
@@ -172,24 +180,14 @@ def sweep(a) -> dict:
 def profile(model, enc, pad_id, params, opt, bs, modes=("eager", "graphs")) -> dict:
     """Where a step's time goes, eager and with CUDA graphs: wall vs summed GPU kernel time."""
     from torch.profiler import ProfilerActivity, profile as tprofile
-    from core.data import batch_indices, collate
+    from core.data import batch_indices
     dev = torch.device("cuda", 0)
     batches = [b for b in batch_indices(enc, bs, shuffle=True, seed=2, bucket=True) if len(b) == bs][:6]
     out = {}
     for mode in modes:
         stepper = perf.TrainStep(model, dev, torch.bfloat16, pad_id, graphs=(mode == "graphs"))
         stepper.zero_grad()
-        max_len = packing.round_up(max(len(e["input_ids"]) for e in enc))
-
-        def one(idx):
-            if stepper.packed:
-                stepper.run_packed([enc[i] for i in idx], step_rows=len(idx), max_rows=bs, max_len=max_len)
-            else:
-                stepper.run(collate(enc, idx, pad_id), step_rows=len(idx), rows=bs)
-            stepper.take_loss_tensor()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            stepper.zero_grad()
+        one = step_fn(stepper, enc, pad_id, params, opt, bs)
         for idx in batches:
             one(idx)
         torch.cuda.synchronize()

@@ -31,65 +31,48 @@ def predict(model, encoded: list[dict], batch_size: int, pad_id: int, device: to
             dtype: torch.dtype, graphs: perf.EvalGraphs | None = None) -> tuple[np.ndarray, float]:
     """Class probabilities (n, classes) in the order of `encoded`, and the mean cross-entropy.
 
+    Packed batches where the model allows it (core/packing.py: no padding; at most batch_size rows
+    and QLORA_EVAL_TOKENS tokens, default 16384), else padded batches of rows of similar length.
     `graphs` (a perf.EvalGraphs kept across calls) replays captured forwards on a GPU: worth it
     when the same examples are scored again, as the validation set is after every epoch."""
+    if not encoded:
+        return np.zeros((0, 0)), float("nan")
     if packing.enabled(model, device, dtype):
-        return _predict_packed(model, encoded, batch_size, pad_id, device, dtype, graphs)
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))  # less padding
-    drop_mask = perf.is_causal(model)  # right padding + causal attention: the mask changes nothing
+        max_len = packing.max_len(encoded)  # graphs bake it in: part of their key
+        order = list(range(len(encoded)))
+        budget = int(os.environ.get("QLORA_EVAL_TOKENS", "16384"))
+        batches = (packing.pack(part, pad_id) for part in packing.split_rows(encoded, budget, batch_size))
+        run, key = (lambda batch: packing.packed_logits(model, batch, max_len)), max_len
+    else:
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))  # less padding
+        drop_mask = perf.is_causal(model)  # right padding + causal attention: the mask changes nothing
+
+        def padded(idx):
+            batch = collate(encoded, idx, pad_id)
+            if drop_mask:
+                batch.pop("attention_mask")
+            return batch
+        batches = (padded(idx) for idx in perf.eval_batches(encoded, order, batch_size, device))
+        run, key = (lambda batch: model(**batch).logits), None
 
     def forward(batch):
         with autocast(device, dtype):
-            return model(**batch).logits.float()
+            return run(batch).float()
 
+    was_training = model.training
+    model.eval()
     chunks, losses = [], []
-    for idx in perf.eval_batches(encoded, order, batch_size, device):  # rows and tokens bounded
-        batch = collate(encoded, idx, pad_id)
+    for batch in batches:  # rows and tokens bounded
         labels = batch.pop("labels").to(device, non_blocking=True)
-        if drop_mask:
-            batch.pop("attention_mask")
         if graphs is not None:
-            logits = graphs.logits(batch, forward)
+            logits = graphs.logits(batch, forward, extra_key=key)
         else:
             logits = forward({k: v.to(device, non_blocking=True) for k, v in batch.items()})
         losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         chunks.append(torch.softmax(logits, -1))  # stays on the device: one copy and sync at the end
     model.train(was_training)
-    if not encoded:
-        return np.zeros((0, 0)), float("nan")
     probs = torch.empty((len(encoded), chunks[0].shape[-1]), dtype=torch.float32)
     probs[torch.tensor(order)] = torch.cat(chunks).cpu()
-    return probs.numpy(), float(torch.stack(losses).sum().item()) / len(encoded)
-
-
-def _predict_packed(model, encoded, batch_size, pad_id, device, dtype, graphs):
-    """predict() on packed batches (core/packing.py): no padding; batches of at most batch_size
-    rows and QLORA_EVAL_TOKENS (16384) tokens, the same batches every time for the same rows."""
-    was_training = model.training
-    model.eval()
-    if not encoded:
-        return np.zeros((0, 0)), float("nan")
-    max_len = packing.round_up(max(len(e["input_ids"]) for e in encoded))
-    budget = int(os.environ.get("QLORA_EVAL_TOKENS", "16384"))
-
-    def forward(batch):
-        with autocast(device, dtype):
-            return packing.packed_logits(model, batch, max_len).float()
-
-    chunks, losses = [], []
-    for part in packing.split_rows(encoded, budget, batch_size):
-        batch = packing.pack(part, pad_id)
-        labels = batch.pop("labels").to(device, non_blocking=True)
-        if graphs is not None:
-            logits = graphs.logits(batch, forward, extra_key=max_len)
-        else:
-            logits = forward({k: v.to(device, non_blocking=True) for k, v in batch.items()})
-        losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        chunks.append(torch.softmax(logits, -1))
-    model.train(was_training)
-    probs = torch.cat(chunks).cpu()
     return probs.numpy(), float(torch.stack(losses).sum().item()) / len(encoded)
 
 

@@ -76,6 +76,11 @@ def round_up(n: int, multiple: int = MULTIPLE) -> int:
     return -(-n // multiple) * multiple
 
 
+def max_len(rows: list[dict]) -> int:
+    """The bound on a row's length that packed_logits needs for these rows: the longest, rounded up."""
+    return round_up(max((len(r["input_ids"]) for r in rows), default=1))
+
+
 def pack(rows: list[dict], pad_id: int, slots: int | None = None, labels: bool = True,
          weight: float | None = None) -> dict[str, torch.Tensor]:
     """One packed batch of `rows` (encoded examples): input_ids and position_ids [T],

@@ -30,7 +30,12 @@ def available(x: torch.Tensor) -> bool:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return _kernel() is not None
     # Ampere or newer: the GPUs it was measured on; elsewhere (a T4) the torch formula runs
-    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0) and _kernel() is not None
+    return x.is_cuda and _capable(x.device.index) and _kernel() is not None
+
+
+@functools.cache
+def _capable(index: int | None) -> bool:  # asked by every attention layer: once per device
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 @functools.cache

@@ -178,7 +178,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         peak = perf.peak_flops(device)
         stepper.zero_grad()
         micro = cfg.train.micro_batch_size or cfg.train.batch_size
-        max_len = packing.round_up(max((len(e["input_ids"]) for e in encoded["train"]), default=1))
+        max_len = packing.max_len(encoded["train"])
         best = None  # the epoch with the highest validation accuracy (lower loss breaks ties)
         step = 0
         model.train()
