@@ -27,6 +27,7 @@ import types
 import torch
 
 from . import packing
+from . import rope as triton_rope
 
 # Dense peak rates (FLOP/s) of the matrix units in the dtype we train in (bf16; fp16 on a T4).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
@@ -142,7 +143,6 @@ def _phi_attention_forward(self, hidden_states, position_embeddings, attention_m
         return self._qlora_original_forward(hidden_states, position_embeddings, attention_mask,
                                             past_key_values=past_key_values, **kwargs)
     from transformers.models.phi import modeling_phi
-    from . import rope as triton_rope
     shape = (*hidden_states.shape[:-1], -1, self.head_dim)
     cos, sin = position_embeddings
     packed = kwargs.pop(packing.KEY, None)
