@@ -321,10 +321,13 @@ class AdapterSaver:
         import threading
         self.wait()
         path = Path(path)
-        if self.first is None or self.keys is None:
+        if self.first is None:
             save_adapter(self.model, path)
             self.first = path
             self.keys = self._live_tensors()
+            return
+        if self.keys is None:  # no fast path for this model: peft every time
+            save_adapter(self.model, path)
             return
         # a copy, taken now: training changes the parameters in place while the thread writes
         state = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in self.keys.items()}
