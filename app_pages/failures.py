@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import ui
-from core import live, rundir
+from core.runs import live, rundir
 from core.report import CATEGORIES, load_comparison
 
 ICONS = {"fixed": ":green[:material/check_circle:]", "still failing": ":red[:material/cancel:]",

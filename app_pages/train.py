@@ -1,6 +1,6 @@
 """Train: choose settings, see what will happen, launch the trainer, and watch it live.
 
-The trainer runs as its own process (core.jobs.launch); this page only reads the run folder, so
+The trainer runs as its own process (core.runs.jobs.launch); this page only reads the run folder, so
 closing the tab or restarting the server loses nothing: the live view re-attaches from disk.
 """
 
@@ -11,9 +11,10 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import ui
-from core import estimate, jobs, live, rundir, uploads
+from core import estimate, uploads
+from core.runs import jobs, live, rundir
 from core.config import BUILTIN_DATA, EMBEDDED_MODEL, NLI_LABELS, PRESETS, get_preset, override
-from core.live import format_duration
+from core.runs.live import format_duration
 
 DATA_CHOICES = {"builtin": "Built-in NLI sample", "hub": "Hugging Face Hub dataset",
                 "upload": "Upload files (CSV / JSONL)"}

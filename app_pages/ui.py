@@ -8,7 +8,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import rundir
+from core.runs import rundir
 
 # Material icons ship with Streamlit's frontend (emoji need a font the machine may not have).
 STATE_ICONS = {"queued": ":gray[:material/schedule:]", "running": ":blue[:material/progress_activity:]",
@@ -23,12 +23,12 @@ RUN_KEY = "run"  # session_state key of the selected run id (a UI choice, nothin
 @st.cache_resource(show_spinner=False)
 def hardware() -> dict:
     """This machine's CPU, RAM and GPUs (torch is imported once per server)."""
-    from core.resources import hardware_info
+    from core.runs.resources import hardware_info
     return hardware_info()
 
 
 def hardware_line(info: dict) -> str:
-    from core.resources import describe_hardware
+    from core.runs.resources import describe_hardware
     if info.get("gpus"):
         return "GPU: " + describe_hardware(info)
     return describe_hardware(info)

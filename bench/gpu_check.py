@@ -1,4 +1,4 @@
-"""On a GPU: the tuned path (core.perf.tune_model: fused 4-bit linear + LoRA function, three-kernel
+"""On a GPU: the tuned path (core.speed.tune.tune_model: fused 4-bit linear + LoRA function, three-kernel
 partial rotary, fused GELU, 16-bit LayerNorm; TrainStep with CUDA graphs) against the plain path
 (peft + bitsandbytes + transformers as they are), on a small random Phi in NF4, bf16 and fp16.
 
@@ -10,7 +10,6 @@ The CPU tests (tests/test_perf.py) check the same in float32; this checks the 16
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 
@@ -19,8 +18,11 @@ import torch
 
 def main() -> int:
     from transformers import PhiConfig, PhiForCausalLM
-    from core import packing, perf
-    from core.config import LoraSettings, ModelConfig
+    from core.config import LoraSettings, ModelConfig, SpeedConfig
+    from core.speed import packing
+    from core.speed.graphs import EvalGraphs
+    from core.speed.step import TrainStep
+    from core.speed.tune import tune_model
     from core.model import add_lora, load_model
 
     dev = torch.device("cuda", 0)
@@ -41,7 +43,7 @@ def main() -> int:
                     p.data.normal_(0, 0.02)
             return m
         plain, tuned = make(), make()
-        changes = perf.tune_model(tuned, dtype)
+        changes = tune_model(tuned, dtype, SpeedConfig())
         g = torch.Generator().manual_seed(2)
         ids = torch.randint(1, 1000, (16, 48), generator=g)
         labels = torch.randint(0, 3, (16,), generator=g)
@@ -56,7 +58,7 @@ def main() -> int:
             else:  # through TrainStep's CUDA graphs; fp16 with a GradScaler, as core.train runs it
                 scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
                 unscale = lambda: 1.0 / scaler.get_scale() if scaler else 1.0
-                step = perf.TrainStep(model, dev, dtype, 0, scaler=scaler)
+                step = TrainStep(model, dev, dtype, 0, SpeedConfig(), scaler=scaler)
                 step.zero_grad()
                 step.run(batch, step_rows=16, rows=16)
                 step.zero_grad()  # the first run captured the graph (its gradient does not count)
@@ -65,12 +67,12 @@ def main() -> int:
                 with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
                     logits = model(input_ids=ids.to(dev)).logits.float()
                 out["graphs"] = step.graphs
-                # packed (core/packing.py): the same rows end to end, FlashAttention's varlen kernel
+                # packed (core/speed/packing.py): the same rows end to end, FlashAttention's varlen kernel
                 grads = {n: p.grad.float() * unscale() for n, p in model.named_parameters()
                          if p.requires_grad and p.grad is not None}
                 model.train()
                 rows = [{"input_ids": ids[i].tolist(), "label": int(labels[i])} for i in range(16)]
-                pstep = perf.TrainStep(model, dev, dtype, 0, scaler=scaler)
+                pstep = TrainStep(model, dev, dtype, 0, SpeedConfig(), scaler=scaler)
                 out["packed_enabled"] = pstep.packed
                 pstep.zero_grad()
                 pstep.run_packed(rows, step_rows=16, max_rows=16, max_len=64)
@@ -104,14 +106,11 @@ def main() -> int:
         from core.evaluate import predict
         enc = [{"input_ids": ids[i, :8 + 2 * i].tolist(), "label": int(labels[i])} for i in range(16)]
         eager, _ = predict(tuned, enc, 8, 0, dev, dtype)  # packed (the default on a GPU)
-        os.environ["QLORA_PACK"] = "0"
-        padded, _ = predict(tuned, enc, 8, 0, dev, dtype)
-        os.environ["QLORA_PACK"] = "auto"
+        padded, _ = predict(tuned, enc, 8, 0, dev, dtype, speed=SpeedConfig(pack="off"))
         report[str(dtype)]["packed_vs_padded_probs_max_abs_err"] = float(abs(eager - padded).max())
         ok &= float(abs(eager - padded).max()) < 1e-2
-        os.environ["QLORA_EVAL_GRAPHS"] = "1"
-        graphs = perf.EvalGraphs(dev)
-        first, _ = predict(tuned, enc, 8, 0, dev, dtype, graphs=graphs)
+        graphs = EvalGraphs(dev)
+        first, _ = predict(tuned, enc, 8, 0, dev, dtype, graphs=graphs)  # packed, through captured graphs
         again, _ = predict(tuned, enc, 8, 0, dev, dtype, graphs=graphs)
         eval_err = float(max(abs(first - eager).max(), abs(again - eager).max()))
         report[str(dtype)].update(eval_graphs=graphs.enabled, eval_graph_shapes=len(graphs.cache),

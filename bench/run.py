@@ -74,7 +74,7 @@ def main():
         # Import everything once first, so that every timed process starts as on a machine that has
         # run Python before (a fresh GPU image without bytecode caches compiles ~8 s of imports;
         # set PYTHONPYCACHEPREFIX where site-packages is read-only).
-        sh([py, "-c", "import core.train, core.model, core.qlinear, core.rope, peft, bitsandbytes, transformers; "
+        sh([py, "-c", "import core.train, core.model, core.speed.qlinear, core.speed.rope, peft, bitsandbytes, transformers; "
                       "from transformers import AutoModelForSequenceClassification, Trainer"], log)
     parts = {
         "ref": [py, "-m", "bench.reference", a.root, "--train-rows", str(a.ref_train_rows), "--epochs",

@@ -76,6 +76,16 @@ def build_config(args):
             changes["data.source"] = "files"
     if args.label_map:
         changes["data.label_map"] = dict(kv.split("=", 1) for kv in args.label_map)
+    if args.speed:  # e.g. pack=off micro_tokens=1024, parsed as the QLORA_* overrides are
+        import dataclasses
+        from .config import SPEED_ENV, speed_from_env
+        var = {name: env for env, name in SPEED_ENV.items()}
+        pairs = [kv.partition("=") for kv in args.speed]
+        bad = [k for k, eq, _ in pairs if k not in var or not eq]
+        if bad:
+            raise ValueError(f"--speed takes NAME=VALUE with NAME one of {', '.join(var)}; got {', '.join(bad)}")
+        speed = speed_from_env(cfg.speed, {var[k]: v for k, _, v in pairs})
+        changes.update({f"speed.{k}": v for k, v in dataclasses.asdict(speed).items()})
     for path_field in ("data.train", "data.validation", "data.test"):
         if path_field in changes:
             changes[path_field] = str(Path(changes[path_field]).resolve())
@@ -83,7 +93,7 @@ def build_config(args):
 
 
 def cmd_train(args) -> int:
-    from . import rundir
+    from .runs import rundir
     cfg = build_config(args)
     if args.run_dir:
         run_dir = Path(args.run_dir).resolve()
@@ -122,7 +132,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from . import rundir
+    from .runs import rundir
     from .report import build_report, render_html, render_markdown
     run_dir = Path(args.run_dir)
     if not (run_dir / rundir.STATUS).exists() and not (run_dir / rundir.CONFIG).exists():
@@ -155,6 +165,8 @@ def main(argv=None) -> int:
     for flag, (field, typ) in FLAGS.items():
         t.add_argument(f"--{flag}", type=typ, default=None, help=f"sets {field}")
     t.add_argument("--label-map", nargs="*", metavar="RAW=NAME", help="rename raw label values, e.g. 0=entailment")
+    t.add_argument("--speed", nargs="*", metavar="NAME=VALUE",
+                   help="GPU speed switches (config.SpeedConfig), e.g. pack=off cuda_graphs=0 micro_tokens=1024")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("evaluate", help="score a run's before and after models on a labelled file")
     e.add_argument("run_dir")

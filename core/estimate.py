@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import rundir
+from .runs import rundir
 from .config import BUILTIN_DATA, RunConfig
 
 CUDA_CONTEXT_GB = 0.5  # what the CUDA runtime and cuBLAS workspaces take before any tensor
@@ -95,11 +95,11 @@ def gpu_memory_gb(params: dict, shape: dict, cfg: RunConfig, dtype: str) -> floa
     weights: quantised linear weights at 4 bits (+ about 0.13 bit of scales with double
     quantisation), the rest in the compute dtype; trainable weights in fp32 with their gradient
     and two AdamW moments (16 bytes each); activations of one micro-batch at max_length, split
-    as the trainer splits it on a GPU (perf.micro_token_budget), about 29 bytes per token, layer
-    and hidden unit in 16-bit (measured 2026-11-29 on an H200, Phi-2 shape, batch 32: 3.52 GiB
-    with micro-batches of at most 768 tokens, 4.20 GiB at 1024; bench/RESULTS.md); plus the CUDA
+    as the trainer splits it on a GPU (speed.micro_tokens), about 29 bytes per token, layer and
+    hidden unit in 16-bit (fitted to the Phi-2-shaped runs in bench/RESULTS.md); plus the CUDA
     context. Batches are padded only to their longest row, so real use is usually lower."""
-    from .perf import micro_token_budget
+    from .config import speed_from_env
+    from .speed.step import micro_token_budget
     if not params or not shape.get("hidden") or not shape.get("layers"):
         return None
     width = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 2)
@@ -108,7 +108,7 @@ def gpu_memory_gb(params: dict, shape: dict, cfg: RunConfig, dtype: str) -> floa
     bits = 4 + (0.127 if cfg.model.double_quant else 0.5)
     weights = quantised * bits / 8 + other * width + params["trainable"] * 16
     tokens = (cfg.train.micro_batch_size or cfg.train.batch_size) * cfg.data.max_length
-    budget = micro_token_budget(torch.device("cuda"))
+    budget = micro_token_budget(torch.device("cuda"), speed_from_env(cfg.speed).micro_tokens)
     if budget:  # long micro-batches are split in row halves; one row is never split
         tokens = min(tokens, max(budget, cfg.data.max_length))
     activations = ACTIVATION_BYTES * tokens * shape["layers"] * shape["hidden"] * width / 2

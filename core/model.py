@@ -195,6 +195,19 @@ def classification_head(model) -> torch.nn.Module:
     raise ValueError(f"{type(model).__name__} has no classification head named {' or '.join(HEAD_NAMES)}")
 
 
+def is_lora_part(name: str) -> bool:
+    """Whether a module name lies inside a LoRA adapter (its A/B matrices and the like)."""
+    return any(part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+               for part in name.split("."))
+
+
+def is_causal(model) -> bool:
+    """True for decoder-only models (attention modules with is_causal): with right padding, real
+    tokens never attend to the pads after them, so the attention mask can be left out (SDPA then
+    runs its causal flash kernel, no mask is built, no host sync)."""
+    return any(getattr(m, "is_causal", None) is True and hasattr(m, "q_proj") for m in model.modules())
+
+
 def default_target_modules(model_type: str) -> list[str] | str:
     """peft's usual LoRA targets for an architecture, else every linear layer."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
@@ -305,8 +318,8 @@ def _replace_dir(tmp: Path, path: Path) -> None:
 class AdapterSaver:
     """Checkpoints of one model's adapter during a run, in save_adapter's format: the first
     with peft's save_pretrained, the later ones from a copy of the trainable tensors written on a
-    background thread (peft rebuilds its state dict and model card each time: ~0.2-0.3 s an epoch
-    on an H200 for Phi-2, measured 2026-11-29), so training goes on while the file is written.
+    background thread (peft rebuilds its state dict and model card each time, a few tenths of a
+    second an epoch for Phi-2 on a GPU: bench/RESULTS.md), so training goes on while the file is written.
     Same keys and tensors as peft's; adapter_config.json is copied from the first checkpoint.
     wait() before reading a checkpoint back; a write that failed raises there."""
 

@@ -20,7 +20,8 @@ def tiny_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("tiny-runs") / "tiny-run"
     proc = subprocess.run(
         [sys.executable, "-m", "core", "train", "--preset", "demo", "--max-train-rows", "64",
-         "--max-validation-rows", "32", "--max-test-rows", "48", "--epochs", "2", "--run-dir", str(run)],
+         "--max-validation-rows", "32", "--max-test-rows", "48", "--epochs", "2", "--run-dir", str(run),
+         "--speed", "micro_tokens=0"],  # CPU's default (no split), named: config.json must record it
         cwd=ROOT, capture_output=True, text=True, timeout=900,
         env={**os.environ, "QLORA_STUDIO_RUNS": str(run.parent)},
     )

@@ -75,7 +75,7 @@ def server(tmp_path):
         yield url, runs
     finally:
         for run in runs.glob("*/status.json"):  # never leave a trainer behind
-            from core import jobs
+            from core.runs import jobs
             jobs.stop(run.parent)
         proc.terminate()
         try:

@@ -27,11 +27,15 @@ def test_train_writes_the_whole_run_folder(tiny_run):
     config = json.loads((run / "config.json").read_text())
     assert config["preset"] == "demo" and config["train"]["epochs"] == 2
     assert config["model"]["quantize"] == "bnb.nf4"
+    from dataclasses import asdict, replace
+    from core.config import SpeedConfig
+    assert config["speed"] == asdict(replace(SpeedConfig(), micro_tokens=0))  # how it ran: --speed recorded
 
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     kinds = [m["kind"] for m in metrics]
     assert kinds[0] == "setup" and kinds[-1] == "end"
     setup = metrics[0]
+    assert setup["speed"] == config["speed"]
     assert setup["compute_dtype"] == "float32" and setup["device"] == "cpu"
     assert setup["data"]["train"]["used"] == 64 and setup["data"]["test"]["used"] == 48
     assert setup["params"]["trainable"] < setup["params"]["packed"] < setup["params"]["total"]
@@ -122,3 +126,13 @@ def test_the_plan_before_launch_counts_the_parameters_the_run_had(tiny_run):
     setup = json.loads((tiny_run / "metrics.jsonl").read_text().splitlines()[0])
     assert setup["pooling"] == "mean"
     assert model_facts_or_error(cfg)["params"] == setup["params"]
+
+
+def test_speed_flag_rejects_unknown_switches_before_anything_loads(capsys):
+    from core.__main__ import main
+    assert main(["train", "--speed", "warp=9", "--run-dir", "/nonexistent/never-made"]) == 2
+    err = capsys.readouterr().err
+    assert "--speed takes NAME=VALUE" in err and "warp" in err and "cuda_graphs" in err
+    assert main(["train", "--speed", "pack=sideways", "--run-dir", "/nonexistent/never-made"]) == 2
+    assert "speed.pack must be auto, on or off" in capsys.readouterr().err
+    assert not Path("/nonexistent/never-made").exists()

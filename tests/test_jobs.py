@@ -3,7 +3,7 @@ only, and stopped cleanly."""
 
 import json
 
-from core import jobs, rundir
+from core.runs import jobs, rundir
 from core.config import get_preset, override
 
 

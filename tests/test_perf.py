@@ -1,4 +1,4 @@
-"""The optimised path (core.perf) computes what the plain path computes, on CPU.
+"""The optimised path (core/speed/) computes what the plain path computes, on CPU.
 
 A tiny Phi (same family as Phi-2: partial rotary, parallel attention + MLP, gelu_new) in NF4 with
 LoRA: predictions and gradients of the plain forward/backward (attention mask, Python GELU, fixed
@@ -13,8 +13,13 @@ import math
 import pytest
 import torch
 
-from core import perf
-from core.config import LoraSettings
+from core.config import LoraSettings, SpeedConfig, speed_from_env
+from core.evaluate import eval_batches
+from core.model import is_causal
+from core.speed import accounting, tune
+from core.speed.graphs import EvalGraphs
+from core.speed.patch import is_patched
+from core.speed.step import TrainStep, pad_batch, pad_width
 from core.data import collate
 from core.evaluate import predict
 
@@ -34,17 +39,17 @@ def phi2_meta():
 
 
 def test_flops_per_token_matches_formula_on_phi2():
-    info = perf.flops_info(phi2_meta())
+    info = accounting.flops_info(phi2_meta())
     assert info["n_linear"] == 2_516_582_400  # the issue's N = 2.516e9
     per_layer = 2 * 16 * (2560 + 2560) + 2 * 16 * (2560 + 10240)  # q, v, fc1, fc2
     assert info["lora"] == 32 * per_layer
     assert (info["layers"], info["hidden"]) == (32, 2560)
     s = 27.0
     expected = 4 * 2.5165824e9 + 6 * 32 * per_layer + 12 * 32 * s * 2560
-    assert math.isclose(perf.flops_per_token(info, s), expected, rel_tol=1e-12)
-    assert math.isclose(perf.mfu(expected, 1000.0, 989e12), expected * 1000 / 989e12)
-    assert perf.mfu(expected, 1000.0, None) is None
-    assert perf.peak_flops(torch.device("cpu")) is None
+    assert math.isclose(accounting.flops_per_token(info, s), expected, rel_tol=1e-12)
+    assert math.isclose(accounting.mfu(expected, 1000.0, 989e12), expected * 1000 / 989e12)
+    assert accounting.mfu(expected, 1000.0, None) is None
+    assert accounting.peak_flops(torch.device("cpu")) is None
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +88,15 @@ def plain_logits(model, batch):
 
 def test_tuned_model_and_maskless_forward_give_the_same_predictions(tiny):
     plain, fast = tiny(), tiny()
-    changes = perf.tune_model(fast, torch.float32)
+    changes = tune.tune_model(fast, torch.float32)
     assert "gelu_new->fused tanh gelu" in changes
-    assert perf.is_causal(fast)
+    assert is_causal(fast)
     enc = rows()
     batch = collate(enc, list(range(len(enc))), 0)
     ref = plain_logits(plain.eval(), batch)
     fast.eval()
     with torch.no_grad():  # no attention mask, and padded to a multiple of 16 like the GPU path
-        padded, _ = perf.pad_batch(batch, 0, perf.pad_width(batch["input_ids"].shape[1]))
+        padded, _ = pad_batch(batch, 0, pad_width(batch["input_ids"].shape[1]))
         got = fast(input_ids=padded["input_ids"]).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
@@ -111,22 +116,21 @@ def plain_gradient(model, batch):
     return logits, grads(model)
 
 
-def test_train_step_gradient_matches_plain_backward(tiny, monkeypatch):
+def test_train_step_gradient_matches_plain_backward(tiny):
     plain, fast = tiny(), tiny()
-    perf.tune_model(fast, torch.float32)
+    tune.tune_model(fast, torch.float32)
     enc = rows(12)
     idx = list(range(12))
     # plain: one batch with mask, mean CE
     batch = collate(enc, idx, 0)
     logits, ref = plain_gradient(plain, batch)
     # optimised: micro-batches of 8 padded to 8 rows, and a token budget that splits the first
-    for budget in ("0", "64"):
-        monkeypatch.setenv("QLORA_MICRO_TOKENS", budget)
+    for budget in (0, 64):
         fast.train()
-        step = perf.TrainStep(fast, torch.device("cpu"), torch.float32, 0)
+        step = TrainStep(fast, torch.device("cpu"), torch.float32, 0, SpeedConfig(micro_tokens=budget))
         step.zero_grad()
-        for s in range(0, 12, 8):
-            step.run(collate(enc, idx[s:s + 8], 0), step_rows=12, rows=8)
+        real, processed = step.forward_backward(enc, micro=8)
+        assert real == sum(len(r["input_ids"]) for r in enc) <= processed
         loss = step.take_loss()
         assert math.isclose(loss, torch.nn.functional.cross_entropy(logits, batch["labels"]).item(), rel_tol=1e-4)
         got = grads(fast)
@@ -137,12 +141,12 @@ def test_train_step_gradient_matches_plain_backward(tiny, monkeypatch):
 def test_pad_batch_and_eval_batches():
     enc = rows(6)
     batch = collate(enc, [0, 1, 2], 0)
-    padded, n = perf.pad_batch(batch, 0, 32, 5)
+    padded, n = pad_batch(batch, 0, 32, 5)
     assert n == 3 and padded["input_ids"].shape == (5, 32)
     assert torch.equal(padded["input_ids"][3], padded["input_ids"][0])  # filler rows copy real rows
     assert int(padded["attention_mask"][:, batch["input_ids"].shape[1]:].sum()) == 0
     order = sorted(range(6), key=lambda i: len(enc[i]["input_ids"]))
-    assert [i for b in perf.eval_batches(enc, order, 4, torch.device("cpu")) for i in b] == order
+    assert [i for b in eval_batches(enc, order, 4, torch.device("cpu")) for i in b] == order
 
 
 def test_fused_qlora_rotary_and_mlp_match_peft_with_dropout(tiny, monkeypatch):
@@ -150,7 +154,7 @@ def test_fused_qlora_rotary_and_mlp_match_peft_with_dropout(tiny, monkeypatch):
     rotary give peft's and transformers' outputs and LoRA gradients, dropout included (the same
     random draws: the function draws its masks as torch's dropout does)."""
     from dataclasses import replace
-    from core import qlinear
+    from core.speed import qlinear
     plain, fast = tiny(replace(LORA, dropout=0.3)), tiny(replace(LORA, dropout=0.3))
     for m in (plain, fast):
         for name, p in m.named_parameters():
@@ -158,10 +162,10 @@ def test_fused_qlora_rotary_and_mlp_match_peft_with_dropout(tiny, monkeypatch):
                 torch.manual_seed(len(name))
                 p.data.normal_(0, 0.1)
     assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in fast.modules()) == 2 * 4
-    changes = perf.tune_model(fast, torch.float32)
+    changes = tune.tune_model(fast, torch.float32)
     assert "4-bit linear + LoRA as one autograd function" in changes
     assert any(c.startswith("partial rotary embedding fused") for c in changes)
-    fused = [m for m in fast.modules() if hasattr(m, "_qlora_original_forward")]
+    fused = [m for m in fast.modules() if is_patched(m)]
     assert len(fused) >= 2 * 6 + 2  # 6 linear layers and the MLP of each of the 2 layers, + attention
     enc = rows(8)
     batch = collate(enc, list(range(8)), 0)
@@ -185,8 +189,12 @@ def test_fused_qlora_rotary_and_mlp_match_peft_with_dropout(tiny, monkeypatch):
         with plain.disable_adapter():
             base_plain = plain.eval()(input_ids=batch["input_ids"]).logits
     torch.testing.assert_close(base_fast, base_plain, rtol=1e-5, atol=1e-5)
-    monkeypatch.setenv("QLORA_FUSED", "0")
-    assert qlinear.install(tiny()) == 0
+    monkeypatch.setenv("QLORA_FUSED", "0")  # the benchmarks' override, through the run's settings
+    unfused = tiny()
+    changes = tune.tune_model(unfused, torch.float32, speed_from_env(SpeedConfig()))
+    assert "4-bit linear + LoRA as one autograd function" not in changes
+    assert not any(is_patched(m) for name, m in unfused.named_modules() if "proj" in name or "fc" in name)
+    assert qlinear.install(unfused) > 0  # what the switch turned off
 
 
 def test_eval_batches_are_the_cheapest_split():
@@ -198,12 +206,8 @@ def test_eval_batches_are_the_cheapest_split():
     order = sorted(range(len(enc)), key=lambda i: lengths[i])
     device = torch.device("cuda")  # the GPU policy (token budget, batch cost); nothing runs on it
     for budget, batch_cost, batch_size in ((2048, 256, 40), (100000, 1024, 1000), (600, 64, 8)):
-        import os
-        os.environ["QLORA_EVAL_TOKENS"], os.environ["QLORA_EVAL_BATCH_COST"] = str(budget), str(batch_cost)
-        try:
-            batches = perf.eval_batches(enc, order, batch_size, device)
-        finally:
-            del os.environ["QLORA_EVAL_TOKENS"], os.environ["QLORA_EVAL_BATCH_COST"]
+        batches = eval_batches(enc, order, batch_size, device,
+                               SpeedConfig(eval_tokens=budget, eval_batch_cost=batch_cost))
         assert [i for b in batches for i in b] == order
         cap = lambda w: max(1, min(batch_size, budget // w))
         for b in batches:
@@ -225,11 +229,11 @@ def test_eval_batches_are_the_cheapest_split():
 
 
 def test_fetch_later_and_eval_graphs_on_cpu(tiny):
-    get = perf.fetch_later(torch.tensor(1.5), None, torch.tensor([2.0]))
+    get = accounting.fetch_later(torch.tensor(1.5), None, torch.tensor([2.0]))
     assert get() == [1.5, None, 2.0]
     model = tiny()
-    perf.tune_model(model, torch.float32)
-    graphs = perf.EvalGraphs(torch.device("cpu"))
+    tune.tune_model(model, torch.float32)
+    graphs = EvalGraphs(torch.device("cpu"))
     assert not graphs.enabled  # CUDA only; on CPU predict runs eagerly with the same result
     enc = rows(9)
     p1, l1 = predict(model, enc, 4, 0, torch.device("cpu"), torch.float32)
@@ -246,7 +250,7 @@ def test_a_classifier_builds_no_key_value_cache(tiny):
 
 ROPE_CHECK = r"""
 import torch
-from core import rope
+from core.speed import rope
 assert rope.available(torch.zeros(1))  # the interpreter stands in for a GPU
 torch.manual_seed(0)
 B, S, H, D, ROT = 3, 7, 5, 20, 8
@@ -280,7 +284,7 @@ def test_triton_rope_kernel_matches_transformers_formula():
     import sys
     from pathlib import Path
     pytest.importorskip("triton")
-    from core import rope
+    from core.speed import rope
     assert not rope.available(torch.zeros(1))  # a CPU tensor, no interpreter: the torch path
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", ROPE_CHECK], env=env, capture_output=True, text=True,
@@ -289,7 +293,7 @@ def test_triton_rope_kernel_matches_transformers_formula():
 
 
 def test_pack_and_split_rows():
-    from core import packing
+    from core.speed import packing
     enc = rows(10)
     lengths = [len(r["input_ids"]) for r in enc]
     b = packing.pack(enc[:3], pad_id=0, slots=5, weight=0.25)
@@ -313,14 +317,14 @@ def test_pack_and_split_rows():
     assert len(packing.split_rows(enc, 1, 32)) == len(enc)  # a budget below one row: a row each
 
 
-def test_packed_forward_and_gradients_match_padded(tiny, monkeypatch):
-    """Rows laid end to end (core/packing.py, here with the CPU attention) give the padded path's
+def test_packed_forward_and_gradients_match_padded(tiny):
+    """Rows laid end to end (core/speed/packing.py, here with the CPU attention) give the padded path's
     predictions, empty slots change nothing, and TrainStep.run_packed the plain gradient."""
-    from core import packing
-    monkeypatch.setenv("QLORA_PACK", "1")
+    from core.speed import packing
     plain, fast = tiny(), tiny()
-    perf.tune_model(fast, torch.float32)
-    assert packing.enabled(fast, torch.device("cpu"), torch.float32) and not packing.supported(plain)
+    tune.tune_model(fast, torch.float32)
+    assert packing.enabled(fast, torch.device("cpu"), torch.float32, "on") and not packing.supported(plain)
+    assert not packing.enabled(fast, torch.device("cpu"), torch.float32, "auto")  # CPU: padded by default
     assert packing.flash_ok((9, 0), torch.bfloat16, 80) and packing.flash_ok((8, 0), torch.float16, 64)
     assert not packing.flash_ok((7, 5), torch.float16, 80)  # a T4: padded batches
     assert not packing.flash_ok((9, 0), torch.float32, 80) and not packing.flash_ok((9, 0), torch.bfloat16, 84)
@@ -332,16 +336,15 @@ def test_packed_forward_and_gradients_match_padded(tiny, monkeypatch):
         got = packing.packed_logits(fast, packing.pack(enc, 0, slots=15), 64)
     assert got.shape == (15, 3)
     torch.testing.assert_close(got[:12], ref, rtol=1e-4, atol=1e-4)
-    monkeypatch.setenv("QLORA_EVAL_TOKENS", "128")  # several packed batches
-    probs, loss = predict(fast, enc, 5, 0, torch.device("cpu"), torch.float32)
+    probs, loss = predict(fast, enc, 5, 0, torch.device("cpu"), torch.float32,  # several packed batches
+                          speed=SpeedConfig(pack="on", eval_tokens=128))
     torch.testing.assert_close(torch.from_numpy(probs), torch.softmax(ref, -1), rtol=1e-4, atol=1e-4)
     assert math.isclose(loss, torch.nn.functional.cross_entropy(ref, batch["labels"]).item(), rel_tol=1e-4)
 
     logits, want = plain_gradient(plain, batch)
-    for budget in ("0", "128"):
-        monkeypatch.setenv("QLORA_MICRO_TOKENS", budget)
+    for budget in (0, 128):
         fast.train()
-        step = perf.TrainStep(fast, torch.device("cpu"), torch.float32, 0)
+        step = TrainStep(fast, torch.device("cpu"), torch.float32, 0, SpeedConfig(pack="on", micro_tokens=budget))
         assert step.packed
         step.zero_grad()
         real, processed = step.run_packed(enc, step_rows=12, max_rows=8, max_len=64)
@@ -351,3 +354,21 @@ def test_packed_forward_and_gradients_match_padded(tiny, monkeypatch):
         got = grads(fast)
         for name, g in want.items():
             torch.testing.assert_close(got[name], g, rtol=1e-3, atol=1e-5, msg=f"{name} (budget {budget})")
+
+
+def test_speed_settings_come_from_the_config_and_the_environment_overrides_them():
+    """Every QLORA_* switch maps to one SpeedConfig field; values parse by the field's type."""
+    from core.config import SPEED_ENV
+    assert set(SPEED_ENV.values()) == set(SpeedConfig.__dataclass_fields__)
+    env = {"QLORA_CUDA_GRAPHS": "0", "QLORA_PACK": "1", "QLORA_MICRO_TOKENS": "1024", "QLORA_EVAL_BATCH_COST": "8",
+           "QLORA_GRAPH_WARMUP": "each"}
+    got = speed_from_env(SpeedConfig(), env)
+    assert (got.cuda_graphs, got.pack, got.micro_tokens, got.eval_batch_cost, got.graph_warmup) == (
+        False, "on", 1024, 8, "each")
+    assert got.eval_graphs and got.fused_linear and got.eval_tokens == 16384  # untouched
+    assert speed_from_env(SpeedConfig(pack="off"), {}) == SpeedConfig(pack="off")
+    assert speed_from_env(SpeedConfig(), {"QLORA_PACK": "0"}).pack == "off"
+    with pytest.raises(ValueError, match="QLORA_MICRO_TOKENS must be an integer"):
+        speed_from_env(SpeedConfig(), {"QLORA_MICRO_TOKENS": "lots"})
+    with pytest.raises(ValueError, match="speed.pack"):
+        speed_from_env(SpeedConfig(), {"QLORA_PACK": "maybe"})

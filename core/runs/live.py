@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import rundir
-from .report import throughput
+from ..report import throughput
 
 ACTIVE = ("queued", "running")
 
@@ -57,13 +57,11 @@ def snapshot(run_dir: Path, now: float | None = None) -> dict:
     run_dir = Path(run_dir)
     now = time.time() if now is None else now
     status = rundir.read_status(run_dir)
-    metrics = rundir.read_jsonl(run_dir / rundir.METRICS)
+    metrics = rundir.read_metrics(run_dir)
     resources = rundir.read_jsonl(run_dir / rundir.RESOURCES)
-    setup = next((r for r in metrics if r.get("kind") == "setup"), {})
-    steps = [r for r in metrics if r.get("kind") == "step"]
-    evals = [r for r in metrics if r.get("kind") == "eval"]
-    epochs = [r for r in metrics if r.get("kind") == "epoch"]
-    end = next((r for r in reversed(metrics) if r.get("kind") == "end"), {})
+    setup = metrics["setup"][0] if metrics["setup"] else {}
+    steps, evals, epochs = metrics["step"], metrics["eval"], metrics["epoch"]
+    end = metrics["end"][-1] if metrics["end"] else {}
     state = status.get("state", "unknown")
 
     total_steps = setup.get("total_steps") or status.get("total_steps")

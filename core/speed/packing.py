@@ -1,17 +1,17 @@
 """Packed batches for Phi classifiers: the rows of a batch laid end to end, no padding.
 
-A padded batch of sentence pairs is a quarter padding (measured 2026-11-29: 24% of the tokens of
-the reference experiment's training micro-batches, 11% of its test batches), and every linear
-layer pays for it. Packed, the rows form one sequence of T tokens (T rounded up to a multiple of
+A padded batch of sentence pairs is about a quarter padding (the reference experiment's
+training micro-batches; bench/RESULTS.md), and every linear layer pays for it. Packed, the rows form one sequence of T tokens (T rounded up to a multiple of
 64 with one filler segment), attention runs per row through FlashAttention's variable-length
 kernel (`cu_seqlens`, causal), and the classifier reads the last token of each row.
 
     batch = pack([encoded[i] for i in idx], pad_id, slots=32)   # CPU tensors, fixed slot count
     logits = packed_logits(model, batch, max_len)              # [slots, classes]
 
-Used for Phi-family models whose attention core.perf has patched (`enabled(model, device, dtype)`): on a
-GPU unless QLORA_PACK=0; QLORA_PACK=1 on CPU runs the same code with a block-diagonal causal mask
-(the tests).
+Used for Phi-family models whose attention phi_attention.py has patched
+(`enabled(model, device, dtype, mode)`, mode = speed.pack): `auto` on a GPU that runs
+FlashAttention 2, `off` never, `on` wherever supported: on CPU the same code runs with a
+block-diagonal causal mask (the tests).
 Empty slots (fewer rows than slots, so a CUDA graph's shapes stay fixed) are zero-length rows
 whose loss weight is 0.
 """
@@ -19,19 +19,19 @@ whose loss weight is 0.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from .patch import is_patched
 
 MULTIPLE = 64  # packed length rounded up to this: few shapes to capture, filler < MULTIPLE
 KEY = "qlora_packed"  # the keyword that carries the packing through the model to attention
 
 
-def enabled(model, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether training and evaluation pack this model's batches: QLORA_PACK=0 never, =1 wherever
-    supported (CPU included: the tests), by default on a GPU that runs FlashAttention on them."""
-    mode = os.environ.get("QLORA_PACK", "auto")
-    if mode == "0" or (mode != "1" and device.type != "cuda") or not supported(model):
+def enabled(model, device: torch.device, dtype: torch.dtype, mode: str = "auto") -> bool:
+    """Whether training and evaluation pack this model's batches (mode = speed.pack): off never,
+    on wherever supported (CPU included: the tests), auto on a GPU that runs FlashAttention."""
+    if mode == "off" or (mode != "on" and device.type != "cuda") or not supported(model):
         return False
     if device.type != "cuda":
         return True
@@ -63,12 +63,12 @@ def flash_ok(capability: tuple[int, int], dtype: torch.dtype, head_dim: int) -> 
 
 
 def supported(model) -> bool:
-    """A Phi sequence classifier whose attention layers run core.perf's forward (which reads the
-    packing), without attention dropout or q/k LayerNorm."""
+    """A Phi sequence classifier whose attention layers run phi_attention.py's forward (which
+    reads the packing), without attention dropout or q/k LayerNorm."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     attention = [m for m in inner.modules() if type(m).__name__ == "PhiAttention"]
     return (bool(attention) and hasattr(inner, "score") and hasattr(inner, "model")
-            and all(hasattr(m, "_qlora_original_forward") and not m.qk_layernorm
+            and all(is_patched(m) and not m.qk_layernorm
                     and not getattr(m, "attention_dropout", 0.0) for m in attention))
 
 

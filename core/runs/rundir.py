@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 RUNS_ENV = "QLORA_STUDIO_RUNS"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 STATES = ("queued", "running", "done", "stopped", "failed")
 
@@ -154,6 +154,25 @@ def iter_jsonl(path: Path) -> Iterator[dict]:
             yield json.loads(line)
         except json.JSONDecodeError:
             continue  # a line still being written (only ever the last one)
+
+
+METRIC_KINDS = ("setup", "step", "eval", "epoch", "end")
+
+
+def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
+    """The records of a run's metrics.jsonl split by their "kind", each list in file order.
+
+    Every kind in METRIC_KINDS is a key (an empty list when the run has not written one yet, or
+    when there is no metrics file at all); a kind this list does not name gets its own key too.
+    Records without a (string) "kind" are left out. Like read_jsonl, a half-written last line is skipped,
+    so this is safe to call while the trainer is still appending. The first setup record is
+    `by_kind["setup"][0]`, the last end record `by_kind["end"][-1]`."""
+    by_kind: dict[str, list[dict]] = {k: [] for k in METRIC_KINDS}
+    for rec in iter_jsonl(Path(run_dir) / METRICS):
+        kind = rec.get("kind") if isinstance(rec, dict) else None
+        if isinstance(kind, str):
+            by_kind.setdefault(kind, []).append(rec)
+    return by_kind
 
 
 # --- status -------------------------------------------------------------------------------------

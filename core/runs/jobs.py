@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from . import rundir
-from .config import RunConfig
+from ..config import RunConfig
 
 
 def launch(cfg: RunConfig, run_dir: Path | None = None, env: dict | None = None) -> Path:
@@ -40,8 +40,8 @@ def launch(cfg: RunConfig, run_dir: Path | None = None, env: dict | None = None)
 def launch_with_uploads(cfg: RunConfig, files: dict[str, tuple[str, bytes]], env: dict | None = None) -> Path:
     """launch(), with uploaded data files saved into <run>/uploads/ first and the config's
     data.train / data.validation / data.test pointing at them. files: split -> (name, bytes)."""
-    from .config import override
-    from .uploads import save_uploads
+    from ..config import override
+    from ..uploads import save_uploads
     run_dir = rundir.run_path(rundir.new_run_id(cfg.preset))
     run_dir.mkdir(parents=True, exist_ok=False)
     saved = save_uploads(run_dir, files)

@@ -22,20 +22,18 @@ of W instead (one GEMM over the rows, not two).
 
 A layer falls back to its original forward for anything the function does not cover (several or
 disabled adapters, merged weights, DoRA and other variants, LoRA bias, mixed-adapter batches).
-`QLORA_FUSED=0` keeps the original path everywhere (for side-by-side comparisons).
+`speed.fused_linear = false` (QLORA_FUSED=0) keeps the original path everywhere (for comparisons).
 """
 
 from __future__ import annotations
-
-import os
-import types
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
-_ORIGINAL = "_qlora_original_forward"
+from .patch import is_patched, original_forward, patch_forward
+
 
 
 def dequantize(weight, quant_state) -> torch.Tensor:
@@ -191,7 +189,7 @@ def _lora_parts(module):
 def _fused_forward(self, x: torch.Tensor, *args, act: str | None = None, **kwargs) -> torch.Tensor:
     """forward() of a 4-bit layer (or its LoRA wrapper) through QLoRALinearFn; `act` applies an
     activation to x first, inside the function (see _mlp_forward)."""
-    original = getattr(self, _ORIGINAL)
+    original = original_forward(self)
     base = _base_of(self)
     parts = None
     if base is not self:  # a peft LoRA layer
@@ -225,29 +223,20 @@ def _is_tanh_gelu(module) -> bool:
     return type(module).__name__ in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "GELUPytorchTanh")
 
 
-def enabled() -> bool:
-    return os.environ.get("QLORA_FUSED", "1") != "0"
-
-
 def install(model) -> int:
     """Route every 4-bit linear layer (LoRA-wrapped or plain) through QLoRALinearFn; returns how
-    many layers now take it. No-op (0) when QLORA_FUSED=0."""
-    if not enabled():
-        return 0
+    many layers now take it (core.speed.tune skips it when speed.fused_linear is off)."""
     under_lora = {id(m.base_layer) for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
     count = 0
     for module in model.modules():
-        if hasattr(module, _ORIGINAL) or id(module) in under_lora:  # a wrapped base runs via its wrapper
+        if is_patched(module) or id(module) in under_lora:  # a wrapped base runs via its wrapper
             continue
         if _base_of(module) is None:  # neither a Linear4bit nor a layer wrapping one
             continue
-        setattr(module, _ORIGINAL, module.forward)
-        module.forward = types.MethodType(_fused_forward, module)
+        patch_forward(module, _fused_forward)
         count += 1
     for module in model.modules():  # Phi-style MLPs: fc1 -> tanh GELU -> fc2
         fc1, fc2, act = (getattr(module, n, None) for n in ("fc1", "fc2", "activation_fn"))
-        if (fc1 is not None and hasattr(fc2, _ORIGINAL) and _is_tanh_gelu(act)
-                and not hasattr(module, _ORIGINAL)):
-            setattr(module, _ORIGINAL, module.forward)
-            module.forward = types.MethodType(_mlp_forward, module)
+        if fc1 is not None and is_patched(fc2) and _is_tanh_gelu(act) and not is_patched(module):
+            patch_forward(module, _mlp_forward)
     return count

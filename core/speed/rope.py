@@ -6,12 +6,12 @@ Same maths as transformers' apply_rotary_pos_emb on the first `rotary_dims` of e
 rotate_half convention), the rest of the head passed through: for j < half,
 out[j] = x[j] cos[j] - x[j + half] sin[j]; for half <= j < rotary_dims,
 out[j] = x[j] cos[j] + x[j - half] sin[j]. One read of x and one write, where torch needs
-broadcast multiplies that it does not vectorise (measured 2026-11-29 on an H200: 34 ms of the
-333 ms that 1,000 evaluation pairs of Phi-2 took, bench/RESULTS.md). Computed in fp32, rounded
-once to x's dtype.
+broadcast multiplies that it does not vectorise (about a tenth of an evaluation pass of Phi-2
+in torch ops, a fifth of that as this kernel: bench/RESULTS.md). Computed in fp32, rounded once
+to x's dtype.
 
-On an Ampere or newer GPU with Triton (torch's CUDA builds ship it) unless QLORA_TRITON=0;
-`available(x)` says whether it applies. The tests run the same kernel on CPU through Triton's interpreter
+On an Ampere or newer GPU with Triton (torch's CUDA builds ship it) unless speed.triton_rotary
+is off (phi_attention.py decides); `available(x)` says whether it can run. The tests run the same kernel on CPU through Triton's interpreter
 (TRITON_INTERPRET=1, set before the first call).
 """
 
@@ -25,8 +25,6 @@ import torch
 
 def available(x: torch.Tensor) -> bool:
     """True where the kernel runs: a CUDA tensor (or any, under Triton's interpreter) and Triton."""
-    if os.environ.get("QLORA_TRITON", "1") == "0":
-        return False
     if os.environ.get("TRITON_INTERPRET") == "1":
         return _kernel() is not None
     # Ampere or newer: the GPUs it was measured on; elsewhere (a T4) the torch formula runs
