@@ -5,12 +5,12 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import ui
-from core import live, rundir
-from core.report import CATEGORIES, build_report, render_html, render_markdown
-from core.resources import describe_hardware
+from core.runs import live, rundir
+from core.report import (CATEGORIES, build_report, parameter_rows, render_html, render_markdown, resource_rows,
+                         speed_rows)
+from core.runs.resources import describe_hardware
 
 pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
-num = lambda x, fmt="{:,}": "n/a" if x is None else fmt.format(x)
 
 st.title("Report")
 run_dir = ui.selected_run()
@@ -96,29 +96,16 @@ else:
 p_col, r_col, h_col = st.columns(3)
 with p_col:
     st.subheader("Parameters")
-    p = report.get("params")
-    if p:
-        st.dataframe(pd.DataFrame([
-            {"count": "total (4-bit weights at full size)", "value": f"{p['total']:,}"},
-            {"count": "packed 4-bit (naive numel sum)", "value": f"{p['packed']:,}"},
-            {"count": "trainable (LoRA + head)", "value": f"{p['trainable']:,} ({100 * p['trainable'] / p['total']:.2f}%)"},
-        ]), hide_index=True)
+    params = parameter_rows(report)
+    if params:
+        st.dataframe(pd.DataFrame(params, columns=["count", "value"]), hide_index=True)
         if report.get("target_modules"):
             st.caption("LoRA on: " + ", ".join(report["target_modules"]))
     else:
         st.caption("n/a")
 with r_col:
     st.subheader("Resources (peaks)")
-    res = report.get("resources") or {}
-    gb = lambda k: num(res.get(k), "{:.2f} GiB")
-    st.dataframe(pd.DataFrame([
-        {"resource": "GPU memory (torch allocated)", "peak": gb("torch_peak_gb")},
-        {"resource": "GPU memory (device, NVML)", "peak": gb("gpu_mem_gb")},
-        {"resource": "GPU utilisation", "peak": num(res.get("gpu_util"), "{:.0f}%")},
-        {"resource": "process RAM (RSS)", "peak": gb("rss_gb")},
-        {"resource": "CPU (100% = one core)", "peak": num(res.get("cpu_percent"), "{:.0f}%")},
-        {"resource": "disk used by checkpoints", "peak": num(res.get("checkpoints_mb"), "{:.1f} MB")},
-    ]), hide_index=True)
+    st.dataframe(pd.DataFrame(resource_rows(report), columns=["resource", "peak"]), hide_index=True)
 with h_col:
     st.subheader("Hardware")
     if hw:
@@ -132,6 +119,10 @@ with h_col:
         st.dataframe(pd.DataFrame(rows), hide_index=True)
     else:
         st.caption("n/a")
+    speed = speed_rows(report)
+    if speed:
+        with st.expander("Speed settings (config.json `speed`)"):
+            st.dataframe(pd.DataFrame(speed, columns=["setting", "value"]), hide_index=True)
 
 # --- per class ----------------------------------------------------------------------------------
 if b and a:

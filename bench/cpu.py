@@ -1,9 +1,10 @@
 """CPU speed, side by side: a plain QLoRA loop vs our training step, on the embedded model.
 
-    .venv/bin/python -m bench.cpu [--steps 8] [--rounds 2]
+    .venv/bin/python -m bench.cpu --data PATH/TO/snli_sample [--steps 8] [--rounds 2]
 
 Both use all-MiniLM-L6-v2 in NF4 with LoRA r=16 on all linear layers, batch 32 of genuine SNLI
-pairs (../shared/data/snli_sample/train.jsonl), float32 compute, the same seed. "plain" is the
+pairs (--data: a folder whose train.jsonl is read, such as the SNLI 1.0 sample of 3,000 train rows,
+or a JSONL file of premise/hypothesis/label rows), float32 compute, the same seed. "plain" is the
 usual script: tokenizer(padding="max_length", max_length=128) (or padding to the batch's longest
 row), random batches, LoRA dropout 0.05.
 "ours" is core's path: dynamic padding with length bucketing (core.data) and the demo preset's
@@ -25,17 +26,20 @@ from core.config import LoraSettings, get_preset
 from core.data import batch_indices, collate, encode, read_table, to_examples
 from core.model import add_lora, load_model, load_tokenizer
 
-SNLI = Path(__file__).resolve().parents[2] / "shared" / "data" / "snli_sample" / "train.jsonl"
-
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True,
+                    help="JSONL file of SNLI pairs to train on (a folder: its train.jsonl)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
+    data = args.data / "train.jsonl" if args.data.is_dir() else args.data
+    if not data.is_file():
+        ap.error(f"--data: {data} not found")
     cfg = get_preset("demo")
     tok = load_tokenizer(cfg.model)
-    examples, _ = to_examples(read_table(SNLI), cfg.data, "train")
+    examples, _ = to_examples(read_table(data), cfg.data, "train")
     cpu = torch.device("cpu")
 
     def model_with(lora: LoraSettings):

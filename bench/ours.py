@@ -11,15 +11,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from core import packing, perf
-from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
+from dataclasses import replace
+
+from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, SpeedConfig, TrainConfig, speed_from_env
+from core.runs import rundir
+from core.speed import accounting
+from core.speed.graphs import EvalGraphs
+from core.speed.step import TrainStep
+from core.speed.tune import tune_model
+
+SPEED = speed_from_env(SpeedConfig())  # the QLORA_* overrides of a variant
 
 
 def run_config(root: str, micro: int | None, dtype: str = "auto", epochs: int = 5, train_rows: int = 1000,
@@ -37,17 +44,17 @@ def run_config(root: str, micro: int | None, dtype: str = "auto", epochs: int = 
 
 
 def summarise(run_dir: Path) -> dict:
-    recs = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
-    setup = next(r for r in recs if r["kind"] == "setup")
-    steps = [r for r in recs if r["kind"] == "step"]
+    recs = rundir.read_metrics(run_dir)
+    setup = recs["setup"][0]
+    steps, epochs = recs["step"], recs["epoch"]
     steady = [r for r in steps if r["epoch"] >= 2] or steps
     dt = sum(r["step_s"] for r in steady)
     rows = sum(r["rows"] for r in steady)
     toks = sum(r["tokens_per_s"] * r["step_s"] for r in steady)
     mfus = [r.get("mfu") for r in steady]
-    evals = [r for r in recs if r["kind"] == "eval"]
+    evals = recs["eval"]
     val_after = [r for r in evals if r["split"] == "validation" and r["stage"].startswith("epoch-")]
-    end = next(r for r in recs if r["kind"] == "end")
+    end = recs["end"][0]
     return {
         "pairs_per_s": rows / dt,
         "pairs_per_s_all_steps": sum(r["rows"] for r in steps) / sum(r["step_s"] for r in steps),
@@ -67,13 +74,13 @@ def summarise(run_dir: Path) -> dict:
         "losses_finite": all(math.isfinite(r["loss"]) for r in steps),
         "eval_losses_finite": all(math.isfinite(r["loss"]) for r in evals),
         "first_losses": [round(r["loss"], 4) for r in steps[:3]], "last_losses": [round(r["loss"], 4) for r in steps[-3:]],
-        "epoch_s": [r["epoch_s"] for r in recs if r["kind"] == "epoch"],
-        "train_peak_gib": max((r.get("train_peak_gb") or 0 for r in recs if r["kind"] == "epoch"), default=None),
+        "epoch_s": [r["epoch_s"] for r in epochs],
+        "train_peak_gib": max((r.get("train_peak_gb") or 0 for r in epochs), default=None),
         "eval_peak_gib": max((r.get("peak_gb") or 0 for r in evals), default=None),
         "eval_s": sum(r["seconds"] for r in evals),
-        "save_s": sum(r.get("save_s") or 0 for r in recs if r["kind"] == "epoch"),
-        "capture_s": next((r.get("capture_s") for r in reversed(recs) if r["kind"] == "epoch"), None),
-        "graph_captures": next((r.get("graph_captures") for r in reversed(recs) if r["kind"] == "epoch"), None),
+        "save_s": sum(r.get("save_s") or 0 for r in epochs),
+        "capture_s": epochs[-1].get("capture_s") if epochs else None,
+        "graph_captures": epochs[-1].get("graph_captures") if epochs else None,
     }
 
 
@@ -97,25 +104,16 @@ def load(root: str, dtype=torch.bfloat16):
     torch.manual_seed(0)
     model = load_model(cfg.model, 3, tok.pad_token_id, torch.device("cuda", 0), dtype)
     model = add_lora(model, cfg.lora)
-    perf.tune_model(model, dtype)
+    tune_model(model, dtype, SPEED)
     return cfg, tok, model
 
 
-def step_fn(stepper, enc, pad_id, params, opt, bs):
+def step_fn(stepper, enc, params, opt, bs):
     """One optimiser step over the rows `idx` of `enc`, as core.train's loop runs it (packed where
     the stepper packs; no wait for the loss), returning (real tokens, tokens processed)."""
-    from core.data import collate
-    max_len = packing.max_len(enc)
 
     def one(idx):
-        if stepper.packed:
-            real, processed = stepper.run_packed([enc[i] for i in idx], step_rows=len(idx), max_rows=bs,
-                                                 max_len=max_len)
-        else:
-            batch = collate(enc, idx, pad_id)
-            stepper.run(batch, step_rows=len(idx), rows=bs)
-            real = int(batch["attention_mask"].sum())
-            processed = len(idx) * perf.pad_width(batch["input_ids"].shape[1])
+        real, processed = stepper.forward_backward([enc[i] for i in idx], micro=bs)
         stepper.take_loss_tensor()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -130,19 +128,19 @@ def sweep(a) -> dict:
     dev = torch.device("cuda", 0)
     splits, _ = load_splits(cfg.data, 0)
     enc = encode(splits["train"], tok, cfg.data)
-    info = perf.flops_info(model)
-    peak = perf.peak_flops(dev)
+    info = accounting.flops_info(model)
+    peak = accounting.peak_flops(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     model.train()
     results = []
     for bs in [int(x) for x in a.batches.split(",")]:
-        stepper = perf.TrainStep(model, dev, torch.bfloat16, tok.pad_token_id)
+        stepper = TrainStep(model, dev, torch.bfloat16, tok.pad_token_id, SPEED, data=enc)
         stepper.zero_grad()
         batches = batch_indices(enc, bs, shuffle=True, seed=1, bucket=True)
         batches = [b for b in batches if len(b) == bs] or batches
         torch.cuda.reset_peak_memory_stats()
-        one = step_fn(stepper, enc, tok.pad_token_id, params, opt, bs)
+        one = step_fn(stepper, enc, params, opt, bs)
         # capture every shape first (warm-up), then time a pass over the same batches
         for idx in batches:
             one(idx)
@@ -158,9 +156,9 @@ def sweep(a) -> dict:
                 rows += len(idx)
         torch.cuda.synchronize()
         dt = time.time() - t0
-        f = perf.flops_per_token(info, padded_rows_w / rows)
+        f = accounting.flops_per_token(info, padded_rows_w / rows)
         r = {"batch": bs, "pairs_per_s": rows / dt, "real_tokens_per_s": real / dt,
-             "mfu": perf.mfu(f, real / dt, peak), "step_ms": 1000 * dt / (reps * len(batches)),
+             "mfu": accounting.mfu(f, real / dt, peak), "step_ms": 1000 * dt / (reps * len(batches)),
              "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "graphs": stepper.graphs,
              "captures": stepper.captures, "graph_error": stepper.graph_error, "packed": stepper.packed,
              "pad_fraction": 1 - real / padded_rows_w}
@@ -185,9 +183,9 @@ def profile(model, enc, pad_id, params, opt, bs, modes=("eager", "graphs")) -> d
     batches = [b for b in batch_indices(enc, bs, shuffle=True, seed=2, bucket=True) if len(b) == bs][:6]
     out = {}
     for mode in modes:
-        stepper = perf.TrainStep(model, dev, torch.bfloat16, pad_id, graphs=(mode == "graphs"))
+        stepper = TrainStep(model, dev, torch.bfloat16, pad_id, replace(SPEED, cuda_graphs=mode == "graphs"), data=enc)
         stepper.zero_grad()
-        one = step_fn(stepper, enc, pad_id, params, opt, bs)
+        one = step_fn(stepper, enc, params, opt, bs)
         for idx in batches:
             one(idx)
         torch.cuda.synchronize()
@@ -213,7 +211,7 @@ def profile(model, enc, pad_id, params, opt, bs, modes=("eager", "graphs")) -> d
 
 
 def eval_speed(a) -> dict:
-    """Evaluation throughput (pairs/s) and peak memory per QLORA_EVAL_TOKENS budget, on the test
+    """Evaluation throughput (pairs/s) and peak memory per speed.eval_tokens budget, on the test
     split (1,000 pairs), after one warm-up pass; plus a profile of one pass at the first budget."""
     from torch.profiler import ProfilerActivity, profile as tprofile
     from core.data import encode, load_splits
@@ -224,18 +222,17 @@ def eval_speed(a) -> dict:
     enc = encode(splits["test"], tok, cfg.data)
     out = {"n": len(enc), "budgets": []}
     for budget in [int(x) for x in a.eval_tokens.split(",")]:
-        os.environ["QLORA_EVAL_TOKENS"] = str(budget)
+        speed = replace(SPEED, eval_tokens=budget)
         for mode in ("eager", "graphs"):
-            os.environ["QLORA_EVAL_GRAPHS"] = "1"
-            graphs = perf.EvalGraphs(dev) if mode == "graphs" else None
-            predict(model, enc, 1024, tok.pad_token_id, dev, torch.bfloat16, graphs=graphs)  # warm-up / capture
+            graphs = EvalGraphs(dev) if mode == "graphs" else None
+            predict(model, enc, 1024, tok.pad_token_id, dev, torch.bfloat16, graphs=graphs, speed=speed)  # warm-up
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated() / 2**30
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
-                predict(model, enc, 1024, tok.pad_token_id, dev, torch.bfloat16, graphs=graphs)
+                predict(model, enc, 1024, tok.pad_token_id, dev, torch.bfloat16, graphs=graphs, speed=speed)
                 times.append(time.perf_counter() - t0)
             r = {"eval_tokens": budget, "mode": mode, "pairs_per_s": len(enc) / min(times), "seconds": times,
                  "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "resident_gib": base,
@@ -244,10 +241,10 @@ def eval_speed(a) -> dict:
             print(json.dumps(r), flush=True)
             out["budgets"].append(r)
             del graphs
-    os.environ["QLORA_EVAL_TOKENS"] = a.eval_tokens.split(",")[0]
+    speed = replace(SPEED, eval_tokens=int(a.eval_tokens.split(",")[0]))
     with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        predict(model, enc, 1024, tok.pad_token_id, dev, torch.bfloat16)
+        predict(model, enc, 1024, tok.pad_token_id, dev, torch.bfloat16, speed=speed)
         wall = time.perf_counter() - t0
     ev = prof.key_averages()
     cuda = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA]

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import math
 import re
 import time
 from pathlib import Path
@@ -15,8 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import packing, perf, rundir
+from .config import SpeedConfig
 from .data import Example, collate
+from .model import is_causal
+from .runs import rundir
+from .speed import packing
+from .speed.graphs import EvalGraphs
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -28,31 +32,32 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 @torch.inference_mode()
 def predict(model, encoded: list[dict], batch_size: int, pad_id: int, device: torch.device,
-            dtype: torch.dtype, graphs: perf.EvalGraphs | None = None) -> tuple[np.ndarray, float]:
+            dtype: torch.dtype, graphs: EvalGraphs | None = None,
+            speed: SpeedConfig | None = None) -> tuple[np.ndarray, float]:
     """Class probabilities (n, classes) in the order of `encoded`, and the mean cross-entropy.
 
-    Packed batches where the model allows it (core/packing.py: no padding; at most batch_size rows
-    and QLORA_EVAL_TOKENS tokens, default 16384), else padded batches of rows of similar length.
-    `graphs` (a perf.EvalGraphs kept across calls) replays captured forwards on a GPU: worth it
-    when the same examples are scored again, as the validation set is after every epoch."""
+    Packed batches where the model allows it (core/speed/packing.py: no padding; at most
+    batch_size rows and speed.eval_tokens tokens), else padded batches of rows of similar length
+    (eval_batches). `graphs` (an EvalGraphs kept across calls) replays captured forwards on a GPU:
+    worth it when the same examples are scored again, as the validation set is after every epoch."""
+    speed = speed or SpeedConfig()
     if not encoded:
         return np.zeros((0, 0)), float("nan")
-    if packing.enabled(model, device, dtype):
+    if packing.enabled(model, device, dtype, speed.pack):
         max_len = packing.max_len(encoded)  # graphs bake it in: part of their key
         order = list(range(len(encoded)))
-        budget = int(os.environ.get("QLORA_EVAL_TOKENS", "16384"))
-        batches = (packing.pack(part, pad_id) for part in packing.split_rows(encoded, budget, batch_size))
+        batches = (packing.pack(part, pad_id) for part in packing.split_rows(encoded, speed.eval_tokens, batch_size))
         run, key = (lambda batch: packing.packed_logits(model, batch, max_len)), max_len
     else:
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))  # less padding
-        drop_mask = perf.is_causal(model)  # right padding + causal attention: the mask changes nothing
+        drop_mask = is_causal(model)  # right padding + causal attention: the mask changes nothing
 
         def padded(idx):
             batch = collate(encoded, idx, pad_id)
             if drop_mask:
                 batch.pop("attention_mask")
             return batch
-        batches = (padded(idx) for idx in perf.eval_batches(encoded, order, batch_size, device))
+        batches = (padded(idx) for idx in eval_batches(encoded, order, batch_size, device, speed))
         run, key = (lambda batch: model(**batch).logits), None
 
     def forward(batch):
@@ -74,6 +79,57 @@ def predict(model, encoded: list[dict], batch_size: int, pad_id: int, device: to
     probs = torch.empty((len(encoded), chunks[0].shape[-1]), dtype=torch.float32)
     probs[torch.tensor(order)] = torch.cat(chunks).cpu()
     return probs.numpy(), float(torch.stack(losses).sum().item()) / len(encoded)
+
+
+def eval_batches(encoded: list[dict], order: list[int], batch_size: int, device: torch.device,
+                 speed: SpeedConfig | None = None) -> list[list[int]]:
+    """Split `order` (rows sorted by length) into evaluation batches with the fewest padded tokens
+    plus a fixed cost per batch: each batch holds rows of neighbouring lengths, at most batch_size
+    rows and, on a GPU, at most speed.eval_tokens padded tokens (memory bound).
+
+    Exact, by dynamic programming over the distinct lengths: cost = padded tokens + a fixed cost
+    per batch in tokens (speed.eval_batch_cost): on a GPU 1024, about what dequantising Phi-2's
+    weights for one forward costs in GPU time; on a CPU, little (32). One long row no longer
+    pads hundreds of short ones."""
+    speed = speed or SpeedConfig()
+    gpu = device.type == "cuda"
+    budget = speed.eval_tokens if gpu else 0
+    batch_cost = speed.eval_batch_cost if speed.eval_batch_cost is not None else (1024 if gpu else 32)
+    lengths, counts = [], []  # distinct lengths in order, and how many rows have each
+    for i in order:
+        n = len(encoded[i]["input_ids"])
+        if lengths and lengths[-1] == n:
+            counts[-1] += 1
+        else:
+            lengths.append(n)
+            counts.append(1)
+
+    def cap(width: int) -> int:  # most rows of this width in one batch
+        return max(1, min(batch_size, budget // width if budget else batch_size))
+
+    best = [0.0] + [math.inf] * len(lengths)  # best[j]: cost of the first j lengths
+    cut = [0] * (len(lengths) + 1)
+    for j in range(1, len(lengths) + 1):
+        rows = 0
+        for i in range(j, 0, -1):  # the last span holds lengths i-1 .. j-1, padded to lengths[j-1]
+            rows += counts[i - 1]
+            cost = best[i - 1] + rows * lengths[j - 1] + -(-rows // cap(lengths[j - 1])) * batch_cost
+            if cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    spans, j = [], len(lengths)
+    while j > 0:
+        spans.append((cut[j], j))
+        j = cut[j]
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    batches = []
+    for a, b in reversed(spans):
+        rows = order[starts[a]:starts[b]]
+        k = -(-len(rows) // cap(lengths[b - 1]))  # batches this span needs; equal sizes
+        size = -(-len(rows) // k)
+        batches += [rows[s:s + size] for s in range(0, len(rows), size)]
+    return batches
 
 
 def prediction_rows(examples: list[Example], probs: np.ndarray, labels: list[str]) -> list[dict]:
@@ -100,8 +156,9 @@ def evaluate_run(run_dir: Path, data_file: Path, name: str | None = None, batch_
 
     Writes predictions/<name>_before.jsonl and predictions/<name>_after.jsonl into the run folder
     and returns {"n", "accuracy_before", "accuracy_after", "dropped_unlabelled", "name"}."""
-    from .config import RunConfig
+    from .config import RunConfig, speed_from_env
     from .data import encode, read_table, to_examples
+    from .speed.tune import tune_model
     from .model import (add_lora, load_adapter_weights, load_model, load_tokenizer, pick_compute_dtype,
                         pick_device)
 
@@ -110,7 +167,7 @@ def evaluate_run(run_dir: Path, data_file: Path, name: str | None = None, batch_
     report = rundir.read_json(run_dir / rundir.REPORT) or {}
     best = report.get("best_epoch")
     if best is None:
-        epochs = [r for r in rundir.read_jsonl(run_dir / rundir.METRICS) if r.get("kind") == "epoch"]
+        epochs = rundir.read_metrics(run_dir)["epoch"]
         if not epochs:
             raise ValueError(f"run {run_dir.name} has no trained adapter yet (no finished epoch)")
         best = max(epochs, key=lambda r: (r["val_accuracy"], -r["epoch"]))["epoch"]
@@ -133,14 +190,15 @@ def evaluate_run(run_dir: Path, data_file: Path, name: str | None = None, batch_
     model = load_model(cfg.model, len(cfg.data.labels), tokenizer.pad_token_id, device, dtype,
                        id2label=dict(enumerate(cfg.data.labels)))
     model = add_lora(model, cfg.lora)
-    perf.tune_model(model, dtype)  # the same numerics as during training
+    speed = speed_from_env(cfg.speed)
+    tune_model(model, dtype, speed)  # the same numerics as during training
     encoded = encode(examples, tokenizer, cfg.data)
     bs = batch_size or cfg.train.eval_batch_size
     result = {"name": name, "n": len(examples), "dropped_unlabelled": stats.dropped_unlabelled, "best_epoch": best}
     for stage, ckpt in (("before", before_dir), ("after", after_dir)):
         load_adapter_weights(model, ckpt)
         t0 = time.perf_counter()
-        probs, loss = predict(model, encoded, bs, tokenizer.pad_token_id, device, dtype)
+        probs, loss = predict(model, encoded, bs, tokenizer.pad_token_id, device, dtype, speed=speed)
         rundir.atomic_write_jsonl(run_dir / rundir.PREDICTIONS / f"{name}_{stage}.jsonl",
                                   prediction_rows(examples, probs, cfg.data.labels))
         result[f"accuracy_{stage}"] = accuracy(probs, examples)

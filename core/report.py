@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import rundir
+from .runs import rundir
 
 CATEGORIES = ("fixed", "still failing", "regressed", "still right")
 
@@ -100,14 +100,12 @@ def build_report(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     config = rundir.read_json(run_dir / rundir.CONFIG, {}) or {}
     status = rundir.read_status(run_dir)
-    metrics = rundir.read_jsonl(run_dir / rundir.METRICS)
+    metrics = rundir.read_metrics(run_dir)
     resources = rundir.read_jsonl(run_dir / rundir.RESOURCES)
-    setup = next((r for r in metrics if r.get("kind") == "setup"), {})
+    setup = metrics["setup"][0] if metrics["setup"] else {}
     labels = setup.get("labels") or (config.get("data") or {}).get("labels") or []
-    steps = [r for r in metrics if r.get("kind") == "step"]
-    epochs = [r for r in metrics if r.get("kind") == "epoch"]
-    evals = [r for r in metrics if r.get("kind") == "eval"]
-    end = next((r for r in reversed(metrics) if r.get("kind") == "end"), {})
+    steps, epochs, evals = metrics["step"], metrics["epoch"], metrics["eval"]
+    end = metrics["end"][-1] if metrics["end"] else {}
 
     report: dict = {
         "run_id": run_dir.name,
@@ -126,6 +124,8 @@ def build_report(run_dir: Path) -> dict:
         "params": setup.get("params"),
         "data": setup.get("data"),
         "target_modules": setup.get("target_modules"),
+        "speed": setup.get("speed") or config.get("speed"),
+        "speedups": setup.get("speedups"),
         "mean_tokens": setup.get("mean_tokens"),
         "load_s": setup.get("load_s"),
         "epochs": [{k: e.get(k) for k in ("epoch", "train_loss", "val_accuracy", "val_loss", "epoch_s")}
@@ -220,9 +220,50 @@ def _gb(x) -> str:
     return "n/a" if x is None else f"{x:.2f} GiB"
 
 
+def _fmt(x, fmt: str) -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def parameter_rows(report: dict) -> list[tuple[str, str]]:
+    """The rows (count, value) of the report's Parameters table, formatted; [] when the run has
+    no parameter counts yet. The Markdown/HTML report and the app's Report page both show these."""
+    p = report.get("params")
+    if not p:
+        return []
+    total, trainable = p.get("total"), p.get("trainable")
+    share = f" ({100 * trainable / total:.2f}%)" if trainable is not None and total else ""
+    return [("total (4-bit weights at full size)", _num(total)),
+            ("packed 4-bit (naive numel sum)", _num(p.get("packed"))),
+            ("trainable (LoRA + head)", _num(trainable) + share)]
+
+
+def resource_rows(report: dict) -> list[tuple[str, str]]:
+    """The rows (resource, peak) of the report's Resources (peaks) table, formatted; a peak that
+    was never measured (no GPU, no sample yet) reads n/a. Shared by the Markdown/HTML report and
+    the app's Report page."""
+    res = report.get("resources") or {}
+    return [("GPU memory (torch allocated)", _gb(res.get("torch_peak_gb"))),
+            ("GPU memory (device, NVML)", _gb(res.get("gpu_mem_gb"))),
+            ("GPU utilisation", _fmt(res.get("gpu_util"), "{:.0f}%")),
+            ("process RAM (RSS)", _gb(res.get("rss_gb"))),
+            ("CPU (100% = one core)", _fmt(res.get("cpu_percent"), "{:.0f}%")),
+            ("disk used by checkpoints", _fmt(res.get("checkpoints_mb"), "{:.1f} MB"))]
+
+
+def speed_rows(report: dict) -> list[tuple[str, str]]:
+    """The run's speed settings (config.SpeedConfig as it ran; None reads "auto") and the
+    model changes they made, for the report's settings section; [] for runs that predate them."""
+    speed = report.get("speed") or {}
+    rows = [(name, "auto" if value is None else str(value).lower() if isinstance(value, bool) else str(value))
+            for name, value in speed.items()]
+    if speed and report.get("speedups") is not None:
+        rows.append(("applied", "; ".join(report["speedups"]) or "none"))
+    return rows
+
+
 def render_markdown(r: dict) -> str:
     """The report as Markdown: the sections of the reference report, generated."""
-    from .resources import describe_hardware
+    from .runs.resources import describe_hardware
     L: list[str] = []
     L.append(f"# QLoRA fine-tuning report: {r.get('model')} on {r.get('dataset')}")
     L.append("")
@@ -251,20 +292,16 @@ def render_markdown(r: dict) -> str:
               f"evaluation {_secs(r.get('eval_s'))}, model load {_secs(r.get('load_s'))}, "
               f"total {_secs(r.get('total_s'))}. Throughput {t.get('samples_per_s', 'n/a')} pairs/s, "
               f"{t.get('tokens_per_s', 'n/a')} real tokens/s, padding {_pct(t.get('pad_fraction'))}."]
-    p = r.get("params")
-    if p:
-        L += ["", "## Parameters", "", "| count | value |", "|---|---|",
-              f"| total (4-bit weights at full size) | {_num(p['total'])} |",
-              f"| packed 4-bit (naive numel sum) | {_num(p['packed'])} |",
-              f"| trainable (LoRA + head) | {_num(p['trainable'])} ({100 * p['trainable'] / p['total']:.2f}%) |"]
-    res = r.get("resources") or {}
-    L += ["", "## Resources (peaks)", "", "| resource | peak |", "|---|---|",
-          f"| GPU memory (torch allocated) | {_gb(res.get('torch_peak_gb'))} |",
-          f"| GPU memory (device, NVML) | {_gb(res.get('gpu_mem_gb'))} |",
-          f"| GPU utilisation | {res['gpu_util']:.0f}% |" if "gpu_util" in res else "| GPU utilisation | n/a |",
-          f"| process RAM (RSS) | {_gb(res.get('rss_gb'))} |",
-          f"| CPU (100% = one core) | {res.get('cpu_percent', 0):.0f}% |",
-          f"| disk used by checkpoints | {res.get('checkpoints_mb', 0):.1f} MB |"]
+    params = parameter_rows(r)
+    if params:
+        L += ["", "## Parameters", "", "| count | value |", "|---|---|"]
+        L += [f"| {name} | {value} |" for name, value in params]
+    L += ["", "## Resources (peaks)", "", "| resource | peak |", "|---|---|"]
+    L += [f"| {name} | {value} |" for name, value in resource_rows(r)]
+    speed = speed_rows(r)
+    if speed:
+        L += ["", "## Speed settings", "", "| setting | value |", "|---|---|"]
+        L += [f"| {name} | {value} |" for name, value in speed]
     if b and a:
         labels = r["labels"]
         L += ["", "## Per class (test)", "", "| class | precision before | recall before | F1 before | "

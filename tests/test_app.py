@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import jobs, rundir
+from core.runs import jobs, rundir
 from core.config import get_preset
 from core.report import CATEGORIES, load_comparison
-from core.resources import describe_hardware, hardware_info
+from core.runs.resources import describe_hardware, hardware_info
 
 ROOT = Path(__file__).resolve().parents[1]
 pct = lambda x: f"{100 * x:.1f}%"

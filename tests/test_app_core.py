@@ -1,4 +1,4 @@
-"""The core helpers behind the app: live progress and ETA (core.live), the pre-launch plan
+"""The core helpers behind the app: live progress and ETA (core.runs.live), the pre-launch plan
 (core.estimate), and uploaded files (core.uploads). No Streamlit, no training."""
 
 import json
@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from core import estimate, jobs, live, rundir, uploads
+from core import estimate, uploads
+from core.runs import jobs, live, rundir
 from core.config import get_preset, override
 
 ROOT = Path(__file__).resolve().parents[1]
-SNLI = ROOT.parent / "shared" / "data" / "snli_sample"
+SNLI = Path(__file__).resolve().parent / "data" / "snli"  # 240/60/60 genuine SNLI rows, see its README
 
 
 # --- live ---------------------------------------------------------------------------------------
@@ -122,10 +123,10 @@ def test_planned_rows_follow_the_trainer(tmp_path):
     assert estimate.planned_rows(get_preset("demo")) == n
     capped = override(get_preset("demo"), {"data.max_train_rows": 50, "data.max_test_rows": 10**6})
     assert estimate.planned_rows(capped) == {**n, "train": 50}
-    # files without validation: 10% of train is carved out first (as load_splits does), then capped
+    # files without validation: 10% of train (240 rows -> 24) is carved out first (as load_splits does), then capped
     files = override(get_preset("demo"), {"data.source": "files", "data.train": str(SNLI / "train.jsonl"),
                                           "data.test": str(SNLI / "test.jsonl"), "data.max_train_rows": 64})
-    assert estimate.planned_rows(files) == {"train": 64, "validation": 300, "test": 500}
+    assert estimate.planned_rows(files) == {"train": 64, "validation": 24, "test": 60}
     assert estimate.planned_rows(files, known={"train": 20, "test": 5}) == {"train": 18, "validation": 2, "test": 5}
 
 

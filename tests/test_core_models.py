@@ -11,7 +11,7 @@ from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainC
 from core.model import (AdapterSaver, add_lora, classification_head, count_parameters, load_adapter_weights,
                         load_model, load_tokenizer, save_adapter)
 
-SNLI = Path(__file__).resolve().parents[2] / "shared" / "data" / "snli_sample"
+SNLI = Path(__file__).resolve().parent / "data" / "snli"  # 240/60/60 genuine SNLI rows, see its README
 CPU = torch.device("cpu")
 
 

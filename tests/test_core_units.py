@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from core import rundir
+from core.runs import rundir
 from core.config import DataConfig, LoraSettings, RunConfig, TrainConfig, get_preset, override
 from core.data import (Example, batch_indices, carve_validation, load_splits, map_label, read_table,
                        stratified_sample, to_examples)
-from core.report import compare_predictions, wilson_interval
+from core.report import compare_predictions, parameter_rows, resource_rows, wilson_interval
 from core.train import lr_factor
 
-SNLI = Path(__file__).resolve().parents[2] / "shared" / "data" / "snli_sample"
+SNLI = Path(__file__).resolve().parent / "data" / "snli"  # 240/60/60 genuine SNLI rows, see its README
 LABELS = ["entailment", "neutral", "contradiction"]
 
 
@@ -107,11 +107,17 @@ def test_file_formats_round_trip(tmp_path):
 
 def test_genuine_snli_sample_loads_through_the_file_loader():
     cfg = DataConfig(source="files", train=str(SNLI / "train.jsonl"), validation=str(SNLI / "validation.jsonl"),
-                     test=str(SNLI / "test.jsonl"), max_train_rows=300)
+                     test=str(SNLI / "test.jsonl"), max_train_rows=120)
     splits, stats = load_splits(cfg, seed=0)
-    assert len(splits["train"]) == 300 and len(splits["validation"]) == 500 and len(splits["test"]) == 500
-    assert stats["train"]["rows_read"] == 3000 and stats["train"]["dropped_unlabelled"] == 0
-    assert stats["train"]["label_counts"] == {"entailment": 100, "neutral": 100, "contradiction": 100}
+    assert len(splits["train"]) == 120 and len(splits["validation"]) == 60 and len(splits["test"]) == 60
+    assert stats["train"]["rows_read"] == 240 and stats["train"]["dropped_unlabelled"] == 0
+    # the 120 rows keep the file's class proportions (77/84/79 of 240): each class within one row of its share
+    in_file = Counter(json.loads(l)["label"] for l in (SNLI / "train.jsonl").read_text().splitlines())
+    assert sum(in_file.values()) == 240
+    got = stats["train"]["label_counts"]
+    assert set(got) == set(LABELS) and sum(got.values()) == 120
+    assert Counter(LABELS[e.label] for e in splits["train"]) == got
+    assert all(abs(got[lab] - 120 * in_file[lab] / 240) < 1 for lab in LABELS), (got, in_file)
     first = json.loads((SNLI / "test.jsonl").read_text().splitlines()[0])
     assert splits["test"][0].premise == first["premise"] and LABELS[splits["test"][0].label] == first["label"]
 
@@ -232,6 +238,60 @@ def test_jsonl_reader_skips_a_half_written_last_line(tmp_path):
         f.write('{"step": 3, "lo')
     assert rundir.read_jsonl(path) == [{"step": 1}, {"step": 2}]
     assert rundir.read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_read_metrics_splits_records_by_kind_in_file_order(tmp_path):
+    path = tmp_path / rundir.METRICS
+    for rec in ({"kind": "setup", "n": 0}, {"kind": "step", "step": 1}, {"kind": "eval", "stage": "before"},
+                {"kind": "step", "step": 2}, {"kind": "epoch", "epoch": 1}, {"kind": "custom", "x": 1},
+                {"no_kind": True}, {"kind": "end", "state": "stopped"}, {"kind": "end", "state": "done"}):
+        rundir.append_jsonl(path, rec)
+    with open(path, "a") as f:
+        f.write('{"kind": "step", "st')  # the trainer is mid-way through this line
+    by_kind = rundir.read_metrics(tmp_path)
+    assert by_kind == {"setup": [{"kind": "setup", "n": 0}],
+                       "step": [{"kind": "step", "step": 1}, {"kind": "step", "step": 2}],
+                       "eval": [{"kind": "eval", "stage": "before"}],
+                       "epoch": [{"kind": "epoch", "epoch": 1}],
+                       "end": [{"kind": "end", "state": "stopped"}, {"kind": "end", "state": "done"}],
+                       "custom": [{"kind": "custom", "x": 1}]}
+    assert rundir.read_metrics(tmp_path / "no-such-run") == {k: [] for k in rundir.METRIC_KINDS}
+
+
+def test_parameter_and_resource_rows_are_the_report_tables():
+    report = {"params": {"total": 1_234_567, "packed": 654_321, "trainable": 4_321},
+              "resources": {"torch_peak_gb": 1.23456, "gpu_util": 87.4, "rss_gb": 3.14159, "cpu_percent": 190.55,
+                            "checkpoints_mb": 12.345}}
+    assert parameter_rows(report) == [("total (4-bit weights at full size)", "1,234,567"),
+                                      ("packed 4-bit (naive numel sum)", "654,321"),
+                                      ("trainable (LoRA + head)", "4,321 (0.35%)")]
+    assert resource_rows(report) == [("GPU memory (torch allocated)", "1.23 GiB"),
+                                     ("GPU memory (device, NVML)", "n/a"),
+                                     ("GPU utilisation", "87%"),
+                                     ("process RAM (RSS)", "3.14 GiB"),
+                                     ("CPU (100% = one core)", "191%"),
+                                     ("disk used by checkpoints", "12.3 MB")]
+    assert parameter_rows({}) == []
+    assert [peak for _, peak in resource_rows({})] == ["n/a"] * 6
+    # the Markdown report prints exactly these rows
+    from core.report import render_markdown
+    md = render_markdown({"run_id": "r", **report})
+    for name, value in parameter_rows(report) + resource_rows(report):
+        assert f"| {name} | {value} |" in md
+
+
+def test_speed_rows_show_how_the_run_ran():
+    from dataclasses import asdict
+    from core.config import SpeedConfig
+    from core.report import render_markdown, speed_rows
+    report = {"speed": asdict(SpeedConfig(pack="off", micro_tokens=None)), "speedups": ["gelu_new->fused tanh gelu"]}
+    rows = dict(speed_rows(report))
+    assert rows["pack"] == "off" and rows["micro_tokens"] == "auto" and rows["cuda_graphs"] == "true"
+    assert rows["applied"] == "gelu_new->fused tanh gelu"
+    assert len(rows) == len(SpeedConfig.__dataclass_fields__) + 1
+    assert speed_rows({}) == []  # a run from before the speed settings
+    md = render_markdown({"run_id": "r", **report})
+    assert "## Speed settings" in md and "| pack | off |" in md
 
 
 def test_status_of_a_dead_running_process_reads_failed(tmp_path):

@@ -1,7 +1,7 @@
-"""Hyperparameter sweep of the demo recipe on the shared SNLI sample (3,000 train rows), run on the
+"""Hyperparameter sweep of the demo recipe on the SNLI 1.0 sample (3,000 train rows), run on the
 GPU machine in float32 (closest to the CPU's numerics), 6 runs at a time.
 
-    bash bench/sweep/prepare.sh            # here: .sweep/ = model (fp16 copy, < 64 MiB), SNLI rows, slim bnb wheel
+    bash bench/sweep/prepare.sh PATH/TO/snli_sample  # here: .sweep/ = model (fp16 copy, < 64 MiB), SNLI rows, slim bnb wheel
     # on the device, in the repo root, carrying .sweep:
     pip install --target /tmp/site .sweep/*.whl && PYTHONPATH=/tmp/site python3 bench/sweep/snli.py SET
     # SET: cls (first sweep), mean (second), seeds (six seeds of the chosen and the plain recipe)
