@@ -20,4 +20,7 @@ pages = st.navigation([
     st.Page("app_pages/failures.py", title="Failures", icon=":material/rule:"),
 ])
 ui.sidebar()
-pages.run()
+try:
+    pages.run()
+except Exception as e:  # st.rerun / st.stop are BaseExceptions and pass; anything else: one sentence
+    ui.page_failed(e)

@@ -1,16 +1,22 @@
 """Report: every section of the reference report, generated from the selected run's folder,
-with downloads as Markdown and as a self-contained HTML file."""
+with the statistics of the change (baselines, intervals, McNemar, transitions, calibration,
+slices, label-noise hints, seeds), downloads as Markdown, HTML and a reproducibility bundle."""
 
 import pandas as pd
 import streamlit as st
 
 from app_pages import ui
 from core.runs import live, rundir
-from core.report import (CATEGORIES, build_report, parameter_rows, render_html, render_markdown, resource_rows,
-                         speed_rows)
+from core.analysis import NOISE_NOTE
+from core.bundle import build_bundle
+from core.groups import group_summary
+from core.render import (baseline_rows, change_rows, hint_rows, parameter_rows, per_class_change_rows, render_html,
+                         render_markdown, resource_rows, seed_rows, seed_run_rows, slice_rows, speed_rows)
+from core.report import CATEGORIES, build_report, load_report
 from core.runs.resources import describe_hardware
 
 pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
+rnd = lambda x, n: None if x is None else round(x, n)
 
 st.title("Report")
 run_dir = ui.selected_run()
@@ -20,7 +26,8 @@ if run_dir is None:
 
 status = rundir.read_status(run_dir)
 state = status.get("state")
-report = rundir.read_json(run_dir / rundir.REPORT)
+report, problem = load_report(run_dir)  # a damaged report.json is rebuilt from the other files
+ui.damage_note(run_dir, [problem])
 if report is not None:
     report["state"] = state  # status.json is the authority on the state
 elif state in live.ACTIVE:
@@ -34,6 +41,8 @@ else:
     st.warning(f"Run `{run_dir.name}` is **{state}**: this report shows only what it produced before it "
                f"ended.{' Error: ' + status['error'] if status.get('error') else ''}")
 
+report["group"] = group_summary(run_dir)  # fresh: a later seed of the group may have ended since
+
 # --- header and downloads -----------------------------------------------------------------------
 head, dl = st.columns([3, 1])
 head.markdown(f"#### {report.get('model')} on {report.get('dataset')}")
@@ -45,6 +54,15 @@ dl.download_button("Download Markdown", render_markdown(report), file_name=f"{re
                    mime="text/markdown", icon=":material/download:", use_container_width=True)
 dl.download_button("Download HTML", render_html(report), file_name=f"{report['run_id']}-report.html",
                    mime="text/html", icon=":material/download:", use_container_width=True)
+dl.download_button("Download reproducibility bundle", lambda: build_bundle(run_dir),  # built on click
+                   file_name=f"{report['run_id']}-bundle.zip", mime="application/zip", icon=":material/folder_zip:",
+                   use_container_width=True, key="bundle",
+                   help="One zip: config.json, seeds, package versions, hardware, sha256 of the data files, both "
+                        "models' per-example predictions (CSV), a methods paragraph and a results table to paste.")
+if report.get("headline"):
+    with st.container(border=True, key="headline"):
+        st.markdown(f"**{report['headline']}**")
+        st.caption((report.get("change") or {}).get("note") or "")
 
 # --- accuracy -----------------------------------------------------------------------------------
 st.subheader("Accuracy on the test split, before vs after")
@@ -67,6 +85,108 @@ if b and a:
 else:
     st.info("The run ended before the test split was scored before and after training.")
 
+# --- baselines and the change -------------------------------------------------------------------
+if report.get("baselines"):
+    st.subheader("Baselines on the same test rows")
+    st.dataframe(pd.DataFrame(baseline_rows(report)), hide_index=True,
+                 column_config={"what": st.column_config.TextColumn(width="large")})
+    z = report["baselines"].get("zero_shot") or {}
+    if z.get("prompt"):
+        st.caption("Zero-shot prompt (the label is the next word: "
+                   + ", ".join(f"`{w.strip()}`" for w in z.get("words") or []) + "):")
+        st.code(z["prompt"], language=None)
+    st.caption("The random-head baseline is what the reference script measured as \"before\"; the zero-shot baseline "
+               "asks the pretrained language model itself, without any training.")
+change = change_rows(report.get("change"))  # [] without a change to show
+if change:
+    st.subheader("The change and its uncertainty")
+    ch, values = report["change"], [value for _, value in change]
+    c = st.columns(4)
+    c[0].metric("Change", values[0], help="accuracy after − before, same test rows")
+    c[1].metric("95% interval", values[1].removesuffix(" points"), help="paired bootstrap, 10,000 resamples of the test rows")
+    c[2].metric("McNemar p", values[3], help=f"exact, two-sided, on the {ch['b'] + ch['c']} discordant pairs")
+    c[3].metric("Smallest detectable change", values[5],
+                help="80% power, two-sided 5% level, at this n (two-sample approximation)")
+    st.markdown(f"**Verdict:** {ch['verdict']}.")
+    st.dataframe(pd.DataFrame(change, columns=["item", "value"]), hide_index=True)
+    z = (report.get("baselines") or {}).get("zero_shot") or {}
+    if z.get("change"):
+        with st.expander("Zero-shot baseline → fine-tuned"):
+            st.dataframe(pd.DataFrame(change_rows(z["change"]), columns=["item", "value"]), hide_index=True)
+
+# --- several seeds ------------------------------------------------------------------------------
+group = report.get("group")
+if group:
+    st.subheader(f"Several seeds: group `{group.get('group')}`")
+    st.caption(f"{group.get('finished')} of {len(group.get('runs') or [])} runs finished. One run is not a result: "
+               "mean ± standard deviation (and range) over the seeds, in percent.")
+    st.dataframe(pd.DataFrame(seed_rows(group)), hide_index=True)
+    if group.get("agreement") is not None:
+        st.markdown(f"Per-example agreement: every seed's fine-tuned model predicts the same label on "
+                    f"**{pct(group['agreement'])}** of {group['agreement_n']} test examples.")
+    st.dataframe(pd.DataFrame(seed_run_rows(group)), hide_index=True)
+
+# --- transitions --------------------------------------------------------------------------------
+t = report.get("transitions")
+if t:
+    st.subheader("Transitions: where the test examples went")
+    link = lambda col, label, params: col.page_link("app_pages/failures.py", label=label, icon=":material/list:",
+                                                     query_params={"run": report["run_id"], **params})
+    left, right = st.columns([1, 1], gap="large")
+    with left:
+        st.caption("Right/wrong before (rows) × after (columns): click a cell to list its examples.")
+        head = st.columns([1, 2, 2])
+        head[1].markdown("**right after**")
+        head[2].markdown("**wrong after**")
+        for before_name, cells in (("right before", ("still right", "regressed")),
+                                   ("wrong before", ("fixed", "still failing"))):
+            row = st.columns([1, 2, 2], vertical_alignment="center")
+            row[0].markdown(f"**{before_name}**")
+            for col, cell in zip(row[1:], cells):
+                link(col, f"{t['cells'].get(cell, 0)} {cell}", {"cell": cell.replace(" ", "-")})
+        st.caption("Label moves (predicted before → after), most frequent first:")
+        for m in t["moves"]:
+            link(st, f"{m['from']} → {m['to']}: {m['count']}", {"move": f"{m['from']}->{m['to']}"})
+    right.plotly_chart(ui.moves_figure(t["counts"], t["labels"]), config=ui.PLOTLY, key="moves")
+
+# --- calibration --------------------------------------------------------------------------------
+cal = report.get("calibration")
+if cal:
+    st.subheader("Calibration")
+    left, right = st.columns([1, 2])
+    with left:
+        for name, cb in cal.items():
+            st.metric(f"ECE {name.replace('_', '-')}", "n/a" if cb.get("ece") is None else f"{cb['ece']:.3f}",
+                      help=f"expected calibration error over 10 equal-width confidence bins, n = {cb['n']}")
+        st.caption("ECE: the mean gap between confidence and accuracy, weighted by the examples per bin (lower is "
+                   "better; noisy with few examples per bin).")
+    right.plotly_chart(ui.reliability_figure(cal), config=ui.PLOTLY, key="reliability")
+
+# --- slices -------------------------------------------------------------------------------------
+if report.get("slices"):
+    st.subheader("Slices: accuracy by phenomenon and by automatic NLI slice")
+    st.dataframe(pd.DataFrame(slice_rows(report)), hide_index=True)
+    st.caption("Negation cue in the hypothesis, word overlap with the premise, hypothesis length, and the data's "
+               "own tags; each with n and Wilson 95% intervals. Many slices at once: some differ by chance.")
+
+# --- learning dynamics and label-noise hints ----------------------------------------------------
+d = report.get("dynamics")
+if d or report.get("noise_hints"):
+    st.subheader("Learning dynamics and label-noise hints")
+if d:
+    c = st.columns(3)
+    c[0].metric("Never right", d["never_learned"], help=f"of {d['n']} test examples, at every epoch {d['epochs']}")
+    c[1].metric("Learned, never forgotten", d["unforgettable"])
+    c[2].metric("Forgotten at least once", d["forgotten"], help="right at one epoch, wrong at a later one")
+    st.caption("Per example, on the Failures page: p(gold) at each epoch, when it was learned or forgotten.")
+if report.get("noise_hints"):
+    st.warning(NOISE_NOTE, icon=":material/help:")
+    st.dataframe(pd.DataFrame(hint_rows(report)), hide_index=True,
+                 column_config={"premise": st.column_config.TextColumn(width="large"),
+                                "hypothesis": st.column_config.TextColumn(width="large")})
+    st.page_link("app_pages/failures.py", label="See them on the Failures page", icon=":material/help:",
+                 query_params={"run": report["run_id"], "hints": "1"})
+
 # --- training time ------------------------------------------------------------------------------
 st.subheader("Training time")
 epochs = report.get("epochs") or []
@@ -81,9 +201,9 @@ if epochs:
     c[2].metric("Training", live.format_duration(report.get("train_s"), short=True), help=exact(report.get("train_s")))
     c[3].metric("Evaluation", live.format_duration(report.get("eval_s"), short=True), help=exact(report.get("eval_s")))
     c[4].metric("Model load", live.format_duration(report.get("load_s")))
-    st.dataframe(pd.DataFrame([{"epoch": e["epoch"], "train loss": round(e["train_loss"], 4),
-                                "validation accuracy": pct(e["val_accuracy"]),
-                                "validation loss": round(e["val_loss"], 4), "time (s)": round(e["epoch_s"], 1)}
+    st.dataframe(pd.DataFrame([{"epoch": e["epoch"], "train loss": rnd(e.get("train_loss"), 4),
+                                "validation accuracy": pct(e.get("val_accuracy")),
+                                "validation loss": rnd(e.get("val_loss"), 4), "time (s)": rnd(e.get("epoch_s"), 1)}
                                for e in epochs]), hide_index=True)
     t = report.get("throughput") or {}
     if t:
@@ -133,14 +253,18 @@ if b and a:
          "F1 before": pct(pb["f1"]), "precision after": pct(pa["precision"]), "recall after": pct(pa["recall"]),
          "F1 after": pct(pa["f1"]), "n": pb["support"]}
         for pb, pa in zip(b["per_class"], a["per_class"])]), hide_index=True)
+    if report.get("per_class_change"):
+        st.dataframe(pd.DataFrame(per_class_change_rows(report)), hide_index=True)
+        st.caption("Per-class F1 before and after, and its change with a paired bootstrap 95% interval (2,000 "
+                   "resamples of the test rows).")
     c1, c2 = st.columns(2)
     c1.plotly_chart(ui.confusion_figure(b["confusion"], labels, "Confusion before (rows gold, columns predicted)"),
                     config=ui.PLOTLY, key="confusion_before")
     c2.plotly_chart(ui.confusion_figure(a["confusion"], labels, "Confusion after (rows gold, columns predicted)"),
                     config=ui.PLOTLY, key="confusion_after")
 
-# --- by tag -------------------------------------------------------------------------------------
-if report.get("by_tag"):
+# --- by tag (reports from before the slices) ----------------------------------------------------
+if report.get("by_tag") and not report.get("slices"):
     st.subheader("By phenomenon tag")
     st.dataframe(pd.DataFrame([{"tag": t["tag"], "n": t["n"], "before": pct(t["accuracy_before"]),
                                 "after": pct(t["accuracy_after"]),

@@ -14,6 +14,7 @@ from app_pages import ui
 from core import estimate, uploads
 from core.runs import jobs, live, rundir
 from core.config import BUILTIN_DATA, EMBEDDED_MODEL, NLI_LABELS, PRESETS, get_preset, override
+from core.report import load_report
 from core.runs.live import format_duration
 
 DATA_CHOICES = {"builtin": "Built-in NLI sample", "hub": "Hugging Face Hub dataset",
@@ -23,10 +24,93 @@ PRESET_LABELS = {"demo": "Embedded demo (MiniLM, CPU, offline)", "phi2-snli": "P
 
 # --- the selected run ---------------------------------------------------------------------------
 
-def draw_metrics_row(snap: dict) -> None:
+LIVE_EVERY = 2.0  # seconds between refreshes of the progress bar, the ETA and the numbers
+CHARTS_EVERY = 6.0  # ... of the charts; their figures are built at most once per this, for all viewers
+
+
+FREEZE_ABOVE = 100_000  # objects the cyclic garbage collector may walk after each script run
+FREEZE_CHECK_EVERY = 30.0  # seconds
+
+
+@st.cache_resource(show_spinner=False)
+def _collector_state() -> dict:
+    return {"checked": 0.0, "frozen": 0}
+
+
+def spare_the_collector() -> None:
+    """Keep Streamlit's garbage collection after every script run cheap while a run is watched.
+
+    Streamlit runs a full gc.collect() after each script run, fragment reruns included (its hidden
+    option runner.postScriptGC). This server has imported torch, transformers and peft (the plan,
+    the hardware line): over half a million objects, which one collection walks in 0.3-0.8 s of
+    CPU. A live view refreshing every 2 s then cost ~45% of a core per viewer (measured with
+    bench/live_view.py), taken from the trainer. gc.freeze() moves every object alive now (right
+    after the last collection: modules, caches) to a generation the collector skips; objects
+    made later are collected as before. Checked at most every FREEZE_CHECK_EVERY s, done when
+    more than FREEZE_ABOVE objects are in the oldest generation (once per server, in practice)."""
+    import gc
+    import time
+    state = _collector_state()
+    now = time.monotonic()
+    if now - state["checked"] < FREEZE_CHECK_EVERY:
+        return
+    state["checked"] = now
+    if len(gc.get_objects(generation=2)) > FREEZE_ABOVE:
+        gc.freeze()
+        state["frozen"] = gc.get_freeze_count()
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def watcher(run_dir: str) -> live.LiveRun:
+    """One LiveRun per run folder for the whole server: every session watching a run shares its
+    reading of the run folder (only new lines are read) and its snapshots."""
+    return live.LiveRun(Path(run_dir))
+
+
+def _curve_figures(snap: dict) -> dict:
+    s = live.chart_series(snap)
+    return {"loss": ui.loss_figure(s["loss"], s["epochs"]), "val": ui.val_accuracy_figure(s["validation"])}
+
+
+def _resource_figures(snap: dict) -> dict:
+    res = live.chart_series(snap)["resources"]
+    figs = {"cpu": ui.resources_figure(res, [("cpu_percent", "trainer CPU")], "CPU (100% = one core)", "%"),
+            "ram": ui.resources_figure(res, [("rss_gb", "trainer RSS"), ("ram_used_gb", "machine used")], "RAM", "GiB")}
+    if any("gpu_mem_gb" in r for r in res):
+        figs["gpu"] = ui.resources_figure(res, [("gpu_mem_gb", "memory (GiB)"), ("gpu_util", "utilisation (%)")],
+                                          "GPU", "GiB / %")
+    return figs
+
+
+# The figures of a LiveRun snapshot are built once per (run, version) for every session: a Plotly
+# figure costs tens of ms to build, st.plotly_chart only serialises a ready one. Shared: read only.
+@st.cache_resource(max_entries=32, show_spinner=False, ttl=900)
+def _shared_curve_figures(run_id: str, version: tuple, _snap: dict) -> dict:
+    return _curve_figures(_snap)
+
+
+@st.cache_resource(max_entries=32, show_spinner=False, ttl=900)
+def _shared_resource_figures(run_id: str, version: tuple, _snap: dict) -> dict:
+    return _resource_figures(_snap)
+
+
+def curve_figures(snap: dict) -> dict:
+    """The loss and validation figures; snapshots of a LiveRun (with a version) share them."""
+    if "version" in snap:
+        return _shared_curve_figures(snap["run_id"], snap["version"], snap)
+    return _curve_figures(snap)
+
+
+def resource_figures(snap: dict) -> dict:
+    """CPU, RAM (and GPU) figures; snapshots of a LiveRun (with a version) share them."""
+    if "version" in snap:
+        return _shared_resource_figures(snap["run_id"], snap["version"], snap)
+    return _resource_figures(snap)
+
+
+def draw_metrics_row(snap: dict, charts: bool = True) -> None:
     p = snap["progress"]
     tp = p["throughput"]
-    steps = snap["steps"]
     curve = live.validation_curve(snap["evals"])
     c = st.columns(6)
     c[0].metric("Elapsed", format_duration(p["elapsed_s"], short=True))
@@ -42,34 +126,47 @@ def draw_metrics_row(snap: dict) -> None:
                      "bf16/fp16 peak. Shown on GPUs with a known peak; – on CPU.")
     c[5].metric("Validation accuracy", f"{100 * curve[-1]['accuracy']:.1f}%" if curve else "–",
                 help="Latest validation pass (epoch 0 = before training)")
-    if steps or curve:
+    if charts:
+        draw_curves(snap)
+
+
+def draw_curves(snap: dict) -> None:
+    """The training loss by step and the validation accuracy by epoch (at most live.MAX_POINTS
+    points each)."""
+    if snap["steps"] or live.validation_curve(snap["evals"]):
+        figs = curve_figures(snap)
         left, right = st.columns(2)
-        left.plotly_chart(ui.loss_figure(steps, snap["epochs"]), config=ui.PLOTLY, key=f"loss:{snap['run_id']}")
-        right.plotly_chart(ui.val_accuracy_figure(curve), config=ui.PLOTLY, key=f"val:{snap['run_id']}")
+        left.plotly_chart(figs["loss"], config=ui.PLOTLY, key=f"loss:{snap['run_id']}")
+        right.plotly_chart(figs["val"], config=ui.PLOTLY, key=f"val:{snap['run_id']}")
 
 
 def draw_resources(snap: dict) -> None:
-    res = snap["resources"]
-    if not res:
+    if not snap["resources"]:
         return
-    has_gpu = any("gpu_mem_gb" in r for r in res)
-    cols = st.columns(3 if has_gpu else 2)
-    cols[0].plotly_chart(ui.resources_figure(res, [("cpu_percent", "trainer CPU")], "CPU (100% = one core)", "%"),
-                         config=ui.PLOTLY, key=f"cpu:{snap['run_id']}")
-    cols[1].plotly_chart(ui.resources_figure(res, [("rss_gb", "trainer RSS"), ("ram_used_gb", "machine used")],
-                                             "RAM", "GiB"), config=ui.PLOTLY, key=f"ram:{snap['run_id']}")
-    if has_gpu:
-        cols[2].plotly_chart(ui.resources_figure(res, [("gpu_mem_gb", "memory (GiB)"), ("gpu_util", "utilisation (%)")],
-                                                 "GPU", "GiB / %"), config=ui.PLOTLY, key=f"gpu:{snap['run_id']}")
+    figs = resource_figures(snap)
+    cols = st.columns(3 if "gpu" in figs else 2)
+    cols[0].plotly_chart(figs["cpu"], config=ui.PLOTLY, key=f"cpu:{snap['run_id']}")
+    cols[1].plotly_chart(figs["ram"], config=ui.PLOTLY, key=f"ram:{snap['run_id']}")
+    if "gpu" in figs:
+        cols[2].plotly_chart(figs["gpu"], config=ui.PLOTLY, key=f"gpu:{snap['run_id']}")
     else:
         st.caption("No GPU in use: this run trains on the CPU.")
 
 
-@st.fragment(run_every=1.5)
 def live_view(run_id: str) -> None:
-    """Refreshes itself every 1.5 s while the run is queued or running."""
+    """The live view of a queued or running run: two fragments that refresh themselves, the
+    progress and numbers every LIVE_EVERY seconds, the charts every CHARTS_EVERY seconds (a
+    page of Plotly charts redrawn every second or two costs the server and the browser CPU the
+    trainer needs). Both read the run through the shared watcher(), i.e. only its new lines."""
+    live_progress(run_id)
+    live_charts(run_id)
+
+
+@st.fragment(run_every=LIVE_EVERY)
+def live_progress(run_id: str) -> None:
+    spare_the_collector()
     run_dir = rundir.run_path(run_id)
-    snap = live.snapshot(run_dir)
+    snap = watcher(str(run_dir)).snapshot()
     if snap["state"] not in live.ACTIVE:
         st.rerun()  # the whole page (and the sidebar's state) now shows the finished run
     head, stop = st.columns([5, 1])
@@ -82,12 +179,20 @@ def live_view(run_id: str) -> None:
     if not snap["setup"]:
         st.info("Loading the data and the model… the first numbers appear after the model has "
                 "been evaluated once before training.")
-    draw_metrics_row(snap)
+    draw_metrics_row(snap, charts=False)
+
+
+@st.fragment(run_every=CHARTS_EVERY)
+def live_charts(run_id: str) -> None:
+    # max_age: every viewer whose timer fires within CHARTS_EVERY gets the same snapshot (version),
+    # so the figures are built once per CHARTS_EVERY for all of them, and re-sent unchanged.
+    snap = watcher(str(rundir.run_path(run_id))).snapshot(max_age=CHARTS_EVERY - 0.5)
+    draw_curves(snap)
     draw_resources(snap)
 
 
 def draw_done(run_dir: Path, snap: dict) -> None:
-    report = rundir.read_json(run_dir / rundir.REPORT) or {}
+    report = load_report(run_dir)[0] or {}  # a damaged report.json: rebuilt (the damage note names it)
     b, a = report.get("test_before"), report.get("test_after")
     if b and a:
         c = st.columns(6)
@@ -111,13 +216,21 @@ def draw_selected(run_dir: Path) -> bool:
     snap = live.snapshot(run_dir)
     state = snap["state"]
     st.markdown(f"#### {ui.run_title(run_dir, snap['status'])}")
+    ui.damage_note(run_dir)
     if state in live.ACTIVE:
         live_view(run_dir.name)
         return True
-    if state == "done":
+    if state == rundir.DAMAGED:
+        st.error("This run's state is unknown because its status.json cannot be read. Its log and whatever "
+                 "its other files hold are below; start a new run to train again.")
+        with st.expander("Last lines of train.log"):
+            st.code(live.log_tail(run_dir) or "(train.log is empty)", language="text")
+        draw_metrics_row(snap)
+    elif state == "done":
         draw_done(run_dir, snap)
     elif state == "failed":
         st.error(f"The run failed: {snap['status'].get('error') or 'no error message recorded'}")
+        resume_button(run_dir)
         if snap["status"].get("traceback"):
             with st.expander("Traceback"):
                 st.code(snap["status"]["traceback"], language="text")
@@ -126,13 +239,33 @@ def draw_selected(run_dir: Path) -> bool:
         draw_metrics_row(snap)
     elif state == "stopped":
         p = snap["progress"]
-        st.warning(f"Stopped at step {p['step']} of {p['total_steps'] or '?'}. The checkpoints saved "
-                   f"so far are in `{run_dir / rundir.CHECKPOINTS}`; start a new run to finish training.")
+        st.warning(f"Stopped at step {p['step']} of {p['total_steps'] or '?'}. Resume continues from the "
+                   f"last checkpoint in `{run_dir / rundir.CHECKPOINTS}`.")
+        resume_button(run_dir)
         draw_metrics_row(snap)
         draw_resources(snap)
     else:
         st.warning(f"This run folder has an unknown state {state!r}.")
     return False
+
+
+def resume_button(run_dir: Path) -> None:
+    """Resume a stopped or failed run from its last full-state checkpoint (core.runs.jobs.resume)."""
+    from core.checkpoint import latest_state
+    state = latest_state(run_dir / rundir.CHECKPOINTS)
+    where = (f"from step {int(state.name.split('-')[1])}" if state is not None
+             else "from the start (no training checkpoint was saved yet)")
+    if st.button("Resume", icon=":material/play_arrow:", key=f"resume:{run_dir.name}",
+                 help=f"Continue this run {where}, with the same settings and seed: the result equals an "
+                      "uninterrupted run."):
+        try:
+            jobs.resume(run_dir)
+        except (ValueError, OSError) as e:
+            st.error(f"Could not resume: {e}")
+            return
+        rundir.wait_for(lambda: rundir.read_status(run_dir).get("state") in live.ACTIVE, timeout=15)
+        st.rerun()
+    st.caption(f"Resume continues {where}.")
 
 
 # --- the form -----------------------------------------------------------------------------------
@@ -211,12 +344,21 @@ def upload_section(k) -> tuple[dict, dict, dict, list[str]]:
     return changes, files, known, errors
 
 
-def check_mapping(cfg, parsed_rows: list[dict]) -> str | None:
-    """Map the first rows exactly as the trainer will; the error message if that fails."""
-    from core.data import to_examples
+def check_mapping(cfg, parsed_rows: list[dict], split: str = "train") -> tuple[str | None, list[str]]:
+    """Map every row of one uploaded split exactly as the trainer will (columns, labels, empty
+    texts): (the error that would stop the run, or None; notes on rows that would be dropped)."""
+    return uploads.check_split(cfg.data, split, parsed_rows)
+
+
+@st.cache_data(show_spinner=False, max_entries=32, ttl=60)
+def model_problem(model_json: str, max_length: int) -> str | None:
+    """What the trainer would refuse about the model before loading it (a folder that does not
+    exist, code it would have to run, a max length above its positions); None if nothing."""
+    from core.config import DataConfig, ModelConfig, RunConfig
+    from core.model import check_model
     try:
-        to_examples(parsed_rows[:2000], cfg.data, "train")
-    except ValueError as e:
+        check_model(RunConfig(model=ModelConfig(**json.loads(model_json)), data=DataConfig(max_length=max_length)))
+    except (ValueError, RuntimeError) as e:
         return str(e)
     return None
 
@@ -285,6 +427,10 @@ def settings_form() -> None:
                                                       format="%.1e", key=k("lr")))
         changes["train.batch_size"] = int(t[0].number_input("Batch size", 1, 4096, base.train.batch_size, key=k("batch")))
         changes["train.seed"] = int(t[1].number_input("Seed", 0, 2**31 - 1, base.train.seed, key=k("seed")))
+        seeds = int(t[0].number_input(
+            "Seeds", 1, 20, 1, key=k("seeds"),
+            help="Train the same settings with this many seeds (seed, seed+1, ...), one after another, as one "
+                 "group: the report shows the mean and spread over seeds. One run is not a result."))
         with st.popover("More settings"):
             head_lr = st.number_input("Head learning rate (0 = same as LoRA)", 0.0, 0.5, base.train.head_lr or 0.0,
                                       step=1e-4, format="%.1e", key=k("head_lr"))
@@ -321,10 +467,16 @@ def settings_form() -> None:
         st.error(f"Check the settings: {e}")
         st.button("Launch", type="primary", disabled=True, key="launch_disabled")
         return
-    if data_kind == "upload" and "train" in files:
-        err = check_mapping(cfg, parse_upload(*files["train"]))
-        if err:
-            errors.append(f"column/label mapping: {err}")
+    notes: list[str] = []
+    if data_kind == "upload":  # every uploaded split, mapped as the trainer will map it
+        for split, upload in files.items():
+            err, split_notes = check_mapping(cfg, parse_upload(*upload), split)
+            if err:
+                errors.append(f"column/label mapping of the {split} file: {err}")
+            notes += split_notes
+    problem = model_problem(json.dumps(cfg.to_dict()["model"], sort_keys=True), cfg.data.max_length)
+    if problem:
+        errors.append(f"model: {problem}")
 
     st.markdown("##### What will happen")
     d = cfg.to_dict()
@@ -334,9 +486,11 @@ def settings_form() -> None:
     draw_plan(cfg, p)
     for e in errors:
         st.warning(e)
+    for n in notes:
+        st.info(n)
     if st.button("Launch", type="primary", disabled=bool(errors) or bool(p.get("error")), key="launch"):
         try:
-            run_dir = jobs.launch_with_uploads(cfg, files) if files else jobs.launch(cfg)
+            run_dir = (jobs.launch_with_uploads(cfg, files, seeds=seeds) if files else jobs.launch(cfg, seeds=seeds))
         except (ValueError, OSError) as e:
             st.error(f"Could not start the run: {e}")
             return

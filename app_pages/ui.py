@@ -3,17 +3,19 @@ and the Plotly figures. Everything here only reads the run folder through core."
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import plotly.graph_objects as go
 import streamlit as st
 
+from core.report import damaged_files
 from core.runs import rundir
 
 # Material icons ship with Streamlit's frontend (emoji need a font the machine may not have).
 STATE_ICONS = {"queued": ":gray[:material/schedule:]", "running": ":blue[:material/progress_activity:]",
                "done": ":green[:material/check_circle:]", "stopped": ":orange[:material/stop_circle:]",
-               "failed": ":red[:material/error:]"}
+               "failed": ":red[:material/error:]", rundir.DAMAGED: ":red[:material/broken_image:]"}
 UNKNOWN_ICON = ":gray[:material/help:]"
 COLORS = {"before": "#9ca3af", "after": "#4f46e5", "line": "#4f46e5", "second": "#f59e0b"}
 PLOTLY = {"displayModeBar": False}  # the charts are small; the toolbar only hides their legend
@@ -71,6 +73,9 @@ def sidebar() -> None:
                 on_change=lambda: select_run(st.session_state["run_picker"]),
             )
             select_run(wanted)
+            for r in runs:
+                if r.get("damaged"):
+                    st.caption(f"{STATE_ICONS[rundir.DAMAGED]} `{r['id']}` is damaged: {r['damaged']}")
         root = rundir.runs_root()
         shown = root.relative_to(rundir.PROJECT_ROOT) if root.is_relative_to(rundir.PROJECT_ROOT) else f"…/{root.name}"
         st.caption(f"Runs folder: `{shown}`", help=f"{root} (set QLORA_STUDIO_RUNS to use another folder)")
@@ -91,10 +96,42 @@ def selected_run() -> Path | None:
 
 
 def run_title(run_dir: Path, status: dict | None = None) -> str:
-    cfg = rundir.read_json(run_dir / rundir.CONFIG, {}) or {}
+    cfg, _ = rundir.read_config(run_dir)
     state = (status or rundir.read_status(run_dir)).get("state", "unknown")
     model = (cfg.get("model") or {}).get("name", "?")
     return f"{STATE_ICONS.get(state, UNKNOWN_ICON)} `{run_dir.name}` · {state} · {model}"
+
+
+def damage_note(run_dir: Path, more: list[str] | None = None) -> list[str]:
+    """One warning line naming the files of this run that cannot be read (and why), when there
+    are any; the page then shows what the other files hold. Returns those lines. Not for a run
+    still queued or running: its files are being written (and reading them all costs)."""
+    if rundir.read_status(run_dir).get("state") in rundir.ACTIVE_STATES:
+        return []
+    damaged = damaged_files(run_dir)
+    for line in filter(None, more or []):  # a caller's line about a file replaces the generic one
+        damaged = [d for d in damaged if d.split(":", 1)[0] != line.split(":", 1)[0]] + [line]
+    if damaged:
+        st.warning(f"Run `{run_dir.name}` is damaged: {'; '.join(damaged)}. The page shows what the other "
+                   "files hold.", icon=":material/broken_image:")
+    return damaged
+
+
+def page_failed(error: Exception) -> None:
+    """The frame's last line of defence: a page raised (a run file damaged in a way no reader
+    foresaw, or a bug). One plain sentence instead of a traceback; the traceback goes to the
+    server's console, and onto the page too when client.showErrorDetails is "full"."""
+    logging.getLogger("qlora_studio").error("a page failed", exc_info=error)
+    run_dir = selected_run()
+    damaged = damaged_files(run_dir) if run_dir else []
+    if damaged:
+        st.error(f"Run `{run_dir.name}` could not be shown: its files are damaged ({'; '.join(damaged)}). "
+                 "Pick another run in the sidebar; the other runs are not affected.")
+    else:
+        st.error(f"This page could not be shown ({type(error).__name__}: {error}). The server's console has the "
+                 "details.")
+    if st.get_option("client.showErrorDetails") == "full":
+        st.exception(error)
 
 
 def no_run_message(what: str) -> None:
@@ -182,3 +219,51 @@ def rerun_when_finished(run_id: str) -> None:
     """On pages that wait for a run: rerun the whole page once the run is no longer active."""
     if rundir.read_status(rundir.run_path(run_id)).get("state") not in ("queued", "running"):
         st.rerun()
+
+
+# --- figures of the report's statistics sections ------------------------------------------------
+
+def reliability_figure(calibration: dict) -> go.Figure:
+    """Reliability diagram: accuracy against mean confidence per confidence bin, one line per
+    model (before, after, zero-shot), the diagonal for perfect calibration; ECE in the legend."""
+    fig = go.Figure()
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfectly calibrated",
+                    line=dict(color="#d1d5db", dash="dash"), hoverinfo="skip")
+    colors = {"before": COLORS["before"], "after": COLORS["after"], "zero_shot": COLORS["second"]}
+    for name, cal in calibration.items():
+        bins = [b for b in cal.get("bins") or [] if b.get("n")]
+        ece = cal.get("ece")
+        fig.add_scatter(x=[b["confidence"] for b in bins], y=[b["accuracy"] for b in bins], mode="lines+markers",
+                        name=f"{name.replace('_', '-')} (ECE {ece:.3f})" if ece is not None else name,
+                        line=dict(color=colors.get(name, "#10b981")),
+                        marker=dict(size=[6 + min(14, b["n"] ** 0.5) for b in bins]),
+                        customdata=[b["n"] for b in bins],
+                        hovertemplate="confidence %{x:.2f}, accuracy %{y:.2f}, n = %{customdata}<extra></extra>")
+    return _layout(fig, "Reliability diagram (accuracy per confidence bin)", height=340,
+                   xaxis=dict(range=[0, 1], title="mean confidence (max probability)"),
+                   yaxis=dict(range=[0, 1.02], title="accuracy"))
+
+
+def moves_figure(counts: list[list[int]], labels: list[str]) -> go.Figure:
+    """The KxK table of label moves: predicted label before (rows) -> after (columns)."""
+    fig = go.Figure(go.Heatmap(z=counts, x=labels, y=labels, colorscale="Purples", showscale=False,
+                               text=[[str(v) for v in row] for row in counts], texttemplate="%{text}",
+                               hovertemplate="before %{y} -> after %{x}: %{z}<extra></extra>"))
+    return _layout(fig, "Predicted label before (rows) → after (columns)", height=300,
+                   xaxis_title="after", yaxis_title="before", yaxis=dict(autorange="reversed"))
+
+
+def trajectory_figure(trajectory: dict, best_epoch=None) -> go.Figure:
+    """One example's probability of its gold label per recorded epoch (0 = before training),
+    right/wrong as the marker colour; the selected (best) epoch marked."""
+    fig = go.Figure()
+    fig.add_scatter(x=trajectory["epochs"], y=trajectory["p_gold"], mode="lines+markers", name="p(gold)",
+                    line=dict(color=COLORS["line"]),
+                    marker=dict(size=10, color=["#059669" if c else "#dc2626" for c in trajectory["correct"]]),
+                    customdata=trajectory["pred"], hovertemplate="epoch %{x}: p(gold) %{y:.3f}, predicted "
+                                                                 "%{customdata}<extra></extra>")
+    if best_epoch is not None:
+        fig.add_vline(x=best_epoch, line=dict(color="#9ca3af", dash="dot"))
+    return _layout(fig, f"p(gold) per epoch ({trajectory['split']}; green = right, red = wrong)", height=260,
+                   xaxis=dict(dtick=1, title="epoch (0 = before)"), yaxis=dict(range=[0, 1.05], title="p(gold)"),
+                   showlegend=False)

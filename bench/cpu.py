@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from core.config import LoraSettings, get_preset
-from core.data import batch_indices, collate, encode, read_table, to_examples
+from core.data import batch_indices, collate, encode, to_examples
+from core.tables import read_table
 from core.model import add_lora, load_model, load_tokenizer
 
 

@@ -19,7 +19,8 @@ import torch
 
 from dataclasses import replace
 
-from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, SpeedConfig, TrainConfig, speed_from_env
+from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
+from core.speed.settings import SpeedConfig, speed_from_env
 from core.runs import rundir
 from core.speed import accounting
 from core.speed.graphs import EvalGraphs

@@ -50,7 +50,7 @@ def main():
     a = ap.parse_args()
     t_start = time.time()
 
-    tokenizer = AutoTokenizer.from_pretrained(f"{a.root}/model")
+    tokenizer = AutoTokenizer.from_pretrained(f"{a.root}/model", trust_remote_code=False)
     tokenizer.pad_token = tokenizer.eos_token
 
     def tokenize(rows):  # a list of dicts is a valid torch Dataset for the Trainer
@@ -66,7 +66,8 @@ def main():
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.float16)
     model = AutoModelForSequenceClassification.from_pretrained(
-        f"{a.root}/model", num_labels=3, quantization_config=bnb, dtype=torch.float16, device_map={"": 0})
+        f"{a.root}/model", num_labels=3, quantization_config=bnb, dtype=torch.float16, device_map={"": 0},
+        trust_remote_code=False)
     model.config.pad_token_id = tokenizer.pad_token_id
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj", "fc1", "fc2"],

@@ -56,6 +56,7 @@ FLAGS = {
     "weight-decay": ("train.weight_decay", float),
     "seed": ("train.seed", int),
     "threads": ("train.threads", int),
+    "checkpoint-every": ("train.checkpoint_every", int),
 }
 
 
@@ -78,7 +79,7 @@ def build_config(args):
         changes["data.label_map"] = dict(kv.split("=", 1) for kv in args.label_map)
     if args.speed:  # e.g. pack=off micro_tokens=1024, parsed as the QLORA_* overrides are
         import dataclasses
-        from .config import SPEED_ENV, speed_from_env
+        from .speed.settings import SPEED_ENV, speed_from_env
         var = {name: env for env, name in SPEED_ENV.items()}
         pairs = [kv.partition("=") for kv in args.speed]
         bad = [k for k, eq, _ in pairs if k not in var or not eq]
@@ -92,39 +93,125 @@ def build_config(args):
     return override(cfg, changes) if changes else cfg
 
 
+def cmd_resume(run_dir: Path) -> int:
+    """`train --resume RUN_DIR`: continue a stopped, failed or killed run from its last checkpoint."""
+    from .config import RunConfig
+    from .runs import rundir
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / rundir.STATUS).is_file():
+        raise ValueError(f"{run_dir} is not a run folder (no {rundir.STATUS})")
+    status = rundir.read_status(run_dir)
+    raw = rundir.read_json(run_dir / rundir.STATUS, {}) or {}
+    if status.get("state") in ("running", "done") or rundir.pid_alive(raw.get("pid"), raw.get("pid_start")):
+        state = "still has a live trainer (hung?): stop it first" if status.get("state") not in ("running", "done") \
+            else status["state"]
+        raise ValueError(f"run {run_dir.name} is {state}: only a stopped or failed run can be resumed")
+    cfg = RunConfig.load(run_dir / rundir.CONFIG)
+    (run_dir / rundir.STOP).unlink(missing_ok=True)
+    print(f"resuming: {run_dir}", flush=True)
+    rundir.write_status(run_dir, state="running", pid=os.getpid(), phase="resuming", error=None)
+    _hold_device(run_dir, cfg)
+    from .train import train
+    from . import progress
+    with progress.Reporter(run_dir):  # a progress line while it trains (core/progress.py)
+        report = train(cfg, run_dir, resume=True)
+    return _finish(report)
+
+
+def _finish(report: dict) -> int:
+    if not report:
+        print("stopped before the end; continue with: python -m core train --resume RUN_DIR")
+        return 3
+    from .report import render_markdown
+    from .progress import summary
+    print(summary(report))  # accuracy before -> after, best epoch, total time
+    print()
+    print(render_markdown(report))
+    return 0
+
+
+def _hold_device(run_dir: Path, cfg) -> int | None:
+    """A heartbeat for the claimed run, and the GPU lock when it trains on a GPU (one GPU run at a
+    time: the lock's fd stays open, so it is ours until this process ends, kill -9 included)."""
+    from .runs import rundir
+    rundir.Heartbeat(run_dir).start()  # until the run ends (ResourceSampler beats inside train() too)
+    try:
+        if cfg.model.device == "cpu":
+            device_type = "cpu"
+        else:
+            from .model import pick_device  # the choice train() makes
+            device_type = pick_device(cfg.model.device).type
+        return rundir.gpu_lock(run_dir, device_type)  # the lock's fd, None on CPU
+    except (ValueError, RuntimeError) as e:
+        rundir.write_status(run_dir, state="failed", phase="failed", finished_at=rundir.now_iso(), error=str(e))
+        raise
+
+
 def cmd_train(args) -> int:
     from .runs import rundir
+    if args.resume:
+        return cmd_resume(args.resume)
     cfg = build_config(args)
+    from .model import check_model
+    check_model(cfg)  # from the model's config.json: its folder, remote code, max_length; before any claim
     if args.run_dir:
         run_dir = Path(args.run_dir).resolve()
     else:
         run_dir = rundir.run_path(args.run_id or rundir.new_run_id(cfg.preset))
-    status = rundir.read_json(run_dir / rundir.STATUS, {}) or {}
-    if status.get("state") not in (None, "queued"):
-        print(f"error: {run_dir} already holds a run ({status.get('state')}); choose a new --run-dir",
-              file=sys.stderr)
-        return 2
-    print(f"run folder: {run_dir}", flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # Claim the run before the heavy imports, so the app sees it running with our pid at once.
-    rundir.write_status(run_dir, state="running", pid=os.getpid(), phase="starting",
-                        created_at=status.get("created_at") or rundir.now_iso())
-    from .train import train
-    report = train(cfg, run_dir)
-    if not report:
-        print("stopped before the end; checkpoints so far are in the run folder")
-        return 3
-    from .report import render_markdown
-    print(render_markdown(report))
+    # Claim the run before the heavy imports, so the app sees it running with our pid at once:
+    # status.json created exclusively (a second CLI into the same folder gets "already holds a
+    # run", exit 2), or the queued run jobs.launch made for us (its token in CLAIM_ENV); a
+    # non-empty folder that is not a run folder is refused untouched. pid_start comes with the pid.
+    token = os.environ.pop(rundir.CLAIM_ENV, None)
+    if args.seeds is not None and not 1 <= args.seeds <= 100:
+        raise ValueError(f"--seeds must be between 1 and 100, not {args.seeds}")
+    if (args.seeds or 1) == 1:
+        return _train_one(cfg, run_dir, token)
+    # --seeds K: K runs of this config, seeds seed .. seed+K-1, one after another, as one group
+    # (core/groups.py): the first in run_dir, the others beside it as <run_dir>-seed<S>
+    import dataclasses
+    for i in range(args.seeds):
+        seed = cfg.train.seed + i
+        one = dataclasses.replace(cfg, group=run_dir.name, train=dataclasses.replace(cfg.train, seed=seed),
+                                  data=dataclasses.replace(cfg.data, sample_seed=cfg.train.seed))  # the same rows
+        code = _train_one(one, run_dir if i == 0 else run_dir.with_name(f"{run_dir.name}-seed{seed}"),
+                          token if i == 0 else None)
+        if code != 0:
+            return code  # a stop or a failure ends the group
+    from .groups import group_summary
+    g = group_summary(run_dir)
+    ms = lambda x: "n/a" if not x or x["mean"] is None else f"{100 * x['mean']:.1f}% +- {100 * (x['std'] or 0):.1f}"
+    agree = "n/a" if g["agreement"] is None else f"{100 * g['agreement']:.1f}%"
+    print(f"group {g['group']}: {g['finished']} seeds; test accuracy after {ms(g['accuracy_after'])} "
+          f"(before {ms(g['accuracy_before'])}); all seeds agree on {agree} of {g['agreement_n']} test examples")
     return 0
+
+
+def _train_one(cfg, run_dir: Path, token: str | None = None) -> int:
+    """Claim `run_dir`, hold the device, train, print the result (the body of `train`)."""
+    from .runs import rundir
+    rundir.claim_run(run_dir, token=token, state="running", pid=os.getpid(), phase="starting")
+    print(f"run folder: {run_dir}", flush=True)
+    lock = _hold_device(run_dir, cfg)
+    from .train import train
+    from . import progress
+    try:
+        with progress.Reporter(run_dir):  # a progress line while it trains (core/progress.py)
+            report = train(cfg, run_dir)
+    finally:
+        if lock is not None:
+            os.close(lock)  # the GPU is free for the next seed (or the next launch)
+    return _finish(report)
 
 
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_run
     result = evaluate_run(Path(args.run_dir), Path(args.data), name=args.name)
-    print(f"{result['name']}: n={result['n']} (dropped {result['dropped_unlabelled']} unlabelled), "
+    print(f"{result['name']}: n={result['n']} (dropped {result['dropped_unlabelled']} unlabelled, "
+          f"{result.get('dropped_empty', 0)} with an empty text), "
           f"accuracy before {result['accuracy_before']:.4f}, after {result['accuracy_after']:.4f} "
           f"(epoch {result['best_epoch']})")
+    print("predictions: " + ", ".join(result.get("files", [])))
     if args.json:
         print(json.dumps({"n": result["n"], "accuracy_before": result["accuracy_before"],
                           "accuracy_after": result["accuracy_after"]}))
@@ -141,7 +228,12 @@ def cmd_report(args) -> int:
     report = build_report(run_dir)
     if args.html:
         rundir.atomic_write_text(Path(args.html), render_html(report))
+    if args.bundle:  # the reproducibility bundle (core/bundle.py)
+        from .bundle import build_bundle
+        rundir.atomic_write_bytes(Path(args.bundle), build_bundle(run_dir))
     print(render_markdown(report))
+    if args.bundle:
+        print(f"reproducibility bundle: {args.bundle}", file=sys.stderr)
     return 0
 
 
@@ -154,6 +246,12 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def _raw_equals_name(text: str) -> str:
+    if "=" not in text or not text.partition("=")[2].strip():
+        raise argparse.ArgumentTypeError(f"--label-map takes RAW=NAME pairs such as 0=entailment, not {text!r}")
+    return text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core", description="QLoRA Studio: fine-tune and evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,9 +260,14 @@ def main(argv=None) -> int:
     t.add_argument("--config", help="a RunConfig JSON file (e.g. a run's config.json) instead of a preset")
     t.add_argument("--run-dir", help="folder for this run (default: a new folder in the runs folder)")
     t.add_argument("--run-id", help="name of the new run inside the runs folder")
+    t.add_argument("--seeds", type=int, default=None, metavar="K",
+                   help="run the config K times with seeds seed..seed+K-1 as one group (mean +- std in the report)")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a stopped, failed or killed run from its last checkpoint (other flags are ignored)")
     for flag, (field, typ) in FLAGS.items():
         t.add_argument(f"--{flag}", type=typ, default=None, help=f"sets {field}")
-    t.add_argument("--label-map", nargs="*", metavar="RAW=NAME", help="rename raw label values, e.g. 0=entailment")
+    t.add_argument("--label-map", nargs="*", metavar="RAW=NAME", type=_raw_equals_name,
+                   help="rename raw label values, e.g. 0=entailment")
     t.add_argument("--speed", nargs="*", metavar="NAME=VALUE",
                    help="GPU speed switches (config.SpeedConfig), e.g. pack=off cuda_graphs=0 micro_tokens=1024")
     t.set_defaults(func=cmd_train)
@@ -177,6 +280,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("report", help="print a run's report as Markdown")
     r.add_argument("run_dir")
     r.add_argument("--html", help="also write a self-contained HTML file here")
+    r.add_argument("--bundle", metavar="ZIP", help="also write the reproducibility bundle (a zip) here")
     r.set_defaults(func=cmd_report)
     p = sub.add_parser("presets", help="list the presets")
     p.add_argument("--verbose", "-v", action="store_true")
@@ -184,9 +288,99 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; the run (if any) reads stopped
+        where = "".join(f"; run folder {d} marked stopped, what it wrote is kept" for d in _after_failure(args, None))
+        print(f"interrupted (Ctrl-C){where}", file=sys.stderr)
+        return 130
+    except OSError as e:  # FileNotFoundError, a read-only or full disk, a file where a folder should be
+        message = describe_os_error(e, _folder_of(args))
+    except (ValueError, RuntimeError) as e:
+        message = str(e)
+    print(f"error: {message}", file=sys.stderr)
+    _after_failure(args, message)
+    return 2
+
+
+def _folder_of(args) -> Path | None:
+    """The folder a command writes into, for messages: the run folder, else the runs folder."""
+    from .runs import rundir
+    if args.command == "train":
+        target = getattr(args, "resume", None) or args.run_dir
+        if target:
+            return Path(target)
+        try:
+            return rundir.run_path(args.run_id) if args.run_id else rundir.runs_root()
+        except ValueError:
+            return rundir.runs_root()
+    if args.command == "evaluate":
+        return Path(args.run_dir) / "predictions"
+    if args.command == "report" and args.html:
+        return Path(args.html).parent
+    return None
+
+
+def describe_os_error(e: OSError, folder: Path | None = None) -> str:
+    """One sentence for an OSError: what could not be done, where, and what to do."""
+    import errno
+    path = Path(e.filename) if e.filename else folder
+    where = f" {path}" if path else ""
+    if e.errno is None:
+        return str(e)
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        return (f"no space left on the disk of{where}: free some space (old run folders can go) or set "
+                "QLORA_STUDIO_RUNS to a folder on another disk")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"cannot write{where} ({e.strerror}): make it writable, or set QLORA_STUDIO_RUNS (or --run-dir) "
+                "to a folder you can write")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST) and path is not None:
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return (f"{blocker} is a file where a folder is needed: set QLORA_STUDIO_RUNS (or --run-dir) to a "
+                    "folder, or move the file")
+    if e.errno == errno.ENOENT and e.filename:
+        return f"not found: {e.filename}"
+    return f"{e.strerror or e}:{where}"
+
+
+def _after_failure(args, error: str | None) -> list[Path]:
+    """Record how a `train` that this process claimed ended outside train(): failed with `error`,
+    or stopped (Ctrl-C, error None); train() records failures inside it itself, and a Ctrl-C there
+    (recorded as a KeyboardInterrupt failure) is turned into stopped. A queued run that the app
+    launched for this process and that failed before the claim gets the error too. Never raises
+    (the disk may be full); returns the run folders it marked."""
+    from .runs import rundir
+    if getattr(args, "command", None) != "train":
+        return []
+    marked = []
+    try:
+        named = getattr(args, "resume", None) or args.run_dir or (args.run_id and rundir.run_path(args.run_id))
+        candidates = [Path(named)] if named else [p for p in rundir.runs_root().iterdir() if p.is_dir()]
+    except (OSError, ValueError):
+        return []
+    me, token = os.getpid(), os.environ.get(rundir.CLAIM_ENV)
+    start = rundir.process_start(me)
+
+    def ours(s: dict) -> bool:
+        if s.get("pid") == me and s.get("pid_start") in (None, start):
+            if error is not None:
+                return s.get("state") == "running"
+            return s.get("state") in ("running", "stopped") or (s.get("state") == "failed" and
+                                                                str(s.get("error") or "").startswith("KeyboardInterrupt"))
+        return error is not None and bool(token) and s.get("state") == "queued" and s.get("claim") == token
+
+    for run_dir in candidates:
+        try:
+            if not (run_dir / rundir.STATUS).is_file():
+                continue
+            if error is None:
+                fields = dict(state="stopped", phase="stopped", error=None, traceback=None)
+            else:
+                fields = dict(state="failed", phase="failed", error=error)
+            if rundir.update_status(run_dir, {**fields, "finished_at": rundir.now_iso()}, only_if=ours):
+                marked.append(run_dir)
+        except Exception:  # noqa: BLE001 - reporting the first error matters more
+            continue
+    return marked
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .speed.settings import SpeedConfig
+
 NLI_LABELS = ["entailment", "neutral", "contradiction"]
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 BUILTIN_DATA = "builtin:nli-sample"
@@ -22,6 +24,57 @@ BUILTIN_DATA = "builtin:nli-sample"
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """Whether `value` (as read from JSON) fits the annotation `tp`: an int is no bool, a float
+    takes ints too but must be finite, lists and dicts are checked item by item."""
+    import math
+    import types
+    import typing
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_type_ok(k, args[0]) and _type_ok(v, args[1]) for k, v in value.items())
+    return True
+
+
+def _type_words(tp: Any) -> str:
+    import typing
+    import types
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_words(args[0]).split(' ', 1)[1]}s"
+    if origin is dict:
+        return "an object of strings"
+    return {type(None): "null", bool: "true or false", int: "an integer", float: "a finite number",
+            str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _check_types(obj: Any, section: str) -> None:
+    """A ValueError naming the field when a value has the wrong type (a --config file with
+    "epochs": "three" or "lr": "0.001"), before any range check compares it with a number."""
+    import typing
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _type_ok(value, hints[f.name]):
+            raise ValueError(f"{section}.{f.name} must be {_type_words(hints[f.name])}, not {value!r}")
 
 
 @dataclass
@@ -48,6 +101,7 @@ class ModelConfig:
     LMs always use their last real token."""
 
     def __post_init__(self):
+        _check_types(self, "model")
         _check(bool(self.name and self.name.strip()), "model.name must not be empty")
         _check(self.quantize in (None, "bnb.nf4"), f"model.quantize must be 'bnb.nf4' or null, not {self.quantize!r}")
         _check(self.compute_dtype in ("auto", "float32", "bfloat16", "float16"),
@@ -94,6 +148,9 @@ class DataConfig:
     """Stratified, seeded subsample of the validation rows (None keeps all)."""
     max_test_rows: int | None = None
     """Stratified, seeded subsample of the test rows (None keeps all)."""
+    sample_seed: int | None = None
+    """Seed of the row subsampling (max_*_rows, the validation carve); None: train.seed. The runs
+    of a --seeds group share it, so that every seed is scored on the same rows."""
     validation_fraction: float = 0.1
     """Share of train carved out (stratified) as validation when there is no validation split."""
     template: str | None = None
@@ -105,6 +162,13 @@ class DataConfig:
     longest row)."""
 
     def __post_init__(self):
+        if isinstance(self.labels, str):  # "entailment,neutral" in a config file: the class names, not letters
+            self.labels = [x.strip() for x in self.labels.split(",") if x.strip()]
+        if isinstance(self.label_map, dict):  # {"yes": 1}: an id, written as the CLI would
+            self.label_map = {str(k): str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                              for k, v in self.label_map.items()}
+        _check_types(self, "data")
+        _check(all(x.strip() for x in self.labels), f"data.labels has an empty class name: {self.labels}")
         _check(len(self.labels) >= 2, "data.labels needs at least two classes")
         _check(len(set(self.labels)) == len(self.labels), f"data.labels has duplicates: {self.labels}")
         _check(0.0 < self.validation_fraction < 0.5, "data.validation_fraction must be in (0, 0.5)")
@@ -130,6 +194,9 @@ class LoraSettings:
     e.g. q_proj, v_proj, fc1, fc2 for Phi), "all-linear" adapts every linear layer but the head."""
 
     def __post_init__(self):
+        if isinstance(self.target_modules, str) and "," in self.target_modules:  # "q_proj, v_proj"
+            self.target_modules = [x.strip() for x in self.target_modules.split(",") if x.strip()]
+        _check_types(self, "lora")
         _check(isinstance(self.r, int) and 1 <= self.r <= 1024, "lora.r must be an integer in [1, 1024]")
         _check(self.alpha > 0, "lora.alpha must be positive")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout must be in [0, 1)")
@@ -167,8 +234,16 @@ class TrainConfig:
     """Seeds subsampling, the head's initialisation, LoRA initialisation, dropout and shuffling."""
     threads: int | None = None
     """CPU threads for torch; None = torch's default."""
+    track_test: bool = True
+    """Also score the test split after every epoch (probabilities kept for the per-example learning
+    dynamics of the Failures page; never used to choose anything: the best epoch is chosen on
+    validation). Costs one test pass per epoch."""
+    checkpoint_every: int | None = None
+    """Also save the full training state (for --resume) every this many optimiser steps; None:
+    only after each epoch and at a clean stop. Bounds the work a crash loses."""
 
     def __post_init__(self):
+        _check_types(self, "train")
         _check(isinstance(self.epochs, int) and 1 <= self.epochs <= 1000, "train.epochs must be an integer in [1, 1000]")
         _check(0 < self.lr < 1, "train.lr must be in (0, 1)")
         _check(self.head_lr is None or 0 < self.head_lr < 1, "train.head_lr must be in (0, 1) or null")
@@ -181,89 +256,20 @@ class TrainConfig:
         _check(isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1, "train.eval_batch_size must be a positive integer")
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm must be positive or null")
-
-
-@dataclass
-class SpeedConfig:
-    """How fast, not what: every switch keeps the maths (each is tested against the plain path in
-    tests/test_perf.py) and trades speed against memory. The defaults are the fastest measured
-    (bench/RESULTS.md). For side-by-side benchmarks each field can be overridden by the environment
-    variable in SPEED_ENV; the run's config.json records the values it actually ran with."""
-    cuda_graphs: bool = True
-    """GPU: capture each training-step shape once as a CUDA graph and replay it (QLORA_CUDA_GRAPHS)."""
-    eval_graphs: bool = True
-    """GPU: replay padded validation batches from CUDA graphs (QLORA_EVAL_GRAPHS)."""
-    pack: str = "auto"
-    """Phi models: lay a batch's rows end to end with no padding (FlashAttention varlen). auto: on
-    a GPU that runs FlashAttention 2 (Ampere or newer, 16-bit); on: wherever supported, CPU
-    included (masked SDPA: the tests); off: padded batches (QLORA_PACK = auto, 1, 0)."""
-    fused_linear: bool = True
-    """Each 4-bit linear layer and its LoRA adapter as one autograd function (QLORA_FUSED)."""
-    fused_rotary: bool = True
-    """Phi's partial rotary embedding in one pass instead of slices and cats (QLORA_ROTARY)."""
-    triton_rotary: bool = True
-    """With fused_rotary, on an Ampere or newer GPU: the rotary as one Triton kernel (QLORA_TRITON)."""
-    micro_tokens: int | None = None
-    """Most tokens (padding included) in one forward/backward; a larger step is split into
-    micro-batches with the same gradient. None: 768 on a GPU (keeps the Phi-2 reference under
-    4 GiB), no limit on CPU; 0: no limit (QLORA_MICRO_TOKENS)."""
-    eval_tokens: int = 16384
-    """GPU: most padded tokens in one evaluation batch (QLORA_EVAL_TOKENS)."""
-    eval_batch_cost: int | None = None
-    """The fixed cost of one evaluation batch, in tokens, when evaluation batches are cut to the
-    fewest padded tokens; None: 1024 on a GPU (about a dequantisation of Phi-2's weights), 32 on
-    CPU (QLORA_EVAL_BATCH_COST)."""
-    graph_warmup: str = "first"
-    """Run a step eagerly before its CUDA graph capture: `first` shape only, or `each` shape
-    (QLORA_GRAPH_WARMUP)."""
-
-    def __post_init__(self):
-        _check(self.pack in ("auto", "on", "off"), f"speed.pack must be auto, on or off, not {self.pack!r}")
-        _check(self.graph_warmup in ("first", "each"), "speed.graph_warmup must be first or each")
-        for name in ("micro_tokens", "eval_batch_cost"):
-            v = getattr(self, name)
-            _check(v is None or (isinstance(v, int) and v >= 0), f"speed.{name} must be a non-negative integer or null")
-        _check(isinstance(self.eval_tokens, int) and self.eval_tokens > 0, "speed.eval_tokens must be a positive integer")
-
-
-# Environment overrides of SpeedConfig, for benchmarks only (the one place they are read).
-SPEED_ENV = {"QLORA_CUDA_GRAPHS": "cuda_graphs", "QLORA_EVAL_GRAPHS": "eval_graphs", "QLORA_PACK": "pack",
-             "QLORA_FUSED": "fused_linear", "QLORA_ROTARY": "fused_rotary", "QLORA_TRITON": "triton_rotary",
-             "QLORA_MICRO_TOKENS": "micro_tokens", "QLORA_EVAL_TOKENS": "eval_tokens",
-             "QLORA_EVAL_BATCH_COST": "eval_batch_cost", "QLORA_GRAPH_WARMUP": "graph_warmup"}
-
-
-def speed_from_env(speed: SpeedConfig, environ=None) -> SpeedConfig:
-    """`speed` with the SPEED_ENV variables that are set applied: booleans as 0/1 (or on/off,
-    true/false), pack as auto/1/0 (or auto/on/off), integers as numbers."""
-    import os
-    environ = os.environ if environ is None else environ
-    values = dataclasses.asdict(speed)
-    for var, name in SPEED_ENV.items():
-        raw = environ.get(var)
-        if raw is None:
-            continue
-        if isinstance(getattr(speed, name), bool):
-            flag = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False,
-                    "no": False}.get(raw.strip().lower())
-            _check(flag is not None, f"{var} must be 0 or 1, not {raw!r}")
-            values[name] = flag
-        elif name == "pack":
-            values[name] = {"0": "off", "1": "on"}.get(raw, raw)
-        elif name in ("micro_tokens", "eval_tokens", "eval_batch_cost"):
-            try:
-                values[name] = int(raw)
-            except ValueError:
-                raise ValueError(f"{var} must be an integer, not {raw!r}") from None
-        else:
-            values[name] = raw
-    return SpeedConfig(**values)
+        _check(0 <= self.seed < 2**32, "train.seed must be in [0, 2**32)")
+        _check(self.threads is None or 1 <= self.threads <= 4096, "train.threads must be a positive integer or null")
+        ce = self.checkpoint_every
+        _check(ce is None or (isinstance(ce, int) and not isinstance(ce, bool) and ce >= 1),
+               "train.checkpoint_every must be a positive integer or null")
 
 
 @dataclass
 class RunConfig:
     preset: str = "custom"
     """Name of the preset this config started from (informational)."""
+    group: str | None = None
+    """Runs with the same group id are one experiment run with several seeds (`--seeds K`): the
+    report shows their mean, spread and agreement."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Which model, how it is quantised, where it runs."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -283,6 +289,8 @@ class RunConfig:
         d = dict(d)
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         _check(not unknown, f"unknown config keys: {sorted(unknown)}")
+        _check(isinstance(d.get("preset", ""), str), f"preset must be a string, not {d.get('preset')!r}")
+        _check(d.get("group") is None or isinstance(d.get("group"), str), f"group must be a string, not {d.get('group')!r}")
         parts = {"model": ModelConfig, "data": DataConfig, "lora": LoraSettings, "train": TrainConfig,
                  "speed": SpeedConfig}
         kwargs: dict[str, Any] = {}

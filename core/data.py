@@ -5,21 +5,25 @@
     for idx in batch_indices(encoded, 32, shuffle=True, seed=1): batch = collate(encoded, idx, pad_id)
 
 Sources: the built-in NLI sample in assets/, local JSONL/CSV/Parquet files, or a Hub dataset
-(via `datasets`, which needs the network). Rows without a gold label are dropped and counted.
+(via `datasets`, which needs the network). Files are read as streams (line by line, Parquet by
+record batches) straight into Examples. Rows without a gold label and rows with an empty text
+are dropped and counted; a split left with no rows is an error that names its file.
 """
 
 from __future__ import annotations
 
-import json
+import itertools
 import random
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from .config import BUILTIN_DATA, DataConfig
+from .tables import iter_hub_split, iter_table
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_DIR = ASSETS / "nli_sample"
@@ -56,70 +60,15 @@ class Example:
 class SplitStats:
     rows_read: int = 0
     dropped_unlabelled: int = 0
+    dropped_empty: int = 0
+    """Rows with a label but an empty premise, hypothesis or text."""
+    empty_rows: list[int] = field(default_factory=list)
+    """The first few of them, by row number (1-based, header not counted)."""
     kept: int = 0
     used: int = 0
     label_counts: dict[str, int] = field(default_factory=dict)
-
-
-# --- reading ------------------------------------------------------------------------------------
-
-def read_table(path: str | Path) -> list[dict]:
-    """Rows of a local .jsonl/.json/.csv/.tsv/.parquet file as dicts."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"data file not found: {path}")
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    suffix = suffix.lower()
-    if suffix in (".jsonl", ".jsonl.gz", ".ndjson"):
-        import gzip
-        opener = gzip.open if suffix.endswith(".gz") else open
-        rows = []
-        with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{n}: each line must be a JSON object")
-                rows.append(row)
-        return rows
-    if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict) and "data" in data:
-            data = data["data"]
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise ValueError(f"{path}: a .json file must hold a list of objects")
-        return data
-    import pandas as pd
-    if suffix in (".csv", ".tsv"):
-        try:
-            df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, dtype=str)
-        except Exception as e:  # pandas raises several parser error types
-            raise ValueError(f"{path}: could not parse as {suffix[1:].upper()}: {e}") from None
-    elif suffix == ".parquet":
-        df = pd.read_parquet(path)
-    else:
-        raise ValueError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .csv, .tsv or .parquet)")
-    return df.to_dict(orient="records")
-
-
-def read_hub_split(dataset_id: str, split: str, config_name: str | None = None) -> list[dict]:
-    """Rows of one split of a Hugging Face Hub dataset (needs the network or a local HF cache)."""
-    try:
-        import datasets
-    except ImportError as e:  # pragma: no cover - datasets is in requirements.txt
-        raise RuntimeError("loading a Hub dataset needs the `datasets` package") from e
-    try:
-        ds = datasets.load_dataset(dataset_id, config_name, split=split)
-    except Exception as e:
-        raise RuntimeError(
-            f"could not load split {split!r} of Hub dataset {dataset_id!r}: {type(e).__name__}: {e}. "
-            "Without network access, download the files and pass --train/--validation/--test."
-        ) from e
-    return ds.to_list()
+    warnings: list[str] = field(default_factory=list)
+    """Dropped rows and a max_*_rows larger than the split, one line each (also on stderr)."""
 
 
 # --- mapping ------------------------------------------------------------------------------------
@@ -163,46 +112,88 @@ def map_label(raw: Any, labels: Sequence[str], label_map: dict[str, str]) -> int
                      "(use a label mapping to rename values)")
 
 
-def to_examples(rows: list[dict], cfg: DataConfig, split: str) -> tuple[list[Example], SplitStats]:
-    """Map raw rows to Examples with the configured columns and labels; drop unlabelled rows."""
-    stats = SplitStats(rows_read=len(rows))
-    if not rows:
+def _text(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
+
+
+def to_examples(rows: Iterable[dict], cfg: DataConfig, split: str,
+                source: str | None = None) -> tuple[list[Example], SplitStats]:
+    """Map raw rows to Examples with the configured columns and labels, one row at a time (`rows`
+    may be a stream: only the Examples are kept). Rows without a label and rows whose premise,
+    hypothesis or text is empty are dropped and counted; an unknown label raises, naming the
+    split, its `source` (a file) and the row."""
+    stats = SplitStats()
+    where = f"{split} ({source})" if source else split
+    rows = iter(rows)
+    first = next(rows, None)
+    if first is None:
         return [], stats
-    columns = list(rows[0].keys())
-    label_col = _pick_column(columns, cfg.label_column, LABEL_ALIASES, "label")
-    single = bool(cfg.text_column)
-    if single:
-        text_col = _pick_column(columns, cfg.text_column, TEXT_ALIASES, "text")
-    else:
-        prem_col = _pick_column(columns, cfg.premise_column, PREMISE_ALIASES, "premise", required=False)
-        hyp_col = _pick_column(columns, cfg.hypothesis_column, HYPOTHESIS_ALIASES, "hypothesis", required=False)
-        if prem_col is None or hyp_col is None:
-            text_col = _pick_column(columns, None, TEXT_ALIASES, "text", required=False)
-            if text_col is None:
-                raise ValueError(f"{split}: found no premise/hypothesis columns and no text column; columns are "
-                                 f"{columns}. Map them with --premise-column/--hypothesis-column or --text-column.")
-            single = True
+    columns = list(first.keys())
+    try:
+        label_col = _pick_column(columns, cfg.label_column, LABEL_ALIASES, "label")
+        single = bool(cfg.text_column)
+        if single:
+            text_col = _pick_column(columns, cfg.text_column, TEXT_ALIASES, "text")
+        else:
+            prem_col = _pick_column(columns, cfg.premise_column, PREMISE_ALIASES, "premise", required=False)
+            hyp_col = _pick_column(columns, cfg.hypothesis_column, HYPOTHESIS_ALIASES, "hypothesis", required=False)
+            if prem_col is None or hyp_col is None:
+                text_col = _pick_column(columns, None, TEXT_ALIASES, "text", required=False)
+                if text_col is None:
+                    raise ValueError(f"found no premise/hypothesis columns and no text column; columns are "
+                                     f"{columns}. Map them with --premise-column/--hypothesis-column or --text-column.")
+                single = True
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     id_col = "id" if "id" in columns else None
     tag_col = next((c for c in ("tag", "phenomenon") if c in columns), None)
     examples = []
-    for n, row in enumerate(rows):
+    for n, row in enumerate(itertools.chain([first], rows)):
+        stats.rows_read += 1
         try:
             label = map_label(row.get(label_col), cfg.labels, cfg.label_map)
         except ValueError as e:
-            raise ValueError(f"{split} row {n + 1}: {e}") from None
+            raise ValueError(f"{where} row {n + 1}: {e}") from None
         if label is None:
             stats.dropped_unlabelled += 1
             continue
-        ex_id = str(row[id_col]) if id_col and row.get(id_col) not in (None, "") else f"{split}-{n}"
-        tag = str(row.get(tag_col) or "") if tag_col else ""
         if single:
-            text = str(row.get(text_col) or "")
+            text = _text(row.get(text_col))
+            empty = not text.strip()
+        else:
+            premise, hypothesis = _text(row.get(prem_col)), _text(row.get(hyp_col))
+            empty = not premise.strip() or not hypothesis.strip()
+        if empty:
+            stats.dropped_empty += 1
+            if len(stats.empty_rows) < 5:
+                stats.empty_rows.append(n + 1)
+            continue
+        ex_id = str(row[id_col]) if id_col and row.get(id_col) not in (None, "") else f"{split}-{n}"
+        tag = _text(row.get(tag_col)) if tag_col else ""
+        if single:
             examples.append(Example(id=ex_id, label=label, text=text, tag=tag))
         else:
-            examples.append(Example(id=ex_id, label=label, premise=str(row.get(prem_col) or ""),
-                                    hypothesis=str(row.get(hyp_col) or ""), tag=tag))
+            examples.append(Example(id=ex_id, label=label, premise=premise, hypothesis=hypothesis, tag=tag))
     stats.kept = len(examples)
     return examples, stats
+
+
+def drop_notes(split: str, stats: SplitStats) -> list[str]:
+    """One line per kind of dropped row, for the log and the setup record."""
+    notes = []
+    if stats.dropped_unlabelled:
+        notes.append(f"{split}: dropped {stats.dropped_unlabelled} of {stats.rows_read} rows without a gold label "
+                     "(-1, '-', empty or null)")
+    if stats.dropped_empty:
+        rows = ", ".join(map(str, stats.empty_rows)) + (" …" if stats.dropped_empty > len(stats.empty_rows) else "")
+        notes.append(f"{split}: dropped {stats.dropped_empty} of {stats.rows_read} rows with an empty "
+                     f"premise, hypothesis or text (rows {rows})")
+    return notes
+
+
+def warn(message: str) -> None:
+    """A warning line on stderr (the trainer's stderr is the run's train.log)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 # --- sampling -----------------------------------------------------------------------------------
@@ -239,46 +230,65 @@ def carve_validation(train: list[Example], fraction: float, seed: int) -> tuple[
     return [e for e in train if id(e) not in val_ids], val
 
 
-def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, list[Example]], dict[str, dict]]:
-    """The train, validation and test Examples of a run, and per-split statistics."""
-    raw: dict[str, list[dict] | None] = {}
+def _split_source(cfg: DataConfig, split: str) -> tuple[Callable[[], Iterator[dict]], str] | None:
+    """(a function that opens the split's rows as a stream, words for messages), or None."""
+    path = getattr(cfg, split)
+    if path:
+        return (lambda: iter_table(path)), f"file {path}"
     if cfg.source == BUILTIN_DATA:
-        for split in ("train", "validation", "test"):
-            raw[split] = read_table(BUILTIN_DIR / f"{split}.jsonl")
-    elif cfg.source in ("files", "", None):
-        raw = {"train": None, "validation": None, "test": None}
-    else:
-        need_hub = {s for s in ("train", "validation", "test") if not getattr(cfg, s)}
-        names = {"train": cfg.train_split, "validation": cfg.validation_split, "test": cfg.test_split}
-        for split in need_hub:
-            raw[split] = read_hub_split(cfg.source, names[split], cfg.hub_config) if names[split] else None
-    for split in ("train", "validation", "test"):
-        if getattr(cfg, split):
-            raw[split] = read_table(getattr(cfg, split))
-    if not raw.get("train"):
+        file = BUILTIN_DIR / f"{split}.jsonl"
+        return (lambda: iter_table(file)), f"the built-in sample {file}"
+    if cfg.source in ("files", "", None):
+        return None
+    name = {"train": cfg.train_split, "validation": cfg.validation_split, "test": cfg.test_split}[split]
+    if not name:
+        return None
+    return (lambda: iter_hub_split(cfg.source, name, cfg.hub_config)), f"split {name!r} of Hub dataset {cfg.source}"
+
+
+def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, list[Example]], dict[str, dict]]:
+    """The train, validation and test Examples of a run, and per-split statistics.
+
+    Files are streamed into Examples (never held whole, never as several copies). Every split
+    given must end up with usable rows; without a validation split, validation is carved from
+    train. Dropped rows and a max_*_rows larger than what a split holds are not errors: each is
+    a line on stderr and in the split's `warnings` (the setup record of metrics.jsonl)."""
+    sources = {split: _split_source(cfg, split) for split in ("train", "validation", "test")}
+    opened = {split: (src[0](), src[1]) for split, src in sources.items() if src is not None}  # missing files fail here
+    if "train" not in opened:
         raise ValueError("no training rows: give --train FILE, a Hub dataset, or use the built-in sample")
-    if not raw.get("test"):
+    if "test" not in opened:
         raise ValueError("no test rows: give --test FILE (the test split is needed for the before/after report)")
 
     splits: dict[str, list[Example]] = {}
     stats: dict[str, SplitStats] = {}
-    for split in ("train", "validation", "test"):
-        if raw.get(split):
-            splits[split], stats[split] = to_examples(raw[split], cfg, split)
-    if not splits["train"]:
-        raise ValueError("every training row was unlabelled: nothing to train on")
-    if not splits.get("validation"):
+    for split, (rows, where) in opened.items():
+        splits[split], st = to_examples(rows, cfg, split, source=where)
+        stats[split] = st
+        if st.rows_read == 0:
+            raise ValueError(f"{split}: {where} has no rows")
+        if not splits[split]:
+            raise ValueError(f"{split}: no usable rows in {where}: of {st.rows_read} rows, {st.dropped_unlabelled} "
+                             f"have no gold label and {st.dropped_empty} an empty premise, hypothesis or text")
+        st.warnings += drop_notes(split, st)
+    if "validation" not in splits:
+        if len(splits["train"]) < 2:
+            raise ValueError(f"train: only {len(splits['train'])} usable row, too few to hold out validation rows "
+                             "from: give a validation file or more training rows")
         splits["train"], splits["validation"] = carve_validation(splits["train"], cfg.validation_fraction, seed)
         stats["validation"] = SplitStats(rows_read=0, kept=len(splits["validation"]))
         stats["validation"].carved_from_train = True  # type: ignore[attr-defined]
     limits = {"train": cfg.max_train_rows, "validation": cfg.max_validation_rows, "test": cfg.max_test_rows}
-    for split in splits:
-        splits[split] = stratified_sample(splits[split], limits[split], seed)
+    for split in ("train", "validation", "test"):
         st = stats[split]
+        if limits[split] is not None and limits[split] > len(splits[split]):
+            st.warnings.append(f"{split}: asked for {limits[split]} rows (data.max_{split}_rows), only "
+                               f"{len(splits[split])} are usable: using all {len(splits[split])}")
+        splits[split] = stratified_sample(splits[split], limits[split], seed)
         st.used = len(splits[split])
         st.label_counts = {cfg.labels[k]: v for k, v in sorted(Counter(e.label for e in splits[split]).items())}
-    if not splits["test"]:
-        raise ValueError("every test row was unlabelled: nothing to evaluate on")
+        for w in st.warnings:
+            warn(w)
     return splits, {k: vars(v) for k, v in stats.items()}
 
 

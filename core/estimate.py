@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .runs import rundir
-from .config import BUILTIN_DATA, RunConfig
+from .config import BUILTIN_DATA, LoraSettings, RunConfig
 
 CUDA_CONTEXT_GB = 0.5  # what the CUDA runtime and cuBLAS workspaces take before any tensor
 ACTIVATION_BYTES = 29  # per token, layer and hidden unit in 16-bit, kept for the backward pass
@@ -48,8 +48,8 @@ def count_file_rows(path: str | Path) -> int | None:
         if path.suffix.lower() in (".jsonl", ".ndjson"):
             with open(path, "rb") as f:
                 return sum(1 for line in f if line.strip())
-        from .data import read_table
-        return len(read_table(path))
+        from .tables import iter_table
+        return sum(1 for _ in iter_table(path))  # streamed: never the whole file in memory
     except (OSError, ValueError):
         return None
 
@@ -98,7 +98,7 @@ def gpu_memory_gb(params: dict, shape: dict, cfg: RunConfig, dtype: str) -> floa
     as the trainer splits it on a GPU (speed.micro_tokens), about 29 bytes per token, layer and
     hidden unit in 16-bit (fitted to the Phi-2-shaped runs in bench/RESULTS.md); plus the CUDA
     context. Batches are padded only to their longest row, so real use is usually lower."""
-    from .config import speed_from_env
+    from .speed.settings import speed_from_env
     from .speed.step import micro_token_budget
     if not params or not shape.get("hidden") or not shape.get("layers"):
         return None
@@ -183,7 +183,7 @@ def plan(cfg: RunConfig, rows: dict[str, int] | None = None, root: Path | None =
 def model_facts_or_error(cfg: RunConfig) -> dict:
     """{"params": parameter counts, "shape": model_shape, "error": None}, without loading any
     weights; on failure (a Hub id without network, a typo) params is None and error says why."""
-    from .model import estimate_parameters, resolve_pooling
+    from .model import resolve_pooling
     try:
         params = estimate_parameters(cfg.model.name, len(cfg.data.labels), cfg.lora,
                                      quantize=cfg.model.quantize is not None, revision=cfg.model.revision,
@@ -191,3 +191,43 @@ def model_facts_or_error(cfg: RunConfig) -> dict:
         return {"params": params, "shape": model_shape(cfg.model.name, cfg.model.revision), "error": None}
     except Exception as e:  # noqa: BLE001 - any failure here only means "no estimate"
         return {"params": None, "shape": {}, "error": f"{type(e).__name__}: {e}"}
+
+
+def estimate_parameters(model_name: str, num_labels: int, lora: LoraSettings, quantize: bool = True,
+                        revision: str | None = None, pooling: str = "model") -> dict[str, int]:
+    """count_parameters without loading weights: the model is built on the meta device from its
+    config (which for a Hub model needs the network or a cached config)."""
+    from transformers import AutoConfig
+    from .model import pretrained_source
+    name, source = pretrained_source(model_name, revision)
+    config = AutoConfig.from_pretrained(name, **source, num_labels=num_labels)
+    return estimate_parameters_from_config(config, lora, quantize, pooling)
+
+
+def estimate_parameters_from_config(config, lora: LoraSettings, quantize: bool = True,
+                                    pooling: str = "model") -> dict[str, int]:
+    """count_parameters of `config`'s classifier with LoRA, built on the meta device (no weights)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForSequenceClassification
+
+    from .model import HEAD_NAMES, add_lora, set_pooling
+    if config.pad_token_id is None:
+        config.pad_token_id = 0
+    with init_empty_weights():
+        model = AutoModelForSequenceClassification.from_config(config)
+    set_pooling(model, pooling)
+    quantized = set()
+    if quantize:
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] not in HEAD_NAMES:
+                quantized.add(id(module.weight))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_model = add_lora(model, lora)
+    total = packed = trainable = 0
+    for p in peft_model.parameters():
+        n = p.numel()
+        total += n
+        packed += (n + 1) // 2 if id(p) in quantized else n
+        trainable += n if p.requires_grad else 0
+    return {"total": total, "packed": packed, "trainable": trainable}

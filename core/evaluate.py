@@ -151,18 +151,47 @@ def accuracy(probs: np.ndarray, examples: list[Example]) -> float:
     return float((probs.argmax(-1) == gold).mean())
 
 
+RUN_SPLITS = ("train", "validation", "test")
+
+
+def evaluation_name(data_file: Path, name: str | None = None) -> str:
+    """The name of `evaluate RUN --data FILE`'s predictions files: `name` as given (checked), else
+    the file's stem with anything but letters, digits, '.', '_', '-' replaced, and `-file` added
+    when it is one of the run's own split names (test.jsonl -> test-file)."""
+    if name is not None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,59}", name) or name in RUN_SPLITS:
+            hint = f" (e.g. {name}-file)" if name in RUN_SPLITS else ""
+            raise ValueError(f"invalid evaluation name {name!r}: use 1-60 letters, digits, '.', '_', '-', and not "
+                             f"train/validation/test, which the run itself writes{hint}")
+        return name
+    base = Path(data_file).name
+    stem = Path(base[:-3] if base.endswith(".gz") else base).stem  # test.jsonl.gz -> test
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")[:55] or "data"
+    return f"{stem}-file" if stem in RUN_SPLITS else stem
+
+
 def evaluate_run(run_dir: Path, data_file: Path, name: str | None = None, batch_size: int | None = None) -> dict:
     """Score the run's base model (its step-0 adapter) and its selected adapter on a labelled file.
 
     Writes predictions/<name>_before.jsonl and predictions/<name>_after.jsonl into the run folder
-    and returns {"n", "accuracy_before", "accuracy_after", "dropped_unlabelled", "name"}."""
-    from .config import RunConfig, speed_from_env
-    from .data import encode, read_table, to_examples
+    and returns {"n", "accuracy_before", "accuracy_after", "dropped_unlabelled", "dropped_empty",
+    "name", "files"}. The name defaults to the file's stem, made safe; a stem that is one of the
+    run's own splits (test.jsonl) becomes <stem>-file, so the obvious command works."""
+    from .config import RunConfig
+    from .speed.settings import speed_from_env
+    from .data import encode, to_examples
+    from .tables import iter_table
     from .speed.tune import tune_model
-    from .model import (add_lora, load_adapter_weights, load_model, load_tokenizer, pick_compute_dtype,
-                        pick_device)
+    from .checkpoint import load_adapter_weights
+    from .model import add_lora, load_model, load_tokenizer, pick_compute_dtype, pick_device
 
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run folder not found: {run_dir}")
+    if not (run_dir / rundir.CONFIG).is_file():
+        raise ValueError(f"{run_dir} is not a run folder (no {rundir.CONFIG})")
+    name = evaluation_name(data_file, name)
+    rows = iter_table(data_file)  # a missing file or an unknown type fails here, before any model loads
     cfg = RunConfig.load(run_dir / rundir.CONFIG)
     report = rundir.read_json(run_dir / rundir.REPORT) or {}
     best = report.get("best_epoch")
@@ -176,14 +205,10 @@ def evaluate_run(run_dir: Path, data_file: Path, name: str | None = None, batch_
     for d in (before_dir, after_dir):
         if not (d / "adapter_model.safetensors").is_file():
             raise ValueError(f"missing checkpoint {d}")
-    name = name or Path(data_file).stem
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,60}", name) or name in ("test", "validation", "train"):
-        raise ValueError(f"invalid evaluation name {name!r}: use letters, digits, '.', '_', '-' "
-                         "(and not train/validation/test, which the run itself writes)")
-
-    examples, stats = to_examples(read_table(data_file), cfg.data, name)
+    examples, stats = to_examples(rows, cfg.data, name, source=str(data_file))
     if not examples:
-        raise ValueError(f"{data_file}: no labelled rows to evaluate")
+        raise ValueError(f"{data_file}: no usable rows to evaluate ({stats.rows_read} rows, "
+                         f"{stats.dropped_unlabelled} without a gold label, {stats.dropped_empty} with an empty text)")
     device = pick_device(cfg.model.device)
     dtype = pick_compute_dtype(device, cfg.model.compute_dtype)
     tokenizer = load_tokenizer(cfg.model)
@@ -194,13 +219,15 @@ def evaluate_run(run_dir: Path, data_file: Path, name: str | None = None, batch_
     tune_model(model, dtype, speed)  # the same numerics as during training
     encoded = encode(examples, tokenizer, cfg.data)
     bs = batch_size or cfg.train.eval_batch_size
-    result = {"name": name, "n": len(examples), "dropped_unlabelled": stats.dropped_unlabelled, "best_epoch": best}
+    result = {"name": name, "n": len(examples), "dropped_unlabelled": stats.dropped_unlabelled,
+              "dropped_empty": stats.dropped_empty, "best_epoch": best, "files": []}
     for stage, ckpt in (("before", before_dir), ("after", after_dir)):
         load_adapter_weights(model, ckpt)
         t0 = time.perf_counter()
         probs, loss = predict(model, encoded, bs, tokenizer.pad_token_id, device, dtype, speed=speed)
-        rundir.atomic_write_jsonl(run_dir / rundir.PREDICTIONS / f"{name}_{stage}.jsonl",
-                                  prediction_rows(examples, probs, cfg.data.labels))
+        out = run_dir / rundir.PREDICTIONS / f"{name}_{stage}.jsonl"
+        rundir.atomic_write_jsonl(out, prediction_rows(examples, probs, cfg.data.labels))
+        result["files"].append(str(out))
         result[f"accuracy_{stage}"] = accuracy(probs, examples)
         result[f"loss_{stage}"] = loss
         result[f"seconds_{stage}"] = round(time.perf_counter() - t0, 3)

@@ -35,18 +35,118 @@ def embedded_model_path() -> Path:
     return path
 
 
+REMOTE_CODE_ENV = "QLORA_STUDIO_TRUST_REMOTE_CODE"
+# Learned position tables offset by padding_idx + 1: max_position_embeddings 514 holds 512 tokens.
+PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert",
+                            "longformer", "markuplm", "roberta-prelayernorm", "mpnet"}
+
+
 def resolve_model_name(name: str) -> str:
     """A name from_pretrained understands: the embedded model's folder, a local folder, or a Hub id."""
     if name == EMBEDDED_MODEL:
         return str(embedded_model_path())
+    if name.startswith("~"):
+        return str(Path(name).expanduser())
     return name
 
 
+def looks_like_path(name: str) -> bool:
+    """A model name that can only mean a folder: ./x, ../x, /x, ~/x, C:\\x or a/b/c (a Hub id is
+    `name` or `owner/name`)."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or (len(name) > 1 and name[1] == ":")
+
+
+def trust_remote_code() -> bool:
+    """Whether a model's own Python code (auto_map in its config.json) may run: only when the
+    environment variable QLORA_STUDIO_TRUST_REMOTE_CODE is 1."""
+    import os
+    return os.environ.get(REMOTE_CODE_ENV, "").strip() == "1"
+
+
+def remote_code_message(name: str) -> str:
+    return (f"model {name!r} needs its own Python code to load (auto_map in its config.json), and running a "
+            f"model's code is off: if you trust that code, set the environment variable {REMOTE_CODE_ENV}=1 "
+            "(for the app: before starting it); otherwise pick a model that transformers supports itself")
+
+
 def pretrained_source(name: str, revision: str | None = None) -> tuple[str, dict]:
-    """(the name for from_pretrained, its revision/local_files_only arguments): a local folder,
-    the embedded model's included, is read as it is, with no Hub lookup."""
+    """(the name for from_pretrained, its revision/local_files_only/trust_remote_code arguments):
+    a local folder, the embedded model's included, is read as it is, with no Hub lookup. Every
+    from_pretrained of a model, tokenizer or config in core/ takes these arguments, so
+    trust_remote_code is always passed explicitly: False unless QLORA_STUDIO_TRUST_REMOTE_CODE=1.
+    A name that can only be a folder but is not one raises a RuntimeError saying what to give."""
     path = resolve_model_name(name)
-    return path, {"revision": revision, "local_files_only": Path(path).is_dir()}
+    local = Path(path).is_dir()
+    if not local and (looks_like_path(name) or Path(path).exists()):
+        if Path(path).exists():
+            raise RuntimeError(f"model {name!r} is a file: give its folder (the one holding config.json)")
+        raise RuntimeError(f"model folder {name!r} does not exist: give a folder in Hugging Face format (one "
+                           "saved with save_pretrained, holding config.json) or a Hub id such as microsoft/phi-2")
+    if local and not (Path(path) / "config.json").is_file():
+        raise RuntimeError(f"model folder {name!r} has no config.json: give a folder saved with save_pretrained "
+                           "(config.json, the weights and the tokenizer files)")
+    return path, {"revision": revision, "local_files_only": local, "trust_remote_code": trust_remote_code()}
+
+
+def read_model_config(cfg: ModelConfig) -> dict | None:
+    """The model's config.json as a dict, from its folder or the local Hugging Face cache only
+    (never the network, never the model's code); None when it is not there (a Hub model not yet
+    downloaded: loading it later says what went wrong)."""
+    from transformers import PretrainedConfig
+    name, source = pretrained_source(cfg.name, cfg.revision)
+    try:
+        config, _ = PretrainedConfig.get_config_dict(name, revision=cfg.revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached, or unreadable: the real load reports it
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def needs_remote_code(config: dict) -> bool:
+    """Whether transformers cannot build this model without running the model's own code: an
+    auto_map and a model_type transformers does not know. (With a known model_type, transformers
+    uses its own classes and ignores the auto_map when trust_remote_code is False.)"""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    return bool(config.get("auto_map")) and config.get("model_type") not in CONFIG_MAPPING_NAMES
+
+
+def max_positions(config: dict) -> int | None:
+    """The most tokens the model's position embeddings take (None when its config does not say)."""
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    if config.get("model_type") in PADDING_OFFSET_POSITIONS:
+        limit -= (config.get("pad_token_id") or 1) + 1
+    return limit
+
+
+def check_model(cfg) -> None:
+    """What can be checked of a RunConfig's model from its config.json alone, before any data or
+    weights load: the folder exists, the model loads without running its own code (or
+    QLORA_STUDIO_TRUST_REMOTE_CODE=1 allows that), and data.max_length fits its positions.
+    A Hub model that is not in the local cache is left to load_tokenizer (no network here)."""
+    config = read_model_config(cfg.model)
+    if config is None:
+        return
+    if needs_remote_code(config) and not trust_remote_code():
+        raise RuntimeError(remote_code_message(cfg.model.name))
+    limit = max_positions(config)
+    if limit and cfg.data.max_length > limit:
+        raise ValueError(f"data.max_length is {cfg.data.max_length} but model {cfg.model.name!r} takes at most "
+                         f"{limit} tokens (max_position_embeddings in its config.json): use --max-length {limit} "
+                         "or less")
+
+
+def _hub_hint(name: str, error: BaseException) -> str:
+    """Why a model could not be loaded and what to do, in one sentence."""
+    import os
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline:
+        why = "it is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+    else:
+        why = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+    return (f"{why}. Without network access, download it where there is network (hf download {name}) and "
+            "copy the Hugging Face cache here, or give a local folder in Hugging Face format "
+            "(e.g. one saved with save_pretrained) as --model.")
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -77,13 +177,18 @@ def gpu_supports_bf16(capability: tuple[int, int]) -> bool:
 def load_tokenizer(cfg: ModelConfig):
     """The model's tokenizer, with a pad token set (causal LMs have none: reuse EOS or UNK)."""
     from transformers import AutoTokenizer
+    name, source = pretrained_source(cfg.name, cfg.revision)
+    config = read_model_config(cfg)
+    if config is not None and needs_remote_code(config) and not source["trust_remote_code"]:
+        raise RuntimeError(remote_code_message(cfg.name))  # before transformers tries the custom tokenizer
     try:
-        name, source = pretrained_source(cfg.name, cfg.revision)
         tok = AutoTokenizer.from_pretrained(name, **source)
     except OSError as e:  # not a local folder, and the Hub unreachable or the id unknown
-        raise RuntimeError(f"could not load the tokenizer of model {cfg.name!r}: {e}".rstrip() +
-                           " Without network access, give a local folder in Hugging Face format "
-                           "(e.g. one saved with save_pretrained) as --model.") from e
+        raise RuntimeError(f"could not load the tokenizer of model {cfg.name!r}: {_hub_hint(cfg.name, e)}") from e
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise RuntimeError(remote_code_message(cfg.name)) from e
+        raise
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
         if tok.pad_token is None:
@@ -114,15 +219,22 @@ def load_model(cfg: ModelConfig, num_labels: int, pad_token_id: int | None, devi
         kwargs.update(id2label=id2label, label2id={v: k for k, v in id2label.items()})
     if cfg.quantize == "bnb.nf4":
         kwargs["quantization_config"] = quantization_config(cfg, compute_dtype)
-    name, source = pretrained_source(cfg.name, cfg.revision)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        name,
-        **source,
-        num_labels=num_labels,
-        dtype=compute_dtype,
-        device_map={"": device},
-        **kwargs,
-    )
+    name, source = pretrained_source(cfg.name, cfg.revision)  # trust_remote_code: False unless allowed
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name,
+            **source,
+            num_labels=num_labels,
+            dtype=compute_dtype,
+            device_map={"": device},
+            **kwargs,
+        )
+    except OSError as e:
+        raise RuntimeError(f"could not load the weights of model {cfg.name!r}: {_hub_hint(cfg.name, e)}") from e
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise RuntimeError(remote_code_message(cfg.name)) from e
+        raise
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # causal LMs find the last real token with it
     if getattr(model.config, "use_cache", False):
@@ -251,141 +363,3 @@ def count_parameters(model) -> dict[str, int]:
         if p.requires_grad:
             trainable += n
     return {"total": total, "packed": packed, "trainable": trainable}
-
-
-def estimate_parameters(model_name: str, num_labels: int, lora: LoraSettings, quantize: bool = True,
-                        revision: str | None = None, pooling: str = "model") -> dict[str, int]:
-    """count_parameters without loading weights: the model is built on the meta device from its
-    config (which for a Hub model needs the network or a cached config)."""
-    from transformers import AutoConfig
-    name, source = pretrained_source(model_name, revision)
-    config = AutoConfig.from_pretrained(name, **source, num_labels=num_labels)
-    return estimate_parameters_from_config(config, lora, quantize, pooling)
-
-
-def estimate_parameters_from_config(config, lora: LoraSettings, quantize: bool = True,
-                                    pooling: str = "model") -> dict[str, int]:
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForSequenceClassification
-    if config.pad_token_id is None:
-        config.pad_token_id = 0
-    with init_empty_weights():
-        model = AutoModelForSequenceClassification.from_config(config)
-    set_pooling(model, pooling)
-    quantized = set()
-    if quantize:
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] not in HEAD_NAMES:
-                quantized.add(id(module.weight))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    peft_model = add_lora(model, lora)
-    total = packed = trainable = 0
-    for p in peft_model.parameters():
-        n = p.numel()
-        total += n
-        packed += (n + 1) // 2 if id(p) in quantized else n
-        trainable += n if p.requires_grad else 0
-    return {"total": total, "packed": packed, "trainable": trainable}
-
-
-def load_trainable_state_dict(model, state: dict[str, torch.Tensor]) -> None:
-    from peft import set_peft_model_state_dict
-    result = set_peft_model_state_dict(model, state)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise RuntimeError(f"adapter has weights the model does not: {unexpected[:5]}")
-
-
-def save_adapter(model, path: Path) -> None:
-    """Save LoRA + head as safetensors (adapter_model.safetensors + adapter_config.json),
-    written into a temporary folder and renamed, so a reader never sees half a checkpoint."""
-    import shutil
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    _replace_dir(tmp, path)
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    import shutil
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
-
-
-class AdapterSaver:
-    """Checkpoints of one model's adapter during a run, in save_adapter's format: the first
-    with peft's save_pretrained, the later ones from a copy of the trainable tensors written on a
-    background thread (peft rebuilds its state dict and model card each time, a few tenths of a
-    second an epoch for Phi-2 on a GPU: bench/RESULTS.md), so training goes on while the file is written.
-    Same keys and tensors as peft's; adapter_config.json is copied from the first checkpoint.
-    wait() before reading a checkpoint back; a write that failed raises there."""
-
-    def __init__(self, model):
-        self.model = model
-        self.keys: dict[str, torch.Tensor] | None = None  # safetensors key -> live parameter
-        self.first: Path | None = None
-        self.thread = None
-        self.error: BaseException | None = None
-
-    def save(self, path: Path) -> None:
-        import threading
-        self.wait()
-        path = Path(path)
-        if self.first is None:
-            save_adapter(self.model, path)
-            self.first = path
-            self.keys = self._live_tensors()
-            return
-        if self.keys is None:  # no fast path for this model: peft every time
-            save_adapter(self.model, path)
-            return
-        # a copy, taken now: training changes the parameters in place while the thread writes
-        state = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in self.keys.items()}
-        self.thread = threading.Thread(target=self._write, args=(state, path), daemon=True)
-        self.thread.start()
-
-    def wait(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise RuntimeError(f"writing a checkpoint failed: {error}") from error
-
-    def _live_tensors(self) -> dict[str, torch.Tensor] | None:
-        """peft's state-dict keys mapped to the parameters they were read from (None when some key
-        has no parameter of its own: every save then goes through peft)."""
-        from peft import get_peft_model_state_dict
-        params = {(p.data_ptr(), tuple(p.shape)): p for p in self.model.parameters() if p.requires_grad}
-        keys = {}
-        for k, t in get_peft_model_state_dict(self.model).items():
-            p = params.get((t.data_ptr(), tuple(t.shape)))
-            if p is None:
-                return None
-            keys[k] = p
-        return keys
-
-    def _write(self, state: dict[str, torch.Tensor], path: Path) -> None:
-        import shutil
-        from safetensors.torch import save_file
-        try:
-            tmp = path.with_name(f".{path.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-            shutil.copy(self.first / "adapter_config.json", tmp / "adapter_config.json")
-            _replace_dir(tmp, path)
-        except BaseException as e:  # reported by wait()
-            self.error = e
-
-
-def load_adapter_weights(model, path: Path) -> None:
-    """Load a saved adapter's weights (LoRA + head) into a model that has the same adapter layout."""
-    from safetensors.torch import load_file
-    file = Path(path) / "adapter_model.safetensors"
-    if not file.is_file():
-        raise FileNotFoundError(f"no adapter weights at {file}")
-    load_trainable_state_dict(model, load_file(str(file)))

@@ -1,19 +1,21 @@
-"""The report of a run, rebuilt from its folder alone: numbers, then Markdown or HTML.
+"""The report of a run, rebuilt from its folder alone: the numbers (report.json).
 
     report = build_report(run_dir)        # a dict (also saved as report.json at the end of a run)
-    print(render_markdown(report))        # python -m core report RUN_DIR
-    html = render_html(report)            # self-contained, for download from the app
+    report, problem = load_report(run_dir)   # report.json, or rebuilt when it is damaged
+
+The statistics sections (headline, baselines, change, transitions, calibration, slices, ...) are
+built by core/analysis.py; Markdown and HTML by core/render.py (re-exported here).
 """
 
 from __future__ import annotations
 
-import html as html_lib
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 
+from . import analysis
+from .render import parameter_rows, render_html, render_markdown, resource_rows, speed_rows  # noqa: F401
 from .runs import rundir
 
 CATEGORIES = ("fixed", "still failing", "regressed", "still right")
@@ -74,13 +76,38 @@ def compare_predictions(before: list[dict], after: list[dict], labels: list[str]
     return rows
 
 
+def _dict(x) -> dict:
+    return x if isinstance(x, dict) else {}
+
+
+def run_labels(run_dir: Path, setup: dict | None = None) -> list[str]:
+    """The run's class names: its setup record's (what the trainer used), else config.json's;
+    [] when neither can be read."""
+    if setup is None:
+        setups = rundir.read_metrics(run_dir)["setup"]
+        setup = setups[0] if setups else {}
+    config, _ = rundir.read_config(run_dir)
+    for labels in (setup.get("labels"), _dict(config.get("data")).get("labels")):
+        if isinstance(labels, list) and labels and all(isinstance(l, str) for l in labels):
+            return labels
+    return []
+
+
+def read_predictions(path: Path, labels: list[str]) -> list[dict]:
+    """The usable rows of a predictions file: rundir.valid_prediction, with gold and pred among
+    `labels` and one probability per label (damaged rows are left out; rundir.damaged_files
+    names the file)."""
+    rows, _ = rundir.read_predictions(path)
+    return [r for r in rows if r["gold"] in labels and r["pred"] in labels and len(r["probs"]) == len(labels)]
+
+
 def load_comparison(run_dir: Path, name: str = "test") -> tuple[list[dict], list[str]]:
-    """compare_predictions for predictions/<name>_before/after.jsonl of a run (empty if missing)."""
+    """compare_predictions for predictions/<name>_before/after.jsonl of a run (empty if missing
+    or unreadable)."""
     run_dir = Path(run_dir)
-    config = rundir.read_json(run_dir / rundir.CONFIG, {}) or {}
-    labels = (config.get("data") or {}).get("labels") or []
-    before = rundir.read_jsonl(run_dir / rundir.PREDICTIONS / f"{name}_before.jsonl")
-    after = rundir.read_jsonl(run_dir / rundir.PREDICTIONS / f"{name}_after.jsonl")
+    labels = run_labels(run_dir)
+    before = read_predictions(run_dir / rundir.PREDICTIONS / f"{name}_before.jsonl", labels)
+    after = read_predictions(run_dir / rundir.PREDICTIONS / f"{name}_after.jsonl", labels)
     if not before or not after:
         return [], labels
     return compare_predictions(before, after, labels), labels
@@ -95,15 +122,27 @@ def _summary(rows: list[dict], labels: list[str]) -> dict:
             "confusion": m, "per_class": per_class(m, labels)}
 
 
-def build_report(run_dir: Path) -> dict:
-    """Everything the report shows, from the files of `run_dir` (works on unfinished runs too)."""
+def sections(run_dir: Path, labels: list[str], metrics: dict | None = None, best_epoch: int | None = None) -> dict:
+    """analysis.build_sections from the run's files: test predictions before, after and
+    zero-shot, metrics.jsonl, predictions/dynamics.jsonl (each left out where missing or damaged)."""
     run_dir = Path(run_dir)
-    config = rundir.read_json(run_dir / rundir.CONFIG, {}) or {}
+    read = lambda stage: read_predictions(run_dir / rundir.PREDICTIONS / f"test_{stage}.jsonl", labels)
+    return analysis.build_sections(read("before"), read("after"), labels, zero_shot=read("zero_shot"),
+                                   metrics=metrics if metrics is not None else rundir.read_metrics(run_dir),
+                                   dynamics=analysis.read_dynamics(run_dir), best_epoch=best_epoch)
+
+
+def build_report(run_dir: Path, group: bool = True) -> dict:
+    """Everything the report shows, from the files of `run_dir` (works on unfinished runs too).
+    With `group`, "group" is the groups.group_summary of the run's seeds (None outside a group);
+    it is computed when the report is built, so a page refreshes it (a later seed may have ended)."""
+    run_dir = Path(run_dir)
+    config, _ = rundir.read_config(run_dir)  # {} when damaged: the pages say so (rundir.damaged_files)
     status = rundir.read_status(run_dir)
     metrics = rundir.read_metrics(run_dir)
     resources = rundir.read_jsonl(run_dir / rundir.RESOURCES)
     setup = metrics["setup"][0] if metrics["setup"] else {}
-    labels = setup.get("labels") or (config.get("data") or {}).get("labels") or []
+    labels = run_labels(run_dir, setup)
     steps, epochs, evals = metrics["step"], metrics["epoch"], metrics["eval"]
     end = metrics["end"][-1] if metrics["end"] else {}
 
@@ -132,7 +171,7 @@ def build_report(run_dir: Path) -> dict:
                    for e in epochs],
         "best_epoch": end.get("best_epoch") if end.get("state") == "done" else None,
         "total_s": end.get("total_s"),
-        "train_s": round(sum(e["epoch_s"] for e in epochs), 3) if epochs else None,
+        "train_s": round(sum(e.get("epoch_s") or 0 for e in epochs), 3) if epochs else None,
         "eval_s": round(sum(e.get("seconds") or 0 for e in evals), 3) if evals else None,
         "throughput": throughput(steps),
         "evals": evals,
@@ -142,13 +181,14 @@ def build_report(run_dir: Path) -> dict:
         for k, v in rec.items():
             if k != "t" and isinstance(v, (int, float)):
                 peaks[k] = max(peaks.get(k, 0), v)
-    for k, v in (end.get("peaks") or {}).items():
-        peaks[k] = max(peaks.get(k, 0), v)
+    for k, v in _dict(end.get("peaks")).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            peaks[k] = max(peaks.get(k, 0), v)
     peaks["checkpoints_mb"] = round(rundir.dir_size(run_dir / rundir.CHECKPOINTS) / 2**20, 2)
     report["resources"] = peaks
 
-    before = rundir.read_jsonl(run_dir / rundir.PREDICTIONS / "test_before.jsonl")
-    after = rundir.read_jsonl(run_dir / rundir.PREDICTIONS / "test_after.jsonl")
+    before = read_predictions(run_dir / rundir.PREDICTIONS / "test_before.jsonl", labels)
+    after = read_predictions(run_dir / rundir.PREDICTIONS / "test_after.jsonl", labels)
     report["test_before"] = _summary(before, labels) if before else None
     report["test_after"] = _summary(after, labels) if after else None
     if before and after:
@@ -162,31 +202,149 @@ def build_report(run_dir: Path) -> dict:
                            for r in chosen]
         report["change_examples"] = examples
         report["by_tag"] = _by_tag(rows)
+    report.update(sections(run_dir, labels, metrics, report["best_epoch"]))
+    if group:
+        from .groups import group_summary
+        report["group"] = group_summary(run_dir)
     return report
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_whole(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number_or_none(x) -> bool:
+    return x is None or _is_number(x)
+
+
+def _names(x) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
+def _summary_ok(s, labels: list[str]) -> bool:
+    k = len(labels)
+    return (isinstance(s, dict) and _is_number(s.get("accuracy")) and _is_whole(s.get("correct"))
+            and _is_whole(s.get("n")) and isinstance(s.get("ci95"), list) and len(s["ci95"]) == 2
+            and all(_number_or_none(x) for x in s["ci95"])
+            and isinstance(s.get("confusion"), list) and len(s["confusion"]) == k
+            and all(isinstance(row, list) and len(row) == k and all(_is_whole(v) for v in row) for row in s["confusion"])
+            and isinstance(s.get("per_class"), list)
+            and all(isinstance(c, dict) and isinstance(c.get("label"), str)
+                    and all(_is_number(c.get(f)) for f in ("precision", "recall", "f1", "support"))
+                    for c in s["per_class"]))
+
+
+def report_problem(r) -> str | None:
+    """Why a report (a parsed report.json) cannot be shown as it is, None when it can: the
+    fields the Report page and render_markdown compute with must have their types."""
+    if not isinstance(r, dict):
+        return "not a JSON object"
+    if not isinstance(r.get("run_id"), str):
+        return "has no run_id"
+    labels = r.get("labels")
+    if not _names(labels):
+        return '"labels" is not a list of names'
+    for k in ("model", "dataset", "preset", "device", "compute_dtype", "state", "error"):
+        if r.get(k) is not None and not isinstance(r[k], str):
+            return f'"{k}" is not text'
+    for k in ("test_before", "test_after"):
+        if r.get(k) is not None and not _summary_ok(r[k], labels):
+            return f'"{k}" is malformed'
+    epochs = r.get("epochs")
+    if epochs is not None and not (isinstance(epochs, list) and all(
+            isinstance(e, dict) and _is_whole(e.get("epoch"))
+            and all(_number_or_none(e.get(f)) for f in ("train_loss", "val_accuracy", "val_loss", "epoch_s"))
+            for e in epochs)):
+        return '"epochs" is malformed'
+    for k in ("total_s", "train_s", "eval_s", "load_s"):
+        if not _number_or_none(r.get(k)):
+            return f'"{k}" is not a number'
+    if epochs and not _is_number(r.get("train_s")):
+        return '"train_s" is missing'
+    if r.get("best_epoch") is not None and not _is_whole(r["best_epoch"]):
+        return '"best_epoch" is not a whole number'
+    for k in ("hardware", "params", "resources", "throughput", "speed", "changes", "change_examples", "config",
+              "data", "mean_tokens"):
+        if r.get(k) is not None and not isinstance(r[k], dict):
+            return f'"{k}" is not an object'
+    for k in ("params", "resources", "throughput", "changes"):
+        if not all(_number_or_none(v) for v in (r.get(k) or {}).values()):
+            return f'"{k}" holds something other than numbers'
+    gpus = (r.get("hardware") or {}).get("gpus")
+    if gpus is not None and not (isinstance(gpus, list) and all(
+            isinstance(g, dict) and isinstance(g.get("name"), str) and _is_number(g.get("memory_gb")) for g in gpus)):
+        return '"hardware.gpus" is malformed'
+    for k in ("target_modules", "speedups"):
+        if r.get(k) is not None and not _names(r[k]):
+            return f'"{k}" is not a list of names'
+    for cat, rows in (r.get("change_examples") or {}).items():
+        if not (isinstance(rows, list) and all(
+                isinstance(e, dict) and all(isinstance(e.get(f), str) for f in ("gold", "pred_before", "pred_after"))
+                and _is_number(e.get("gold_prob_change")) for e in rows)):
+            return '"change_examples" is malformed'
+    by_tag = r.get("by_tag")
+    if by_tag is not None and not (isinstance(by_tag, list) and all(
+            isinstance(t, dict) and isinstance(t.get("tag"), str) and _is_whole(t.get("n"))
+            and _is_number(t.get("accuracy_before")) and _is_number(t.get("accuracy_after")) for t in by_tag)):
+        return '"by_tag" is malformed'
+    return analysis.sections_problem(r)
+
+
+def damaged_files(run_dir: Path) -> list[str]:
+    """rundir.damaged_files, with report.json's content checked too (report_problem): one line
+    per damaged file, naming it and why."""
+    out = rundir.damaged_files(run_dir)
+    value, problem = rundir.load_json(Path(run_dir) / rundir.REPORT)
+    if problem is None and isinstance(value, dict) and report_problem(value):
+        out.append(f"{rundir.REPORT}: {report_problem(value)}")
+    return out
+
+
+def load_report(run_dir: Path) -> tuple[dict | None, str | None]:
+    """(report, problem): report.json when it can be shown (problem None); when it cannot, the
+    report rebuilt from the run's other files (build_report) and one line naming report.json and
+    why; (None, None) when the run has no report.json yet."""
+    run_dir = Path(run_dir)
+    value, problem = rundir.load_json(run_dir / rundir.REPORT)
+    if problem == "missing":
+        return None, None
+    problem = problem or report_problem(value)
+    if problem is None:
+        if any(k not in value for k in analysis.SECTION_KEYS):  # written before these sections existed
+            value.update(sections(run_dir, value["labels"], best_epoch=value.get("best_epoch")))
+        return value, None
+    # group=False: groups.group_summary reads its runs through load_report (no recursion)
+    return build_report(run_dir, group=False), f"{rundir.REPORT}: {problem} (rebuilt from the run's other files)"
+
+
 def _dataset_name(data: dict) -> str:
-    files = [Path(data[s]).name for s in ("train", "validation", "test") if data.get(s)]
+    data = _dict(data)
+    files = [Path(data[s]).name for s in ("train", "validation", "test") if isinstance(data.get(s), str) and data[s]]
     if files:
         return "files: " + ", ".join(files)
-    return data.get("source") or ""
+    return data.get("source") if isinstance(data.get("source"), str) else ""
 
 
 def throughput(steps: list[dict]) -> dict | None:
     """Pairs/s, real tokens/s and MFU over `steps` (step records), each weighted by step time;
     the report takes every step, the live view the last few. MFU is None where it was not logged
     (CPU, unknown GPU); pad_fraction where the records carry it."""
-    if not steps:
+    steps = [s for s in steps if all(isinstance(s.get(k), (int, float)) for k in ("step_s", "rows", "tokens_per_s"))]
+    if not steps or sum(s["step_s"] for s in steps) <= 0:
         return None
     secs = sum(s["step_s"] for s in steps)
     rows = sum(s["rows"] for s in steps)
     tokens = sum(s["tokens_per_s"] * s["step_s"] for s in steps)
-    timed = [s for s in steps if s.get("mfu") is not None]
+    timed = [s for s in steps if isinstance(s.get("mfu"), (int, float))]
+    timed_s = sum(s["step_s"] for s in timed)
     out = {"samples_per_s": round(rows / secs, 2), "tokens_per_s": round(tokens / secs, 1),
-           "mfu": round(sum(s["mfu"] * s["step_s"] for s in timed) / sum(s["step_s"] for s in timed), 4)
-           if timed else None,
+           "mfu": round(sum(s["mfu"] * s["step_s"] for s in timed) / timed_s, 4) if timed_s > 0 else None,
            "steps": len(steps), "mean_step_s": round(secs / len(steps), 4)}
-    if all("pad_fraction" in s for s in steps):
+    if all(isinstance(s.get("pad_fraction"), (int, float)) for s in steps):
         out["pad_fraction"] = round(float(np.mean([s["pad_fraction"] for s in steps])), 4)
     return out
 
@@ -201,178 +359,3 @@ def _by_tag(rows: list[dict]) -> list[dict]:
                     "accuracy_after": sum(r["pred_after"] == r["gold"] for r in sub) / len(sub)})
     return out
 
-
-# --- rendering ----------------------------------------------------------------------------------
-
-def _pct(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
-
-
-def _num(x) -> str:
-    return "n/a" if x is None else f"{x:,}"
-
-
-def _secs(x) -> str:
-    return "n/a" if x is None else f"{x:.1f} s"
-
-
-def _gb(x) -> str:
-    return "n/a" if x is None else f"{x:.2f} GiB"
-
-
-def _fmt(x, fmt: str) -> str:
-    return "n/a" if x is None else fmt.format(x)
-
-
-def parameter_rows(report: dict) -> list[tuple[str, str]]:
-    """The rows (count, value) of the report's Parameters table, formatted; [] when the run has
-    no parameter counts yet. The Markdown/HTML report and the app's Report page both show these."""
-    p = report.get("params")
-    if not p:
-        return []
-    total, trainable = p.get("total"), p.get("trainable")
-    share = f" ({100 * trainable / total:.2f}%)" if trainable is not None and total else ""
-    return [("total (4-bit weights at full size)", _num(total)),
-            ("packed 4-bit (naive numel sum)", _num(p.get("packed"))),
-            ("trainable (LoRA + head)", _num(trainable) + share)]
-
-
-def resource_rows(report: dict) -> list[tuple[str, str]]:
-    """The rows (resource, peak) of the report's Resources (peaks) table, formatted; a peak that
-    was never measured (no GPU, no sample yet) reads n/a. Shared by the Markdown/HTML report and
-    the app's Report page."""
-    res = report.get("resources") or {}
-    return [("GPU memory (torch allocated)", _gb(res.get("torch_peak_gb"))),
-            ("GPU memory (device, NVML)", _gb(res.get("gpu_mem_gb"))),
-            ("GPU utilisation", _fmt(res.get("gpu_util"), "{:.0f}%")),
-            ("process RAM (RSS)", _gb(res.get("rss_gb"))),
-            ("CPU (100% = one core)", _fmt(res.get("cpu_percent"), "{:.0f}%")),
-            ("disk used by checkpoints", _fmt(res.get("checkpoints_mb"), "{:.1f} MB"))]
-
-
-def speed_rows(report: dict) -> list[tuple[str, str]]:
-    """The run's speed settings (config.SpeedConfig as it ran; None reads "auto") and the
-    model changes they made, for the report's settings section; [] for runs that predate them."""
-    speed = report.get("speed") or {}
-    rows = [(name, "auto" if value is None else str(value).lower() if isinstance(value, bool) else str(value))
-            for name, value in speed.items()]
-    if speed and report.get("speedups") is not None:
-        rows.append(("applied", "; ".join(report["speedups"]) or "none"))
-    return rows
-
-
-def render_markdown(r: dict) -> str:
-    """The report as Markdown: the sections of the reference report, generated."""
-    from .runs.resources import describe_hardware
-    L: list[str] = []
-    L.append(f"# QLoRA fine-tuning report: {r.get('model')} on {r.get('dataset')}")
-    L.append("")
-    L.append(f"Run `{r['run_id']}` ({r.get('state')}), preset `{r.get('preset')}`; "
-             f"device {r.get('device')}, compute dtype {r.get('compute_dtype')}; "
-             f"hardware: {describe_hardware(r['hardware']) if r.get('hardware') else 'n/a'}.")
-    if r.get("error"):
-        L += ["", f"**Error:** {r['error']}"]
-    b, a = r.get("test_before"), r.get("test_after")
-    L += ["", "## Accuracy on the test split", "",
-          "| model | accuracy | 95% interval (Wilson) | correct / n |", "|---|---|---|---|"]
-    for name, s in (("before fine-tuning", b), (f"after (best epoch {r.get('best_epoch')})", a)):
-        if s:
-            L.append(f"| {name} | {_pct(s['accuracy'])} | {_pct(s['ci95'][0])} to {_pct(s['ci95'][1])} "
-                     f"| {s['correct']} / {s['n']} |")
-    if b and a:
-        L += ["", f"Change: {100 * (a['accuracy'] - b['accuracy']):+.1f} points on n = {a['n']}."]
-    if r.get("epochs"):
-        L += ["", "## Training", "", "| epoch | train loss | validation accuracy | validation loss | time |",
-              "|---|---|---|---|---|"]
-        for e in r["epochs"]:
-            L.append(f"| {e['epoch']} | {e['train_loss']:.4f} | {_pct(e['val_accuracy'])} | "
-                     f"{e['val_loss']:.4f} | {_secs(e['epoch_s'])} |")
-        t = r.get("throughput") or {}
-        L += ["", f"Training time {_secs(r.get('train_s'))} ({_secs(r['train_s'] / len(r['epochs']))} per epoch), "
-              f"evaluation {_secs(r.get('eval_s'))}, model load {_secs(r.get('load_s'))}, "
-              f"total {_secs(r.get('total_s'))}. Throughput {t.get('samples_per_s', 'n/a')} pairs/s, "
-              f"{t.get('tokens_per_s', 'n/a')} real tokens/s, padding {_pct(t.get('pad_fraction'))}."]
-    params = parameter_rows(r)
-    if params:
-        L += ["", "## Parameters", "", "| count | value |", "|---|---|"]
-        L += [f"| {name} | {value} |" for name, value in params]
-    L += ["", "## Resources (peaks)", "", "| resource | peak |", "|---|---|"]
-    L += [f"| {name} | {value} |" for name, value in resource_rows(r)]
-    speed = speed_rows(r)
-    if speed:
-        L += ["", "## Speed settings", "", "| setting | value |", "|---|---|"]
-        L += [f"| {name} | {value} |" for name, value in speed]
-    if b and a:
-        labels = r["labels"]
-        L += ["", "## Per class (test)", "", "| class | precision before | recall before | F1 before | "
-              "precision after | recall after | F1 after | n |", "|---|---|---|---|---|---|---|---|"]
-        for pb, pa in zip(b["per_class"], a["per_class"]):
-            L.append(f"| {pb['label']} | {_pct(pb['precision'])} | {_pct(pb['recall'])} | {_pct(pb['f1'])} | "
-                     f"{_pct(pa['precision'])} | {_pct(pa['recall'])} | {_pct(pa['f1'])} | {pb['support']} |")
-        for name, s in (("before", b), ("after", a)):
-            L += ["", f"Confusion matrix {name} (rows gold, columns predicted):", "",
-                  "| gold \\ predicted | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
-            for lab, row in zip(labels, s["confusion"]):
-                L.append(f"| {lab} | " + " | ".join(str(x) for x in row) + " |")
-        c = r.get("changes") or {}
-        L += ["", "## What fine-tuning changed", "",
-              f"Fixed {c.get('fixed', 0)}, still failing {c.get('still failing', 0)}, "
-              f"regressed {c.get('regressed', 0)}, still right {c.get('still right', 0)}."]
-        for cat, rows in (r.get("change_examples") or {}).items():
-            if not rows:
-                continue
-            L += ["", f"### {cat.capitalize()} (examples)", "", "| premise | hypothesis | gold | before | after |",
-                  "|---|---|---|---|---|"]
-            for e in rows:
-                prem = e.get("premise") or e.get("text", "")
-                L.append(f"| {_cell(prem)} | {_cell(e.get('hypothesis', ''))} | {e['gold']} | "
-                         f"{e['pred_before']} | {e['pred_after']} |")
-        if r.get("by_tag"):
-            L += ["", "## By phenomenon tag", "", "| tag | n | before | after |", "|---|---|---|---|"]
-            for t in r["by_tag"]:
-                L.append(f"| {t['tag']} | {t['n']} | {_pct(t['accuracy_before'])} | {_pct(t['accuracy_after'])} |")
-    return "\n".join(L) + "\n"
-
-
-def _cell(s: str) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
-
-
-def render_html(r: dict) -> str:
-    """A self-contained HTML page of the report (no scripts, no external files)."""
-    md = render_markdown(r)
-    body = []
-    in_table = False
-    for line in md.splitlines():
-        if line.startswith("|"):
-            cells = [html_lib.escape(c.strip().replace("\\|", "|")) for c in line.strip("|").split(" | ")]
-            if set(line.replace("|", "").strip()) <= {"-"}:
-                continue
-            if not in_table:
-                body.append("<table>")
-                in_table = True
-                body.append("<tr>" + "".join(f"<th>{c}</th>" for c in cells) + "</tr>")
-            else:
-                body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            body.append("</table>")
-            in_table = False
-        text = html_lib.escape(line)
-        text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
-        text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-        if line.startswith("### "):
-            body.append(f"<h3>{text[4:]}</h3>")
-        elif line.startswith("## "):
-            body.append(f"<h2>{text[3:]}</h2>")
-        elif line.startswith("# "):
-            body.append(f"<h1>{text[2:]}</h1>")
-        elif line.strip():
-            body.append(f"<p>{text}</p>")
-    if in_table:
-        body.append("</table>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222;line-height:1.45}"
-             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "text-align:left}th{background:#f3f4f6}code{background:#f3f4f6;padding:0 3px}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html_lib.escape(r['run_id'])}"
-            f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")

@@ -24,16 +24,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import RunConfig, speed_from_env
+from . import checkpoint
+from .classifier import folder_files
+from .config import RunConfig
 from .data import batch_indices, encode, load_splits
 from .evaluate import accuracy, predict, prediction_rows
-from .model import (AdapterSaver, add_lora, count_parameters, load_adapter_weights, load_model, load_tokenizer,
-                    pick_compute_dtype, pick_device, resolve_pooling)
+from .model import (add_lora, count_parameters, load_model, load_tokenizer, pick_compute_dtype, pick_device,
+                    resolve_pooling)
 from .report import build_report
 from .runs import rundir
 from .runs.resources import ResourceSampler, hardware_info
 from .speed import packing
 from .speed.accounting import PeakMemory, StepLog
+from .speed.settings import speed_from_env
 from .speed.graphs import EvalGraphs
 from .speed.step import TrainStep
 from .speed.tune import tune_model
@@ -61,8 +64,10 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return max(0.0, 1.0 - progress)
 
 
-def make_optimizer(model, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over the trainable weights: LoRA at lr, the head at head_lr; no decay on biases."""
+def make_optimizer(model, cfg: RunConfig, device: torch.device, dtype: torch.dtype, total_steps: int):
+    """(optimizer, scheduler, scaler): AdamW over the trainable weights (LoRA at lr, the head at
+    head_lr, no decay on biases), the warmup + schedule of cfg.train, and a GradScaler for fp16
+    on a GPU (None otherwise)."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -76,8 +81,12 @@ def make_optimizer(model, cfg: RunConfig, device: torch.device) -> torch.optim.O
         groups[key]["params"].append(p)
     for g in groups.values():
         g["initial_lr"] = g["lr"]
-    return torch.optim.AdamW(list(groups.values()), betas=(0.9, 0.999), eps=1e-8,
-                             fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(list(groups.values()), betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+    warmup = round(cfg.train.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.train.schedule))
+    scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and dtype == torch.float16) else None
+    return optimizer, scheduler, scaler
 
 
 def optimizer_step(optimizer, scaler, params: list, max_grad_norm: float | None) -> torch.Tensor | None:
@@ -96,12 +105,12 @@ def optimizer_step(optimizer, scaler, params: list, max_grad_norm: float | None)
 
 def load_everything(cfg: RunConfig, t_start: float):
     """Data, tokenizer and the 4-bit model with its LoRA adapters, new head and speed-ups, seeded;
-    returns (splits, encoded splits, model, pad id, device, dtype, PeakMemory, the `setup` record
+    returns (splits, encoded splits, model, tokenizer, device, dtype, PeakMemory, the `setup` record
     of metrics.jsonl: where and how the run trains, and on what)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
-    splits, data_stats = load_splits(cfg.data, cfg.train.seed)
+    splits, data_stats = load_splits(cfg.data, cfg.train.seed if cfg.data.sample_seed is None else cfg.data.sample_seed)
     timings = {"data_s": time.time() - t_start}
     device = pick_device(cfg.model.device)
     dtype = pick_compute_dtype(device, cfg.model.compute_dtype)
@@ -131,66 +140,74 @@ def load_everything(cfg: RunConfig, t_start: float):
                  model_type=model.config.model_type, speedups=tuned, speed=dataclasses.asdict(cfg.speed),
                  pooling=resolve_pooling(cfg.model), target_modules=sorted(model.peft_config["default"].target_modules),
                  mean_tokens={s: round(float(np.mean([len(e["input_ids"]) for e in v])), 1) for s, v in encoded.items()})
-    return splits, encoded, model, tokenizer.pad_token_id, device, dtype, memory, setup
+    return splits, encoded, model, tokenizer, device, dtype, memory, setup
 
 
-def train(cfg: RunConfig, run_dir: Path) -> dict:
-    """Run the whole experiment of `cfg` into `run_dir` and return the report."""
+def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Run the whole experiment of `cfg` into `run_dir` and return the report. With `resume`,
+    continue from the run's last full-state checkpoint (from the start if it has none)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = dataclasses.replace(cfg, speed=speed_from_env(cfg.speed))  # config.json says how it ran
-    cfg.save(run_dir / rundir.CONFIG)
-    log = lambda **rec: rundir.append_jsonl(run_dir / rundir.METRICS, {"t": round(time.time(), 3), **rec})
-    status = rundir.read_json(run_dir / rundir.STATUS, {}) or {}
-    rundir.write_status(run_dir, state="running", pid=os.getpid(), phase="loading",
-                        created_at=status.get("created_at") or rundir.now_iso(), started_at=rundir.now_iso(),
-                        finished_at=None, error=None, step=0, total_steps=None, epoch=0)
+    ckpt_dir, metrics = run_dir / rundir.CHECKPOINTS, run_dir / rundir.METRICS
+    cleaned = checkpoint.clean_leftovers(ckpt_dir)  # what an interrupted save left behind
+    state_dir = checkpoint.latest_state(ckpt_dir) if resume else None
+    if state_dir is None:  # a fresh start; config.json says how it ran
+        cfg = dataclasses.replace(cfg, speed=speed_from_env(cfg.speed))
+        cfg.save(run_dir / rundir.CONFIG)
+        rundir.atomic_write_text(metrics, "")
+    log = lambda **rec: rundir.append_jsonl(metrics, {"t": round(time.time(), 3), **rec})
+    created = (rundir.read_json(run_dir / rundir.STATUS, {}) or {}).get("created_at") or rundir.now_iso()
+    rundir.write_status(run_dir, state="running", pid=os.getpid(), phase="loading", created_at=created,
+                        started_at=rundir.now_iso(), finished_at=None, error=None, step=0, total_steps=None, epoch=0)
     stop = StopRequest(run_dir)
     sampler = ResourceSampler(run_dir / rundir.RESOURCES).start()
-    saver = None
+    saver, position = None, None  # position: (epoch, batches done) while a stop can save the state
     t_start = time.time()
     try:
-        # --- setup: data, tokenizer, the 4-bit model with its LoRA adapters and new head ---------------------
-        splits, encoded, model, pad_id, device, dtype, memory, setup = load_everything(cfg, t_start)
-        labels = cfg.data.labels
-        log(**setup)
-        total_steps = setup["total_steps"]
-        ckpt_dir = run_dir / rundir.CHECKPOINTS
-        saver = AdapterSaver(model)  # later checkpoints are written while training goes on
-        saver.save(ckpt_dir / "epoch-0")  # the "before" model, head initialisation included
-        evaluate = Evaluator(model, encoded, splits, cfg, device, dtype, pad_id, memory, log,
-                             phase=lambda text: rundir.write_status(run_dir, phase=text))
+        # --- setup: data, tokenizer, the 4-bit model with its LoRA adapters and new head, optimiser --------
+        splits, encoded, model, tokenizer, device, dtype, memory, setup = load_everything(cfg, t_start)
+        total_steps, pad_id = setup["total_steps"], tokenizer.pad_token_id
+        saver = checkpoint.Checkpointer(model, ckpt_dir, folder_files(cfg, tokenizer), run_dir.name)  # on a thread
+        evaluate = Evaluator(model, encoded, splits, cfg, device, dtype, pad_id, memory, log, run_dir)
+        optimizer, scheduler, scaler = make_optimizer(model, cfg, device, dtype, total_steps)
+        if state_dir is not None:  # --- resume: weights, optimiser, scheduler, RNGs, position --------------
+            at = checkpoint.restore_state(state_dir, model, optimizer, scheduler, scaler)
+            os.truncate(metrics, min(at.metrics_bytes, metrics.stat().st_size))  # later records are redone
+            log(kind="resume", step=at.step, epoch=at.epoch, epoch_step=at.epoch_step, checkpoint=state_dir.name,
+                cleaned=cleaned, setup_s=round(time.time() - t_start, 3))
+        else:  # --- before: the untrained adapter and head --------------------------------------------------
+            log(**setup)
+            saver.save_adapter("epoch-0")  # the "before" model, head initialisation included
+            stop.check()
+            evaluate("validation", "before")
+            stop.check()
+            evaluate("test", "before", save=True)  # the random-head baseline
+            evaluate.zero_shot(tokenizer)  # the pretrained LM's own answer, for causal LMs
+            at = checkpoint.TrainState(step=0, epoch=1, epoch_step=0, best=None, epoch_loss_sum=0.0,
+                                       epoch_rows=0, metrics_bytes=0)
 
-        # --- before: the untrained adapter and head ------------------------------------------------------------
-        stop.check()
-        evaluate("validation", "before")
-        stop.check()
-        probs, _, _ = evaluate("test", "before")
-        rundir.atomic_write_jsonl(run_dir / rundir.PREDICTIONS / "test_before.jsonl",
-                                  prediction_rows(splits["test"], probs, labels))
-
-        # --- train: epochs of optimiser steps, validation and a checkpoint after each ----------------------------
-        optimizer = make_optimizer(model, cfg, device)
-        warmup = round(cfg.train.warmup_ratio * total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.train.schedule))
-        scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and dtype == torch.float16) else None
+        # --- train: epochs of optimiser steps, validation and checkpoints --------------------------------
         trainable = [p for p in model.parameters() if p.requires_grad]
-        stepper = TrainStep(model, device, dtype, pad_id, cfg.speed, scaler=scaler, data=encoded["train"])
+        stepper = TrainStep(model, device, dtype, pad_id, cfg.speed, scaler=scaler, data=encoded["train"],
+                            micro=cfg.train.micro_batch_size or cfg.train.batch_size)  # grads allocated, zero
         steps = StepLog(log, lambda s: rundir.write_status(run_dir, step=s), model, device)
-        stepper.zero_grad()
-        micro = cfg.train.micro_batch_size or cfg.train.batch_size
-        best = None  # the epoch with the highest validation accuracy (lower loss breaks ties)
-        step = 0
+        step, best = at.step, at.best  # best: the epoch with the highest validation accuracy (lower loss breaks ties)
+
+        def save_state(epoch: int, done: int) -> None:  # everything a resume needs, as of now
+            steps.flush(last=True)
+            saver.save_state(checkpoint.TrainState(step, epoch, done, best, steps.loss_sum, steps.rows,
+                                                   metrics.stat().st_size), optimizer, scheduler, scaler)
         model.train()
-        for epoch in range(1, cfg.train.epochs + 1):
+        for epoch in range(at.epoch, cfg.train.epochs + 1):
             rundir.write_status(run_dir, phase="training", epoch=epoch, step=step, total_steps=total_steps)
             batches = batch_indices(encoded["train"], cfg.train.batch_size, shuffle=True,
                                     seed=cfg.train.seed * 1000 + epoch, bucket=cfg.train.length_bucketing)
-            steps.start_epoch(epoch, len(batches))
-            for b, idx in enumerate(batches):
+            done = at.epoch_step if epoch == at.epoch else 0  # batches a resumed epoch has already trained
+            steps.start_epoch(epoch, len(batches), *((at.epoch_loss_sum, at.epoch_rows) if done else (0.0, 0)))
+            for b, idx in enumerate(batches[done:], start=done):
+                position = (epoch, b)
                 stop.check()
-                tokens = stepper.forward_backward([encoded["train"][i] for i in idx], micro)  # grad of the mean CE
+                tokens = stepper.forward_backward([encoded["train"][i] for i in idx])  # grad of the mean CE
                 loss = stepper.take_loss_tensor()  # stays on the device: no wait here
                 grad_norm = optimizer_step(optimizer, scaler, trainable, cfg.train.max_grad_norm)
                 stepper.zero_grad()  # in place: CUDA graphs accumulate into the same .grad tensors
@@ -198,28 +215,31 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
                 steps.add(step, b + 1, len(idx), loss, grad_norm, scheduler.get_last_lr()[0], tokens, stepper.graphs)
                 scheduler.step()
                 steps.flush(last=b + 1 == len(batches))  # reads step n-1 while the GPU runs step n
-            epoch_s = time.time() - steps.t_epoch
-            train_peak_gb = memory.phase()
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and b + 1 < len(batches):
+                    save_state(epoch, b + 1)
+            position = (epoch, len(batches))
+            epoch_s, train_peak_gb = time.time() - steps.t_epoch, memory.phase()
             stop.check()
             _, val_acc, val_loss = evaluate("validation", f"epoch-{epoch}")
-            t_save = time.time()
-            saver.save(ckpt_dir / f"epoch-{epoch}")  # a copy now, the file on a thread
-            save_s = time.time() - t_save
+            if cfg.train.track_test:  # for the per-example learning dynamics only: chooses nothing
+                evaluate("test", f"epoch-{epoch}")
+            saver.save_adapter(f"epoch-{epoch}", validation=(val_acc, len(splits["validation"])))  # files on a thread
             if best is None or (val_acc, -val_loss) > (best["val_accuracy"], -best["val_loss"]):
                 best = {"epoch": epoch, "val_accuracy": val_acc, "val_loss": val_loss}
             log(kind="epoch", epoch=epoch, train_loss=steps.train_loss, val_accuracy=val_acc, val_loss=val_loss,
                 epoch_s=round(epoch_s, 3), best_epoch=best["epoch"], train_peak_gb=train_peak_gb,
-                graph_captures=stepper.captures, capture_s=round(stepper.capture_s, 3), save_s=round(save_s, 3),
-                checkpoint=f"{rundir.CHECKPOINTS}/epoch-{epoch}")
+                graph_captures=stepper.captures, capture_s=round(stepper.capture_s, 3),
+                oom_retries=stepper.oom_retries, checkpoint=f"{rundir.CHECKPOINTS}/epoch-{epoch}")
+            save_state(epoch + 1, 0)
+            position = None
             model.train()
 
         # --- after: the best epoch by validation, scored once on test ---------------------------------
         stop.check()
-        saver.wait()
-        load_adapter_weights(model, ckpt_dir / f"epoch-{best['epoch']}")
-        probs, test_acc, _ = evaluate("test", "after")
-        rundir.atomic_write_jsonl(run_dir / rundir.PREDICTIONS / "test_after.jsonl",
-                                  prediction_rows(splits["test"], probs, labels))
+        saver.load_adapter(f"epoch-{best['epoch']}")
+        _, test_acc, _ = evaluate("test", "after", save=True)
+        saver.add_test_result(best["epoch"], (best["val_accuracy"], len(splits["validation"])),
+                              (test_acc, len(splits["test"])))  # the selected epoch's model card
         peaks = {**sampler.stop(), **memory.totals()}  # CPU, RAM, disk; torch's peak and reserved GPU memory
         log(kind="end", state="done", total_s=round(time.time() - t_start, 3), best_epoch=best["epoch"],
             test_accuracy=test_acc, peaks=peaks)
@@ -227,23 +247,33 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         rundir.atomic_write_json(run_dir / rundir.REPORT, report)
         rundir.write_status(run_dir, state="done", phase="done", finished_at=rundir.now_iso(), step=step)
         return report
-    except Stopped:
-        sampler.stop()
-        log(kind="end", state="stopped", total_s=round(time.time() - t_start, 3))
-        rundir.write_status(run_dir, state="stopped", phase="stopped", finished_at=rundir.now_iso())
+    except (Stopped, KeyboardInterrupt) as e:  # the Stop button, SIGTERM, or Ctrl-C in a terminal
+        if position is not None:  # a clean stop keeps its place: --resume continues from here
+            save_state(*position)
+            saver.wait()
+        end_run(run_dir, log, sampler, t_start, "stopped")
+        if isinstance(e, KeyboardInterrupt):
+            raise
         return {}
     except BaseException as e:
-        sampler.stop()
-        message = f"{type(e).__name__}: {e}"
-        log(kind="end", state="failed", total_s=round(time.time() - t_start, 3), error=message)
-        rundir.write_status(run_dir, state="failed", phase="failed", finished_at=rundir.now_iso(),
-                            error=message, traceback=traceback.format_exc(limit=20))
+        end_run(run_dir, log, sampler, t_start, "failed", error=f"{type(e).__name__}: {e}")
         raise
     finally:
         if saver is not None:  # a checkpoint being written is finished, not cut off
             with contextlib.suppress(Exception):
                 saver.wait()
         stop.restore()
+
+
+def end_run(run_dir: Path, log, sampler, t_start: float, state: str, error: str | None = None) -> None:
+    """The `end` record and status of a run that stopped or failed (with the traceback if failed)."""
+    sampler.stop()
+    log(kind="end", state=state, total_s=round(time.time() - t_start, 3), **({"error": error} if error else {}))
+    rundir.write_status(run_dir, state=state, phase=state, finished_at=rundir.now_iso(),
+                        **({"error": error, "traceback": traceback.format_exc(limit=20)} if error else {}))
+
+
+DYNAMICS = "dynamics.jsonl"  # in predictions/: one record per split and epoch (0 = before)
 
 
 class Evaluator:
@@ -253,15 +283,17 @@ class Evaluator:
     capture costs more than it saves; packed evaluation runs a few large batches, which graphs do
     not speed up."""
 
-    def __init__(self, model, encoded, splits, cfg: RunConfig, device, dtype, pad_id, memory, log, phase):
-        self.model, self.encoded, self.splits, self.cfg = model, encoded, splits, cfg
-        self.device, self.dtype, self.pad_id, self.memory, self.log, self.phase = device, dtype, pad_id, memory, log, phase
+    def __init__(self, model, encoded, splits, cfg: RunConfig, device, dtype, pad_id, memory, log, run_dir: Path):
+        self.model, self.encoded, self.splits, self.cfg, self.run_dir = model, encoded, splits, cfg, run_dir
+        self.device, self.dtype, self.pad_id, self.memory, self.log = device, dtype, pad_id, memory, log
+        (run_dir / rundir.PREDICTIONS).mkdir(parents=True, exist_ok=True)
         self.graphs = EvalGraphs(device, enabled=cfg.speed.eval_graphs)
         packed = packing.enabled(model, device, dtype, cfg.speed.pack)
         self.graph_splits = {"validation"} if cfg.train.epochs >= 2 and not packed else set()
 
-    def __call__(self, split: str, stage: str) -> tuple[np.ndarray, float, float]:
-        self.phase(f"evaluating {split} ({stage})")
+    def __call__(self, split: str, stage: str, save: bool = False) -> tuple[np.ndarray, float, float]:
+        """Score `split` now, log it; with `save`, write predictions/<split>_<stage>.jsonl."""
+        rundir.write_status(self.run_dir, phase=f"evaluating {split} ({stage})")
         t0 = time.time()
         graphs = self.graphs if split in self.graph_splits else None
         probs, loss = predict(self.model, self.encoded[split], self.cfg.train.eval_batch_size, self.pad_id,
@@ -273,7 +305,30 @@ class Evaluator:
                  pairs_per_s=round(n / max(secs, 1e-9), 1), peak_gb=self.memory.phase(),
                  cuda_graphs=graphs is not None and self.graphs.enabled,
                  **({"graph_error": self.graphs.error} if self.graphs.error else {}))
+        if save:
+            rundir.atomic_write_jsonl(self.run_dir / rundir.PREDICTIONS / f"{split}_{stage}.jsonl",
+                                      prediction_rows(self.splits[split], probs, self.cfg.data.labels))
+        if stage == "before" or stage.startswith("epoch-"):  # per-example learning dynamics: probabilities only
+            rundir.append_jsonl(self.run_dir / rundir.PREDICTIONS / DYNAMICS, {
+                "split": split, "epoch": 0 if stage == "before" else int(stage.split("-")[1]),
+                "ids": [e.id for e in self.splits[split]], "probs": np.round(probs, 4).tolist()})
         return probs, acc, loss
+
+    def zero_shot(self, tokenizer) -> None:
+        """The zero-shot baseline on test (core/baseline.py): predictions/test_zero_shot.jsonl and
+        an `eval` record, or a `baseline` record saying why this model has none."""
+        from .baseline import zero_shot
+        rundir.write_status(self.run_dir, phase="evaluating test (zero-shot baseline)")
+        t0, test = time.time(), self.splits["test"]
+        result = zero_shot(self.model, tokenizer, self.cfg.model, test, self.cfg.data.labels, self.device,
+                           self.dtype, self.cfg.data.template)
+        if "why_not" in result:
+            self.log(kind="baseline", name="zero-shot", why_not=result["why_not"])
+            return
+        rundir.atomic_write_jsonl(self.run_dir / rundir.PREDICTIONS / "test_zero_shot.jsonl",
+                                  prediction_rows(test, result["probs"], self.cfg.data.labels))
+        self.log(kind="eval", split="test", stage="zero-shot", accuracy=accuracy(result["probs"], test), loss=None,
+                 n=len(test), seconds=round(time.time() - t0, 3), prompt=result["prompt"], words=result["words"])
 
 
 class StopRequest:

@@ -3,17 +3,21 @@
     rows = read_upload("my train.csv", data)             # parsed exactly as the trainer will
     cols = guess_columns(list(rows[0]))                  # {"premise": ..., "hypothesis": ..., "label": ...}
     saved = save_uploads(run_dir, {"train": ("my train.csv", data)})   # -> {"train": "/.../uploads/train-my_train.csv"}
+    problem, notes = check_split(cfg.data, "test", rows)  # the trainer's mapping, on every uploaded split
 
 Files are stored in <run>/uploads/ so a run folder holds everything it was trained on.
 """
 
 from __future__ import annotations
 
+import errno
 import re
 import tempfile
 from pathlib import Path
 
-from .data import HYPOTHESIS_ALIASES, LABEL_ALIASES, PREMISE_ALIASES, TEXT_ALIASES, read_table
+from .config import DataConfig
+from .data import HYPOTHESIS_ALIASES, LABEL_ALIASES, PREMISE_ALIASES, TEXT_ALIASES, drop_notes, to_examples
+from .tables import read_table
 
 SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 UPLOADS = "uploads"
@@ -38,7 +42,10 @@ def read_upload(name: str, data: bytes) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / safe_filename(name)
         path.write_bytes(data)
-        return read_table(path)
+        try:
+            return read_table(path)
+        except ValueError as e:  # name the file as the user knows it, not the temporary copy
+            raise ValueError(str(e).replace(str(path), str(name))) from None
 
 
 def guess_columns(columns: list[str]) -> dict[str, str | None]:
@@ -48,15 +55,41 @@ def guess_columns(columns: list[str]) -> dict[str, str | None]:
             "label": pick(LABEL_ALIASES), "text": pick(TEXT_ALIASES)}
 
 
+def check_split(data_cfg: DataConfig, split: str, rows: list[dict]) -> tuple[str | None, list[str]]:
+    """Map every row of an uploaded split exactly as the trainer will (columns, labels, empty
+    texts): (the error that would stop the run, or None; notes on dropped rows)."""
+    if not rows:
+        return f"the {split} file has no rows", []
+    try:
+        examples, stats = to_examples(rows, data_cfg, split)
+    except ValueError as e:
+        return str(e), []
+    if not examples:
+        return (f"{split}: no usable rows: of {stats.rows_read} rows, {stats.dropped_unlabelled} have no gold label "
+                f"and {stats.dropped_empty} an empty premise, hypothesis or text"), []
+    return None, drop_notes(split, stats)
+
+
 def save_uploads(run_dir: Path, files: dict[str, tuple[str, bytes]]) -> dict[str, str]:
-    """Write each split's uploaded file to <run_dir>/uploads/<split>-<safe name>; return the paths."""
+    """Write each split's uploaded file to <run_dir>/uploads/<split>-<safe name>; return the paths.
+    A write that fails (a full disk) leaves no half file and raises a ValueError naming the folder."""
     folder = Path(run_dir) / UPLOADS
-    folder.mkdir(parents=True, exist_ok=True)
     saved = {}
-    for split, (name, data) in files.items():
+    for split in files:
         if split not in ("train", "validation", "test"):
             raise ValueError(f"unknown split {split!r}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"could not create {folder} for the uploaded files: {e.strerror or e}") from e
+    for split, (name, data) in files.items():
         path = folder / f"{split}-{safe_filename(name)}"
-        path.write_bytes(data)
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            path.unlink(missing_ok=True)
+            raise ValueError(f"could not save the uploaded {split} file into {folder}: {e.strerror or e}"
+                             + (" (the disk is full: free some space)" if e.errno == errno.ENOSPC else "")) from e
         saved[split] = str(path)
     return saved

@@ -31,6 +31,7 @@ def start(runs_root: Path, monkeypatch, page: str | None = None, run: str | None
     if page:
         at.switch_page(f"app_pages/{page}.py").run()
     assert not at.exception, [e.value for e in at.exception]
+    assert not any("could not be shown" in e.value for e in at.error)  # the frame's last-resort guard (app.py)
     return at
 
 
@@ -245,8 +246,8 @@ def test_report_page_shows_every_section_with_the_run_numbers(tiny_run, monkeypa
     assert resources["peak"].iloc[5] == f"{report['resources']['checkpoints_mb']:.1f} MB"
     per_class = next(f for f in frames if "F1 after" in f.columns)
     assert list(per_class["class"]) == ["entailment", "neutral", "contradiction"]
-    by_tag = next(f for f in frames if "tag" in f.columns and "before" in f.columns)
-    assert sum(by_tag["n"]) == 48
+    slices = next(f for f in frames if "slice" in f.columns and "before" in f.columns)
+    assert sum(slices[slices["group"] == "tag"]["n"]) == 48 and sum(slices[slices["group"] == "length"]["n"]) == 48
     first_fixed = report["change_examples"]["fixed"][0] if report["change_examples"]["fixed"] else None
     if first_fixed:
         assert any(first_fixed["premise"] in list(f.get("premise", [])) for f in frames)
@@ -255,7 +256,8 @@ def test_report_page_shows_every_section_with_the_run_numbers(tiny_run, monkeypa
     assert bars["y"] == pytest.approx([100 * b["accuracy"], 100 * a["accuracy"]])
     assert specs["Confusion after (rows gold, columns predicted)"]["data"][0]["z"] == a["confusion"]
     downloads = [d.proto.label for d in at.get("download_button")]
-    assert downloads == ["Download Markdown", "Download HTML"]
+    assert downloads == ["Download Markdown", "Download HTML", "Download reproducibility bundle"]
+    assert f"**{report['headline']}**" in text_of(at)
     assert "CPU only" in text_of(at) or "GPU" in text_of(at)
 
 

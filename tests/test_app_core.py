@@ -132,7 +132,7 @@ def test_planned_rows_follow_the_trainer(tmp_path):
 
 def test_gpu_memory_estimate_is_close_to_the_measured_phi2_peak(monkeypatch):
     from transformers import PhiConfig
-    from core.model import estimate_parameters_from_config
+    from core.estimate import estimate_parameters_from_config
     cfg = get_preset("phi2-snli")
     phi2 = PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
                      num_attention_heads=32, partial_rotary_factor=0.4, num_labels=3, pad_token_id=50256)

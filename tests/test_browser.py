@@ -1,6 +1,7 @@
 """One real-browser end-to-end test: `streamlit run app.py` on a loopback port, driven with
 Playwright through Debian's chromium. Launch a small demo run from the Train page, watch live
-progress reach done, read the accuracies on Report, open a fixed example on Failures.
+progress reach done, read the accuracies and the statistics of the change on Report, follow its
+"fixed" cell to Failures and open a fixed example there.
 
 Screenshots of each page go to test-artifacts/ (git-ignored); with UPDATE_SCREENSHOTS=1 they
 are also copied to assets/screenshots/ for the README. Run only this test with `pytest -m browser`.
@@ -179,18 +180,27 @@ def test_demo_run_end_to_end_in_a_real_browser(server):
             expect(page.get_by_text(f"n = {n_test} test examples", exact=False)).to_be_visible()
             shot(page, "report")
 
-            # --- Failures: open one fixed example ------------------------------------------------
-            page.locator("[data-testid=stSidebarNav]").get_by_text("Failures").click()
-            expect(page.get_by_text("click a row to see it in detail", exact=False)).to_be_visible()
-            settle(page)
+            # --- Report: the statistics of the change, transitions and calibration ------------------
+            to_top = "e => e.scrollIntoView({block: 'start'})"
+            headline = page.locator(".st-key-headline")
+            expect(headline).to_contain_text(report["headline"].split(":")[0])
+            expect(headline).to_contain_text(report["change"]["verdict"])
+            headline.evaluate(to_top)
+            page.wait_for_timeout(800)
+            shot(page, "report-stats")
+            page.get_by_text("Transitions: where the test examples went").evaluate(to_top)
+            page.wait_for_timeout(800)
+            shot(page, "report-transitions")
+
+            # --- Failures: the report's "fixed" cell lists the fixed examples; open one -------------
             from core.report import load_comparison
             rows, _ = load_comparison(run)
             fixed = sorted((r for r in rows if r["category"] == "fixed"), key=lambda r: -r["gold_prob_change"])
-            assert metric_value(page, "Fixed") == str(len(fixed))
             assert len(fixed) >= 2, "the demo run should fix at least two test examples"
-            page.get_by_text(f"fixed ({len(fixed)})").click()
-            settle(page)
+            page.get_by_text(f"{len(fixed)} fixed", exact=True).click()
             expect(page.get_by_text(f"{len(fixed)} of {len(rows)} examples", exact=False)).to_be_visible()
+            settle(page)
+            assert metric_value(page, "Fixed") == str(len(fixed))
             # click the second row of the grid (the first one is shown without a click)
             grid = page.locator("[data-testid=stDataFrame]").first
             grid.scroll_into_view_if_needed()
@@ -203,10 +213,14 @@ def test_demo_run_end_to_end_in_a_real_browser(server):
             expect(detail).to_contain_text(chosen["premise"])
             expect(detail).to_contain_text(chosen["hypothesis"])
             expect(detail).to_contain_text(f"Gold: {chosen['gold']}")
+            expect(detail).to_contain_text("Learning dynamics")
             page.set_viewport_size({"width": VIEWPORT["width"], "height": 1280})  # counts, table and detail
             page.locator("[data-testid=stMain]").evaluate("e => e.scrollTo(0, 0)")
             page.wait_for_timeout(800)
             shot(page, "failures")
+            detail.evaluate(to_top)  # the example in detail: probabilities, p(gold) per epoch
+            page.wait_for_timeout(800)
+            shot(page, "failures-dynamics")
         finally:
             browser.close()
     elapsed = time.monotonic() - t0
@@ -214,7 +228,8 @@ def test_demo_run_end_to_end_in_a_real_browser(server):
 
     if UPDATE:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        for name in ("train-empty", "train-live", "train", "report", "failures"):
+        for name in ("train-empty", "train-live", "train", "report", "report-stats", "report-transitions", "failures",
+                     "failures-dynamics"):
             save_small_png(ARTIFACTS / f"{name}.png", SCREENSHOTS / f"{name}.png")
 
 

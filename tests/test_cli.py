@@ -45,8 +45,14 @@ def test_train_writes_the_whole_run_folder(tiny_run):
     epochs = [m for m in metrics if m["kind"] == "epoch"]
     assert [e["epoch"] for e in epochs] == [1, 2] and all(0 <= e["val_accuracy"] <= 1 for e in epochs)
     evals = {(m["split"], m["stage"]) for m in metrics if m["kind"] == "eval"}
-    assert evals == {("validation", "before"), ("test", "before"), ("validation", "epoch-1"),
-                     ("validation", "epoch-2"), ("test", "after")}
+    assert evals == {("validation", "before"), ("test", "before"), ("validation", "epoch-1"), ("test", "epoch-1"),
+                     ("validation", "epoch-2"), ("test", "epoch-2"), ("test", "after")}  # test per epoch: dynamics only
+    baseline = [m for m in metrics if m["kind"] == "baseline"]  # the embedded model is an encoder
+    assert len(baseline) == 1 and "no zero-shot baseline" in baseline[0]["why_not"]
+    dynamics = [json.loads(l) for l in (run / "predictions" / "dynamics.jsonl").read_text().splitlines()]
+    assert [(d["split"], d["epoch"]) for d in dynamics] == [("validation", 0), ("test", 0), ("validation", 1),
+                                                           ("test", 1), ("validation", 2), ("test", 2)]
+    assert all(len(d["probs"]) == len(d["ids"]) == setup["data"][d["split"]]["used"] for d in dynamics)
     assert (run / "resources.jsonl").exists() and json.loads((run / "resources.jsonl").read_text().splitlines()[0])["rss_gb"] > 0
 
     for k in (0, 1, 2):

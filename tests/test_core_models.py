@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
-from core.model import (AdapterSaver, add_lora, classification_head, count_parameters, load_adapter_weights,
-                        load_model, load_tokenizer, save_adapter)
+from core.checkpoint import Checkpointer, load_adapter_weights, save_adapter
+from core.model import add_lora, classification_head, count_parameters, load_model, load_tokenizer
 
 SNLI = Path(__file__).resolve().parent / "data" / "snli"  # 240/60/60 genuine SNLI rows, see its README
 CPU = torch.device("cpu")
@@ -116,7 +116,7 @@ def test_qlora_on_tiny_models(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", ["phi", "bert"])
 def test_threaded_checkpoints_match_peft_saves(arch, tmp_path):
-    """AdapterSaver's later checkpoints (tensor copies written on a thread) hold the same keys,
+    """Checkpointer's later adapters (tensor copies written on a thread) hold the same keys,
     values and config as peft's save_pretrained of the same moment, although the parameters
     change right after save() returns; a failed write is raised by wait()."""
     from safetensors.torch import load_file
@@ -124,15 +124,15 @@ def test_threaded_checkpoints_match_peft_saves(arch, tmp_path):
     torch.manual_seed(0)
     model = add_lora(load_model(ModelConfig(name=str(folder)), 3, 0, CPU, torch.float32),
                      LoraSettings(r=4, alpha=8, dropout=0.0))
-    saver = AdapterSaver(model)
-    saver.save(tmp_path / "epoch-0")  # through peft
+    saver = Checkpointer(model, tmp_path)
+    saver.save_adapter("epoch-0")  # through peft
     assert saver.keys  # every key maps to a parameter: later saves take the fast path
     trainable = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         for p in trainable:
             p.add_(torch.randn_like(p))
     save_adapter(model, tmp_path / "peft-1")
-    saver.save(tmp_path / "epoch-1")
+    saver.save_adapter("epoch-1")
     with torch.no_grad():  # changed while (or before) the thread writes: not in the checkpoint
         for p in trainable:
             p.mul_(-3.0)
@@ -144,13 +144,13 @@ def test_threaded_checkpoints_match_peft_saves(arch, tmp_path):
         assert torch.equal(ours[k], peft[k]), k
     assert (json.loads((tmp_path / "epoch-1" / "adapter_config.json").read_text())
             == json.loads((tmp_path / "peft-1" / "adapter_config.json").read_text()))
-    assert not list(tmp_path.glob(".*.tmp"))  # written aside, then renamed
+    assert not list(tmp_path.glob(".*.tmp-*")) and not list(tmp_path.glob(".*.old-*"))  # aside, then renamed
 
-    (tmp_path / "epoch-0" / "adapter_config.json").unlink()  # the next write cannot copy it
-    saver.save(tmp_path / "epoch-2")
+    (tmp_path / "blocker").write_text("a file where a folder must go")  # the next write cannot make its folder
+    saver.save_adapter("blocker/epoch-2")
     with pytest.raises(RuntimeError, match="writing a checkpoint failed"):
         saver.wait()
-    assert not (tmp_path / "epoch-2").exists()
+    assert (tmp_path / "blocker").read_text() == "a file where a folder must go"
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi"])

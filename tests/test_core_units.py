@@ -9,9 +9,10 @@ import pytest
 
 from core.runs import rundir
 from core.config import DataConfig, LoraSettings, RunConfig, TrainConfig, get_preset, override
-from core.data import (Example, batch_indices, carve_validation, load_splits, map_label, read_table,
-                       stratified_sample, to_examples)
-from core.report import compare_predictions, parameter_rows, resource_rows, wilson_interval
+from core.data import (Example, batch_indices, carve_validation, load_splits, map_label, stratified_sample, to_examples)
+from core.tables import read_table
+from core.render import parameter_rows, resource_rows
+from core.report import compare_predictions, wilson_interval
 from core.train import lr_factor
 
 SNLI = Path(__file__).resolve().parent / "data" / "snli"  # 240/60/60 genuine SNLI rows, see its README
@@ -184,7 +185,7 @@ def test_phi2_parameter_counts_match_the_reference():
     """Phi-2's real shape on the meta device: 18,357,760 trainable, and the reference report's
     naive 4-bit count 1,408,634,880 (the head is counted twice there: original + trainable copy)."""
     from transformers import PhiConfig
-    from core.model import estimate_parameters_from_config
+    from core.estimate import estimate_parameters_from_config
     cfg = get_preset("phi2-snli")
     phi2 = PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
                      num_attention_heads=32, partial_rotary_factor=0.4, num_labels=3, pad_token_id=50256)
@@ -274,7 +275,7 @@ def test_parameter_and_resource_rows_are_the_report_tables():
     assert parameter_rows({}) == []
     assert [peak for _, peak in resource_rows({})] == ["n/a"] * 6
     # the Markdown report prints exactly these rows
-    from core.report import render_markdown
+    from core.render import render_markdown
     md = render_markdown({"run_id": "r", **report})
     for name, value in parameter_rows(report) + resource_rows(report):
         assert f"| {name} | {value} |" in md
@@ -283,7 +284,7 @@ def test_parameter_and_resource_rows_are_the_report_tables():
 def test_speed_rows_show_how_the_run_ran():
     from dataclasses import asdict
     from core.config import SpeedConfig
-    from core.report import render_markdown, speed_rows
+    from core.render import render_markdown, speed_rows
     report = {"speed": asdict(SpeedConfig(pack="off", micro_tokens=None)), "speedups": ["gelu_new->fused tanh gelu"]}
     rows = dict(speed_rows(report))
     assert rows["pack"] == "off" and rows["micro_tokens"] == "auto" and rows["cuda_graphs"] == "true"

@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from core.config import LoraSettings, SpeedConfig, speed_from_env
+from core.config import LoraSettings
+from core.speed.settings import SpeedConfig, speed_from_env
 from core.evaluate import eval_batches
 from core.model import is_causal
 from core.speed import accounting, tune
@@ -358,7 +359,7 @@ def test_packed_forward_and_gradients_match_padded(tiny):
 
 def test_speed_settings_come_from_the_config_and_the_environment_overrides_them():
     """Every QLORA_* switch maps to one SpeedConfig field; values parse by the field's type."""
-    from core.config import SPEED_ENV
+    from core.speed.settings import SPEED_ENV
     assert set(SPEED_ENV.values()) == set(SpeedConfig.__dataclass_fields__)
     env = {"QLORA_CUDA_GRAPHS": "0", "QLORA_PACK": "1", "QLORA_MICRO_TOKENS": "1024", "QLORA_EVAL_BATCH_COST": "8",
            "QLORA_GRAPH_WARMUP": "each"}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from .rundir import append_jsonl
+from .rundir import HEARTBEAT_EVERY_S, append_jsonl, beat
 
 
 def _nvml():
@@ -54,7 +54,9 @@ def describe_hardware(info: dict) -> str:
 
 
 class ResourceSampler:
-    """Samples this process (and its children) every `interval` seconds until stopped.
+    """Samples this process (and its children) every `interval` seconds until stopped, and
+    rewrites the run's heartbeat file (rundir.beat, in the folder of `path`) every
+    HEARTBEAT_EVERY_S seconds: the app reads a run whose heartbeat is stale as failed.
 
     Each sample: t (unix time), cpu_percent (of one core, summed over threads), rss_gb, ram_used_gb
     (whole machine), and per GPU: gpu_mem_gb (device-wide, from NVML), gpu_util (%), plus
@@ -114,11 +116,18 @@ class ResourceSampler:
         self._proc.cpu_percent(None)
         self._nvml = _nvml()
         self._gpu_index = 0  # NVML numbers GPUs physically; the trainer uses the first one
+        last_beat = 0.0
         while not self._stop.wait(self.interval):
             try:
                 append_jsonl(self.path, self.sample())
             except Exception:
                 pass  # sampling must never break training
+            if time.monotonic() - last_beat >= HEARTBEAT_EVERY_S:
+                last_beat = time.monotonic()
+                try:
+                    beat(self.path.parent)
+                except OSError:
+                    pass
         try:
             append_jsonl(self.path, self.sample())
         except Exception:

@@ -14,6 +14,17 @@ reader parses line by line, skipping a half-written last line.
         report.json              everything the report shows, built at the end of the run
         train.log                stdout/stderr of the trainer process
         STOP                     present when someone asked the run to stop
+        heartbeat                {"t", "pid"}: rewritten every few seconds while the trainer lives
+
+    runs/.gpu.lock               flock held by the trainer that uses the GPU (one GPU run at a time)
+
+Liveness: a queued or running run is alive only while its pid is alive, that process's start time
+is the `pid_start` in status.json (within START_TOLERANCE_S, so a reused pid is not mistaken for
+the trainer), and its last sign of life (heartbeat, or status.json's updated_at) is younger than
+HEARTBEAT_STALE_S; otherwise read_status reports it failed with the reason (and, when the trainer
+died, the last line of train.log). A file that cannot be read (empty, truncated, not UTF-8, the
+wrong JSON type) never raises in a reader: read_json / iter_jsonl return their defaults, and
+read_status / list_runs / damaged_files name it (state "damaged").
 
 The runs folder is `$QLORA_STUDIO_RUNS`, else `runs/` beside the project (ignored by git).
 """
@@ -31,6 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+
 RUNS_ENV = "QLORA_STUDIO_RUNS"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -45,6 +57,16 @@ LOG = "train.log"
 STOP = "STOP"
 PREDICTIONS = "predictions"
 CHECKPOINTS = "checkpoints"
+HEARTBEAT = "heartbeat"
+GPU_LOCK = ".gpu.lock"  # in the runs folder
+CLAIM_ENV = "QLORA_STUDIO_CLAIM"  # jobs.launch -> its trainer: the token that lets it take the queued run
+DAMAGED = "damaged"  # never written: what readers call a run whose status.json or config.json is unreadable
+ACTIVE_STATES = ("queued", "running")
+
+HEARTBEAT_EVERY_S = 2.0  # the trainer rewrites its heartbeat this often
+HEARTBEAT_STALE_S = 60.0  # no sign of life for this long: the run reads failed (generous: GIL-heavy phases, slow disks)
+QUEUED_GRACE_S = 60.0  # a queued run whose trainer has not started (claimed it) by then reads failed
+START_TOLERANCE_S = 1.0  # a pid's process start time must match status.json's pid_start within this
 
 
 def runs_root() -> Path:
@@ -122,11 +144,42 @@ def atomic_write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(_clean(r), ensure_ascii=False) + "\n" for r in rows))
 
 
-def read_json(path: Path, default: Any = None) -> Any:
+def _what(value: Any) -> str:
+    """'a list', 'a number' ...: the JSON type of `value`, for messages."""
+    return ("null" if value is None else "a boolean" if isinstance(value, bool) else
+            "a number" if isinstance(value, (int, float)) else "a string" if isinstance(value, str) else
+            "a list" if isinstance(value, list) else "an object")
+
+
+def load_json(path: Path) -> tuple[Any, str | None]:
+    """(value, None), or (None, problem) where problem is "missing" or why the file cannot be
+    read: "empty", "not UTF-8 text", "not valid JSON (truncated or garbled)", "unreadable (...)"."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        data = Path(path).read_bytes()
     except FileNotFoundError:
+        return None, "missing"
+    except OSError as e:
+        return None, f"unreadable ({e.strerror or type(e).__name__})"
+    if not data.strip():
+        return None, "empty"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    try:
+        return json.loads(text), None
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        return None, "not valid JSON (truncated or garbled)"
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """The JSON value in `path`, or `default` when the file is missing, empty, truncated, not
+    UTF-8, or (when `default` is not None) holds another JSON type than `default` (a list where
+    a {} default asks for an object). Never raises on a damaged file."""
+    value, problem = load_json(path)
+    if problem or (default is not None and not isinstance(value, type(default))):
         return default
+    return value
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -143,20 +196,90 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def iter_jsonl(path: Path) -> Iterator[dict]:
+    """The JSON objects of a JSON-lines file, one per line; lines that are not UTF-8, not JSON or
+    not an object are skipped (scan_jsonl counts them), and so is a half-written last line."""
+    yield from scan_jsonl(path)[0]
+
+
+def _json_object(line: bytes) -> dict | None:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        value = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def scan_jsonl(path: Path, complete: bool = False) -> tuple[list[dict], int]:
+    """(records, bad): the JSON objects of a JSON-lines file in order, and how many lines were not
+    one (garbage, not UTF-8, a list or a number). A missing file is ([], 0); a last line without
+    its newline that does not parse is a line still being written, not a bad one, unless the
+    file is `complete` (written whole, or by a trainer that has ended): then it is cut off."""
+    try:
+        data = Path(path).read_bytes()
     except FileNotFoundError:
-        return
-    for line in text.splitlines():
+        return [], 0
+    except OSError:
+        return [], 1
+    lines = data.split(b"\n")  # not str.splitlines: U+2028 inside a JSON string is not a line break
+    last = lines.pop()  # b"" when the file ends with a newline
+    records, bad = [], 0
+    for line in lines:
         if not line.strip():
             continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line still being written (only ever the last one)
+        rec = _json_object(line)
+        if rec is None:
+            bad += 1
+        else:
+            records.append(rec)
+    if last.strip():
+        rec = _json_object(last)
+        if rec is not None:
+            records.append(rec)
+        elif complete:
+            bad += 1
+    return records, bad
 
 
 METRIC_KINDS = ("setup", "step", "eval", "epoch", "end")
+# Fields of metrics records that readers compute with: when present, they must have these types
+# (None allowed for floats: NaN is stored as null). A record that breaks this is dropped as damaged.
+_INT_FIELDS = ("step", "epoch", "epoch_step", "steps_per_epoch", "total_steps", "epochs", "best_epoch")
+_FLOAT_FIELDS = ("t", "loss", "lr", "grad_norm", "step_s", "rows", "tokens_per_s", "samples_per_s", "pad_fraction",
+                 "mfu", "accuracy", "seconds", "n", "train_loss", "val_accuracy", "val_loss", "epoch_s", "total_s",
+                 "load_s", "test_accuracy")
+_STR_FIELDS = ("split", "stage", "state", "device", "compute_dtype")
+_DICT_FIELDS = ("hardware", "params", "data", "peaks", "speed", "mean_tokens")
+_LIST_FIELDS = ("labels", "target_modules", "speedups")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _metric_ok(rec: dict) -> bool:
+    return (all(_is_int(rec[k]) for k in _INT_FIELDS if k in rec)
+            and all(rec[k] is None or _is_num(rec[k]) for k in _FLOAT_FIELDS if k in rec)
+            and all(isinstance(rec[k], str) for k in _STR_FIELDS if k in rec)
+            and all(rec[k] is None or isinstance(rec[k], dict) for k in _DICT_FIELDS if k in rec)
+            and all(rec[k] is None or isinstance(rec[k], list) for k in _LIST_FIELDS if k in rec))
+
+
+def _read_metrics(run_dir: Path, complete: bool = False) -> tuple[dict[str, list[dict]], int]:
+    by_kind: dict[str, list[dict]] = {k: [] for k in METRIC_KINDS}
+    records, bad = scan_jsonl(Path(run_dir) / METRICS, complete)
+    for rec in records:
+        kind = rec.get("kind")
+        if not isinstance(kind, str):
+            continue
+        if not _metric_ok(rec):
+            bad += 1
+            continue
+        by_kind.setdefault(kind, []).append(rec)
+    return by_kind, bad
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
@@ -164,88 +287,34 @@ def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
 
     Every kind in METRIC_KINDS is a key (an empty list when the run has not written one yet, or
     when there is no metrics file at all); a kind this list does not name gets its own key too.
-    Records without a (string) "kind" are left out. Like read_jsonl, a half-written last line is skipped,
+    Records without a (string) "kind" are left out, and so are records whose numeric fields
+    (step, loss, step_s, accuracy ...) hold another type (damaged_files counts them). Like
+    read_jsonl, a half-written last line is skipped,
     so this is safe to call while the trainer is still appending. The first setup record is
     `by_kind["setup"][0]`, the last end record `by_kind["end"][-1]`."""
-    by_kind: dict[str, list[dict]] = {k: [] for k in METRIC_KINDS}
-    for rec in iter_jsonl(Path(run_dir) / METRICS):
-        kind = rec.get("kind") if isinstance(rec, dict) else None
-        if isinstance(kind, str):
-            by_kind.setdefault(kind, []).append(rec)
-    return by_kind
+    return _read_metrics(run_dir)[0]
 
 
-# --- status -------------------------------------------------------------------------------------
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (finished child not yet reaped by its parent) is not alive for our purposes.
-    try:
-        with open(f"/proc/{int(pid)}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
+PREDICTION_FIELDS = ("id", "gold", "pred", "probs", "correct")
 
 
-def write_status(run_dir: Path, **fields: Any) -> dict:
-    """Merge `fields` into status.json (atomically) and return the new status."""
-    path = Path(run_dir) / STATUS
-    status = read_json(path, {}) or {}
-    if "state" in fields and fields["state"] not in STATES:
-        raise ValueError(f"unknown state {fields['state']!r}")
-    status.update(fields)
-    status["updated_at"] = now_iso()
-    atomic_write_json(path, status)
-    return status
+def valid_prediction(row: Any) -> bool:
+    """A predictions/*.jsonl row readers can use: id, gold and pred labels (strings), probs (a
+    list of numbers), correct (a boolean); premise/hypothesis/text/tag, when present, strings."""
+    return (isinstance(row, dict) and isinstance(row.get("id"), (str, int)) and not isinstance(row.get("id"), bool)
+            and isinstance(row.get("gold"), str) and isinstance(row.get("pred"), str)
+            and isinstance(row.get("correct"), bool) and isinstance(row.get("probs"), list)
+            and all(_is_num(p) for p in row["probs"])
+            and all(isinstance(row[k], str) for k in ("premise", "hypothesis", "text", "tag")
+                    if row.get(k) is not None))
 
 
-def read_status(run_dir: Path) -> dict:
-    """status.json, with a running/queued run whose process has died reported as failed."""
-    status = read_json(Path(run_dir) / STATUS, {}) or {}
-    if status.get("state") == "running" and not pid_alive(status.get("pid")):
-        status = {**status, "state": "failed",
-                  "error": status.get("error") or "the trainer process ended without finishing "
-                  f"(see {LOG} in the run folder)"}
-    return status
-
-
-def request_stop(run_dir: Path) -> None:
-    """Ask a running trainer to stop after its current step (it checks for this file)."""
-    atomic_write_text(Path(run_dir) / STOP, now_iso() + "\n")
-
-
-def stop_requested(run_dir: Path) -> bool:
-    return (Path(run_dir) / STOP).exists()
-
-
-def list_runs(root: Path | None = None) -> list[dict]:
-    """All runs in the runs folder, newest first: {id, path, state, created_at, preset, model}."""
-    root = root or runs_root()
-    runs = []
-    if not root.is_dir():
-        return runs
-    for path in root.iterdir():
-        if not path.is_dir() or not RUN_ID_RE.match(path.name) or not (path / STATUS).exists():
-            continue
-        status = read_status(path)
-        config = read_json(path / CONFIG, {}) or {}
-        runs.append({
-            "id": path.name,
-            "path": path,
-            "state": status.get("state", "unknown"),
-            "created_at": status.get("created_at", ""),
-            "preset": config.get("preset", ""),
-            "model": (config.get("model") or {}).get("name", ""),
-        })
-    runs.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
-    return runs
+def read_predictions(path: Path) -> tuple[list[dict], int]:
+    """(rows, bad): the usable rows of a predictions file (valid_prediction) and how many lines
+    were not (garbage, wrong types)."""
+    records, bad = scan_jsonl(path, complete=True)  # written whole (atomically): a cut line is damage
+    rows = [r for r in records if valid_prediction(r)]
+    return rows, bad + len(records) - len(rows)
 
 
 def dir_size(path: Path) -> int:
@@ -264,3 +333,11 @@ def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+# The rest of the contract, in two files of their own (imported last: they build on the above):
+# liveness.py (processes, heartbeat, GPU lock) and state.py (status.json, claims, damaged runs).
+from .liveness import (Heartbeat, beat, gpu_busy_message, gpu_holder, gpu_lock, last_beat, log_reason,  # noqa: E402
+                       pid_alive, process_start, trainer_problem)
+from .state import (claim_run, config_problem, damaged_files, list_runs, read_config, read_status,  # noqa: E402
+                    request_stop, stop_requested, update_status, write_status)

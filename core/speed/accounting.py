@@ -146,10 +146,11 @@ class StepLog:
         self.peak = peak_flops(device)
         self.pending: list[dict] = []
 
-    def start_epoch(self, epoch: int, steps: int) -> None:
+    def start_epoch(self, epoch: int, steps: int, loss_sum: float = 0.0, rows: int = 0) -> None:
+        """A new epoch of `steps` steps; a resumed epoch passes the loss sum and rows it had."""
         self.epoch, self.steps = epoch, steps
         self.t_epoch = self.t_done = time.time()
-        self.loss_sum, self.rows = 0.0, 0
+        self.loss_sum, self.rows = loss_sum, rows
 
     @property
     def train_loss(self) -> float:

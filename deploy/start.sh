@@ -1,0 +1,27 @@
+#!/bin/sh
+# The container's start command (Dockerfile CMD; a Hugging Face Space runs it as uid 1000).
+# Puts the runs folder and the Hugging Face cache on the persistent disk when there is one, so runs
+# and downloaded models survive a restart, then serves the app on all interfaces.
+#
+#   QLORA_STUDIO_DATA   the persistent folder (default /data, where a Space mounts its storage)
+#   QLORA_STUDIO_RUNS   the runs folder: $QLORA_STUDIO_DATA/runs when that folder exists and is
+#                       writable, else ~/runs (lost with the container); a value set here wins
+#   HF_HOME             the Hub cache: $QLORA_STUDIO_DATA/.huggingface likewise, else the default
+#   PORT                the port (default 8501: app_port in README.md's front matter, EXPOSE)
+set -eu
+cd "$(dirname "$0")/.."  # .streamlit/config.toml is read from the working directory
+
+data="${QLORA_STUDIO_DATA:-/data}"
+if [ -d "$data" ] && mkdir -p "$data/runs" 2>/dev/null && [ -w "$data/runs" ]; then
+    : "${QLORA_STUDIO_RUNS:=$data/runs}"
+    : "${HF_HOME:=$data/.huggingface}"
+    export HF_HOME
+else
+    echo "start.sh: $data is missing or not writable: runs and downloaded models last only as long as this container" >&2
+    : "${QLORA_STUDIO_RUNS:=$HOME/runs}"
+fi
+export QLORA_STUDIO_RUNS
+mkdir -p "$QLORA_STUDIO_RUNS"
+echo "start.sh: runs folder $QLORA_STUDIO_RUNS; Hugging Face cache ${HF_HOME:-(default)}"
+
+exec python -m streamlit run app.py --server.port "${PORT:-8501}" --server.address 0.0.0.0 --server.headless true
