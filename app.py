@@ -18,6 +18,8 @@ pages = st.navigation([
     st.Page("app_pages/train.py", title="Train", icon=":material/model_training:", default=True),
     st.Page("app_pages/report.py", title="Report", icon=":material/summarize:"),
     st.Page("app_pages/failures.py", title="Failures", icon=":material/rule:"),
+    st.Page("app_pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
+    st.Page("app_pages/playground.py", title="Playground", icon=":material/science:"),
 ])
 ui.sidebar()
 try:

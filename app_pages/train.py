@@ -28,7 +28,7 @@ LIVE_EVERY = 2.0  # seconds between refreshes of the progress bar, the ETA and t
 CHARTS_EVERY = 6.0  # ... of the charts; their figures are built at most once per this, for all viewers
 
 
-FREEZE_ABOVE = 100_000  # objects the cyclic garbage collector may walk after each script run
+FREEZE_ABOVE = 50_000  # objects the cyclic garbage collector may walk after each script run
 FREEZE_CHECK_EVERY = 30.0  # seconds
 
 

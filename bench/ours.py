@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import shutil
 import time
@@ -40,7 +41,9 @@ def run_config(root: str, micro: int | None, dtype: str = "auto", epochs: int = 
                         max_test_rows=1000, max_length=128),
         lora=LoraSettings(r=16, alpha=32, dropout=0.05, target_modules=["q_proj", "v_proj", "fc1", "fc2"]),
         train=TrainConfig(epochs=epochs, lr=2e-4, batch_size=32, micro_batch_size=micro, schedule="linear",
-                          warmup_ratio=0.06, seed=0, eval_batch_size=eval_bs),
+                          warmup_ratio=0.06, seed=0, eval_batch_size=eval_bs,
+                          # a test pass after every epoch (learning dynamics) costs time: BENCH_TRACK_TEST=0 skips it
+                          track_test=os.environ.get("BENCH_TRACK_TEST", "1") != "0"),
     )
 
 
