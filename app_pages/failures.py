@@ -89,10 +89,10 @@ gold = f[0].multiselect("Gold label", labels, key="fail_gold")
 pred_before = f[1].multiselect("Predicted before", labels, key="fail_pred_before")
 pred_after = f[2].multiselect("Predicted after", labels, key="fail_pred_after")
 tag = f[3].multiselect("Phenomenon tag", tags, key="fail_tag") if tags else []
-s1, s2, s3 = st.columns([3, 2, 1]) if hints else (*st.columns([3, 2]), None)
+s1, s2, s3 = st.columns([5, 3, 2], vertical_alignment="bottom") if hints else (*st.columns([3, 2]), None)
 search = s1.text_input("Search premise, hypothesis or id", key="fail_search").strip().lower()
 sort = s2.selectbox("Sort by change in gold-label probability", list(SORTS), key="fail_sort")
-only_hints = s3.checkbox(f"Label-noise hints only ({len(hints)})", key="fail_hints",
+only_hints = s3.checkbox(f"Noise hints only ({len(hints)})", key="fail_hints",
                          help="Still failing, and contradicted confidently and consistently by the fine-tuned "
                               "model: a hint to re-read, not a fact") if s3 else False
 

@@ -44,7 +44,7 @@ else:
 report["group"] = group_summary(run_dir)  # fresh: a later seed of the group may have ended since
 
 # --- header and downloads -----------------------------------------------------------------------
-head, dl = st.columns([3, 1])
+head, dl = st.columns([2, 1])
 head.markdown(f"#### {report.get('model')} on {report.get('dataset')}")
 hw = report.get("hardware")
 head.caption(f"Run `{report['run_id']}` · {report.get('state')} · preset {report.get('preset')} · "
