@@ -73,15 +73,6 @@ def portable_adapter_config(config: bytes, info: dict) -> bytes:
     return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def model_card(info: dict, epoch: int, validation: tuple[float, int] | None = None, run_id: str = "",
                test: tuple[float, int] | None = None) -> str:
     """The README.md of an epoch folder: what it is, how well it did (with intervals), how to load it."""
@@ -105,7 +96,8 @@ def model_card(info: dict, epoch: int, validation: tuple[float, int] | None = No
     for name, score in (("Validation", validation), ("Test", test)):
         if score:
             acc, n = score
-            lo, hi = _wilson(round(acc * n), n)
+            from .report import wilson_interval
+            lo, hi = wilson_interval(round(acc * n), n)
             lines.append(f"- {name} accuracy: {100 * acc:.1f}% (95% Wilson interval {100 * lo:.1f}-{100 * hi:.1f}%, "
                          f"n = {n})")
     if info["pooling"] != "mean":
