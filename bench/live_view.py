@@ -84,16 +84,23 @@ def cpu_s(proc: psutil.Process | None) -> float:
         return 0.0
 
 
-def browser_cpu_s() -> float:
-    """CPU seconds of the chromium processes started below this script (Playwright's driver)."""
-    total = 0.0
+def browser_cpu() -> dict[int, float]:
+    """CPU seconds by pid of the chromium processes started below this script (Playwright's)."""
+    out = {}
     for p in psutil.Process().children(recursive=True):
         try:
             if "chrom" in p.name().lower():
-                total += cpu_s(p)
+                out[p.pid] = cpu_s(p)
         except psutil.Error:
             pass
-    return total
+    return out
+
+
+def browser_cpu_s(since: dict[int, float] | None = None) -> float:
+    """CPU seconds chromium used since `since` (a browser_cpu() reading), over the processes
+    alive now (a renderer that exited in between takes its seconds with it: a lower bound)."""
+    since = since or {}
+    return sum(max(0.0, s - since.get(pid, 0.0)) for pid, s in browser_cpu().items())
 
 
 def load() -> str:
@@ -181,7 +188,7 @@ def launch_with_button(page, quick: bool, runs: Path) -> Path:
 def run_watched(n: int, cfg, runs: Path, url: str, browser, server: psutil.Process, button: bool,
                 quick: bool) -> dict:
     from core.runs import jobs
-    server0, chrome0 = cpu_s(server), browser_cpu_s()
+    server0, chrome0 = cpu_s(server), browser_cpu()
     t0 = time.monotonic()
     viewers = []
     if button:
@@ -202,7 +209,7 @@ def run_watched(n: int, cfg, runs: Path, url: str, browser, server: psutil.Proce
         except Exception:  # noqa: BLE001 (Playwright's TimeoutError)
             switched.append(None)
     wall = time.monotonic() - t0
-    server_s, chrome_s = cpu_s(server) - server0, browser_cpu_s() - chrome0
+    server_s, chrome_s = cpu_s(server) - server0, browser_cpu_s(chrome0)
     for ctx, _ in viewers:
         ctx.close()
     return {"viewers": n, "run": run.name, "wall_s": round(wall, 1), **trainer_numbers(run),
@@ -261,12 +268,12 @@ def synthetic(args, runs: Path, url: str, browser, server: psutil.Process) -> li
                     settle(page)
                 time.sleep(3)
                 l0 = load()
-                server0, chrome0, t0 = cpu_s(server), browser_cpu_s(), time.monotonic()
+                server0, chrome0, t0 = cpu_s(server), browser_cpu(), time.monotonic()
                 time.sleep(args.synthetic)
                 wall = time.monotonic() - t0
                 row = {"viewers": n, "seconds": round(wall, 1),
                        "server_cpu_pct": round(100 * (cpu_s(server) - server0) / wall, 1),
-                       "chromium_cpu_pct": round(100 * (browser_cpu_s() - chrome0) / wall, 1),
+                       "chromium_cpu_pct": round(100 * browser_cpu_s(chrome0) / wall, 1),
                        "load_before": l0, "load_after": load()}
                 for ctx, _ in viewers:
                     ctx.close()
