@@ -20,7 +20,6 @@ It never disturbs the training: a failed read is skipped, and it stops with a fi
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -77,16 +76,7 @@ class MetricsTail:
         self.bytes_read += len(data)
         end = data.rfind(b"\n") + 1  # complete lines only
         self.offset += end
-        records = []
-        for line in data[:end].split(b"\n"):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except (ValueError, RecursionError):  # not UTF-8, not JSON
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
+        records = [r for r in map(rundir.json_object, data[:end].split(b"\n")) if r is not None]
         return records, restarted
 
     def _after_newline(self, f) -> bool:

@@ -17,7 +17,6 @@ the folder on demand, so a closed tab or a restarted server loses nothing (see c
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import threading
 import time
@@ -212,11 +211,8 @@ class JsonlTail:
         for line in data[:end].split(b"\n"):
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except (ValueError, RecursionError):  # not UTF-8 or not JSON
-                rec = None
-            if isinstance(rec, dict):
+            rec = rundir.json_object(line)  # None: not UTF-8, not JSON, or not an object
+            if rec is not None:
                 records.append(rec)
             else:
                 self.bad += 1

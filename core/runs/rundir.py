@@ -201,7 +201,8 @@ def iter_jsonl(path: Path) -> Iterator[dict]:
     yield from scan_jsonl(path)[0]
 
 
-def _json_object(line: bytes) -> dict | None:
+def json_object(line: bytes) -> dict | None:
+    """One JSON-lines line as a dict; None for a blank, non-UTF-8, non-JSON or non-object line."""
     try:
         value = json.loads(line.decode("utf-8"))
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -226,13 +227,13 @@ def scan_jsonl(path: Path, complete: bool = False) -> tuple[list[dict], int]:
     for line in lines:
         if not line.strip():
             continue
-        rec = _json_object(line)
+        rec = json_object(line)
         if rec is None:
             bad += 1
         else:
             records.append(rec)
     if last.strip():
-        rec = _json_object(last)
+        rec = json_object(last)
         if rec is not None:
             records.append(rec)
         elif complete:
