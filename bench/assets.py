@@ -25,7 +25,7 @@ PHI2 = dict(hidden_size=2560, num_hidden_layers=32, intermediate_size=10240, num
 N_WORDS = 20000
 TEMPLATE = "Premise: {premise}\nHypothesis: {hypothesis}\nRelation:"
 LABELS = ["entailment", "neutral", "contradiction"]
-SPLITS = {"train": 1000, "validation": 500, "test": 1000}
+SPLITS = {"train": int(os.environ.get("BENCH_TRAIN_ROWS", 1000)), "validation": 500, "test": 1000}  # bench.ddp: more
 
 
 def build_tokenizer(path: Path):

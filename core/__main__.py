@@ -57,6 +57,7 @@ FLAGS = {
     "seed": ("train.seed", int),
     "threads": ("train.threads", int),
     "checkpoint-every": ("train.checkpoint_every", int),
+    "nproc": ("train.processes", int),
 }
 
 
@@ -93,32 +94,127 @@ def build_config(args):
     return override(cfg, changes) if changes else cfg
 
 
-def cmd_resume(run_dir: Path) -> int:
-    """`train --resume RUN_DIR`: continue a stopped, failed or killed run from its last checkpoint."""
+def cmd_resume(args) -> int:
+    """`train --resume RUN_DIR`: continue a stopped, failed or killed run from its last checkpoint
+    (with as many processes as it had, or --nproc)."""
     from .config import RunConfig
     from .runs import rundir
-    run_dir = Path(run_dir).resolve()
+    run_dir = Path(args.resume).resolve()
     if not (run_dir / rundir.STATUS).is_file():
         raise ValueError(f"{run_dir} is not a run folder (no {rundir.STATUS})")
-    status = rundir.read_status(run_dir)
-    raw = rundir.read_json(run_dir / rundir.STATUS, {}) or {}
-    if status.get("state") in ("running", "done") or rundir.pid_alive(raw.get("pid"), raw.get("pid_start")):
-        state = "still has a live trainer (hung?): stop it first" if status.get("state") not in ("running", "done") \
-            else status["state"]
-        raise ValueError(f"run {run_dir.name} is {state}: only a stopped or failed run can be resumed")
     cfg = RunConfig.load(run_dir / rundir.CONFIG)
-    (run_dir / rundir.STOP).unlink(missing_ok=True)
-    print(f"resuming: {run_dir}", flush=True)
-    rundir.write_status(run_dir, state="running", pid=os.getpid(), phase="resuming", error=None)
-    _hold_device(run_dir, cfg)
+    if args.nproc is not None:
+        import dataclasses
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, processes=args.nproc))
+    ranks = _ranks(cfg)
+    cfg = _with_world_size(cfg, ranks)
+
+    def check() -> None:
+        status = rundir.read_status(run_dir)
+        raw = rundir.read_json(run_dir / rundir.STATUS, {}) or {}
+        if status.get("state") in ("running", "done") or rundir.pid_alive(raw.get("pid"), raw.get("pid_start")):
+            state = "still has a live trainer (hung?): stop it first" if status.get("state") not in ("running", "done") \
+                else status["state"]
+            raise ValueError(f"run {run_dir.name} is {state}: only a stopped or failed run can be resumed")
+    if ranks is None and cfg.train.processes > 1:  # start the processes; each comes back here
+        check()
+        return _run_processes(args, cfg, run_dir)
+    if ranks is None or ranks.main:
+        ranks.main_first(check) if ranks else check()
+        (run_dir / rundir.STOP).unlink(missing_ok=True)
+        print(f"resuming: {run_dir}", flush=True)
+        rundir.write_status(run_dir, state="running", pid=os.getpid(), phase="resuming", error=None)
+        _hold_device(run_dir, cfg)
+    else:
+        ranks.main_first(check)
     from .train import train
     from . import progress
-    with progress.Reporter(run_dir):  # a progress line while it trains (core/progress.py)
+    with progress.Reporter(run_dir) if ranks is None or ranks.main else _nothing():
         report = train(cfg, run_dir, resume=True)
-    return _finish(report)
+    return _finish(report, ranks)
 
 
-def _finish(report: dict) -> int:
+def _ranks(cfg):
+    """This process's core.dist.Ranks when torchrun started it (joining the process group), else None."""
+    from . import dist
+    if not dist.launched():
+        return None
+    from .model import pick_device
+    return dist.setup(pick_device(cfg.model.device).type)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _with_world_size(cfg, ranks):
+    """The config as this process runs it: under torchrun, train.processes is the world size
+    (config.json then says how many processes a resume starts)."""
+    import dataclasses
+    if ranks is None or cfg.train.processes == ranks.world:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, processes=ranks.world))
+
+
+def _nothing():
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def _run_processes(args, cfg, run_dir: Path) -> int:
+    """`--nproc N` outside torchrun: run this same command as N processes under torchrun
+    (core/dist.py), wait, and make sure the run folder says how it ended."""
+    import signal
+    import subprocess
+    from . import dist
+    from .model import pick_device
+    from .runs import rundir
+    n = cfg.train.processes
+    device = pick_device(cfg.model.device)
+    if device.type == "cuda":
+        import torch
+        if n > torch.cuda.device_count():
+            raise ValueError(f"--nproc {n} asks for {n} GPUs but this machine has {torch.cuda.device_count()}: "
+                             "start at most one process per GPU")
+    elif cfg.model.device != "cpu":
+        raise ValueError(f"--nproc {n}: data-parallel training needs GPUs and this machine has none "
+                         "(to run several CPU processes anyway, as the tests do, add --device cpu)")
+    argv = _without_nproc(args.argv)  # torchrun would take --nproc for its own --nproc-per-node
+    if not args.resume and not args.run_dir:
+        argv += ["--run-dir", str(run_dir)]  # every process writes (rank 0) into the same folder
+    command = dist.torchrun_command(n, argv)
+    print(f"{n} processes ({device.type}): torchrun --standalone --nproc-per-node={n} -m core {' '.join(argv)}",
+          flush=True)
+    proc = subprocess.Popen(command, env=os.environ.copy())  # the claim token (if any) goes to rank 0
+    forward = lambda signum, frame: proc.send_signal(signum)  # Stop / kill: torchrun stops every process
+    previous = signal.signal(signal.SIGTERM, forward), signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+    status = rundir.read_json(run_dir / rundir.STATUS, {}) or {}
+    if status.get("state") in rundir.ACTIVE_STATES:  # rank 0 was killed before it could say so
+        error = dist.rank_errors(run_dir) or (f"the training processes ended (torchrun exit code {code}) "
+                                              f"before the run did; see {rundir.LOG} for why")
+        status = rundir.update_status(run_dir, {"state": "failed", "phase": "failed", "error": error,
+                                                "finished_at": rundir.now_iso()}) or {"state": "failed", "error": error}
+    if status.get("state") == "failed":  # the run's own words, after torchrun's report
+        print(f"error: {status.get('error')}", file=sys.stderr)
+    return {"done": 0, "stopped": 3}.get(status.get("state"), 2)
+
+
+def _finish(report: dict, ranks=None) -> int:
+    if ranks is not None and not ranks.main:
+        return 0  # rank 0 prints
     if not report:
         print("stopped before the end; continue with: python -m core train --resume RUN_DIR")
         return 3
@@ -150,14 +246,20 @@ def _hold_device(run_dir: Path, cfg) -> int | None:
 def cmd_train(args) -> int:
     from .runs import rundir
     if args.resume:
-        return cmd_resume(args.resume)
+        return cmd_resume(args)
     cfg = build_config(args)
     from .model import check_model
     check_model(cfg)  # from the model's config.json: its folder, remote code, max_length; before any claim
+    ranks = _ranks(cfg)  # under torchrun: this process's rank (rank 0 names the run folder)
+    cfg = _with_world_size(cfg, ranks)
     if args.run_dir:
         run_dir = Path(args.run_dir).resolve()
     else:
         run_dir = rundir.run_path(args.run_id or rundir.new_run_id(cfg.preset))
+    if ranks is not None:
+        run_dir = ranks.broadcast_object(run_dir)
+    elif cfg.train.processes > 1:  # --nproc N: N processes under torchrun, each back in cmd_train
+        return _run_processes(args, cfg, run_dir)
     # Claim the run before the heavy imports, so the app sees it running with our pid at once:
     # status.json created exclusively (a second CLI into the same folder gets "already holds a
     # run", exit 2), or the queued run jobs.launch made for us (its token in CLAIM_ENV); a
@@ -166,7 +268,7 @@ def cmd_train(args) -> int:
     if args.seeds is not None and not 1 <= args.seeds <= 100:
         raise ValueError(f"--seeds must be between 1 and 100, not {args.seeds}")
     if (args.seeds or 1) == 1:
-        return _train_one(cfg, run_dir, token)
+        return _train_one(cfg, run_dir, token, ranks)
     # --seeds K: K runs of this config, seeds seed .. seed+K-1, one after another, as one group
     # (core/groups.py): the first in run_dir, the others beside it as <run_dir>-seed<S>
     import dataclasses
@@ -175,9 +277,11 @@ def cmd_train(args) -> int:
         one = dataclasses.replace(cfg, group=run_dir.name, train=dataclasses.replace(cfg.train, seed=seed),
                                   data=dataclasses.replace(cfg.data, sample_seed=cfg.train.seed))  # the same rows
         code = _train_one(one, run_dir if i == 0 else run_dir.with_name(f"{run_dir.name}-seed{seed}"),
-                          token if i == 0 else None)
+                          token if i == 0 else None, ranks)
         if code != 0:
             return code  # a stop or a failure ends the group
+    if ranks is not None and not ranks.main:
+        return 0
     from .groups import group_summary
     g = group_summary(run_dir)
     ms = lambda x: "n/a" if not x or x["mean"] is None else f"{100 * x['mean']:.1f}% +- {100 * (x['std'] or 0):.1f}"
@@ -187,21 +291,26 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _train_one(cfg, run_dir: Path, token: str | None = None) -> int:
-    """Claim `run_dir`, hold the device, train, print the result (the body of `train`)."""
+def _train_one(cfg, run_dir: Path, token: str | None = None, ranks=None) -> int:
+    """Claim `run_dir`, hold the device, train, print the result (the body of `train`). Under
+    torchrun, rank 0 claims, holds and prints; every process trains."""
     from .runs import rundir
-    rundir.claim_run(run_dir, token=token, state="running", pid=os.getpid(), phase="starting")
-    print(f"run folder: {run_dir}", flush=True)
-    lock = _hold_device(run_dir, cfg)
+    main = ranks is None or ranks.main
+    claim = lambda: rundir.claim_run(run_dir, token=token, state="running", pid=os.getpid(), phase="starting")
+    ranks.main_first(claim) if ranks else claim()
+    lock = None
+    if main:
+        print(f"run folder: {run_dir}", flush=True)
+        lock = _hold_device(run_dir, cfg)
     from .train import train
     from . import progress
     try:
-        with progress.Reporter(run_dir):  # a progress line while it trains (core/progress.py)
+        with progress.Reporter(run_dir) if main else _nothing():  # a progress line while it trains
             report = train(cfg, run_dir)
     finally:
         if lock is not None:
             os.close(lock)  # the GPU is free for the next seed (or the next launch)
-    return _finish(report)
+    return _finish(report, ranks)
 
 
 def cmd_evaluate(args) -> int:
@@ -286,6 +395,7 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=cmd_presets)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc passes on to torchrun
     try:
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; the run (if any) reads stopped
@@ -296,6 +406,9 @@ def main(argv=None) -> int:
         message = describe_os_error(e, _folder_of(args))
     except (ValueError, RuntimeError) as e:
         message = str(e)
+    finally:
+        if "core.dist" in sys.modules:  # leave torchrun's process group cleanly
+            sys.modules["core.dist"].shutdown()
     print(f"error: {message}", file=sys.stderr)
     _after_failure(args, message)
     return 2

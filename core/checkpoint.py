@@ -287,8 +287,13 @@ class Checkpointer:
     user did, so that each epoch folder loads outside this project."""
 
     def __init__(self, model, ckpt_dir: Path, folder_files: dict[str, bytes] | None = None,
-                 run_id: str = "", keep_states: int = 1):
+                 run_id: str = "", keep_states: int = 1, ranks=None):
+        """`ranks` (core.dist.Ranks) of a data-parallel run: rank 0 writes and reads the files, the
+        other processes write nothing and receive what rank 0 loads."""
         from .classifier import CLASSIFIER_FILE
+        from .dist import Ranks
+        self.ranks = ranks or Ranks()
+        self.write = self.ranks.main
         self.model = model
         self.dir = Path(ckpt_dir)
         self.extras = dict(folder_files or {})
@@ -310,6 +315,8 @@ class Checkpointer:
         """checkpoints/<name>/ (name epoch-K): the adapter and head as they are now, the folder
         files, and a model card with `validation` = (accuracy, n) when given."""
         from .classifier import portable_adapter_config
+        if not self.write:
+            return
         self.wait()
         path = self.dir / name
         epoch = int(name.split("-")[-1]) if name.split("-")[-1].isdigit() else -1
@@ -326,20 +333,25 @@ class Checkpointer:
         self._write_later(lambda: write_dir(path, {ADAPTER_FILE: tensors, ADAPTER_CONFIG: self.config, **extras}))
 
     def load_adapter(self, name: str) -> None:
-        """Wait for the writes, then load checkpoints/<name>/'s adapter and head into the model."""
-        self.wait()
-        load_adapter_weights(self.model, self.dir / name)
+        """Wait for the writes, then load checkpoints/<name>/'s adapter and head into the model
+        (rank 0's copy, sent to the other processes)."""
+        if self.write:
+            self.wait()
+            load_adapter_weights(self.model, self.dir / name)
+        self.ranks.broadcast_params([p for p in self.model.parameters() if p.requires_grad])
 
     def add_test_result(self, epoch: int, validation: tuple[float, int], test: tuple[float, int]) -> None:
         """The card of the selected epoch, with its test accuracy (after the run's test pass)."""
         card = self._card(epoch, validation, test)
-        if card:
+        if card and self.write:
             from .runs.rundir import atomic_write_bytes
             atomic_write_bytes(self.dir / f"epoch-{epoch}" / "README.md", card["README.md"])
 
     def save_state(self, state: TrainState, optimizer, scheduler, scaler) -> None:
         """The full training state as checkpoints/state-<step>/; older state folders are removed
         once it is in place."""
+        if not self.write:
+            return
         self.wait()
         files = state_files(state, self.model, optimizer, scheduler, scaler)
         path = self.dir / f"{STATE_PREFIX}{state.step:08d}"

@@ -241,6 +241,10 @@ class TrainConfig:
     checkpoint_every: int | None = None
     """Also save the full training state (for --resume) every this many optimiser steps; None:
     only after each epoch and at a clean stop. Bounds the work a crash loses."""
+    processes: int = 1
+    """Data-parallel processes, one per GPU (`--nproc`; core/dist.py): each takes an equal share of
+    every batch of batch_size rows, so the optimiser steps are those of one process. Under an
+    existing torchrun the world size comes from torchrun instead."""
 
     def __post_init__(self):
         _check_types(self, "train")
@@ -261,6 +265,8 @@ class TrainConfig:
         ce = self.checkpoint_every
         _check(ce is None or (isinstance(ce, int) and not isinstance(ce, bool) and ce >= 1),
                "train.checkpoint_every must be a positive integer or null")
+        _check(isinstance(self.processes, int) and not isinstance(self.processes, bool) and 1 <= self.processes <= 1024,
+               "train.processes must be an integer in [1, 1024]")
 
 
 @dataclass

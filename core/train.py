@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint
+from . import checkpoint, dist
 from .classifier import folder_files
 from .config import RunConfig
 from .data import batch_indices, encode, load_splits
@@ -103,16 +103,17 @@ def optimizer_step(optimizer, scaler, params: list, max_grad_norm: float | None)
     return grad_norm
 
 
-def load_everything(cfg: RunConfig, t_start: float):
-    """Data, tokenizer and the 4-bit model with its LoRA adapters, new head and speed-ups, seeded;
-    returns (splits, encoded splits, model, tokenizer, device, dtype, PeakMemory, the `setup` record
+def load_everything(cfg: RunConfig, t_start: float, ranks: dist.Ranks | None = None):
+    """Data, tokenizer and the 4-bit model with its LoRA adapters, new head and speed-ups, seeded
+    (the trainable weights are rank 0's in every process of a data-parallel run); returns (splits, encoded splits, model, tokenizer, device, dtype, PeakMemory, the `setup` record
     of metrics.jsonl: where and how the run trains, and on what)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     splits, data_stats = load_splits(cfg.data, cfg.train.seed if cfg.data.sample_seed is None else cfg.data.sample_seed)
     timings = {"data_s": time.time() - t_start}
-    device = pick_device(cfg.model.device)
+    ranks = ranks or dist.Ranks()
+    device = ranks.device(pick_device(cfg.model.device))
     dtype = pick_compute_dtype(device, cfg.model.compute_dtype)
     tokenizer = load_tokenizer(cfg.model)
     t_load = time.time()
@@ -122,6 +123,9 @@ def load_everything(cfg: RunConfig, t_start: float):
     model = load_model(cfg.model, len(labels), tokenizer.pad_token_id, device, dtype, id2label=dict(enumerate(labels)))
     model = add_lora(model, cfg.lora)
     tuned = tune_model(model, dtype, cfg.speed)  # fused layers and kernels: the same function, faster
+    ranks.broadcast_params([p for p in model.parameters() if p.requires_grad])  # as DDP does at the start
+    if ranks.world > 1:
+        torch.manual_seed(cfg.train.seed * 1000 + ranks.rank)  # each process its own dropout
     load_s = time.time() - t_load
     memory = PeakMemory(device)
     load_peak_gb = memory.phase(in_overall=False)  # loading peaks apart (16-bit shards before quantising)
@@ -132,7 +136,7 @@ def load_everything(cfg: RunConfig, t_start: float):
     t0 = time.time()
     hardware = hardware_info()
     timings["hardware_s"] = time.time() - t0
-    setup = dict(kind="setup", device=str(device), compute_dtype=str(dtype).replace("torch.", ""),
+    setup = dict(kind="setup", device=str(device), world_size=ranks.world, compute_dtype=str(dtype).replace("torch.", ""),
                  hardware=hardware, params=count_parameters(model), setup_s=round(time.time() - t_start, 3),
                  timings={k: round(v, 3) for k, v in timings.items()}, data=data_stats, labels=labels,
                  steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * cfg.train.epochs,
@@ -145,36 +149,47 @@ def load_everything(cfg: RunConfig, t_start: float):
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     """Run the whole experiment of `cfg` into `run_dir` and return the report. With `resume`,
-    continue from the run's last full-state checkpoint (from the start if it has none)."""
+    continue from the run's last full-state checkpoint (from the start if it has none). Under
+    torchrun every process calls this; rank 0 alone writes (core/dist.py)."""
     run_dir = Path(run_dir)
+    ranks = dist.setup(pick_device(cfg.model.device).type)  # one process, or this one of torchrun's
+    main = ranks.main
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir, metrics = run_dir / rundir.CHECKPOINTS, run_dir / rundir.METRICS
-    cleaned = checkpoint.clean_leftovers(ckpt_dir)  # what an interrupted save left behind
+    cleaned = checkpoint.clean_leftovers(ckpt_dir) if main else []  # what an interrupted save left behind
+    if main:
+        dist.clear_errors(run_dir)  # a previous attempt's failed processes
     state_dir = checkpoint.latest_state(ckpt_dir) if resume else None
     if state_dir is None:  # a fresh start; config.json says how it ran
         cfg = dataclasses.replace(cfg, speed=speed_from_env(cfg.speed))
-        cfg.save(run_dir / rundir.CONFIG)
-        rundir.atomic_write_text(metrics, "")
-    log = lambda **rec: rundir.append_jsonl(metrics, {"t": round(time.time(), 3), **rec})
+        if main:
+            cfg.save(run_dir / rundir.CONFIG)
+            rundir.atomic_write_text(metrics, "")
+    log = (lambda **rec: rundir.append_jsonl(metrics, {"t": round(time.time(), 3), **rec})) if main else _quiet
+    status = (lambda **kw: rundir.write_status(run_dir, **kw)) if main else _quiet
     created = (rundir.read_json(run_dir / rundir.STATUS, {}) or {}).get("created_at") or rundir.now_iso()
-    rundir.write_status(run_dir, state="running", pid=os.getpid(), phase="loading", created_at=created,
-                        started_at=rundir.now_iso(), finished_at=None, error=None, step=0, total_steps=None, epoch=0)
-    stop = StopRequest(run_dir)
-    sampler = ResourceSampler(run_dir / rundir.RESOURCES).start()
+    status(state="running", pid=os.getpid(), phase="loading", created_at=created, started_at=rundir.now_iso(),
+           finished_at=None, error=None, step=0, total_steps=None, epoch=0)
+    stop = StopRequest(run_dir, ranks)
+    sampler = ResourceSampler(run_dir / rundir.RESOURCES, enabled=main).start()
     saver, position = None, None  # position: (epoch, batches done) while a stop can save the state
     t_start = time.time()
     try:
         # --- setup: data, tokenizer, the 4-bit model with its LoRA adapters and new head, optimiser --------
-        splits, encoded, model, tokenizer, device, dtype, memory, setup = load_everything(cfg, t_start)
+        splits, encoded, model, tokenizer, device, dtype, memory, setup = load_everything(cfg, t_start, ranks)
         total_steps, pad_id = setup["total_steps"], tokenizer.pad_token_id
-        saver = checkpoint.Checkpointer(model, ckpt_dir, folder_files(cfg, tokenizer), run_dir.name)  # on a thread
-        evaluate = Evaluator(model, encoded, splits, cfg, device, dtype, pad_id, memory, log, run_dir)
+        saver = checkpoint.Checkpointer(model, ckpt_dir, folder_files(cfg, tokenizer), run_dir.name,
+                                        ranks=ranks)  # on a thread; rank 0 writes, the others follow it
+        evaluate = Evaluator(model, encoded, splits, cfg, device, dtype, pad_id, memory, log, run_dir, ranks)
         optimizer, scheduler, scaler = make_optimizer(model, cfg, device, dtype, total_steps)
         if state_dir is not None:  # --- resume: weights, optimiser, scheduler, RNGs, position --------------
             at = checkpoint.restore_state(state_dir, model, optimizer, scheduler, scaler)
-            os.truncate(metrics, min(at.metrics_bytes, metrics.stat().st_size))  # later records are redone
+            if main:
+                os.truncate(metrics, min(at.metrics_bytes, metrics.stat().st_size))  # later records are redone
+            elif ranks.world > 1:
+                torch.manual_seed(cfg.train.seed * 1000 + ranks.rank + at.step)  # its own dropout again
             log(kind="resume", step=at.step, epoch=at.epoch, epoch_step=at.epoch_step, checkpoint=state_dir.name,
-                cleaned=cleaned, setup_s=round(time.time() - t_start, 3))
+                cleaned=cleaned, world_size=ranks.world, setup_s=round(time.time() - t_start, 3))
         else:  # --- before: the untrained adapter and head --------------------------------------------------
             log(**setup)
             saver.save_adapter("epoch-0")  # the "before" model, head initialisation included
@@ -190,16 +205,16 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         trainable = [p for p in model.parameters() if p.requires_grad]
         stepper = TrainStep(model, device, dtype, pad_id, cfg.speed, scaler=scaler, data=encoded["train"],
                             micro=cfg.train.micro_batch_size or cfg.train.batch_size)  # grads allocated, zero
-        steps = StepLog(log, lambda s: rundir.write_status(run_dir, step=s), model, device)
+        steps = StepLog(log, lambda s: status(step=s), model, device, devices=ranks.world)
         step, best = at.step, at.best  # best: the epoch with the highest validation accuracy (lower loss breaks ties)
 
         def save_state(epoch: int, done: int) -> None:  # everything a resume needs, as of now
             steps.flush(last=True)
             saver.save_state(checkpoint.TrainState(step, epoch, done, best, steps.loss_sum, steps.rows,
-                                                   metrics.stat().st_size), optimizer, scheduler, scaler)
+                                                   metrics.stat().st_size if main else 0), optimizer, scheduler, scaler)
         model.train()
         for epoch in range(at.epoch, cfg.train.epochs + 1):
-            rundir.write_status(run_dir, phase="training", epoch=epoch, step=step, total_steps=total_steps)
+            status(phase="training", epoch=epoch, step=step, total_steps=total_steps)
             batches = batch_indices(encoded["train"], cfg.train.batch_size, shuffle=True,
                                     seed=cfg.train.seed * 1000 + epoch, bucket=cfg.train.length_bucketing)
             done = at.epoch_step if epoch == at.epoch else 0  # batches a resumed epoch has already trained
@@ -207,8 +222,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             for b, idx in enumerate(batches[done:], start=done):
                 position = (epoch, b)
                 stop.check()
-                tokens = stepper.forward_backward([encoded["train"][i] for i in idx])  # grad of the mean CE
-                loss = stepper.take_loss_tensor()  # stays on the device: no wait here
+                rows = [encoded["train"][i] for i in ranks.shard(idx)]  # all of them with one process
+                tokens = stepper.forward_backward(rows) if rows else (0, 0)  # grad of the mean CE over rows
+                loss, tokens = ranks.reduce_gradients(trainable, stepper.take_loss_tensor(), tokens, len(rows), len(idx))
                 grad_norm = optimizer_step(optimizer, scaler, trainable, cfg.train.max_grad_norm)
                 stepper.zero_grad()  # in place: CUDA graphs accumulate into the same .grad tensors
                 step += 1
@@ -236,27 +252,36 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
 
         # --- after: the best epoch by validation, scored once on test ---------------------------------
         stop.check()
-        saver.load_adapter(f"epoch-{best['epoch']}")
+        saver.load_adapter(f"epoch-{best['epoch']}")  # into every process
         _, test_acc, _ = evaluate("test", "after", save=True)
         saver.add_test_result(best["epoch"], (best["val_accuracy"], len(splits["validation"])),
                               (test_acc, len(splits["test"])))  # the selected epoch's model card
         peaks = {**sampler.stop(), **memory.totals()}  # CPU, RAM, disk; torch's peak and reserved GPU memory
+        each = ranks.gather(memory.totals()) if ranks.world > 1 else None  # every process's GPU memory
         log(kind="end", state="done", total_s=round(time.time() - t_start, 3), best_epoch=best["epoch"],
-            test_accuracy=test_acc, peaks=peaks)
+            test_accuracy=test_acc, peaks=peaks, **({"peaks_per_process": each,
+                                                     "replicas_identical": ranks.identical(trainable)} if each else {}))
+        if not main:
+            return {}
         report = {**build_report(run_dir), "state": "done"}
         rundir.atomic_write_json(run_dir / rundir.REPORT, report)
-        rundir.write_status(run_dir, state="done", phase="done", finished_at=rundir.now_iso(), step=step)
+        status(state="done", phase="done", finished_at=rundir.now_iso(), step=step)
         return report
     except (Stopped, KeyboardInterrupt) as e:  # the Stop button, SIGTERM, or Ctrl-C in a terminal
         if position is not None:  # a clean stop keeps its place: --resume continues from here
             save_state(*position)
             saver.wait()
-        end_run(run_dir, log, sampler, t_start, "stopped")
+        if main:
+            end_run(run_dir, log, sampler, t_start, "stopped", error=dist.rank_errors(run_dir) if ranks.world > 1 else None)
         if isinstance(e, KeyboardInterrupt):
             raise
         return {}
     except BaseException as e:
-        end_run(run_dir, log, sampler, t_start, "failed", error=f"{type(e).__name__}: {e}")
+        if main:
+            error = dist.rank_errors(run_dir) if ranks.world > 1 else None  # a process that failed first
+            end_run(run_dir, log, sampler, t_start, "failed", error=error or f"{type(e).__name__}: {e}")
+        else:
+            dist.write_error(run_dir, ranks, e)
         raise
     finally:
         if saver is not None:  # a checkpoint being written is finished, not cut off
@@ -265,9 +290,15 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         stop.restore()
 
 
+def _quiet(**_):
+    """What log and status are in the processes other than rank 0: nothing is written."""
+
+
 def end_run(run_dir: Path, log, sampler, t_start: float, state: str, error: str | None = None) -> None:
-    """The `end` record and status of a run that stopped or failed (with the traceback if failed)."""
+    """The `end` record and status of a run that stopped or failed (with the traceback if failed);
+    a stop caused by another process's failure (torchrun stops the others) is that failure."""
     sampler.stop()
+    state = "failed" if error else state
     log(kind="end", state=state, total_s=round(time.time() - t_start, 3), **({"error": error} if error else {}))
     rundir.write_status(run_dir, state=state, phase=state, finished_at=rundir.now_iso(),
                         **({"error": error, "traceback": traceback.format_exc(limit=20)} if error else {}))
@@ -283,24 +314,34 @@ class Evaluator:
     capture costs more than it saves; packed evaluation runs a few large batches, which graphs do
     not speed up."""
 
-    def __init__(self, model, encoded, splits, cfg: RunConfig, device, dtype, pad_id, memory, log, run_dir: Path):
+    def __init__(self, model, encoded, splits, cfg: RunConfig, device, dtype, pad_id, memory, log, run_dir: Path,
+                 ranks: dist.Ranks | None = None):
         self.model, self.encoded, self.splits, self.cfg, self.run_dir = model, encoded, splits, cfg, run_dir
         self.device, self.dtype, self.pad_id, self.memory, self.log = device, dtype, pad_id, memory, log
-        (run_dir / rundir.PREDICTIONS).mkdir(parents=True, exist_ok=True)
+        self.ranks = ranks or dist.Ranks()  # several processes: each scores its shard, rank 0 writes
+        if self.ranks.main:
+            (run_dir / rundir.PREDICTIONS).mkdir(parents=True, exist_ok=True)
         self.graphs = EvalGraphs(device, enabled=cfg.speed.eval_graphs)
         packed = packing.enabled(model, device, dtype, cfg.speed.pack)
         self.graph_splits = {"validation"} if cfg.train.epochs >= 2 and not packed else set()
 
     def __call__(self, split: str, stage: str, save: bool = False) -> tuple[np.ndarray, float, float]:
         """Score `split` now, log it; with `save`, write predictions/<split>_<stage>.jsonl."""
-        rundir.write_status(self.run_dir, phase=f"evaluating {split} ({stage})")
+        main, ranks, n = self.ranks.main, self.ranks, len(self.splits[split])
+        if main:
+            rundir.write_status(self.run_dir, phase=f"evaluating {split} ({stage})")
         t0 = time.time()
         graphs = self.graphs if split in self.graph_splits else None
-        probs, loss = predict(self.model, self.encoded[split], self.cfg.train.eval_batch_size, self.pad_id,
-                              self.device, self.dtype, graphs=graphs, speed=self.cfg.speed)
+        probs, loss = predict(self.model, ranks.shard(self.encoded[split]), self.cfg.train.eval_batch_size,
+                              self.pad_id, self.device, self.dtype, graphs=graphs, speed=self.cfg.speed)
+        if ranks.world > 1:  # every process's rows, back in the split's order; the loss weighted by rows
+            parts = ranks.gather((probs, loss * len(ranks.shard(self.encoded[split]))))
+            probs = ranks.unshard([p for p, _ in parts], n)
+            loss = sum(l for _, l in parts if l == l) / n  # an empty shard's loss is nan
         secs = time.time() - t0
         acc = accuracy(probs, self.splits[split])
-        n = len(self.splits[split])
+        if not main:
+            return probs, acc, loss
         self.log(kind="eval", split=split, stage=stage, accuracy=acc, loss=loss, n=n, seconds=round(secs, 3),
                  pairs_per_s=round(n / max(secs, 1e-9), 1), peak_gb=self.memory.phase(),
                  cuda_graphs=graphs is not None and self.graphs.enabled,
@@ -318,6 +359,8 @@ class Evaluator:
         """The zero-shot baseline on test (core/baseline.py): predictions/test_zero_shot.jsonl and
         an `eval` record, or a `baseline` record saying why this model has none."""
         from .baseline import zero_shot
+        if not self.ranks.main:  # rank 0 alone: the others wait at their next collective
+            return
         rundir.write_status(self.run_dir, phase="evaluating test (zero-shot baseline)")
         t0, test = time.time(), self.splits["test"]
         result = zero_shot(self.model, tokenizer, self.cfg.model, test, self.cfg.data.labels, self.device,
@@ -335,8 +378,9 @@ class StopRequest:
     """A stop asked for by the STOP file in the run folder (the app's Stop button) or SIGTERM:
     check() raises Stopped at the next step; restore() puts the previous SIGTERM handler back."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, ranks: dist.Ranks | None = None):
         self.run_dir = run_dir
+        self.ranks = ranks or dist.Ranks()  # several processes agree, so all stop at the same step
         self.signalled = False
         self.previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
 
@@ -344,7 +388,7 @@ class StopRequest:
         self.signalled = True
 
     def check(self) -> None:
-        if self.signalled or rundir.stop_requested(self.run_dir):
+        if self.ranks.agree(self.signalled or rundir.stop_requested(self.run_dir)):
             raise Stopped()
 
     def restore(self) -> None:

@@ -62,20 +62,24 @@ class ResourceSampler:
     (whole machine), and per GPU: gpu_mem_gb (device-wide, from NVML), gpu_util (%), plus
     torch_peak_gb (torch's own peak allocation in this process)."""
 
-    def __init__(self, path: Path, interval: float = 1.0):
+    def __init__(self, path: Path, interval: float = 1.0, enabled: bool = True):
+        """`enabled` False (the other processes of a data-parallel run): start and stop do nothing."""
         self.path = Path(path)
+        self.enabled = enabled
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="resource-sampler", daemon=True)
         self.peaks: dict[str, float] = {}
 
     def start(self) -> "ResourceSampler":
-        self._thread.start()
+        if self.enabled:
+            self._thread.start()
         return self
 
     def stop(self) -> dict[str, float]:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         return self.peaks
 
     def sample(self) -> dict:

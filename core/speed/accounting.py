@@ -140,10 +140,12 @@ class StepLog:
         steps.flush(last=b + 1 == len(batches))
     """
 
-    def __init__(self, log, progress, model, device: torch.device):
+    def __init__(self, log, progress, model, device: torch.device, devices: int = 1):
+        """`devices`: the processes of a data-parallel run (rows and tokens are theirs together)."""
         self.log, self.progress = log, progress
         self.flops = flops_info(model)
-        self.peak = peak_flops(device)
+        peak = peak_flops(device)
+        self.peak = peak * devices if peak else None
         self.pending: list[dict] = []
 
     def start_epoch(self, epoch: int, steps: int, loss_sum: float = 0.0, rows: int = 0) -> None:
@@ -158,14 +160,19 @@ class StepLog:
         return self.loss_sum / max(1, self.rows)
 
     def add(self, step: int, epoch_step: int, rows: int, loss: torch.Tensor, grad_norm: torch.Tensor | None,
-            lr: float, tokens: tuple[int, int], graphs: bool) -> None:
+            lr: float, tokens: tuple, graphs: bool) -> None:
+        """`tokens`: (real, processed) as ints, or as device scalars (summed over processes)."""
+        counted = isinstance(tokens[0], torch.Tensor)
         self.pending.append({"step": step, "epoch_step": epoch_step, "rows": rows, "lr": lr, "graphs": graphs,
-                             "values": fetch_later(loss, grad_norm), "real": tokens[0], "padded": tokens[1]})
+                             "values": fetch_later(loss, grad_norm, *(tokens if counted else ())),
+                             "real": None if counted else tokens[0], "padded": None if counted else tokens[1]})
 
     def flush(self, last: bool) -> None:
         while len(self.pending) > (0 if last else 1):
             r = self.pending.pop(0)
-            step_loss, grad_norm = r["values"]()  # waits until the GPU has finished that step
+            step_loss, grad_norm, *counts = r["values"]()  # waits until the GPU has finished that step
+            if counts:
+                r["real"], r["padded"] = counts
             now = time.time()
             dt, self.t_done = now - self.t_done, now
             self.loss_sum += step_loss * r["rows"]

@@ -1,0 +1,252 @@
+"""Data-parallel training over several processes with torch.distributed (one per GPU).
+
+    python -m core train --preset phi2-snli --nproc 2          # starts torchrun itself
+    torchrun --nproc-per-node 2 -m core train --preset ...     # or under torchrun / accelerate launch
+    torchrun --nnodes 2 --node-rank R --nproc-per-node 8 --rdzv-backend c10d \\
+             --rdzv-endpoint HOST:29500 -m core train ... --run-dir /shared/runs/x   # several machines
+
+What each process does (train() reads the same with one process, where every method below is a
+no-op or the identity):
+
+- it loads its own 4-bit copy of the model; the trainable weights (LoRA and the head) are then
+  broadcast from rank 0, as DistributedDataParallel does at construction;
+- each optimiser step's global batch (the same list of rows in every process: the batch order is
+  seeded) is split by rank, `shard`; after backward, `reduce_gradients` all-reduces the LoRA and
+  head gradients (weighted by rows, so the step is the gradient of the mean loss over the global
+  batch, as with one process) together with the loss and token counts, in one collective. The
+  4-bit weights are never communicated. Every process then takes the same optimiser step;
+- evaluation is sharded the same way and the probabilities gathered (`gather`);
+- a stop (STOP file, SIGTERM) is agreed at every check (`agree`), so all processes stop at the
+  same step; a failed process leaves `rank-K.error` in the run folder, which rank 0 reports;
+- rank 0 alone writes metrics, status, predictions, checkpoints and the report.
+
+Why not torch.nn.parallel.DistributedDataParallel: its value is overlapping the all-reduce of
+many large gradient buckets with backward; here the gradients are the LoRA and head weights only
+(18M numbers for Phi-2 r=16, one all-reduce of 73 MB), and the training step runs as captured
+CUDA graphs over micro-batches, which DDP's autograd hooks would have to be fitted into (no_sync
+for the micro-batches, static_graph for the capture). One explicit all-reduce after the last
+micro-batch does the same reduction in the same place for every path (padded, packed, graphs).
+
+Collectives time out after QLORA_STUDIO_DIST_TIMEOUT seconds (default 900): a process that died
+is noticed at once (its connections close), one that hangs within that time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import traceback
+from pathlib import Path
+
+import torch
+
+TIMEOUT_ENV = "QLORA_STUDIO_DIST_TIMEOUT"
+FAIL_ENV = "QLORA_STUDIO_FAIL_RANK"  # tests: this rank fails at its first gradient reduction
+ERROR_SUFFIX = ".error"  # rank-K.error in the run folder: a non-main process's failure
+
+
+def launched() -> bool:
+    """True inside a process started by torchrun (or accelerate launch) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def timeout_s() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, "900")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, not {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be positive, not {raw!r}")
+    return value
+
+
+class Ranks:
+    """This process's place among the training processes (rank 0 of 1 without torch.distributed)."""
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, control=None):
+        self.rank, self.world, self.local_rank = rank, world, local_rank
+        self.control = control  # a gloo group: CPU-side agreement and gathers, no GPU sync
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        """The device of this process: cuda:<local rank> on a GPU machine."""
+        return torch.device("cuda", self.local_rank) if device.type == "cuda" and self.world > 1 else device
+
+    def shard(self, idx: list[int]) -> list[int]:
+        """This process's rows of a global batch (or of an evaluation split): every world-th one."""
+        return idx[self.rank::self.world] if self.world > 1 else idx
+
+    def reduce_gradients(self, params: list[torch.Tensor], loss: torch.Tensor, tokens: tuple,
+                         rows: int, total_rows: int):
+        """After this process's backward over `rows` of the step's `total_rows`: .grad of
+        `params` becomes the gradient of the mean loss over all rows of all processes; returns
+        (mean loss, (real tokens, processed tokens)) over all processes, as device scalars. One
+        all-reduce, queued on the device stream (no wait here)."""
+        if self.world == 1:
+            return loss, tokens
+        if os.environ.get(FAIL_ENV) == str(self.rank):
+            raise RuntimeError(f"{FAIL_ENV}={self.rank}: this process was told to fail (a test of failure handling)")
+        import torch.distributed as dist
+        grads = [p.grad for p in params]
+        weight = rows / total_rows
+        flat = torch.cat([g.reshape(-1).float() for g in grads] +
+                         [(loss.float() * weight).reshape(1),
+                          torch.tensor([float(tokens[0]), float(tokens[1])], device=loss.device)])
+        flat[:-3].mul_(weight)
+        dist.all_reduce(flat)
+        sizes = [g.numel() for g in grads]
+        parts = flat[:-3].split(sizes)
+        torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(parts, grads)])
+        return flat[-3], (flat[-2], flat[-1])
+
+    def agree(self, flag: bool) -> bool:
+        """True in every process when `flag` is true in any (a stop, a failure to report)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(t.item())
+
+    def gather(self, obj) -> list:
+        """Every process's `obj`, in rank order, in every process."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.control)
+        return out
+
+    def unshard(self, parts: list, n: int):
+        """The inverse of shard for `n` rows: the processes' arrays (rows first), in rank order."""
+        if self.world == 1:
+            return parts[0]
+        import numpy as np
+        like = next(p for p in parts if len(p))
+        out = np.empty((n, *like.shape[1:]), dtype=like.dtype)
+        for r, part in enumerate(parts):
+            if len(part):
+                out[r::self.world] = part
+        return out
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` in every process."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+    def broadcast_params(self, params: list[torch.Tensor]) -> None:
+        """Rank 0's values of `params` (the trainable weights) in every process."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+    def identical(self, params: list[torch.Tensor]) -> bool:
+        """Whether every process holds bit-identical `params` (a digest each, compared)."""
+        if self.world == 1:
+            return True
+        h = hashlib.sha256()
+        for p in params:
+            h.update(p.detach().float().cpu().numpy().tobytes())
+        return len(set(self.gather(h.hexdigest()))) == 1
+
+    def main_first(self, fn):
+        """fn() in rank 0, its result (or its error, as a ValueError) in every process."""
+        if self.world == 1:
+            return fn()
+        result, error = None, None
+        if self.main:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the others know
+                error = e
+        box = self.broadcast_object((result, None if error is None else str(error)))
+        if error is not None:
+            raise error
+        if box[1] is not None:
+            raise ValueError(box[1])
+        return box[0]
+
+
+_RANKS: Ranks | None = None
+
+
+def setup(device_type: str = "cpu") -> Ranks:
+    """This process's Ranks, joining the process group the first time when started by torchrun
+    (NCCL between GPUs, gloo between CPU processes; a gloo group beside NCCL for agreement)."""
+    global _RANKS
+    if _RANKS is not None:
+        return _RANKS
+    if not launched():
+        _RANKS = Ranks()
+        return _RANKS
+    import torch.distributed as dist
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    timeout = datetime.timedelta(seconds=timeout_s())
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"process {rank} has local rank {local_rank} but this machine has "
+                               f"{torch.cuda.device_count()} GPU(s): start at most one process per GPU")
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
+        control = dist.new_group(backend="gloo", timeout=timeout)
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+        control = None  # the default group is gloo already
+    _RANKS = Ranks(rank, world, local_rank, control)
+    return _RANKS
+
+
+def shutdown() -> None:
+    global _RANKS
+    if _RANKS is not None and _RANKS.world > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    _RANKS = None
+
+
+def write_error(run_dir: Path, ranks: Ranks, error: BaseException) -> None:
+    """A non-main process's failure, for rank 0 (and the launcher) to report: rank-K.error."""
+    from .runs import rundir
+    text = f"{type(error).__name__}: {error}\n\n{traceback.format_exc(limit=20)}"
+    try:
+        rundir.atomic_write_text(Path(run_dir) / f"rank-{ranks.rank}{ERROR_SUFFIX}", text)
+    except OSError:
+        pass  # the run folder may be on another machine: rank 0 reports the broken collective
+
+
+def rank_errors(run_dir: Path) -> str | None:
+    """The first line of each rank-K.error in the run folder, joined; None when there are none."""
+    found = sorted(Path(run_dir).glob(f"rank-*{ERROR_SUFFIX}"))
+    lines = []
+    for f in found:
+        try:
+            first = f.read_text(errors="replace").splitlines()[0]
+        except (OSError, IndexError):
+            first = "(unreadable error file)"
+        lines.append(f"process {f.name[:-len(ERROR_SUFFIX)].replace('rank-', 'rank ')} failed: {first}")
+    return "; ".join(lines) or None
+
+
+def clear_errors(run_dir: Path) -> None:
+    for f in Path(run_dir).glob(f"rank-*{ERROR_SUFFIX}"):
+        f.unlink(missing_ok=True)
+
+
+def torchrun_command(nproc: int, args: list[str]) -> list[str]:
+    """The command that runs `python -m core <args>` as `nproc` processes on this machine."""
+    import sys
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "core", *args]
