@@ -181,7 +181,7 @@ def _run_processes(args, cfg, run_dir: Path) -> int:
     device = pick_device(cfg.model.device)
     if device.type == "cuda":
         import torch
-        if n > torch.cuda.device_count():
+        if n > torch.cuda.device_count() and dist.gpu_backend() == "nccl":
             raise ValueError(f"--nproc {n} asks for {n} GPUs but this machine has {torch.cuda.device_count()}: "
                              "start at most one process per GPU")
     elif cfg.model.device != "cpu":

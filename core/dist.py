@@ -43,6 +43,16 @@ import torch
 
 TIMEOUT_ENV = "QLORA_STUDIO_DIST_TIMEOUT"
 FAIL_ENV = "QLORA_STUDIO_FAIL_RANK"  # tests: this rank fails at its first gradient reduction
+# gloo instead of NCCL between GPU processes: lets several processes share one GPU (NCCL refuses),
+# to check the data-parallel path on a one-GPU machine; slow, never for speed
+BACKEND_ENV = "QLORA_STUDIO_DIST_BACKEND"
+
+
+def gpu_backend() -> str:
+    value = os.environ.get(BACKEND_ENV, "nccl")
+    if value not in ("nccl", "gloo"):
+        raise ValueError(f"{BACKEND_ENV} must be nccl or gloo, not {value!r}")
+    return value
 ERROR_SUFFIX = ".error"  # rank-K.error in the run folder: a non-main process's failure
 
 
@@ -74,8 +84,10 @@ class Ranks:
         return self.rank == 0
 
     def device(self, device: torch.device) -> torch.device:
-        """The device of this process: cuda:<local rank> on a GPU machine."""
-        return torch.device("cuda", self.local_rank) if device.type == "cuda" and self.world > 1 else device
+        """The device of this process: cuda:<local rank> on a GPU machine (shared GPUs under gloo)."""
+        if device.type != "cuda" or self.world == 1:
+            return device
+        return torch.device("cuda", self.local_rank % torch.cuda.device_count())
 
     def shard(self, idx: list[int]) -> list[int]:
         """This process's rows of a global batch (or of an evaluation split): every world-th one."""
@@ -94,9 +106,9 @@ class Ranks:
         import torch.distributed as dist
         grads = [p.grad for p in params]
         weight = rows / total_rows
-        flat = torch.cat([g.reshape(-1).float() for g in grads] +
-                         [(loss.float() * weight).reshape(1),
-                          torch.tensor([float(tokens[0]), float(tokens[1])], device=loss.device)])
+        counts = torch.zeros(2, device=loss.device)
+        counts[0], counts[1] = float(tokens[0]), float(tokens[1])  # fill kernels: no host-to-device copy, no wait
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [(loss.float() * weight).reshape(1), counts])
         flat[:-3].mul_(weight)
         dist.all_reduce(flat)
         sizes = [g.numel() for g in grads]
@@ -194,13 +206,17 @@ def setup(device_type: str = "cpu") -> Ranks:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     timeout = datetime.timedelta(seconds=timeout_s())
-    if device_type == "cuda":
+    if device_type == "cuda" and gpu_backend() == "nccl":
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(f"process {rank} has local rank {local_rank} but this machine has "
                                f"{torch.cuda.device_count()} GPU(s): start at most one process per GPU")
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
         control = dist.new_group(backend="gloo", timeout=timeout)
+    elif device_type == "cuda":  # gloo between GPU processes, several on one GPU allowed
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dist.init_process_group("gloo", timeout=timeout)
+        control = None
     else:
         dist.init_process_group("gloo", timeout=timeout)
         control = None  # the default group is gloo already

@@ -160,3 +160,48 @@ def test_nproc_needs_gpus_unless_the_device_is_cpu(tmp_path, capsys):
     assert code == 2
     assert "needs GPUs and this machine has none" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_train_page_offers_the_gpus_when_there_are_several(tmp_path, monkeypatch):
+    """With two GPUs the Train page has a GPUs field, and a launch with 2 saves
+    train.processes = 2 in the run's config.json (the trainer then starts torchrun); with one GPU
+    or none, no such field."""
+    import types
+
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from core.config import RunConfig
+    from core.runs import jobs, resources
+
+    started = []
+
+    class FakePopen:
+        def __init__(self, args, **kw):
+            started.append(args)
+            self.pid = None
+    monkeypatch.setattr(jobs, "subprocess", types.SimpleNamespace(
+        Popen=FakePopen, STDOUT=subprocess.STDOUT, DEVNULL=subprocess.DEVNULL))
+    monkeypatch.setenv("QLORA_STUDIO_RUNS", str(tmp_path / "runs"))
+    real = resources.hardware_info
+
+    def app(gpus: int) -> AppTest:
+        monkeypatch.setattr(resources, "hardware_info", lambda: {
+            **real(), "gpus": [{"name": "H200", "memory_gb": 139.8, "capability": "9.0"}] * gpus})
+        st.cache_resource.clear()
+        at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    assert not [n for n in app(1).number_input if n.label == "GPUs"]
+    at = app(2)
+    field = next(n for n in at.number_input if n.label == "GPUs")
+    assert field.max == 2
+    field.set_value(2).run()
+    next(b for b in at.button if b.label == "Launch").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert started, "no trainer was started"
+    config = Path(started[-1][started[-1].index("--config") + 1])
+    assert RunConfig.load(config).train.processes == 2
+    st.cache_resource.clear()
