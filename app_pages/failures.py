@@ -133,23 +133,25 @@ r = shown[picked[0]] if picked and picked[0] < len(shown) else shown[0]
 with st.container(border=True, key="detail"):
     text, chart = st.columns([1, 1], gap="large")
     with text:
-        st.subheader(f"{ICONS[r['category']]} {r['category'].capitalize()} · `{r['id']}`", anchor=False)
+        # every text from the data through ui.plain: a link, image or HTML in it shows as typed
+        st.subheader(f"{ICONS[r['category']]} {r['category'].capitalize()} · {ui.plain(r['id'])}", anchor=False)
         if r.get("premise") or r.get("hypothesis"):
-            st.markdown(f"**Premise:** {r.get('premise', '')}")
-            st.markdown(f"**Hypothesis:** {r.get('hypothesis', '')}")
+            st.markdown(f"**Premise:** {ui.plain(r.get('premise', ''))}")
+            st.markdown(f"**Hypothesis:** {ui.plain(r.get('hypothesis', ''))}")
         else:
-            st.markdown(f"**Text:** {r.get('text', '')}")
-        st.markdown(f"**Gold:** {r['gold']}" + (f" · **tag:** {r['tag']}" if r.get("tag") else ""))
-        st.markdown(f"**Before:** {r['pred_before']} (p(gold) = {r['gold_prob_before']:.3f}) → "
-                    f"**after:** {r['pred_after']} (p(gold) = {r['gold_prob_after']:.3f}, {r['gold_prob_change']:+.3f})")
+            st.markdown(f"**Text:** {ui.plain(r.get('text', ''))}")
+        st.markdown(f"**Gold:** {ui.plain(r['gold'])}" + (f" · **tag:** {ui.plain(r['tag'])}" if r.get("tag") else ""))
+        st.markdown(f"**Before:** {ui.plain(r['pred_before'])} (p(gold) = {r['gold_prob_before']:.3f}) → "
+                    f"**after:** {ui.plain(r['pred_after'])} (p(gold) = {r['gold_prob_after']:.3f}, "
+                    f"{r['gold_prob_change']:+.3f})")
         if not picked:
             st.caption("Showing the first example of the table; click a row to see another.")
         hint = hints.get(r["id"])
         if hint:
             checked = (f" at each of the last {hint['consistent_epochs']} epochs" if hint.get("consistent_epochs")
                        else "")
-            st.warning(f"**Label-noise hint, not a fact:** the fine-tuned model says **{hint['model_label']}** "
-                       f"(p = {hint['confidence']:.2f}){checked}, where the given label is **{hint['given']}**. "
+            st.warning(f"**Label-noise hint, not a fact:** the fine-tuned model says **{ui.plain(hint['model_label'])}** "
+                       f"(p = {hint['confidence']:.2f}){checked}, where the given label is **{ui.plain(hint['given'])}**. "
                        "Re-read it: the label may be wrong or ambiguous, or the model confidently wrong.",
                        icon=":material/help:")
     chart.plotly_chart(ui.probs_figure(labels, r["probs_before"], r["probs_after"], r["gold"]), config=ui.PLOTLY, key="detail_probs")

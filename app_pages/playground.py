@@ -70,7 +70,7 @@ try:
     before_p = before_model.predict([row])[0]
     after_p = after_model.predict([row])[0]
 except Exception as e:  # a damaged checkpoint, a base model no longer available, ...
-    st.error(f"The models of run `{run_id}` could not be loaded or run ({type(e).__name__}: {e}).")
+    st.error(f"The models of run `{run_id}` could not be loaded or run ({type(e).__name__}: {ui.plain(e)}).")
     st.stop()
 
 labels = list(after_model.labels)
@@ -86,4 +86,4 @@ fig = go.Figure([
 fig.update_layout(barmode="group", yaxis=dict(title="probability", range=[0, 1]), height=340,
                   margin=dict(l=10, r=10, t=30, b=10), legend=dict(orientation="h", y=-0.2))
 st.plotly_chart(fig, config=ui.PLOTLY, key="playground_bars")
-st.caption(f"Before: {labels[int(before_p.argmax())]} · after: {labels[int(after_p.argmax())]}.")
+st.caption(f"Before: {ui.plain(labels[int(before_p.argmax())])} · after: {ui.plain(labels[int(after_p.argmax())])}.")

@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import ui
+from core import access, compare, share
 from core.runs import live, rundir
 from core.analysis import NOISE_NOTE
 from core.bundle import build_bundle
@@ -17,6 +18,40 @@ from core.runs.resources import describe_hardware
 
 pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
 rnd = lambda x, n: None if x is None else round(x, n)
+
+
+def adapter_section(run_id: str, folder) -> None:
+    """The best epoch's checkpoint folder: a zip to download (browsing: also on a read-only
+    deployment) and a push to the Hub (not on a read-only deployment; behind the password)."""
+    name = f"{run_id}-{folder.name}"
+    st.subheader("The fine-tuned adapter")
+    left, right = st.columns([1, 2], gap="large")
+    left.caption(f"`checkpoints/{folder.name}`, the best epoch on validation, as a portable classifier: the LoRA "
+                 "adapter and head, the tokenizer, classifier.json and a model card (README.md).")
+    left.download_button("Download adapter", lambda: share.zip_folder(folder, name), file_name=f"{name}.zip",
+                         mime="application/zip", icon=":material/folder_zip:", key="adapter_zip",
+                         help="Unzipped, the folder loads with core.classifier.load_classifier(folder) (and, for a "
+                              "standard head, with peft's AutoPeftModelForSequenceClassification); see its README.md.")
+    if access.read_only():
+        return
+    with right.expander("Push to the Hugging Face Hub", icon=":material/cloud_upload:"):
+        if not ui.may("push"):
+            st.caption("Pushing needs this deployment's password: enter it on the Train page.")
+            return
+        if not share.hub_token():
+            st.info(share.NO_TOKEN, icon=":material/key:")
+            return
+        repo = st.text_input("Repository id", key="push_repo", placeholder=f"you/{name}",
+                             help="OWNER/NAME, or NAME for your own namespace; made if it does not exist.").strip()
+        private = st.checkbox("Private repository", True, key="push_private")
+        if st.button("Push to Hub", icon=":material/cloud_upload:", key="push", disabled=not repo):
+            try:
+                with st.spinner(f"Uploading {folder.name} to {ui.plain(repo)}…"):
+                    url = share.push_to_hub(folder, repo, private=private, password=ui.typed_password())
+            except ValueError as e:
+                st.error(ui.plain(e))
+            else:
+                st.success(f"Pushed to {url}")
 
 st.title("Report")
 run_dir = ui.selected_run()
@@ -39,15 +74,15 @@ elif state in live.ACTIVE:
 else:
     report = build_report(run_dir)
     st.warning(f"Run `{run_dir.name}` is **{state}**: this report shows only what it produced before it "
-               f"ended.{' Error: ' + status['error'] if status.get('error') else ''}")
+               f"ended.{' Error: ' + ui.plain(status['error']) if status.get('error') else ''}")
 
 report["group"] = group_summary(run_dir)  # fresh: a later seed of the group may have ended since
 
 # --- header and downloads -----------------------------------------------------------------------
 head, dl = st.columns([2, 1])
-head.markdown(f"#### {report.get('model')} on {report.get('dataset')}")
+head.markdown(f"#### {ui.plain(report.get('model'))} on {ui.plain(report.get('dataset'))}")
 hw = report.get("hardware")
-head.caption(f"Run `{report['run_id']}` · {report.get('state')} · preset {report.get('preset')} · "
+head.caption(f"Run `{report['run_id']}` · {report.get('state')} · preset {ui.plain(report.get('preset'))} · "
              f"device {report.get('device') or 'n/a'}, compute dtype {report.get('compute_dtype') or 'n/a'} · "
              f"{describe_hardware(hw) if hw else 'hardware n/a'}")
 dl.download_button("Download Markdown", render_markdown(report), file_name=f"{report['run_id']}-report.md",
@@ -84,6 +119,9 @@ if b and a:
     right.plotly_chart(ui.accuracy_figure(b, a, report.get("best_epoch")), config=ui.PLOTLY, key="accuracy")
 else:
     st.info("The run ended before the test split was scored before and after training.")
+folders = compare.checkpoint_folders(run_dir, report)
+if folders and (folders[1] / "adapter_config.json").is_file():
+    adapter_section(report["run_id"], folders[1])
 
 # --- baselines and the change -------------------------------------------------------------------
 if report.get("baselines"):
@@ -93,7 +131,7 @@ if report.get("baselines"):
     z = report["baselines"].get("zero_shot") or {}
     if z.get("prompt"):
         st.caption("Zero-shot prompt (the label is the next word: "
-                   + ", ".join(f"`{w.strip()}`" for w in z.get("words") or []) + "):")
+                   + ", ".join(f"**{ui.plain(w.strip())}**" for w in z.get("words") or []) + "):")
         st.code(z["prompt"], language=None)
     st.caption("The random-head baseline is what the reference script measured as \"before\"; the zero-shot baseline "
                "asks the pretrained language model itself, without any training.")
@@ -146,7 +184,7 @@ if t:
                 link(col, f"{t['cells'].get(cell, 0)} {cell}", {"cell": cell.replace(" ", "-")})
         st.caption("Label moves (predicted before → after), most frequent first:")
         for m in t["moves"]:
-            link(st, f"{m['from']} → {m['to']}: {m['count']}", {"move": f"{m['from']}->{m['to']}"})
+            link(st, f"{ui.plain(m['from'])} → {ui.plain(m['to'])}: {m['count']}", {"move": f"{m['from']}->{m['to']}"})
     right.plotly_chart(ui.moves_figure(t["counts"], t["labels"]), config=ui.PLOTLY, key="moves")
 
 # --- calibration --------------------------------------------------------------------------------
@@ -220,7 +258,7 @@ with p_col:
     if params:
         st.dataframe(pd.DataFrame(params, columns=["count", "value"]), hide_index=True)
         if report.get("target_modules"):
-            st.caption("LoRA on: " + ", ".join(report["target_modules"]))
+            st.caption("LoRA on: " + ui.plain(", ".join(report["target_modules"])))
     else:
         st.caption("n/a")
 with r_col:

@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import ui
-from core import estimate, uploads
+from core import access, estimate, uploads
 from core.runs import jobs, live, rundir
 from core.config import BUILTIN_DATA, EMBEDDED_MODEL, NLI_LABELS, PRESETS, get_preset, override
 from core.report import load_report
@@ -191,6 +191,38 @@ def live_charts(run_id: str) -> None:
     draw_resources(snap)
 
 
+def watch_view(run_id: str) -> None:
+    """live_view in public mode (core/access.py): the same progress, numbers and charts, with the
+    Stop button only for a session that may stop runs, passing its password to core."""
+    watch_progress(run_id)
+    live_charts(run_id)
+
+
+@st.fragment(run_every=LIVE_EVERY)
+def watch_progress(run_id: str) -> None:
+    """live_progress with the Stop button behind public mode's check (keep the two alike)."""
+    spare_the_collector()
+    run_dir = rundir.run_path(run_id)
+    snap = watcher(str(run_dir)).snapshot()
+    if snap["state"] not in live.ACTIVE:
+        st.rerun()
+    head, stop = st.columns([5, 1])
+    head.progress(snap["progress"]["fraction"], text=snap["progress"]["text"])
+    if rundir.stop_requested(run_dir):
+        stop.caption("Stopping after the current step…")
+    elif ui.may("stop") and stop.button("Stop", icon=":material/stop:", key=f"stop:{run_id}",
+                                        help="Ends the run cleanly after the current step"):
+        try:
+            jobs.stop(run_dir, password=ui.typed_password())
+            st.toast("Asked the trainer to stop after its current step.")
+        except ValueError as e:
+            st.error(str(e))
+    if not snap["setup"]:
+        st.info("Loading the data and the model… the first numbers appear after the model has "
+                "been evaluated once before training.")
+    draw_metrics_row(snap, charts=False)
+
+
 def draw_done(run_dir: Path, snap: dict) -> None:
     report = load_report(run_dir)[0] or {}  # a damaged report.json: rebuilt (the damage note names it)
     b, a = report.get("test_before"), report.get("test_after")
@@ -218,7 +250,7 @@ def draw_selected(run_dir: Path) -> bool:
     st.markdown(f"#### {ui.run_title(run_dir, snap['status'])}")
     ui.damage_note(run_dir)
     if state in live.ACTIVE:
-        live_view(run_dir.name)
+        (watch_view if access.public() else live_view)(run_dir.name)
         return True
     if state == rundir.DAMAGED:
         st.error("This run's state is unknown because its status.json cannot be read. Its log and whatever "
@@ -229,7 +261,7 @@ def draw_selected(run_dir: Path) -> bool:
     elif state == "done":
         draw_done(run_dir, snap)
     elif state == "failed":
-        st.error(f"The run failed: {snap['status'].get('error') or 'no error message recorded'}")
+        st.error(f"The run failed: {ui.plain(snap['status'].get('error') or 'no error message recorded')}")
         resume_button(run_dir)
         if snap["status"].get("traceback"):
             with st.expander("Traceback"):
@@ -239,8 +271,9 @@ def draw_selected(run_dir: Path) -> bool:
         draw_metrics_row(snap)
     elif state == "stopped":
         p = snap["progress"]
-        st.warning(f"Stopped at step {p['step']} of {p['total_steps'] or '?'}. Resume continues from the "
-                   f"last checkpoint in `{run_dir / rundir.CHECKPOINTS}`.")
+        st.warning(f"Stopped at step {p['step']} of {p['total_steps'] or '?'}."
+                   + (f" Resume continues from the last checkpoint in `{run_dir / rundir.CHECKPOINTS}`."
+                      if ui.may("resume") else ""))
         resume_button(run_dir)
         draw_metrics_row(snap)
         draw_resources(snap)
@@ -250,7 +283,10 @@ def draw_selected(run_dir: Path) -> bool:
 
 
 def resume_button(run_dir: Path) -> None:
-    """Resume a stopped or failed run from its last full-state checkpoint (core.runs.jobs.resume)."""
+    """Resume a stopped or failed run from its last full-state checkpoint (core.runs.jobs.resume);
+    nothing for a session that may not resume runs (public mode)."""
+    if not ui.may("resume"):
+        return
     from core.checkpoint import latest_state
     state = latest_state(run_dir / rundir.CHECKPOINTS)
     where = (f"from step {int(state.name.split('-')[1])}" if state is not None
@@ -259,7 +295,7 @@ def resume_button(run_dir: Path) -> None:
                  help=f"Continue this run {where}, with the same settings and seed: the result equals an "
                       "uninterrupted run."):
         try:
-            jobs.resume(run_dir)
+            jobs.resume(run_dir, password=ui.typed_password())
         except (ValueError, OSError) as e:
             st.error(f"Could not resume: {e}")
             return
@@ -339,7 +375,7 @@ def upload_section(k) -> tuple[dict, dict, dict, list[str]]:
                           help="A label may be a class name or an integer id into this list. "
                                "Rows labelled -1, '-' or empty are dropped and counted.")
     changes["data.labels"] = [x.strip() for x in names.split(",") if x.strip()]
-    st.caption(f"Label values in the train file: {', '.join(values[:20])}{' …' if len(values) > 20 else ''}")
+    st.caption(f"Label values in the train file: {', '.join(map(ui.plain, values[:20]))}{' …' if len(values) > 20 else ''}")
     known = {s: len(r) for s, r in parsed.items()}
     return changes, files, known, errors
 
@@ -376,9 +412,10 @@ def settings_form() -> None:
     files: dict = {}
     known_rows: dict = {}
 
+    folders = "a local folder in HF format" if access.local_paths_allowed() else "(no local folders on this server)"
     changes["model.name"] = top[1].text_input(
         "Model", base.model.name, key=k("model"),
-        help=f"A Hugging Face Hub id (e.g. microsoft/phi-2), a local folder in HF format, or {EMBEDDED_MODEL} "
+        help=f"A Hugging Face Hub id (e.g. microsoft/phi-2), {folders}, or {EMBEDDED_MODEL} "
              "(ships with the app, works offline).").strip()
     top[2].markdown("&nbsp;")  # aligns the checkbox with the inputs
     quantize = top[2].checkbox("4-bit NF4 (QLoRA)", base.model.quantize is not None, key=k("quantize"),
@@ -431,6 +468,12 @@ def settings_form() -> None:
             "Seeds", 1, 20, 1, key=k("seeds"),
             help="Train the same settings with this many seeds (seed, seed+1, ...), one after another, as one "
                  "group: the report shows the mean and spread over seeds. One run is not a result."))
+        gpus = len(ui.hardware().get("gpus") or [])
+        if gpus > 1:  # data-parallel: the trainer starts torchrun itself (core/dist.py)
+            changes["train.processes"] = int(t[1].number_input(
+                "GPUs", 1, gpus, min(base.train.processes, gpus), key=k("gpus"),
+                help="Data-parallel training: one process per GPU, each taking an equal share of every batch "
+                     "(the same batch size and learning rate as one GPU, so results compare)."))
         with st.popover("More settings"):
             head_lr = st.number_input("Head learning rate (0 = same as LoRA)", 0.0, 0.5, base.train.head_lr or 0.0,
                                       step=1e-4, format="%.1e", key=k("head_lr"))
@@ -463,6 +506,7 @@ def settings_form() -> None:
     # --- validate, then show what will happen ----------------------------------------------------
     try:
         cfg = override(base, changes)
+        access.check_sources(cfg)  # before anything reads the model or the data a name points to
     except ValueError as e:
         st.error(f"Check the settings: {e}")
         st.button("Launch", type="primary", disabled=True, key="launch_disabled")
@@ -490,7 +534,9 @@ def settings_form() -> None:
         st.info(n)
     if st.button("Launch", type="primary", disabled=bool(errors) or bool(p.get("error")), key="launch"):
         try:
-            run_dir = (jobs.launch_with_uploads(cfg, files, seeds=seeds) if files else jobs.launch(cfg, seeds=seeds))
+            password = ui.typed_password()
+            run_dir = (jobs.launch_with_uploads(cfg, files, seeds=seeds, password=password) if files
+                       else jobs.launch(cfg, seeds=seeds, password=password))
         except (ValueError, OSError) as e:
             st.error(f"Could not start the run: {e}")
             return
@@ -505,7 +551,8 @@ def draw_plan(cfg, p: dict) -> None:
     device = f"the GPU {p['gpu']} ({p['gpu_memory_gb']} GiB)" if p["device"] == "cuda" else "the CPU"
     weights = "4-bit NF4" + (" with double quantisation" if cfg.model.double_quant else "") if cfg.model.quantize else "unquantised"
     targets = cfg.lora.target_modules
-    targets = "the architecture's usual modules" if targets is None else targets if isinstance(targets, str) else ", ".join(targets)
+    targets = ("the architecture's usual modules" if targets is None
+               else ui.plain(targets if isinstance(targets, str) else ", ".join(targets)))
     rows = p["rows"]
     fmt = lambda n: "?" if n is None else f"{n:,}"
     steps = p.get("total_steps")
@@ -547,14 +594,18 @@ def draw_plan(cfg, p: dict) -> None:
 # --- the page -----------------------------------------------------------------------------------
 
 st.title("Train")
+may_launch = ui.access_gate()  # public mode: a read-only line, or the password field until it is right
 run_dir = ui.selected_run()
 active = False
 if run_dir:
     active = draw_selected(run_dir)
-else:
+elif may_launch:
     st.info("**No runs yet.** Pick a preset below and press **Launch**. The embedded demo fine-tunes a small "
             "sentence model in 4-bit on the built-in NLI sample, offline, on the CPU, in about a minute or two on "
             "2 cores (for a quicker look, set *Epochs* to 1). You watch it live here, then open "
             "**Report** and **Failures**.")
-with st.expander("Start a new run", expanded=not active, icon=":material/rocket_launch:"):
-    settings_form()
+else:
+    st.info("**No runs yet** in this deployment's runs folder.")
+if may_launch:
+    with st.expander("Start a new run", expanded=not active, icon=":material/rocket_launch:"):
+        settings_form()

@@ -4,11 +4,13 @@ and the Plotly figures. Everything here only reads the run folder through core."
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import plotly.graph_objects as go
 import streamlit as st
 
+from core import access
 from core.report import damaged_files
 from core.runs import rundir
 
@@ -20,6 +22,76 @@ UNKNOWN_ICON = ":gray[:material/help:]"
 COLORS = {"before": "#9ca3af", "after": "#4f46e5", "line": "#4f46e5", "second": "#f59e0b"}
 PLOTLY = {"displayModeBar": False}  # the charts are small; the toolbar only hides their legend
 RUN_KEY = "run"  # session_state key of the selected run id (a UI choice, nothing else)
+PASSWORD_KEY = "access_password"  # the deployment's password as this session typed it, once it was right
+
+
+# --- text from data -----------------------------------------------------------------------------
+
+# Every character that starts or ends Markdown, GitHub Markdown or Streamlit syntax: emphasis,
+# code, links and images, HTML and entities, headings, lists, quotes, tables, strikethrough, math
+# ($), directives (:red[...]). CommonMark lets a backslash escape any ASCII punctuation, which then
+# shows as itself.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>:$&@=^])")
+# Streamlit's renderer also turns plain text into links (http://..., www.x, a@b.c: GitHub's autolink
+# literals) and :shortcodes: into emoji and icons after escapes are resolved, so no escape stops
+# them: an invisible word joiner (U+2060) after each ':' and '@' and between "www" and its '.' does.
+_WORD_JOINER = "\u2060"
+_AUTOLINK_BREAK = re.compile(r"(?<=[:@])|(?<=www)(?=\.)", re.IGNORECASE)
+_LEADING_SPACE = re.compile(r"^[ \t]+")
+
+
+def plain(text) -> str:
+    """`text` (a premise, a label, a tag, a name: anything from a dataset or a config, not from the
+    app) escaped for st.markdown and other Markdown labels, so that it shows literally: a link,
+    an image, a URL or an HTML tag in it is shown as typed, never rendered. Line breaks are kept;
+    invisible word joiners (U+2060) are added after ':' and '@' (see _AUTOLINK_BREAK)."""
+    if text is None:
+        return ""
+    text = _AUTOLINK_BREAK.sub(_WORD_JOINER, str(text))
+    lines = _MARKDOWN_SPECIAL.sub(r"\\\1", text).splitlines() or [""]
+    # leading spaces as no-break spaces: indentation shows, and never starts a code block
+    lines = [_LEADING_SPACE.sub(lambda m: "\u00a0" * len(m.group().expandtabs(4)), line) for line in lines]
+    return "  \n".join(lines)  # a line break in the text stays one
+
+
+# --- public mode (core/access.py decides; these only show it) -----------------------------------
+
+def typed_password() -> str | None:
+    """The password this session entered (right when it was entered), passed to core with each action."""
+    return st.session_state.get(PASSWORD_KEY)
+
+
+def may(action: str) -> bool:
+    """Whether this session may do `action` (launch, stop, resume, upload, push) now."""
+    return access.allowed(action, typed_password())
+
+
+def access_gate() -> bool:
+    """The Train page's line about public mode: on a read-only deployment, one sentence saying so;
+    with a password, the password field until it is entered right (then remembered for this
+    session only). Returns whether this session may launch, stop, resume and upload."""
+    if access.read_only():
+        st.info("This is a read-only deployment: browse the runs, their reports, failure cases and models; "
+                "launching, stopping, resuming and uploading are off.", icon=":material/visibility:")
+        return False
+    if access.password() is None:
+        return True
+    if not access.password_ok(typed_password()):
+        typed = st.text_input("Password", type="password", key="password_field",
+                              placeholder="Enter the password to launch",
+                              help="This deployment asks for a password before a run is launched, stopped, "
+                                   "resumed or given files.")
+        if not typed:
+            st.caption("Enter the password to launch, stop or resume a run, or to upload files.")
+            return False
+        try:
+            access.check("launch", typed)
+        except access.Refused as e:
+            st.error(str(e))
+            return False
+        st.session_state[PASSWORD_KEY] = typed
+    st.caption("Password accepted for this browser session: launching, stopping, resuming and uploading are on.")
+    return True
 
 
 @st.cache_resource(show_spinner=False)
@@ -99,7 +171,7 @@ def run_title(run_dir: Path, status: dict | None = None) -> str:
     cfg, _ = rundir.read_config(run_dir)
     state = (status or rundir.read_status(run_dir)).get("state", "unknown")
     model = (cfg.get("model") or {}).get("name", "?")
-    return f"{STATE_ICONS.get(state, UNKNOWN_ICON)} `{run_dir.name}` · {state} · {model}"
+    return f"{STATE_ICONS.get(state, UNKNOWN_ICON)} `{run_dir.name}` · {plain(state)} · {plain(model)}"
 
 
 def damage_note(run_dir: Path, more: list[str] | None = None) -> list[str]:

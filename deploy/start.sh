@@ -8,6 +8,8 @@
 #                       writable, else ~/runs (lost with the container); a value set here wins
 #   HF_HOME             the Hub cache: $QLORA_STUDIO_DATA/.huggingface likewise, else the default
 #   PORT                the port (default 8501: app_port in README.md's front matter, EXPOSE)
+#   QLORA_STUDIO_ALLOW_LOCAL_PATHS  0 unless given: the model and data fields take Hub ids and the
+#                       embedded / built-in names only, never a path on this server (core/access.py)
 set -eu
 cd "$(dirname "$0")/.."  # .streamlit/config.toml is read from the working directory
 
@@ -21,6 +23,8 @@ else
     : "${QLORA_STUDIO_RUNS:=$HOME/runs}"
 fi
 export QLORA_STUDIO_RUNS
+: "${QLORA_STUDIO_ALLOW_LOCAL_PATHS:=0}"
+export QLORA_STUDIO_ALLOW_LOCAL_PATHS
 mkdir -p "$QLORA_STUDIO_RUNS"
 echo "start.sh: runs folder $QLORA_STUDIO_RUNS; Hugging Face cache ${HF_HOME:-(default)}"
 

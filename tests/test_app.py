@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from app_pages.ui import plain
 from core.runs import jobs, rundir
 from core.config import get_preset
 from core.report import CATEGORIES, load_comparison
@@ -190,7 +191,7 @@ def test_uploaded_files_preview_mapping_and_launch(tmp_path, monkeypatch):
 def test_failed_run_shows_error_traceback_and_log(tmp_path, monkeypatch):
     run = make_failed_run(tmp_path / "runs")
     at = start(run.parent, monkeypatch)
-    assert any("RuntimeError: boom at step 3" in e.value for e in at.error)
+    assert any(plain("RuntimeError: boom at step 3") in e.value for e in at.error)
     labels = [e.label for e in at.expander]
     assert "Traceback" in labels and "Last lines of train.log" in labels
     codes = "\n".join(c.value for c in at.code)
@@ -256,7 +257,7 @@ def test_report_page_shows_every_section_with_the_run_numbers(tiny_run, monkeypa
     assert bars["y"] == pytest.approx([100 * b["accuracy"], 100 * a["accuracy"]])
     assert specs["Confusion after (rows gold, columns predicted)"]["data"][0]["z"] == a["confusion"]
     downloads = [d.proto.label for d in at.get("download_button")]
-    assert downloads == ["Download Markdown", "Download HTML", "Download reproducibility bundle"]
+    assert downloads == ["Download Markdown", "Download HTML", "Download reproducibility bundle", "Download adapter"]
     assert f"**{report['headline']}**" in text_of(at)
     assert "CPU only" in text_of(at) or "GPU" in text_of(at)
 
@@ -275,7 +276,7 @@ def test_failures_page_counts_filters_search_and_detail(tiny_run, monkeypatch):
     assert len(table) == len(rows)
     assert list(table["Δ p(gold)"]) == sorted(table["Δ p(gold)"], reverse=True)
     best = max(rows, key=lambda r: r["gold_prob_change"])
-    assert f"**Premise:** {best['premise']}" in text_of(at)  # the detail shows the first row
+    assert f"**Premise:** {plain(best['premise'])}" in text_of(at)  # the detail shows the first row (escaped)
 
     # one category; the detail follows it
     cat = next(c for c in ("fixed", "regressed", "still failing") if counts[c])
@@ -284,8 +285,8 @@ def test_failures_page_counts_filters_search_and_detail(tiny_run, monkeypatch):
     assert f"{len(shown)} of {len(rows)} examples" in text_of(at)
     assert set(at.dataframe[0].value["category"]) == {cat}
     text = text_of(at)
-    assert f"**Hypothesis:** {shown[0]['hypothesis']}" in text and f"**Gold:** {shown[0]['gold']}" in text
-    assert f"**Before:** {shown[0]['pred_before']}" in text
+    assert f"**Hypothesis:** {plain(shown[0]['hypothesis'])}" in text and f"**Gold:** {plain(shown[0]['gold'])}" in text
+    assert f"**Before:** {plain(shown[0]['pred_before'])}" in text
     probs = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"] == "Predicted probabilities")
     assert probs["data"][0]["y"] == shown[0]["probs_before"] and probs["data"][1]["y"] == shown[0]["probs_after"]
 
@@ -307,7 +308,7 @@ def test_failures_page_counts_filters_search_and_detail(tiny_run, monkeypatch):
     target = rows[len(rows) // 2]
     at.text_input(key="fail_search").set_value(target["id"]).run()
     assert list(at.dataframe[0].value["id"]) == [target["id"]]
-    assert f"**Premise:** {target['premise']}" in text_of(at)
+    assert f"**Premise:** {plain(target['premise'])}" in text_of(at)
     at.text_input(key="fail_search").set_value("zzzz no such text").run()
     assert "No example matches these filters" in text_of(at)
 

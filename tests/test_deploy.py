@@ -103,7 +103,8 @@ def environ_of(pid: int) -> dict[str, str]:
 def start(tmp_path: Path, data: Path) -> tuple[subprocess.Popen, int, Path]:
     port, home, log = free_port(), tmp_path / "home", tmp_path / "start.log"
     home.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("QLORA_STUDIO_RUNS", "HF_HOME")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("QLORA_STUDIO_RUNS", "HF_HOME", "QLORA_STUDIO_ALLOW_LOCAL_PATHS")}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # `python` is this venv's
                HOME=str(home), QLORA_STUDIO_DATA=str(data), PORT=str(port))
     with open(log, "wb") as out:
@@ -145,6 +146,7 @@ def test_start_sh_serves_the_app_with_runs_and_the_model_cache_on_the_data_folde
         env = environ_of(proc.pid)  # start.sh execs the server: same process
         assert env["QLORA_STUDIO_RUNS"] == str(data / "runs") and (data / "runs").is_dir()
         assert env["HF_HOME"] == str(data / ".huggingface")
+        assert env["QLORA_STUDIO_ALLOW_LOCAL_PATHS"] == "0"  # in the image: Hub ids and built-in names only
         assert f"runs folder {data / 'runs'}" in log.read_text()
     finally:
         stop(proc)

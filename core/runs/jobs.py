@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 
 from . import rundir
+from .. import access
 from ..config import RunConfig
 
 
@@ -36,13 +37,18 @@ def check_gpu_free(cfg: RunConfig) -> None:
 
 
 def launch(cfg: RunConfig, run_dir: Path | None = None, env: dict | None = None,
-           allow: tuple[str, ...] = (), seeds: int = 1) -> Path:
+           allow: tuple[str, ...] = (), seeds: int = 1, password: str | None = None) -> Path:
     """Create the run folder for `cfg` and start its trainer as a detached process.
 
     Raises ValueError when another run holds the GPU and this one may use it (model.device auto or
     cuda), when `run_dir` already holds a run, or when it is a non-empty folder that is not a run
     folder (names in `allow` aside); nothing is started then. `seeds` > 1 runs the config with
-    that many seeds one after another as one group (the first in run_dir, core/groups.py)."""
+    that many seeds one after another as one group (the first in run_dir, core/groups.py).
+    Public mode (core/access.py): access.Refused when launching is not allowed or `cfg` names a
+    local path where none is allowed."""
+    from ..uploads import UPLOADS
+    access.check("launch", password)
+    access.check_sources(cfg, uploads=Path(run_dir) / UPLOADS if run_dir else None)
     run_dir = Path(run_dir) if run_dir else rundir.run_path(rundir.new_run_id(cfg.preset))
     check_gpu_free(cfg)
     token = secrets.token_hex(16)
@@ -68,28 +74,32 @@ def launch(cfg: RunConfig, run_dir: Path | None = None, env: dict | None = None,
 
 
 def launch_with_uploads(cfg: RunConfig, files: dict[str, tuple[str, bytes]], env: dict | None = None,
-                        seeds: int = 1) -> Path:
+                        seeds: int = 1, password: str | None = None) -> Path:
     """launch(), with uploaded data files saved into <run>/uploads/ first and the config's
     data.train / data.validation / data.test pointing at them. files: split -> (name, bytes)."""
     from ..config import override
     from ..uploads import UPLOADS, save_uploads
+    access.check("upload", password)
+    access.check_sources(cfg)
     check_gpu_free(cfg)
     run_dir = rundir.run_path(rundir.new_run_id(cfg.preset))
     run_dir.mkdir(parents=True, exist_ok=False)
     try:
         saved = save_uploads(run_dir, files)
         cfg = override(cfg, {"data.source": "files", **{f"data.{split}": path for split, path in saved.items()}})
-        return launch(cfg, run_dir=run_dir, env=env, allow=(UPLOADS,), seeds=seeds)
+        return launch(cfg, run_dir=run_dir, env=env, allow=(UPLOADS,), seeds=seeds, password=password)
     except ValueError:
         if not (run_dir / rundir.STATUS).exists():  # nothing was started: leave no orphan folder
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
-def stop(run_dir: Path) -> bool:
+def stop(run_dir: Path, password: str | None = None) -> bool:
     """Ask the run to stop cleanly: a STOP file the loop checks each step, and SIGTERM to its
     trainer, only if the process with the run's pid is the one that started at its pid_start (a
-    pid reused by another process is never signalled). Returns whether a signal was sent."""
+    pid reused by another process is never signalled). Returns whether a signal was sent.
+    access.Refused (nothing written) when stopping is not allowed here (core/access.py)."""
+    access.check("stop", password)
     rundir.request_stop(run_dir)
     status = rundir.read_json(Path(run_dir) / rundir.STATUS, {})
     pid, start = status.get("pid"), status.get("pid_start")
@@ -105,10 +115,12 @@ def stop(run_dir: Path) -> bool:
     return True
 
 
-def resume(run_dir: Path, env: dict | None = None) -> None:
+def resume(run_dir: Path, env: dict | None = None, password: str | None = None) -> None:
     """Start `python -m core train --resume RUN` for a stopped or failed run (the Train page's
     Resume button): it continues from the run's last full-state checkpoint. Raises ValueError when
-    the run is active or done, or when another run holds the GPU."""
+    the run is active or done, or when another run holds the GPU; access.Refused in public mode
+    without the right (or any) permission (core/access.py)."""
+    access.check("resume", password)
     run_dir = Path(run_dir)
     state = rundir.read_status(run_dir).get("state")
     if state not in ("stopped", "failed"):
