@@ -24,8 +24,9 @@ PRESET_LABELS = {"demo": "Embedded demo (MiniLM, CPU, offline)", "phi2-snli": "P
 
 # --- the selected run ---------------------------------------------------------------------------
 
-LIVE_EVERY = 2.0  # seconds between refreshes of the progress bar, the ETA and the numbers
-CHARTS_EVERY = 6.0  # ... of the charts; their figures are built at most once per this, for all viewers
+LIVE_EVERY = 3.0  # seconds between refreshes of the progress bar, the ETA and the numbers
+CHARTS_EVERY = 12.0  # ... of the loss and validation charts (figures built once per this, for all viewers)
+RESOURCES_EVERY = 30.0  # ... of the CPU / RAM / GPU charts
 
 
 FREEZE_ABOVE = 50_000  # objects the cyclic garbage collector may walk after each script run
@@ -154,12 +155,15 @@ def draw_resources(snap: dict) -> None:
 
 
 def live_view(run_id: str) -> None:
-    """The live view of a queued or running run: two fragments that refresh themselves, the
-    progress and numbers every LIVE_EVERY seconds, the charts every CHARTS_EVERY seconds (a
-    page of Plotly charts redrawn every second or two costs the server and the browser CPU the
-    trainer needs). Both read the run through the shared watcher(), i.e. only its new lines."""
+    """The live view of a queued or running run: three fragments that refresh themselves, the
+    progress and numbers every LIVE_EVERY seconds, the loss and validation charts every
+    CHARTS_EVERY seconds, the resource charts every RESOURCES_EVERY seconds. A Plotly chart costs
+    the browser 0.1-0.2 s of CPU per redraw in software rendering, taken from the trainer when
+    both share a machine (bench/live_view.py --synthetic: 3 viewers, 47% of a core for Chromium
+    at 2 s / 6 s, 31% at 3 s / 12 s). All read the run through the shared watcher(): new lines only."""
     live_progress(run_id)
     live_charts(run_id)
+    live_resources(run_id)
 
 
 @st.fragment(run_every=LIVE_EVERY)
@@ -173,9 +177,13 @@ def live_progress(run_id: str) -> None:
     head.progress(snap["progress"]["fraction"], text=snap["progress"]["text"])
     if rundir.stop_requested(run_dir):
         stop.caption("Stopping after the current step…")
-    elif stop.button("Stop", icon=":material/stop:", key=f"stop:{run_id}", help="Ends the run cleanly after the current step"):
-        jobs.stop(run_dir)
-        st.toast("Asked the trainer to stop after its current step.")
+    elif ui.may("stop") and stop.button("Stop", icon=":material/stop:", key=f"stop:{run_id}",
+                                        help="Ends the run cleanly after the current step"):
+        try:  # public mode (core/access.py): core checks the password this session typed
+            jobs.stop(run_dir, password=ui.typed_password())
+            st.toast("Asked the trainer to stop after its current step.")
+        except ValueError as e:
+            st.error(str(e))
     if not snap["setup"]:
         st.info("Loading the data and the model… the first numbers appear after the model has "
                 "been evaluated once before training.")
@@ -188,39 +196,12 @@ def live_charts(run_id: str) -> None:
     # so the figures are built once per CHARTS_EVERY for all of them, and re-sent unchanged.
     snap = watcher(str(rundir.run_path(run_id))).snapshot(max_age=CHARTS_EVERY - 0.5)
     draw_curves(snap)
+
+
+@st.fragment(run_every=RESOURCES_EVERY)
+def live_resources(run_id: str) -> None:
+    snap = watcher(str(rundir.run_path(run_id))).snapshot(max_age=CHARTS_EVERY - 0.5)
     draw_resources(snap)
-
-
-def watch_view(run_id: str) -> None:
-    """live_view in public mode (core/access.py): the same progress, numbers and charts, with the
-    Stop button only for a session that may stop runs, passing its password to core."""
-    watch_progress(run_id)
-    live_charts(run_id)
-
-
-@st.fragment(run_every=LIVE_EVERY)
-def watch_progress(run_id: str) -> None:
-    """live_progress with the Stop button behind public mode's check (keep the two alike)."""
-    spare_the_collector()
-    run_dir = rundir.run_path(run_id)
-    snap = watcher(str(run_dir)).snapshot()
-    if snap["state"] not in live.ACTIVE:
-        st.rerun()
-    head, stop = st.columns([5, 1])
-    head.progress(snap["progress"]["fraction"], text=snap["progress"]["text"])
-    if rundir.stop_requested(run_dir):
-        stop.caption("Stopping after the current step…")
-    elif ui.may("stop") and stop.button("Stop", icon=":material/stop:", key=f"stop:{run_id}",
-                                        help="Ends the run cleanly after the current step"):
-        try:
-            jobs.stop(run_dir, password=ui.typed_password())
-            st.toast("Asked the trainer to stop after its current step.")
-        except ValueError as e:
-            st.error(str(e))
-    if not snap["setup"]:
-        st.info("Loading the data and the model… the first numbers appear after the model has "
-                "been evaluated once before training.")
-    draw_metrics_row(snap, charts=False)
 
 
 def draw_done(run_dir: Path, snap: dict) -> None:
@@ -250,7 +231,7 @@ def draw_selected(run_dir: Path) -> bool:
     st.markdown(f"#### {ui.run_title(run_dir, snap['status'])}")
     ui.damage_note(run_dir)
     if state in live.ACTIVE:
-        (watch_view if access.public() else live_view)(run_dir.name)
+        live_view(run_dir.name)
         return True
     if state == rundir.DAMAGED:
         st.error("This run's state is unknown because its status.json cannot be read. Its log and whatever "

@@ -158,7 +158,7 @@ def test_demo_run_end_to_end_in_a_real_browser(server):
             other = browser.new_page(viewport=VIEWPORT)
             other.goto(url)
             expect(other.locator("[data-testid=stMain]").get_by_text(run.name)).to_be_visible()
-            expect(other.locator("[data-testid=stProgress]").or_(other.get_by_text("Test accuracy after"))).to_be_visible()
+            expect(other.locator("[data-testid=stProgress]").or_(other.get_by_text("Test accuracy after"))).to_be_visible(timeout=30_000)
             other.close()
 
             expect(page.get_by_text("Test accuracy after")).to_be_visible(timeout=(1200 if UPDATE else 240) * 1000)
