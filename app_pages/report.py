@@ -11,8 +11,8 @@ from core.runs import live, rundir
 from core.analysis import NOISE_NOTE
 from core.bundle import build_bundle
 from core.groups import group_summary
-from core.render import (baseline_rows, change_rows, hint_rows, parameter_rows, per_class_change_rows, render_html,
-                         render_markdown, resource_rows, seed_rows, seed_run_rows, slice_rows, speed_rows)
+from core.render import (baseline_rows, change_rows, device_text, hint_rows, parameter_rows, per_class_change_rows,
+                         render_html, render_markdown, resource_rows, seed_rows, seed_run_rows, slice_rows, speed_rows)
 from core.report import CATEGORIES, build_report, load_report
 from core.runs.resources import describe_hardware
 
@@ -83,7 +83,7 @@ head, dl = st.columns([2, 1])
 head.markdown(f"#### {ui.plain(report.get('model'))} on {ui.plain(report.get('dataset'))}")
 hw = report.get("hardware")
 head.caption(f"Run `{report['run_id']}` · {report.get('state')} · preset {ui.plain(report.get('preset'))} · "
-             f"device {report.get('device') or 'n/a'}, compute dtype {report.get('compute_dtype') or 'n/a'} · "
+             f"device {device_text(report)}, compute dtype {report.get('compute_dtype') or 'n/a'} · "
              f"{describe_hardware(hw) if hw else 'hardware n/a'}")
 dl.download_button("Download Markdown", render_markdown(report), file_name=f"{report['run_id']}-report.md",
                    mime="text/markdown", icon=":material/download:", use_container_width=True)

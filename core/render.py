@@ -224,6 +224,13 @@ def statistics_markdown(r: dict) -> list[str]:
     return L
 
 
+def device_text(r: dict) -> str:
+    """The report's device, with the number of processes of a data-parallel run."""
+    n = r.get("world_size")
+    many = f" x {n} processes (data-parallel)" if isinstance(n, int) and n > 1 else ""
+    return f"{r.get('device') or 'n/a'}{many}"
+
+
 def render_markdown(r: dict) -> str:
     """The report as Markdown: the sections of the reference report, generated."""
     from .runs.resources import describe_hardware
@@ -231,7 +238,7 @@ def render_markdown(r: dict) -> str:
     L.append(f"# QLoRA fine-tuning report: {r.get('model')} on {r.get('dataset')}")
     L.append("")
     L.append(f"Run `{r['run_id']}` ({r.get('state')}), preset `{r.get('preset')}`; "
-             f"device {r.get('device')}, compute dtype {r.get('compute_dtype')}; "
+             f"device {device_text(r)}, compute dtype {r.get('compute_dtype')}; "
              f"hardware: {describe_hardware(r['hardware']) if r.get('hardware') else 'n/a'}.")
     if r.get("error"):
         L += ["", f"**Error:** {r['error']}"]

@@ -158,6 +158,7 @@ def build_report(run_dir: Path, group: bool = True) -> dict:
         "created_at": status.get("created_at"),
         "finished_at": status.get("finished_at"),
         "device": setup.get("device"),
+        "world_size": setup.get("world_size") or 1,  # data-parallel processes (core/dist.py)
         "compute_dtype": setup.get("compute_dtype"),
         "hardware": setup.get("hardware"),
         "params": setup.get("params"),

@@ -30,3 +30,13 @@ def tiny_run(tmp_path_factory) -> Path:
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     assert json.loads((run / "status.json").read_text())["state"] == "done"
     return run
+
+
+@pytest.fixture
+def sleeper():
+    """A real live process that is not a trainer: it stands in for a trainer, or for whoever got a
+    reused pid."""
+    proc = subprocess.Popen(["sleep", "120"])
+    yield proc
+    proc.kill()
+    proc.wait()

@@ -8,6 +8,7 @@ are also copied to assets/screenshots/ for the README. Run only this test with `
 Browsers cannot be downloaded here: never `playwright install`; CI installs Debian's chromium.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -48,18 +49,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path):
-    """A Streamlit server for app.py with an empty runs folder; always killed at the end."""
-    runs = tmp_path / "runs"
+@contextlib.contextmanager
+def streamlit_server(tmp_path: Path, env: dict):
+    """`streamlit run app.py` on a free loopback port with `env`; yields its URL once healthy,
+    always killed at the end (its log in tmp_path/streamlit.log)."""
     port = free_port()
     log = open(tmp_path / "streamlit.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
          "--server.address", "127.0.0.1", "--server.port", str(port), "--server.fileWatcherType", "none",
          "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "QLORA_STUDIO_RUNS": str(runs)},
-        start_new_session=True,
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -73,11 +73,8 @@ def server(tmp_path):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError("streamlit did not come up:\n" + (tmp_path / "streamlit.log").read_text()[-3000:])
             time.sleep(0.3)
-        yield url, runs
+        yield url
     finally:
-        for run in runs.glob("*/status.json"):  # never leave a trainer behind
-            from core.runs import jobs
-            jobs.stop(run.parent)
         proc.terminate()
         try:
             proc.wait(timeout=10)
@@ -85,6 +82,19 @@ def server(tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A Streamlit server for app.py with an empty runs folder; always killed at the end."""
+    runs = tmp_path / "runs"
+    try:
+        with streamlit_server(tmp_path, {**os.environ, "QLORA_STUDIO_RUNS": str(runs)}) as url:
+            yield url, runs
+    finally:
+        for run in runs.glob("*/status.json"):  # never leave a trainer behind
+            from core.runs import jobs
+            jobs.stop(run.parent)
 
 
 def settle(page, timeout=120):

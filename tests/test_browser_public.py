@@ -6,14 +6,10 @@ adapter download but no push; the Failures page shows the texts as typed, with n
 Never `playwright install`; run with `pytest -m browser`."""
 
 import os
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
-from test_browser import CHROMIUM_FLAGS, ROOT, VIEWPORT, chromium_path, free_port, settle
+from test_browser import CHROMIUM_FLAGS, VIEWPORT, chromium_path, settle, streamlit_server
 from test_public import EVIL_HYPOTHESIS, EVIL_PREMISE, evil_run
 
 
@@ -21,37 +17,9 @@ from test_public import EVIL_HYPOTHESIS, EVIL_PREMISE, evil_run
 def read_only_server(tiny_run, tmp_path):
     """A read-only Streamlit server over a runs folder with one finished run; killed at the end."""
     run = evil_run(tiny_run, tmp_path / "runs", checkpoints=True)  # the adapters, for the download
-    port = free_port()
-    log = open(tmp_path / "streamlit.log", "wb")
     env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_STUDIO_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-         "--server.address", "127.0.0.1", "--server.port", str(port), "--server.fileWatcherType", "none",
-         "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**env, "QLORA_STUDIO_RUNS": str(run.parent), "QLORA_STUDIO_READ_ONLY": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("streamlit did not come up:\n" + (tmp_path / "streamlit.log").read_text()[-3000:])
-            time.sleep(0.3)
+    with streamlit_server(tmp_path, {**env, "QLORA_STUDIO_RUNS": str(run.parent), "QLORA_STUDIO_READ_ONLY": "1"}) as url:
         yield url, run
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.mark.browser

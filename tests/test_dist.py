@@ -22,23 +22,14 @@ SNLI = Path(__file__).resolve().parent / "data" / "snli"  # genuine SNLI rows, s
 def make_tiny_bert(folder: Path) -> Path:
     """A tiny random BERT without dropout (the two runs must differ only in how they split each
     batch) and a word-level tokenizer over the SNLI slice."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import AutoModelForSequenceClassification, BertConfig, PreTrainedTokenizerFast
+    from transformers import AutoModelForSequenceClassification, BertConfig
+    from test_core_models import save_word_tokenizer
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(BertConfig(
-        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_labels=3, pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(folder)
-    words = set()
-    for line in (SNLI / "train.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        words.update((row["premise"] + " " + row["hypothesis"]).replace(".", " ").split())
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *sorted(words)[:500]])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                            sep_token="[SEP]").save_pretrained(folder)
+    rows = [json.loads(line) for line in (SNLI / "train.jsonl").read_text().splitlines()]
+    save_word_tokenizer(folder, [w for r in rows for w in (r["premise"] + " " + r["hypothesis"]).split()], causal=False)
     return folder
 
 
@@ -116,6 +107,8 @@ def test_the_replicas_are_identical_and_rank_0_alone_wrote_the_run_folder(runs):
     assert json.loads((two / "config.json").read_text())["train"]["processes"] == 2
     assert json.loads((two / "status.json").read_text())["state"] == "done"
     assert out.count("run folder:") == 1  # one process prints
+    assert json.loads((two / "report.json").read_text())["world_size"] == 2
+    assert "device cpu x 2 processes (data-parallel)" in out  # the report printed at the end
 
 
 def test_a_stop_is_agreed_and_the_run_resumes_with_two_processes(runs, tmp_path):

@@ -64,15 +64,6 @@ def started(monkeypatch) -> Started:
     return s
 
 
-@pytest.fixture
-def sleeper():
-    """A live process standing in for a trainer."""
-    proc = subprocess.Popen(["sleep", "120"])
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
 def demo_cfg(**changes):
     return override(get_preset("demo"), {"data.max_train_rows": 32, **changes})
 

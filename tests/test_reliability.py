@@ -32,15 +32,6 @@ def set_status(run: Path, **fields) -> None:
     rundir.atomic_write_json(run / rundir.STATUS, {**status, **fields})
 
 
-@pytest.fixture
-def sleeper():
-    """A real live process that is not a trainer (it stands in for whoever got a reused pid)."""
-    proc = subprocess.Popen(["sleep", "120"])
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
 # --- liveness -----------------------------------------------------------------------------------
 
 def test_a_reused_pid_is_never_signalled_and_the_run_reads_failed(tmp_path, sleeper):
