@@ -96,8 +96,8 @@ def model_card(info: dict, epoch: int, validation: tuple[float, int] | None = No
     for name, score in (("Validation", validation), ("Test", test)):
         if score:
             acc, n = score
-            from .report import wilson_interval
-            lo, hi = wilson_interval(round(acc * n), n)
+            from .stats import wilson
+            lo, hi = wilson(round(acc * n), n)
             lines.append(f"- {name} accuracy: {100 * acc:.1f}% (95% Wilson interval {100 * lo:.1f}-{100 * hi:.1f}%, "
                          f"n = {n})")
     if info["pooling"] != "mean":

@@ -9,7 +9,6 @@ built by core/analysis.py; Markdown and HTML by core/render.py (re-exported here
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +16,9 @@ import numpy as np
 from . import analysis
 from .render import parameter_rows, render_html, render_markdown, resource_rows, speed_rows  # noqa: F401
 from .runs import rundir
+from .stats import wilson
 
 CATEGORIES = ("fixed", "still failing", "regressed", "still right")
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n (honest for small n, unlike +-1.96*se)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def confusion(rows: list[dict], labels: list[str]) -> list[list[int]]:
@@ -116,7 +105,7 @@ def load_comparison(run_dir: Path, name: str = "test") -> tuple[list[dict], list
 def _summary(rows: list[dict], labels: list[str]) -> dict:
     k = sum(r["correct"] for r in rows)
     n = len(rows)
-    lo, hi = wilson_interval(k, n)
+    lo, hi = wilson(k, n)
     m = confusion(rows, labels)
     return {"n": n, "correct": k, "accuracy": k / n if n else None, "ci95": [lo, hi],
             "confusion": m, "per_class": per_class(m, labels)}

@@ -29,9 +29,9 @@ import math
 from statistics import NormalDist
 
 import numpy as np
-from scipy import optimize
-from scipy.stats import binomtest
-from sklearn.metrics import f1_score
+
+# scipy and scikit-learn are imported where they are used: core.report (and the app's pages, the
+# model card) take wilson() from here without paying for them
 
 __all__ = [
     "wilson", "accuracy_summary", "paired_bootstrap", "mcnemar_exact", "verdict", "accuracy_change",
@@ -53,7 +53,6 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     centre = (p + z^2/2n) / (1 + z^2/n),  half = z * sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n),
     p = k/n, z = 1.96 for 95%. Unlike the Wald interval p +- z*sqrt(p(1-p)/n) it stays inside
     [0, 1] and keeps close to its nominal coverage for small n and p near 0 or 1.
-    The same maths as core.report.wilson_interval (tests check that they agree).
 
     References: E. B. Wilson (1927), "Probable inference, the law of succession, and statistical
     inference", JASA 22:209-212; L. D. Brown, T. T. Cai, A. DasGupta (2001), "Interval estimation
@@ -151,6 +150,7 @@ def mcnemar_exact(b: int, c: int) -> float:
         raise ValueError("b and c must be >= 0")
     if b + c == 0:
         return 1.0
+    from scipy.stats import binomtest
     return float(min(1.0, binomtest(min(b, c), b + c, 0.5).pvalue))
 
 
@@ -222,6 +222,7 @@ def minimum_detectable_change(n: int, p_before: float, alpha: float = 0.05, powe
     if top <= 0 or gap(top) > 0:
         return math.inf
     # gap is concave in d and positive near 0: exactly one root in (0, top]
+    from scipy import optimize
     return float(optimize.brentq(gap, 1e-12, top, xtol=1e-12))
 
 
@@ -370,6 +371,7 @@ def per_class_f1_change(before_rows: list[dict], after_rows: list[dict], labels:
     pb = _codes(before_rows, "pred", labels)
     pa = _codes(after_rows, "pred", labels)
     kw = dict(labels=list(range(k)), average=None, zero_division=0)
+    from sklearn.metrics import f1_score
     f1b = f1_score(gold, pb, **kw)
     f1a = f1_score(gold, pa, **kw)
 

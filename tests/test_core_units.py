@@ -12,7 +12,8 @@ from core.config import DataConfig, LoraSettings, RunConfig, TrainConfig, get_pr
 from core.data import (Example, batch_indices, carve_validation, load_splits, map_label, stratified_sample, to_examples)
 from core.tables import read_table
 from core.render import parameter_rows, resource_rows
-from core.report import compare_predictions, wilson_interval
+from core.report import compare_predictions
+from core.stats import wilson as wilson_interval
 from core.train import lr_factor
 
 SNLI = Path(__file__).resolve().parent / "data" / "snli"  # 240/60/60 genuine SNLI rows, see its README
