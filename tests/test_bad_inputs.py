@@ -251,9 +251,12 @@ def test_a_full_disk_names_the_folder(tmp_path, monkeypatch, capsys, no_training
 
 def test_ctrl_c_prints_one_line_exits_130_and_marks_the_run_stopped(tmp_path):
     run = tmp_path / "run"
+    # SIGINT as a terminal delivers it: a test runner started in the background (`cmd &` in a
+    # script) has SIGINT ignored, which the child would inherit and Python would then keep
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
     proc = subprocess.Popen([sys.executable, "-m", "core", "train", "--preset", "demo", "--max-train-rows", "64",
                              "--epochs", "1", "--run-dir", str(run)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     phase = lambda: (json.loads((run / "status.json").read_text()) if (run / "status.json").is_file() else {}).get("phase")
     try:
         deadline = time.time() + 90
