@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -97,17 +98,17 @@ def build_config(args):
 def cmd_resume(args) -> int:
     """`train --resume RUN_DIR`: continue a stopped, failed or killed run from its last checkpoint
     (with as many processes as it had, or --nproc)."""
-    from .config import RunConfig
+    from . import dist
+    from .config import RunConfig, override
     from .runs import rundir
     run_dir = Path(args.resume).resolve()
     if not (run_dir / rundir.STATUS).is_file():
         raise ValueError(f"{run_dir} is not a run folder (no {rundir.STATUS})")
     cfg = RunConfig.load(run_dir / rundir.CONFIG)
     if args.nproc is not None:
-        import dataclasses
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, processes=args.nproc))
-    ranks = _ranks(cfg)
-    cfg = _with_world_size(cfg, ranks)
+        cfg = override(cfg, {"train.processes": args.nproc})
+    ranks = dist.ranks_for(cfg)
+    cfg = dist.with_world_size(cfg, ranks)
 
     def check() -> None:
         status = rundir.read_status(run_dir)
@@ -118,98 +119,18 @@ def cmd_resume(args) -> int:
             raise ValueError(f"run {run_dir.name} is {state}: only a stopped or failed run can be resumed")
     if ranks is None and cfg.train.processes > 1:  # start the processes; each comes back here
         check()
-        return _run_processes(args, cfg, run_dir)
+        return dist.run_processes(args, cfg, run_dir)
+    ranks.main_first(check) if ranks else check()  # rank 0 checks; its error is every process's
     if ranks is None or ranks.main:
-        ranks.main_first(check) if ranks else check()
         (run_dir / rundir.STOP).unlink(missing_ok=True)
         print(f"resuming: {run_dir}", flush=True)
         rundir.write_status(run_dir, state="running", pid=os.getpid(), phase="resuming", error=None)
         _hold_device(run_dir, cfg)
-    else:
-        ranks.main_first(check)
     from .train import train
     from . import progress
-    with progress.Reporter(run_dir) if ranks is None or ranks.main else _nothing():
+    with progress.Reporter(run_dir) if ranks is None or ranks.main else contextlib.nullcontext():
         report = train(cfg, run_dir, resume=True)
     return _finish(report, ranks)
-
-
-def _ranks(cfg):
-    """This process's core.dist.Ranks when torchrun started it (joining the process group), else None."""
-    from . import dist
-    if not dist.launched():
-        return None
-    from .model import pick_device
-    return dist.setup(pick_device(cfg.model.device).type)
-
-
-def _without_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            out.append(a)
-    return out
-
-
-def _with_world_size(cfg, ranks):
-    """The config as this process runs it: under torchrun, train.processes is the world size
-    (config.json then says how many processes a resume starts)."""
-    import dataclasses
-    if ranks is None or cfg.train.processes == ranks.world:
-        return cfg
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, processes=ranks.world))
-
-
-def _nothing():
-    import contextlib
-    return contextlib.nullcontext()
-
-
-def _run_processes(args, cfg, run_dir: Path) -> int:
-    """`--nproc N` outside torchrun: run this same command as N processes under torchrun
-    (core/dist.py), wait, and make sure the run folder says how it ended."""
-    import signal
-    import subprocess
-    from . import dist
-    from .model import pick_device
-    from .runs import rundir
-    n = cfg.train.processes
-    device = pick_device(cfg.model.device)
-    if device.type == "cuda":
-        import torch
-        if n > torch.cuda.device_count() and dist.gpu_backend() == "nccl":
-            raise ValueError(f"--nproc {n} asks for {n} GPUs but this machine has {torch.cuda.device_count()}: "
-                             "start at most one process per GPU")
-    elif cfg.model.device != "cpu":
-        raise ValueError(f"--nproc {n}: data-parallel training needs GPUs and this machine has none "
-                         "(to run several CPU processes anyway, as the tests do, add --device cpu)")
-    argv = _without_nproc(args.argv)  # torchrun would take --nproc for its own --nproc-per-node
-    if not args.resume and not args.run_dir:
-        argv += ["--run-dir", str(run_dir)]  # every process writes (rank 0) into the same folder
-    command = dist.torchrun_command(n, argv)
-    print(f"{n} processes ({device.type}): torchrun --standalone --nproc-per-node={n} -m core {' '.join(argv)}",
-          flush=True)
-    proc = subprocess.Popen(command, env=os.environ.copy())  # the claim token (if any) goes to rank 0
-    forward = lambda signum, frame: proc.send_signal(signum)  # Stop / kill: torchrun stops every process
-    previous = signal.signal(signal.SIGTERM, forward), signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        code = proc.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous[0])
-        signal.signal(signal.SIGINT, previous[1])
-    status = rundir.read_json(run_dir / rundir.STATUS, {}) or {}
-    if status.get("state") in rundir.ACTIVE_STATES:  # rank 0 was killed before it could say so
-        error = dist.rank_errors(run_dir) or (f"the training processes ended (torchrun exit code {code}) "
-                                              f"before the run did; see {rundir.LOG} for why")
-        status = rundir.update_status(run_dir, {"state": "failed", "phase": "failed", "error": error,
-                                                "finished_at": rundir.now_iso()}) or {"state": "failed", "error": error}
-    if status.get("state") == "failed":  # the run's own words, after torchrun's report
-        print(f"error: {status.get('error')}", file=sys.stderr)
-    return {"done": 0, "stopped": 3}.get(status.get("state"), 2)
 
 
 def _finish(report: dict, ranks=None) -> int:
@@ -244,14 +165,15 @@ def _hold_device(run_dir: Path, cfg) -> int | None:
 
 
 def cmd_train(args) -> int:
+    from . import dist
     from .runs import rundir
     if args.resume:
         return cmd_resume(args)
     cfg = build_config(args)
     from .model import check_model
     check_model(cfg)  # from the model's config.json: its folder, remote code, max_length; before any claim
-    ranks = _ranks(cfg)  # under torchrun: this process's rank (rank 0 names the run folder)
-    cfg = _with_world_size(cfg, ranks)
+    ranks = dist.ranks_for(cfg)  # under torchrun: this process's rank (rank 0 names the run folder)
+    cfg = dist.with_world_size(cfg, ranks)
     if args.run_dir:
         run_dir = Path(args.run_dir).resolve()
     else:
@@ -259,7 +181,7 @@ def cmd_train(args) -> int:
     if ranks is not None:
         run_dir = ranks.broadcast_object(run_dir)
     elif cfg.train.processes > 1:  # --nproc N: N processes under torchrun, each back in cmd_train
-        return _run_processes(args, cfg, run_dir)
+        return dist.run_processes(args, cfg, run_dir)
     # Claim the run before the heavy imports, so the app sees it running with our pid at once:
     # status.json created exclusively (a second CLI into the same folder gets "already holds a
     # run", exit 2), or the queued run jobs.launch made for us (its token in CLAIM_ENV); a
@@ -305,7 +227,7 @@ def _train_one(cfg, run_dir: Path, token: str | None = None, ranks=None) -> int:
     from .train import train
     from . import progress
     try:
-        with progress.Reporter(run_dir) if main else _nothing():  # a progress line while it trains
+        with progress.Reporter(run_dir) if main else contextlib.nullcontext():  # a progress line while it trains
             report = train(cfg, run_dir)
     finally:
         if lock is not None:
@@ -403,6 +325,7 @@ def main(argv=None) -> int:
         print(f"interrupted (Ctrl-C){where}", file=sys.stderr)
         return 130
     except OSError as e:  # FileNotFoundError, a read-only or full disk, a file where a folder should be
+        from .runs.rundir import describe_os_error
         message = describe_os_error(e, _folder_of(args))
     except (ValueError, RuntimeError) as e:
         message = str(e)
@@ -430,29 +353,6 @@ def _folder_of(args) -> Path | None:
     if args.command == "report" and args.html:
         return Path(args.html).parent
     return None
-
-
-def describe_os_error(e: OSError, folder: Path | None = None) -> str:
-    """One sentence for an OSError: what could not be done, where, and what to do."""
-    import errno
-    path = Path(e.filename) if e.filename else folder
-    where = f" {path}" if path else ""
-    if e.errno is None:
-        return str(e)
-    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
-        return (f"no space left on the disk of{where}: free some space (old run folders can go) or set "
-                "QLORA_STUDIO_RUNS to a folder on another disk")
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return (f"cannot write{where} ({e.strerror}): make it writable, or set QLORA_STUDIO_RUNS (or --run-dir) "
-                "to a folder you can write")
-    if e.errno in (errno.ENOTDIR, errno.EEXIST) and path is not None:
-        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
-        if blocker is not None:
-            return (f"{blocker} is a file where a folder is needed: set QLORA_STUDIO_RUNS (or --run-dir) to a "
-                    "folder, or move the file")
-    if e.errno == errno.ENOENT and e.filename:
-        return f"not found: {e.filename}"
-    return f"{e.strerror or e}:{where}"
 
 
 def _after_failure(args, error: str | None) -> list[Path]:

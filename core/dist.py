@@ -261,6 +261,78 @@ def clear_errors(run_dir: Path) -> None:
         f.unlink(missing_ok=True)
 
 
+def ranks_for(cfg) -> Ranks | None:
+    """This process's Ranks when torchrun started it (joining the process group), else None."""
+    if not launched():
+        return None
+    from .model import pick_device
+    return setup(pick_device(cfg.model.device).type)
+
+
+def with_world_size(cfg, ranks: Ranks | None):
+    """The config as this process runs it: under torchrun, train.processes is the world size
+    (config.json then says how many processes a resume starts)."""
+    import dataclasses
+    if ranks is None or cfg.train.processes == ranks.world:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, processes=ranks.world))
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """argv less `--nproc N`: torchrun would take --nproc for its own --nproc-per-node."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def run_processes(args, cfg, run_dir: Path) -> int:
+    """`python -m core train ... --nproc N` outside torchrun: the same command as N processes
+    under torchrun, waited for; the run folder then says how it ended (failed with the reason if
+    rank 0 was killed before it could). Returns the CLI's exit code (0 done, 3 stopped, 2 else)."""
+    import signal
+    import subprocess
+    import sys
+    from .model import pick_device
+    from .runs import rundir
+    n = cfg.train.processes
+    device = pick_device(cfg.model.device)
+    if device.type == "cuda":
+        if n > torch.cuda.device_count() and gpu_backend() == "nccl":
+            raise ValueError(f"--nproc {n} asks for {n} GPUs but this machine has {torch.cuda.device_count()}: "
+                             "start at most one process per GPU")
+    elif cfg.model.device != "cpu":
+        raise ValueError(f"--nproc {n}: data-parallel training needs GPUs and this machine has none "
+                         "(to run several CPU processes anyway, as the tests do, add --device cpu)")
+    argv = without_nproc(args.argv)
+    if not args.resume and not args.run_dir:
+        argv += ["--run-dir", str(run_dir)]  # every process writes (rank 0) into the same folder
+    print(f"{n} processes ({device.type}): torchrun --standalone --nproc-per-node={n} -m core {' '.join(argv)}",
+          flush=True)
+    proc = subprocess.Popen(torchrun_command(n, argv), env=os.environ.copy())  # a claim token goes to rank 0
+    forward = lambda signum, frame: proc.send_signal(signum)  # Stop / kill: torchrun stops every process
+    previous = signal.signal(signal.SIGTERM, forward), signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+    status = rundir.read_json(run_dir / rundir.STATUS, {}) or {}
+    if status.get("state") in rundir.ACTIVE_STATES:  # rank 0 was killed before it could say so
+        error = rank_errors(run_dir) or (f"the training processes ended (torchrun exit code {code}) "
+                                         f"before the run did; see {rundir.LOG} for why")
+        status = rundir.update_status(run_dir, {"state": "failed", "phase": "failed", "error": error,
+                                                "finished_at": rundir.now_iso()}) or {"state": "failed", "error": error}
+    if status.get("state") == "failed":  # the run's own words, after torchrun's report
+        print(f"error: {status.get('error')}", file=sys.stderr)
+    return {"done": 0, "stopped": 3}.get(status.get("state"), 2)
+
+
 def torchrun_command(nproc: int, args: list[str]) -> list[str]:
     """The command that runs `python -m core <args>` as `nproc` processes on this machine."""
     import sys

@@ -290,8 +290,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         stop.restore()
 
 
-def _quiet(**_):
-    """What log and status are in the processes other than rank 0: nothing is written."""
+_quiet = lambda **_: None  # log and status in the processes other than rank 0: nothing is written
 
 
 def end_run(run_dir: Path, log, sampler, t_start: float, state: str, error: str | None = None) -> None:

@@ -336,6 +336,29 @@ def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
     return bool(predicate())
 
 
+def describe_os_error(e: OSError, folder: Path | None = None) -> str:
+    """One sentence for an OSError: what could not be done, where, and what to do."""
+    import errno
+    path = Path(e.filename) if e.filename else folder
+    where = f" {path}" if path else ""
+    if e.errno is None:
+        return str(e)
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        return (f"no space left on the disk of{where}: free some space (old run folders can go) or set "
+                "QLORA_STUDIO_RUNS to a folder on another disk")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"cannot write{where} ({e.strerror}): make it writable, or set QLORA_STUDIO_RUNS (or --run-dir) "
+                "to a folder you can write")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST) and path is not None:
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return (f"{blocker} is a file where a folder is needed: set QLORA_STUDIO_RUNS (or --run-dir) to a "
+                    "folder, or move the file")
+    if e.errno == errno.ENOENT and e.filename:
+        return f"not found: {e.filename}"
+    return f"{e.strerror or e}:{where}"
+
+
 # The rest of the contract, in two files of their own (imported last: they build on the above):
 # liveness.py (processes, heartbeat, GPU lock) and state.py (status.json, claims, damaged runs).
 from .liveness import (Heartbeat, beat, gpu_busy_message, gpu_holder, gpu_lock, last_beat, log_reason,  # noqa: E402
