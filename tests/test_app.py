@@ -23,12 +23,19 @@ ROOT = Path(__file__).resolve().parents[1]
 pct = lambda x: f"{100 * x:.1f}%"
 
 
-def start(runs_root: Path, monkeypatch, page: str | None = None, run: str | None = None) -> AppTest:
+def start(runs_root: Path, monkeypatch, page: str | None = None, run: str | None = None,
+          state: dict | None = None, params: dict | None = None) -> AppTest:
+    """The app over `runs_root`, `run` selected, `state` in the session, then `params` in the
+    query string and `page` opened; no exception and no last-resort error on the way."""
     monkeypatch.setenv("QLORA_STUDIO_RUNS", str(runs_root))
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=240)
     if run:
         at.query_params["run"] = run
+    for k, v in (state or {}).items():
+        at.session_state[k] = v
     at.run()
+    for k, v in (params or {}).items():
+        at.query_params[k] = v
     if page:
         at.switch_page(f"app_pages/{page}.py").run()
     assert not at.exception, [e.value for e in at.exception]

@@ -22,7 +22,7 @@ from app_pages.ui import PASSWORD_KEY, plain
 from core import access, share
 from core.config import BUILTIN_DATA, EMBEDDED_MODEL, get_preset, override
 from core.runs import jobs, rundir
-from test_app import make_failed_run, make_running_run
+from test_app import make_failed_run, make_running_run, start, text_of
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = (access.READ_ONLY_ENV, access.PASSWORD_ENV, access.LOCAL_PATHS_ENV, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
@@ -66,29 +66,6 @@ def started(monkeypatch) -> Started:
 
 def demo_cfg(**changes):
     return override(get_preset("demo"), {"data.max_train_rows": 32, **changes})
-
-
-def start(root: Path, monkeypatch, page: str | None = None, run: str | None = None,
-          state: dict | None = None) -> AppTest:
-    monkeypatch.setenv(rundir.RUNS_ENV, str(root))
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=240)
-    if run:
-        at.query_params["run"] = run
-    for k, v in (state or {}).items():
-        at.session_state[k] = v
-    at.run()
-    if page:
-        at.switch_page(f"app_pages/{page}.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    assert not any("could not be shown" in e.value for e in at.error)
-    return at
-
-
-def text_of(at: AppTest) -> str:
-    parts = []
-    for kind in ("title", "subheader", "markdown", "caption", "info", "warning", "error", "success"):
-        parts += [str(e.value) for e in getattr(at, kind)]
-    return "\n".join(parts)
 
 
 def labels(at: AppTest, kind: str) -> list[str]:

@@ -8,7 +8,6 @@ predictions/dynamics.jsonl. Then the same on the real tiny run (conftest's `tiny
 import csv
 import io
 import json
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from core import analysis, slices, stats
 from core.bundle import MEMBERS, PACKAGES, build_bundle
 from core.config import get_preset
 from core.report import build_report, damaged_files, load_report, render_html, render_markdown
+from test_app import start as start_app, text_of
 from core.runs import rundir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,23 +321,7 @@ def test_the_bundle_holds_config_environment_hashes_predictions_and_methods(stat
 # --- the pages ----------------------------------------------------------------------------------
 
 def start(monkeypatch, root: Path, page: str, run: str = RUN_ID, **params) -> AppTest:
-    monkeypatch.setenv("QLORA_STUDIO_RUNS", str(root))
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=240)
-    at.query_params["run"] = run
-    at.run()
-    for k, v in params.items():
-        at.query_params[k] = v
-    at.switch_page(f"app_pages/{page}.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    assert not any("could not be shown" in e.value for e in at.error)
-    return at
-
-
-def text_of(at: AppTest) -> str:
-    parts = []
-    for kind in ("title", "header", "subheader", "markdown", "caption", "info", "warning", "error", "success"):
-        parts += [str(e.value) for e in getattr(at, kind)]
-    return "\n".join(parts)
+    return start_app(root, monkeypatch, page=page, run=run, params=params)
 
 
 def test_report_page_shows_the_statistics_sections(stats_run, monkeypatch):
