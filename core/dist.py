@@ -256,9 +256,12 @@ def rank_errors(run_dir: Path) -> str | None:
     return "; ".join(lines) or None
 
 
-def clear_errors(run_dir: Path) -> None:
-    for f in Path(run_dir).glob(f"rank-*{ERROR_SUFFIX}"):
+def clear_errors(run_dir: Path) -> list[str]:
+    """Remove the rank-K.error files of a previous attempt; returns their names."""
+    found = sorted(Path(run_dir).glob(f"rank-*{ERROR_SUFFIX}"))
+    for f in found:
         f.unlink(missing_ok=True)
+    return [f.name for f in found]
 
 
 def ranks_for(cfg) -> Ranks | None:

@@ -105,8 +105,9 @@ def optimizer_step(optimizer, scaler, params: list, max_grad_norm: float | None)
 
 def load_everything(cfg: RunConfig, t_start: float, ranks: dist.Ranks | None = None):
     """Data, tokenizer and the 4-bit model with its LoRA adapters, new head and speed-ups, seeded
-    (the trainable weights are rank 0's in every process of a data-parallel run); returns (splits, encoded splits, model, tokenizer, device, dtype, PeakMemory, the `setup` record
-    of metrics.jsonl: where and how the run trains, and on what)."""
+    (the trainable weights are rank 0's in every process of a data-parallel run); returns (splits,
+    encoded splits, model, tokenizer, device, dtype, PeakMemory, the `setup` record of
+    metrics.jsonl: where and how the run trains, and on what)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
@@ -156,9 +157,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     main = ranks.main
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir, metrics = run_dir / rundir.CHECKPOINTS, run_dir / rundir.METRICS
-    cleaned = checkpoint.clean_leftovers(ckpt_dir) if main else []  # what an interrupted save left behind
-    if main:
-        dist.clear_errors(run_dir)  # a previous attempt's failed processes
+    # what an interrupted save, and the failed processes of a previous attempt, left behind
+    cleaned = checkpoint.clean_leftovers(ckpt_dir) + dist.clear_errors(run_dir) if main else []
     state_dir = checkpoint.latest_state(ckpt_dir) if resume else None
     if state_dir is None:  # a fresh start; config.json says how it ran
         cfg = dataclasses.replace(cfg, speed=speed_from_env(cfg.speed))
@@ -257,10 +257,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         saver.add_test_result(best["epoch"], (best["val_accuracy"], len(splits["validation"])),
                               (test_acc, len(splits["test"])))  # the selected epoch's model card
         peaks = {**sampler.stop(), **memory.totals()}  # CPU, RAM, disk; torch's peak and reserved GPU memory
-        each = ranks.gather(memory.totals()) if ranks.world > 1 else None  # every process's GPU memory
+        replicas = {} if ranks.world == 1 else {  # collectives: every process computes these, rank 0 logs them
+            "peaks_per_process": ranks.gather(memory.totals()), "replicas_identical": ranks.identical(trainable)}
         log(kind="end", state="done", total_s=round(time.time() - t_start, 3), best_epoch=best["epoch"],
-            test_accuracy=test_acc, peaks=peaks, **({"peaks_per_process": each,
-                                                     "replicas_identical": ranks.identical(trainable)} if each else {}))
+            test_accuracy=test_acc, peaks=peaks, **replicas)
         if not main:
             return {}
         report = {**build_report(run_dir), "state": "done"}
