@@ -154,25 +154,48 @@ def draw_resources(snap: dict) -> None:
         st.caption("No GPU in use: this run trains on the CPU.")
 
 
-def live_view(run_id: str) -> None:
+BASE_EVERY = {"progress": LIVE_EVERY, "charts": CHARTS_EVERY, "resources": RESOURCES_EVERY}
+VIEWER_KEY = "viewer_id"  # session_state: this browser session's id among a run's viewers
+
+
+def refresh_every(run_id: str, snap: dict, current: float | None = None) -> tuple[dict[str, float], int]:
+    """This session's refresh intervals for the run, and how many sessions watch it (this one
+    counted in, refreshing every `current` s so far): the base intervals when the run trains on a
+    GPU; on the CPU, the base ones times the number of viewers (core.runs.live.refresh_intervals),
+    so that three tabs on the trainer's machine take from it what one does."""
+    import uuid
+    session = st.session_state.setdefault(VIEWER_KEY, uuid.uuid4().hex)
+    run_dir = rundir.run_path(run_id)
+    w = watcher(str(run_dir))
+    viewers = w.watched_by(session, current or LIVE_EVERY)
+    cpu = live.trains_on_cpu(snap, rundir.read_config(run_dir)[0], bool(ui.hardware().get("gpus")))
+    every = live.refresh_intervals(BASE_EVERY, viewers, cpu)
+    w.watched_by(session, every["progress"])
+    return every, (viewers if cpu else 1)
+
+
+def live_view(run_id: str, snap: dict) -> None:
     """The live view of a queued or running run: three fragments that refresh themselves, the
-    progress and numbers every LIVE_EVERY seconds, the loss and validation charts every
-    CHARTS_EVERY seconds, the resource charts every RESOURCES_EVERY seconds. A Plotly chart costs
-    the browser 0.1-0.2 s of CPU per redraw in software rendering, taken from the trainer when
-    both share a machine (bench/live_view.py --synthetic: 3 viewers, 47% of a core for Chromium
-    at 2 s / 6 s, 31% at 3 s / 12 s). All read the run through the shared watcher(): new lines only."""
-    live_progress(run_id)
-    live_charts(run_id)
-    live_resources(run_id)
+    progress and numbers, the loss and validation charts less often, the resource charts least
+    (refresh_every). A redraw costs the browser 0.1-0.3 s of CPU (Plotly charts most), taken from
+    a CPU trainer on the same machine (bench/live_view.py --synthetic: 3 viewers, 47% of a core
+    for Chromium at 2 s / 6 s, 26% at 3 s / 12 s / 30 s). All read the run through the shared
+    watcher(): new lines only."""
+    every, _ = refresh_every(run_id, snap)
+    st.fragment(live_progress, run_every=every["progress"])(run_id, every)
+    st.fragment(live_charts, run_every=every["charts"])(run_id, every)
+    st.fragment(live_resources, run_every=every["resources"])(run_id, every)
 
 
-@st.fragment(run_every=LIVE_EVERY)
-def live_progress(run_id: str) -> None:
+def live_progress(run_id: str, every: dict[str, float]) -> None:
     spare_the_collector()
     run_dir = rundir.run_path(run_id)
     snap = watcher(str(run_dir)).snapshot()
     if snap["state"] not in live.ACTIVE:
         st.rerun()  # the whole page (and the sidebar's state) now shows the finished run
+    now_every, viewers = refresh_every(run_id, snap, every["progress"])
+    if now_every != every:
+        st.rerun()  # viewers came or went: the whole page gives the fragments their new intervals
     head, stop = st.columns([5, 1])
     head.progress(snap["progress"]["fraction"], text=snap["progress"]["text"])
     if rundir.stop_requested(run_dir):
@@ -188,19 +211,21 @@ def live_progress(run_id: str) -> None:
         st.info("Loading the data and the model… the first numbers appear after the model has "
                 "been evaluated once before training.")
     draw_metrics_row(snap, charts=False)
+    if viewers > 1:
+        st.caption(f"{viewers} browser sessions are watching this run, which trains on the CPU: each refreshes "
+                   f"every {every['progress']:.0f} s (charts every {every['charts']:.0f} s), so that together they "
+                   "take from the trainer what one would.")
 
 
-@st.fragment(run_every=CHARTS_EVERY)
-def live_charts(run_id: str) -> None:
-    # max_age: every viewer whose timer fires within CHARTS_EVERY gets the same snapshot (version),
-    # so the figures are built once per CHARTS_EVERY for all of them, and re-sent unchanged.
-    snap = watcher(str(rundir.run_path(run_id))).snapshot(max_age=CHARTS_EVERY - 0.5)
+def live_charts(run_id: str, every: dict[str, float]) -> None:
+    # max_age: every viewer whose timer fires within one interval gets the same snapshot (version),
+    # so the figures are built once per interval for all of them, and re-sent unchanged.
+    snap = watcher(str(rundir.run_path(run_id))).snapshot(max_age=every["charts"] - 0.5)
     draw_curves(snap)
 
 
-@st.fragment(run_every=RESOURCES_EVERY)
-def live_resources(run_id: str) -> None:
-    snap = watcher(str(rundir.run_path(run_id))).snapshot(max_age=CHARTS_EVERY - 0.5)
+def live_resources(run_id: str, every: dict[str, float]) -> None:
+    snap = watcher(str(rundir.run_path(run_id))).snapshot(max_age=every["charts"] - 0.5)
     draw_resources(snap)
 
 
@@ -231,7 +256,7 @@ def draw_selected(run_dir: Path) -> bool:
     st.markdown(f"#### {ui.run_title(run_dir, snap['status'])}")
     ui.damage_note(run_dir)
     if state in live.ACTIVE:
-        live_view(run_dir.name)
+        live_view(run_dir.name, snap)
         return True
     if state == rundir.DAMAGED:
         st.error("This run's state is unknown because its status.json cannot be read. Its log and whatever "
@@ -588,5 +613,10 @@ elif may_launch:
 else:
     st.info("**No runs yet** in this deployment's runs folder.")
 if may_launch:
-    with st.expander("Start a new run", expanded=not active, icon=":material/rocket_launch:"):
-        settings_form()
+    # Built only when open (on_change="rerun" gives the expander a state): while a run is watched,
+    # the collapsed form costs neither the server nor the browser anything on each refresh.
+    new_run = st.expander("Start a new run", expanded=not active, icon=":material/rocket_launch:",
+                          key=f"new_run:{'watching' if active else 'idle'}", on_change="rerun")
+    if new_run.open:
+        with new_run:
+            settings_form()

@@ -185,10 +185,33 @@ def launch_with_button(page, quick: bool, runs: Path) -> Path:
     raise RuntimeError("the Launch button started no run")
 
 
+class Timeline:
+    """With --timeline: every 0.5 s, the CPU seconds the server and Chromium have used so far, to
+    line up with the trainer's step records (their "t") and see which UI activity slows which steps."""
+
+    def __init__(self, path: Path | None, server: psutil.Process):
+        self.path, self.server, self.stop = path, server, threading.Event()
+        if path:
+            self.thread = threading.Thread(target=self.loop, daemon=True)
+            self.thread.start()
+
+    def loop(self) -> None:
+        with open(self.path, "w") as f:
+            while not self.stop.wait(0.5):
+                f.write(json.dumps({"t": time.time(), "server_s": round(cpu_s(self.server), 3),
+                                    "chromium_s": round(browser_cpu_s(), 3)}) + "\n")
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.path:
+            self.thread.join()
+
+
 def run_watched(n: int, cfg, runs: Path, url: str, browser, server: psutil.Process, button: bool,
-                quick: bool) -> dict:
+                quick: bool, timeline: Path | None = None) -> dict:
     from core.runs import jobs
     server0, chrome0 = cpu_s(server), browser_cpu()
+    tl = Timeline(timeline, server)
     t0 = time.monotonic()
     viewers = []
     if button:
@@ -210,6 +233,7 @@ def run_watched(n: int, cfg, runs: Path, url: str, browser, server: psutil.Proce
             switched.append(None)
     wall = time.monotonic() - t0
     server_s, chrome_s = cpu_s(server) - server0, browser_cpu_s(chrome0)
+    tl.close()
     for ctx, _ in viewers:
         ctx.close()
     return {"viewers": n, "run": run.name, "wall_s": round(wall, 1), **trainer_numbers(run),
@@ -315,8 +339,13 @@ def main() -> None:
     ap.add_argument("--synthetic", type=float, metavar="SECONDS", help="UI cost only: a fake run watched for SECONDS")
     ap.add_argument("--json", type=Path, help="also write the rows and summary to this file")
     ap.add_argument("--keep", action="store_true", help="keep the temporary runs folder")
+    ap.add_argument("--timeline", type=Path, metavar="DIR",
+                    help="write DIR/<run>.timeline.jsonl (server and Chromium CPU every 0.5 s) and copy each "
+                         "run's metrics.jsonl beside it")
     args = ap.parse_args()
     args.viewers = [int(v) for v in args.viewers.split(",") if v.strip()]
+    if args.timeline:
+        args.timeline.mkdir(parents=True, exist_ok=True)
     if not args.synthetic and 0 not in args.viewers:
         args.viewers = [0] + args.viewers
     chromium = shutil.which("chromium")
@@ -352,8 +381,12 @@ def main() -> None:
                         for n in args.viewers:
                             k += 1
                             l0 = load()
+                            tl = args.timeline / f"case-{k}-viewers-{n}.timeline.jsonl" if args.timeline else None
                             row = (run_cli(cfg_path, runs, f"cli-{k}") if n == 0 else
-                                   run_watched(n, cfg, runs, url, browser, server, args.button, args.quick))
+                                   run_watched(n, cfg, runs, url, browser, server, args.button, args.quick, tl))
+                            if args.timeline:
+                                shutil.copy(runs / row["run"] / "metrics.jsonl",
+                                            args.timeline / f"case-{k}-viewers-{n}.metrics.jsonl")
                             row.update(load_before=l0, load_after=load())
                             print(json.dumps(row), flush=True)
                             rows.append(row)

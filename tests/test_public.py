@@ -248,6 +248,9 @@ def test_password_mode_shows_actions_only_after_the_right_password(tmp_path, mon
 
     at.text_input(key="password_field").input("s3cret").run()
     assert at.session_state[PASSWORD_KEY] == "s3cret"
+    assert "Stop" in labels(at, "button") and "Launch" not in labels(at, "button")  # the form: built when opened
+    at.session_state["new_run:watching"] = True  # opens "Start a new run" (what a click does)
+    at.run()
     assert {"Stop", "Launch"} <= set(labels(at, "button"))
     at.run()  # remembered for this session: no field any more
     assert not [t for t in at.text_input if t.key == "password_field"]

@@ -28,6 +28,8 @@ from . import rundir
 from ..report import throughput
 
 MAX_POINTS = 300  # per plotted series (chart_series)
+VIEWER_GRACE_S = 5.0  # a viewer is counted until 2 of its refresh intervals plus this have passed unseen
+MAX_SHARE = 10  # refresh_intervals: at most this many viewers' worth of slowing down
 RESOURCE_KEYS = ("cpu_percent", "rss_gb", "ram_used_gb", "gpu_mem_gb", "gpu_util")
 
 ACTIVE = ("queued", "running")
@@ -263,6 +265,7 @@ class LiveRun:
         self._n_metrics = 0
         self._shared: dict | None = None  # the last snapshot asked for with max_age, and when (monotonic)
         self._shared_at = 0.0
+        self._viewers: dict[str, tuple[float, float]] = {}  # session -> (last seen, its refresh interval)
 
     @property
     def version(self) -> tuple:
@@ -303,6 +306,34 @@ class LiveRun:
             if max_age > 0:
                 self._shared, self._shared_at = snap, time.monotonic()
             return snap
+
+    def watched_by(self, session: str, every: float, now: float | None = None) -> int:
+        """Record that browser session `session` shows this run and refreshes every `every` s;
+        returns how many sessions show it now. A session that stops asking (a closed tab) is
+        counted until twice its interval plus VIEWER_GRACE_S have passed."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._viewers[session] = (now, every)
+            self._viewers = {s: (t, e) for s, (t, e) in self._viewers.items()
+                             if now - t <= 2 * e + VIEWER_GRACE_S}
+            return len(self._viewers)
+
+
+def refresh_intervals(base: dict[str, float], viewers: int, shares_cpu: bool) -> dict[str, float]:
+    """How often one viewer refreshes each part of the live view: `base` (seconds by part) when
+    the run trains on a GPU; for a run on the CPU, `base` times the number of viewers (at most
+    MAX_SHARE), so that all viewers together cost what one costs. On the CPU every redraw, the
+    server's and each browser's on the same machine, takes cores from the trainer: three tabs
+    refreshing as often as one slowed the demo 1.4-1.7x on 2 cores (bench/live_view.py)."""
+    k = min(max(1, viewers), MAX_SHARE) if shares_cpu else 1
+    return {part: every * k for part, every in base.items()}
+
+
+def trains_on_cpu(snap: dict, config: dict | None, gpu_present: bool) -> bool:
+    """Whether the run's trainer computes on the CPU: its setup record's device once it has one,
+    else its configured device ("auto" uses a GPU when this machine has one)."""
+    device = (snap.get("setup") or {}).get("device") or ((config or {}).get("model") or {}).get("device") or "auto"
+    return str(device).startswith("cpu") or (device == "auto" and not gpu_present)
 
 
 # --- curves for charts ---------------------------------------------------------------------------
