@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from app_pages import ui
+from app_pages import svgchart, ui
 from core import access, estimate, uploads
 from core.runs import jobs, live, rundir
 from core.config import BUILTIN_DATA, EMBEDDED_MODEL, NLI_LABELS, PRESETS, get_preset, override
@@ -68,12 +68,14 @@ def watcher(run_dir: str) -> live.LiveRun:
     return live.LiveRun(Path(run_dir))
 
 
-def _curve_figures(snap: dict) -> dict:
+def curve_figures(snap: dict) -> dict:
+    """The loss and validation Plotly figures of a finished (or stopped, failed) run."""
     s = live.chart_series(snap)
     return {"loss": ui.loss_figure(s["loss"], s["epochs"]), "val": ui.val_accuracy_figure(s["validation"])}
 
 
-def _resource_figures(snap: dict) -> dict:
+def resource_figures(snap: dict) -> dict:
+    """CPU, RAM (and GPU) Plotly figures of a finished (or stopped, failed) run."""
     res = live.chart_series(snap)["resources"]
     figs = {"cpu": ui.resources_figure(res, [("cpu_percent", "trainer CPU")], "CPU (100% = one core)", "%"),
             "ram": ui.resources_figure(res, [("rss_gb", "trainer RSS"), ("ram_used_gb", "machine used")], "RAM", "GiB")}
@@ -83,30 +85,47 @@ def _resource_figures(snap: dict) -> dict:
     return figs
 
 
-# The figures of a LiveRun snapshot are built once per (run, version) for every session: a Plotly
-# figure costs tens of ms to build, st.plotly_chart only serialises a ready one. Shared: read only.
+def _live_charts(snap: dict) -> dict[str, str]:
+    """The live view's charts as SVG (app_pages/svgchart.py: nothing for the browser to load or
+    compute): the same curves as the Plotly figures of a finished run."""
+    s = live.chart_series(snap)
+    line, second = ui.COLORS["line"], ui.COLORS["second"]
+    spe = (s["loss"][0].get("steps_per_epoch") or 1) if s["loss"] else 1
+    charts = {"loss": svgchart.line_chart("Training loss", [
+        svgchart.Series("step loss", [(r["step"], r["loss"]) for r in s["loss"]], line),
+        svgchart.Series("epoch mean", [(e["epoch"] * spe, e["train_loss"]) for e in s["epochs"]], second,
+                        lines=False, markers=True, marker_size=5)], "optimiser step", "cross-entropy")}
+    curve = s["validation"]
+    charts["val"] = svgchart.line_chart(
+        "Validation accuracy by epoch (0 = before training)",
+        [svgchart.Series("validation", [(c["epoch"], 100 * c["accuracy"]) for c in curve], line, markers=True,
+                         marker_size=4, labels=[f"{100 * c['accuracy']:.1f}%" for c in curve])],
+        "epoch", "accuracy (%)", y_range=(0, 105), integer_x=True)
+    res = s["resources"]
+    colors = [line, second]
+
+    def resources(title: str, keys: list[tuple[str, str]], unit: str) -> str:
+        return svgchart.line_chart(title, [svgchart.Series(name, [(r["elapsed_s"], r[k]) for r in res if k in r], c)
+                                           for (k, name), c in zip(keys, colors)], "seconds", unit, height=220)
+    charts["cpu"] = resources("CPU (100% = one core)", [("cpu_percent", "trainer CPU")], "%")
+    charts["ram"] = resources("RAM", [("rss_gb", "trainer RSS"), ("ram_used_gb", "machine used")], "GiB")
+    if any("gpu_mem_gb" in r for r in res):
+        charts["gpu"] = resources("GPU", [("gpu_mem_gb", "memory (GiB)"), ("gpu_util", "utilisation (%)")], "GiB / %")
+    return charts
+
+
+# The live charts of a LiveRun snapshot are drawn once per (run, version) for every session that
+# watches the run. Shared: read only.
 @st.cache_resource(max_entries=32, show_spinner=False, ttl=900)
-def _shared_curve_figures(run_id: str, version: tuple, _snap: dict) -> dict:
-    return _curve_figures(_snap)
+def _shared_live_charts(run_id: str, version: tuple, _snap: dict) -> dict[str, str]:
+    return _live_charts(_snap)
 
 
-@st.cache_resource(max_entries=32, show_spinner=False, ttl=900)
-def _shared_resource_figures(run_id: str, version: tuple, _snap: dict) -> dict:
-    return _resource_figures(_snap)
-
-
-def curve_figures(snap: dict) -> dict:
-    """The loss and validation figures; snapshots of a LiveRun (with a version) share them."""
+def live_charts_of(snap: dict) -> dict[str, str]:
+    """SVG charts of a snapshot; snapshots of a LiveRun (with a version) share them."""
     if "version" in snap:
-        return _shared_curve_figures(snap["run_id"], snap["version"], snap)
-    return _curve_figures(snap)
-
-
-def resource_figures(snap: dict) -> dict:
-    """CPU, RAM (and GPU) figures; snapshots of a LiveRun (with a version) share them."""
-    if "version" in snap:
-        return _shared_resource_figures(snap["run_id"], snap["version"], snap)
-    return _resource_figures(snap)
+        return _shared_live_charts(snap["run_id"], snap["version"], snap)
+    return _live_charts(snap)
 
 
 def draw_metrics_row(snap: dict, charts: bool = True) -> None:
@@ -131,26 +150,33 @@ def draw_metrics_row(snap: dict, charts: bool = True) -> None:
         draw_curves(snap)
 
 
-def draw_curves(snap: dict) -> None:
+def draw_curves(snap: dict, svg: bool = False) -> None:
     """The training loss by step and the validation accuracy by epoch (at most live.MAX_POINTS
-    points each)."""
+    points each): Plotly figures, or with `svg` the live view's light SVG charts."""
     if snap["steps"] or live.validation_curve(snap["evals"]):
-        figs = curve_figures(snap)
         left, right = st.columns(2)
+        if svg:
+            charts = live_charts_of(snap)
+            left.image(charts["loss"], width="stretch")
+            right.image(charts["val"], width="stretch")
+            return
+        figs = curve_figures(snap)
         left.plotly_chart(figs["loss"], config=ui.PLOTLY, key=f"loss:{snap['run_id']}")
         right.plotly_chart(figs["val"], config=ui.PLOTLY, key=f"val:{snap['run_id']}")
 
 
-def draw_resources(snap: dict) -> None:
+def draw_resources(snap: dict, svg: bool = False) -> None:
     if not snap["resources"]:
         return
-    figs = resource_figures(snap)
+    figs = live_charts_of(snap) if svg else resource_figures(snap)
     cols = st.columns(3 if "gpu" in figs else 2)
-    cols[0].plotly_chart(figs["cpu"], config=ui.PLOTLY, key=f"cpu:{snap['run_id']}")
-    cols[1].plotly_chart(figs["ram"], config=ui.PLOTLY, key=f"ram:{snap['run_id']}")
-    if "gpu" in figs:
-        cols[2].plotly_chart(figs["gpu"], config=ui.PLOTLY, key=f"gpu:{snap['run_id']}")
-    else:
+    for col, name in zip(cols, ("cpu", "ram", "gpu")):
+        if name in figs:
+            if svg:
+                col.image(figs[name], width="stretch")
+            else:
+                col.plotly_chart(figs[name], config=ui.PLOTLY, key=f"{name}:{snap['run_id']}")
+    if "gpu" not in figs:
         st.caption("No GPU in use: this run trains on the CPU.")
 
 
@@ -221,12 +247,12 @@ def live_charts(run_id: str, every: dict[str, float]) -> None:
     # max_age: every viewer whose timer fires within one interval gets the same snapshot (version),
     # so the figures are built once per interval for all of them, and re-sent unchanged.
     snap = watcher(str(rundir.run_path(run_id))).snapshot(max_age=every["charts"] - 0.5)
-    draw_curves(snap)
+    draw_curves(snap, svg=True)
 
 
 def live_resources(run_id: str, every: dict[str, float]) -> None:
     snap = watcher(str(rundir.run_path(run_id))).snapshot(max_age=every["charts"] - 0.5)
-    draw_resources(snap)
+    draw_resources(snap, svg=True)
 
 
 def draw_done(run_dir: Path, snap: dict) -> None:
