@@ -208,17 +208,17 @@ def live_view(run_id: str, snap: dict) -> None:
     for Chromium at 2 s / 6 s, 26% at 3 s / 12 s / 30 s). All read the run through the shared
     watcher(): new lines only."""
     every, _ = refresh_every(run_id, snap)
-    st.fragment(live_progress, run_every=every["progress"])(run_id, every)
+    st.fragment(live_progress, run_every=every["progress"])(run_id, every, snap["state"])
     st.fragment(live_charts, run_every=every["charts"])(run_id, every)
     st.fragment(live_resources, run_every=every["resources"])(run_id, every)
 
 
-def live_progress(run_id: str, every: dict[str, float]) -> None:
+def live_progress(run_id: str, every: dict[str, float], drawn_state: str) -> None:
     spare_the_collector()
     run_dir = rundir.run_path(run_id)
     snap = watcher(str(run_dir)).snapshot()
-    if snap["state"] not in live.ACTIVE:
-        st.rerun()  # the whole page (and the sidebar's state) now shows the finished run
+    if snap["state"] != drawn_state:
+        st.rerun()  # queued -> running, or finished: the whole page (title, sidebar) shows the new state
     now_every, viewers = refresh_every(run_id, snap, every["progress"])
     if now_every != every:
         st.rerun()  # viewers came or went: the whole page gives the fragments their new intervals

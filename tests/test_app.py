@@ -54,6 +54,17 @@ def metrics(at: AppTest) -> dict[str, str]:
     return {m.label: m.value for m in at.metric}
 
 
+def svg_charts(at: AppTest) -> dict[str, str]:
+    """The live view's SVG charts (st.image of an SVG: a data URL), by their title."""
+    import base64
+    import xml.etree.ElementTree as ET
+    out = {}
+    for url in (u for e in at.image for u in e.value if u.startswith("data:image/svg+xml;base64,")):
+        svg = base64.b64decode(url.split(",", 1)[1]).decode()
+        out[ET.fromstring(svg).find("{http://www.w3.org/2000/svg}text").text] = svg
+    return out
+
+
 def plotly_specs(at: AppTest) -> list[dict]:
     return [json.loads(e.proto.spec) for e in at.get("plotly_chart")]
 
@@ -215,6 +226,27 @@ def test_running_run_reattaches_with_progress_eta_and_stop(tmp_path, monkeypatch
         trainer.wait()
 
 
+def test_viewers_of_a_cpu_run_share_one_refresh_budget(tmp_path, monkeypatch, sleeper):
+    run = make_running_run(tmp_path / "runs", sleeper.pid)  # its setup record says device cpu
+    first = start(run.parent, monkeypatch)
+    assert "browser sessions are watching" not in text_of(first)
+    second = start(run.parent, monkeypatch)  # another browser session (the watcher is shared)
+    assert ("2 browser sessions are watching this run, which trains on the CPU: each refreshes every 6 s "
+            "(charts every 24 s)") in text_of(second)
+    first.run()
+    assert "2 browser sessions are watching" in text_of(first)
+    setup = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for rec in setup:
+        if rec["kind"] == "setup":
+            rec["device"] = "cuda:0"  # the same run on a GPU: the viewers do not slow each other
+    gpu_run = run.parent / "20990101-000000-demo-gpu"
+    shutil.copytree(run, gpu_run)
+    (gpu_run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in setup))
+    a, b = start(run.parent, monkeypatch, run=gpu_run.name), start(run.parent, monkeypatch, run=gpu_run.name)
+    assert "browser sessions are watching" not in text_of(a) + text_of(b)
+    assert a.get("progress") and b.get("progress")
+
+
 def check_running_run(run: Path, trainer, monkeypatch):
     at = start(run.parent, monkeypatch)
     bar = at.get("progress")[0]
@@ -222,7 +254,12 @@ def check_running_run(run: Path, trainer, monkeypatch):
     m = metrics(at)
     assert m["Time left"] != "measuring…" and m["Pairs / s"] == "10.0"
     assert m["Validation accuracy"] == "40.0%"
-    assert any(s["layout"]["title"]["text"] == "Training loss" for s in plotly_specs(at))
+    charts = svg_charts(at)  # light SVG charts while live (the Plotly figures come when it is done)
+    assert set(charts) == {"Training loss", "Validation accuracy by epoch (0 = before training)",
+                           "CPU (100% = one core)", "RAM"} and not plotly_specs(at)
+    assert charts["Training loss"].count("<polyline") == 1 and "step loss" in charts["Training loss"]
+    assert ">40.0%<" in charts["Validation accuracy by epoch (0 = before training)"]  # the before pass
+    assert "browser sessions are watching" not in text_of(at)  # one viewer: the full refresh rate
     at.button(key=f"stop:{run.name}").click().run()
     assert rundir.stop_requested(run)
     assert trainer.wait(timeout=10) == -signal.SIGTERM  # Stop also sends SIGTERM to the trainer

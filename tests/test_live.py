@@ -240,3 +240,38 @@ def test_chart_series_bounds_every_curve(tmp_path):
     assert series["resources"][-1]["elapsed_s"] == 4999.0
     assert max(r["ram_used_gb"] for r in series["resources"]) == 3.0  # a one-sample peak is kept
     assert series["validation"] == [{"epoch": 0, "accuracy": 0.4, "loss": 1.1, "n": 20}]
+
+
+# --- several viewers of one run -----------------------------------------------------------------
+
+def test_watched_by_counts_sessions_until_they_stop_asking(tmp_path):
+    watcher = live.LiveRun(running_run(tmp_path))
+    assert watcher.watched_by("a", 3.0, now=100.0) == 1
+    assert watcher.watched_by("b", 3.0, now=101.0) == 2
+    assert watcher.watched_by("a", 6.0, now=102.0) == 2  # the same session again: still two
+    # "b" refreshes every 3 s: counted until 2 * 3 + VIEWER_GRACE_S = 11 s after it was last seen
+    assert watcher.watched_by("a", 6.0, now=101.0 + 11.0) == 2
+    assert watcher.watched_by("a", 6.0, now=101.0 + 11.1) == 1  # a closed tab stops counting
+
+
+def test_refresh_intervals_are_shared_by_viewers_of_a_cpu_run_only():
+    base = {"progress": 3.0, "charts": 12.0}
+    assert live.refresh_intervals(base, 1, shares_cpu=True) == base
+    assert live.refresh_intervals(base, 3, shares_cpu=True) == {"progress": 9.0, "charts": 36.0}
+    assert live.refresh_intervals(base, 3, shares_cpu=False) == base  # a GPU run: every viewer at full rate
+    assert live.refresh_intervals(base, 0, shares_cpu=True) == base
+    many = live.refresh_intervals(base, 500, shares_cpu=True)
+    assert many["progress"] == 3.0 * live.MAX_SHARE
+
+
+@pytest.mark.parametrize("setup, config, gpu, expected", [
+    ({"device": "cpu"}, {"model": {"device": "auto"}}, True, True),     # the trainer said where it runs
+    ({"device": "cuda:0"}, {"model": {"device": "auto"}}, False, False),
+    ({}, {"model": {"device": "cpu"}}, True, True),                    # before setup: the configured device
+    ({}, {"model": {"device": "cuda"}}, False, False),
+    ({}, {"model": {"device": "auto"}}, True, False),                  # auto: a GPU when the machine has one
+    ({}, {"model": {"device": "auto"}}, False, True),
+    ({}, None, False, True),                                           # an unreadable config: auto
+])
+def test_trains_on_cpu(setup, config, gpu, expected):
+    assert live.trains_on_cpu({"setup": setup}, config, gpu) is expected
