@@ -202,10 +202,10 @@ def refresh_every(run_id: str, snap: dict, current: float | None = None) -> tupl
 
 def live_view(run_id: str, snap: dict) -> None:
     """The live view of a queued or running run: three fragments that refresh themselves, the
-    progress and numbers, the loss and validation charts less often, the resource charts least
-    (refresh_every). A redraw costs the browser 0.1-0.3 s of CPU (Plotly charts most), taken from
-    a CPU trainer on the same machine (bench/live_view.py --synthetic: 3 viewers, 47% of a core
-    for Chromium at 2 s / 6 s, 26% at 3 s / 12 s / 30 s). All read the run through the shared
+    progress and numbers, the loss and validation charts less often, the resource charts least,
+    each at refresh_every's interval. Each rerun costs a browser ~90 ms of JavaScript whatever it
+    holds, and the charts are SVG images (no Plotly.js to load): taken from a CPU trainer on the
+    same machine (bench/live_view.py, bench/RESULTS.md). All read the run through the shared
     watcher(): new lines only."""
     every, _ = refresh_every(run_id, snap)
     st.fragment(live_progress, run_every=every["progress"])(run_id, every, snap["state"])

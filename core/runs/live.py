@@ -7,11 +7,11 @@
     snap = watcher.snapshot()    # ... plus "version", which changes when new records arrive
     series = chart_series(snap)  # the curves to plot, each at most MAX_POINTS points
 
-snapshot() reads the whole folder on each call. The Train page polls every 1-2 seconds, so it keeps
-one LiveRun per run instead (shared by every browser session that watches the run): a JsonlTail per
-JSON-lines file remembers the byte offset where its last read stopped, so each poll costs a stat()
-per file and the parsing of the lines appended since. Everything a LiveRun holds is rebuilt from
-the folder on demand, so a closed tab or a restarted server loses nothing (see core/runs/rundir.py).
+snapshot() reads the whole folder on each call; the Train page polls every few seconds, so it keeps
+one LiveRun per run (shared by every browser session that watches it): a JsonlTail per JSON-lines
+file reads only the lines appended since its last read. A LiveRun also counts its viewers, whose
+refresh_intervals share one budget on a CPU run. Everything is rebuilt from the folder on demand,
+so a closed tab or a restarted server loses nothing (see core/runs/rundir.py).
 """
 
 from __future__ import annotations
@@ -308,9 +308,8 @@ class LiveRun:
             return snap
 
     def watched_by(self, session: str, every: float, now: float | None = None) -> int:
-        """Record that browser session `session` shows this run and refreshes every `every` s;
-        returns how many sessions show it now. A session that stops asking (a closed tab) is
-        counted until twice its interval plus VIEWER_GRACE_S have passed."""
+        """Record that browser session `session` shows this run, refreshing every `every` s; returns
+        how many do now. A session that stops asking (a closed tab) counts for 2 intervals + grace."""
         now = time.monotonic() if now is None else now
         with self._lock:
             self._viewers[session] = (now, every)
@@ -320,11 +319,9 @@ class LiveRun:
 
 
 def refresh_intervals(base: dict[str, float], viewers: int, shares_cpu: bool) -> dict[str, float]:
-    """How often one viewer refreshes each part of the live view: `base` (seconds by part) when
-    the run trains on a GPU; for a run on the CPU, `base` times the number of viewers (at most
-    MAX_SHARE), so that all viewers together cost what one costs. On the CPU every redraw, the
-    server's and each browser's on the same machine, takes cores from the trainer: three tabs
-    refreshing as often as one slowed the demo 1.4-1.7x on 2 cores (bench/live_view.py)."""
+    """Seconds between one viewer's refreshes of each part: `base` on a GPU run; on a CPU run,
+    `base` times the number of viewers (at most MAX_SHARE), so all of them cost the trainer what
+    one does (three tabs at one tab's rate slowed the demo 1.4-1.7x on 2 cores: bench/RESULTS.md)."""
     k = min(max(1, viewers), MAX_SHARE) if shares_cpu else 1
     return {part: every * k for part, every in base.items()}
 
