@@ -194,7 +194,8 @@ def refresh_every(run_id: str, snap: dict, current: float | None = None) -> tupl
     run_dir = rundir.run_path(run_id)
     w = watcher(str(run_dir))
     viewers = w.watched_by(session, current or LIVE_EVERY)
-    cpu = live.trains_on_cpu(snap, rundir.read_config(run_dir)[0], bool(ui.hardware().get("gpus")))
+    config = None if (snap.get("setup") or {}).get("device") else rundir.read_config(run_dir)[0]  # until setup
+    cpu = live.trains_on_cpu(snap, config, bool(ui.hardware().get("gpus")))
     every = live.refresh_intervals(BASE_EVERY, viewers, cpu)
     w.watched_by(session, every["progress"])
     return every, (viewers if cpu else 1)
