@@ -141,7 +141,7 @@ def load_everything(cfg: RunConfig, t_start: float, ranks: dist.Ranks | None = N
                  hardware=hardware, params=count_parameters(model), setup_s=round(time.time() - t_start, 3),
                  timings={k: round(v, 3) for k, v in timings.items()}, data=data_stats, labels=labels,
                  steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * cfg.train.epochs,
-                 epochs=cfg.train.epochs, load_s=round(load_s, 3), load_peak_gb=load_peak_gb,
+                 epochs=cfg.train.epochs, track_test=cfg.train.track_test, load_s=round(load_s, 3), load_peak_gb=load_peak_gb,
                  model_type=model.config.model_type, speedups=tuned, speed=dataclasses.asdict(cfg.speed),
                  pooling=resolve_pooling(cfg.model), target_modules=sorted(model.peft_config["default"].target_modules),
                  mean_tokens={s: round(float(np.mean([len(e["input_ids"]) for e in v])), 1) for s, v in encoded.items()})

@@ -30,6 +30,21 @@ def test_remaining_time_counts_steps_validation_passes_and_the_final_test():
     assert live.estimate_remaining(setup, slow_first, evals, 0, False) == 23.0  # warm-up is not the pace
 
 
+def test_remaining_time_counts_a_test_pass_per_epoch_when_the_run_tracks_test():
+    steps = [{"step": i, "step_s": 2.0} for i in range(1, 5)]
+    evals = [{"split": "validation", "stage": "before", "seconds": 3.0},
+             {"split": "test", "stage": "before", "seconds": 5.0}]
+    tracked = {"total_steps": 10, "epochs": 2, "track_test": True}
+    # 6 steps x 2 s + 2 x (validation 3 s + test 5 s) + the final test pass 5 s
+    assert live.estimate_remaining(tracked, steps, evals, epochs_done=0, test_after_done=False) == 33.0
+    assert live.estimate_remaining(tracked, steps, evals, epochs_done=2, test_after_done=True) == 12.0
+    # a run from before setup recorded track_test: an epoch's test pass in the metrics says so
+    old = {"total_steps": 10, "epochs": 2}
+    epoch_1 = evals + [{"split": "test", "stage": "epoch-1", "seconds": 4.0}]
+    assert live.estimate_remaining(old, steps, epoch_1, epochs_done=1, test_after_done=False) == 12 + 3 + 4 + 4
+    assert live.estimate_remaining(old, steps, evals, epochs_done=0, test_after_done=False) == 23.0
+
+
 def test_snapshot_of_a_running_and_a_finished_folder(tmp_path):
     run = tmp_path / "r1"
     run.mkdir()

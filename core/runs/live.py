@@ -49,9 +49,9 @@ def estimate_remaining(setup: dict, steps: list[dict], evals: list[dict], epochs
     """Seconds left, from measured step and evaluation times; None until a step has been timed.
 
     Remaining work = optimiser steps not yet taken (at the mean of the last 20 steps, not counting
-    the first, which also pays for warm-up), one
-    validation pass after each epoch not yet finished, and the final test pass (each as long as
-    the same pass took before training)."""
+    the first, which also pays for warm-up), a validation pass after each epoch not yet finished,
+    a test pass too when the run tracks test accuracy by epoch (train.track_test), and the final
+    test pass (each as long as the latest pass of that split took)."""
     total_steps = setup.get("total_steps")
     if not total_steps or not steps:
         return None
@@ -63,11 +63,10 @@ def estimate_remaining(setup: dict, steps: list[dict], evals: list[dict], epochs
     val = [e["seconds"] for e in evals if e.get("split") == "validation" and _is_num(e.get("seconds"))]
     test = [e["seconds"] for e in evals if e.get("split") == "test" and _is_num(e.get("seconds"))]
     epochs_left = max(0, (setup.get("epochs") or 0) - epochs_done)
-    if val:
-        remaining += epochs_left * val[-1]
-    if test and not test_after_done:
-        remaining += test[0]
-    return remaining
+    tracked = setup.get("track_test", any(str(e.get("stage")).startswith("epoch-") for e in evals
+                                          if e.get("split") == "test"))  # runs from before the key
+    return (remaining + (epochs_left * val[-1] if val else 0.0)
+            + ((epochs_left if tracked else 0) + (not test_after_done)) * (test[-1] if test else 0.0))
 
 
 def snapshot(run_dir: Path, now: float | None = None) -> dict:
