@@ -122,10 +122,8 @@ def _shared_live_charts(run_id: str, version: tuple, _snap: dict) -> dict[str, s
 
 
 def live_charts_of(snap: dict) -> dict[str, str]:
-    """SVG charts of a snapshot; snapshots of a LiveRun (with a version) share them."""
-    if "version" in snap:
-        return _shared_live_charts(snap["run_id"], snap["version"], snap)
-    return _live_charts(snap)
+    """SVG charts of a LiveRun snapshot (it has a version): shared by every session."""
+    return _shared_live_charts(snap["run_id"], snap["version"], snap)
 
 
 def draw_metrics_row(snap: dict, charts: bool = True) -> None:
@@ -252,6 +250,7 @@ def live_charts(run_id: str, every: dict[str, float]) -> None:
 
 
 def live_resources(run_id: str, every: dict[str, float]) -> None:
+    # the charts' shared snapshot: its SVG charts (resources included) are already drawn
     snap = watcher(str(rundir.run_path(run_id))).snapshot(max_age=every["charts"] - 0.5)
     draw_resources(snap, svg=True)
 
