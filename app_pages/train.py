@@ -74,15 +74,24 @@ def curve_figures(snap: dict) -> dict:
     return {"loss": ui.loss_figure(s["loss"], s["epochs"]), "val": ui.val_accuracy_figure(s["validation"])}
 
 
+# The resource charts, Plotly (finished runs) or SVG (live): name -> (title, [(key, series name)], unit).
+RESOURCE_CHARTS = {
+    "cpu": ("CPU (100% = one core)", [("cpu_percent", "trainer CPU")], "%"),
+    "ram": ("RAM", [("rss_gb", "trainer RSS"), ("ram_used_gb", "machine used")], "GiB"),
+    "gpu": ("GPU", [("gpu_mem_gb", "memory (GiB)"), ("gpu_util", "utilisation (%)")], "GiB / %"),
+}
+
+
+def resource_charts(res: list[dict]) -> dict[str, tuple]:
+    """RESOURCE_CHARTS without the GPU chart when no sample has GPU memory."""
+    return {name: chart for name, chart in RESOURCE_CHARTS.items()
+            if name != "gpu" or any("gpu_mem_gb" in r for r in res)}
+
+
 def resource_figures(snap: dict) -> dict:
     """CPU, RAM (and GPU) Plotly figures of a finished (or stopped, failed) run."""
     res = live.chart_series(snap)["resources"]
-    figs = {"cpu": ui.resources_figure(res, [("cpu_percent", "trainer CPU")], "CPU (100% = one core)", "%"),
-            "ram": ui.resources_figure(res, [("rss_gb", "trainer RSS"), ("ram_used_gb", "machine used")], "RAM", "GiB")}
-    if any("gpu_mem_gb" in r for r in res):
-        figs["gpu"] = ui.resources_figure(res, [("gpu_mem_gb", "memory (GiB)"), ("gpu_util", "utilisation (%)")],
-                                          "GPU", "GiB / %")
-    return figs
+    return {name: ui.resources_figure(res, keys, title, unit) for name, (title, keys, unit) in resource_charts(res).items()}
 
 
 def _live_charts(snap: dict) -> dict[str, str]:
@@ -102,15 +111,10 @@ def _live_charts(snap: dict) -> dict[str, str]:
                          marker_size=4, labels=[f"{100 * c['accuracy']:.1f}%" for c in curve])],
         "epoch", "accuracy (%)", y_range=(0, 105), integer_x=True)
     res = s["resources"]
-    colors = [line, second]
-
-    def resources(title: str, keys: list[tuple[str, str]], unit: str) -> str:
-        return svgchart.line_chart(title, [svgchart.Series(name, [(r["elapsed_s"], r[k]) for r in res if k in r], c)
-                                           for (k, name), c in zip(keys, colors)], "seconds", unit, height=220)
-    charts["cpu"] = resources("CPU (100% = one core)", [("cpu_percent", "trainer CPU")], "%")
-    charts["ram"] = resources("RAM", [("rss_gb", "trainer RSS"), ("ram_used_gb", "machine used")], "GiB")
-    if any("gpu_mem_gb" in r for r in res):
-        charts["gpu"] = resources("GPU", [("gpu_mem_gb", "memory (GiB)"), ("gpu_util", "utilisation (%)")], "GiB / %")
+    for name, (title, keys, unit) in resource_charts(res).items():
+        charts[name] = svgchart.line_chart(
+            title, [svgchart.Series(label, [(r["elapsed_s"], r[k]) for r in res if k in r], color)
+                    for (k, label), color in zip(keys, (line, second))], "seconds", unit, height=220)
     return charts
 
 
