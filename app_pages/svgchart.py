@@ -65,8 +65,9 @@ def line_chart(title: str, series: list[Series], x_title: str, y_title: str, hei
                y_range: tuple[float, float] | None = None, integer_x: bool = False) -> str:
     """One chart: a title, a legend when there are several series, gridlines with round ticks,
     axis titles, and each series as a line and/or markers. Non-finite points are left out."""
-    pts = [(float(x), float(y)) for s in series for x, y in s.points
-           if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
+    finite = [[(float(x), float(y)) for x, y in s.points
+               if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)] for s in series]
+    pts = [p for ps in finite for p in ps]
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" '
              f'height="{height}" style="{FONT}">',
              f'<text x="{MARGIN["left"]}" y="18" font-size="14" fill="{TITLE_TEXT}">{escape(title)}</text>']
@@ -99,9 +100,8 @@ def line_chart(title: str, series: list[Series], x_title: str, y_title: str, hei
                  f'fill="{AXIS_TEXT}">{escape(x_title)}</text>')
     parts.append(f'<text transform="translate(13,{(top + bottom) / 2}) rotate(-90)" text-anchor="middle" '
                  f'font-size="12" fill="{AXIS_TEXT}">{escape(y_title)}</text>')
-    for s in series:
-        sp = [(sx(x), sy(y)) for x, y in s.points
-              if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
+    for s, ps in zip(series, finite):
+        sp = [(sx(x), sy(y)) for x, y in ps]
         if s.lines and len(sp) > 1:
             d = " ".join(f"{x:.1f},{y:.1f}" for x, y in sp)
             parts.append(f'<polyline points="{d}" fill="none" stroke="{s.color}" stroke-width="2" '
