@@ -14,13 +14,15 @@ from app_pages import ui
 
 st.set_page_config(page_title="QLoRA Studio", page_icon=":material/science:", layout="wide")
 
-pages = st.navigation([
-    st.Page("app_pages/train.py", title="Train", icon=":material/model_training:", default=True),
-    st.Page("app_pages/report.py", title="Report", icon=":material/summarize:"),
-    st.Page("app_pages/failures.py", title="Failures", icon=":material/rule:"),
-    st.Page("app_pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
-    st.Page("app_pages/playground.py", title="Playground", icon=":material/science:"),
-])
+pages = st.navigation(
+    [
+        st.Page("app_pages/train.py", title="Train", icon=":material/model_training:", default=True),
+        st.Page("app_pages/report.py", title="Report", icon=":material/summarize:"),
+        st.Page("app_pages/failures.py", title="Failures", icon=":material/rule:"),
+        st.Page("app_pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
+        st.Page("app_pages/playground.py", title="Playground", icon=":material/science:"),
+    ]
+)
 ui.sidebar()
 try:
     pages.run()

@@ -32,8 +32,7 @@ if "compare_runs" not in st.session_state:
     st.session_state["compare_runs"] = default
 else:  # runs deleted since: drop them from the selection
     st.session_state["compare_runs"] = [i for i in st.session_state["compare_runs"] if i in by_id]
-chosen = st.multiselect("Runs", ids, key="compare_runs",
-                        format_func=lambda i: f"{i} · {by_id[i]['state']}")
+chosen = st.multiselect("Runs", ids, key="compare_runs", format_func=lambda i: f"{i} · {by_id[i]['state']}")
 if not chosen:
     st.info("Pick one or more runs above.")
     st.stop()
@@ -43,8 +42,14 @@ PALETTE = ["#4f46e5", "#f59e0b", "#10b981", "#ef4444", "#0ea5e9", "#a855f7", "#8
 
 def _figure(title: str, xaxis: str, yaxis: str) -> go.Figure:
     fig = go.Figure()
-    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, height=340,
-                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.25))
+    fig.update_layout(
+        title=title,
+        xaxis_title=xaxis,
+        yaxis_title=yaxis,
+        height=340,
+        margin=dict(l=10, r=10, t=40, b=10),
+        legend=dict(orientation="h", y=-0.25),
+    )
     return fig
 
 
@@ -55,11 +60,13 @@ for n, (rid, d) in enumerate(zip(chosen, dirs)):
     c = compare.curves(d)
     color = PALETTE[n % len(PALETTE)]
     if c["loss"][0]:
-        loss_fig.add_trace(go.Scatter(x=c["loss"][0], y=c["loss"][1], mode="lines", name=rid,
-                                      line=dict(color=color)))
+        loss_fig.add_trace(go.Scatter(x=c["loss"][0], y=c["loss"][1], mode="lines", name=rid, line=dict(color=color)))
     if c["val_accuracy"][0]:
-        acc_fig.add_trace(go.Scatter(x=c["val_accuracy"][0], y=c["val_accuracy"][1], mode="lines+markers",
-                                     name=rid, line=dict(color=color)))
+        acc_fig.add_trace(
+            go.Scatter(
+                x=c["val_accuracy"][0], y=c["val_accuracy"][1], mode="lines+markers", name=rid, line=dict(color=color)
+            )
+        )
     if not c["loss"][0] and not c["val_accuracy"][0]:
         empty.append(rid)
 acc_fig.update_xaxes(dtick=1)
@@ -85,15 +92,31 @@ def _num(x, digits=2):
 
 
 rows = compare.headline_rows(dirs)
-st.dataframe(pd.DataFrame([{
-    "run": r["run"], "state": r["state"],
-    "test before": _pct(r["test_before"]), "before 95% CI": _ci(r["test_before_ci95"]),
-    "test after": _pct(r["test_after"]), "after 95% CI": _ci(r["test_after_ci95"]),
-    "best epoch": r["best_epoch"], "total time (s)": _num(r["total_s"], 1),
-    "peak GPU memory (GB)": _num(r["peak_gpu_gb"], 3), "peak RSS (GB)": _num(r["peak_rss_gb"], 3),
-} for r in rows]), hide_index=True, key="compare_headline")
-st.caption("Test accuracy with its Wilson 95% interval; before = the untrained adapter and head (epoch 0), "
-           "after = the best epoch on validation.")
+st.dataframe(
+    pd.DataFrame(
+        [
+            {
+                "run": r["run"],
+                "state": r["state"],
+                "test before": _pct(r["test_before"]),
+                "before 95% CI": _ci(r["test_before_ci95"]),
+                "test after": _pct(r["test_after"]),
+                "after 95% CI": _ci(r["test_after_ci95"]),
+                "best epoch": r["best_epoch"],
+                "total time (s)": _num(r["total_s"], 1),
+                "peak GPU memory (GB)": _num(r["peak_gpu_gb"], 3),
+                "peak RSS (GB)": _num(r["peak_rss_gb"], 3),
+            }
+            for r in rows
+        ]
+    ),
+    hide_index=True,
+    key="compare_headline",
+)
+st.caption(
+    "Test accuracy with its Wilson 95% interval; before = the untrained adapter and head (epoch 0), "
+    "after = the best epoch on validation."
+)
 
 st.subheader("Config differences")
 if len(chosen) < 2:
@@ -103,9 +126,16 @@ else:
     if not diff:
         st.caption("The selected runs have the same config.")
     else:
+
         def show(v):
             return v if isinstance(v, str) else json.dumps(v)
-        st.dataframe(pd.DataFrame([{"field": k, **{rid: show(v[rid]) for rid in chosen}} for k, v in diff.items()]),
-                     hide_index=True, key="compare_config")
-        st.caption(f"{len(diff)} field{'s' if len(diff) != 1 else ''} differ; `{compare.MISSING}` = the run's "
-                   "config does not have the field.")
+
+        st.dataframe(
+            pd.DataFrame([{"field": k, **{rid: show(v[rid]) for rid in chosen}} for k, v in diff.items()]),
+            hide_index=True,
+            key="compare_config",
+        )
+        st.caption(
+            f"{len(diff)} field{'s' if len(diff) != 1 else ''} differ; `{compare.MISSING}` = the run's "
+            "config does not have the field."
+        )

@@ -22,6 +22,7 @@ def classifier(folder: str):
     """The classifier saved in a checkpoint folder, kept between inputs; two at most (a run's
     before and after), so picking another run releases the previous run's models."""
     from core.classifier import load_classifier
+
     return load_classifier(Path(folder))
 
 
@@ -44,8 +45,10 @@ if folders is None:
 before_dir, after_dir = folders
 kinds = [compare.classifier_input_kind(f) for f in folders]
 if None in kinds:
-    st.info(f"Run `{run_id}` was saved before checkpoints carried a classifier.json, so its models cannot be "
-            "loaded here; train a new run to try one.")
+    st.info(
+        f"Run `{run_id}` was saved before checkpoints carried a classifier.json, so its models cannot be "
+        "loaded here; train a new run to try one."
+    )
     st.stop()
 kind = kinds[1]
 
@@ -59,8 +62,11 @@ else:
     row = {"premise": premise, "hypothesis": hypothesis}
     ready = bool(premise.strip()) and bool(hypothesis.strip())
 if not ready:
-    st.caption("Type " + ("a text" if kind == "text" else "a premise and a hypothesis") +
-               " to see how the model scored it before and after fine-tuning.")
+    st.caption(
+        "Type "
+        + ("a text" if kind == "text" else "a premise and a hypothesis")
+        + " to see how the model scored it before and after fine-tuning."
+    )
     st.stop()
 
 try:
@@ -75,15 +81,28 @@ except Exception as e:  # a damaged checkpoint, a base model no longer available
 
 labels = list(after_model.labels)
 best = after_dir.name.removeprefix("epoch-")
-st.dataframe(pd.DataFrame([
-    {"model": "before (epoch 0)", **{lab: round(float(p), 4) for lab, p in zip(labels, before_p)}},
-    {"model": f"after (epoch {best})", **{lab: round(float(p), 4) for lab, p in zip(labels, after_p)}},
-]), hide_index=True, key="playground_probs")
-fig = go.Figure([
-    go.Bar(name="before (epoch 0)", x=labels, y=[float(p) for p in before_p], marker_color=ui.COLORS["before"]),
-    go.Bar(name=f"after (epoch {best})", x=labels, y=[float(p) for p in after_p], marker_color=ui.COLORS["after"]),
-])
-fig.update_layout(barmode="group", yaxis=dict(title="probability", range=[0, 1]), height=340,
-                  margin=dict(l=10, r=10, t=30, b=10), legend=dict(orientation="h", y=-0.2))
+st.dataframe(
+    pd.DataFrame(
+        [
+            {"model": "before (epoch 0)", **{lab: round(float(p), 4) for lab, p in zip(labels, before_p)}},
+            {"model": f"after (epoch {best})", **{lab: round(float(p), 4) for lab, p in zip(labels, after_p)}},
+        ]
+    ),
+    hide_index=True,
+    key="playground_probs",
+)
+fig = go.Figure(
+    [
+        go.Bar(name="before (epoch 0)", x=labels, y=[float(p) for p in before_p], marker_color=ui.COLORS["before"]),
+        go.Bar(name=f"after (epoch {best})", x=labels, y=[float(p) for p in after_p], marker_color=ui.COLORS["after"]),
+    ]
+)
+fig.update_layout(
+    barmode="group",
+    yaxis=dict(title="probability", range=[0, 1]),
+    height=340,
+    margin=dict(l=10, r=10, t=30, b=10),
+    legend=dict(orientation="h", y=-0.2),
+)
 st.plotly_chart(fig, config=ui.PLOTLY, key="playground_bars")
 st.caption(f"Before: {ui.plain(labels[int(before_p.argmax())])} · after: {ui.plain(labels[int(after_p.argmax())])}.")

@@ -61,21 +61,38 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def line_chart(title: str, series: list[Series], x_title: str, y_title: str, height: int = 260,
-               y_range: tuple[float, float] | None = None, integer_x: bool = False) -> str:
+def line_chart(
+    title: str,
+    series: list[Series],
+    x_title: str,
+    y_title: str,
+    height: int = 260,
+    y_range: tuple[float, float] | None = None,
+    integer_x: bool = False,
+) -> str:
     """One chart: a title, a legend when there are several series, gridlines with round ticks,
     axis titles, and each series as a line and/or markers. Non-finite points are left out."""
-    finite = [[(float(x), float(y)) for x, y in s.points
-               if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)] for s in series]
+    finite = [
+        [
+            (float(x), float(y))
+            for x, y in s.points
+            if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
+        ]
+        for s in series
+    ]
     pts = [p for ps in finite for p in ps]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" '
-             f'height="{height}" style="{FONT}">',
-             f'<text x="{MARGIN["left"]}" y="18" font-size="14" fill="{TITLE_TEXT}">{escape(title)}</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" '
+        f'height="{height}" style="{FONT}">',
+        f'<text x="{MARGIN["left"]}" y="18" font-size="14" fill="{TITLE_TEXT}">{escape(title)}</text>',
+    ]
     left, right = MARGIN["left"], WIDTH - MARGIN["right"]
     top, bottom = MARGIN["top"], height - MARGIN["bottom"]
     if not pts:
-        parts.append(f'<text x="{(left + right) / 2}" y="{(top + bottom) / 2}" text-anchor="middle" '
-                     f'font-size="12" fill="{AXIS_TEXT}">no points yet</text></svg>')
+        parts.append(
+            f'<text x="{(left + right) / 2}" y="{(top + bottom) / 2}" text-anchor="middle" '
+            f'font-size="12" fill="{AXIS_TEXT}">no points yet</text></svg>'
+        )
         return "".join(parts)
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     xt = nice_ticks(min(xs), max(xs), 5)
@@ -89,34 +106,47 @@ def line_chart(title: str, series: list[Series], x_title: str, y_title: str, hei
     sy = lambda y: bottom - (y - y0) / ((y1 - y0) or 1) * (bottom - top)
     for t in yt:
         if y0 - 1e-9 <= t <= y1 + 1e-9:
-            parts.append(f'<line x1="{left}" x2="{right}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="{GRID}"/>'
-                         f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" font-size="11" '
-                         f'fill="{AXIS_TEXT}">{_fmt(t)}</text>')
+            parts.append(
+                f'<line x1="{left}" x2="{right}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="{GRID}"/>'
+                f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" font-size="11" '
+                f'fill="{AXIS_TEXT}">{_fmt(t)}</text>'
+            )
     for t in xt:
-        parts.append(f'<text x="{sx(t):.1f}" y="{bottom + 16}" text-anchor="middle" font-size="11" '
-                     f'fill="{AXIS_TEXT}">{_fmt(t)}</text>')
+        parts.append(
+            f'<text x="{sx(t):.1f}" y="{bottom + 16}" text-anchor="middle" font-size="11" '
+            f'fill="{AXIS_TEXT}">{_fmt(t)}</text>'
+        )
     parts.append(f'<line x1="{left}" x2="{right}" y1="{bottom}" y2="{bottom}" stroke="{AXIS_TEXT}"/>')
-    parts.append(f'<text x="{(left + right) / 2}" y="{height - 6}" text-anchor="middle" font-size="12" '
-                 f'fill="{AXIS_TEXT}">{escape(x_title)}</text>')
-    parts.append(f'<text transform="translate(13,{(top + bottom) / 2}) rotate(-90)" text-anchor="middle" '
-                 f'font-size="12" fill="{AXIS_TEXT}">{escape(y_title)}</text>')
+    parts.append(
+        f'<text x="{(left + right) / 2}" y="{height - 6}" text-anchor="middle" font-size="12" '
+        f'fill="{AXIS_TEXT}">{escape(x_title)}</text>'
+    )
+    parts.append(
+        f'<text transform="translate(13,{(top + bottom) / 2}) rotate(-90)" text-anchor="middle" '
+        f'font-size="12" fill="{AXIS_TEXT}">{escape(y_title)}</text>'
+    )
     for s, ps in zip(series, finite):
         sp = [(sx(x), sy(y)) for x, y in ps]
         if s.lines and len(sp) > 1:
             d = " ".join(f"{x:.1f},{y:.1f}" for x, y in sp)
-            parts.append(f'<polyline points="{d}" fill="none" stroke="{s.color}" stroke-width="2" '
-                         'stroke-linejoin="round"/>')
+            parts.append(
+                f'<polyline points="{d}" fill="none" stroke="{s.color}" stroke-width="2" stroke-linejoin="round"/>'
+            )
         if s.markers or len(sp) == 1:
             parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{s.marker_size}" fill="{s.color}"/>' for x, y in sp]
         for (x, y), label in zip(sp, s.labels):
-            parts.append(f'<text x="{x:.1f}" y="{y - 8:.1f}" text-anchor="middle" font-size="11" '
-                         f'fill="{TITLE_TEXT}">{escape(label)}</text>')
+            parts.append(
+                f'<text x="{x:.1f}" y="{y - 8:.1f}" text-anchor="middle" font-size="11" '
+                f'fill="{TITLE_TEXT}">{escape(label)}</text>'
+            )
     if len(series) > 1:  # the legend, right-aligned on the title's line
         x = right
         for s in reversed(series):
             w = 6.5 * len(s.name) + 24
             x -= w
-            parts.append(f'<rect x="{x}" y="9" width="10" height="10" rx="2" fill="{s.color}"/>'
-                         f'<text x="{x + 14}" y="18" font-size="11" fill="{AXIS_TEXT}">{escape(s.name)}</text>')
+            parts.append(
+                f'<rect x="{x}" y="9" width="10" height="10" rx="2" fill="{s.color}"/>'
+                f'<text x="{x + 14}" y="18" font-size="11" fill="{AXIS_TEXT}">{escape(s.name)}</text>'
+            )
     parts.append("</svg>")
     return "".join(parts)

@@ -15,9 +15,14 @@ from core.report import damaged_files
 from core.runs import rundir
 
 # Material icons ship with Streamlit's frontend (emoji need a font the machine may not have).
-STATE_ICONS = {"queued": ":gray[:material/schedule:]", "running": ":blue[:material/progress_activity:]",
-               "done": ":green[:material/check_circle:]", "stopped": ":orange[:material/stop_circle:]",
-               "failed": ":red[:material/error:]", rundir.DAMAGED: ":red[:material/broken_image:]"}
+STATE_ICONS = {
+    "queued": ":gray[:material/schedule:]",
+    "running": ":blue[:material/progress_activity:]",
+    "done": ":green[:material/check_circle:]",
+    "stopped": ":orange[:material/stop_circle:]",
+    "failed": ":red[:material/error:]",
+    rundir.DAMAGED: ":red[:material/broken_image:]",
+}
 UNKNOWN_ICON = ":gray[:material/help:]"
 COLORS = {"before": "#9ca3af", "after": "#4f46e5", "line": "#4f46e5", "second": "#f59e0b"}
 PLOTLY = {"displayModeBar": False}  # the charts are small; the toolbar only hides their legend
@@ -56,6 +61,7 @@ def plain(text) -> str:
 
 # --- public mode (core/access.py decides; these only show it) -----------------------------------
 
+
 def typed_password() -> str | None:
     """The password this session entered (right when it was entered), passed to core with each action."""
     return st.session_state.get(PASSWORD_KEY)
@@ -71,16 +77,22 @@ def access_gate() -> bool:
     with a password, the password field until it is entered right (then remembered for this
     session only). Returns whether this session may launch, stop, resume and upload."""
     if access.read_only():
-        st.info("This is a read-only deployment: browse the runs, their reports, failure cases and models; "
-                "launching, stopping, resuming and uploading are off.", icon=":material/visibility:")
+        st.info(
+            "This is a read-only deployment: browse the runs, their reports, failure cases and models; "
+            "launching, stopping, resuming and uploading are off.",
+            icon=":material/visibility:",
+        )
         return False
     if access.password() is None:
         return True
     if not access.password_ok(typed_password()):
-        typed = st.text_input("Password", type="password", key="password_field",
-                              placeholder="Enter the password to launch",
-                              help="This deployment asks for a password before a run is launched, stopped, "
-                                   "resumed or given files.")
+        typed = st.text_input(
+            "Password",
+            type="password",
+            key="password_field",
+            placeholder="Enter the password to launch",
+            help="This deployment asks for a password before a run is launched, stopped, resumed or given files.",
+        )
         if not typed:
             st.caption("Enter the password to launch, stop or resume a run, or to upload files.")
             return False
@@ -98,11 +110,13 @@ def access_gate() -> bool:
 def hardware() -> dict:
     """This machine's CPU, RAM and GPUs (torch is imported once per server)."""
     from core.runs.resources import hardware_info
+
     return hardware_info()
 
 
 def hardware_line(info: dict) -> str:
     from core.runs.resources import describe_hardware
+
     if info.get("gpus"):
         return "GPU: " + describe_hardware(info)
     return describe_hardware(info)
@@ -130,8 +144,10 @@ def sidebar() -> None:
     with st.sidebar:
         st.markdown("### Runs")
         if not runs:
-            st.caption("No runs yet. Start one on the **Train** page: the demo preset fine-tunes "
-                       "a small model in 4-bit on the CPU, offline.")
+            st.caption(
+                "No runs yet. Start one on the **Train** page: the demo preset fine-tunes "
+                "a small model in 4-bit on the CPU, offline."
+            )
             select_run(None)
         else:
             counts = {s: sum(r["state"] == s for r in runs) for s in STATE_ICONS}
@@ -140,7 +156,10 @@ def sidebar() -> None:
             # change elsewhere: a launch, ?run=); a click updates the selection in its callback.
             st.session_state["run_picker"] = wanted
             st.radio(
-                "Selected run", ids, label_visibility="collapsed", key="run_picker",
+                "Selected run",
+                ids,
+                label_visibility="collapsed",
+                key="run_picker",
                 format_func=lambda i: f"{STATE_ICONS.get(by_id[i]['state'], UNKNOWN_ICON)} {i} · {by_id[i]['state']}",
                 on_change=lambda: select_run(st.session_state["run_picker"]),
             )
@@ -184,8 +203,10 @@ def damage_note(run_dir: Path, more: list[str] | None = None) -> list[str]:
     for line in filter(None, more or []):  # a caller's line about a file replaces the generic one
         damaged = [d for d in damaged if d.split(":", 1)[0] != line.split(":", 1)[0]] + [line]
     if damaged:
-        st.warning(f"Run `{run_dir.name}` is damaged: {'; '.join(damaged)}. The page shows what the other "
-                   "files hold.", icon=":material/broken_image:")
+        st.warning(
+            f"Run `{run_dir.name}` is damaged: {'; '.join(damaged)}. The page shows what the other files hold.",
+            icon=":material/broken_image:",
+        )
     return damaged
 
 
@@ -197,48 +218,82 @@ def page_failed(error: Exception) -> None:
     run_dir = selected_run()
     damaged = damaged_files(run_dir) if run_dir else []
     if damaged:
-        st.error(f"Run `{run_dir.name}` could not be shown: its files are damaged ({'; '.join(damaged)}). "
-                 "Pick another run in the sidebar; the other runs are not affected.")
+        st.error(
+            f"Run `{run_dir.name}` could not be shown: its files are damaged ({'; '.join(damaged)}). "
+            "Pick another run in the sidebar; the other runs are not affected."
+        )
     else:
-        st.error(f"This page could not be shown ({type(error).__name__}: {error}). The server's console has the "
-                 "details.")
+        st.error(
+            f"This page could not be shown ({type(error).__name__}: {error}). The server's console has the details."
+        )
     if st.get_option("client.showErrorDetails") == "full":
         st.exception(error)
 
 
 def no_run_message(what: str) -> None:
-    st.info(f"No run selected yet. {what} Start a run on the **Train** page; "
-            "when it is done, its report and failure cases appear here.")
+    st.info(
+        f"No run selected yet. {what} Start a run on the **Train** page; "
+        "when it is done, its report and failure cases appear here."
+    )
     st.page_link("app_pages/train.py", label="Go to Train", icon=":material/model_training:")
 
 
 # --- figures ------------------------------------------------------------------------------------
 
+
 def _layout(fig: go.Figure, title: str, height: int = 260, **kw) -> go.Figure:
-    fig.update_layout(title=dict(text=title, font=dict(size=14)), height=height,
-                      margin=dict(l=10, r=10, t=40, b=10), template="plotly_white",
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1), **kw)
+    fig.update_layout(
+        title=dict(text=title, font=dict(size=14)),
+        height=height,
+        margin=dict(l=10, r=10, t=40, b=10),
+        template="plotly_white",
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1),
+        **kw,
+    )
     return fig
 
 
 def loss_figure(steps: list[dict], epochs: list[dict]) -> go.Figure:
     fig = go.Figure()
-    fig.add_scatter(x=[s["step"] for s in steps], y=[s["loss"] for s in steps], mode="lines+markers",
-                    name="step loss", line=dict(color=COLORS["line"]), marker=dict(size=4))
+    fig.add_scatter(
+        x=[s["step"] for s in steps],
+        y=[s["loss"] for s in steps],
+        mode="lines+markers",
+        name="step loss",
+        line=dict(color=COLORS["line"]),
+        marker=dict(size=4),
+    )
     if epochs and steps:
         spe = steps[0].get("steps_per_epoch") or 1
-        fig.add_scatter(x=[e["epoch"] * spe for e in epochs], y=[e["train_loss"] for e in epochs],
-                        mode="markers", name="epoch mean", marker=dict(size=10, color=COLORS["second"]))
+        fig.add_scatter(
+            x=[e["epoch"] * spe for e in epochs],
+            y=[e["train_loss"] for e in epochs],
+            mode="markers",
+            name="epoch mean",
+            marker=dict(size=10, color=COLORS["second"]),
+        )
     return _layout(fig, "Training loss", xaxis_title="optimiser step", yaxis_title="cross-entropy")
 
 
 def val_accuracy_figure(curve: list[dict]) -> go.Figure:
     fig = go.Figure()
-    fig.add_scatter(x=[c["epoch"] for c in curve], y=[100 * c["accuracy"] for c in curve],
-                    mode="lines+markers+text", text=[f"{100 * c['accuracy']:.1f}%" for c in curve],
-                    textposition="top center", line=dict(color=COLORS["line"]), name="validation")
-    return _layout(fig, "Validation accuracy by epoch (0 = before training)", xaxis_title="epoch",
-                   yaxis_title="accuracy (%)", xaxis=dict(dtick=1), yaxis=dict(range=[0, 105]))
+    fig.add_scatter(
+        x=[c["epoch"] for c in curve],
+        y=[100 * c["accuracy"] for c in curve],
+        mode="lines+markers+text",
+        text=[f"{100 * c['accuracy']:.1f}%" for c in curve],
+        textposition="top center",
+        line=dict(color=COLORS["line"]),
+        name="validation",
+    )
+    return _layout(
+        fig,
+        "Validation accuracy by epoch (0 = before training)",
+        xaxis_title="epoch",
+        yaxis_title="accuracy (%)",
+        xaxis=dict(dtick=1),
+        yaxis=dict(range=[0, 105]),
+    )
 
 
 def resources_figure(resources: list[dict], keys: list[tuple[str, str]], title: str, unit: str) -> go.Figure:
@@ -246,8 +301,7 @@ def resources_figure(resources: list[dict], keys: list[tuple[str, str]], title: 
     colors = [COLORS["line"], COLORS["second"], "#10b981"]
     for (key, name), color in zip(keys, colors):
         pts = [(r["elapsed_s"], r[key]) for r in resources if key in r]
-        fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines", name=name,
-                        line=dict(color=color))
+        fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines", name=name, line=dict(color=color))
     return _layout(fig, title, height=220, xaxis_title="seconds", yaxis_title=unit)
 
 
@@ -256,34 +310,73 @@ def accuracy_figure(before: dict, after: dict, best_epoch) -> go.Figure:
     accs = [100 * before["accuracy"], 100 * after["accuracy"]]
     lo = [100 * s["ci95"][0] for s in (before, after)]
     hi = [100 * s["ci95"][1] for s in (before, after)]
-    fig = go.Figure(go.Bar(
-        x=names, y=accs, marker_color=[COLORS["before"], COLORS["after"]],
-        text=[f"{a:.1f}%<br>{s['correct']}/{s['n']}" for a, s in zip(accs, (before, after))],
-        textposition="inside", insidetextanchor="start", textfont=dict(color="white"),
-        error_y=dict(type="data", symmetric=False, array=[h - a for h, a in zip(hi, accs)],
-                     arrayminus=[a - l for a, l in zip(accs, lo)], color="#374151"),
-    ))
-    return _layout(fig, f"Test accuracy with 95% Wilson intervals (n = {after['n']})", height=340,
-                   yaxis=dict(range=[0, 100], title="accuracy (%)"), showlegend=False)
+    fig = go.Figure(
+        go.Bar(
+            x=names,
+            y=accs,
+            marker_color=[COLORS["before"], COLORS["after"]],
+            text=[f"{a:.1f}%<br>{s['correct']}/{s['n']}" for a, s in zip(accs, (before, after))],
+            textposition="inside",
+            insidetextanchor="start",
+            textfont=dict(color="white"),
+            error_y=dict(
+                type="data",
+                symmetric=False,
+                array=[h - a for h, a in zip(hi, accs)],
+                arrayminus=[a - l for a, l in zip(accs, lo)],
+                color="#374151",
+            ),
+        )
+    )
+    return _layout(
+        fig,
+        f"Test accuracy with 95% Wilson intervals (n = {after['n']})",
+        height=340,
+        yaxis=dict(range=[0, 100], title="accuracy (%)"),
+        showlegend=False,
+    )
 
 
 def confusion_figure(matrix: list[list[int]], labels: list[str], title: str) -> go.Figure:
-    fig = go.Figure(go.Heatmap(z=matrix, x=labels, y=labels, colorscale="Blues", showscale=False,
-                               text=[[str(v) for v in row] for row in matrix], texttemplate="%{text}",
-                               hovertemplate="gold %{y}, predicted %{x}: %{z}<extra></extra>"))
-    return _layout(fig, title, height=300, xaxis_title="predicted", yaxis_title="gold",
-                   yaxis=dict(autorange="reversed"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=matrix,
+            x=labels,
+            y=labels,
+            colorscale="Blues",
+            showscale=False,
+            text=[[str(v) for v in row] for row in matrix],
+            texttemplate="%{text}",
+            hovertemplate="gold %{y}, predicted %{x}: %{z}<extra></extra>",
+        )
+    )
+    return _layout(
+        fig, title, height=300, xaxis_title="predicted", yaxis_title="gold", yaxis=dict(autorange="reversed")
+    )
 
 
 def probs_figure(labels: list[str], before: list[float], after: list[float], gold: str) -> go.Figure:
     fig = go.Figure()
-    fig.add_bar(x=labels, y=before, name="before", marker_color=COLORS["before"],
-                text=[f"{p:.2f}" for p in before], textposition="outside")
-    fig.add_bar(x=labels, y=after, name="after", marker_color=COLORS["after"],
-                text=[f"{p:.2f}" for p in after], textposition="outside")
+    fig.add_bar(
+        x=labels,
+        y=before,
+        name="before",
+        marker_color=COLORS["before"],
+        text=[f"{p:.2f}" for p in before],
+        textposition="outside",
+    )
+    fig.add_bar(
+        x=labels,
+        y=after,
+        name="after",
+        marker_color=COLORS["after"],
+        text=[f"{p:.2f}" for p in after],
+        textposition="outside",
+    )
     fig.add_annotation(x=gold, y=1.08, text="gold", showarrow=False, font=dict(color="#059669"))
-    return _layout(fig, "Predicted probabilities", height=300, barmode="group",
-                   yaxis=dict(range=[0, 1.15], title="probability"))
+    return _layout(
+        fig, "Predicted probabilities", height=300, barmode="group", yaxis=dict(range=[0, 1.15], title="probability")
+    )
 
 
 @st.fragment(run_every=2)
@@ -295,47 +388,87 @@ def rerun_when_finished(run_id: str) -> None:
 
 # --- figures of the report's statistics sections ------------------------------------------------
 
+
 def reliability_figure(calibration: dict) -> go.Figure:
     """Reliability diagram: accuracy against mean confidence per confidence bin, one line per
     model (before, after, zero-shot), the diagonal for perfect calibration; ECE in the legend."""
     fig = go.Figure()
-    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfectly calibrated",
-                    line=dict(color="#d1d5db", dash="dash"), hoverinfo="skip")
+    fig.add_scatter(
+        x=[0, 1],
+        y=[0, 1],
+        mode="lines",
+        name="perfectly calibrated",
+        line=dict(color="#d1d5db", dash="dash"),
+        hoverinfo="skip",
+    )
     colors = {"before": COLORS["before"], "after": COLORS["after"], "zero_shot": COLORS["second"]}
     for name, cal in calibration.items():
         bins = [b for b in cal.get("bins") or [] if b.get("n")]
         ece = cal.get("ece")
-        fig.add_scatter(x=[b["confidence"] for b in bins], y=[b["accuracy"] for b in bins], mode="lines+markers",
-                        name=f"{name.replace('_', '-')} (ECE {ece:.3f})" if ece is not None else name,
-                        line=dict(color=colors.get(name, "#10b981")),
-                        marker=dict(size=[6 + min(14, b["n"] ** 0.5) for b in bins]),
-                        customdata=[b["n"] for b in bins],
-                        hovertemplate="confidence %{x:.2f}, accuracy %{y:.2f}, n = %{customdata}<extra></extra>")
-    return _layout(fig, "Reliability diagram (accuracy per confidence bin)", height=340,
-                   xaxis=dict(range=[0, 1], title="mean confidence (max probability)"),
-                   yaxis=dict(range=[0, 1.02], title="accuracy"))
+        fig.add_scatter(
+            x=[b["confidence"] for b in bins],
+            y=[b["accuracy"] for b in bins],
+            mode="lines+markers",
+            name=f"{name.replace('_', '-')} (ECE {ece:.3f})" if ece is not None else name,
+            line=dict(color=colors.get(name, "#10b981")),
+            marker=dict(size=[6 + min(14, b["n"] ** 0.5) for b in bins]),
+            customdata=[b["n"] for b in bins],
+            hovertemplate="confidence %{x:.2f}, accuracy %{y:.2f}, n = %{customdata}<extra></extra>",
+        )
+    return _layout(
+        fig,
+        "Reliability diagram (accuracy per confidence bin)",
+        height=340,
+        xaxis=dict(range=[0, 1], title="mean confidence (max probability)"),
+        yaxis=dict(range=[0, 1.02], title="accuracy"),
+    )
 
 
 def moves_figure(counts: list[list[int]], labels: list[str]) -> go.Figure:
     """The KxK table of label moves: predicted label before (rows) -> after (columns)."""
-    fig = go.Figure(go.Heatmap(z=counts, x=labels, y=labels, colorscale="Purples", showscale=False,
-                               text=[[str(v) for v in row] for row in counts], texttemplate="%{text}",
-                               hovertemplate="before %{y} -> after %{x}: %{z}<extra></extra>"))
-    return _layout(fig, "Predicted label before (rows) → after (columns)", height=300,
-                   xaxis_title="after", yaxis_title="before", yaxis=dict(autorange="reversed"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=counts,
+            x=labels,
+            y=labels,
+            colorscale="Purples",
+            showscale=False,
+            text=[[str(v) for v in row] for row in counts],
+            texttemplate="%{text}",
+            hovertemplate="before %{y} -> after %{x}: %{z}<extra></extra>",
+        )
+    )
+    return _layout(
+        fig,
+        "Predicted label before (rows) → after (columns)",
+        height=300,
+        xaxis_title="after",
+        yaxis_title="before",
+        yaxis=dict(autorange="reversed"),
+    )
 
 
 def trajectory_figure(trajectory: dict, best_epoch=None) -> go.Figure:
     """One example's probability of its gold label per recorded epoch (0 = before training),
     right/wrong as the marker colour; the selected (best) epoch marked."""
     fig = go.Figure()
-    fig.add_scatter(x=trajectory["epochs"], y=trajectory["p_gold"], mode="lines+markers", name="p(gold)",
-                    line=dict(color=COLORS["line"]),
-                    marker=dict(size=10, color=["#059669" if c else "#dc2626" for c in trajectory["correct"]]),
-                    customdata=trajectory["pred"], hovertemplate="epoch %{x}: p(gold) %{y:.3f}, predicted "
-                                                                 "%{customdata}<extra></extra>")
+    fig.add_scatter(
+        x=trajectory["epochs"],
+        y=trajectory["p_gold"],
+        mode="lines+markers",
+        name="p(gold)",
+        line=dict(color=COLORS["line"]),
+        marker=dict(size=10, color=["#059669" if c else "#dc2626" for c in trajectory["correct"]]),
+        customdata=trajectory["pred"],
+        hovertemplate="epoch %{x}: p(gold) %{y:.3f}, predicted %{customdata}<extra></extra>",
+    )
     if best_epoch is not None:
         fig.add_vline(x=best_epoch, line=dict(color="#9ca3af", dash="dot"))
-    return _layout(fig, f"p(gold) per epoch ({trajectory['split']}; green = right, red = wrong)", height=260,
-                   xaxis=dict(dtick=1, title="epoch (0 = before)"), yaxis=dict(range=[0, 1.05], title="p(gold)"),
-                   showlegend=False)
+    return _layout(
+        fig,
+        f"p(gold) per epoch ({trajectory['split']}; green = right, red = wrong)",
+        height=260,
+        xaxis=dict(dtick=1, title="epoch (0 = before)"),
+        yaxis=dict(range=[0, 1.05], title="p(gold)"),
+        showlegend=False,
+    )

@@ -20,8 +20,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PHI2 = dict(hidden_size=2560, num_hidden_layers=32, intermediate_size=10240, num_attention_heads=32,
-            partial_rotary_factor=0.4, vocab_size=51200)
+PHI2 = dict(
+    hidden_size=2560,
+    num_hidden_layers=32,
+    intermediate_size=10240,
+    num_attention_heads=32,
+    partial_rotary_factor=0.4,
+    vocab_size=51200,
+)
 N_WORDS = 20000
 TEMPLATE = "Premise: {premise}\nHypothesis: {hypothesis}\nRelation:"
 LABELS = ["entailment", "neutral", "contradiction"]
@@ -31,13 +37,15 @@ SPLITS = {"train": int(os.environ.get("BENCH_TRAIN_ROWS", 1000)), "validation": 
 def build_tokenizer(path: Path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     vocab = {"<|endoftext|>": 0, "<unk>": 1, "Premise:": 2, "Hypothesis:": 3, "Relation:": 4}
     for i in range(N_WORDS):
         vocab[f"w{i}"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     fast.save_pretrained(path)
     return fast
 
@@ -53,8 +61,12 @@ def build_data(path: Path, seed: int = 0) -> dict:
             for i in range(n):
                 p, h = rng.choice(pairs)
                 words = lambda k: " ".join(f"w{rng.randrange(N_WORDS)}" for _ in range(max(1, k)))
-                row = {"id": f"{split}-{i}", "premise": words(p), "hypothesis": words(h),
-                       "label": LABELS[rng.randrange(3)]}
+                row = {
+                    "id": f"{split}-{i}",
+                    "premise": words(p),
+                    "hypothesis": words(h),
+                    "label": LABELS[rng.randrange(3)],
+                }
                 f.write(json.dumps(row) + "\n")
                 lengths.append(max(1, p) + max(1, h) + 3)
     return {"pairs": len(lengths), "mean_tokens": round(sum(lengths) / len(lengths), 2)}
@@ -63,6 +75,7 @@ def build_data(path: Path, seed: int = 0) -> dict:
 def build_model(path: Path, seed: int = 0) -> float:
     import torch
     from transformers import PhiConfig, PhiForCausalLM
+
     torch.manual_seed(seed)
     shape = dict(PHI2)
     if os.environ.get("BENCH_TINY") == "1":  # a small model of the same family, for CPU smoke tests

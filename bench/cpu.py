@@ -24,14 +24,15 @@ import torch
 
 from core.config import LoraSettings, get_preset
 from core.data import batch_indices, collate, encode, to_examples
-from core.tables import read_table
 from core.model import add_lora, load_model, load_tokenizer
+from core.tables import read_table
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True,
-                    help="JSONL file of SNLI pairs to train on (a folder: its train.jsonl)")
+    ap.add_argument(
+        "--data", type=Path, required=True, help="JSONL file of SNLI pairs to train on (a folder: its train.jsonl)"
+    )
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
@@ -56,8 +57,14 @@ def main() -> None:
     def plain_batches(padding):
         while True:
             rows = rng.sample(examples, 32)
-            enc = tok([e.premise for e in rows], [e.hypothesis for e in rows], padding=padding,
-                      max_length=128, truncation=True, return_tensors="pt")
+            enc = tok(
+                [e.premise for e in rows],
+                [e.hypothesis for e in rows],
+                padding=padding,
+                max_length=128,
+                truncation=True,
+                return_tensors="pt",
+            )
             enc["labels"] = torch.tensor([e.label for e in rows])
             yield enc
 
@@ -91,10 +98,12 @@ def main() -> None:
         ours += run(ours_model, ours_opt, ob, args.steps)
     p, l, o = statistics.median(plain), statistics.median(longest), statistics.median(ours)
     print(f"torch threads {torch.get_num_threads()}, {len(plain)} steps each, batch 32, median seconds per step")
-    print(f"| path | s/step | pairs/s | ours is |\n|---|---|---|---|\n"
-          f"| plain, padded to 128 | {p:.3f} | {32 / p:.1f} | {p / o:.2f}x faster |\n"
-          f"| plain, padded to the batch's longest | {l:.3f} | {32 / l:.1f} | {l / o:.2f}x faster |\n"
-          f"| ours: bucketed dynamic padding, no LoRA dropout, mean pooling | {o:.3f} | {32 / o:.1f} | |")
+    print(
+        f"| path | s/step | pairs/s | ours is |\n|---|---|---|---|\n"
+        f"| plain, padded to 128 | {p:.3f} | {32 / p:.1f} | {p / o:.2f}x faster |\n"
+        f"| plain, padded to the batch's longest | {l:.3f} | {32 / l:.1f} | {l / o:.2f}x faster |\n"
+        f"| ours: bucketed dynamic padding, no LoRA dropout, mean pooling | {o:.3f} | {32 / o:.1f} | |"
+    )
 
 
 if __name__ == "__main__":

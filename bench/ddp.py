@@ -29,9 +29,12 @@ from core.runs import rundir
 
 def case_config(root: str, gpus: int, per_gpu: int):
     cfg = run_config(root, None, epochs=2, train_rows=None)
-    return replace(cfg, preset="bench-ddp",
-                   data=replace(cfg.data, max_validation_rows=256, max_test_rows=256),
-                   train=replace(cfg.train, batch_size=per_gpu * gpus, track_test=False, processes=gpus))
+    return replace(
+        cfg,
+        preset="bench-ddp",
+        data=replace(cfg.data, max_validation_rows=256, max_test_rows=256),
+        train=replace(cfg.train, batch_size=per_gpu * gpus, track_test=False, processes=gpus),
+    )
 
 
 def summarise(run_dir: Path, gpus: int, per_gpu: int, wall: float) -> dict:
@@ -41,15 +44,22 @@ def summarise(run_dir: Path, gpus: int, per_gpu: int, wall: float) -> dict:
     end = recs["end"][0]
     each = end.get("peaks_per_process") or [end.get("peaks") or {}]
     mfus = [r.get("mfu") for r in steady]
-    return {"gpus": gpus, "per_gpu_batch": per_gpu, "global_batch": per_gpu * gpus,
-            "world_size": recs["setup"][0].get("world_size"), "steps": len(steady),
-            "pairs_per_s": round(sum(r["rows"] for r in steady) / dt, 1),
-            "mfu": round(sum(m * r["step_s"] for m, r in zip(mfus, steady)) / dt, 4) if all(mfus) else None,
-            "peak_gib_per_gpu": [p.get("torch_peak_gb") for p in each],
-            "reserved_gib_per_gpu": [p.get("torch_reserved_gb") for p in each],
-            "replicas_identical": end.get("replicas_identical"), "state": end["state"],
-            "total_s": end["total_s"], "process_wall_s": round(wall, 1),
-            "speedups": recs["setup"][0].get("speedups")}
+    return {
+        "gpus": gpus,
+        "per_gpu_batch": per_gpu,
+        "global_batch": per_gpu * gpus,
+        "world_size": recs["setup"][0].get("world_size"),
+        "steps": len(steady),
+        "pairs_per_s": round(sum(r["rows"] for r in steady) / dt, 1),
+        "mfu": round(sum(m * r["step_s"] for m, r in zip(mfus, steady)) / dt, 4) if all(mfus) else None,
+        "peak_gib_per_gpu": [p.get("torch_peak_gb") for p in each],
+        "reserved_gib_per_gpu": [p.get("torch_reserved_gb") for p in each],
+        "replicas_identical": end.get("replicas_identical"),
+        "state": end["state"],
+        "total_s": end["total_s"],
+        "process_wall_s": round(wall, 1),
+        "speedups": recs["setup"][0].get("speedups"),
+    }
 
 
 def main() -> int:
@@ -71,9 +81,23 @@ def main() -> int:
             cfg_path = out / f"{name}.config.json"
             case_config(a.root, gpus, per_gpu).save(cfg_path)
             t0 = time.time()
-            proc = subprocess.run([sys.executable, "-m", "core", "train", "--config", str(cfg_path),
-                                   "--run-dir", str(run_dir), "--nproc", str(gpus)],
-                                  capture_output=True, text=True, env={**os.environ, "QLORA_STUDIO_RUNS": str(run_dir.parent)})
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "core",
+                    "train",
+                    "--config",
+                    str(cfg_path),
+                    "--run-dir",
+                    str(run_dir),
+                    "--nproc",
+                    str(gpus),
+                ],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "QLORA_STUDIO_RUNS": str(run_dir.parent)},
+            )
             wall = time.time() - t0
             if proc.returncode != 0:
                 print(f"{name}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", flush=True)
@@ -85,8 +109,10 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     base = {r["per_gpu_batch"]: r["pairs_per_s"] for r in rows if r.get("gpus") == 1 and "error" not in r}
-    lines = ["| GPUs | batch per GPU | global batch | pairs/s | x 1 GPU | MFU | peak GiB per GPU (reserved) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| GPUs | batch per GPU | global batch | pairs/s | x 1 GPU | MFU | peak GiB per GPU (reserved) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['gpus']} | {r['per_gpu_batch']} | | failed | | | |")
@@ -95,8 +121,10 @@ def main() -> int:
         peaks = ", ".join(f"{p} ({q})" for p, q in zip(r["peak_gib_per_gpu"], r["reserved_gib_per_gpu"]))
         ratio = "" if x is None else f"{x:.2f}x"
         mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        lines.append(f"| {r['gpus']} | {r['per_gpu_batch']} | {r['global_batch']} | {r['pairs_per_s']} | {ratio} | "
-                     f"{mfu} | {peaks} |")
+        lines.append(
+            f"| {r['gpus']} | {r['per_gpu_batch']} | {r['global_batch']} | {r['pairs_per_s']} | {ratio} | "
+            f"{mfu} | {peaks} |"
+        )
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all("error" not in r for r in rows) else 1

@@ -19,8 +19,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from bench.ours import run_config
 from core.runs import rundir
 
@@ -32,9 +30,13 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=512)
     a = ap.parse_args()
     cfg = run_config(a.root, None, epochs=2, train_rows=a.rows)
-    cfg = replace(cfg, preset="bench-ddp-check", lora=replace(cfg.lora, dropout=0.0),
-                  data=replace(cfg.data, max_validation_rows=128, max_test_rows=128),
-                  train=replace(cfg.train, batch_size=32, track_test=False))
+    cfg = replace(
+        cfg,
+        preset="bench-ddp-check",
+        lora=replace(cfg.lora, dropout=0.0),
+        data=replace(cfg.data, max_validation_rows=128, max_test_rows=128),
+        train=replace(cfg.train, batch_size=32, track_test=False),
+    )
     result = {}
     runs = {}
     # p1: one process; p2: two processes (16 rows each a step); m16: one process in micro-batches
@@ -45,13 +47,16 @@ def main() -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         path = run_dir.parent / f"p{n}.json"
-        replace(cfg, train=replace(cfg.train, processes=2 if n == 2 else 1,
-                                   micro_batch_size=16 if n == "m16" else None)).save(path)
+        replace(
+            cfg, train=replace(cfg.train, processes=2 if n == 2 else 1, micro_batch_size=16 if n == "m16" else None)
+        ).save(path)
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", "core", "train", "--config", str(path), "--run-dir", str(run_dir)],
-                              capture_output=True, text=True,
-                              env={**os.environ, "QLORA_STUDIO_DIST_BACKEND": "gloo",
-                                   "QLORA_STUDIO_RUNS": str(run_dir.parent)})
+        proc = subprocess.run(
+            [sys.executable, "-m", "core", "train", "--config", str(path), "--run-dir", str(run_dir)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "QLORA_STUDIO_DIST_BACKEND": "gloo", "QLORA_STUDIO_RUNS": str(run_dir.parent)},
+        )
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-5000:])
             result[f"p{n}"] = {"exit": proc.returncode, "stderr": proc.stderr[-2000:]}
@@ -60,13 +65,20 @@ def main() -> int:
         recs = rundir.read_metrics(run_dir)
         end = recs["end"][0]
         runs[n] = run_dir
-        result[f"p{n}"] = {"wall_s": round(time.time() - t0, 1), "world_size": recs["setup"][0]["world_size"],
-                           "speedups": recs["setup"][0]["speedups"], "cuda_graphs": recs["step"][-1]["cuda_graphs"],
-                           "losses": [round(r["loss"], 5) for r in recs["step"]],
-                           "val_accuracy": [r["val_accuracy"] for r in recs["epoch"]],
-                           "test_after": end.get("test_accuracy"), "replicas_identical": end.get("replicas_identical"),
-                           "peaks_per_process": end.get("peaks_per_process"), "state": end["state"]}
+        result[f"p{n}"] = {
+            "wall_s": round(time.time() - t0, 1),
+            "world_size": recs["setup"][0]["world_size"],
+            "speedups": recs["setup"][0]["speedups"],
+            "cuda_graphs": recs["step"][-1]["cuda_graphs"],
+            "losses": [round(r["loss"], 5) for r in recs["step"]],
+            "val_accuracy": [r["val_accuracy"] for r in recs["epoch"]],
+            "test_after": end.get("test_accuracy"),
+            "replicas_identical": end.get("replicas_identical"),
+            "peaks_per_process": end.get("peaks_per_process"),
+            "state": end["state"],
+        }
     from safetensors.torch import load_file
+
     a1 = load_file(str(runs[1] / "checkpoints/epoch-2/adapter_model.safetensors"))
     a2 = load_file(str(runs[2] / "checkpoints/epoch-2/adapter_model.safetensors"))
     am = load_file(str(runs["m16"] / "checkpoints/epoch-2/adapter_model.safetensors"))

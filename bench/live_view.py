@@ -41,8 +41,14 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 VIEWPORT = {"width": 1360, "height": 960}
 QUICK = {"train.epochs": 1, "data.max_train_rows": 200}
 ACTIVE = ("queued", "running")
@@ -58,11 +64,29 @@ def start_server(runs: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = open(log_path, "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-         "--server.address", "127.0.0.1", "--server.port", str(port), "--server.fileWatcherType", "none",
-         "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "QLORA_STUDIO_RUNS": str(runs)},
-        start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.headless",
+            "true",
+            "--server.address",
+            "127.0.0.1",
+            "--server.port",
+            str(port),
+            "--server.fileWatcherType",
+            "none",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "QLORA_STUDIO_RUNS": str(runs)},
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:
@@ -116,27 +140,39 @@ def read_status(run: Path) -> dict:
 
 def trainer_numbers(run: Path) -> dict:
     from core.runs import rundir
+
     report = rundir.read_json(run / rundir.REPORT, {}) or {}
     m = rundir.read_metrics(run)
     end = m["end"][-1] if m["end"] else {}
     steps = [s["step_s"] for s in m["step"][1:] if s.get("step_s") is not None]
     res = [r["cpu_percent"] for r in rundir.read_jsonl(run / rundir.RESOURCES) if r.get("cpu_percent") is not None]
-    return {"state": read_status(run).get("state"), "total_s": report.get("total_s", end.get("total_s")),
-            "train_s": report.get("train_s"), "steps": len(m["step"]),
-            "median_step_s": round(statistics.median(steps), 3) if steps else None,
-            "max_step_s": round(max(steps), 3) if steps else None,
-            "trainer_cpu_pct": round(statistics.mean(res), 1) if res else None}
+    return {
+        "state": read_status(run).get("state"),
+        "total_s": report.get("total_s", end.get("total_s")),
+        "train_s": report.get("train_s"),
+        "steps": len(m["step"]),
+        "median_step_s": round(statistics.median(steps), 3) if steps else None,
+        "max_step_s": round(max(steps), 3) if steps else None,
+        "trainer_cpu_pct": round(statistics.mean(res), 1) if res else None,
+    }
 
 
 # --- one case -----------------------------------------------------------------------------------
+
 
 def run_cli(cfg_path: Path, runs: Path, name: str) -> dict:
     run = runs / name
     t0 = time.monotonic()
     log = open(runs / f"{name}.log", "wb")
-    subprocess.run([sys.executable, "-m", "core", "train", "--config", str(cfg_path), "--run-dir", str(run)],
-                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                   env={**os.environ, "QLORA_STUDIO_RUNS": str(runs), "PYTHONUNBUFFERED": "1"}, check=False)
+    subprocess.run(
+        [sys.executable, "-m", "core", "train", "--config", str(cfg_path), "--run-dir", str(run)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "QLORA_STUDIO_RUNS": str(runs), "PYTHONUNBUFFERED": "1"},
+        check=False,
+    )
     log.close()
     return {"viewers": 0, "run": name, "wall_s": round(time.monotonic() - t0, 1), **trainer_numbers(run)}
 
@@ -198,8 +234,16 @@ class Timeline:
     def loop(self) -> None:
         with open(self.path, "w") as f:
             while not self.stop.wait(0.5):
-                f.write(json.dumps({"t": time.time(), "server_s": round(cpu_s(self.server), 3),
-                                    "chromium_s": round(browser_cpu_s(), 3)}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "t": time.time(),
+                            "server_s": round(cpu_s(self.server), 3),
+                            "chromium_s": round(browser_cpu_s(), 3),
+                        }
+                    )
+                    + "\n"
+                )
 
     def close(self) -> None:
         self.stop.set()
@@ -207,9 +251,19 @@ class Timeline:
             self.thread.join()
 
 
-def run_watched(n: int, cfg, runs: Path, url: str, browser, server: psutil.Process, button: bool,
-                quick: bool, timeline: Path | None = None) -> dict:
+def run_watched(
+    n: int,
+    cfg,
+    runs: Path,
+    url: str,
+    browser,
+    server: psutil.Process,
+    button: bool,
+    quick: bool,
+    timeline: Path | None = None,
+) -> dict:
     from core.runs import jobs
+
     server0, chrome0 = cpu_s(server), browser_cpu()
     tl = Timeline(timeline, server)
     t0 = time.monotonic()
@@ -236,44 +290,83 @@ def run_watched(n: int, cfg, runs: Path, url: str, browser, server: psutil.Proce
     tl.close()
     for ctx, _ in viewers:
         ctx.close()
-    return {"viewers": n, "run": run.name, "wall_s": round(wall, 1), **trainer_numbers(run),
-            "done_view_after_s": max(switched, key=lambda s: -1 if s is None else s) if None not in switched else None,
-            "server_cpu_pct": round(100 * server_s / wall, 1), "chromium_cpu_pct": round(100 * chrome_s / wall, 1)}
+    return {
+        "viewers": n,
+        "run": run.name,
+        "wall_s": round(wall, 1),
+        **trainer_numbers(run),
+        "done_view_after_s": max(switched, key=lambda s: -1 if s is None else s) if None not in switched else None,
+        "server_cpu_pct": round(100 * server_s / wall, 1),
+        "chromium_cpu_pct": round(100 * chrome_s / wall, 1),
+    }
 
 
 # --- the synthetic UI-only measurement ---------------------------------------------------------
+
 
 def fake_run(runs: Path, sleeper: subprocess.Popen, stop: threading.Event) -> Path:
     """A running run that gains a step every 0.3 s and a resources sample every second."""
     from core.config import get_preset
     from core.runs import rundir
+
     run = runs / f"synthetic-{int(time.time())}"
     run.mkdir(parents=True)
     get_preset("demo").save(run / rundir.CONFIG)
-    rundir.write_status(run, state="running", phase="training", pid=sleeper.pid,
-                        created_at=rundir.now_iso(), started_at=rundir.now_iso())
+    rundir.write_status(
+        run,
+        state="running",
+        phase="training",
+        pid=sleeper.pid,
+        created_at=rundir.now_iso(),
+        started_at=rundir.now_iso(),
+    )
     m, r = run / rundir.METRICS, run / rundir.RESOURCES
     t = time.time()
-    rundir.append_jsonl(m, {"t": t, "kind": "setup", "total_steps": 100000, "epochs": 4,
-                            "steps_per_epoch": 25000, "device": "cpu"})
-    rundir.append_jsonl(m, {"t": t, "kind": "eval", "split": "validation", "stage": "before",
-                            "accuracy": 0.35, "loss": 1.1, "n": 200, "seconds": 2.0})
+    rundir.append_jsonl(
+        m, {"t": t, "kind": "setup", "total_steps": 100000, "epochs": 4, "steps_per_epoch": 25000, "device": "cpu"}
+    )
+    rundir.append_jsonl(
+        m,
+        {
+            "t": t,
+            "kind": "eval",
+            "split": "validation",
+            "stage": "before",
+            "accuracy": 0.35,
+            "loss": 1.1,
+            "n": 200,
+            "seconds": 2.0,
+        },
+    )
 
     def writer():
         step, last_res = 0, 0.0
         while not stop.is_set():
             step += 1
             now = time.time()
-            rundir.append_jsonl(m, {"t": now, "kind": "step", "step": step, "epoch": 1, "epoch_step": step,
-                                    "steps_per_epoch": 25000, "loss": 1.1 / (1 + step / 200), "rows": 32,
-                                    "samples_per_s": 100.0, "tokens_per_s": 2300.0, "step_s": 0.3})
+            rundir.append_jsonl(
+                m,
+                {
+                    "t": now,
+                    "kind": "step",
+                    "step": step,
+                    "epoch": 1,
+                    "epoch_step": step,
+                    "steps_per_epoch": 25000,
+                    "loss": 1.1 / (1 + step / 200),
+                    "rows": 32,
+                    "samples_per_s": 100.0,
+                    "tokens_per_s": 2300.0,
+                    "step_s": 0.3,
+                },
+            )
             if now - last_res >= 1:
                 last_res = now
                 if hasattr(rundir, "beat"):  # the trainer's sign of life, where rundir checks it
                     rundir.beat(run)
-                rundir.append_jsonl(r, {"t": now, "cpu_percent": 190.0 + step % 7, "rss_gb": 0.9,
-                                        "ram_used_gb": 1.2})
+                rundir.append_jsonl(r, {"t": now, "cpu_percent": 190.0 + step % 7, "rss_gb": 0.9, "ram_used_gb": 1.2})
             stop.wait(0.3)
+
     threading.Thread(target=writer, daemon=True).start()
     return run
 
@@ -295,10 +388,14 @@ def synthetic(args, runs: Path, url: str, browser, server: psutil.Process) -> li
                 server0, chrome0, t0 = cpu_s(server), browser_cpu(), time.monotonic()
                 time.sleep(args.synthetic)
                 wall = time.monotonic() - t0
-                row = {"viewers": n, "seconds": round(wall, 1),
-                       "server_cpu_pct": round(100 * (cpu_s(server) - server0) / wall, 1),
-                       "chromium_cpu_pct": round(100 * browser_cpu_s(chrome0) / wall, 1),
-                       "load_before": l0, "load_after": load()}
+                row = {
+                    "viewers": n,
+                    "seconds": round(wall, 1),
+                    "server_cpu_pct": round(100 * (cpu_s(server) - server0) / wall, 1),
+                    "chromium_cpu_pct": round(100 * browser_cpu_s(chrome0) / wall, 1),
+                    "load_before": l0,
+                    "load_after": load(),
+                }
                 for ctx, _ in viewers:
                     ctx.close()
             finally:
@@ -309,11 +406,14 @@ def synthetic(args, runs: Path, url: str, browser, server: psutil.Process) -> li
             rows.append(row)
     print(f"\n{'viewers':>7}  {'server CPU %':>12}  {'chromium CPU %':>14}  load")
     for r in rows:
-        print(f"{r['viewers']:>7}  {r['server_cpu_pct']:>12}  {r['chromium_cpu_pct']:>14}  {r['load_before']} -> {r['load_after']}")
+        print(
+            f"{r['viewers']:>7}  {r['server_cpu_pct']:>12}  {r['chromium_cpu_pct']:>14}  {r['load_before']} -> {r['load_after']}"
+        )
     return rows
 
 
 # --- main ---------------------------------------------------------------------------------------
+
 
 def summarise(rows: list[dict]) -> dict:
     by_n: dict[int, list[dict]] = {}
@@ -325,8 +425,11 @@ def summarise(rows: list[dict]) -> dict:
     for n, rs in sorted(by_n.items()):
         tot = [r["total_s"] for r in rs if r.get("total_s")]
         med = statistics.median(tot) if tot else None
-        out[n] = {"runs": len(rs), "median_total_s": med,
-                  "ratio_to_cli": round(med / base, 3) if med and base else None}
+        out[n] = {
+            "runs": len(rs),
+            "median_total_s": med,
+            "ratio_to_cli": round(med / base, 3) if med and base else None,
+        }
     return out
 
 
@@ -335,13 +438,19 @@ def main() -> None:
     ap.add_argument("--viewers", default="0,1,3", help="comma-separated session counts (0 = CLI, nobody watching)")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help=f"demo with {QUICK}: a smoke run of the benchmark")
-    ap.add_argument("--button", action="store_true", help="start watched runs with the Launch button of the first viewer")
+    ap.add_argument(
+        "--button", action="store_true", help="start watched runs with the Launch button of the first viewer"
+    )
     ap.add_argument("--synthetic", type=float, metavar="SECONDS", help="UI cost only: a fake run watched for SECONDS")
     ap.add_argument("--json", type=Path, help="also write the rows and summary to this file")
     ap.add_argument("--keep", action="store_true", help="keep the temporary runs folder")
-    ap.add_argument("--timeline", type=Path, metavar="DIR",
-                    help="write DIR/<run>.timeline.jsonl (server and Chromium CPU every 0.5 s) and copy each "
-                         "run's metrics.jsonl beside it")
+    ap.add_argument(
+        "--timeline",
+        type=Path,
+        metavar="DIR",
+        help="write DIR/<run>.timeline.jsonl (server and Chromium CPU every 0.5 s) and copy each "
+        "run's metrics.jsonl beside it",
+    )
     args = ap.parse_args()
     args.viewers = [int(v) for v in args.viewers.split(",") if v.strip()]
     if args.timeline:
@@ -355,6 +464,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     from core.config import get_preset, override
+
     tmp = Path(tempfile.mkdtemp(prefix="live-view-bench-"))
     runs = tmp / "runs"
     runs.mkdir()
@@ -364,8 +474,14 @@ def main() -> None:
     cfg.save(cfg_path)
     proc, url = start_server(runs, tmp / "streamlit.log")
     server = psutil.Process(proc.pid)
-    info = {"cpus": os.cpu_count(), "quick": args.quick, "button": args.button, "load_start": load(),
-            "viewers": args.viewers, "repeat": args.repeat}
+    info = {
+        "cpus": os.cpu_count(),
+        "quick": args.quick,
+        "button": args.button,
+        "load_start": load(),
+        "viewers": args.viewers,
+        "repeat": args.repeat,
+    }
     print(json.dumps(info), flush=True)
     rows: list[dict] = []
     try:
@@ -382,11 +498,16 @@ def main() -> None:
                             k += 1
                             l0 = load()
                             tl = args.timeline / f"case-{k}-viewers-{n}.timeline.jsonl" if args.timeline else None
-                            row = (run_cli(cfg_path, runs, f"cli-{k}") if n == 0 else
-                                   run_watched(n, cfg, runs, url, browser, server, args.button, args.quick, tl))
+                            row = (
+                                run_cli(cfg_path, runs, f"cli-{k}")
+                                if n == 0
+                                else run_watched(n, cfg, runs, url, browser, server, args.button, args.quick, tl)
+                            )
                             if args.timeline:
-                                shutil.copy(runs / row["run"] / "metrics.jsonl",
-                                            args.timeline / f"case-{k}-viewers-{n}.metrics.jsonl")
+                                shutil.copy(
+                                    runs / row["run"] / "metrics.jsonl",
+                                    args.timeline / f"case-{k}-viewers-{n}.metrics.jsonl",
+                                )
                             row.update(load_before=l0, load_after=load())
                             print(json.dumps(row), flush=True)
                             rows.append(row)
@@ -394,6 +515,7 @@ def main() -> None:
                 browser.close()
     finally:
         from core.runs import jobs
+
         for st in runs.glob("*/status.json"):  # never leave a trainer behind
             if read_status(st.parent).get("state") in ACTIVE:
                 jobs.stop(st.parent)
@@ -407,18 +529,24 @@ def main() -> None:
     info["load_end"] = load()
     summary = {} if args.synthetic else summarise(rows)
     if not args.synthetic:
-        print(f"\n{'viewers':>7}  {'total_s':>8}  {'train_s':>8}  {'step med/max':>13}  {'wall_s':>7}  "
-              f"{'server %':>8}  {'chromium %':>10}  {'trainer %':>9}  {'done view':>9}  load")
+        print(
+            f"\n{'viewers':>7}  {'total_s':>8}  {'train_s':>8}  {'step med/max':>13}  {'wall_s':>7}  "
+            f"{'server %':>8}  {'chromium %':>10}  {'trainer %':>9}  {'done view':>9}  load"
+        )
         for r in rows:
-            print(f"{r['viewers']:>7}  {r['total_s'] or '-':>8}  {r['train_s'] or '-':>8}  "
-                  f"{str(r['median_step_s']) + '/' + str(r['max_step_s']):>13}  {r['wall_s']:>7}  "
-                  f"{r.get('server_cpu_pct', '-'):>8}  {r.get('chromium_cpu_pct', '-'):>10}  "
-                  f"{r['trainer_cpu_pct'] or '-':>9}  {r.get('done_view_after_s', '-') or '-':>9}  "
-                  f"{r['load_before']} -> {r['load_after']}")
+            print(
+                f"{r['viewers']:>7}  {r['total_s'] or '-':>8}  {r['train_s'] or '-':>8}  "
+                f"{str(r['median_step_s']) + '/' + str(r['max_step_s']):>13}  {r['wall_s']:>7}  "
+                f"{r.get('server_cpu_pct', '-'):>8}  {r.get('chromium_cpu_pct', '-'):>10}  "
+                f"{r['trainer_cpu_pct'] or '-':>9}  {r.get('done_view_after_s', '-') or '-':>9}  "
+                f"{r['load_before']} -> {r['load_after']}"
+            )
         print()
         for n, s in summary.items():
-            print(f"viewers {n}: median total {s['median_total_s']} s over {s['runs']} run(s), "
-                  f"{s['ratio_to_cli']}x the CLI")
+            print(
+                f"viewers {n}: median total {s['median_total_s']} s over {s['runs']} run(s), "
+                f"{s['ratio_to_cli']}x the CLI"
+            )
     result = {"info": info, "rows": rows, "summary": summary}
     print(json.dumps(result))
     if args.json:

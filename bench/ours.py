@@ -10,40 +10,55 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import math
+import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from dataclasses import replace
-
 from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
-from core.speed.settings import SpeedConfig, speed_from_env
 from core.runs import rundir
 from core.speed import accounting
 from core.speed.graphs import EvalGraphs
+from core.speed.settings import SpeedConfig, speed_from_env
 from core.speed.step import TrainStep
 from core.speed.tune import tune_model
 
 SPEED = speed_from_env(SpeedConfig())  # the QLORA_* overrides of a variant
 
 
-def run_config(root: str, micro: int | None, dtype: str = "auto", epochs: int = 5, train_rows: int = 1000,
-               eval_bs: int = 512) -> RunConfig:
+def run_config(
+    root: str, micro: int | None, dtype: str = "auto", epochs: int = 5, train_rows: int = 1000, eval_bs: int = 512
+) -> RunConfig:
     return RunConfig(
         preset="bench",
         model=ModelConfig(name=f"{root}/model", compute_dtype=dtype),
-        data=DataConfig(source="files", train=f"{root}/data/train.jsonl", validation=f"{root}/data/validation.jsonl",
-                        test=f"{root}/data/test.jsonl", max_train_rows=train_rows, max_validation_rows=500,
-                        max_test_rows=1000, max_length=128),
+        data=DataConfig(
+            source="files",
+            train=f"{root}/data/train.jsonl",
+            validation=f"{root}/data/validation.jsonl",
+            test=f"{root}/data/test.jsonl",
+            max_train_rows=train_rows,
+            max_validation_rows=500,
+            max_test_rows=1000,
+            max_length=128,
+        ),
         lora=LoraSettings(r=16, alpha=32, dropout=0.05, target_modules=["q_proj", "v_proj", "fc1", "fc2"]),
-        train=TrainConfig(epochs=epochs, lr=2e-4, batch_size=32, micro_batch_size=micro, schedule="linear",
-                          warmup_ratio=0.06, seed=0, eval_batch_size=eval_bs,
-                          # a test pass after every epoch (learning dynamics) costs time: BENCH_TRACK_TEST=0 skips it
-                          track_test=os.environ.get("BENCH_TRACK_TEST", "1") != "0"),
+        train=TrainConfig(
+            epochs=epochs,
+            lr=2e-4,
+            batch_size=32,
+            micro_batch_size=micro,
+            schedule="linear",
+            warmup_ratio=0.06,
+            seed=0,
+            eval_batch_size=eval_bs,
+            # a test pass after every epoch (learning dynamics) costs time: BENCH_TRACK_TEST=0 skips it
+            track_test=os.environ.get("BENCH_TRACK_TEST", "1") != "0",
+        ),
     )
 
 
@@ -70,14 +85,20 @@ def summarise(run_dir: Path) -> dict:
         "reserved_gib": (end.get("peaks") or {}).get("torch_reserved_gb"),
         "eval_graphs": evals[-1].get("cuda_graphs") if evals else None,
         "eval_graph_error": next((r["graph_error"] for r in evals if r.get("graph_error")), None),
-        "setup_s": setup.get("setup_s"), "setup_timings": setup.get("timings"),
-        "total_s": end["total_s"], "load_s": setup["load_s"], "load_peak_gib": setup.get("load_peak_gb"),
+        "setup_s": setup.get("setup_s"),
+        "setup_timings": setup.get("timings"),
+        "total_s": end["total_s"],
+        "load_s": setup["load_s"],
+        "load_peak_gib": setup.get("load_peak_gb"),
         "state": end["state"],
-        "cuda_graphs": steps[-1].get("cuda_graphs"), "speedups": setup.get("speedups"),
-        "mean_tokens": setup.get("mean_tokens"), "test_accuracy": end.get("test_accuracy"),
+        "cuda_graphs": steps[-1].get("cuda_graphs"),
+        "speedups": setup.get("speedups"),
+        "mean_tokens": setup.get("mean_tokens"),
+        "test_accuracy": end.get("test_accuracy"),
         "losses_finite": all(math.isfinite(r["loss"]) for r in steps),
         "eval_losses_finite": all(math.isfinite(r["loss"]) for r in evals),
-        "first_losses": [round(r["loss"], 4) for r in steps[:3]], "last_losses": [round(r["loss"], 4) for r in steps[-3:]],
+        "first_losses": [round(r["loss"], 4) for r in steps[:3]],
+        "last_losses": [round(r["loss"], 4) for r in steps[-3:]],
         "epoch_s": [r["epoch_s"] for r in epochs],
         "train_peak_gib": max((r.get("train_peak_gb") or 0 for r in epochs), default=None),
         "eval_peak_gib": max((r.get("peak_gb") or 0 for r in evals), default=None),
@@ -90,6 +111,7 @@ def summarise(run_dir: Path) -> dict:
 
 def experiment(a) -> dict:
     from core.train import train
+
     run_dir = Path(a.run_dir or f"/tmp/ours-{a.micro}-{a.dtype}")
     shutil.rmtree(run_dir, ignore_errors=True)
     if torch.cuda.is_available():
@@ -103,6 +125,7 @@ def experiment(a) -> dict:
 
 def load(root: str, dtype=torch.bfloat16):
     from core.model import add_lora, load_model, load_tokenizer
+
     cfg = run_config(root, None)
     tok = load_tokenizer(cfg.model)
     torch.manual_seed(0)
@@ -123,11 +146,13 @@ def step_fn(stepper, enc, params, opt, bs):
         opt.step()
         stepper.zero_grad()
         return real, processed
+
     return one
 
 
 def sweep(a) -> dict:
     from core.data import batch_indices, encode, load_splits
+
     cfg, tok, model = load(a.root)
     dev = torch.device("cuda", 0)
     splits, _ = load_splits(cfg.data, 0)
@@ -161,11 +186,19 @@ def sweep(a) -> dict:
         torch.cuda.synchronize()
         dt = time.time() - t0
         f = accounting.flops_per_token(info, padded_rows_w / rows)
-        r = {"batch": bs, "pairs_per_s": rows / dt, "real_tokens_per_s": real / dt,
-             "mfu": accounting.mfu(f, real / dt, peak), "step_ms": 1000 * dt / (reps * len(batches)),
-             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "graphs": stepper.graphs,
-             "captures": stepper.captures, "graph_error": stepper.graph_error, "packed": stepper.packed,
-             "pad_fraction": 1 - real / padded_rows_w}
+        r = {
+            "batch": bs,
+            "pairs_per_s": rows / dt,
+            "real_tokens_per_s": real / dt,
+            "mfu": accounting.mfu(f, real / dt, peak),
+            "step_ms": 1000 * dt / (reps * len(batches)),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "graphs": stepper.graphs,
+            "captures": stepper.captures,
+            "graph_error": stepper.graph_error,
+            "packed": stepper.packed,
+            "pad_fraction": 1 - real / padded_rows_w,
+        }
         print(json.dumps(r), flush=True)
         results.append(r)
         del stepper
@@ -181,8 +214,11 @@ def sweep(a) -> dict:
 
 def profile(model, enc, pad_id, params, opt, bs, modes=("eager", "graphs")) -> dict:
     """Where a step's time goes, eager and with CUDA graphs: wall vs summed GPU kernel time."""
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
     from core.data import batch_indices
+
     dev = torch.device("cuda", 0)
     batches = [b for b in batch_indices(enc, bs, shuffle=True, seed=2, bucket=True) if len(b) == bs][:6]
     out = {}
@@ -202,13 +238,24 @@ def profile(model, enc, pad_id, params, opt, bs, modes=("eager", "graphs")) -> d
         ev = prof.key_averages()
         gpu_us = sum(e.self_device_time_total for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
         kernels = sum(e.count for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
-        top = sorted((e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA),
-                     key=lambda e: -e.self_device_time_total)[:25]
-        out[mode] = {"batch": bs, "steps": len(batches), "wall_ms_per_step": 1000 * wall / len(batches),
-                     "gpu_kernel_ms_per_step": gpu_us / 1000 / len(batches),
-                     "kernels_per_step": kernels / len(batches),
-                     "top_kernels": [{"name": e.key[:90], "ms_per_step": e.self_device_time_total / 1000 / len(batches),
-                                      "count_per_step": e.count / len(batches)} for e in top]}
+        top = sorted(
+            (e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda e: -e.self_device_time_total
+        )[:25]
+        out[mode] = {
+            "batch": bs,
+            "steps": len(batches),
+            "wall_ms_per_step": 1000 * wall / len(batches),
+            "gpu_kernel_ms_per_step": gpu_us / 1000 / len(batches),
+            "kernels_per_step": kernels / len(batches),
+            "top_kernels": [
+                {
+                    "name": e.key[:90],
+                    "ms_per_step": e.self_device_time_total / 1000 / len(batches),
+                    "count_per_step": e.count / len(batches),
+                }
+                for e in top
+            ],
+        }
         print(json.dumps({k: v for k, v in out[mode].items() if k != "top_kernels"}), flush=True)
         del stepper
     return out
@@ -217,9 +264,12 @@ def profile(model, enc, pad_id, params, opt, bs, modes=("eager", "graphs")) -> d
 def eval_speed(a) -> dict:
     """Evaluation throughput (pairs/s) and peak memory per speed.eval_tokens budget, on the test
     split (1,000 pairs), after one warm-up pass; plus a profile of one pass at the first budget."""
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
     from core.data import encode, load_splits
     from core.evaluate import predict
+
     cfg, tok, model = load(a.root)
     dev = torch.device("cuda", 0)
     splits, _ = load_splits(cfg.data, 0)
@@ -238,10 +288,16 @@ def eval_speed(a) -> dict:
                 t0 = time.perf_counter()
                 predict(model, enc, 1024, tok.pad_token_id, dev, torch.bfloat16, graphs=graphs, speed=speed)
                 times.append(time.perf_counter() - t0)
-            r = {"eval_tokens": budget, "mode": mode, "pairs_per_s": len(enc) / min(times), "seconds": times,
-                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "resident_gib": base,
-                 "reserved_gib": torch.cuda.memory_reserved() / 2**30,
-                 "graph_error": graphs.error if graphs else None}
+            r = {
+                "eval_tokens": budget,
+                "mode": mode,
+                "pairs_per_s": len(enc) / min(times),
+                "seconds": times,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "resident_gib": base,
+                "reserved_gib": torch.cuda.memory_reserved() / 2**30,
+                "graph_error": graphs.error if graphs else None,
+            }
             print(json.dumps(r), flush=True)
             out["budgets"].append(r)
             del graphs
@@ -252,10 +308,15 @@ def eval_speed(a) -> dict:
         wall = time.perf_counter() - t0
     ev = prof.key_averages()
     cuda = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA]
-    out["profile"] = {"wall_s": wall, "gpu_kernel_s": sum(e.self_device_time_total for e in cuda) / 1e6,
-                      "kernels": sum(e.count for e in cuda),
-                      "top_kernels": [{"name": e.key[:90], "ms": e.self_device_time_total / 1000, "count": e.count}
-                                      for e in sorted(cuda, key=lambda e: -e.self_device_time_total)[:25]]}
+    out["profile"] = {
+        "wall_s": wall,
+        "gpu_kernel_s": sum(e.self_device_time_total for e in cuda) / 1e6,
+        "kernels": sum(e.count for e in cuda),
+        "top_kernels": [
+            {"name": e.key[:90], "ms": e.self_device_time_total / 1000, "count": e.count}
+            for e in sorted(cuda, key=lambda e: -e.self_device_time_total)[:25]
+        ],
+    }
     print(json.dumps({k: v for k, v in out["profile"].items() if k != "top_kernels"}), flush=True)
     return out
 
@@ -265,6 +326,7 @@ def fp16(a) -> dict:
     Also a stress case: hidden states pushed past fp16's range by scaling the embedding, where an
     fp16 residual stream overflows and our fp32 residual stream (tune_model on fp16) does not."""
     from core.train import train
+
     run_dir = Path("/tmp/ours-fp16")
     shutil.rmtree(run_dir, ignore_errors=True)
     train(run_config(a.root, None, "float16", epochs=1, train_rows=256), run_dir)
@@ -282,8 +344,10 @@ def fp16(a) -> dict:
             emb.weight.data = emb.weight.data.half()  # the plain layout: fp16 embedding, fp16 residual
             plain = model(input_ids=ids).logits.float()
             emb.weight.data = w0
-            res[f"embedding_x{scale:g}"] = {"fp32_residual_finite": bool(torch.isfinite(tuned).all()),
-                                            "fp16_residual_finite": bool(torch.isfinite(plain).all())}
+            res[f"embedding_x{scale:g}"] = {
+                "fp32_residual_finite": bool(torch.isfinite(tuned).all()),
+                "fp16_residual_finite": bool(torch.isfinite(plain).all()),
+            }
     out["stress"] = res
     return out
 

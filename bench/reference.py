@@ -14,8 +14,14 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig, Trainer,
-                          TrainerCallback, TrainingArguments)
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 LABELS = ["entailment", "neutral", "contradiction"]
 
@@ -56,31 +62,63 @@ def main():
     def tokenize(rows):  # a list of dicts is a valid torch Dataset for the Trainer
         text = [f"Premise: {r['premise']}\nHypothesis: {r['hypothesis']}\nRelation:" for r in rows]
         enc = tokenizer(text, padding="max_length", truncation=True, max_length=128)
-        return [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
-                 "labels": LABELS.index(r["label"])} for i, r in enumerate(rows)]
+        return [
+            {
+                "input_ids": enc["input_ids"][i],
+                "attention_mask": enc["attention_mask"][i],
+                "labels": LABELS.index(r["label"]),
+            }
+            for i, r in enumerate(rows)
+        ]
 
     train_ds = tokenize(load_split(f"{a.root}/data/train.jsonl", a.train_rows))
     val_ds = tokenize(load_split(f"{a.root}/data/validation.jsonl", a.eval_rows))
 
     t_load = time.time()
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float16)
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float16,
+    )
     model = AutoModelForSequenceClassification.from_pretrained(
-        f"{a.root}/model", num_labels=3, quantization_config=bnb, dtype=torch.float16, device_map={"": 0},
-        trust_remote_code=False)
+        f"{a.root}/model",
+        num_labels=3,
+        quantization_config=bnb,
+        dtype=torch.float16,
+        device_map={"": 0},
+        trust_remote_code=False,
+    )
     model.config.pad_token_id = tokenizer.pad_token_id
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj", "fc1", "fc2"],
-                      task_type="SEQ_CLS", bias="none")
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules=["q_proj", "v_proj", "fc1", "fc2"],
+        task_type="SEQ_CLS",
+        bias="none",
+    )
     model = get_peft_model(model, lora)
     load_s = time.time() - t_load
 
     args = TrainingArguments(
-        output_dir="/tmp/ref-out", per_device_train_batch_size=8, per_device_eval_batch_size=8,
-        num_train_epochs=a.epochs, learning_rate=2e-4, fp16=True, gradient_checkpointing=True,
-        optim="paged_adamw_8bit", logging_steps=10, save_strategy="no", eval_strategy="no",
-        report_to="none", disable_tqdm=True, lr_scheduler_type="linear",
-        warmup_steps=round(0.06 * a.epochs * -(-len(train_ds) // 8)))
+        output_dir="/tmp/ref-out",
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        num_train_epochs=a.epochs,
+        learning_rate=2e-4,
+        fp16=True,
+        gradient_checkpointing=True,
+        optim="paged_adamw_8bit",
+        logging_steps=10,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        lr_scheduler_type="linear",
+        warmup_steps=round(0.06 * a.epochs * -(-len(train_ds) // 8)),
+    )
     timer = StepTimer()
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, callbacks=[timer])
     torch.cuda.reset_peak_memory_stats()
@@ -97,13 +135,23 @@ def main():
     measured_total = time.time() - t_start
     # the full reference experiment: eval val(500)+test(1000) before, 5 x (1000 train + 500 val), test(1000)
     full = load_s + 5 * 1000 / steady_pairs_s + (500 + 1000 + 5 * 500 + 1000) / eval_pairs_s
-    out = {"name": "reference (HF Trainer)", "pairs_per_s": steady_pairs_s,
-           "pairs_per_s_incl_warmup": len(train_ds) * a.epochs / train_s,
-           "real_tokens_per_s": steady_pairs_s * real_tokens / len(train_ds),
-           "padded_tokens_per_s": steady_pairs_s * 128, "mean_real_tokens": real_tokens / len(train_ds),
-           "eval_pairs_per_s": eval_pairs_s, "peak_gib": peak, "load_s": load_s,
-           "measured_s": measured_total, "total_s": full, "total_s_is_extrapolated": True,
-           "train_rows": len(train_ds), "epochs": a.epochs, "eval_loss": metrics.get("eval_loss")}
+    out = {
+        "name": "reference (HF Trainer)",
+        "pairs_per_s": steady_pairs_s,
+        "pairs_per_s_incl_warmup": len(train_ds) * a.epochs / train_s,
+        "real_tokens_per_s": steady_pairs_s * real_tokens / len(train_ds),
+        "padded_tokens_per_s": steady_pairs_s * 128,
+        "mean_real_tokens": real_tokens / len(train_ds),
+        "eval_pairs_per_s": eval_pairs_s,
+        "peak_gib": peak,
+        "load_s": load_s,
+        "measured_s": measured_total,
+        "total_s": full,
+        "total_s_is_extrapolated": True,
+        "train_rows": len(train_ds),
+        "epochs": a.epochs,
+        "eval_loss": metrics.get("eval_loss"),
+    }
     print(json.dumps(out))
     if a.out:
         json.dump(out, open(a.out, "w"), indent=1)

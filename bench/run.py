@@ -23,8 +23,9 @@ def sh(args: list[str], log: Path, env: dict | None = None) -> float:
     print("$", " ".join(f"{k}={v}" for k, v in (env or {}).items()), " ".join(args), flush=True)
     t0 = time.time()
     with open(log, "a") as f:
-        p = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env={**os.environ, **(env or {})})
+        p = subprocess.run(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+        )
         f.write(p.stdout)
     wall = time.time() - t0
     tail = p.stdout.strip().splitlines()[-3:]
@@ -37,17 +38,22 @@ def fmt(x, spec):
 
 
 def table(ref: dict | None, rows: list[dict]) -> str:
-    head = ("| run | pairs/s | real tokens/s | MFU | peak GiB | eval pairs/s | total s | process s "
-            "| x ref pairs/s | x ref eval | x ref total |")
+    head = (
+        "| run | pairs/s | real tokens/s | MFU | peak GiB | eval pairs/s | total s | process s "
+        "| x ref pairs/s | x ref eval | x ref total |"
+    )
     lines = [head, "|" + "---|" * 11]
     for r in ([ref] if ref else []) + rows:
-        ratio = lambda k, inv=False: (fmt((ref[k] / r[k]) if inv else (r[k] / ref[k]), ".1f")
-                                      if ref and r.get(k) and ref.get(k) else "-")
-        lines.append(f"| {r['name']} | {fmt(r.get('pairs_per_s'), '.1f')} | {fmt(r.get('real_tokens_per_s'), '.0f')} | "
-                     f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('peak_gib'), '.2f')} | {fmt(r.get('eval_pairs_per_s'), '.0f')} | "
-                     f"{fmt(r.get('total_s'), '.1f')}{'*' if r.get('total_s_is_extrapolated') else ''} | "
-                     f"{fmt(r.get('process_s'), '.1f')} | "
-                     f"{ratio('pairs_per_s')} | {ratio('eval_pairs_per_s')} | {ratio('total_s', inv=True)} |")
+        ratio = lambda k, inv=False: (
+            fmt((ref[k] / r[k]) if inv else (r[k] / ref[k]), ".1f") if ref and r.get(k) and ref.get(k) else "-"
+        )
+        lines.append(
+            f"| {r['name']} | {fmt(r.get('pairs_per_s'), '.1f')} | {fmt(r.get('real_tokens_per_s'), '.0f')} | "
+            f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('peak_gib'), '.2f')} | {fmt(r.get('eval_pairs_per_s'), '.0f')} | "
+            f"{fmt(r.get('total_s'), '.1f')}{'*' if r.get('total_s_is_extrapolated') else ''} | "
+            f"{fmt(r.get('process_s'), '.1f')} | "
+            f"{ratio('pairs_per_s')} | {ratio('eval_pairs_per_s')} | {ratio('total_s', inv=True)} |"
+        )
     return "\n".join(lines)
 
 
@@ -57,9 +63,17 @@ def main():
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--ref-train-rows", type=int, default=240)
     ap.add_argument("--ref-epochs", type=int, default=1)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: ref,ours,nobudget,sweep,fp16,eval; all: only rebuild the table from --out")
-    ap.add_argument("--variants", nargs="*", default=[],
-                    help="more runs of our experiment, each NAME:VAR=VALUE[,VAR=VALUE...] (environment switches)")
+    ap.add_argument(
+        "--skip",
+        default="",
+        help="comma list of parts to skip: ref,ours,nobudget,sweep,fp16,eval; all: only rebuild the table from --out",
+    )
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        default=[],
+        help="more runs of our experiment, each NAME:VAR=VALUE[,VAR=VALUE...] (environment switches)",
+    )
     ap.add_argument("--sweep-batches", default="32,64,128,256,512")
     ap.add_argument("--profile-batch", default="32,256")
     a = ap.parse_args()
@@ -74,17 +88,66 @@ def main():
         # Import everything once first, so that every timed process starts as on a machine that has
         # run Python before (a fresh GPU image without bytecode caches compiles ~8 s of imports;
         # set PYTHONPYCACHEPREFIX where site-packages is read-only).
-        sh([py, "-c", "import core.train, core.model, core.speed.qlinear, core.speed.rope, peft, bitsandbytes, transformers; "
-                      "from transformers import AutoModelForSequenceClassification, Trainer"], log)
+        sh(
+            [
+                py,
+                "-c",
+                "import core.train, core.model, core.speed.qlinear, core.speed.rope, peft, bitsandbytes, transformers; "
+                "from transformers import AutoModelForSequenceClassification, Trainer",
+            ],
+            log,
+        )
     parts = {
-        "ref": [py, "-m", "bench.reference", a.root, "--train-rows", str(a.ref_train_rows), "--epochs",
-                str(a.ref_epochs), "--out", str(out / "reference.json")],
-        "ours": [py, "-m", "bench.ours", "experiment", a.root, "--micro", "32", "--out", str(out / "ours.json"),
-                 "--keep-metrics", str(out / "ours.metrics.jsonl")],
-        "nobudget": [py, "-m", "bench.ours", "experiment", a.root, "--micro", "32",
-                     "--out", str(out / "ours_nobudget.json")],
-        "sweep": [py, "-m", "bench.ours", "sweep", a.root, "--profile", "--batches", a.sweep_batches,
-                  "--profile-batch", a.profile_batch, "--out", str(out / "sweep.json")],
+        "ref": [
+            py,
+            "-m",
+            "bench.reference",
+            a.root,
+            "--train-rows",
+            str(a.ref_train_rows),
+            "--epochs",
+            str(a.ref_epochs),
+            "--out",
+            str(out / "reference.json"),
+        ],
+        "ours": [
+            py,
+            "-m",
+            "bench.ours",
+            "experiment",
+            a.root,
+            "--micro",
+            "32",
+            "--out",
+            str(out / "ours.json"),
+            "--keep-metrics",
+            str(out / "ours.metrics.jsonl"),
+        ],
+        "nobudget": [
+            py,
+            "-m",
+            "bench.ours",
+            "experiment",
+            a.root,
+            "--micro",
+            "32",
+            "--out",
+            str(out / "ours_nobudget.json"),
+        ],
+        "sweep": [
+            py,
+            "-m",
+            "bench.ours",
+            "sweep",
+            a.root,
+            "--profile",
+            "--batches",
+            a.sweep_batches,
+            "--profile-batch",
+            a.profile_batch,
+            "--out",
+            str(out / "sweep.json"),
+        ],
         "eval": [py, "-m", "bench.ours", "eval", a.root, "--out", str(out / "eval.json")],
         "fp16": [py, "-m", "bench.ours", "fp16", a.root, "--out", str(out / "fp16.json")],
     }
@@ -93,8 +156,19 @@ def main():
     for v in a.variants:
         name, _, assigns = v.partition(":")
         variants.append(name)
-        parts[name] = [py, "-m", "bench.ours", "experiment", a.root, "--micro", "32", "--out",
-                       str(out / f"variant_{name}.json"), "--keep-metrics", str(out / f"variant_{name}.metrics.jsonl")]
+        parts[name] = [
+            py,
+            "-m",
+            "bench.ours",
+            "experiment",
+            a.root,
+            "--micro",
+            "32",
+            "--out",
+            str(out / f"variant_{name}.json"),
+            "--keep-metrics",
+            str(out / f"variant_{name}.metrics.jsonl"),
+        ]
         envs[name] = dict(kv.split("=", 1) for kv in assigns.split(",") if kv)
     walls = {}
     for name, cmd in parts.items():
@@ -103,8 +177,11 @@ def main():
     read = lambda n: json.loads((out / n).read_text()) if (out / n).is_file() else None
     ref = read("reference.json")
     rows = []
-    for part, n in (("ours", "ours.json"), ("nobudget", "ours_nobudget.json"),
-                    *((v, f"variant_{v}.json") for v in variants)):
+    for part, n in (
+        ("ours", "ours.json"),
+        ("nobudget", "ours_nobudget.json"),
+        *((v, f"variant_{v}.json") for v in variants),
+    ):
         r = read(n)
         if r:
             r["process_s"] = walls.get(part)
@@ -116,24 +193,35 @@ def main():
     sw = read("sweep.json")
     if sw:
         best = max(sw["sweep"], key=lambda r: r["real_tokens_per_s"])
-        rows.append({"name": f"ours, train only, best batch {best['batch']}", **{k: best[k] for k in
-                     ("pairs_per_s", "real_tokens_per_s", "mfu", "peak_gib")}})
+        rows.append(
+            {
+                "name": f"ours, train only, best batch {best['batch']}",
+                **{k: best[k] for k in ("pairs_per_s", "real_tokens_per_s", "mfu", "peak_gib")},
+            }
+        )
     text = table(ref, rows)
     if sw:
         text += "\n\nbatch sweep (train steps only, CUDA graphs, bf16):\n" + "\n".join(
             f"- batch {r['batch']}: {r['pairs_per_s']:.0f} pairs/s, {r['real_tokens_per_s']:.0f} tokens/s, "
-            f"MFU {fmt(r['mfu'], '.1%')}, {r['step_ms']:.1f} ms/step, peak {r['peak_gib']:.2f} GiB" for r in sw["sweep"])
+            f"MFU {fmt(r['mfu'], '.1%')}, {r['step_ms']:.1f} ms/step, peak {r['peak_gib']:.2f} GiB"
+            for r in sw["sweep"]
+        )
     ev = read("eval.json")
     if ev:
         text += "\n\nevaluation, test split (%d pairs), best of 3 passes:\n" % ev["n"] + "\n".join(
             f"- QLORA_EVAL_TOKENS={r['eval_tokens']}, {r.get('mode', 'eager')}: {r['pairs_per_s']:.0f} pairs/s, "
             f"peak {r['peak_gib']:.2f} GiB"
-            for r in ev["budgets"])
+            for r in ev["budgets"]
+        )
     fp = read("fp16.json")
     if fp:
-        text += "\n\nfp16: " + json.dumps({"losses_finite": fp["train_fp16"]["losses_finite"],
-                                           "eval_losses_finite": fp["train_fp16"]["eval_losses_finite"],
-                                           "stress": fp["stress"]})
+        text += "\n\nfp16: " + json.dumps(
+            {
+                "losses_finite": fp["train_fp16"]["losses_finite"],
+                "eval_losses_finite": fp["train_fp16"]["eval_losses_finite"],
+                "stress": fp["stress"],
+            }
+        )
     text += f"\n\n(* extrapolated from the measured rates; bench wall {time.time() - t0:.0f} s)"
     (out / "table.md").write_text(text + "\n")
     print(text)

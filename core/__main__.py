@@ -1,12 +1,12 @@
 """Command line: the same code path as the app, headless.
 
-    python -m core train --preset demo                       # the embedded default, offline, CPU
-    python -m core train --preset phi2-snli                  # the reference experiment (Hub + GPU)
-    python -m core train --preset demo --train a.jsonl --validation b.jsonl --test c.jsonl --epochs 3
-    python -m core train --config my.json --run-dir runs/my-run
-    python -m core evaluate RUN_DIR --data other.jsonl [--json]
-    python -m core report RUN_DIR [--html report.html]
-    python -m core presets
+python -m core train --preset demo                       # the embedded default, offline, CPU
+python -m core train --preset phi2-snli                  # the reference experiment (Hub + GPU)
+python -m core train --preset demo --train a.jsonl --validation b.jsonl --test c.jsonl --epochs 3
+python -m core train --config my.json --run-dir runs/my-run
+python -m core evaluate RUN_DIR --data other.jsonl [--json]
+python -m core report RUN_DIR [--html report.html]
+python -m core presets
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ FLAGS = {
 def build_config(args):
     """The RunConfig of `train`: a preset or --config file, then the flags on top."""
     from .config import RunConfig, get_preset, override
+
     if args.config:
         cfg = RunConfig.load(Path(args.config))
     else:
@@ -81,7 +82,9 @@ def build_config(args):
         changes["data.label_map"] = dict(kv.split("=", 1) for kv in args.label_map)
     if args.speed:  # e.g. pack=off micro_tokens=1024, parsed as the QLORA_* overrides are
         import dataclasses
+
         from .speed.settings import SPEED_ENV, speed_from_env
+
         var = {name: env for env, name in SPEED_ENV.items()}
         pairs = [kv.partition("=") for kv in args.speed]
         bad = [k for k, eq, _ in pairs if k not in var or not eq]
@@ -101,6 +104,7 @@ def cmd_resume(args) -> int:
     from . import dist
     from .config import RunConfig, override
     from .runs import rundir
+
     run_dir = Path(args.resume).resolve()
     if not (run_dir / rundir.STATUS).is_file():
         raise ValueError(f"{run_dir} is not a run folder (no {rundir.STATUS})")
@@ -114,9 +118,13 @@ def cmd_resume(args) -> int:
         status = rundir.read_status(run_dir)
         raw = rundir.read_json(run_dir / rundir.STATUS, {}) or {}
         if status.get("state") in ("running", "done") or rundir.pid_alive(raw.get("pid"), raw.get("pid_start")):
-            state = "still has a live trainer (hung?): stop it first" if status.get("state") not in ("running", "done") \
+            state = (
+                "still has a live trainer (hung?): stop it first"
+                if status.get("state") not in ("running", "done")
                 else status["state"]
+            )
             raise ValueError(f"run {run_dir.name} is {state}: only a stopped or failed run can be resumed")
+
     if ranks is None and cfg.train.processes > 1:  # start the processes; each comes back here
         check()
         return dist.run_processes(args, cfg, run_dir)
@@ -126,8 +134,9 @@ def cmd_resume(args) -> int:
         print(f"resuming: {run_dir}", flush=True)
         rundir.write_status(run_dir, state="running", pid=os.getpid(), phase="resuming", error=None)
         _hold_device(run_dir, cfg)
-    from .train import train
     from . import progress
+    from .train import train
+
     with progress.Reporter(run_dir) if ranks is None or ranks.main else contextlib.nullcontext():
         report = train(cfg, run_dir, resume=True)
     return _finish(report, ranks)
@@ -139,8 +148,9 @@ def _finish(report: dict, ranks=None) -> int:
     if not report:
         print("stopped before the end; continue with: python -m core train --resume RUN_DIR")
         return 3
-    from .report import render_markdown
     from .progress import summary
+    from .report import render_markdown
+
     print(summary(report))  # accuracy before -> after, best epoch, total time
     print()
     print(render_markdown(report))
@@ -151,12 +161,14 @@ def _hold_device(run_dir: Path, cfg) -> int | None:
     """A heartbeat for the claimed run, and the GPU lock when it trains on a GPU (one GPU run at a
     time: the lock's fd stays open, so it is ours until this process ends, kill -9 included)."""
     from .runs import rundir
+
     rundir.Heartbeat(run_dir).start()  # until the run ends (ResourceSampler beats inside train() too)
     try:
         if cfg.model.device == "cpu":
             device_type = "cpu"
         else:
             from .model import pick_device  # the choice train() makes
+
             device_type = pick_device(cfg.model.device).type
         return rundir.gpu_lock(run_dir, device_type)  # the lock's fd, None on CPU
     except (ValueError, RuntimeError) as e:
@@ -167,10 +179,12 @@ def _hold_device(run_dir: Path, cfg) -> int | None:
 def cmd_train(args) -> int:
     from . import dist
     from .runs import rundir
+
     if args.resume:
         return cmd_resume(args)
     cfg = build_config(args)
     from .model import check_model
+
     check_model(cfg)  # from the model's config.json: its folder, remote code, max_length; before any claim
     ranks = dist.ranks_for(cfg)  # under torchrun: this process's rank (rank 0 names the run folder)
     cfg = dist.with_world_size(cfg, ranks)
@@ -194,22 +208,34 @@ def cmd_train(args) -> int:
     # --seeds K: K runs of this config, seeds seed .. seed+K-1, one after another, as one group
     # (core/groups.py): the first in run_dir, the others beside it as <run_dir>-seed<S>
     import dataclasses
+
     for i in range(args.seeds):
         seed = cfg.train.seed + i
-        one = dataclasses.replace(cfg, group=run_dir.name, train=dataclasses.replace(cfg.train, seed=seed),
-                                  data=dataclasses.replace(cfg.data, sample_seed=cfg.train.seed))  # the same rows
-        code = _train_one(one, run_dir if i == 0 else run_dir.with_name(f"{run_dir.name}-seed{seed}"),
-                          token if i == 0 else None, ranks)
+        one = dataclasses.replace(
+            cfg,
+            group=run_dir.name,
+            train=dataclasses.replace(cfg.train, seed=seed),
+            data=dataclasses.replace(cfg.data, sample_seed=cfg.train.seed),
+        )  # the same rows
+        code = _train_one(
+            one,
+            run_dir if i == 0 else run_dir.with_name(f"{run_dir.name}-seed{seed}"),
+            token if i == 0 else None,
+            ranks,
+        )
         if code != 0:
             return code  # a stop or a failure ends the group
     if ranks is not None and not ranks.main:
         return 0
     from .groups import group_summary
+
     g = group_summary(run_dir)
     ms = lambda x: "n/a" if not x or x["mean"] is None else f"{100 * x['mean']:.1f}% +- {100 * (x['std'] or 0):.1f}"
     agree = "n/a" if g["agreement"] is None else f"{100 * g['agreement']:.1f}%"
-    print(f"group {g['group']}: {g['finished']} seeds; test accuracy after {ms(g['accuracy_after'])} "
-          f"(before {ms(g['accuracy_before'])}); all seeds agree on {agree} of {g['agreement_n']} test examples")
+    print(
+        f"group {g['group']}: {g['finished']} seeds; test accuracy after {ms(g['accuracy_after'])} "
+        f"(before {ms(g['accuracy_before'])}); all seeds agree on {agree} of {g['agreement_n']} test examples"
+    )
     return 0
 
 
@@ -217,6 +243,7 @@ def _train_one(cfg, run_dir: Path, token: str | None = None, ranks=None) -> int:
     """Claim `run_dir`, hold the device, train, print the result (the body of `train`). Under
     torchrun, rank 0 claims, holds and prints; every process trains."""
     from .runs import rundir
+
     main = ranks is None or ranks.main
     claim = lambda: rundir.claim_run(run_dir, token=token, state="running", pid=os.getpid(), phase="starting")
     ranks.main_first(claim) if ranks else claim()
@@ -224,8 +251,9 @@ def _train_one(cfg, run_dir: Path, token: str | None = None, ranks=None) -> int:
     if main:
         print(f"run folder: {run_dir}", flush=True)
         lock = _hold_device(run_dir, cfg)
-    from .train import train
     from . import progress
+    from .train import train
+
     try:
         with progress.Reporter(run_dir) if main else contextlib.nullcontext():  # a progress line while it trains
             report = train(cfg, run_dir)
@@ -237,21 +265,32 @@ def _train_one(cfg, run_dir: Path, token: str | None = None, ranks=None) -> int:
 
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_run
+
     result = evaluate_run(Path(args.run_dir), Path(args.data), name=args.name)
-    print(f"{result['name']}: n={result['n']} (dropped {result['dropped_unlabelled']} unlabelled, "
-          f"{result.get('dropped_empty', 0)} with an empty text), "
-          f"accuracy before {result['accuracy_before']:.4f}, after {result['accuracy_after']:.4f} "
-          f"(epoch {result['best_epoch']})")
+    print(
+        f"{result['name']}: n={result['n']} (dropped {result['dropped_unlabelled']} unlabelled, "
+        f"{result.get('dropped_empty', 0)} with an empty text), "
+        f"accuracy before {result['accuracy_before']:.4f}, after {result['accuracy_after']:.4f} "
+        f"(epoch {result['best_epoch']})"
+    )
     print("predictions: " + ", ".join(result.get("files", [])))
     if args.json:
-        print(json.dumps({"n": result["n"], "accuracy_before": result["accuracy_before"],
-                          "accuracy_after": result["accuracy_after"]}))
+        print(
+            json.dumps(
+                {
+                    "n": result["n"],
+                    "accuracy_before": result["accuracy_before"],
+                    "accuracy_after": result["accuracy_after"],
+                }
+            )
+        )
     return 0
 
 
 def cmd_report(args) -> int:
-    from .runs import rundir
     from .report import build_report, render_html, render_markdown
+    from .runs import rundir
+
     run_dir = Path(args.run_dir)
     if not (run_dir / rundir.STATUS).exists() and not (run_dir / rundir.CONFIG).exists():
         print(f"error: {run_dir} is not a run folder", file=sys.stderr)
@@ -261,6 +300,7 @@ def cmd_report(args) -> int:
         rundir.atomic_write_text(Path(args.html), render_html(report))
     if args.bundle:  # the reproducibility bundle (core/bundle.py)
         from .bundle import build_bundle
+
         rundir.atomic_write_bytes(Path(args.bundle), build_bundle(run_dir))
     print(render_markdown(report))
     if args.bundle:
@@ -270,6 +310,7 @@ def cmd_report(args) -> int:
 
 def cmd_presets(args) -> int:
     from .config import PRESETS
+
     for name, fn in PRESETS.items():
         print(f"{name}: {fn.__doc__}")
         if args.verbose:
@@ -291,16 +332,33 @@ def main(argv=None) -> int:
     t.add_argument("--config", help="a RunConfig JSON file (e.g. a run's config.json) instead of a preset")
     t.add_argument("--run-dir", help="folder for this run (default: a new folder in the runs folder)")
     t.add_argument("--run-id", help="name of the new run inside the runs folder")
-    t.add_argument("--seeds", type=int, default=None, metavar="K",
-                   help="run the config K times with seeds seed..seed+K-1 as one group (mean +- std in the report)")
-    t.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue a stopped, failed or killed run from its last checkpoint (other flags are ignored)")
+    t.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        metavar="K",
+        help="run the config K times with seeds seed..seed+K-1 as one group (mean +- std in the report)",
+    )
+    t.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a stopped, failed or killed run from its last checkpoint (other flags are ignored)",
+    )
     for flag, (field, typ) in FLAGS.items():
         t.add_argument(f"--{flag}", type=typ, default=None, help=f"sets {field}")
-    t.add_argument("--label-map", nargs="*", metavar="RAW=NAME", type=_raw_equals_name,
-                   help="rename raw label values, e.g. 0=entailment")
-    t.add_argument("--speed", nargs="*", metavar="NAME=VALUE",
-                   help="GPU speed switches (config.SpeedConfig), e.g. pack=off cuda_graphs=0 micro_tokens=1024")
+    t.add_argument(
+        "--label-map",
+        nargs="*",
+        metavar="RAW=NAME",
+        type=_raw_equals_name,
+        help="rename raw label values, e.g. 0=entailment",
+    )
+    t.add_argument(
+        "--speed",
+        nargs="*",
+        metavar="NAME=VALUE",
+        help="GPU speed switches (config.SpeedConfig), e.g. pack=off cuda_graphs=0 micro_tokens=1024",
+    )
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("evaluate", help="score a run's before and after models on a labelled file")
     e.add_argument("run_dir")
@@ -326,6 +384,7 @@ def main(argv=None) -> int:
         return 130
     except OSError as e:  # FileNotFoundError, a read-only or full disk, a file where a folder should be
         from .runs.rundir import describe_os_error
+
         message = describe_os_error(e, _folder_of(args))
     except (ValueError, RuntimeError) as e:
         message = str(e)
@@ -340,6 +399,7 @@ def main(argv=None) -> int:
 def _folder_of(args) -> Path | None:
     """The folder a command writes into, for messages: the run folder, else the runs folder."""
     from .runs import rundir
+
     if args.command == "train":
         target = getattr(args, "resume", None) or args.run_dir
         if target:
@@ -362,6 +422,7 @@ def _after_failure(args, error: str | None) -> list[Path]:
     launched for this process and that failed before the claim gets the error too. Never raises
     (the disk may be full); returns the run folders it marked."""
     from .runs import rundir
+
     if getattr(args, "command", None) != "train":
         return []
     marked = []
@@ -377,8 +438,9 @@ def _after_failure(args, error: str | None) -> list[Path]:
         if s.get("pid") == me and s.get("pid_start") in (None, start):
             if error is not None:
                 return s.get("state") == "running"
-            return s.get("state") in ("running", "stopped") or (s.get("state") == "failed" and
-                                                                str(s.get("error") or "").startswith("KeyboardInterrupt"))
+            return s.get("state") in ("running", "stopped") or (
+                s.get("state") == "failed" and str(s.get("error") or "").startswith("KeyboardInterrupt")
+            )
         return error is not None and bool(token) and s.get("state") == "queued" and s.get("claim") == token
 
     for run_dir in candidates:

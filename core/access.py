@@ -29,8 +29,13 @@ from .config import BUILTIN_DATA, EMBEDDED_MODEL, RunConfig
 READ_ONLY_ENV = "QLORA_STUDIO_READ_ONLY"
 PASSWORD_ENV = "QLORA_STUDIO_PASSWORD"
 LOCAL_PATHS_ENV = "QLORA_STUDIO_ALLOW_LOCAL_PATHS"
-ACTIONS = {"launch": "launching a run", "stop": "stopping a run", "resume": "resuming a run",
-           "upload": "uploading files", "push": "pushing an adapter to the Hub"}
+ACTIONS = {
+    "launch": "launching a run",
+    "stop": "stopping a run",
+    "resume": "resuming a run",
+    "upload": "uploading files",
+    "push": "pushing an adapter to the Hub",
+}
 MODEL_NAMES = (EMBEDDED_MODEL,)  # the names that are neither a Hub id nor a path
 DATA_NAMES = (BUILTIN_DATA,)
 # A Hub repository id: `name` or `owner/name`, each part letters, digits, '.', '_', '-', starting
@@ -87,8 +92,10 @@ def check(action: str, typed: str | None = None) -> None:
     what = ACTIONS[action]
     sentence = what[0].upper() + what[1:]
     if read_only():
-        raise Refused(f"{sentence} is off: this is a read-only deployment ({READ_ONLY_ENV} is set), "
-                      "where runs can be browsed but not launched, stopped, resumed, uploaded or pushed.")
+        raise Refused(
+            f"{sentence} is off: this is a read-only deployment ({READ_ONLY_ENV} is set), "
+            "where runs can be browsed but not launched, stopped, resumed, uploaded or pushed."
+        )
     if password() is None:
         return
     if typed is None or not str(typed):
@@ -108,14 +115,14 @@ def local_paths_allowed() -> bool:
 
 def is_hub_id(name: str) -> bool:
     """Whether `name` has the shape of a Hub repository id (`name` or `owner/name`, nothing else)."""
-    return (isinstance(name, str) and HUB_ID.fullmatch(name) is not None
-            and ".." not in name and "--" not in name)
+    return isinstance(name, str) and HUB_ID.fullmatch(name) is not None and ".." not in name and "--" not in name
 
 
 def _names_a_local_path(name: str) -> bool:
     """Whether a Hub-shaped name is also a file or folder next to the app (the trainer and
     datasets would read that instead of the Hub)."""
     from .runs.rundir import PROJECT_ROOT
+
     return any((base / name).exists() for base in (Path.cwd(), PROJECT_ROOT))
 
 
@@ -127,8 +134,10 @@ def _hub_name_problem(kind: str, name: str, known: tuple[str, ...], example: str
     if not is_hub_id(name):
         return f"{kind} {name!r} is not a Hub id: give {choices}; {how}."
     if _names_a_local_path(name):
-        return (f"{kind} {name!r} is also the name of a file or folder on this server, which would be read "
-                f"instead of the Hub: give {choices}; {how}.")
+        return (
+            f"{kind} {name!r} is also the name of a file or folder on this server, which would be read "
+            f"instead of the Hub: give {choices}; {how}."
+        )
     return None
 
 
@@ -152,16 +161,21 @@ def check_sources(cfg: RunConfig, uploads: Path | None = None) -> None:
     if problem is None and data.source not in ("files", "", None):
         problem = _hub_name_problem("Hub dataset id", data.source, DATA_NAMES, "stanfordnlp/snli")
     if problem is None and data.hub_config and (not CONFIG_NAME.fullmatch(data.hub_config) or ".." in data.hub_config):
-        problem = (f"Dataset configuration {data.hub_config!r} is not a configuration name: use letters, digits, "
-                   "'.', '_' and '-'.")
+        problem = (
+            f"Dataset configuration {data.hub_config!r} is not a configuration name: use letters, digits, "
+            "'.', '_' and '-'."
+        )
     if problem is None:
         from .runs.rundir import runs_root
+
         ok_folder = uploads is not None and _inside(str(uploads), runs_root())
         for split in ("train", "validation", "test"):
             path = getattr(data, split)
             if path and not (ok_folder and _inside(path, uploads)):
-                problem = (f"The {split} file {path!r} is a path on this server, and local paths are off here: "
-                           f"upload the file on the Train page instead ({LOCAL_PATHS_ENV}=1 allows paths).")
+                problem = (
+                    f"The {split} file {path!r} is a path on this server, and local paths are off here: "
+                    f"upload the file on the Train page instead ({LOCAL_PATHS_ENV}=1 allows paths)."
+                )
                 break
     if problem:
         raise Refused(problem)

@@ -21,16 +21,31 @@ import numpy as np
 from . import slices, stats
 from .runs import rundir
 
-SECTION_KEYS = ("headline", "baselines", "change", "transitions", "calibration", "slices", "per_class_change",
-                "noise_hints", "dynamics")
-RANDOM_HEAD = ("the LoRA adapter at its initialisation and a freshly initialised classification head, scored on "
-               "the test rows before any training: what the reference script measured as \"before\"")
-ZERO_SHOT = ("the pretrained language model's own next word after a prompt, with no training at all (the LoRA "
-             "adapters off, the label words' next-token probabilities)")
-NOISE_NOTE = ("A hint, not a fact: among the examples still failing after fine-tuning, these are the ones the "
-              "fine-tuned model contradicts confidently (p >= 0.9 for another label) and consistently (the same "
-              "other label at each checked epoch). Re-read them: the label may be wrong or ambiguous, or the "
-              "model may be confidently wrong.")
+SECTION_KEYS = (
+    "headline",
+    "baselines",
+    "change",
+    "transitions",
+    "calibration",
+    "slices",
+    "per_class_change",
+    "noise_hints",
+    "dynamics",
+)
+RANDOM_HEAD = (
+    "the LoRA adapter at its initialisation and a freshly initialised classification head, scored on "
+    'the test rows before any training: what the reference script measured as "before"'
+)
+ZERO_SHOT = (
+    "the pretrained language model's own next word after a prompt, with no training at all (the LoRA "
+    "adapters off, the label words' next-token probabilities)"
+)
+NOISE_NOTE = (
+    "A hint, not a fact: among the examples still failing after fine-tuning, these are the ones the "
+    "fine-tuned model contradicts confidently (p >= 0.9 for another label) and consistently (the same "
+    "other label at each checked epoch). Re-read them: the label may be wrong or ambiguous, or the "
+    "model may be confidently wrong."
+)
 MAX_HINTS = 50
 
 
@@ -44,6 +59,7 @@ def _finite(x):
 
 # --- dynamics.jsonl -----------------------------------------------------------------------------
 
+
 def read_dynamics(run_dir: Path) -> dict[str, dict[int, dict]]:
     """predictions/dynamics.jsonl as {split: {epoch: {"ids": [...], "probs": [[...], ...]}}}: the
     last record of each (split, epoch) wins (a resumed run repeats some). Records of the wrong
@@ -52,8 +68,16 @@ def read_dynamics(run_dir: Path) -> dict[str, dict[int, dict]]:
     out: dict[str, dict[int, dict]] = {}
     for rec in rundir.iter_jsonl(Path(run_dir) / rundir.PREDICTIONS / "dynamics.jsonl"):
         split, epoch, ids, probs = rec.get("split"), rec.get("epoch"), rec.get("ids"), rec.get("probs")
-        if not (isinstance(split, str) and isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0
-                and isinstance(ids, list) and isinstance(probs, list) and ids and len(ids) == len(probs)):
+        if not (
+            isinstance(split, str)
+            and isinstance(epoch, int)
+            and not isinstance(epoch, bool)
+            and epoch >= 0
+            and isinstance(ids, list)
+            and isinstance(probs, list)
+            and ids
+            and len(ids) == len(probs)
+        ):
             continue
         if not all(isinstance(i, (str, int)) and not isinstance(i, bool) for i in ids):
             continue
@@ -103,12 +127,20 @@ def example_trajectory(dynamics: dict, example_id, gold: str, labels: list[str],
     correct = [p == gold for p in preds]
     f = slices.forgetting_events([[c] for c in correct])
     first = f["first_learned"][0]
-    return {"split": split, "epochs": epochs, "p_gold": p_gold, "pred": preds, "correct": correct,
-            "first_learned": None if first is None else epochs[first], "forgetting_events": f["forgetting_events"][0],
-            "forgotten_at": [epochs[i + 1] for i in range(len(correct) - 1) if correct[i] and not correct[i + 1]]}
+    return {
+        "split": split,
+        "epochs": epochs,
+        "p_gold": p_gold,
+        "pred": preds,
+        "correct": correct,
+        "first_learned": None if first is None else epochs[first],
+        "forgetting_events": f["forgetting_events"][0],
+        "forgotten_at": [epochs[i + 1] for i in range(len(correct) - 1) if correct[i] and not correct[i + 1]],
+    }
 
 
 # --- the sections -------------------------------------------------------------------------------
+
 
 def _pct_ci(s: dict) -> str:
     lo, hi = s["ci95"]
@@ -135,8 +167,10 @@ def headline(change: dict | None) -> str | None:
     if not change or change.get("delta") is None:
         return None
     b, a, d, (lo, hi) = change["before"], change["after"], change["delta"], change["ci95"]
-    tail = (f"{100 * d:+.1f} points, 95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}]; McNemar p = {format_p(change['p'])}: "
-            f"{change['verdict']}.")
+    tail = (
+        f"{100 * d:+.1f} points, 95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}]; McNemar p = {format_p(change['p'])}: "
+        f"{change['verdict']}."
+    )
     if d == 0:
         return f"Fine-tuning left test accuracy unchanged at {_pct_ci(a)} (n = {change['n']}): {tail}"
     verb = "raised" if d > 0 else "lowered"
@@ -150,8 +184,10 @@ def change_section(before_ok: list[bool], after_ok: list[bool]) -> dict:
     if mdc is None:
         note = f"At n = {n} and this starting accuracy, no gain is reliably detectable."
     else:
-        note = (f"At n = {n}, the smallest gain this test set detects with 80% power at the 5% level is about "
-                f"{100 * mdc:+.1f} points (two-sample approximation; conservative for paired data).")
+        note = (
+            f"At n = {n}, the smallest gain this test set detects with 80% power at the 5% level is about "
+            f"{100 * mdc:+.1f} points (two-sample approximation; conservative for paired data)."
+        )
     if ch["p"] >= 0.05:
         note += " Not significant is not the same as no effect: this n cannot tell a smaller change from chance."
     return {**ch, "n": n, "mdc": mdc, "note": note}
@@ -162,17 +198,25 @@ def _zero_shot(zero_shot: list[dict], after: list[dict], metrics: dict) -> dict:
     why = [r.get("why_not") for r in metrics.get("baseline", []) if r.get("name") == "zero-shot"]
     base = {"name": "zero-shot baseline", "what": ZERO_SHOT}
     if not zero_shot:
-        reason = why[-1] if why and isinstance(why[-1], str) else (
-            "this run recorded no zero-shot predictions (a run from before the zero-shot baseline, or one that "
-            "ended before it)")
+        reason = (
+            why[-1]
+            if why and isinstance(why[-1], str)
+            else (
+                "this run recorded no zero-shot predictions (a run from before the zero-shot baseline, or one that "
+                "ended before it)"
+            )
+        )
         return {**base, "why_not": reason}
     z, a = stats.pair_rows(zero_shot, after)
     rec = records[-1] if records else {}
     words = rec.get("words")
-    return {**base, **stats.accuracy_summary([r["correct"] for r in z]),
-            "prompt": rec.get("prompt") if isinstance(rec.get("prompt"), str) else None,
-            "words": words if isinstance(words, list) and all(isinstance(w, str) for w in words) else None,
-            "change": change_section([r["correct"] for r in z], [r["correct"] for r in a]) if z else None}
+    return {
+        **base,
+        **stats.accuracy_summary([r["correct"] for r in z]),
+        "prompt": rec.get("prompt") if isinstance(rec.get("prompt"), str) else None,
+        "words": words if isinstance(words, list) and all(isinstance(w, str) for w in words) else None,
+        "change": change_section([r["correct"] for r in z], [r["correct"] for r in a]) if z else None,
+    }
 
 
 def _dynamics_summary(records: dict, after: list[dict], labels: list[str]) -> dict | None:
@@ -184,13 +228,21 @@ def _dynamics_summary(records: dict, after: list[dict], labels: list[str]) -> di
     f = slices.forgetting_events(probs.argmax(axis=2) == gold[None, :])
     learned = {str(e): sum(first == j for first in f["first_learned"]) for j, e in enumerate(epochs)}
     learned["never"] = len(f["never_learned"])
-    return {"split": "test", "epochs": epochs, "n": len(ids), "never_learned": len(f["never_learned"]),
-            "unforgettable": len(f["unforgettable"]), "forgotten": len(f["forgotten"]), "learned_at": learned,
-            "forgotten_ids": [ids[i] for i in f["forgotten"]][:MAX_HINTS]}
+    return {
+        "split": "test",
+        "epochs": epochs,
+        "n": len(ids),
+        "never_learned": len(f["never_learned"]),
+        "unforgettable": len(f["unforgettable"]),
+        "forgotten": len(f["forgotten"]),
+        "learned_at": learned,
+        "forgotten_ids": [ids[i] for i in f["forgotten"]][:MAX_HINTS],
+    }
 
 
-def _noise_hints(before: list[dict], after: list[dict], labels: list[str], records: dict,
-                 best_epoch: int | None) -> list[dict]:
+def _noise_hints(
+    before: list[dict], after: list[dict], labels: list[str], records: dict, best_epoch: int | None
+) -> list[dict]:
     epochs, probs = aligned(records, [r["id"] for r in after], len(labels))
     per_epoch = [probs[j] for j, e in enumerate(epochs) if e >= 1 and (best_epoch is None or e <= best_epoch)]
     hints = slices.label_noise_hints(after, labels, per_epoch_probs=per_epoch or None, before_rows=before)
@@ -200,8 +252,15 @@ def _noise_hints(before: list[dict], after: list[dict], labels: list[str], recor
     return hints[:MAX_HINTS]
 
 
-def build_sections(before: list[dict], after: list[dict], labels: list[str], zero_shot: list[dict] | None = None,
-                   metrics: dict | None = None, dynamics: dict | None = None, best_epoch: int | None = None) -> dict:
+def build_sections(
+    before: list[dict],
+    after: list[dict],
+    labels: list[str],
+    zero_shot: list[dict] | None = None,
+    metrics: dict | None = None,
+    dynamics: dict | None = None,
+    best_epoch: int | None = None,
+) -> dict:
     """The report's statistics sections (SECTION_KEYS; each None without before and after rows):
 
     headline (str), change (stats.accuracy_change + n, note), baselines {random_head, zero_shot,
@@ -224,19 +283,28 @@ def build_sections(before: list[dict], after: list[dict], labels: list[str], zer
     out["baselines"] = {
         "random_head": {"name": "random-head baseline", "what": RANDOM_HEAD, **out["change"]["before"]},
         "zero_shot": _zero_shot(zero_shot or [], after, metrics),
-        "fine_tuned": {"name": f"fine-tuned{best}", "what": "the best epoch by validation accuracy",
-                       **out["change"]["after"]},
+        "fine_tuned": {
+            "name": f"fine-tuned{best}",
+            "what": "the best epoch by validation accuracy",
+            **out["change"]["after"],
+        },
     }
     t = stats.transitions(before, after, labels)
-    out["transitions"] = {"n": t["n"], "table": t["correctness"]["table"],
-                          "cells": {name: c["count"] for name, c in t["correctness"]["cells"].items()},
-                          "labels": list(labels), "counts": t["labels"]["counts"],
-                          "moves": [{k: m[k] for k in ("from", "to", "count")} for m in t["labels"]["moves"]]}
+    out["transitions"] = {
+        "n": t["n"],
+        "table": t["correctness"]["table"],
+        "cells": {name: c["count"] for name, c in t["correctness"]["cells"].items()},
+        "labels": list(labels),
+        "counts": t["labels"]["counts"],
+        "moves": [{k: m[k] for k in ("from", "to", "count")} for m in t["labels"]["moves"]],
+    }
     out["calibration"] = {"before": slices.calibration(before, labels), "after": slices.calibration(after, labels)}
     if zero_shot:
         out["calibration"]["zero_shot"] = slices.calibration(zero_shot, labels)
-    out["slices"] = [{"group": s["slice"].split(": ", 1)[0], **s}
-                     for s in slices.slice_table(before, after, slices.nli_slices(before))]
+    out["slices"] = [
+        {"group": s["slice"].split(": ", 1)[0], **s}
+        for s in slices.slice_table(before, after, slices.nli_slices(before))
+    ]
     out["per_class_change"] = stats.per_class_f1_change(before, after, labels)
     records = dynamics.get("test") or {}
     out["noise_hints"] = _noise_hints(before, after, labels, records, best_epoch)
@@ -245,6 +313,7 @@ def build_sections(before: list[dict], after: list[dict], labels: list[str], zer
 
 
 # --- checks of a parsed report.json -------------------------------------------------------------
+
 
 def _int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
@@ -273,33 +342,96 @@ def _dict_of(f):
 _ID = lambda x: isinstance(x, (str, int)) and not isinstance(x, bool)
 _CI = _list(_opt(_num), 2)
 _ACC = _obj(n=_int, k=_int, accuracy=_opt(_num), ci95=_CI)
-_CHANGE = _obj(n=_int, before=_ACC, after=_ACC, delta=_opt(_num), ci95=_CI, b=_int, c=_int, p=_num, verdict=_str,
-               mdc=_opt(_num), note=_opt(_str))
-_BASELINE = lambda x: _obj(name=_str, why_not=_str)(x) or _obj(
-    name=_str, n=_int, k=_int, accuracy=_opt(_num), ci95=_CI, prompt=_opt(_str), words=_opt(_list(_str)),
-    change=_opt(_CHANGE))(x)
+_CHANGE = _obj(
+    n=_int,
+    before=_ACC,
+    after=_ACC,
+    delta=_opt(_num),
+    ci95=_CI,
+    b=_int,
+    c=_int,
+    p=_num,
+    verdict=_str,
+    mdc=_opt(_num),
+    note=_opt(_str),
+)
+_BASELINE = lambda x: (
+    _obj(name=_str, why_not=_str)(x)
+    or _obj(
+        name=_str,
+        n=_int,
+        k=_int,
+        accuracy=_opt(_num),
+        ci95=_CI,
+        prompt=_opt(_str),
+        words=_opt(_list(_str)),
+        change=_opt(_CHANGE),
+    )(x)
+)
 _F1 = _obj(f1_before=_opt(_num), f1_after=_opt(_num), change=_opt(_num), ci95=_CI)
-_CALIBRATION = _obj(ece=_opt(_num), n=_int,
-                    bins=_list(_obj(lo=_num, hi=_num, n=_int, confidence=_opt(_num), accuracy=_opt(_num))))
+_CALIBRATION = _obj(
+    ece=_opt(_num), n=_int, bins=_list(_obj(lo=_num, hi=_num, n=_int, confidence=_opt(_num), accuracy=_opt(_num)))
+)
 _SUMMARY = _opt(_obj(mean=_opt(_num), std=_opt(_num), min=_opt(_num), max=_opt(_num), n=_int))
 CHECKS = {
     "headline": _str,
     "change": _CHANGE,
     "baselines": _obj(random_head=_opt(_BASELINE), zero_shot=_opt(_BASELINE), fine_tuned=_opt(_BASELINE)),
-    "transitions": lambda x: _obj(n=_int, table=_list(_list(_int, 2), 2), cells=_dict_of(_int), labels=_list(_str),
-                                  moves=_list(_obj(**{"from": _str, "to": _str, "count": _int})))(x)
-    and _list(_list(_int, len(x["labels"])), len(x["labels"]))(x.get("counts")),
+    "transitions": lambda x: (
+        _obj(
+            n=_int,
+            table=_list(_list(_int, 2), 2),
+            cells=_dict_of(_int),
+            labels=_list(_str),
+            moves=_list(_obj(**{"from": _str, "to": _str, "count": _int})),
+        )(x)
+        and _list(_list(_int, len(x["labels"])), len(x["labels"]))(x.get("counts"))
+    ),
     "calibration": _dict_of(_CALIBRATION),
-    "slices": _list(_obj(slice=_str, group=_str, n=_int, accuracy_before=_opt(_num), accuracy_after=_opt(_num),
-                         ci95_before=_CI, ci95_after=_CI, change=_opt(_num))),
+    "slices": _list(
+        _obj(
+            slice=_str,
+            group=_str,
+            n=_int,
+            accuracy_before=_opt(_num),
+            accuracy_after=_opt(_num),
+            ci95_before=_CI,
+            ci95_after=_CI,
+            change=_opt(_num),
+        )
+    ),
     "per_class_change": _obj(n=_int, macro=_F1, classes=_list(lambda c: _obj(label=_str, support=_int)(c) and _F1(c))),
     "noise_hints": _list(_obj(id=_ID, given=_str, model_label=_str, confidence=_num, consistent_epochs=_opt(_int))),
-    "dynamics": _obj(split=_str, epochs=_list(_int), n=_int, never_learned=_int, unforgettable=_int, forgotten=_int,
-                     learned_at=_dict_of(_int)),
-    "group": _obj(group=_opt(_str), finished=_int, agreement=_opt(_num), agreement_n=_int,
-                  accuracy_before=_SUMMARY, accuracy_after=_SUMMARY, change=_SUMMARY, val_accuracy=_SUMMARY,
-                  runs=_list(_obj(run_id=_str, seed=_opt(_int), state=_opt(_str), best_epoch=_opt(_int),
-                                  checkpoint=_opt(_str), accuracy_before=_opt(_num), accuracy_after=_opt(_num)))),
+    "dynamics": _obj(
+        split=_str,
+        epochs=_list(_int),
+        n=_int,
+        never_learned=_int,
+        unforgettable=_int,
+        forgotten=_int,
+        learned_at=_dict_of(_int),
+    ),
+    "group": _obj(
+        group=_opt(_str),
+        finished=_int,
+        agreement=_opt(_num),
+        agreement_n=_int,
+        accuracy_before=_SUMMARY,
+        accuracy_after=_SUMMARY,
+        change=_SUMMARY,
+        val_accuracy=_SUMMARY,
+        runs=_list(
+            _obj(
+                run_id=_str,
+                seed=_opt(_int),
+                state=_opt(_str),
+                best_epoch=_opt(_int),
+                checkpoint=_opt(_str),
+                accuracy_before=_opt(_num),
+                accuracy_after=_opt(_num),
+            )
+        ),
+    ),
 }
 
 

@@ -30,10 +30,28 @@ from pathlib import Path
 from .report import build_report, read_predictions, render_markdown
 from .runs import rundir
 
-PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "numpy", "streamlit", "scipy",
-            "scikit-learn")
-MEMBERS = ("README.md", "config.json", "environment.json", "data.json", "predictions.csv", "methods.md", "report.md",
-           "report.json")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "datasets",
+    "numpy",
+    "streamlit",
+    "scipy",
+    "scikit-learn",
+)
+MEMBERS = (
+    "README.md",
+    "config.json",
+    "environment.json",
+    "data.json",
+    "predictions.csv",
+    "methods.md",
+    "report.md",
+    "report.json",
+)
 BUILTIN_DIR = rundir.PROJECT_ROOT / "assets" / "nli_sample"
 
 
@@ -60,7 +78,7 @@ def _resolve(path: str) -> Path | None:
     """A data path as the trainer saw it: absolute, else relative to this process's folder or to
     the project (the app starts trainers there); None when it is not found."""
     p = Path(path)
-    for candidate in ([p] if p.is_absolute() else [Path.cwd() / p, rundir.PROJECT_ROOT / p]):
+    for candidate in [p] if p.is_absolute() else [Path.cwd() / p, rundir.PROJECT_ROOT / p]:
         if candidate.is_file():
             return candidate
     return None
@@ -77,19 +95,29 @@ def data_hashes(config: dict, test_ids: list) -> dict:
         given = data.get(split)
         if isinstance(given, str) and given:
             path = _resolve(given)
-            out["splits"][split] = {"file": given, "sha256": sha256_file(path) if path else None,
-                                    "bytes": path.stat().st_size if path else None,
-                                    **({} if path else {"note": "file not found where this bundle was made"})}
+            out["splits"][split] = {
+                "file": given,
+                "sha256": sha256_file(path) if path else None,
+                "bytes": path.stat().st_size if path else None,
+                **({} if path else {"note": "file not found where this bundle was made"}),
+            }
         elif source == "builtin:nli-sample":
             path = BUILTIN_DIR / f"{split}.jsonl"
-            out["splits"][split] = {"file": f"assets/nli_sample/{split}.jsonl",
-                                    "sha256": sha256_file(path) if path.is_file() else None,
-                                    "bytes": path.stat().st_size if path.is_file() else None}
+            out["splits"][split] = {
+                "file": f"assets/nli_sample/{split}.jsonl",
+                "sha256": sha256_file(path) if path.is_file() else None,
+                "bytes": path.stat().st_size if path.is_file() else None,
+            }
         elif isinstance(source, str) and source not in ("", "files"):
             name = data.get(f"{split}_split")
             if name:
-                out["splits"][split] = {"hub_dataset": source, "config": data.get("hub_config"), "split": name,
-                                        "sha256": None, "note": "a Hub dataset: the rows scored are in predictions.csv"}
+                out["splits"][split] = {
+                    "hub_dataset": source,
+                    "config": data.get("hub_config"),
+                    "split": name,
+                    "sha256": None,
+                    "note": "a Hub dataset: the rows scored are in predictions.csv",
+                }
     out["test_ids_sha256"] = hashlib.sha256("".join(f"{i}\n" for i in test_ids).encode()).hexdigest()
     out["test_rows"] = len(test_ids)
     return out
@@ -106,16 +134,29 @@ def predictions_csv(run_dir: Path, labels: list[str]) -> tuple[str, list]:
     zero = {r["id"]: r for r in read_predictions(folder / "test_zero_shot.jsonl", labels)}
     rows = [(b, after[b["id"]]) for b in before if b["id"] in after]
     texts = ["premise", "hypothesis"] if any("premise" in b for b, _ in rows) or not rows else ["text"]
-    head = (["id", *texts, "tag", "gold", "pred_before", "pred_after", "correct_before", "correct_after"]
-            + [f"p_before_{l}" for l in labels] + [f"p_after_{l}" for l in labels])
+    head = (
+        ["id", *texts, "tag", "gold", "pred_before", "pred_after", "correct_before", "correct_after"]
+        + [f"p_before_{l}" for l in labels]
+        + [f"p_after_{l}" for l in labels]
+    )
     if zero:
         head += ["pred_zero_shot"] + [f"p_zero_shot_{l}" for l in labels]
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(head)
     for b, a in rows:
-        line = [b["id"], *(b.get(t, "") for t in texts), b.get("tag") or "", b["gold"], b["pred"], a["pred"],
-                b["correct"], a["correct"], *b["probs"], *a["probs"]]
+        line = [
+            b["id"],
+            *(b.get(t, "") for t in texts),
+            b.get("tag") or "",
+            b["gold"],
+            b["pred"],
+            a["pred"],
+            b["correct"],
+            a["correct"],
+            *b["probs"],
+            *a["probs"],
+        ]
         if zero:
             z = zero.get(b["id"])
             line += [z["pred"], *z["probs"]] if z else [""] * (1 + len(labels))
@@ -126,9 +167,12 @@ def predictions_csv(run_dir: Path, labels: list[str]) -> tuple[str, list]:
 def _seeds(config: dict, report: dict) -> dict:
     train = config.get("train") if isinstance(config.get("train"), dict) else {}
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    out = {"train.seed": train.get("seed"), "data.sample_seed": data.get("sample_seed"),
-           "note": "train.seed seeds the head and LoRA initialisation, dropout and the data order; "
-                   "data.sample_seed (None: train.seed) the row subsampling"}
+    out = {
+        "train.seed": train.get("seed"),
+        "data.sample_seed": data.get("sample_seed"),
+        "note": "train.seed seeds the head and LoRA initialisation, dropout and the data order; "
+        "data.sample_seed (None: train.seed) the row subsampling",
+    }
     if report.get("group"):
         out["group"] = report["group"].get("group")
         out["group_runs"] = [{"run": r.get("run_id"), "seed": r.get("seed")} for r in report["group"].get("runs", [])]
@@ -138,19 +182,25 @@ def _seeds(config: dict, report: dict) -> dict:
 def methods_markdown(report: dict) -> str:
     """A methods paragraph and a results table, in Markdown, ready to paste."""
     from .render import baseline_rows, change_rows, markdown_table
+
     c = report.get("config") or {}
     m, d, lo, t = (c.get(k) if isinstance(c.get(k), dict) else {} for k in ("model", "data", "lora", "train"))
     p = report.get("params") or {}
     n = lambda x: f"{x:,}" if isinstance(x, int) else "n/a"
     data = report.get("data") or {}
-    counts = {s: (data.get(s) or {}).get("used") if isinstance(data.get(s), dict) else None
-              for s in ("train", "validation", "test")}
+    counts = {
+        s: (data.get(s) or {}).get("used") if isinstance(data.get(s), dict) else None
+        for s in ("train", "validation", "test")
+    }
     targets = report.get("target_modules") or lo.get("target_modules")
     targets = ", ".join(targets) if isinstance(targets, list) else str(targets or "peft's default modules")
     share = f", {100 * p['trainable'] / p['total']:.2f}%" if p.get("trainable") and p.get("total") else ""
     labels = report.get("labels") or []
-    quant = ("4-bit NF4 with double quantisation (bitsandbytes)" if m.get("quantize") == "bnb.nf4" and m.get("double_quant")
-             else f"{m.get('quantize') or 'no'} quantisation")
+    quant = (
+        "4-bit NF4 with double quantisation (bitsandbytes)"
+        if m.get("quantize") == "bnb.nf4" and m.get("double_quant")
+        else f"{m.get('quantize') or 'no'} quantisation"
+    )
     text = (
         f"We fine-tuned {report.get('model')} as a {len(labels)}-way classifier ({', '.join(labels)}) with QLoRA: "
         f"the base weights were quantised to {quant}, with computation in {report.get('compute_dtype')} on "
@@ -166,7 +216,8 @@ def methods_markdown(report: dict) -> str:
         "same test examples. Accuracies are given with Wilson 95% intervals; the change with a paired bootstrap "
         "95% interval (10,000 resamples) and an exact McNemar test on the discordant pairs; per-class F1 changes "
         "with paired bootstrap intervals (2,000 resamples); calibration as the expected calibration error over 10 "
-        "equal-width confidence bins.")
+        "equal-width confidence bins."
+    )
     lines = ["# Methods", "", text, "", "# Results", ""]
     if report.get("headline"):
         lines += [report["headline"], ""]
@@ -179,8 +230,14 @@ def methods_markdown(report: dict) -> str:
         lines += [""] + markdown_table(change_rows(report["change"]))
     cal = report.get("calibration") or {}
     if cal:
-        lines += ["", "ECE: " + ", ".join(f"{name.replace('_', '-')} {c['ece']:.3f}" for name, c in cal.items()
-                                         if c.get("ece") is not None) + "."]
+        lines += [
+            "",
+            "ECE: "
+            + ", ".join(
+                f"{name.replace('_', '-')} {c['ece']:.3f}" for name, c in cal.items() if c.get("ece") is not None
+            )
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -202,10 +259,15 @@ def build_bundle(run_dir: Path) -> bytes:
     report = build_report(run_dir)
     config, _ = rundir.read_config(run_dir)
     csv_text, ids = predictions_csv(run_dir, report.get("labels") or [])
-    environment = {"seeds": _seeds(config, report), "packages": package_versions(),
-                   "python": sys.version.split()[0], "platform": platform.platform(),
-                   "hardware": report.get("hardware"), "device": report.get("device"),
-                   "compute_dtype": report.get("compute_dtype")}
+    environment = {
+        "seeds": _seeds(config, report),
+        "packages": package_versions(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hardware": report.get("hardware"),
+        "device": report.get("device"),
+        "compute_dtype": report.get("compute_dtype"),
+    }
     members = {
         "README.md": README.format(run_id=run_dir.name),
         "config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",

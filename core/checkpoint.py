@@ -40,6 +40,7 @@ STATE_PREFIX = "state-"
 
 # --- durable folders ---------------------------------------------------------------------------
 
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -89,7 +90,7 @@ def clean_leftovers(ckpt_dir: Path) -> list[str]:
             shutil.rmtree(entry, ignore_errors=True)
             done.append(f"removed {name}")
         elif name.startswith(".") and ".old-" in name:
-            target = entry.with_name(name[1:name.index(".old-")])
+            target = entry.with_name(name[1 : name.index(".old-")])
             if target.exists():
                 shutil.rmtree(entry, ignore_errors=True)
                 done.append(f"removed {name}")
@@ -101,15 +102,18 @@ def clean_leftovers(ckpt_dir: Path) -> list[str]:
 
 def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> bytes:
     from safetensors.torch import save
+
     return save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata or {"format": "pt"})
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
+
     return load_file(str(path))
 
 
 # --- adapters -------------------------------------------------------------------------------------
+
 
 def peft_files(model) -> dict[str, bytes]:
     """The files peft's save_pretrained writes for the adapter (safetensors), as bytes."""
@@ -129,6 +133,7 @@ def save_adapter(model, path: Path) -> None:
 def load_adapter_weights(model, path: Path) -> None:
     """Load a saved adapter's weights (LoRA + head) into a model that has the same adapter layout."""
     from peft import set_peft_model_state_dict
+
     file = Path(path) / ADAPTER_FILE
     if not file.is_file():
         raise FileNotFoundError(f"no adapter weights at {file}")
@@ -144,9 +149,11 @@ def load_adapter_weights(model, path: Path) -> None:
 
 # --- the training state ---------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class TrainState:
     """Where training stands after `step` optimiser steps (what a resume continues from)."""
+
     step: int
     """Optimiser steps taken."""
     epoch: int
@@ -170,8 +177,10 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{i}"] = s
-    meta = {"python": [version, list(internal), gauss],
-            "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    meta = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
     return tensors, meta
 
 
@@ -179,12 +188,13 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     version, internal, gauss = meta["python"]
     random.setstate((version, tuple(internal), gauss))
     n = meta["numpy"]
-    np.random.set_state((n["kind"], tensors["numpy_keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], tensors["numpy_keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(tensors["torch_cpu"])
     cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("torch_cuda_")), key=lambda k: int(k[11:]))]
     if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
 
 def _param_names(model, optimizer) -> list[tuple[str, torch.nn.Parameter]]:
@@ -216,12 +226,21 @@ def state_files(state: TrainState, model, optimizer, scheduler, scaler) -> dict[
             else:
                 steps[f"{name}::{key}"] = _json_safe(value)
     rng, rng_meta = _rng_state()
-    meta = {"version": 1, **dataclasses.asdict(state), "rng": rng_meta, "optimizer_scalars": steps,
-            "param_groups": [{k: _json_safe(v) for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
-            "scheduler": _json_safe(scheduler.state_dict()),
-            "scaler": _json_safe(scaler.state_dict()) if scaler is not None else None}
-    return {"trainable.safetensors": weights, "optimizer.safetensors": moments, "rng.safetensors": rng,
-            "state.json": (json.dumps(meta) + "\n").encode()}  # written last: a folder with it is whole
+    meta = {
+        "version": 1,
+        **dataclasses.asdict(state),
+        "rng": rng_meta,
+        "optimizer_scalars": steps,
+        "param_groups": [{k: _json_safe(v) for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
+        "scheduler": _json_safe(scheduler.state_dict()),
+        "scaler": _json_safe(scaler.state_dict()) if scaler is not None else None,
+    }
+    return {
+        "trainable.safetensors": weights,
+        "optimizer.safetensors": moments,
+        "rng.safetensors": rng,
+        "state.json": (json.dumps(meta) + "\n").encode(),
+    }  # written last: a folder with it is whole
 
 
 def latest_state(ckpt_dir: Path) -> Path | None:
@@ -229,9 +248,9 @@ def latest_state(ckpt_dir: Path) -> Path | None:
     found = []
     if Path(ckpt_dir).is_dir():
         for entry in Path(ckpt_dir).iterdir():
-            if entry.name.startswith(STATE_PREFIX) and entry.name[len(STATE_PREFIX):].isdigit():
+            if entry.name.startswith(STATE_PREFIX) and entry.name[len(STATE_PREFIX) :].isdigit():
                 if (entry / "state.json").is_file():
-                    found.append((int(entry.name[len(STATE_PREFIX):]), entry))
+                    found.append((int(entry.name[len(STATE_PREFIX) :]), entry))
     return max(found)[1] if found else None
 
 
@@ -261,8 +280,10 @@ def restore_state(path: Path, model, optimizer, scheduler, scaler) -> TrainState
                     entry[k.split("::", 1)[1]] = torch.tensor(v, dtype=torch.float32)
             if entry:
                 state[i] = entry
-        groups = [{**g, **saved, "params": g["params"]}
-                  for g, saved in zip(optimizer.state_dict()["param_groups"], meta["param_groups"])]
+        groups = [
+            {**g, **saved, "params": g["params"]}
+            for g, saved in zip(optimizer.state_dict()["param_groups"], meta["param_groups"])
+        ]
         optimizer.load_state_dict({"state": state, "param_groups": groups})
         scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})
         if scaler is not None and meta.get("scaler"):
@@ -271,8 +292,10 @@ def restore_state(path: Path, model, optimizer, scheduler, scaler) -> TrainState
         fields = {f.name for f in dataclasses.fields(TrainState)}
         return TrainState(**{k: v for k, v in meta.items() if k in fields})
     except Exception as e:  # any damage: a plain message, never a traceback
-        raise ValueError(f"checkpoint {path} is damaged and cannot be resumed from ({type(e).__name__}: {e}); "
-                         "delete that folder to resume from the one before it, or start a new run") from None
+        raise ValueError(
+            f"checkpoint {path} is damaged and cannot be resumed from ({type(e).__name__}: {e}); "
+            "delete that folder to resume from the one before it, or start a new run"
+        ) from None
 
 
 class Checkpointer:
@@ -286,12 +309,20 @@ class Checkpointer:
     adapter folder, with a model card and an adapter_config.json that names the base model as the
     user did, so that each epoch folder loads outside this project."""
 
-    def __init__(self, model, ckpt_dir: Path, folder_files: dict[str, bytes] | None = None,
-                 run_id: str = "", keep_states: int = 1, ranks=None):
+    def __init__(
+        self,
+        model,
+        ckpt_dir: Path,
+        folder_files: dict[str, bytes] | None = None,
+        run_id: str = "",
+        keep_states: int = 1,
+        ranks=None,
+    ):
         """`ranks` (core.dist.Ranks) of a data-parallel run: rank 0 writes and reads the files, the
         other processes write nothing and receive what rank 0 loads."""
         from .classifier import CLASSIFIER_FILE
         from .dist import Ranks
+
         self.ranks = ranks or Ranks()
         self.write = self.ranks.main
         self.model = model
@@ -307,6 +338,7 @@ class Checkpointer:
 
     def _card(self, epoch: int, validation=None, test=None) -> dict[str, bytes]:
         from .classifier import model_card
+
         if self.info is None:
             return {}
         return {"README.md": model_card(self.info, epoch, validation, self.run_id, test).encode()}
@@ -315,6 +347,7 @@ class Checkpointer:
         """checkpoints/<name>/ (name epoch-K): the adapter and head as they are now, the folder
         files, and a model card with `validation` = (accuracy, n) when given."""
         from .classifier import portable_adapter_config
+
         if not self.write:
             return
         self.wait()
@@ -345,6 +378,7 @@ class Checkpointer:
         card = self._card(epoch, validation, test)
         if card and self.write:
             from .runs.rundir import atomic_write_bytes
+
             atomic_write_bytes(self.dir / f"epoch-{epoch}" / "README.md", card["README.md"])
 
     def save_state(self, state: TrainState, optimizer, scheduler, scaler) -> None:
@@ -359,8 +393,9 @@ class Checkpointer:
         def write():
             write_dir(path, files)
             states = sorted(p for p in self.dir.iterdir() if p.name.startswith(STATE_PREFIX) and p != path)
-            for old in states[:max(0, len(states) + 1 - self.keep_states)]:
+            for old in states[: max(0, len(states) + 1 - self.keep_states)]:
                 shutil.rmtree(old, ignore_errors=True)
+
         self._write_later(write)
 
     def wait(self) -> None:
@@ -377,6 +412,7 @@ class Checkpointer:
                 write()
             except BaseException as e:  # reported by wait()
                 self.error = e
+
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
 
@@ -384,6 +420,7 @@ class Checkpointer:
         """peft's state-dict keys mapped to the parameters they were read from (None when some key
         has no parameter of its own: every save then goes through peft)."""
         from peft import get_peft_model_state_dict
+
         params = {(p.data_ptr(), tuple(p.shape)): p for p in self.model.parameters() if p.requires_grad}
         keys = {}
         for k, t in get_peft_model_state_dict(self.model).items():

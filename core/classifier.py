@@ -35,23 +35,35 @@ EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 def input_format(cfg: RunConfig, tokenizer) -> dict:
     """How data.encode turned a row into text for this run (see core/data.py)."""
     from .data import DEFAULT_TEMPLATE
+
     if cfg.data.text_column:
         return {"kind": "text", "template": cfg.data.template or "{text}"}
     if cfg.data.template is None and tokenizer.sep_token is not None:
-        return {"kind": "pair", "template": None,
-                "note": "tokenizer(premise, hypothesis): the tokenizer's own pair encoding"}
+        return {
+            "kind": "pair",
+            "template": None,
+            "note": "tokenizer(premise, hypothesis): the tokenizer's own pair encoding",
+        }
     return {"kind": "pair", "template": cfg.data.template or DEFAULT_TEMPLATE}
 
 
 def classifier_info(cfg: RunConfig, tokenizer) -> dict:
     from .model import resolve_pooling
-    return {"labels": list(cfg.data.labels), "input": input_format(cfg, tokenizer),
-            "input_template": input_format(cfg, tokenizer)["template"],
-            "pooling": resolve_pooling(cfg.model), "max_length": cfg.data.max_length,
-            "base_model": EMBEDDED_HUB_ID if cfg.model.name == EMBEDDED_MODEL else cfg.model.name,
-            "base_model_as_named": cfg.model.name, "revision": cfg.model.revision,
-            "quantize": cfg.model.quantize, "double_quant": cfg.model.double_quant,
-            "pad_token_id": tokenizer.pad_token_id, "preset": cfg.preset}
+
+    return {
+        "labels": list(cfg.data.labels),
+        "input": input_format(cfg, tokenizer),
+        "input_template": input_format(cfg, tokenizer)["template"],
+        "pooling": resolve_pooling(cfg.model),
+        "max_length": cfg.data.max_length,
+        "base_model": EMBEDDED_HUB_ID if cfg.model.name == EMBEDDED_MODEL else cfg.model.name,
+        "base_model_as_named": cfg.model.name,
+        "revision": cfg.model.revision,
+        "quantize": cfg.model.quantize,
+        "double_quant": cfg.model.double_quant,
+        "pad_token_id": tokenizer.pad_token_id,
+        "preset": cfg.preset,
+    }
 
 
 def folder_files(cfg: RunConfig, tokenizer) -> dict[str, bytes]:
@@ -73,56 +85,93 @@ def portable_adapter_config(config: bytes, info: dict) -> bytes:
     return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
 
 
-def model_card(info: dict, epoch: int, validation: tuple[float, int] | None = None, run_id: str = "",
-               test: tuple[float, int] | None = None) -> str:
+def model_card(
+    info: dict,
+    epoch: int,
+    validation: tuple[float, int] | None = None,
+    run_id: str = "",
+    test: tuple[float, int] | None = None,
+) -> str:
     """The README.md of an epoch folder: what it is, how well it did (with intervals), how to load it."""
     labels = info["labels"]
     lines = [f"# {info['base_model']} + LoRA: a {len(labels)}-class classifier (epoch {epoch})", ""]
     if info["pooling"] == "mean":
-        lines += ["**Read this first: this run pooled the encoder's token states by their mean** (the model "
-                  "was trained for it), while plain `transformers` feeds the head its [CLS] pooler. Loaded "
-                  "with plain peft, the adapter gives wrong answers. Load it with the project's loader:", "",
-                  "```python", "from core.classifier import load_classifier  # QLoRA Studio",
-                  "clf = load_classifier(\"PATH/TO/THIS/FOLDER\")",
-                  "clf.predict([{\"premise\": \"A man plays a guitar.\", \"hypothesis\": \"A man makes music.\"}])",
-                  "```", ""]
-    lines += ["Fine-tuned with QLoRA (4-bit NF4 base, LoRA adapters, full-precision head) by QLoRA Studio"
-              + (f", run `{run_id}`" if run_id else "") + ".", "",
-              f"- Base model: `{info['base_model']}` (named `{info['base_model_as_named']}` in the run)",
-              f"- Labels, in output order: {', '.join(f'`{x}`' for x in labels)}",
-              f"- Input: {_input_line(info)}", f"- Pooling: {info['pooling']}; maximum length {info['max_length']} tokens"]
+        lines += [
+            "**Read this first: this run pooled the encoder's token states by their mean** (the model "
+            "was trained for it), while plain `transformers` feeds the head its [CLS] pooler. Loaded "
+            "with plain peft, the adapter gives wrong answers. Load it with the project's loader:",
+            "",
+            "```python",
+            "from core.classifier import load_classifier  # QLoRA Studio",
+            'clf = load_classifier("PATH/TO/THIS/FOLDER")',
+            'clf.predict([{"premise": "A man plays a guitar.", "hypothesis": "A man makes music."}])',
+            "```",
+            "",
+        ]
+    lines += [
+        "Fine-tuned with QLoRA (4-bit NF4 base, LoRA adapters, full-precision head) by QLoRA Studio"
+        + (f", run `{run_id}`" if run_id else "")
+        + ".",
+        "",
+        f"- Base model: `{info['base_model']}` (named `{info['base_model_as_named']}` in the run)",
+        f"- Labels, in output order: {', '.join(f'`{x}`' for x in labels)}",
+        f"- Input: {_input_line(info)}",
+        f"- Pooling: {info['pooling']}; maximum length {info['max_length']} tokens",
+    ]
     if epoch == 0:
         lines.append("- This is the model **before** fine-tuning: the adapter at its initialisation and a random head.")
     for name, score in (("Validation", validation), ("Test", test)):
         if score:
             acc, n = score
             from .stats import wilson
+
             lo, hi = wilson(round(acc * n), n)
-            lines.append(f"- {name} accuracy: {100 * acc:.1f}% (95% Wilson interval {100 * lo:.1f}-{100 * hi:.1f}%, "
-                         f"n = {n})")
+            lines.append(
+                f"- {name} accuracy: {100 * acc:.1f}% (95% Wilson interval {100 * lo:.1f}-{100 * hi:.1f}%, n = {n})"
+            )
     if info["pooling"] != "mean":
-        lines += ["", "## Load with peft", "", "```python", "import torch",
-                  "from peft import AutoPeftModelForSequenceClassification",
-                  "from transformers import AutoTokenizer, BitsAndBytesConfig", "",
-                  "folder = \"PATH/TO/THIS/FOLDER\"",
-                  "tokenizer = AutoTokenizer.from_pretrained(folder)",
-                  "model = AutoPeftModelForSequenceClassification.from_pretrained(",
-                  f"    folder, num_labels={len(labels)},",
-                  "    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\",",
-                  f"        bnb_4bit_use_double_quant={info.get('double_quant', True)}, bnb_4bit_compute_dtype=torch.float32,",
-                  "        llm_int8_skip_modules=[\"classifier\", \"score\"]))  # as trained; omit to load unquantised",
-                  f"model.config.pad_token_id = {info.get('pad_token_id')}", "model.eval()"]
+        lines += [
+            "",
+            "## Load with peft",
+            "",
+            "```python",
+            "import torch",
+            "from peft import AutoPeftModelForSequenceClassification",
+            "from transformers import AutoTokenizer, BitsAndBytesConfig",
+            "",
+            'folder = "PATH/TO/THIS/FOLDER"',
+            "tokenizer = AutoTokenizer.from_pretrained(folder)",
+            "model = AutoPeftModelForSequenceClassification.from_pretrained(",
+            f"    folder, num_labels={len(labels)},",
+            '    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",',
+            f"        bnb_4bit_use_double_quant={info.get('double_quant', True)}, bnb_4bit_compute_dtype=torch.float32,",
+            '        llm_int8_skip_modules=["classifier", "score"]))  # as trained; omit to load unquantised',
+            f"model.config.pad_token_id = {info.get('pad_token_id')}",
+            "model.eval()",
+        ]
         if info["input"]["template"]:
-            example = ('text="Your text."' if info["input"]["kind"] == "text"
-                       else 'premise="A man plays a guitar.", hypothesis="A man makes music."')
-            lines += [f"text = {info['input']['template']!r}.format({example})",
-                      f"inputs = tokenizer(text, return_tensors=\"pt\", truncation=True, max_length={info['max_length']})"]
+            example = (
+                'text="Your text."'
+                if info["input"]["kind"] == "text"
+                else 'premise="A man plays a guitar.", hypothesis="A man makes music."'
+            )
+            lines += [
+                f"text = {info['input']['template']!r}.format({example})",
+                f'inputs = tokenizer(text, return_tensors="pt", truncation=True, max_length={info["max_length"]})',
+            ]
         else:
-            lines += ["inputs = tokenizer(\"A man plays a guitar.\", \"A man makes music.\", return_tensors=\"pt\",",
-                      f"                   truncation=True, max_length={info['max_length']})"]
-        lines += ["with torch.no_grad():", "    probs = model(**inputs).logits.float().softmax(-1)[0]",
-                  f"labels = {labels!r}", "```", "",
-                  "Or with QLoRA Studio: `from core.classifier import load_classifier`."]
+            lines += [
+                'inputs = tokenizer("A man plays a guitar.", "A man makes music.", return_tensors="pt",',
+                f"                   truncation=True, max_length={info['max_length']})",
+            ]
+        lines += [
+            "with torch.no_grad():",
+            "    probs = model(**inputs).logits.float().softmax(-1)[0]",
+            f"labels = {labels!r}",
+            "```",
+            "",
+            "Or with QLoRA Studio: `from core.classifier import load_classifier`.",
+        ]
     lines += ["", "`classifier.json` in this folder holds the labels, input, pooling and base model as data."]
     return "\n".join(lines) + "\n"
 
@@ -153,12 +202,14 @@ class Classifier:
     def predict(self, rows: list[dict]) -> np.ndarray:
         """Probabilities [len(rows), labels] for rows with premise/hypothesis (or text)."""
         from .evaluate import autocast
+
         first, second = self.texts(rows)
         out = []
         for s in range(0, len(rows), 32):
-            pair = (first[s:s + 32],) if second is None else (first[s:s + 32], second[s:s + 32])
-            batch = self.tokenizer(*pair, truncation=True, max_length=self.info["max_length"], padding=True,
-                                   return_tensors="pt").to(self.device)
+            pair = (first[s : s + 32],) if second is None else (first[s : s + 32], second[s : s + 32])
+            batch = self.tokenizer(
+                *pair, truncation=True, max_length=self.info["max_length"], padding=True, return_tensors="pt"
+            ).to(self.device)
             with autocast(self.device, self.dtype):
                 out.append(self.model(**batch).logits.float().softmax(-1).cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.labels)))
@@ -172,19 +223,28 @@ def load_classifier(folder: Path, device: str = "auto", base_model: str | None =
     from transformers import AutoTokenizer
 
     from .model import load_model, pick_compute_dtype, pick_device
+
     folder = Path(folder)
     try:
         info = json.loads((folder / CLASSIFIER_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{folder} holds no readable {CLASSIFIER_FILE} (a checkpoint folder of a QLoRA "
-                         f"Studio run has one): {e}") from None
-    cfg = ModelConfig(name=base_model or info["base_model_as_named"], quantize=info.get("quantize"), double_quant=info.get("double_quant", True),
-                      revision=info.get("revision"), device=device, pooling=info["pooling"])
+        raise ValueError(
+            f"{folder} holds no readable {CLASSIFIER_FILE} (a checkpoint folder of a QLoRA Studio run has one): {e}"
+        ) from None
+    cfg = ModelConfig(
+        name=base_model or info["base_model_as_named"],
+        quantize=info.get("quantize"),
+        double_quant=info.get("double_quant", True),
+        revision=info.get("revision"),
+        device=device,
+        pooling=info["pooling"],
+    )
     dev = pick_device(cfg.device)
     dtype = pick_compute_dtype(dev, cfg.compute_dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    base = load_model(cfg, len(info["labels"]), tokenizer.pad_token_id, dev, dtype,
-                      id2label=dict(enumerate(info["labels"])))
+    base = load_model(
+        cfg, len(info["labels"]), tokenizer.pad_token_id, dev, dtype, id2label=dict(enumerate(info["labels"]))
+    )
     model = PeftModel.from_pretrained(base, folder, is_trainable=False)
     model.eval()
     return Classifier(model, tokenizer, info, dev, dtype)

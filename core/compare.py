@@ -22,6 +22,7 @@ MISSING = "—"  # a config key that a run does not have (shown in the diff tabl
 
 # --- config diff ------------------------------------------------------------------------------
 
+
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     """A nested dict as {dotted.key: leaf value}. Lists and other non-dict values are leaves
     (kept as they are); an empty dict is a leaf too, so that its key is not lost.
@@ -60,6 +61,7 @@ def config_diff(configs: dict[str, dict]) -> dict[str, dict[str, Any]]:
 def _canon(value: Any) -> str:
     """A hashable form of a config value for comparing (lists and dicts included)."""
     import json
+
     try:
         return json.dumps(value, sort_keys=True, default=str)
     except (TypeError, ValueError):
@@ -79,6 +81,7 @@ def read_configs(run_dirs: list[Path]) -> dict[str, dict]:
 
 
 # --- curves -----------------------------------------------------------------------------------
+
 
 def _num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -137,8 +140,18 @@ def curves(run_dir: Path) -> dict:
 
 # --- headline metrics -------------------------------------------------------------------------
 
-HEADLINE_COLUMNS = ("run", "state", "test_before", "test_before_ci95", "test_after", "test_after_ci95",
-                    "best_epoch", "total_s", "peak_gpu_gb", "peak_rss_gb")
+HEADLINE_COLUMNS = (
+    "run",
+    "state",
+    "test_before",
+    "test_before_ci95",
+    "test_after",
+    "test_after_ci95",
+    "best_epoch",
+    "total_s",
+    "peak_gpu_gb",
+    "peak_rss_gb",
+)
 
 
 def _accuracy(summary: Any) -> tuple[float | None, list[float] | None]:
@@ -169,6 +182,7 @@ def load_run_report(run_dir: Path) -> tuple[dict | None, str | None]:
     (still running, or it stopped early) the report built from its other files; (None, why)
     when even that fails."""
     from .report import build_report, load_report
+
     try:
         report, problem = load_report(Path(run_dir))
         if report is None:
@@ -197,12 +211,18 @@ def headline_row(run_dir: Path, report: dict | None = None) -> dict:
         gpu = float(max(peaks)) if peaks else None
     best = report.get("best_epoch")
     total = report.get("total_s")
-    return {"run": run_dir.name, "state": report.get("state"),
-            "test_before": before, "test_before_ci95": before_ci,
-            "test_after": after, "test_after_ci95": after_ci,
-            "best_epoch": best if isinstance(best, int) and not isinstance(best, bool) else None,
-            "total_s": float(total) if _num(total) else None,
-            "peak_gpu_gb": gpu, "peak_rss_gb": _peak(resources, "rss_gb")}
+    return {
+        "run": run_dir.name,
+        "state": report.get("state"),
+        "test_before": before,
+        "test_before_ci95": before_ci,
+        "test_after": after,
+        "test_after_ci95": after_ci,
+        "best_epoch": best if isinstance(best, int) and not isinstance(best, bool) else None,
+        "total_s": float(total) if _num(total) else None,
+        "peak_gpu_gb": gpu,
+        "peak_rss_gb": _peak(resources, "rss_gb"),
+    }
 
 
 def headline_rows(run_dirs: list[Path]) -> list[dict]:
@@ -211,6 +231,7 @@ def headline_rows(run_dirs: list[Path]) -> list[dict]:
 
 
 # --- playground helpers -----------------------------------------------------------------------
+
 
 def checkpoint_folders(run_dir: Path, report: dict | None = None) -> tuple[Path, Path] | None:
     """(before, after) checkpoint folders of a finished run: checkpoints/epoch-0 and

@@ -32,6 +32,7 @@ def _type_ok(value: Any, tp: Any) -> bool:
     import math
     import types
     import typing
+
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, a) for a in args)
@@ -53,8 +54,9 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 
 def _type_words(tp: Any) -> str:
-    import typing
     import types
+    import typing
+
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_words(a) for a in args)
@@ -62,14 +64,20 @@ def _type_words(tp: Any) -> str:
         return f"a list of {_type_words(args[0]).split(' ', 1)[1]}s"
     if origin is dict:
         return "an object of strings"
-    return {type(None): "null", bool: "true or false", int: "an integer", float: "a finite number",
-            str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {
+        type(None): "null",
+        bool: "true or false",
+        int: "an integer",
+        float: "a finite number",
+        str: "a string",
+    }.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _check_types(obj: Any, section: str) -> None:
     """A ValueError naming the field when a value has the wrong type (a --config file with
     "epochs": "three" or "lr": "0.001"), before any range check compares it with a number."""
     import typing
+
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -104,10 +112,15 @@ class ModelConfig:
         _check_types(self, "model")
         _check(bool(self.name and self.name.strip()), "model.name must not be empty")
         _check(self.quantize in (None, "bnb.nf4"), f"model.quantize must be 'bnb.nf4' or null, not {self.quantize!r}")
-        _check(self.compute_dtype in ("auto", "float32", "bfloat16", "float16"),
-               f"model.compute_dtype must be auto, float32, bfloat16 or float16, not {self.compute_dtype!r}")
+        _check(
+            self.compute_dtype in ("auto", "float32", "bfloat16", "float16"),
+            f"model.compute_dtype must be auto, float32, bfloat16 or float16, not {self.compute_dtype!r}",
+        )
         _check(self.device in ("auto", "cpu", "cuda"), f"model.device must be auto, cpu or cuda, not {self.device!r}")
-        _check(self.pooling in ("auto", "model", "mean"), f"model.pooling must be auto, model or mean, not {self.pooling!r}")
+        _check(
+            self.pooling in ("auto", "model", "mean"),
+            f"model.pooling must be auto, model or mean, not {self.pooling!r}",
+        )
 
 
 @dataclass
@@ -165,8 +178,10 @@ class DataConfig:
         if isinstance(self.labels, str):  # "entailment,neutral" in a config file: the class names, not letters
             self.labels = [x.strip() for x in self.labels.split(",") if x.strip()]
         if isinstance(self.label_map, dict):  # {"yes": 1}: an id, written as the CLI would
-            self.label_map = {str(k): str(v) if isinstance(v, int) and not isinstance(v, bool) else v
-                              for k, v in self.label_map.items()}
+            self.label_map = {
+                str(k): str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                for k, v in self.label_map.items()
+            }
         _check_types(self, "data")
         _check(all(x.strip() for x in self.labels), f"data.labels has an empty class name: {self.labels}")
         _check(len(self.labels) >= 2, "data.labels needs at least two classes")
@@ -177,8 +192,10 @@ class DataConfig:
             v = getattr(self, name)
             _check(v is None or (isinstance(v, int) and v > 0), f"data.{name} must be a positive integer or null")
         if self.template is not None:
-            _check("{hypothesis}" in self.template or "{text}" in self.template,
-                   "data.template must contain {premise} and {hypothesis} (or {text})")
+            _check(
+                "{hypothesis}" in self.template or "{text}" in self.template,
+                "data.template must contain {premise} and {hypothesis} (or {text})",
+            )
 
 
 @dataclass
@@ -201,8 +218,10 @@ class LoraSettings:
         _check(self.alpha > 0, "lora.alpha must be positive")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout must be in [0, 1)")
         if isinstance(self.target_modules, list):
-            _check(len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
-                   "lora.target_modules must be a non-empty list of module names")
+            _check(
+                len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
+                "lora.target_modules must be a non-empty list of module names",
+            )
 
 
 @dataclass
@@ -248,25 +267,36 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_types(self, "train")
-        _check(isinstance(self.epochs, int) and 1 <= self.epochs <= 1000, "train.epochs must be an integer in [1, 1000]")
+        _check(
+            isinstance(self.epochs, int) and 1 <= self.epochs <= 1000, "train.epochs must be an integer in [1, 1000]"
+        )
         _check(0 < self.lr < 1, "train.lr must be in (0, 1)")
         _check(self.head_lr is None or 0 < self.head_lr < 1, "train.head_lr must be in (0, 1) or null")
         _check(self.schedule in ("linear", "cosine", "constant"), "train.schedule must be linear, cosine or constant")
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)")
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "train.batch_size must be a positive integer")
         mb = self.micro_batch_size
-        _check(mb is None or (isinstance(mb, int) and 1 <= mb <= self.batch_size and self.batch_size % mb == 0),
-               "train.micro_batch_size must divide train.batch_size")
-        _check(isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1, "train.eval_batch_size must be a positive integer")
+        _check(
+            mb is None or (isinstance(mb, int) and 1 <= mb <= self.batch_size and self.batch_size % mb == 0),
+            "train.micro_batch_size must divide train.batch_size",
+        )
+        _check(
+            isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1,
+            "train.eval_batch_size must be a positive integer",
+        )
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm must be positive or null")
         _check(0 <= self.seed < 2**32, "train.seed must be in [0, 2**32)")
         _check(self.threads is None or 1 <= self.threads <= 4096, "train.threads must be a positive integer or null")
         ce = self.checkpoint_every
-        _check(ce is None or (isinstance(ce, int) and not isinstance(ce, bool) and ce >= 1),
-               "train.checkpoint_every must be a positive integer or null")
-        _check(isinstance(self.processes, int) and not isinstance(self.processes, bool) and 1 <= self.processes <= 1024,
-               "train.processes must be an integer in [1, 1024]")
+        _check(
+            ce is None or (isinstance(ce, int) and not isinstance(ce, bool) and ce >= 1),
+            "train.checkpoint_every must be a positive integer or null",
+        )
+        _check(
+            isinstance(self.processes, int) and not isinstance(self.processes, bool) and 1 <= self.processes <= 1024,
+            "train.processes must be an integer in [1, 1024]",
+        )
 
 
 @dataclass
@@ -291,14 +321,21 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
+    def from_dict(cls, d: dict) -> RunConfig:
         d = dict(d)
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         _check(not unknown, f"unknown config keys: {sorted(unknown)}")
         _check(isinstance(d.get("preset", ""), str), f"preset must be a string, not {d.get('preset')!r}")
-        _check(d.get("group") is None or isinstance(d.get("group"), str), f"group must be a string, not {d.get('group')!r}")
-        parts = {"model": ModelConfig, "data": DataConfig, "lora": LoraSettings, "train": TrainConfig,
-                 "speed": SpeedConfig}
+        _check(
+            d.get("group") is None or isinstance(d.get("group"), str), f"group must be a string, not {d.get('group')!r}"
+        )
+        parts = {
+            "model": ModelConfig,
+            "data": DataConfig,
+            "lora": LoraSettings,
+            "train": TrainConfig,
+            "speed": SpeedConfig,
+        }
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
             if key in parts:
@@ -313,10 +350,11 @@ class RunConfig:
 
     def save(self, path: Path) -> None:
         from .runs.rundir import atomic_write_json
+
         atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: Path) -> "RunConfig":
+    def load(cls, path: Path) -> RunConfig:
         try:
             d = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -339,6 +377,7 @@ def override(cfg: RunConfig, dotted: dict[str, Any]) -> RunConfig:
 
 # --- presets ------------------------------------------------------------------------------------
 
+
 def preset_demo() -> RunConfig:
     """The embedded default: all-MiniLM-L6-v2 in NF4 on the built-in NLI sample, CPU-sized."""
     return RunConfig(
@@ -350,8 +389,7 @@ def preset_demo() -> RunConfig:
         # regularises enough, and the dropout masks cost ~10% of a CPU step), 4 epochs. Over six
         # seeds it is as accurate as the plain recipe (0.744 vs 0.739 on SNLI), in less time.
         lora=LoraSettings(r=16, alpha=32, dropout=0.0, target_modules="all-linear"),
-        train=TrainConfig(epochs=4, lr=1e-3, head_lr=3e-3, batch_size=32, schedule="linear",
-                          warmup_ratio=0.06, seed=0),
+        train=TrainConfig(epochs=4, lr=1e-3, head_lr=3e-3, batch_size=32, schedule="linear", warmup_ratio=0.06, seed=0),
     )
 
 
@@ -360,9 +398,16 @@ def preset_phi2_snli() -> RunConfig:
     return RunConfig(
         preset="phi2-snli",
         model=ModelConfig(name="microsoft/phi-2"),
-        data=DataConfig(source="stanfordnlp/snli", train_split="train", validation_split="validation",
-                        test_split="test", max_train_rows=1000, max_validation_rows=500,
-                        max_test_rows=1000, max_length=128),
+        data=DataConfig(
+            source="stanfordnlp/snli",
+            train_split="train",
+            validation_split="validation",
+            test_split="test",
+            max_train_rows=1000,
+            max_validation_rows=500,
+            max_test_rows=1000,
+            max_length=128,
+        ),
         lora=LoraSettings(r=16, alpha=32, dropout=0.05, target_modules=["q_proj", "v_proj", "fc1", "fc2"]),
         train=TrainConfig(epochs=5, lr=2e-4, batch_size=32, schedule="linear", warmup_ratio=0.06, seed=0),
     )

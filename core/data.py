@@ -16,9 +16,10 @@ import itertools
 import random
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -73,8 +74,10 @@ class SplitStats:
 
 # --- mapping ------------------------------------------------------------------------------------
 
-def _pick_column(columns: Sequence[str], wanted: str | None, aliases: Sequence[str], what: str,
-                 required: bool = True) -> str | None:
+
+def _pick_column(
+    columns: Sequence[str], wanted: str | None, aliases: Sequence[str], what: str, required: bool = True
+) -> str | None:
     if wanted:
         if wanted not in columns:
             raise ValueError(f"{what} column {wanted!r} not found; columns are {list(columns)}")
@@ -83,8 +86,10 @@ def _pick_column(columns: Sequence[str], wanted: str | None, aliases: Sequence[s
         if a in columns:
             return a
     if required:
-        raise ValueError(f"no {what} column found (tried {', '.join(aliases)}); columns are {list(columns)}. "
-                         f"Name it with --{what}-column.")
+        raise ValueError(
+            f"no {what} column found (tried {', '.join(aliases)}); columns are {list(columns)}. "
+            f"Name it with --{what}-column."
+        )
     return None
 
 
@@ -108,16 +113,19 @@ def map_label(raw: Any, labels: Sequence[str], label_map: dict[str, str]) -> int
         if 0 <= i < len(labels):
             return i
         raise ValueError(f"label id {i} is out of range for labels {list(labels)}")
-    raise ValueError(f"unknown label {raw!r}; expected one of {list(labels)} or an id 0..{len(labels) - 1} "
-                     "(use a label mapping to rename values)")
+    raise ValueError(
+        f"unknown label {raw!r}; expected one of {list(labels)} or an id 0..{len(labels) - 1} "
+        "(use a label mapping to rename values)"
+    )
 
 
 def _text(value: Any) -> str:
     return "" if value is None or (isinstance(value, float) and value != value) else str(value)
 
 
-def to_examples(rows: Iterable[dict], cfg: DataConfig, split: str,
-                source: str | None = None) -> tuple[list[Example], SplitStats]:
+def to_examples(
+    rows: Iterable[dict], cfg: DataConfig, split: str, source: str | None = None
+) -> tuple[list[Example], SplitStats]:
     """Map raw rows to Examples with the configured columns and labels, one row at a time (`rows`
     may be a stream: only the Examples are kept). Rows without a label and rows whose premise,
     hypothesis or text is empty are dropped and counted; an unknown label raises, naming the
@@ -140,8 +148,10 @@ def to_examples(rows: Iterable[dict], cfg: DataConfig, split: str,
             if prem_col is None or hyp_col is None:
                 text_col = _pick_column(columns, None, TEXT_ALIASES, "text", required=False)
                 if text_col is None:
-                    raise ValueError(f"found no premise/hypothesis columns and no text column; columns are "
-                                     f"{columns}. Map them with --premise-column/--hypothesis-column or --text-column.")
+                    raise ValueError(
+                        f"found no premise/hypothesis columns and no text column; columns are "
+                        f"{columns}. Map them with --premise-column/--hypothesis-column or --text-column."
+                    )
                 single = True
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
@@ -182,12 +192,16 @@ def drop_notes(split: str, stats: SplitStats) -> list[str]:
     """One line per kind of dropped row, for the log and the setup record."""
     notes = []
     if stats.dropped_unlabelled:
-        notes.append(f"{split}: dropped {stats.dropped_unlabelled} of {stats.rows_read} rows without a gold label "
-                     "(-1, '-', empty or null)")
+        notes.append(
+            f"{split}: dropped {stats.dropped_unlabelled} of {stats.rows_read} rows without a gold label "
+            "(-1, '-', empty or null)"
+        )
     if stats.dropped_empty:
         rows = ", ".join(map(str, stats.empty_rows)) + (" …" if stats.dropped_empty > len(stats.empty_rows) else "")
-        notes.append(f"{split}: dropped {stats.dropped_empty} of {stats.rows_read} rows with an empty "
-                     f"premise, hypothesis or text (rows {rows})")
+        notes.append(
+            f"{split}: dropped {stats.dropped_empty} of {stats.rows_read} rows with an empty "
+            f"premise, hypothesis or text (rows {rows})"
+        )
     return notes
 
 
@@ -197,6 +211,7 @@ def warn(message: str) -> None:
 
 
 # --- sampling -----------------------------------------------------------------------------------
+
 
 def stratified_sample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
     """`n` examples with the class proportions of `examples` (largest remainder), chosen by seed.
@@ -218,7 +233,7 @@ def stratified_sample(examples: list[Example], n: int | None, seed: int) -> list
     for lab in sorted(by_label):
         idx = list(by_label[lab])
         rng.shuffle(idx)
-        chosen.extend(idx[:take[lab]])
+        chosen.extend(idx[: take[lab]])
     return [examples[i] for i in sorted(chosen)]
 
 
@@ -268,13 +283,17 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, list[Example]], d
         if st.rows_read == 0:
             raise ValueError(f"{split}: {where} has no rows")
         if not splits[split]:
-            raise ValueError(f"{split}: no usable rows in {where}: of {st.rows_read} rows, {st.dropped_unlabelled} "
-                             f"have no gold label and {st.dropped_empty} an empty premise, hypothesis or text")
+            raise ValueError(
+                f"{split}: no usable rows in {where}: of {st.rows_read} rows, {st.dropped_unlabelled} "
+                f"have no gold label and {st.dropped_empty} an empty premise, hypothesis or text"
+            )
         st.warnings += drop_notes(split, st)
     if "validation" not in splits:
         if len(splits["train"]) < 2:
-            raise ValueError(f"train: only {len(splits['train'])} usable row, too few to hold out validation rows "
-                             "from: give a validation file or more training rows")
+            raise ValueError(
+                f"train: only {len(splits['train'])} usable row, too few to hold out validation rows "
+                "from: give a validation file or more training rows"
+            )
         splits["train"], splits["validation"] = carve_validation(splits["train"], cfg.validation_fraction, seed)
         stats["validation"] = SplitStats(rows_read=0, kept=len(splits["validation"]))
         stats["validation"].carved_from_train = True  # type: ignore[attr-defined]
@@ -282,8 +301,10 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, list[Example]], d
     for split in ("train", "validation", "test"):
         st = stats[split]
         if limits[split] is not None and limits[split] > len(splits[split]):
-            st.warnings.append(f"{split}: asked for {limits[split]} rows (data.max_{split}_rows), only "
-                               f"{len(splits[split])} are usable: using all {len(splits[split])}")
+            st.warnings.append(
+                f"{split}: asked for {limits[split]} rows (data.max_{split}_rows), only "
+                f"{len(splits[split])} are usable: using all {len(splits[split])}"
+            )
         splits[split] = stratified_sample(splits[split], limits[split], seed)
         st.used = len(splits[split])
         st.label_counts = {cfg.labels[k]: v for k, v in sorted(Counter(e.label for e in splits[split]).items())}
@@ -293,6 +314,7 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, list[Example]], d
 
 
 # --- tokenising and batching --------------------------------------------------------------------
+
 
 def encode(examples: list[Example], tokenizer, cfg: DataConfig) -> list[dict]:
     """Token ids per example (no padding). Pairs use the tokenizer's own pair encoding when it
@@ -305,8 +327,9 @@ def encode(examples: list[Example], tokenizer, cfg: DataConfig) -> list[dict]:
             texts = [cfg.template.format(text=t) for t in texts]
         enc = tokenizer(texts, truncation=True, max_length=cfg.max_length)
     elif use_pairs:
-        enc = tokenizer([e.premise for e in examples], [e.hypothesis for e in examples],
-                        truncation=True, max_length=cfg.max_length)
+        enc = tokenizer(
+            [e.premise for e in examples], [e.hypothesis for e in examples], truncation=True, max_length=cfg.max_length
+        )
     else:
         texts = [template.format(premise=e.premise, hypothesis=e.hypothesis) for e in examples]
         enc = tokenizer(texts, truncation=True, max_length=cfg.max_length)
@@ -314,8 +337,9 @@ def encode(examples: list[Example], tokenizer, cfg: DataConfig) -> list[dict]:
     return [{**{k: enc[k][i] for k in keys}, "label": ex.label} for i, ex in enumerate(examples)]
 
 
-def batch_indices(encoded: list[dict], batch_size: int, shuffle: bool, seed: int = 0,
-                  bucket: bool = True, bucket_batches: int = 64) -> list[list[int]]:
+def batch_indices(
+    encoded: list[dict], batch_size: int, shuffle: bool, seed: int = 0, bucket: bool = True, bucket_batches: int = 64
+) -> list[list[int]]:
     """Index lists of batches. With `bucket`, rows are sorted by length inside windows of
     `bucket_batches` batches, so a batch holds rows of similar length (little padding) while the
     data order stays random; batch order is shuffled again so lengths do not trend in an epoch."""
@@ -325,9 +349,12 @@ def batch_indices(encoded: list[dict], batch_size: int, shuffle: bool, seed: int
         rng.shuffle(order)
     if bucket:
         window = batch_size * bucket_batches
-        order = [i for s in range(0, len(order), window)
-                 for i in sorted(order[s:s + window], key=lambda i: len(encoded[i]["input_ids"]))]
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        order = [
+            i
+            for s in range(0, len(order), window)
+            for i in sorted(order[s : s + window], key=lambda i: len(encoded[i]["input_ids"]))
+        ]
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     if shuffle and bucket:
         rng.shuffle(batches)
     return batches

@@ -53,6 +53,8 @@ def gpu_backend() -> str:
     if value not in ("nccl", "gloo"):
         raise ValueError(f"{BACKEND_ENV} must be nccl or gloo, not {value!r}")
     return value
+
+
 ERROR_SUFFIX = ".error"  # rank-K.error in the run folder: a non-main process's failure
 
 
@@ -91,10 +93,11 @@ class Ranks:
 
     def shard(self, idx: list[int]) -> list[int]:
         """This process's rows of a global batch (or of an evaluation split): every world-th one."""
-        return idx[self.rank::self.world] if self.world > 1 else idx
+        return idx[self.rank :: self.world] if self.world > 1 else idx
 
-    def reduce_gradients(self, params: list[torch.Tensor], loss: torch.Tensor, tokens: tuple,
-                         rows: int, total_rows: int):
+    def reduce_gradients(
+        self, params: list[torch.Tensor], loss: torch.Tensor, tokens: tuple, rows: int, total_rows: int
+    ):
         """After this process's backward over `rows` of the step's `total_rows`: .grad of
         `params` becomes the gradient of the mean loss over all rows of all processes; returns
         (mean loss, (real tokens, processed tokens)) over all processes, as device scalars. One
@@ -104,6 +107,7 @@ class Ranks:
         if os.environ.get(FAIL_ENV) == str(self.rank):
             raise RuntimeError(f"{FAIL_ENV}={self.rank}: this process was told to fail (a test of failure handling)")
         import torch.distributed as dist
+
         grads = [p.grad for p in params]
         weight = rows / total_rows
         counts = torch.zeros(2, device=loss.device)
@@ -121,6 +125,7 @@ class Ranks:
         if self.world == 1:
             return flag
         import torch.distributed as dist
+
         t = torch.tensor([1 if flag else 0], dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
         return bool(t.item())
@@ -130,6 +135,7 @@ class Ranks:
         if self.world == 1:
             return [obj]
         import torch.distributed as dist
+
         out = [None] * self.world
         dist.all_gather_object(out, obj, group=self.control)
         return out
@@ -139,11 +145,12 @@ class Ranks:
         if self.world == 1:
             return parts[0]
         import numpy as np
+
         like = next(p for p in parts if len(p))
         out = np.empty((n, *like.shape[1:]), dtype=like.dtype)
         for r, part in enumerate(parts):
             if len(part):
-                out[r::self.world] = part
+                out[r :: self.world] = part
         return out
 
     def broadcast_object(self, obj):
@@ -151,6 +158,7 @@ class Ranks:
         if self.world == 1:
             return obj
         import torch.distributed as dist
+
         box = [obj]
         dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
@@ -160,6 +168,7 @@ class Ranks:
         if self.world == 1:
             return
         import torch.distributed as dist
+
         for p in params:
             dist.broadcast(p.data, src=0)
 
@@ -203,13 +212,16 @@ def setup(device_type: str = "cpu") -> Ranks:
         _RANKS = Ranks()
         return _RANKS
     import torch.distributed as dist
+
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     timeout = datetime.timedelta(seconds=timeout_s())
     if device_type == "cuda" and gpu_backend() == "nccl":
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"process {rank} has local rank {local_rank} but this machine has "
-                               f"{torch.cuda.device_count()} GPU(s): start at most one process per GPU")
+            raise RuntimeError(
+                f"process {rank} has local rank {local_rank} but this machine has "
+                f"{torch.cuda.device_count()} GPU(s): start at most one process per GPU"
+            )
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
         control = dist.new_group(backend="gloo", timeout=timeout)
@@ -228,6 +240,7 @@ def shutdown() -> None:
     global _RANKS
     if _RANKS is not None and _RANKS.world > 1:
         import torch.distributed as dist
+
         if dist.is_initialized():
             dist.destroy_process_group()
     _RANKS = None
@@ -236,6 +249,7 @@ def shutdown() -> None:
 def write_error(run_dir: Path, ranks: Ranks, error: BaseException) -> None:
     """A non-main process's failure, for rank 0 (and the launcher) to report: rank-K.error."""
     from .runs import rundir
+
     text = f"{type(error).__name__}: {error}\n\n{traceback.format_exc(limit=20)}"
     try:
         rundir.atomic_write_text(Path(run_dir) / f"rank-{ranks.rank}{ERROR_SUFFIX}", text)
@@ -252,7 +266,7 @@ def rank_errors(run_dir: Path) -> str | None:
             first = f.read_text(errors="replace").splitlines()[0]
         except (OSError, IndexError):
             first = "(unreadable error file)"
-        lines.append(f"process {f.name[:-len(ERROR_SUFFIX)].replace('rank-', 'rank ')} failed: {first}")
+        lines.append(f"process {f.name[: -len(ERROR_SUFFIX)].replace('rank-', 'rank ')} failed: {first}")
     return "; ".join(lines) or None
 
 
@@ -269,6 +283,7 @@ def ranks_for(cfg) -> Ranks | None:
     if not launched():
         return None
     from .model import pick_device
+
     return setup(pick_device(cfg.model.device).type)
 
 
@@ -276,6 +291,7 @@ def with_world_size(cfg, ranks: Ranks | None):
     """The config as this process runs it: under torchrun, train.processes is the world size
     (config.json then says how many processes a resume starts)."""
     import dataclasses
+
     if ranks is None or cfg.train.processes == ranks.world:
         return cfg
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, processes=ranks.world))
@@ -301,22 +317,30 @@ def run_processes(args, cfg, run_dir: Path) -> int:
     import signal
     import subprocess
     import sys
+
     from .model import pick_device
     from .runs import rundir
+
     n = cfg.train.processes
     device = pick_device(cfg.model.device)
     if device.type == "cuda":
         if n > torch.cuda.device_count() and gpu_backend() == "nccl":
-            raise ValueError(f"--nproc {n} asks for {n} GPUs but this machine has {torch.cuda.device_count()}: "
-                             "start at most one process per GPU")
+            raise ValueError(
+                f"--nproc {n} asks for {n} GPUs but this machine has {torch.cuda.device_count()}: "
+                "start at most one process per GPU"
+            )
     elif cfg.model.device != "cpu":
-        raise ValueError(f"--nproc {n}: data-parallel training needs GPUs and this machine has none "
-                         "(to run several CPU processes anyway, as the tests do, add --device cpu)")
+        raise ValueError(
+            f"--nproc {n}: data-parallel training needs GPUs and this machine has none "
+            "(to run several CPU processes anyway, as the tests do, add --device cpu)"
+        )
     argv = without_nproc(args.argv)
     if not args.resume and not args.run_dir:
         argv += ["--run-dir", str(run_dir)]  # every process writes (rank 0) into the same folder
-    print(f"{n} processes ({device.type}): torchrun --standalone --nproc-per-node={n} -m core {' '.join(argv)}",
-          flush=True)
+    print(
+        f"{n} processes ({device.type}): torchrun --standalone --nproc-per-node={n} -m core {' '.join(argv)}",
+        flush=True,
+    )
     proc = subprocess.Popen(torchrun_command(n, argv), env=os.environ.copy())  # a claim token goes to rank 0
     forward = lambda signum, frame: proc.send_signal(signum)  # Stop / kill: torchrun stops every process
     previous = signal.signal(signal.SIGTERM, forward), signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -327,10 +351,12 @@ def run_processes(args, cfg, run_dir: Path) -> int:
         signal.signal(signal.SIGINT, previous[1])
     status = rundir.read_json(run_dir / rundir.STATUS, {}) or {}
     if status.get("state") in rundir.ACTIVE_STATES:  # rank 0 was killed before it could say so
-        error = rank_errors(run_dir) or (f"the training processes ended (torchrun exit code {code}) "
-                                         f"before the run did; see {rundir.LOG} for why")
-        status = rundir.update_status(run_dir, {"state": "failed", "phase": "failed", "error": error,
-                                                "finished_at": rundir.now_iso()}) or {"state": "failed", "error": error}
+        error = rank_errors(run_dir) or (
+            f"the training processes ended (torchrun exit code {code}) before the run did; see {rundir.LOG} for why"
+        )
+        status = rundir.update_status(
+            run_dir, {"state": "failed", "phase": "failed", "error": error, "finished_at": rundir.now_iso()}
+        ) or {"state": "failed", "error": error}
     if status.get("state") == "failed":  # the run's own words, after torchrun's report
         print(f"error: {status.get('error')}", file=sys.stderr)
     return {"done": 0, "stopped": 3}.get(status.get("state"), 2)
@@ -339,5 +365,14 @@ def run_processes(args, cfg, run_dir: Path) -> int:
 def torchrun_command(nproc: int, args: list[str]) -> list[str]:
     """The command that runs `python -m core <args>` as `nproc` processes on this machine."""
     import sys
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "core", *args]
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "core",
+        *args,
+    ]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .runs import rundir
 from .config import BUILTIN_DATA, LoraSettings, RunConfig
+from .runs import rundir
 
 CUDA_CONTEXT_GB = 0.5  # what the CUDA runtime and cuBLAS workspaces take before any tensor
 ACTIVATION_BYTES = 29  # per token, layer and hidden unit in 16-bit, kept for the backward pass
@@ -27,6 +27,7 @@ ACTIVATION_BYTES = 29  # per token, layer and hidden unit in 16-bit, kept for th
 def pick_device_dtype(cfg: RunConfig) -> dict:
     """The device and compute dtype the trainer will choose (same functions it uses)."""
     from .model import pick_compute_dtype, pick_device
+
     try:
         device = pick_device(cfg.model.device)
         dtype = pick_compute_dtype(device, cfg.model.compute_dtype)
@@ -35,6 +36,7 @@ def pick_device_dtype(cfg: RunConfig) -> dict:
     out = {"device": device.type, "dtype": str(dtype).replace("torch.", ""), "error": None}
     if device.type == "cuda":
         import torch
+
         props = torch.cuda.get_device_properties(device)
         out["gpu"] = props.name
         out["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
@@ -49,6 +51,7 @@ def count_file_rows(path: str | Path) -> int | None:
             with open(path, "rb") as f:
                 return sum(1 for line in f if line.strip())
         from .tables import iter_table
+
         return sum(1 for _ in iter_table(path))  # streamed: never the whole file in memory
     except (OSError, ValueError):
         return None
@@ -57,6 +60,7 @@ def count_file_rows(path: str | Path) -> int | None:
 def planned_rows(cfg: RunConfig, known: dict[str, int] | None = None) -> dict[str, int | None]:
     """Rows per split the run will use: what the source holds, capped by data.max_*_rows."""
     from .data import BUILTIN_DIR
+
     d = cfg.data
     rows: dict[str, int | None] = {"train": None, "validation": None, "test": None}
     for split in rows:
@@ -66,8 +70,11 @@ def planned_rows(cfg: RunConfig, known: dict[str, int] | None = None) -> dict[st
             rows[split] = count_file_rows(getattr(d, split))
         elif d.source == BUILTIN_DATA:
             rows[split] = count_file_rows(BUILTIN_DIR / f"{split}.jsonl")
-    if rows["validation"] is None and rows["train"] is not None and (
-            d.source in (BUILTIN_DATA, "files") or not d.validation_split):
+    if (
+        rows["validation"] is None
+        and rows["train"] is not None
+        and (d.source in (BUILTIN_DATA, "files") or not d.validation_split)
+    ):
         carved = max(1, round(rows["train"] * d.validation_fraction))  # carved from train
         rows["validation"], rows["train"] = carved, rows["train"] - carved
     limits = {"train": d.max_train_rows, "validation": d.max_validation_rows, "test": d.max_test_rows}
@@ -80,13 +87,17 @@ def planned_rows(cfg: RunConfig, known: dict[str, int] | None = None) -> dict[st
 def model_shape(name: str, revision: str | None = None) -> dict:
     """hidden size, layers, heads and vocabulary of a model, from its config (no weights)."""
     from transformers import AutoConfig
+
     from .model import pretrained_source
+
     name, source = pretrained_source(name, revision)
     c = AutoConfig.from_pretrained(name, **source)
-    return {"hidden": getattr(c, "hidden_size", None) or getattr(c, "n_embd", None),
-            "layers": getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None),
-            "heads": getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None),
-            "model_type": getattr(c, "model_type", None)}
+    return {
+        "hidden": getattr(c, "hidden_size", None) or getattr(c, "n_embd", None),
+        "layers": getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None),
+        "heads": getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None),
+        "model_type": getattr(c, "model_type", None),
+    }
 
 
 def gpu_memory_gb(params: dict, shape: dict, cfg: RunConfig, dtype: str) -> float | None:
@@ -100,6 +111,7 @@ def gpu_memory_gb(params: dict, shape: dict, cfg: RunConfig, dtype: str) -> floa
     context. Batches are padded only to their longest row, so real use is usually lower."""
     from .speed.settings import speed_from_env
     from .speed.step import micro_token_budget
+
     if not params or not shape.get("hidden") or not shape.get("layers"):
         return None
     width = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 2)
@@ -145,15 +157,17 @@ def time_seconds(rows: dict, cfg: RunConfig, history: list[dict]) -> dict | None
     per_train_row = ref["train_s"] / (n_epochs * train_rows)
     per_eval_row = ref["eval_s"] / eval_rows
     val = rows.get("validation") or 0
-    seconds = (cfg.train.epochs * rows["train"] * per_train_row
-               + (val * (cfg.train.epochs + 1) + 2 * rows["test"]) * per_eval_row
-               + (ref.get("load_s") or 0))
-    return {"seconds": round(seconds, 1), "from_run": ref["run_id"],
-            "train_rows_per_s": round(1 / per_train_row, 2)}
+    seconds = (
+        cfg.train.epochs * rows["train"] * per_train_row
+        + (val * (cfg.train.epochs + 1) + 2 * rows["test"]) * per_eval_row
+        + (ref.get("load_s") or 0)
+    )
+    return {"seconds": round(seconds, 1), "from_run": ref["run_id"], "train_rows_per_s": round(1 / per_train_row, 2)}
 
 
-def plan(cfg: RunConfig, rows: dict[str, int] | None = None, root: Path | None = None,
-         facts: dict | None = None) -> dict:
+def plan(
+    cfg: RunConfig, rows: dict[str, int] | None = None, root: Path | None = None, facts: dict | None = None
+) -> dict:
     """Everything the Train page shows before Launch. `facts` ({"params", "shape", "error"}, as
     model_facts_or_error returns) may be passed in when the caller has them cached: they need the
     model's config (local files, the Hub, or its cache) and building the model on the meta device."""
@@ -184,33 +198,49 @@ def model_facts_or_error(cfg: RunConfig) -> dict:
     """{"params": parameter counts, "shape": model_shape, "error": None}, without loading any
     weights; on failure (a Hub id without network, a typo) params is None and error says why."""
     from .model import resolve_pooling
+
     try:
-        params = estimate_parameters(cfg.model.name, len(cfg.data.labels), cfg.lora,
-                                     quantize=cfg.model.quantize is not None, revision=cfg.model.revision,
-                                     pooling=resolve_pooling(cfg.model))
+        params = estimate_parameters(
+            cfg.model.name,
+            len(cfg.data.labels),
+            cfg.lora,
+            quantize=cfg.model.quantize is not None,
+            revision=cfg.model.revision,
+            pooling=resolve_pooling(cfg.model),
+        )
         return {"params": params, "shape": model_shape(cfg.model.name, cfg.model.revision), "error": None}
     except Exception as e:  # noqa: BLE001 - any failure here only means "no estimate"
         return {"params": None, "shape": {}, "error": f"{type(e).__name__}: {e}"}
 
 
-def estimate_parameters(model_name: str, num_labels: int, lora: LoraSettings, quantize: bool = True,
-                        revision: str | None = None, pooling: str = "model") -> dict[str, int]:
+def estimate_parameters(
+    model_name: str,
+    num_labels: int,
+    lora: LoraSettings,
+    quantize: bool = True,
+    revision: str | None = None,
+    pooling: str = "model",
+) -> dict[str, int]:
     """count_parameters without loading weights: the model is built on the meta device from its
     config (which for a Hub model needs the network or a cached config)."""
     from transformers import AutoConfig
+
     from .model import pretrained_source
+
     name, source = pretrained_source(model_name, revision)
     config = AutoConfig.from_pretrained(name, **source, num_labels=num_labels)
     return estimate_parameters_from_config(config, lora, quantize, pooling)
 
 
-def estimate_parameters_from_config(config, lora: LoraSettings, quantize: bool = True,
-                                    pooling: str = "model") -> dict[str, int]:
+def estimate_parameters_from_config(
+    config, lora: LoraSettings, quantize: bool = True, pooling: str = "model"
+) -> dict[str, int]:
     """count_parameters of `config`'s classifier with LoRA, built on the meta device (no weights)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForSequenceClassification
 
     from .model import HEAD_NAMES, add_lora, set_pooling
+
     if config.pad_token_id is None:
         config.pad_token_id = 0
     with init_empty_weights():

@@ -1,7 +1,7 @@
 """Scoring: predictions of a model on encoded examples, and `evaluate RUN_DIR --data FILE`.
 
-    probs, loss = predict(model, encoded, batch_size=128, pad_id=0, device=dev, dtype=torch.float32)
-    rows = prediction_rows(examples, probs, labels)     # what predictions/*.jsonl hold
+probs, loss = predict(model, encoded, batch_size=128, pad_id=0, device=dev, dtype=torch.float32)
+rows = prediction_rows(examples, probs, labels)     # what predictions/*.jsonl hold
 """
 
 from __future__ import annotations
@@ -31,9 +31,16 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 @torch.inference_mode()
-def predict(model, encoded: list[dict], batch_size: int, pad_id: int, device: torch.device,
-            dtype: torch.dtype, graphs: EvalGraphs | None = None,
-            speed: SpeedConfig | None = None) -> tuple[np.ndarray, float]:
+def predict(
+    model,
+    encoded: list[dict],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    graphs: EvalGraphs | None = None,
+    speed: SpeedConfig | None = None,
+) -> tuple[np.ndarray, float]:
     """Class probabilities (n, classes) in the order of `encoded`, and the mean cross-entropy.
 
     Packed batches where the model allows it (core/speed/packing.py: no padding; at most
@@ -57,6 +64,7 @@ def predict(model, encoded: list[dict], batch_size: int, pad_id: int, device: to
             if drop_mask:
                 batch.pop("attention_mask")
             return batch
+
         batches = (padded(idx) for idx in eval_batches(encoded, order, batch_size, device, speed))
         run, key = (lambda batch: model(**batch).logits), None
 
@@ -81,8 +89,9 @@ def predict(model, encoded: list[dict], batch_size: int, pad_id: int, device: to
     return probs.numpy(), float(torch.stack(losses).sum().item()) / len(encoded)
 
 
-def eval_batches(encoded: list[dict], order: list[int], batch_size: int, device: torch.device,
-                 speed: SpeedConfig | None = None) -> list[list[int]]:
+def eval_batches(
+    encoded: list[dict], order: list[int], batch_size: int, device: torch.device, speed: SpeedConfig | None = None
+) -> list[list[int]]:
     """Split `order` (rows sorted by length) into evaluation batches with the fewest padded tokens
     plus a fixed cost per batch: each batch holds rows of neighbouring lengths, at most batch_size
     rows and, on a GPU, at most speed.eval_tokens padded tokens (memory bound).
@@ -125,10 +134,10 @@ def eval_batches(encoded: list[dict], order: list[int], batch_size: int, device:
         starts.append(starts[-1] + c)
     batches = []
     for a, b in reversed(spans):
-        rows = order[starts[a]:starts[b]]
+        rows = order[starts[a] : starts[b]]
         k = -(-len(rows) // cap(lengths[b - 1]))  # batches this span needs; equal sizes
         size = -(-len(rows) // k)
-        batches += [rows[s:s + size] for s in range(0, len(rows), size)]
+        batches += [rows[s : s + size] for s in range(0, len(rows), size)]
     return batches
 
 
@@ -138,8 +147,9 @@ def prediction_rows(examples: list[Example], probs: np.ndarray, labels: list[str
         pred = int(p.argmax())
         row = ex.as_dict()
         row.pop("label")
-        row.update(gold=labels[ex.label], pred=labels[pred], correct=pred == ex.label,
-                   probs=[round(float(x), 5) for x in p])
+        row.update(
+            gold=labels[ex.label], pred=labels[pred], correct=pred == ex.label, probs=[round(float(x), 5) for x in p]
+        )
         rows.append(row)
     return rows
 
@@ -161,8 +171,10 @@ def evaluation_name(data_file: Path, name: str | None = None) -> str:
     if name is not None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,59}", name) or name in RUN_SPLITS:
             hint = f" (e.g. {name}-file)" if name in RUN_SPLITS else ""
-            raise ValueError(f"invalid evaluation name {name!r}: use 1-60 letters, digits, '.', '_', '-', and not "
-                             f"train/validation/test, which the run itself writes{hint}")
+            raise ValueError(
+                f"invalid evaluation name {name!r}: use 1-60 letters, digits, '.', '_', '-', and not "
+                f"train/validation/test, which the run itself writes{hint}"
+            )
         return name
     base = Path(data_file).name
     stem = Path(base[:-3] if base.endswith(".gz") else base).stem  # test.jsonl.gz -> test
@@ -177,13 +189,13 @@ def evaluate_run(run_dir: Path, data_file: Path, name: str | None = None, batch_
     and returns {"n", "accuracy_before", "accuracy_after", "dropped_unlabelled", "dropped_empty",
     "name", "files"}. The name defaults to the file's stem, made safe; a stem that is one of the
     run's own splits (test.jsonl) becomes <stem>-file, so the obvious command works."""
-    from .config import RunConfig
-    from .speed.settings import speed_from_env
-    from .data import encode, to_examples
-    from .tables import iter_table
-    from .speed.tune import tune_model
     from .checkpoint import load_adapter_weights
+    from .config import RunConfig
+    from .data import encode, to_examples
     from .model import add_lora, load_model, load_tokenizer, pick_compute_dtype, pick_device
+    from .speed.settings import speed_from_env
+    from .speed.tune import tune_model
+    from .tables import iter_table
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -207,20 +219,34 @@ def evaluate_run(run_dir: Path, data_file: Path, name: str | None = None, batch_
             raise ValueError(f"missing checkpoint {d}")
     examples, stats = to_examples(rows, cfg.data, name, source=str(data_file))
     if not examples:
-        raise ValueError(f"{data_file}: no usable rows to evaluate ({stats.rows_read} rows, "
-                         f"{stats.dropped_unlabelled} without a gold label, {stats.dropped_empty} with an empty text)")
+        raise ValueError(
+            f"{data_file}: no usable rows to evaluate ({stats.rows_read} rows, "
+            f"{stats.dropped_unlabelled} without a gold label, {stats.dropped_empty} with an empty text)"
+        )
     device = pick_device(cfg.model.device)
     dtype = pick_compute_dtype(device, cfg.model.compute_dtype)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, len(cfg.data.labels), tokenizer.pad_token_id, device, dtype,
-                       id2label=dict(enumerate(cfg.data.labels)))
+    model = load_model(
+        cfg.model,
+        len(cfg.data.labels),
+        tokenizer.pad_token_id,
+        device,
+        dtype,
+        id2label=dict(enumerate(cfg.data.labels)),
+    )
     model = add_lora(model, cfg.lora)
     speed = speed_from_env(cfg.speed)
     tune_model(model, dtype, speed)  # the same numerics as during training
     encoded = encode(examples, tokenizer, cfg.data)
     bs = batch_size or cfg.train.eval_batch_size
-    result = {"name": name, "n": len(examples), "dropped_unlabelled": stats.dropped_unlabelled,
-              "dropped_empty": stats.dropped_empty, "best_epoch": best, "files": []}
+    result = {
+        "name": name,
+        "n": len(examples),
+        "dropped_unlabelled": stats.dropped_unlabelled,
+        "dropped_empty": stats.dropped_empty,
+        "best_epoch": best,
+        "files": [],
+    }
     for stage, ckpt in (("before", before_dir), ("after", after_dir)):
         load_adapter_weights(model, ckpt)
         t0 = time.perf_counter()

@@ -40,6 +40,7 @@ def group_summary(run_dir: Path) -> dict | None:
     None when the run belongs to no group."""
     from .report import load_report
     from .slices import agreement, seed_summary
+
     runs = group_runs(run_dir)
     if not runs:
         return None
@@ -51,16 +52,23 @@ def group_summary(run_dir: Path) -> dict | None:
         row = {"run_id": path.name, "seed": (cfg.get("train") or {}).get("seed"), "state": status.get("state")}
         if report and report.get("test_after") and report.get("test_before"):
             best = report.get("best_epoch")
-            row.update(best_epoch=best, checkpoint=f"{path.name}/checkpoints/epoch-{best}",
-                       accuracy_before=report["test_before"]["accuracy"], accuracy_after=report["test_after"]["accuracy"],
-                       change=report["test_after"]["accuracy"] - report["test_before"]["accuracy"],
-                       val_accuracy=max((e.get("val_accuracy") or 0 for e in report.get("epochs") or []), default=None))
+            row.update(
+                best_epoch=best,
+                checkpoint=f"{path.name}/checkpoints/epoch-{best}",
+                accuracy_before=report["test_before"]["accuracy"],
+                accuracy_after=report["test_after"]["accuracy"],
+                change=report["test_after"]["accuracy"] - report["test_before"]["accuracy"],
+                val_accuracy=max((e.get("val_accuracy") or 0 for e in report.get("epochs") or []), default=None),
+            )
             preds = rundir.read_jsonl(path / rundir.PREDICTIONS / "test_after.jsonl")
             after_preds.append({r.get("id"): r.get("pred") for r in preds})
         rows.append(row)
     done = [r for r in rows if "accuracy_after" in r]
-    summary = {"group": (rundir.read_json(Path(run_dir) / rundir.CONFIG, {}) or {}).get("group"), "runs": rows,
-               "finished": len(done)}
+    summary = {
+        "group": (rundir.read_json(Path(run_dir) / rundir.CONFIG, {}) or {}).get("group"),
+        "runs": rows,
+        "finished": len(done),
+    }
     for key in ("accuracy_before", "accuracy_after", "change", "val_accuracy"):
         values = [r[key] for r in done if r.get(key) is not None]
         summary[key] = seed_summary(values) if values else None

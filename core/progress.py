@@ -64,8 +64,9 @@ class MetricsTail:
         with f:
             st = os.fstat(f.fileno())
             ident = (st.st_dev, st.st_ino)
-            restarted = self._ident is not None and (ident != self._ident or st.st_size < self.offset
-                                                     or not self._after_newline(f))
+            restarted = self._ident is not None and (
+                ident != self._ident or st.st_size < self.offset or not self._after_newline(f)
+            )
             if restarted:
                 self.offset = 0
             self._ident = ident
@@ -171,8 +172,14 @@ class RunProgress:
 class Reporter:
     """Shows a run's progress on `stream` (default sys.stdout) while the `with` block runs."""
 
-    def __init__(self, run_dir: Path, stream: TextIO | None = None, tty: bool | None = None,
-                 poll: float = POLL_S, every: float = EVERY_S):
+    def __init__(
+        self,
+        run_dir: Path,
+        stream: TextIO | None = None,
+        tty: bool | None = None,
+        poll: float = POLL_S,
+        every: float = EVERY_S,
+    ):
         self.run_dir = Path(run_dir)
         self.stream = stream if stream is not None else sys.stdout
         if tty is None:
@@ -194,13 +201,13 @@ class Reporter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "Reporter":
+    def __enter__(self) -> Reporter:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> "Reporter":
+    def start(self) -> Reporter:
         self._t0 = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
         self._thread.start()
@@ -248,7 +255,7 @@ class Reporter:
 
     def _draw(self, text: str, kept: str | None, final: bool) -> None:
         width = max(20, shutil.get_terminal_size((100, 24)).columns - 1)
-        fit = lambda t: t if len(t) <= width else t[:width - 1] + "~"
+        fit = lambda t: t if len(t) <= width else t[: width - 1] + "~"
         text, out = fit(text), ""
         if kept is not None:  # a new phase or epoch: the last one's line stays on the screen
             kept = fit(kept)
@@ -286,17 +293,31 @@ def summary(report: dict) -> str:
     before, after = report.get("test_before"), report.get("test_after")
     n = next((s.get("n") for s in (after, before) if isinstance(s, dict)), None)
     change = ""
-    if isinstance(before, dict) and isinstance(after, dict) and _num(before.get("accuracy")) and _num(after.get("accuracy")):
+    if (
+        isinstance(before, dict)
+        and isinstance(after, dict)
+        and _num(before.get("accuracy"))
+        and _num(after.get("accuracy"))
+    ):
         change = f" ({100 * (after['accuracy'] - before['accuracy']):+.1f} points)"
-    first = (f"test accuracy: {_accuracy(before)} -> {_accuracy(after)}{change}"
-             + (f", n = {n}, 95% Wilson intervals" if _num(n) else ""))
+    first = f"test accuracy: {_accuracy(before)} -> {_accuracy(after)}{change}" + (
+        f", n = {n}, 95% Wilson intervals" if _num(n) else ""
+    )
     best = report.get("best_epoch")
     epochs = report.get("epochs") if isinstance(report.get("epochs"), list) else []
     val = next((e.get("val_accuracy") for e in epochs if isinstance(e, dict) and e.get("epoch") == best), None)
-    second = (f"best epoch: {best} of {len(epochs)}" + (f" (validation accuracy {_pct(val)})" if _num(val) else "")
-              if best is not None else "best epoch: n/a")
+    second = (
+        f"best epoch: {best} of {len(epochs)}" + (f" (validation accuracy {_pct(val)})" if _num(val) else "")
+        if best is not None
+        else "best epoch: n/a"
+    )
     total = report.get("total_s")
-    detail = [f"{name} {format_duration(report[k])}" for name, k in (("training", "train_s"), ("evaluation", "eval_s"),
-                                                                    ("model load", "load_s")) if _num(report.get(k))]
-    third = f"total time: {format_duration(total) if _num(total) else 'n/a'}" + (f" ({', '.join(detail)})" if detail else "")
+    detail = [
+        f"{name} {format_duration(report[k])}"
+        for name, k in (("training", "train_s"), ("evaluation", "eval_s"), ("model load", "load_s"))
+        if _num(report.get(k))
+    ]
+    third = f"total time: {format_duration(total) if _num(total) else 'n/a'}" + (
+        f" ({', '.join(detail)})" if detail else ""
+    )
     return "\n".join((first, second, third))

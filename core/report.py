@@ -38,8 +38,9 @@ def per_class(matrix: list[list[int]], labels: list[str]) -> list[dict]:
         pred, gold = int(m[:, i].sum()), int(m[i, :].sum())
         p = tp / pred if pred else 0.0
         r = tp / gold if gold else 0.0
-        out.append({"label": label, "precision": p, "recall": r,
-                    "f1": 2 * p * r / (p + r) if p + r else 0.0, "support": gold})
+        out.append(
+            {"label": label, "precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "support": gold}
+        )
     return out
 
 
@@ -53,14 +54,27 @@ def compare_predictions(before: list[dict], after: list[dict], labels: list[str]
         if a is None:
             continue
         gi = labels.index(b["gold"])
-        category = ("fixed" if not b["correct"] and a["correct"] else
-                    "still failing" if not b["correct"] else
-                    "regressed" if not a["correct"] else "still right")
+        category = (
+            "fixed"
+            if not b["correct"] and a["correct"]
+            else "still failing"
+            if not b["correct"]
+            else "regressed"
+            if not a["correct"]
+            else "still right"
+        )
         row = {k: b[k] for k in ("id", "premise", "hypothesis", "text", "tag") if k in b}
-        row.update(gold=b["gold"], pred_before=b["pred"], pred_after=a["pred"], probs_before=b["probs"],
-                   probs_after=a["probs"], category=category,
-                   gold_prob_before=b["probs"][gi], gold_prob_after=a["probs"][gi],
-                   gold_prob_change=round(a["probs"][gi] - b["probs"][gi], 5))
+        row.update(
+            gold=b["gold"],
+            pred_before=b["pred"],
+            pred_after=a["pred"],
+            probs_before=b["probs"],
+            probs_after=a["probs"],
+            category=category,
+            gold_prob_before=b["probs"][gi],
+            gold_prob_after=a["probs"][gi],
+            gold_prob_change=round(a["probs"][gi] - b["probs"][gi], 5),
+        )
         rows.append(row)
     return rows
 
@@ -107,8 +121,14 @@ def _summary(rows: list[dict], labels: list[str]) -> dict:
     n = len(rows)
     lo, hi = wilson(k, n)
     m = confusion(rows, labels)
-    return {"n": n, "correct": k, "accuracy": k / n if n else None, "ci95": [lo, hi],
-            "confusion": m, "per_class": per_class(m, labels)}
+    return {
+        "n": n,
+        "correct": k,
+        "accuracy": k / n if n else None,
+        "ci95": [lo, hi],
+        "confusion": m,
+        "per_class": per_class(m, labels),
+    }
 
 
 def sections(run_dir: Path, labels: list[str], metrics: dict | None = None, best_epoch: int | None = None) -> dict:
@@ -116,9 +136,15 @@ def sections(run_dir: Path, labels: list[str], metrics: dict | None = None, best
     zero-shot, metrics.jsonl, predictions/dynamics.jsonl (each left out where missing or damaged)."""
     run_dir = Path(run_dir)
     read = lambda stage: read_predictions(run_dir / rundir.PREDICTIONS / f"test_{stage}.jsonl", labels)
-    return analysis.build_sections(read("before"), read("after"), labels, zero_shot=read("zero_shot"),
-                                   metrics=metrics if metrics is not None else rundir.read_metrics(run_dir),
-                                   dynamics=analysis.read_dynamics(run_dir), best_epoch=best_epoch)
+    return analysis.build_sections(
+        read("before"),
+        read("after"),
+        labels,
+        zero_shot=read("zero_shot"),
+        metrics=metrics if metrics is not None else rundir.read_metrics(run_dir),
+        dynamics=analysis.read_dynamics(run_dir),
+        best_epoch=best_epoch,
+    )
 
 
 def build_report(run_dir: Path, group: bool = True) -> dict:
@@ -157,8 +183,9 @@ def build_report(run_dir: Path, group: bool = True) -> dict:
         "speedups": setup.get("speedups"),
         "mean_tokens": setup.get("mean_tokens"),
         "load_s": setup.get("load_s"),
-        "epochs": [{k: e.get(k) for k in ("epoch", "train_loss", "val_accuracy", "val_loss", "epoch_s")}
-                   for e in epochs],
+        "epochs": [
+            {k: e.get(k) for k in ("epoch", "train_loss", "val_accuracy", "val_loss", "epoch_s")} for e in epochs
+        ],
         "best_epoch": end.get("best_epoch") if end.get("state") == "done" else None,
         "total_s": end.get("total_s"),
         "train_s": round(sum(e.get("epoch_s") or 0 for e in epochs), 3) if epochs else None,
@@ -187,14 +214,30 @@ def build_report(run_dir: Path, group: bool = True) -> dict:
         examples = {}
         for c in ("fixed", "regressed", "still failing"):
             chosen = sorted((r for r in rows if r["category"] == c), key=lambda r: -abs(r["gold_prob_change"]))[:5]
-            examples[c] = [{k: r.get(k) for k in ("id", "premise", "hypothesis", "text", "tag", "gold",
-                                                   "pred_before", "pred_after", "gold_prob_change") if k in r}
-                           for r in chosen]
+            examples[c] = [
+                {
+                    k: r.get(k)
+                    for k in (
+                        "id",
+                        "premise",
+                        "hypothesis",
+                        "text",
+                        "tag",
+                        "gold",
+                        "pred_before",
+                        "pred_after",
+                        "gold_prob_change",
+                    )
+                    if k in r
+                }
+                for r in chosen
+            ]
         report["change_examples"] = examples
         report["by_tag"] = _by_tag(rows)
     report.update(sections(run_dir, labels, metrics, report["best_epoch"]))
     if group:
         from .groups import group_summary
+
         report["group"] = group_summary(run_dir)
     return report
 
@@ -217,15 +260,25 @@ def _names(x) -> bool:
 
 def _summary_ok(s, labels: list[str]) -> bool:
     k = len(labels)
-    return (isinstance(s, dict) and _is_number(s.get("accuracy")) and _is_whole(s.get("correct"))
-            and _is_whole(s.get("n")) and isinstance(s.get("ci95"), list) and len(s["ci95"]) == 2
-            and all(_number_or_none(x) for x in s["ci95"])
-            and isinstance(s.get("confusion"), list) and len(s["confusion"]) == k
-            and all(isinstance(row, list) and len(row) == k and all(_is_whole(v) for v in row) for row in s["confusion"])
-            and isinstance(s.get("per_class"), list)
-            and all(isinstance(c, dict) and isinstance(c.get("label"), str)
-                    and all(_is_number(c.get(f)) for f in ("precision", "recall", "f1", "support"))
-                    for c in s["per_class"]))
+    return (
+        isinstance(s, dict)
+        and _is_number(s.get("accuracy"))
+        and _is_whole(s.get("correct"))
+        and _is_whole(s.get("n"))
+        and isinstance(s.get("ci95"), list)
+        and len(s["ci95"]) == 2
+        and all(_number_or_none(x) for x in s["ci95"])
+        and isinstance(s.get("confusion"), list)
+        and len(s["confusion"]) == k
+        and all(isinstance(row, list) and len(row) == k and all(_is_whole(v) for v in row) for row in s["confusion"])
+        and isinstance(s.get("per_class"), list)
+        and all(
+            isinstance(c, dict)
+            and isinstance(c.get("label"), str)
+            and all(_is_number(c.get(f)) for f in ("precision", "recall", "f1", "support"))
+            for c in s["per_class"]
+        )
+    )
 
 
 def report_problem(r) -> str | None:
@@ -245,10 +298,15 @@ def report_problem(r) -> str | None:
         if r.get(k) is not None and not _summary_ok(r[k], labels):
             return f'"{k}" is malformed'
     epochs = r.get("epochs")
-    if epochs is not None and not (isinstance(epochs, list) and all(
-            isinstance(e, dict) and _is_whole(e.get("epoch"))
+    if epochs is not None and not (
+        isinstance(epochs, list)
+        and all(
+            isinstance(e, dict)
+            and _is_whole(e.get("epoch"))
             and all(_number_or_none(e.get(f)) for f in ("train_loss", "val_accuracy", "val_loss", "epoch_s"))
-            for e in epochs)):
+            for e in epochs
+        )
+    ):
         return '"epochs" is malformed'
     for k in ("total_s", "train_s", "eval_s", "load_s"):
         if not _number_or_none(r.get(k)):
@@ -257,29 +315,55 @@ def report_problem(r) -> str | None:
         return '"train_s" is missing'
     if r.get("best_epoch") is not None and not _is_whole(r["best_epoch"]):
         return '"best_epoch" is not a whole number'
-    for k in ("hardware", "params", "resources", "throughput", "speed", "changes", "change_examples", "config",
-              "data", "mean_tokens"):
+    for k in (
+        "hardware",
+        "params",
+        "resources",
+        "throughput",
+        "speed",
+        "changes",
+        "change_examples",
+        "config",
+        "data",
+        "mean_tokens",
+    ):
         if r.get(k) is not None and not isinstance(r[k], dict):
             return f'"{k}" is not an object'
     for k in ("params", "resources", "throughput", "changes"):
         if not all(_number_or_none(v) for v in (r.get(k) or {}).values()):
             return f'"{k}" holds something other than numbers'
     gpus = (r.get("hardware") or {}).get("gpus")
-    if gpus is not None and not (isinstance(gpus, list) and all(
-            isinstance(g, dict) and isinstance(g.get("name"), str) and _is_number(g.get("memory_gb")) for g in gpus)):
+    if gpus is not None and not (
+        isinstance(gpus, list)
+        and all(isinstance(g, dict) and isinstance(g.get("name"), str) and _is_number(g.get("memory_gb")) for g in gpus)
+    ):
         return '"hardware.gpus" is malformed'
     for k in ("target_modules", "speedups"):
         if r.get(k) is not None and not _names(r[k]):
             return f'"{k}" is not a list of names'
     for cat, rows in (r.get("change_examples") or {}).items():
-        if not (isinstance(rows, list) and all(
-                isinstance(e, dict) and all(isinstance(e.get(f), str) for f in ("gold", "pred_before", "pred_after"))
-                and _is_number(e.get("gold_prob_change")) for e in rows)):
+        if not (
+            isinstance(rows, list)
+            and all(
+                isinstance(e, dict)
+                and all(isinstance(e.get(f), str) for f in ("gold", "pred_before", "pred_after"))
+                and _is_number(e.get("gold_prob_change"))
+                for e in rows
+            )
+        ):
             return '"change_examples" is malformed'
     by_tag = r.get("by_tag")
-    if by_tag is not None and not (isinstance(by_tag, list) and all(
-            isinstance(t, dict) and isinstance(t.get("tag"), str) and _is_whole(t.get("n"))
-            and _is_number(t.get("accuracy_before")) and _is_number(t.get("accuracy_after")) for t in by_tag)):
+    if by_tag is not None and not (
+        isinstance(by_tag, list)
+        and all(
+            isinstance(t, dict)
+            and isinstance(t.get("tag"), str)
+            and _is_whole(t.get("n"))
+            and _is_number(t.get("accuracy_before"))
+            and _is_number(t.get("accuracy_after"))
+            for t in by_tag
+        )
+    ):
         return '"by_tag" is malformed'
     return analysis.sections_problem(r)
 
@@ -331,9 +415,13 @@ def throughput(steps: list[dict]) -> dict | None:
     tokens = sum(s["tokens_per_s"] * s["step_s"] for s in steps)
     timed = [s for s in steps if isinstance(s.get("mfu"), (int, float))]
     timed_s = sum(s["step_s"] for s in timed)
-    out = {"samples_per_s": round(rows / secs, 2), "tokens_per_s": round(tokens / secs, 1),
-           "mfu": round(sum(s["mfu"] * s["step_s"] for s in timed) / timed_s, 4) if timed_s > 0 else None,
-           "steps": len(steps), "mean_step_s": round(secs / len(steps), 4)}
+    out = {
+        "samples_per_s": round(rows / secs, 2),
+        "tokens_per_s": round(tokens / secs, 1),
+        "mfu": round(sum(s["mfu"] * s["step_s"] for s in timed) / timed_s, 4) if timed_s > 0 else None,
+        "steps": len(steps),
+        "mean_step_s": round(secs / len(steps), 4),
+    }
     if all(isinstance(s.get("pad_fraction"), (int, float)) for s in steps):
         out["pad_fraction"] = round(float(np.mean([s["pad_fraction"] for s in steps])), 4)
     return out
@@ -344,8 +432,12 @@ def _by_tag(rows: list[dict]) -> list[dict]:
     out = []
     for t in tags:
         sub = [r for r in rows if r.get("tag") == t]
-        out.append({"tag": t, "n": len(sub),
-                    "accuracy_before": sum(r["pred_before"] == r["gold"] for r in sub) / len(sub),
-                    "accuracy_after": sum(r["pred_after"] == r["gold"] for r in sub) / len(sub)})
+        out.append(
+            {
+                "tag": t,
+                "n": len(sub),
+                "accuracy_before": sum(r["pred_before"] == r["gold"] for r in sub) / len(sub),
+                "accuracy_after": sum(r["pred_after"] == r["gold"] for r in sub) / len(sub),
+            }
+        )
     return out
-

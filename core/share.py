@@ -19,8 +19,7 @@ from pathlib import Path
 
 from . import access
 
-NO_TOKEN = ("Set HF_TOKEN (a write token from huggingface.co/settings/tokens) as a secret/environment variable "
-            "to push.")
+NO_TOKEN = "Set HF_TOKEN (a write token from huggingface.co/settings/tokens) as a secret/environment variable to push."
 
 
 def epoch_files(folder: Path) -> list[Path]:
@@ -51,6 +50,7 @@ def zip_folder(folder: Path, name: str | None = None) -> bytes:
 def hub_token() -> str | None:
     """The Hugging Face token this process would push with: HF_TOKEN, else the stored login."""
     from huggingface_hub import get_token
+
     try:
         return get_token()
     except Exception:  # noqa: BLE001 - a broken token store is the same as no token here
@@ -60,6 +60,7 @@ def hub_token() -> str | None:
 def _reason(error: BaseException) -> str:
     """Why a Hub call failed, in words a user can act on."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
     if isinstance(error, OfflineModeIsEnabled):
         return "HF_HUB_OFFLINE is set, so nothing can be sent to the Hub"
     if isinstance(error, HfHubHTTPError):
@@ -67,19 +68,24 @@ def _reason(error: BaseException) -> str:
         if status == 401:
             return "the Hub refused the token (401): check that HF_TOKEN is a valid token"
         if status == 403:
-            return ("the token may not write there (403): use a token with write access, to a namespace "
-                    "you own or belong to")
+            return (
+                "the token may not write there (403): use a token with write access, to a namespace "
+                "you own or belong to"
+            )
         if status == 409:
             return "the Hub reports a conflict (409): the name may be taken by a dataset or Space of yours"
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return f"the Hub answered with an error ({status or 'no status'}: {first})"
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return (f"the Hugging Face Hub could not be reached ({type(error).__name__}{': ' + text if text else ''}): "
-            "check the network connection")
+    return (
+        f"the Hugging Face Hub could not be reached ({type(error).__name__}{': ' + text if text else ''}): "
+        "check the network connection"
+    )
 
 
-def push_to_hub(folder: Path, repo_id: str, token: str | None = None, private: bool = True,
-                password: str | None = None) -> str:
+def push_to_hub(
+    folder: Path, repo_id: str, token: str | None = None, private: bool = True, password: str | None = None
+) -> str:
     """Create the model repository `repo_id` on the Hub if it does not exist (private unless said
     otherwise) and upload the checkpoint folder's files into it; returns the repository's URL.
     access.Refused on a read-only deployment or without the password (core/access.py);
@@ -88,21 +94,28 @@ def push_to_hub(folder: Path, repo_id: str, token: str | None = None, private: b
     access.check("push", password)
     repo_id = (repo_id or "").strip()
     if not access.is_hub_id(repo_id):
-        raise ValueError(f"{repo_id!r} is not a Hub repository id: use NAME or OWNER/NAME, letters, digits, '.', "
-                         "'_' and '-' (e.g. you/qlora-nli-adapter)")
+        raise ValueError(
+            f"{repo_id!r} is not a Hub repository id: use NAME or OWNER/NAME, letters, digits, '.', "
+            "'_' and '-' (e.g. you/qlora-nli-adapter)"
+        )
     folder = Path(folder)
     files = epoch_files(folder)
     token = token or hub_token()
     if not token:
         raise ValueError(NO_TOKEN)
     from huggingface_hub import HfApi
+
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         full_id = getattr(url, "repo_id", None) or repo_id
-        api.upload_folder(repo_id=full_id, folder_path=str(folder), repo_type="model",
-                          allow_patterns=[p.relative_to(folder).as_posix() for p in files],
-                          commit_message=f"Upload {folder.parent.parent.name} {folder.name} from QLoRA Studio")
+        api.upload_folder(
+            repo_id=full_id,
+            folder_path=str(folder),
+            repo_type="model",
+            allow_patterns=[p.relative_to(folder).as_posix() for p in files],
+            commit_message=f"Upload {folder.parent.parent.name} {folder.name} from QLoRA Studio",
+        )
     except Exception as e:  # noqa: BLE001 - the network and the Hub fail in many ways; one sentence each
         raise ValueError(f"could not push {folder.name} to {repo_id}: {_reason(e)}") from e
     return str(url)

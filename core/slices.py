@@ -22,12 +22,23 @@ import numpy as np
 from .stats import _check_paired, _codes, _correct, accuracy_summary
 
 __all__ = [
-    "calibration", "nli_slices", "slice_table", "label_noise_hints", "forgetting_events", "seed_summary",
-    "agreement", "has_negation", "word_overlap", "NEGATION_WORDS", "OVERLAP_EDGES", "LENGTH_EDGES",
+    "calibration",
+    "nli_slices",
+    "slice_table",
+    "label_noise_hints",
+    "forgetting_events",
+    "seed_summary",
+    "agreement",
+    "has_negation",
+    "word_overlap",
+    "NEGATION_WORDS",
+    "OVERLAP_EDGES",
+    "LENGTH_EDGES",
 ]
 
 
 # --- calibration -------------------------------------------------------------------------------
+
 
 def calibration(rows: list[dict], labels: list[str], bins: int = 10) -> dict:
     """Expected calibration error with equal-width confidence bins.
@@ -49,8 +60,13 @@ def calibration(rows: list[dict], labels: list[str], bins: int = 10) -> dict:
     edges = [m / bins for m in range(bins + 1)]
     n = len(rows)
     if n == 0:
-        return {"ece": None, "n": 0, "bins": [{"lo": edges[m], "hi": edges[m + 1], "n": 0, "confidence": None,
-                                               "accuracy": None} for m in range(bins)]}
+        return {
+            "ece": None,
+            "n": 0,
+            "bins": [
+                {"lo": edges[m], "hi": edges[m + 1], "n": 0, "confidence": None, "accuracy": None} for m in range(bins)
+            ],
+        }
     probs = np.array([r["probs"] for r in rows], dtype=float)
     if probs.ndim != 2 or probs.shape[1] != len(labels):
         raise ValueError(f"each row needs one probability per label ({len(labels)})")
@@ -72,8 +88,7 @@ def calibration(rows: list[dict], labels: list[str], bins: int = 10) -> dict:
 
 # --- slices ------------------------------------------------------------------------------------
 
-NEGATION_WORDS = frozenset({"no", "not", "never", "nobody", "nothing", "none", "nowhere", "neither", "nor",
-                            "cannot"})
+NEGATION_WORDS = frozenset({"no", "not", "never", "nobody", "nothing", "none", "nowhere", "neither", "nor", "cannot"})
 """Negation cue words (plus every token ending in n't: isn't, don't, can't, ...). After the
 negation cues found in SNLI hypotheses by Gururangan et al. (2018), "Annotation artifacts in
 natural language inference data", NAACL."""
@@ -161,19 +176,33 @@ def slice_table(before_rows: list[dict], after_rows: list[dict], slices: dict[st
     for name, idx in slices.items():
         sb = accuracy_summary([b_ok[i] for i in idx])
         sa = accuracy_summary([a_ok[i] for i in idx])
-        out.append({"slice": name, "n": len(idx),
-                    "accuracy_before": sb["accuracy"], "ci95_before": sb["ci95"],
-                    "accuracy_after": sa["accuracy"], "ci95_after": sa["ci95"],
-                    "change": None if not idx else sa["accuracy"] - sb["accuracy"],
-                    "fixed": sum(a_ok[i] and not b_ok[i] for i in idx),
-                    "regressed": sum(b_ok[i] and not a_ok[i] for i in idx)})
+        out.append(
+            {
+                "slice": name,
+                "n": len(idx),
+                "accuracy_before": sb["accuracy"],
+                "ci95_before": sb["ci95"],
+                "accuracy_after": sa["accuracy"],
+                "ci95_after": sa["ci95"],
+                "change": None if not idx else sa["accuracy"] - sb["accuracy"],
+                "fixed": sum(a_ok[i] and not b_ok[i] for i in idx),
+                "regressed": sum(b_ok[i] and not a_ok[i] for i in idx),
+            }
+        )
     return out
 
 
 # --- label noise, forgetting, seeds ------------------------------------------------------------
 
-def label_noise_hints(after_rows: list[dict], labels: list[str], per_epoch_probs: list | None = None,
-                      threshold: float = 0.9, last_k: int = 3, before_rows: list[dict] | None = None) -> list[dict]:
+
+def label_noise_hints(
+    after_rows: list[dict],
+    labels: list[str],
+    per_epoch_probs: list | None = None,
+    threshold: float = 0.9,
+    last_k: int = 3,
+    before_rows: list[dict] | None = None,
+) -> list[dict]:
     """Examples whose given (gold) label the fine-tuned model confidently contradicts: HINTS for a
     human to re-read, never facts. A flagged example may be mislabelled, ambiguous, or simply one
     the model gets confidently wrong (e.g. through a shortcut such as a hypothesis-only cue).
@@ -209,15 +238,23 @@ def label_noise_hints(after_rows: list[dict], labels: list[str], per_epoch_probs
         flag &= ~np.array([_correct(r) for r in before_rows], dtype=bool)
     checked = None
     if per_epoch_probs is not None and len(per_epoch_probs):
-        last = [np.asarray(p, dtype=float) for p in list(per_epoch_probs)[-max(1, last_k):]]
+        last = [np.asarray(p, dtype=float) for p in list(per_epoch_probs)[-max(1, last_k) :]]
         for p in last:
             if p.shape != (n, k):
                 raise ValueError(f"per-epoch probabilities must have shape ({n}, {k}), got {p.shape}")
             flag &= p.argmax(axis=1) == top
         checked = len(last)
-    out = [{"index": int(i), "id": after_rows[i].get("id"), "given": labels[gold[i]],
-            "model_label": labels[top[i]], "confidence": float(conf[i]), "consistent_epochs": checked}
-           for i in np.flatnonzero(flag)]
+    out = [
+        {
+            "index": int(i),
+            "id": after_rows[i].get("id"),
+            "given": labels[gold[i]],
+            "model_label": labels[top[i]],
+            "confidence": float(conf[i]),
+            "consistent_epochs": checked,
+        }
+        for i in np.flatnonzero(flag)
+    ]
     out.sort(key=lambda h: -h["confidence"])
     return out
 
@@ -243,18 +280,27 @@ def forgetting_events(per_epoch_correct) -> dict:
         raise ValueError("per_epoch_correct must be a matrix epochs x examples")
     e, n = m.shape
     if e == 0:
-        return {"n_epochs": 0, "first_learned": [None] * n, "forgetting_events": [0] * n,
-                "ended_right": [False] * n, "never_learned": list(range(n)), "unforgettable": [], "forgotten": []}
+        return {
+            "n_epochs": 0,
+            "first_learned": [None] * n,
+            "forgetting_events": [0] * n,
+            "ended_right": [False] * n,
+            "never_learned": list(range(n)),
+            "unforgettable": [],
+            "forgotten": [],
+        }
     ever = m.any(axis=0)
     first = np.where(ever, m.argmax(axis=0), -1)
     events = (m[:-1] & ~m[1:]).sum(axis=0) if e > 1 else np.zeros(n, dtype=int)
-    return {"n_epochs": int(e),
-            "first_learned": [int(f) if f >= 0 else None for f in first],
-            "forgetting_events": [int(x) for x in events],
-            "ended_right": [bool(x) for x in m[-1]],
-            "never_learned": np.flatnonzero(~ever).tolist(),
-            "unforgettable": np.flatnonzero(ever & (events == 0)).tolist(),
-            "forgotten": np.flatnonzero(events > 0).tolist()}
+    return {
+        "n_epochs": int(e),
+        "first_learned": [int(f) if f >= 0 else None for f in first],
+        "forgetting_events": [int(x) for x in events],
+        "ended_right": [bool(x) for x in m[-1]],
+        "never_learned": np.flatnonzero(~ever).tolist(),
+        "unforgettable": np.flatnonzero(ever & (events == 0)).tolist(),
+        "forgotten": np.flatnonzero(events > 0).tolist(),
+    }
 
 
 def seed_summary(values: list[float]) -> dict:
@@ -265,8 +311,13 @@ def seed_summary(values: list[float]) -> dict:
     n = int(x.size)
     if n == 0:
         return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
-    return {"mean": float(x.mean()), "std": float(x.std(ddof=1)) if n > 1 else None,
-            "min": float(x.min()), "max": float(x.max()), "n": n}
+    return {
+        "mean": float(x.mean()),
+        "std": float(x.std(ddof=1)) if n > 1 else None,
+        "min": float(x.min()),
+        "max": float(x.max()),
+        "n": n,
+    }
 
 
 def agreement(pred_lists: list[list]) -> float | None:

@@ -34,8 +34,16 @@ import numpy as np
 # model card) take wilson() from here without paying for them
 
 __all__ = [
-    "wilson", "accuracy_summary", "paired_bootstrap", "mcnemar_exact", "verdict", "accuracy_change",
-    "minimum_detectable_change", "pair_rows", "transitions", "per_class_f1_change",
+    "wilson",
+    "accuracy_summary",
+    "paired_bootstrap",
+    "mcnemar_exact",
+    "verdict",
+    "accuracy_change",
+    "minimum_detectable_change",
+    "pair_rows",
+    "transitions",
+    "per_class_f1_change",
 ]
 
 Z95 = 1.96
@@ -46,6 +54,7 @@ def _z(q: float) -> float:
 
 
 # --- accuracy and its change -------------------------------------------------------------------
+
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval of the proportion k/n: (lo, hi); (nan, nan) when n == 0.
@@ -88,8 +97,7 @@ def _bools(x, name: str) -> np.ndarray:
     return a.astype(bool)
 
 
-def paired_bootstrap(before_correct: list[bool], after_correct: list[bool], n_boot: int = 10000,
-                     seed: int = 0) -> dict:
+def paired_bootstrap(before_correct: list[bool], after_correct: list[bool], n_boot: int = 10000, seed: int = 0) -> dict:
     """Paired bootstrap of the accuracy change: {"delta", "ci95": [lo, hi]}.
 
     delta = acc_after - acc_before on the test set. Each bootstrap replicate draws n examples with
@@ -151,6 +159,7 @@ def mcnemar_exact(b: int, c: int) -> float:
     if b + c == 0:
         return 1.0
     from scipy.stats import binomtest
+
     return float(min(1.0, binomtest(min(b, c), b + c, 0.5).pvalue))
 
 
@@ -164,8 +173,9 @@ def verdict(p: float | None, alpha: float = 0.05) -> str:
     return "not distinguishable from noise at this n"
 
 
-def minimum_detectable_change(n: int, p_before: float, alpha: float = 0.05, power: float = 0.8,
-                              discordance: float | None = None) -> float:
+def minimum_detectable_change(
+    n: int, p_before: float, alpha: float = 0.05, power: float = 0.8, discordance: float | None = None
+) -> float:
     """The smallest accuracy gain (after - before, as a fraction) that a test set of n examples
     detects with the given power by a two-sided test at level alpha. An approximation for
     planning and for reading a "not significant" result, not an exact power analysis.
@@ -215,19 +225,20 @@ def minimum_detectable_change(n: int, p_before: float, alpha: float = 0.05, powe
     def gap(d: float) -> float:
         p2 = p1 + d
         pbar = (p1 + p2) / 2
-        return (za * math.sqrt(2 * pbar * (1 - pbar)) + zb * math.sqrt(p1 * (1 - p1) + p2 * (1 - p2))
-                - d * math.sqrt(n))
+        return za * math.sqrt(2 * pbar * (1 - pbar)) + zb * math.sqrt(p1 * (1 - p1) + p2 * (1 - p2)) - d * math.sqrt(n)
 
     top = 1.0 - p1
     if top <= 0 or gap(top) > 0:
         return math.inf
     # gap is concave in d and positive near 0: exactly one root in (0, top]
     from scipy import optimize
+
     return float(optimize.brentq(gap, 1e-12, top, xtol=1e-12))
 
 
-def accuracy_change(before_correct: list[bool], after_correct: list[bool], n_boot: int = 10000,
-                    seed: int = 0, alpha: float = 0.05) -> dict:
+def accuracy_change(
+    before_correct: list[bool], after_correct: list[bool], n_boot: int = 10000, seed: int = 0, alpha: float = 0.05
+) -> dict:
     """Everything about the accuracy change in one dict: {"before", "after"} (accuracy_summary),
     "delta" and "ci95" (paired_bootstrap), "b" (right -> wrong), "c" (wrong -> right), "p"
     (mcnemar_exact), "verdict", and "mdc" (minimum_detectable_change at this n and the before
@@ -238,13 +249,21 @@ def accuracy_change(before_correct: list[bool], after_correct: list[bool], n_boo
     regressed, fixed = int(np.sum(b & ~a)), int(np.sum(~b & a))
     p = mcnemar_exact(regressed, fixed)
     before = accuracy_summary(b.tolist())
-    return {"before": before, "after": accuracy_summary(a.tolist()), "delta": boot["delta"],
-            "ci95": boot["ci95"], "b": regressed, "c": fixed, "p": p, "verdict": verdict(p, alpha),
-            "mdc": (minimum_detectable_change(len(b), before["accuracy"], alpha=alpha)
-                    if len(b) else math.inf)}
+    return {
+        "before": before,
+        "after": accuracy_summary(a.tolist()),
+        "delta": boot["delta"],
+        "ci95": boot["ci95"],
+        "b": regressed,
+        "c": fixed,
+        "p": p,
+        "verdict": verdict(p, alpha),
+        "mdc": (minimum_detectable_change(len(b), before["accuracy"], alpha=alpha) if len(b) else math.inf),
+    }
 
 
 # --- pairing, transitions, per-class F1 --------------------------------------------------------
+
 
 def pair_rows(before_rows: list[dict], after_rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """The before and after rows aligned by "id", in the order of before_rows; examples missing
@@ -260,8 +279,10 @@ def pair_rows(before_rows: list[dict], after_rows: list[dict]) -> tuple[list[dic
 
 def _check_paired(before_rows: list[dict], after_rows: list[dict]) -> None:
     if len(before_rows) != len(after_rows):
-        raise ValueError(f"before and after have different lengths ({len(before_rows)} vs {len(after_rows)});"
-                         " align them with pair_rows")
+        raise ValueError(
+            f"before and after have different lengths ({len(before_rows)} vs {len(after_rows)});"
+            " align them with pair_rows"
+        )
     for i, (b, a) in enumerate(zip(before_rows, after_rows)):
         if "id" in b and "id" in a and b["id"] != a["id"]:
             raise ValueError(f"row {i}: before id {b['id']!r} != after id {a['id']!r}; align them with pair_rows")
@@ -279,8 +300,12 @@ def _codes(rows: list[dict], key: str, labels: list[str]) -> np.ndarray:
         raise ValueError(f"label {e.args[0]!r} is not among {labels}") from None
 
 
-CELLS = (("still right", True, True), ("regressed", True, False),
-         ("fixed", False, True), ("still failing", False, False))
+CELLS = (
+    ("still right", True, True),
+    ("regressed", True, False),
+    ("fixed", False, True),
+    ("still failing", False, False),
+)
 
 
 def transitions(before_rows: list[dict], after_rows: list[dict], labels: list[str]) -> dict:
@@ -306,8 +331,10 @@ def transitions(before_rows: list[dict], after_rows: list[dict], labels: list[st
     for name, before_right, after_right in CELLS:
         idx = np.flatnonzero((b_ok == before_right) & (a_ok == after_right)).tolist()
         cells[name] = {"count": len(idx), "indices": idx}
-    table = [[cells["still right"]["count"], cells["regressed"]["count"]],
-             [cells["fixed"]["count"], cells["still failing"]["count"]]]
+    table = [
+        [cells["still right"]["count"], cells["regressed"]["count"]],
+        [cells["fixed"]["count"], cells["still failing"]["count"]],
+    ]
 
     k = len(labels)
     pb = _codes(before_rows, "pred", labels)
@@ -316,12 +343,20 @@ def transitions(before_rows: list[dict], after_rows: list[dict], labels: list[st
     indices = [[[] for _ in range(k)] for _ in range(k)]
     for i, (x, y) in enumerate(zip(pb.tolist(), pa.tolist())):
         indices[x][y].append(i)
-    moves = [{"from": labels[x], "to": labels[y], "count": int(counts[x, y]), "indices": indices[x][y]}
-             for x in range(k) for y in range(k) if x != y and counts[x, y] > 0]
+    moves = [
+        {"from": labels[x], "to": labels[y], "count": int(counts[x, y]), "indices": indices[x][y]}
+        for x in range(k)
+        for y in range(k)
+        if x != y and counts[x, y] > 0
+    ]
     moves.sort(key=lambda m: -m["count"])
-    return {"n": n, "correctness": {"table": table, "cells": cells},
-            "b": cells["regressed"]["count"], "c": cells["fixed"]["count"],
-            "labels": {"labels": list(labels), "counts": counts.tolist(), "indices": indices, "moves": moves}}
+    return {
+        "n": n,
+        "correctness": {"table": table, "cells": cells},
+        "b": cells["regressed"]["count"],
+        "c": cells["fixed"]["count"],
+        "labels": {"labels": list(labels), "counts": counts.tolist(), "indices": indices, "moves": moves},
+    }
 
 
 def _f1_from_confusion(conf: np.ndarray) -> np.ndarray:
@@ -341,8 +376,9 @@ def _boot_confusions(gold: np.ndarray, pred: np.ndarray, idx: np.ndarray, k: int
     return np.bincount(codes.ravel(), minlength=r * k * k).reshape(r, k, k)
 
 
-def per_class_f1_change(before_rows: list[dict], after_rows: list[dict], labels: list[str],
-                        n_boot: int = 2000, seed: int = 0) -> dict:
+def per_class_f1_change(
+    before_rows: list[dict], after_rows: list[dict], labels: list[str], n_boot: int = 2000, seed: int = 0
+) -> dict:
     """Per-class F1 before and after fine-tuning, and its change with a paired bootstrap 95% CI.
 
     F1 of class j = 2 TP_j / (2 TP_j + FP_j + FN_j) (sklearn.metrics.f1_score, average=None,
@@ -366,29 +402,48 @@ def per_class_f1_change(before_rows: list[dict], after_rows: list[dict], labels:
         raise ValueError("before and after rows have different gold labels")
     if n == 0:
         empty = {"f1_before": None, "f1_after": None, "change": None, "ci95": [None, None]}
-        return {"n": 0, "n_boot": n_boot, "macro": dict(empty),
-                "classes": [{"label": l, "support": 0, **empty} for l in labels]}
+        return {
+            "n": 0,
+            "n_boot": n_boot,
+            "macro": dict(empty),
+            "classes": [{"label": l, "support": 0, **empty} for l in labels],
+        }
     pb = _codes(before_rows, "pred", labels)
     pa = _codes(after_rows, "pred", labels)
     kw = dict(labels=list(range(k)), average=None, zero_division=0)
     from sklearn.metrics import f1_score
+
     f1b = f1_score(gold, pb, **kw)
     f1a = f1_score(gold, pa, **kw)
 
     rng = np.random.default_rng(seed)
-    chunk = max(1, 2_000_000 // n)                      # bounds memory to ~2M indices at a time
+    chunk = max(1, 2_000_000 // n)  # bounds memory to ~2M indices at a time
     diffs = []
     for start in range(0, n_boot, chunk):
         idx = rng.integers(0, n, size=(min(chunk, n_boot - start), n))
-        diffs.append(_f1_from_confusion(_boot_confusions(gold, pa, idx, k))
-                     - _f1_from_confusion(_boot_confusions(gold, pb, idx, k)))
-    d = np.concatenate(diffs)                           # (n_boot, k)
+        diffs.append(
+            _f1_from_confusion(_boot_confusions(gold, pa, idx, k))
+            - _f1_from_confusion(_boot_confusions(gold, pb, idx, k))
+        )
+    d = np.concatenate(diffs)  # (n_boot, k)
     lo, hi = np.percentile(d, [2.5, 97.5], axis=0)
     mlo, mhi = np.percentile(d.mean(axis=1), [2.5, 97.5])
     support = np.bincount(gold, minlength=k)
-    classes = [{"label": labels[j], "support": int(support[j]), "f1_before": float(f1b[j]),
-                "f1_after": float(f1a[j]), "change": float(f1a[j] - f1b[j]), "ci95": [float(lo[j]), float(hi[j])]}
-               for j in range(k)]
-    macro = {"f1_before": float(f1b.mean()), "f1_after": float(f1a.mean()),
-             "change": float(f1a.mean() - f1b.mean()), "ci95": [float(mlo), float(mhi)]}
+    classes = [
+        {
+            "label": labels[j],
+            "support": int(support[j]),
+            "f1_before": float(f1b[j]),
+            "f1_after": float(f1a[j]),
+            "change": float(f1a[j] - f1b[j]),
+            "ci95": [float(lo[j]), float(hi[j])],
+        }
+        for j in range(k)
+    ]
+    macro = {
+        "f1_before": float(f1b.mean()),
+        "f1_after": float(f1a.mean()),
+        "change": float(f1a.mean() - f1b.mean()),
+        "ci95": [float(mlo), float(mhi)],
+    }
     return {"n": n, "n_boot": n_boot, "classes": classes, "macro": macro}

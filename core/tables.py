@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
-
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
 TABLE_SUFFIXES = JSONL_SUFFIXES + (".json", ".csv", ".tsv", ".parquet")
@@ -63,7 +62,8 @@ def _decoded_lines(f, path: Path) -> Iterator[tuple[int, str]]:
         except UnicodeDecodeError as e:
             raise ValueError(
                 f"{path}: line {n} is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset {offset + e.start} "
-                "of the file): save the file as UTF-8") from None
+                "of the file): save the file as UTF-8"
+            ) from None
         if n == 1 and text.startswith("\ufeff"):
             text = text[1:]
         offset += len(raw)
@@ -72,7 +72,8 @@ def _decoded_lines(f, path: Path) -> Iterator[tuple[int, str]]:
 
 def _iter_jsonl(path: Path, gz: bool) -> Iterator[dict]:
     import gzip
-    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+
+    with gzip.open(path, "rb") if gz else open(path, "rb") as f:
         for n, line in _decoded_lines(f, path):
             if not line.strip():
                 continue
@@ -90,9 +91,11 @@ def _read_json(path: Path) -> list[dict]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}: line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset "
-                         f"{e.start} of the file): save the file as UTF-8") from None
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}: line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset "
+            f"{e.start} of the file): save the file as UTF-8"
+        ) from None
     del raw
     try:
         data = json.loads(text)
@@ -122,8 +125,10 @@ def _iter_csv(path: Path, delimiter: str) -> Iterator[dict]:
                 if not row:
                     continue  # a blank line
                 if len(row) > width:
-                    raise ValueError(f"{path}: line {reader.line_num} has {len(row)} fields, the header has {width} "
-                                     f"(a text holding {'a tab' if delimiter == chr(9) else 'a comma'} needs quotes)")
+                    raise ValueError(
+                        f"{path}: line {reader.line_num} has {len(row)} fields, the header has {width} "
+                        f"(a text holding {'a tab' if delimiter == chr(9) else 'a comma'} needs quotes)"
+                    )
                 if len(row) < width:
                     row += [""] * (width - len(row))
                 yield dict(zip(header, row))
@@ -134,6 +139,7 @@ def _iter_csv(path: Path, delimiter: str) -> Iterator[dict]:
 def _iter_parquet(path: Path) -> Iterator[dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     try:
         file = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:

@@ -29,15 +29,22 @@ from .classifier import folder_files
 from .config import RunConfig
 from .data import batch_indices, encode, load_splits
 from .evaluate import accuracy, predict, prediction_rows
-from .model import (add_lora, count_parameters, load_model, load_tokenizer, pick_compute_dtype, pick_device,
-                    resolve_pooling)
+from .model import (
+    add_lora,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    pick_compute_dtype,
+    pick_device,
+    resolve_pooling,
+)
 from .report import build_report
 from .runs import rundir
 from .runs.resources import ResourceSampler, hardware_info
 from .speed import packing
 from .speed.accounting import PeakMemory, StepLog
-from .speed.settings import speed_from_env
 from .speed.graphs import EvalGraphs
+from .speed.settings import speed_from_env
 from .speed.step import TrainStep
 from .speed.tune import tune_model
 
@@ -84,7 +91,8 @@ def make_optimizer(model, cfg: RunConfig, device: torch.device, dtype: torch.dty
     optimizer = torch.optim.AdamW(list(groups.values()), betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
     warmup = round(cfg.train.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.train.schedule))
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.train.schedule)
+    )
     scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and dtype == torch.float16) else None
     return optimizer, scheduler, scaler
 
@@ -137,14 +145,30 @@ def load_everything(cfg: RunConfig, t_start: float, ranks: dist.Ranks | None = N
     t0 = time.time()
     hardware = hardware_info()
     timings["hardware_s"] = time.time() - t0
-    setup = dict(kind="setup", device=str(device), world_size=ranks.world, compute_dtype=str(dtype).replace("torch.", ""),
-                 hardware=hardware, params=count_parameters(model), setup_s=round(time.time() - t_start, 3),
-                 timings={k: round(v, 3) for k, v in timings.items()}, data=data_stats, labels=labels,
-                 steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * cfg.train.epochs,
-                 epochs=cfg.train.epochs, track_test=cfg.train.track_test, load_s=round(load_s, 3), load_peak_gb=load_peak_gb,
-                 model_type=model.config.model_type, speedups=tuned, speed=dataclasses.asdict(cfg.speed),
-                 pooling=resolve_pooling(cfg.model), target_modules=sorted(model.peft_config["default"].target_modules),
-                 mean_tokens={s: round(float(np.mean([len(e["input_ids"]) for e in v])), 1) for s, v in encoded.items()})
+    setup = dict(
+        kind="setup",
+        device=str(device),
+        world_size=ranks.world,
+        compute_dtype=str(dtype).replace("torch.", ""),
+        hardware=hardware,
+        params=count_parameters(model),
+        setup_s=round(time.time() - t_start, 3),
+        timings={k: round(v, 3) for k, v in timings.items()},
+        data=data_stats,
+        labels=labels,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * cfg.train.epochs,
+        epochs=cfg.train.epochs,
+        track_test=cfg.train.track_test,
+        load_s=round(load_s, 3),
+        load_peak_gb=load_peak_gb,
+        model_type=model.config.model_type,
+        speedups=tuned,
+        speed=dataclasses.asdict(cfg.speed),
+        pooling=resolve_pooling(cfg.model),
+        target_modules=sorted(model.peft_config["default"].target_modules),
+        mean_tokens={s: round(float(np.mean([len(e["input_ids"]) for e in v])), 1) for s, v in encoded.items()},
+    )
     return splits, encoded, model, tokenizer, device, dtype, memory, setup
 
 
@@ -168,8 +192,18 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     log = (lambda **rec: rundir.append_jsonl(metrics, {"t": round(time.time(), 3), **rec})) if main else _quiet
     status = (lambda **kw: rundir.write_status(run_dir, **kw)) if main else _quiet
     created = (rundir.read_json(run_dir / rundir.STATUS, {}) or {}).get("created_at") or rundir.now_iso()
-    status(state="running", pid=os.getpid(), phase="loading", created_at=created, started_at=rundir.now_iso(),
-           finished_at=None, error=None, step=0, total_steps=None, epoch=0)
+    status(
+        state="running",
+        pid=os.getpid(),
+        phase="loading",
+        created_at=created,
+        started_at=rundir.now_iso(),
+        finished_at=None,
+        error=None,
+        step=0,
+        total_steps=None,
+        epoch=0,
+    )
     stop = StopRequest(run_dir, ranks)
     sampler = ResourceSampler(run_dir / rundir.RESOURCES, enabled=main).start()
     saver, position = None, None  # position: (epoch, batches done) while a stop can save the state
@@ -178,8 +212,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         # --- setup: data, tokenizer, the 4-bit model with its LoRA adapters and new head, optimiser --------
         splits, encoded, model, tokenizer, device, dtype, memory, setup = load_everything(cfg, t_start, ranks)
         total_steps, pad_id = setup["total_steps"], tokenizer.pad_token_id
-        saver = checkpoint.Checkpointer(model, ckpt_dir, folder_files(cfg, tokenizer), run_dir.name,
-                                        ranks=ranks)  # on a thread; rank 0 writes, the others follow it
+        saver = checkpoint.Checkpointer(
+            model, ckpt_dir, folder_files(cfg, tokenizer), run_dir.name, ranks=ranks
+        )  # on a thread; rank 0 writes, the others follow it
         evaluate = Evaluator(model, encoded, splits, cfg, device, dtype, pad_id, memory, log, run_dir, ranks)
         optimizer, scheduler, scaler = make_optimizer(model, cfg, device, dtype, total_steps)
         if state_dir is not None:  # --- resume: weights, optimiser, scheduler, RNGs, position --------------
@@ -188,8 +223,16 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                 os.truncate(metrics, min(at.metrics_bytes, metrics.stat().st_size))  # later records are redone
             elif ranks.world > 1:
                 torch.manual_seed(cfg.train.seed * 1000 + ranks.rank + at.step)  # its own dropout again
-            log(kind="resume", step=at.step, epoch=at.epoch, epoch_step=at.epoch_step, checkpoint=state_dir.name,
-                cleaned=cleaned, world_size=ranks.world, setup_s=round(time.time() - t_start, 3))
+            log(
+                kind="resume",
+                step=at.step,
+                epoch=at.epoch,
+                epoch_step=at.epoch_step,
+                checkpoint=state_dir.name,
+                cleaned=cleaned,
+                world_size=ranks.world,
+                setup_s=round(time.time() - t_start, 3),
+            )
         else:  # --- before: the untrained adapter and head --------------------------------------------------
             log(**setup)
             saver.save_adapter("epoch-0")  # the "before" model, head initialisation included
@@ -198,25 +241,46 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             stop.check()
             evaluate("test", "before", save=True)  # the random-head baseline
             evaluate.zero_shot(tokenizer)  # the pretrained LM's own answer, for causal LMs
-            at = checkpoint.TrainState(step=0, epoch=1, epoch_step=0, best=None, epoch_loss_sum=0.0,
-                                       epoch_rows=0, metrics_bytes=0)
+            at = checkpoint.TrainState(
+                step=0, epoch=1, epoch_step=0, best=None, epoch_loss_sum=0.0, epoch_rows=0, metrics_bytes=0
+            )
 
         # --- train: epochs of optimiser steps, validation and checkpoints --------------------------------
         trainable = [p for p in model.parameters() if p.requires_grad]
-        stepper = TrainStep(model, device, dtype, pad_id, cfg.speed, scaler=scaler, data=encoded["train"],
-                            micro=cfg.train.micro_batch_size or cfg.train.batch_size)  # grads allocated, zero
+        stepper = TrainStep(
+            model,
+            device,
+            dtype,
+            pad_id,
+            cfg.speed,
+            scaler=scaler,
+            data=encoded["train"],
+            micro=cfg.train.micro_batch_size or cfg.train.batch_size,
+        )  # grads allocated, zero
         steps = StepLog(log, lambda s: status(step=s), model, device, devices=ranks.world)
         step, best = at.step, at.best  # best: the epoch with the highest validation accuracy (lower loss breaks ties)
 
         def save_state(epoch: int, done: int) -> None:  # everything a resume needs, as of now
             steps.flush(last=True)
-            saver.save_state(checkpoint.TrainState(step, epoch, done, best, steps.loss_sum, steps.rows,
-                                                   metrics.stat().st_size if main else 0), optimizer, scheduler, scaler)
+            saver.save_state(
+                checkpoint.TrainState(
+                    step, epoch, done, best, steps.loss_sum, steps.rows, metrics.stat().st_size if main else 0
+                ),
+                optimizer,
+                scheduler,
+                scaler,
+            )
+
         model.train()
         for epoch in range(at.epoch, cfg.train.epochs + 1):
             status(phase="training", epoch=epoch, step=step, total_steps=total_steps)
-            batches = batch_indices(encoded["train"], cfg.train.batch_size, shuffle=True,
-                                    seed=cfg.train.seed * 1000 + epoch, bucket=cfg.train.length_bucketing)
+            batches = batch_indices(
+                encoded["train"],
+                cfg.train.batch_size,
+                shuffle=True,
+                seed=cfg.train.seed * 1000 + epoch,
+                bucket=cfg.train.length_bucketing,
+            )
             done = at.epoch_step if epoch == at.epoch else 0  # batches a resumed epoch has already trained
             steps.start_epoch(epoch, len(batches), *((at.epoch_loss_sum, at.epoch_rows) if done else (0.0, 0)))
             for b, idx in enumerate(batches[done:], start=done):
@@ -224,7 +288,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                 stop.check()
                 rows = [encoded["train"][i] for i in ranks.shard(idx)]  # all of them with one process
                 tokens = stepper.forward_backward(rows) if rows else (0, 0)  # grad of the mean CE over rows
-                loss, tokens = ranks.reduce_gradients(trainable, stepper.take_loss_tensor(), tokens, len(rows), len(idx))
+                loss, tokens = ranks.reduce_gradients(
+                    trainable, stepper.take_loss_tensor(), tokens, len(rows), len(idx)
+                )
                 grad_norm = optimizer_step(optimizer, scaler, trainable, cfg.train.max_grad_norm)
                 stepper.zero_grad()  # in place: CUDA graphs accumulate into the same .grad tensors
                 step += 1
@@ -242,10 +308,20 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             saver.save_adapter(f"epoch-{epoch}", validation=(val_acc, len(splits["validation"])))  # files on a thread
             if best is None or (val_acc, -val_loss) > (best["val_accuracy"], -best["val_loss"]):
                 best = {"epoch": epoch, "val_accuracy": val_acc, "val_loss": val_loss}
-            log(kind="epoch", epoch=epoch, train_loss=steps.train_loss, val_accuracy=val_acc, val_loss=val_loss,
-                epoch_s=round(epoch_s, 3), best_epoch=best["epoch"], train_peak_gb=train_peak_gb,
-                graph_captures=stepper.captures, capture_s=round(stepper.capture_s, 3),
-                oom_retries=stepper.oom_retries, checkpoint=f"{rundir.CHECKPOINTS}/epoch-{epoch}")
+            log(
+                kind="epoch",
+                epoch=epoch,
+                train_loss=steps.train_loss,
+                val_accuracy=val_acc,
+                val_loss=val_loss,
+                epoch_s=round(epoch_s, 3),
+                best_epoch=best["epoch"],
+                train_peak_gb=train_peak_gb,
+                graph_captures=stepper.captures,
+                capture_s=round(stepper.capture_s, 3),
+                oom_retries=stepper.oom_retries,
+                checkpoint=f"{rundir.CHECKPOINTS}/epoch-{epoch}",
+            )
             save_state(epoch + 1, 0)
             position = None
             model.train()
@@ -254,13 +330,27 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         stop.check()
         saver.load_adapter(f"epoch-{best['epoch']}")  # into every process
         _, test_acc, _ = evaluate("test", "after", save=True)
-        saver.add_test_result(best["epoch"], (best["val_accuracy"], len(splits["validation"])),
-                              (test_acc, len(splits["test"])))  # the selected epoch's model card
+        saver.add_test_result(
+            best["epoch"], (best["val_accuracy"], len(splits["validation"])), (test_acc, len(splits["test"]))
+        )  # the selected epoch's model card
         peaks = {**sampler.stop(), **memory.totals()}  # CPU, RAM, disk; torch's peak and reserved GPU memory
-        replicas = {} if ranks.world == 1 else {  # collectives: every process computes these, rank 0 logs them
-            "peaks_per_process": ranks.gather(memory.totals()), "replicas_identical": ranks.identical(trainable)}
-        log(kind="end", state="done", total_s=round(time.time() - t_start, 3), best_epoch=best["epoch"],
-            test_accuracy=test_acc, peaks=peaks, **replicas)
+        replicas = (
+            {}
+            if ranks.world == 1
+            else {  # collectives: every process computes these, rank 0 logs them
+                "peaks_per_process": ranks.gather(memory.totals()),
+                "replicas_identical": ranks.identical(trainable),
+            }
+        )
+        log(
+            kind="end",
+            state="done",
+            total_s=round(time.time() - t_start, 3),
+            best_epoch=best["epoch"],
+            test_accuracy=test_acc,
+            peaks=peaks,
+            **replicas,
+        )
         if not main:
             return {}
         report = {**build_report(run_dir), "state": "done"}
@@ -272,7 +362,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             save_state(*position)
             saver.wait()
         if main:
-            end_run(run_dir, log, sampler, t_start, "stopped", error=dist.rank_errors(run_dir) if ranks.world > 1 else None)
+            end_run(
+                run_dir, log, sampler, t_start, "stopped", error=dist.rank_errors(run_dir) if ranks.world > 1 else None
+            )
         if isinstance(e, KeyboardInterrupt):
             raise
         return {}
@@ -299,8 +391,13 @@ def end_run(run_dir: Path, log, sampler, t_start: float, state: str, error: str 
     sampler.stop()
     state = "failed" if error else state
     log(kind="end", state=state, total_s=round(time.time() - t_start, 3), **({"error": error} if error else {}))
-    rundir.write_status(run_dir, state=state, phase=state, finished_at=rundir.now_iso(),
-                        **({"error": error, "traceback": traceback.format_exc(limit=20)} if error else {}))
+    rundir.write_status(
+        run_dir,
+        state=state,
+        phase=state,
+        finished_at=rundir.now_iso(),
+        **({"error": error, "traceback": traceback.format_exc(limit=20)} if error else {}),
+    )
 
 
 DYNAMICS = "dynamics.jsonl"  # in predictions/: one record per split and epoch (0 = before)
@@ -313,8 +410,20 @@ class Evaluator:
     capture costs more than it saves; packed evaluation runs a few large batches, which graphs do
     not speed up."""
 
-    def __init__(self, model, encoded, splits, cfg: RunConfig, device, dtype, pad_id, memory, log, run_dir: Path,
-                 ranks: dist.Ranks | None = None):
+    def __init__(
+        self,
+        model,
+        encoded,
+        splits,
+        cfg: RunConfig,
+        device,
+        dtype,
+        pad_id,
+        memory,
+        log,
+        run_dir: Path,
+        ranks: dist.Ranks | None = None,
+    ):
         self.model, self.encoded, self.splits, self.cfg, self.run_dir = model, encoded, splits, cfg, run_dir
         self.device, self.dtype, self.pad_id, self.memory, self.log = device, dtype, pad_id, memory, log
         self.ranks = ranks or dist.Ranks()  # several processes: each scores its shard, rank 0 writes
@@ -331,8 +440,16 @@ class Evaluator:
             rundir.write_status(self.run_dir, phase=f"evaluating {split} ({stage})")
         t0 = time.time()
         graphs = self.graphs if split in self.graph_splits else None
-        probs, loss = predict(self.model, ranks.shard(self.encoded[split]), self.cfg.train.eval_batch_size,
-                              self.pad_id, self.device, self.dtype, graphs=graphs, speed=self.cfg.speed)
+        probs, loss = predict(
+            self.model,
+            ranks.shard(self.encoded[split]),
+            self.cfg.train.eval_batch_size,
+            self.pad_id,
+            self.device,
+            self.dtype,
+            graphs=graphs,
+            speed=self.cfg.speed,
+        )
         if ranks.world > 1:  # every process's rows, back in the split's order; the loss weighted by rows
             parts = ranks.gather((probs, loss * len(ranks.shard(self.encoded[split]))))
             probs = ranks.unshard([p for p, _ in parts], n)
@@ -341,36 +458,73 @@ class Evaluator:
         acc = accuracy(probs, self.splits[split])
         if not main:
             return probs, acc, loss
-        self.log(kind="eval", split=split, stage=stage, accuracy=acc, loss=loss, n=n, seconds=round(secs, 3),
-                 pairs_per_s=round(n / max(secs, 1e-9), 1), peak_gb=self.memory.phase(),
-                 cuda_graphs=graphs is not None and self.graphs.enabled,
-                 **({"graph_error": self.graphs.error} if self.graphs.error else {}))
+        self.log(
+            kind="eval",
+            split=split,
+            stage=stage,
+            accuracy=acc,
+            loss=loss,
+            n=n,
+            seconds=round(secs, 3),
+            pairs_per_s=round(n / max(secs, 1e-9), 1),
+            peak_gb=self.memory.phase(),
+            cuda_graphs=graphs is not None and self.graphs.enabled,
+            **({"graph_error": self.graphs.error} if self.graphs.error else {}),
+        )
         if save:
-            rundir.atomic_write_jsonl(self.run_dir / rundir.PREDICTIONS / f"{split}_{stage}.jsonl",
-                                      prediction_rows(self.splits[split], probs, self.cfg.data.labels))
+            rundir.atomic_write_jsonl(
+                self.run_dir / rundir.PREDICTIONS / f"{split}_{stage}.jsonl",
+                prediction_rows(self.splits[split], probs, self.cfg.data.labels),
+            )
         if stage == "before" or stage.startswith("epoch-"):  # per-example learning dynamics: probabilities only
-            rundir.append_jsonl(self.run_dir / rundir.PREDICTIONS / DYNAMICS, {
-                "split": split, "epoch": 0 if stage == "before" else int(stage.split("-")[1]),
-                "ids": [e.id for e in self.splits[split]], "probs": np.round(probs, 4).tolist()})
+            rundir.append_jsonl(
+                self.run_dir / rundir.PREDICTIONS / DYNAMICS,
+                {
+                    "split": split,
+                    "epoch": 0 if stage == "before" else int(stage.split("-")[1]),
+                    "ids": [e.id for e in self.splits[split]],
+                    "probs": np.round(probs, 4).tolist(),
+                },
+            )
         return probs, acc, loss
 
     def zero_shot(self, tokenizer) -> None:
         """The zero-shot baseline on test (core/baseline.py): predictions/test_zero_shot.jsonl and
         an `eval` record, or a `baseline` record saying why this model has none."""
         from .baseline import zero_shot
+
         if not self.ranks.main:  # rank 0 alone: the others wait at their next collective
             return
         rundir.write_status(self.run_dir, phase="evaluating test (zero-shot baseline)")
         t0, test = time.time(), self.splits["test"]
-        result = zero_shot(self.model, tokenizer, self.cfg.model, test, self.cfg.data.labels, self.device,
-                           self.dtype, self.cfg.data.template)
+        result = zero_shot(
+            self.model,
+            tokenizer,
+            self.cfg.model,
+            test,
+            self.cfg.data.labels,
+            self.device,
+            self.dtype,
+            self.cfg.data.template,
+        )
         if "why_not" in result:
             self.log(kind="baseline", name="zero-shot", why_not=result["why_not"])
             return
-        rundir.atomic_write_jsonl(self.run_dir / rundir.PREDICTIONS / "test_zero_shot.jsonl",
-                                  prediction_rows(test, result["probs"], self.cfg.data.labels))
-        self.log(kind="eval", split="test", stage="zero-shot", accuracy=accuracy(result["probs"], test), loss=None,
-                 n=len(test), seconds=round(time.time() - t0, 3), prompt=result["prompt"], words=result["words"])
+        rundir.atomic_write_jsonl(
+            self.run_dir / rundir.PREDICTIONS / "test_zero_shot.jsonl",
+            prediction_rows(test, result["probs"], self.cfg.data.labels),
+        )
+        self.log(
+            kind="eval",
+            split="test",
+            stage="zero-shot",
+            accuracy=accuracy(result["probs"], test),
+            loss=None,
+            n=len(test),
+            seconds=round(time.time() - t0, 3),
+            prompt=result["prompt"],
+            words=result["words"],
+        )
 
 
 class StopRequest:
@@ -397,4 +551,5 @@ class StopRequest:
 
 def _main_thread() -> bool:
     import threading
+
     return threading.current_thread() is threading.main_thread()

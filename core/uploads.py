@@ -51,8 +51,12 @@ def read_upload(name: str, data: bytes) -> list[dict]:
 def guess_columns(columns: list[str]) -> dict[str, str | None]:
     """The columns the trainer would pick by name (premise/sentence1, hypothesis/sentence2, ...)."""
     pick = lambda aliases: next((c for c in aliases if c in columns), None)
-    return {"premise": pick(PREMISE_ALIASES), "hypothesis": pick(HYPOTHESIS_ALIASES),
-            "label": pick(LABEL_ALIASES), "text": pick(TEXT_ALIASES)}
+    return {
+        "premise": pick(PREMISE_ALIASES),
+        "hypothesis": pick(HYPOTHESIS_ALIASES),
+        "label": pick(LABEL_ALIASES),
+        "text": pick(TEXT_ALIASES),
+    }
 
 
 def check_split(data_cfg: DataConfig, split: str, rows: list[dict]) -> tuple[str | None, list[str]]:
@@ -65,8 +69,10 @@ def check_split(data_cfg: DataConfig, split: str, rows: list[dict]) -> tuple[str
     except ValueError as e:
         return str(e), []
     if not examples:
-        return (f"{split}: no usable rows: of {stats.rows_read} rows, {stats.dropped_unlabelled} have no gold label "
-                f"and {stats.dropped_empty} an empty premise, hypothesis or text"), []
+        return (
+            f"{split}: no usable rows: of {stats.rows_read} rows, {stats.dropped_unlabelled} have no gold label "
+            f"and {stats.dropped_empty} an empty premise, hypothesis or text"
+        ), []
     return None, drop_notes(split, stats)
 
 
@@ -89,7 +95,9 @@ def save_uploads(run_dir: Path, files: dict[str, tuple[str, bytes]]) -> dict[str
                 f.write(data)
         except OSError as e:
             path.unlink(missing_ok=True)
-            raise ValueError(f"could not save the uploaded {split} file into {folder}: {e.strerror or e}"
-                             + (" (the disk is full: free some space)" if e.errno == errno.ENOSPC else "")) from e
+            raise ValueError(
+                f"could not save the uploaded {split} file into {folder}: {e.strerror or e}"
+                + (" (the disk is full: free some space)" if e.errno == errno.ENOSPC else "")
+            ) from e
         saved[split] = str(path)
     return saved

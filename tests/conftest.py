@@ -19,15 +19,36 @@ def tiny_run(tmp_path_factory) -> Path:
     Tests must treat it as read-only: it is shared by the whole session."""
     run = tmp_path_factory.mktemp("tiny-runs") / "tiny-run"
     proc = subprocess.run(
-        [sys.executable, "-m", "core", "train", "--preset", "demo", "--max-train-rows", "64",
-         "--max-validation-rows", "32", "--max-test-rows", "48", "--epochs", "2", "--run-dir", str(run),
-         "--speed", "micro_tokens=0"],  # CPU's default (no split), named: config.json must record it
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "core",
+            "train",
+            "--preset",
+            "demo",
+            "--max-train-rows",
+            "64",
+            "--max-validation-rows",
+            "32",
+            "--max-test-rows",
+            "48",
+            "--epochs",
+            "2",
+            "--run-dir",
+            str(run),
+            "--speed",
+            "micro_tokens=0",
+        ],  # CPU's default (no split), named: config.json must record it
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
         env={**os.environ, "QLORA_STUDIO_RUNS": str(run.parent)},
     )
     if proc.returncode != 0:
-        raise AssertionError(f"tiny training run failed (exit {proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"tiny training run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     assert json.loads((run / "status.json").read_text())["state"] == "done"
     return run
 

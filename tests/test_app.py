@@ -14,17 +14,23 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app_pages.ui import plain
-from core.runs import jobs, rundir
 from core.config import get_preset
 from core.report import CATEGORIES, load_comparison
+from core.runs import jobs, rundir
 from core.runs.resources import describe_hardware, hardware_info
 
 ROOT = Path(__file__).resolve().parents[1]
 pct = lambda x: f"{100 * x:.1f}%"
 
 
-def start(runs_root: Path, monkeypatch, page: str | None = None, run: str | None = None,
-          state: dict | None = None, params: dict | None = None) -> AppTest:
+def start(
+    runs_root: Path,
+    monkeypatch,
+    page: str | None = None,
+    run: str | None = None,
+    state: dict | None = None,
+    params: dict | None = None,
+) -> AppTest:
     """The app over `runs_root`, `run` selected, `state` in the session, then `params` in the
     query string and `page` opened; no exception and no last-resort error on the way."""
     monkeypatch.setenv("QLORA_STUDIO_RUNS", str(runs_root))
@@ -58,6 +64,7 @@ def svg_charts(at: AppTest) -> dict[str, str]:
     """The live view's SVG charts (st.image of an SVG: a data URL), by their title."""
     import base64
     import xml.etree.ElementTree as ET
+
     out = {}
     for url in (u for e in at.image for u in e.value if u.startswith("data:image/svg+xml;base64,")):
         svg = base64.b64decode(url.split(",", 1)[1]).decode()
@@ -75,6 +82,7 @@ def report(tiny_run) -> dict:
 
 
 # --- frame --------------------------------------------------------------------------------------
+
 
 def test_empty_runs_folder_explains_what_to_do(tmp_path, monkeypatch):
     at = start(tmp_path / "runs", monkeypatch)
@@ -106,6 +114,7 @@ def test_sidebar_lists_runs_with_state_and_query_param_selects(tiny_run, tmp_pat
 
 
 # --- Train --------------------------------------------------------------------------------------
+
 
 def test_train_page_shows_the_done_run(tiny_run, monkeypatch, report):
     at = start(tiny_run.parent, monkeypatch)
@@ -146,6 +155,7 @@ def test_invalid_settings_are_shown_and_block_launch(tmp_path, monkeypatch):
 
 class FakePopen:
     """Stands in for the trainer process: records the command, starts nothing."""
+
     calls: list = []
 
     def __init__(self, args, **kwargs):
@@ -156,8 +166,14 @@ def test_launch_writes_the_form_into_config_and_selects_the_run(tmp_path, monkey
     monkeypatch.setattr(jobs.subprocess, "Popen", FakePopen)
     FakePopen.calls = []
     at = start(tmp_path / "runs", monkeypatch)
-    for key, value in (("epochs@demo", 1), ("max_train@demo", 80), ("max_validation@demo", 24),
-                       ("max_test@demo", 30), ("lora_r@demo", 8), ("seed@demo", 7)):
+    for key, value in (
+        ("epochs@demo", 1),
+        ("max_train@demo", 80),
+        ("max_validation@demo", 24),
+        ("max_test@demo", 30),
+        ("lora_r@demo", 8),
+        ("seed@demo", 7),
+    ):
         at.number_input(key=key).set_value(value)
     at.text_input(key="target_modules@demo").set_value("query, value")
     at.run()
@@ -231,8 +247,10 @@ def test_viewers_of_a_cpu_run_share_one_refresh_budget(tmp_path, monkeypatch, sl
     first = start(run.parent, monkeypatch)
     assert "browser sessions are watching" not in text_of(first)
     second = start(run.parent, monkeypatch)  # another browser session (the watcher is shared)
-    assert ("2 browser sessions are watching this run, which trains on the CPU: each refreshes every 6 s "
-            "(charts every 24 s)") in text_of(second)
+    assert (
+        "2 browser sessions are watching this run, which trains on the CPU: each refreshes every 6 s "
+        "(charts every 24 s)"
+    ) in text_of(second)
     first.run()
     assert "2 browser sessions are watching" in text_of(first)
     setup = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -255,8 +273,12 @@ def check_running_run(run: Path, trainer, monkeypatch):
     assert m["Time left"] != "measuring…" and m["Pairs / s"] == "10.0"
     assert m["Validation accuracy"] == "40.0%"
     charts = svg_charts(at)  # light SVG charts while live (the Plotly figures come when it is done)
-    assert set(charts) == {"Training loss", "Validation accuracy by epoch (0 = before training)",
-                           "CPU (100% = one core)", "RAM"} and not plotly_specs(at)
+    assert set(charts) == {
+        "Training loss",
+        "Validation accuracy by epoch (0 = before training)",
+        "CPU (100% = one core)",
+        "RAM",
+    } and not plotly_specs(at)
     assert charts["Training loss"].count("<polyline") == 1 and "step loss" in charts["Training loss"]
     assert ">40.0%<" in charts["Validation accuracy by epoch (0 = before training)"]  # the before pass
     assert "browser sessions are watching" not in text_of(at)  # one viewer: the full refresh rate
@@ -270,6 +292,7 @@ def check_running_run(run: Path, trainer, monkeypatch):
 
 
 # --- Report -------------------------------------------------------------------------------------
+
 
 def test_report_page_shows_every_section_with_the_run_numbers(tiny_run, monkeypatch, report):
     at = start(tiny_run.parent, monkeypatch, page="report")
@@ -307,6 +330,7 @@ def test_report_page_shows_every_section_with_the_run_numbers(tiny_run, monkeypa
 
 
 # --- Failures -----------------------------------------------------------------------------------
+
 
 def test_failures_page_counts_filters_search_and_detail(tiny_run, monkeypatch):
     rows, labels = load_comparison(tiny_run)
@@ -359,14 +383,21 @@ def test_failures_page_counts_filters_search_and_detail(tiny_run, monkeypatch):
 
 # --- hand-made run folders ----------------------------------------------------------------------
 
+
 def make_failed_run(root: Path) -> Path:
     run = root / "20990101-000000-demo-fail"
     run.mkdir(parents=True)
     get_preset("demo").save(run / "config.json")
-    rundir.write_status(run, state="failed", pid=None, created_at="2099-01-01T00:00:00+00:00",
-                        started_at="2099-01-01T00:00:00+00:00", finished_at="2099-01-01T00:00:09+00:00",
-                        error="RuntimeError: boom at step 3",
-                        traceback='Traceback (most recent call last):\n  File "core/train.py", line 1\nRuntimeError: boom')
+    rundir.write_status(
+        run,
+        state="failed",
+        pid=None,
+        created_at="2099-01-01T00:00:00+00:00",
+        started_at="2099-01-01T00:00:00+00:00",
+        finished_at="2099-01-01T00:00:09+00:00",
+        error="RuntimeError: boom at step 3",
+        traceback='Traceback (most recent call last):\n  File "core/train.py", line 1\nRuntimeError: boom',
+    )
     (run / "train.log").write_text("run folder: x\nloading model\nRuntimeError: boom at step 3\n")
     return run
 
@@ -377,21 +408,69 @@ def make_running_run(root: Path, pid: int) -> Path:
     run.mkdir(parents=True)
     get_preset("demo").save(run / "config.json")
     started = time.time() - 30
-    rundir.write_status(run, state="running", phase="training", pid=pid,
-                        created_at=rundir.now_iso(), started_at=rundir.now_iso())
+    rundir.write_status(
+        run, state="running", phase="training", pid=pid, created_at=rundir.now_iso(), started_at=rundir.now_iso()
+    )
     m = run / "metrics.jsonl"
-    rundir.append_jsonl(m, {"t": started, "kind": "setup", "total_steps": 8, "epochs": 2, "steps_per_epoch": 4,
-                            "device": "cpu", "compute_dtype": "float32", "labels": ["a", "b", "c"]})
-    rundir.append_jsonl(m, {"t": started + 2, "kind": "eval", "split": "validation", "stage": "before",
-                            "accuracy": 0.4, "loss": 1.1, "n": 20, "seconds": 2.0})
-    rundir.append_jsonl(m, {"t": started + 4, "kind": "eval", "split": "test", "stage": "before",
-                            "accuracy": 0.3, "loss": 1.1, "n": 30, "seconds": 3.0})
+    rundir.append_jsonl(
+        m,
+        {
+            "t": started,
+            "kind": "setup",
+            "total_steps": 8,
+            "epochs": 2,
+            "steps_per_epoch": 4,
+            "device": "cpu",
+            "compute_dtype": "float32",
+            "labels": ["a", "b", "c"],
+        },
+    )
+    rundir.append_jsonl(
+        m,
+        {
+            "t": started + 2,
+            "kind": "eval",
+            "split": "validation",
+            "stage": "before",
+            "accuracy": 0.4,
+            "loss": 1.1,
+            "n": 20,
+            "seconds": 2.0,
+        },
+    )
+    rundir.append_jsonl(
+        m,
+        {
+            "t": started + 4,
+            "kind": "eval",
+            "split": "test",
+            "stage": "before",
+            "accuracy": 0.3,
+            "loss": 1.1,
+            "n": 30,
+            "seconds": 3.0,
+        },
+    )
     for step in (1, 2, 3):
-        rundir.append_jsonl(m, {"t": started + 4 + 3 * step, "kind": "step", "step": step, "epoch": 1,
-                                "epoch_step": step, "steps_per_epoch": 4, "loss": 1.1 - 0.01 * step,
-                                "rows": 32, "samples_per_s": 10.0, "tokens_per_s": 300.0,
-                                "pad_fraction": 0.1, "step_s": 3.2})
+        rundir.append_jsonl(
+            m,
+            {
+                "t": started + 4 + 3 * step,
+                "kind": "step",
+                "step": step,
+                "epoch": 1,
+                "epoch_step": step,
+                "steps_per_epoch": 4,
+                "loss": 1.1 - 0.01 * step,
+                "rows": 32,
+                "samples_per_s": 10.0,
+                "tokens_per_s": 300.0,
+                "pad_fraction": 0.1,
+                "step_s": 3.2,
+            },
+        )
     for i in range(5):
-        rundir.append_jsonl(run / "resources.jsonl", {"t": started + i, "cpu_percent": 90.0 + i,
-                                                      "rss_gb": 0.5, "ram_used_gb": 2.0})
+        rundir.append_jsonl(
+            run / "resources.jsonl", {"t": started + i, "cpu_percent": 90.0 + i, "rss_gb": 0.5, "ram_used_gb": 2.0}
+        )
     return run

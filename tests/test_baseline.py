@@ -7,20 +7,22 @@ from __future__ import annotations
 import json
 
 import torch
+from test_core_models import CPU, SNLI, save_tiny_model, save_word_tokenizer
 
 from core.baseline import NLI_PROMPT, zero_shot
 from core.config import LoraSettings, ModelConfig
 from core.data import Example
 from core.model import add_lora, load_model, load_tokenizer, quantization_config
-from test_core_models import CPU, SNLI, save_tiny_model, save_word_tokenizer
 
 LABELS = ["entailment", "neutral", "contradiction"]
 
 
 def examples(n=10):
     rows = [json.loads(l) for l in (SNLI / "test.jsonl").read_text().splitlines()[:n]]
-    return [Example(id=f"t-{i}", premise=r["premise"], hypothesis=r["hypothesis"], label=LABELS.index(r["label"]))
-            for i, r in enumerate(rows)]
+    return [
+        Example(id=f"t-{i}", premise=r["premise"], hypothesis=r["hypothesis"], label=LABELS.index(r["label"]))
+        for i, r in enumerate(rows)
+    ]
 
 
 def vocabulary():
@@ -31,11 +33,22 @@ def vocabulary():
 
 def test_zero_shot_equals_the_causal_lm_on_the_label_words(tmp_path):
     from transformers import AutoModelForCausalLM, PhiConfig, PhiForCausalLM
+
     torch.manual_seed(0)
     folder = tmp_path / "phi"
-    PhiForCausalLM(PhiConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, partial_rotary_factor=0.5, eos_token_id=1, bos_token_id=1,
-                             pad_token_id=None)).save_pretrained(folder)
+    PhiForCausalLM(
+        PhiConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            partial_rotary_factor=0.5,
+            eos_token_id=1,
+            bos_token_id=1,
+            pad_token_id=None,
+        )
+    ).save_pretrained(folder)
     save_word_tokenizer(folder, vocabulary(), causal=True)
     cfg = ModelConfig(name=str(folder))
     tok = load_tokenizer(cfg)

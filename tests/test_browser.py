@@ -25,8 +25,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 SCREENSHOTS = ROOT / "assets" / "screenshots"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 VIEWPORT = {"width": 1360, "height": 960}
 UPDATE = bool(os.environ.get("UPDATE_SCREENSHOTS"))
 # A small run for the test; the README's screenshots show the demo preset as a new user gets it.
@@ -56,10 +62,28 @@ def streamlit_server(tmp_path: Path, env: dict):
     port = free_port()
     log = open(tmp_path / "streamlit.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-         "--server.address", "127.0.0.1", "--server.port", str(port), "--server.fileWatcherType", "none",
-         "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.headless",
+            "true",
+            "--server.address",
+            "127.0.0.1",
+            "--server.port",
+            str(port),
+            "--server.fileWatcherType",
+            "none",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -94,6 +118,7 @@ def server(tmp_path):
     finally:
         for run in runs.glob("*/status.json"):  # never leave a trainer behind
             from core.runs import jobs
+
             jobs.stop(run.parent)
 
 
@@ -111,7 +136,8 @@ def shot(page, name):
 
 def metric_value(page, label: str) -> str:
     metric = page.locator("[data-testid=stMetric]").filter(
-        has=page.locator("[data-testid=stMetricLabel]", has_text=label))
+        has=page.locator("[data-testid=stMetricLabel]", has_text=label)
+    )
     return metric.first.locator("[data-testid=stMetricValue]").inner_text().strip()
 
 
@@ -158,8 +184,9 @@ def test_demo_run_end_to_end_in_a_real_browser(server):
             progress = page.locator("[data-testid=stProgress]")
             # the README's live screenshot waits for a few steps, so the curves and the ETA have settled
             first = r"[1-9]\d" if UPDATE else r"[1-9]\d*"
-            expect(progress).to_contain_text(re.compile(rf"step {first}/{per_epoch * epochs}\b"),
-                                             timeout=(900 if UPDATE else 180) * 1000)
+            expect(progress).to_contain_text(
+                re.compile(rf"step {first}/{per_epoch * epochs}\b"), timeout=(900 if UPDATE else 180) * 1000
+            )
             page.wait_for_timeout(1600)  # one more refresh, so the charts hold a step
             shot(page, "train-live")
             assert re.search(r"\?run=", page.url), page.url  # a refresh keeps the selection
@@ -168,7 +195,9 @@ def test_demo_run_end_to_end_in_a_real_browser(server):
             other = browser.new_page(viewport=VIEWPORT)
             other.goto(url)
             expect(other.locator("[data-testid=stMain]").get_by_text(run.name)).to_be_visible()
-            expect(other.locator("[data-testid=stProgress]").or_(other.get_by_text("Test accuracy after"))).to_be_visible(timeout=30_000)
+            expect(
+                other.locator("[data-testid=stProgress]").or_(other.get_by_text("Test accuracy after"))
+            ).to_be_visible(timeout=30_000)
             other.close()
 
             expect(page.get_by_text("Test accuracy after")).to_be_visible(timeout=(1200 if UPDATE else 240) * 1000)
@@ -204,6 +233,7 @@ def test_demo_run_end_to_end_in_a_real_browser(server):
 
             # --- Failures: the report's "fixed" cell lists the fixed examples; open one -------------
             from core.report import load_comparison
+
             rows, _ = load_comparison(run)
             fixed = sorted((r for r in rows if r["category"] == "fixed"), key=lambda r: -r["gold_prob_change"])
             assert len(fixed) >= 2, "the demo run should fix at least two test examples"
@@ -238,12 +268,21 @@ def test_demo_run_end_to_end_in_a_real_browser(server):
 
     if UPDATE:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        for name in ("train-empty", "train-live", "train", "report", "report-stats", "report-transitions", "failures",
-                     "failures-dynamics"):
+        for name in (
+            "train-empty",
+            "train-live",
+            "train",
+            "report",
+            "report-stats",
+            "report-transitions",
+            "failures",
+            "failures-dynamics",
+        ):
             save_small_png(ARTIFACTS / f"{name}.png", SCREENSHOTS / f"{name}.png")
 
 
 def save_small_png(src: Path, dst: Path) -> None:
     """Copy a screenshot for the README, reduced to a 256-colour palette (about 4x smaller)."""
     from PIL import Image
+
     Image.open(src).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)

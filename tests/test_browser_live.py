@@ -7,10 +7,10 @@ nothing trains. Never `playwright install`; run with `pytest -m browser`."""
 import os
 
 import pytest
-
-from core.runs import liveness
 from test_app import make_running_run
 from test_browser import CHROMIUM_FLAGS, VIEWPORT, chromium_path, streamlit_server
+
+from core.runs import liveness
 
 SHARED = "2 browser sessions are watching this run"
 

@@ -8,7 +8,6 @@ Never `playwright install`; run with `pytest -m browser`."""
 import os
 
 import pytest
-
 from test_browser import CHROMIUM_FLAGS, VIEWPORT, chromium_path, settle, streamlit_server
 from test_public import EVIL_HYPOTHESIS, EVIL_PREMISE, evil_run
 
@@ -18,7 +17,9 @@ def read_only_server(tiny_run, tmp_path):
     """A read-only Streamlit server over a runs folder with one finished run; killed at the end."""
     run = evil_run(tiny_run, tmp_path / "runs", checkpoints=True)  # the adapters, for the download
     env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_STUDIO_")}
-    with streamlit_server(tmp_path, {**env, "QLORA_STUDIO_RUNS": str(run.parent), "QLORA_STUDIO_READ_ONLY": "1"}) as url:
+    with streamlit_server(
+        tmp_path, {**env, "QLORA_STUDIO_RUNS": str(run.parent), "QLORA_STUDIO_READ_ONLY": "1"}
+    ) as url:
         yield url, run
 
 

@@ -17,11 +17,14 @@ LABELS = ["entailment", "neutral", "contradiction"]
 
 
 def _config(lr: float, r: int, epochs: int, extra: dict | None = None) -> dict:
-    cfg = {"preset": "demo", "group": None,
-           "model": {"name": "embedded:all-MiniLM-L6-v2", "quantize": "bnb.nf4"},
-           "data": {"source": "builtin:nli-sample", "labels": LABELS, "max_length": 128},
-           "lora": {"r": r, "alpha": 32, "target_modules": "all-linear"},
-           "train": {"epochs": epochs, "lr": lr, "batch_size": 32, "seed": 0}}
+    cfg = {
+        "preset": "demo",
+        "group": None,
+        "model": {"name": "embedded:all-MiniLM-L6-v2", "quantize": "bnb.nf4"},
+        "data": {"source": "builtin:nli-sample", "labels": LABELS, "max_length": 128},
+        "lora": {"r": r, "alpha": 32, "target_modules": "all-linear"},
+        "train": {"epochs": epochs, "lr": lr, "batch_size": 32, "seed": 0},
+    }
     cfg.update(extra or {})
     return cfg
 
@@ -33,21 +36,41 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
 
 def _preds(n: int, k: int) -> list[dict]:
     """n test rows, the first k correct."""
-    return [{"id": f"r{i}", "premise": "p", "hypothesis": "h", "gold": "neutral",
-             "pred": "neutral" if i < k else "entailment", "correct": i < k, "probs": [0.2, 0.5, 0.3]}
-            for i in range(n)]
+    return [
+        {
+            "id": f"r{i}",
+            "premise": "p",
+            "hypothesis": "h",
+            "gold": "neutral",
+            "pred": "neutral" if i < k else "entailment",
+            "correct": i < k,
+            "probs": [0.2, 0.5, 0.3],
+        }
+        for i in range(n)
+    ]
 
 
-def make_run(root: Path, run_id: str, cfg: dict, losses: list[float], val: list[float], test: tuple[int, int, int],
-             best: int, total_s: float, rss: list[float], gpu: list[float] | None = None,
-             created: str = "2026-01-01T00:00:00+00:00") -> Path:
+def make_run(
+    root: Path,
+    run_id: str,
+    cfg: dict,
+    losses: list[float],
+    val: list[float],
+    test: tuple[int, int, int],
+    best: int,
+    total_s: float,
+    rss: list[float],
+    gpu: list[float] | None = None,
+    created: str = "2026-01-01T00:00:00+00:00",
+) -> Path:
     """A finished run folder: config, status, metrics (steps, validation evals per epoch, end),
     resources, test predictions before/after; test = (n, k_before, k_after)."""
     run = root / run_id
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(cfg))
-    (run / "status.json").write_text(json.dumps({"state": "done", "created_at": created, "finished_at": created,
-                                                 "error": None, "pid": None}))
+    (run / "status.json").write_text(
+        json.dumps({"state": "done", "created_at": created, "finished_at": created, "error": None, "pid": None})
+    )
     recs = [{"t": 1.0, "kind": "setup", "labels": LABELS}]
     recs.append({"t": 1.0, "kind": "eval", "split": "validation", "stage": "before", "accuracy": val[0], "n": 20})
     recs.append({"t": 1.0, "kind": "eval", "split": "test", "stage": "before", "accuracy": 0.11, "n": test[0]})
@@ -72,23 +95,48 @@ def make_run(root: Path, run_id: str, cfg: dict, losses: list[float], val: list[
 @pytest.fixture
 def two_runs(tmp_path) -> tuple[Path, Path]:
     root = tmp_path / "runs"
-    a = make_run(root, "run-a", _config(1e-3, 16, 2), [1.1, 1.0, 0.9, 0.8], [0.3, 0.5, 0.6],
-                 (40, 12, 30), best=2, total_s=71.5, rss=[0.3, 0.8, 0.5], gpu=[1.5, 2.25, 2.0],
-                 created="2026-01-01T00:00:00+00:00")
-    b = make_run(root, "run-b", _config(2e-4, 8, 3, {"speed": {"pack": "auto"}}), [1.2, 1.15, 1.1],
-                 [0.35, 0.4, 0.45, 0.42], (40, 14, 20), best=2, total_s=100.0, rss=[0.4, 0.6],
-                 created="2026-01-02T00:00:00+00:00")
+    a = make_run(
+        root,
+        "run-a",
+        _config(1e-3, 16, 2),
+        [1.1, 1.0, 0.9, 0.8],
+        [0.3, 0.5, 0.6],
+        (40, 12, 30),
+        best=2,
+        total_s=71.5,
+        rss=[0.3, 0.8, 0.5],
+        gpu=[1.5, 2.25, 2.0],
+        created="2026-01-01T00:00:00+00:00",
+    )
+    b = make_run(
+        root,
+        "run-b",
+        _config(2e-4, 8, 3, {"speed": {"pack": "auto"}}),
+        [1.2, 1.15, 1.1],
+        [0.35, 0.4, 0.45, 0.42],
+        (40, 14, 20),
+        best=2,
+        total_s=100.0,
+        rss=[0.4, 0.6],
+        created="2026-01-02T00:00:00+00:00",
+    )
     # run-a also has a report.json (written by the real builder): load_report's path; run-b has none
     from core.report import build_report
+
     (a / "report.json").write_text(json.dumps(build_report(a, group=False)))
     return a, b
 
 
 # --- core.compare -------------------------------------------------------------------------------
 
+
 def test_flatten_nested_config():
-    assert compare.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None, "f": {}}) == \
-        {"a.b": 1, "a.c.d": [1, 2], "e": None, "f": {}}
+    assert compare.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None, "f": {}}) == {
+        "a.b": 1,
+        "a.c.d": [1, 2],
+        "e": None,
+        "f": {},
+    }
 
 
 def test_config_diff_lists_exactly_the_differing_keys(two_runs):
@@ -142,6 +190,7 @@ def test_damaged_run_never_raises(tmp_path):
 
 # --- pages --------------------------------------------------------------------------------------
 
+
 def start(runs_root: Path, monkeypatch, page: str) -> AppTest:
     monkeypatch.setenv("QLORA_STUDIO_RUNS", str(runs_root))
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
@@ -181,6 +230,7 @@ def test_compare_page(two_runs, monkeypatch):
 
 def test_playground_page_matches_load_classifier(tiny_run, tmp_path, monkeypatch):
     from core.classifier import load_classifier
+
     root = tmp_path / "runs"
     run = Path(shutil.copytree(tiny_run, root / tiny_run.name))
     at = start(root, monkeypatch, "playground")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
 from core.checkpoint import Checkpointer, load_adapter_weights, save_adapter
+from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
 from core.model import add_lora, classification_head, count_parameters, load_model, load_tokenizer
 
 SNLI = Path(__file__).resolve().parent / "data" / "snli"  # 240/60/60 genuine SNLI rows, see its README
@@ -17,8 +17,10 @@ CPU = torch.device("cpu")
 
 def tiny_config(arch: str):
     from transformers import BertConfig, LlamaConfig, PhiConfig
-    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_labels=3)
+
+    common = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_labels=3
+    )
     if arch == "phi":
         return PhiConfig(partial_rotary_factor=0.5, eos_token_id=1, bos_token_id=1, pad_token_id=None, **common)
     if arch == "llama":
@@ -28,6 +30,7 @@ def tiny_config(arch: str):
 
 def save_tiny_model(arch: str, folder: Path) -> Path:
     from transformers import AutoModelForSequenceClassification
+
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(tiny_config(arch))
     model.save_pretrained(folder)
@@ -38,19 +41,24 @@ def save_word_tokenizer(folder: Path, words: list[str], causal: bool) -> None:
     """A word-level tokenizer built offline. Causal: EOS only, no pad token (as Phi and Llama)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     specials = ["[UNK]", "</s>"] if causal else ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-    vocab = {w: i for i, w in enumerate(specials + sorted(set(words))[:256 - len(specials)])}
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(words))[: 256 - len(specials)])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     if causal:
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
     else:
         from tokenizers import processors
+
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                       cls_token="[CLS]", sep_token="[SEP]")
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+        )
     fast.save_pretrained(folder)
 
 
@@ -66,6 +74,7 @@ def fixed_batch(pad_id: int):
 @pytest.mark.parametrize("arch", ["phi", "llama", "bert"])
 def test_qlora_on_tiny_models(arch, tmp_path):
     import bitsandbytes as bnb
+
     folder = save_tiny_model(arch, tmp_path / arch)
     pad_id = 0 if arch == "bert" else 1  # causal LMs pad with EOS
     cfg = ModelConfig(name=str(folder))
@@ -83,7 +92,8 @@ def test_qlora_on_tiny_models(arch, tmp_path):
     assert any("modules_to_save" in n for n in trainable) and any("lora_A" in n for n in trainable)
     counts = count_parameters(model)
     assert counts["packed"] < counts["total"] and counts["trainable"] == sum(
-        p.numel() for p in model.parameters() if p.requires_grad)
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
 
     batch, labels = fixed_batch(pad_id)
 
@@ -120,10 +130,12 @@ def test_threaded_checkpoints_match_peft_saves(arch, tmp_path):
     values and config as peft's save_pretrained of the same moment, although the parameters
     change right after save() returns; a failed write is raised by wait()."""
     from safetensors.torch import load_file
+
     folder = save_tiny_model(arch, tmp_path / arch)
     torch.manual_seed(0)
-    model = add_lora(load_model(ModelConfig(name=str(folder)), 3, 0, CPU, torch.float32),
-                     LoraSettings(r=4, alpha=8, dropout=0.0))
+    model = add_lora(
+        load_model(ModelConfig(name=str(folder)), 3, 0, CPU, torch.float32), LoraSettings(r=4, alpha=8, dropout=0.0)
+    )
     saver = Checkpointer(model, tmp_path)
     saver.save_adapter("epoch-0")  # through peft
     assert saver.keys  # every key maps to a parameter: later saves take the fast path
@@ -137,13 +149,16 @@ def test_threaded_checkpoints_match_peft_saves(arch, tmp_path):
         for p in trainable:
             p.mul_(-3.0)
     saver.wait()
-    ours, peft = load_file(tmp_path / "epoch-1" / "adapter_model.safetensors"), load_file(
-        tmp_path / "peft-1" / "adapter_model.safetensors")
+    ours, peft = (
+        load_file(tmp_path / "epoch-1" / "adapter_model.safetensors"),
+        load_file(tmp_path / "peft-1" / "adapter_model.safetensors"),
+    )
     assert ours.keys() == peft.keys() and len(ours) >= 3
     for k in ours:
         assert torch.equal(ours[k], peft[k]), k
-    assert (json.loads((tmp_path / "epoch-1" / "adapter_config.json").read_text())
-            == json.loads((tmp_path / "peft-1" / "adapter_config.json").read_text()))
+    assert json.loads((tmp_path / "epoch-1" / "adapter_config.json").read_text()) == json.loads(
+        (tmp_path / "peft-1" / "adapter_config.json").read_text()
+    )
     assert not list(tmp_path.glob(".*.tmp-*")) and not list(tmp_path.glob(".*.old-*"))  # aside, then renamed
 
     (tmp_path / "blocker").write_text("a file where a folder must go")  # the next write cannot make its folder
@@ -158,6 +173,7 @@ def test_full_run_of_a_tiny_causal_lm_without_pad_token(arch, tmp_path):
     """The whole train() path on a causal LM whose tokenizer has no pad token: EOS pads, the
     template turns pairs into text, and the `score` head is trained and saved."""
     from core.train import train
+
     rows = [json.loads(l) for l in (SNLI / "train.jsonl").read_text().splitlines()[:200]]
     words = [w for r in rows for w in (r["premise"] + " " + r["hypothesis"]).replace(".", " . ").split()]
     words += ["Premise", "Hypothesis", "Relation", ":"]
@@ -167,8 +183,15 @@ def test_full_run_of_a_tiny_causal_lm_without_pad_token(arch, tmp_path):
     assert tok.pad_token == "</s>" and tok.sep_token is None
     cfg = RunConfig(
         model=ModelConfig(name=str(folder)),
-        data=DataConfig(source="files", train=str(SNLI / "train.jsonl"), test=str(SNLI / "test.jsonl"),
-                        max_train_rows=48, max_validation_rows=16, max_test_rows=24, max_length=64),
+        data=DataConfig(
+            source="files",
+            train=str(SNLI / "train.jsonl"),
+            test=str(SNLI / "test.jsonl"),
+            max_train_rows=48,
+            max_validation_rows=16,
+            max_test_rows=24,
+            max_length=64,
+        ),
         lora=LoraSettings(r=4, alpha=8),
         train=TrainConfig(epochs=1, batch_size=16, micro_batch_size=8, lr=1e-3),
     )
@@ -178,8 +201,9 @@ def test_full_run_of_a_tiny_causal_lm_without_pad_token(arch, tmp_path):
     setup = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert setup["kind"] == "setup" and setup["data"]["validation"]["used"] == 16
     assert setup["data"]["validation"]["carved_from_train"]  # no validation file: 10% of train
-    saved = (tmp_path / "run" / "checkpoints" / "epoch-1" / "adapter_model.safetensors")
+    saved = tmp_path / "run" / "checkpoints" / "epoch-1" / "adapter_model.safetensors"
     from safetensors import safe_open
+
     keys = list(safe_open(str(saved), "pt").keys())
     assert any("score" in k for k in keys) and any("lora_A" in k for k in keys)
 
@@ -187,6 +211,7 @@ def test_full_run_of_a_tiny_causal_lm_without_pad_token(arch, tmp_path):
 def test_mean_pooling_ignores_padding_and_auto_follows_the_model_folder(tmp_path):
     from core.config import EMBEDDED_MODEL
     from core.model import MaskedMeanPooler, resolve_pooling
+
     folder = save_tiny_model("bert", tmp_path / "bert")
     assert resolve_pooling(ModelConfig(name=str(folder))) == "model"  # no sentence-transformers config
     assert resolve_pooling(ModelConfig(name=EMBEDDED_MODEL)) == "mean"  # all-MiniLM-L6-v2: 1_Pooling, mean

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from core.runs import rundir
 from core.config import DataConfig, LoraSettings, RunConfig, TrainConfig, get_preset, override
-from core.data import (Example, batch_indices, carve_validation, load_splits, map_label, stratified_sample, to_examples)
-from core.tables import read_table
+from core.data import Example, batch_indices, carve_validation, load_splits, map_label, stratified_sample, to_examples
 from core.render import parameter_rows, resource_rows
 from core.report import compare_predictions
+from core.runs import rundir
 from core.stats import wilson as wilson_interval
+from core.tables import read_table
 from core.train import lr_factor
 
 SNLI = Path(__file__).resolve().parent / "data" / "snli"  # 240/60/60 genuine SNLI rows, see its README
@@ -21,6 +21,7 @@ LABELS = ["entailment", "neutral", "contradiction"]
 
 
 # --- data ---------------------------------------------------------------------------------------
+
 
 def test_snli_original_columns_and_unlabelled_rows_are_dropped_and_counted():
     rows = [
@@ -43,8 +44,13 @@ def test_hub_style_integer_labels_with_minus_one():
 
 
 def test_label_mapping_and_explicit_columns():
-    cfg = DataConfig(premise_column="a", hypothesis_column="b", label_column="y",
-                     labels=["no", "yes"], label_map={"0": "no", "1": "yes", "Y": "yes"})
+    cfg = DataConfig(
+        premise_column="a",
+        hypothesis_column="b",
+        label_column="y",
+        labels=["no", "yes"],
+        label_map={"0": "no", "1": "yes", "Y": "yes"},
+    )
     rows = [{"a": "x", "b": "y", "y": "Y"}, {"a": "x", "b": "y", "y": 0}, {"a": "x", "b": "y", "y": "1"}]
     examples, _ = to_examples(rows, cfg, "train")
     assert [e.label for e in examples] == [1, 0, 1]
@@ -89,10 +95,13 @@ def test_carved_validation_is_disjoint_and_stratified():
 
 
 def test_file_formats_round_trip(tmp_path):
-    rows = [{"premise": "p1", "hypothesis": "h1", "label": "neutral"},
-            {"premise": "p2, with comma", "hypothesis": "h2", "label": "entailment"}]
+    rows = [
+        {"premise": "p1", "hypothesis": "h1", "label": "neutral"},
+        {"premise": "p2, with comma", "hypothesis": "h2", "label": "entailment"},
+    ]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     import pandas as pd
+
     pd.DataFrame(rows).to_csv(tmp_path / "a.csv", index=False)
     pd.DataFrame(rows).to_parquet(tmp_path / "a.parquet")
     for name in ("a.jsonl", "a.csv", "a.parquet"):
@@ -108,8 +117,13 @@ def test_file_formats_round_trip(tmp_path):
 
 
 def test_genuine_snli_sample_loads_through_the_file_loader():
-    cfg = DataConfig(source="files", train=str(SNLI / "train.jsonl"), validation=str(SNLI / "validation.jsonl"),
-                     test=str(SNLI / "test.jsonl"), max_train_rows=120)
+    cfg = DataConfig(
+        source="files",
+        train=str(SNLI / "train.jsonl"),
+        validation=str(SNLI / "validation.jsonl"),
+        test=str(SNLI / "test.jsonl"),
+        max_train_rows=120,
+    )
     splits, stats = load_splits(cfg, seed=0)
     assert len(splits["train"]) == 120 and len(splits["validation"]) == 60 and len(splits["test"]) == 60
     assert stats["train"]["rows_read"] == 240 and stats["train"]["dropped_unlabelled"] == 0
@@ -139,10 +153,13 @@ def test_builtin_sample_is_balanced_tagged_and_split_by_premise():
 
 def test_length_bucketing_reduces_padding_and_covers_every_row():
     import random
+
     rnd = random.Random(0)
     encoded = [{"input_ids": [1] * rnd.randint(5, 60), "label": 0} for _ in range(512)]
+
     def padding(batches):
         return sum(max(len(encoded[i]["input_ids"]) for i in b) * len(b) for b in batches)
+
     plain = batch_indices(encoded, 32, shuffle=True, seed=1, bucket=False)
     bucketed = batch_indices(encoded, 32, shuffle=True, seed=1, bucket=True)
     assert sorted(i for b in bucketed for i in b) == list(range(512))
@@ -151,6 +168,7 @@ def test_length_bucketing_reduces_padding_and_covers_every_row():
 
 
 # --- config -------------------------------------------------------------------------------------
+
 
 def test_config_round_trip_and_validation(tmp_path):
     cfg = override(get_preset("demo"), {"train.epochs": 2, "lora.r": 8})
@@ -186,10 +204,20 @@ def test_phi2_parameter_counts_match_the_reference():
     """Phi-2's real shape on the meta device: 18,357,760 trainable, and the reference report's
     naive 4-bit count 1,408,634,880 (the head is counted twice there: original + trainable copy)."""
     from transformers import PhiConfig
+
     from core.estimate import estimate_parameters_from_config
+
     cfg = get_preset("phi2-snli")
-    phi2 = PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
-                     num_attention_heads=32, partial_rotary_factor=0.4, num_labels=3, pad_token_id=50256)
+    phi2 = PhiConfig(
+        vocab_size=51200,
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        partial_rotary_factor=0.4,
+        num_labels=3,
+        pad_token_id=50256,
+    )
     counts = estimate_parameters_from_config(phi2, cfg.lora)
     assert counts["trainable"] == 18_357_760
     assert counts["packed"] == 1_408_634_880
@@ -204,6 +232,7 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 # --- run folder ---------------------------------------------------------------------------------
+
 
 def test_run_ids_cannot_escape_the_runs_folder(tmp_path):
     for bad in ("..", "../x", "a/b", "", ".hidden", "x" * 81, "a b", "/etc", "a\\b", "..."):
@@ -226,6 +255,7 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temp(tmp_path):
     class Boom:
         def __str__(self):
             raise RuntimeError("boom")
+
     with pytest.raises(Exception):
         rundir.atomic_write_bytes(path, Boom())  # fails mid-write
     assert json.loads(path.read_text()) == {"a": 1, "nan": None}
@@ -244,39 +274,61 @@ def test_jsonl_reader_skips_a_half_written_last_line(tmp_path):
 
 def test_read_metrics_splits_records_by_kind_in_file_order(tmp_path):
     path = tmp_path / rundir.METRICS
-    for rec in ({"kind": "setup", "n": 0}, {"kind": "step", "step": 1}, {"kind": "eval", "stage": "before"},
-                {"kind": "step", "step": 2}, {"kind": "epoch", "epoch": 1}, {"kind": "custom", "x": 1},
-                {"no_kind": True}, {"kind": "end", "state": "stopped"}, {"kind": "end", "state": "done"}):
+    for rec in (
+        {"kind": "setup", "n": 0},
+        {"kind": "step", "step": 1},
+        {"kind": "eval", "stage": "before"},
+        {"kind": "step", "step": 2},
+        {"kind": "epoch", "epoch": 1},
+        {"kind": "custom", "x": 1},
+        {"no_kind": True},
+        {"kind": "end", "state": "stopped"},
+        {"kind": "end", "state": "done"},
+    ):
         rundir.append_jsonl(path, rec)
     with open(path, "a") as f:
         f.write('{"kind": "step", "st')  # the trainer is mid-way through this line
     by_kind = rundir.read_metrics(tmp_path)
-    assert by_kind == {"setup": [{"kind": "setup", "n": 0}],
-                       "step": [{"kind": "step", "step": 1}, {"kind": "step", "step": 2}],
-                       "eval": [{"kind": "eval", "stage": "before"}],
-                       "epoch": [{"kind": "epoch", "epoch": 1}],
-                       "end": [{"kind": "end", "state": "stopped"}, {"kind": "end", "state": "done"}],
-                       "custom": [{"kind": "custom", "x": 1}]}
+    assert by_kind == {
+        "setup": [{"kind": "setup", "n": 0}],
+        "step": [{"kind": "step", "step": 1}, {"kind": "step", "step": 2}],
+        "eval": [{"kind": "eval", "stage": "before"}],
+        "epoch": [{"kind": "epoch", "epoch": 1}],
+        "end": [{"kind": "end", "state": "stopped"}, {"kind": "end", "state": "done"}],
+        "custom": [{"kind": "custom", "x": 1}],
+    }
     assert rundir.read_metrics(tmp_path / "no-such-run") == {k: [] for k in rundir.METRIC_KINDS}
 
 
 def test_parameter_and_resource_rows_are_the_report_tables():
-    report = {"params": {"total": 1_234_567, "packed": 654_321, "trainable": 4_321},
-              "resources": {"torch_peak_gb": 1.23456, "gpu_util": 87.4, "rss_gb": 3.14159, "cpu_percent": 190.55,
-                            "checkpoints_mb": 12.345}}
-    assert parameter_rows(report) == [("total (4-bit weights at full size)", "1,234,567"),
-                                      ("packed 4-bit (naive numel sum)", "654,321"),
-                                      ("trainable (LoRA + head)", "4,321 (0.35%)")]
-    assert resource_rows(report) == [("GPU memory (torch allocated)", "1.23 GiB"),
-                                     ("GPU memory (device, NVML)", "n/a"),
-                                     ("GPU utilisation", "87%"),
-                                     ("process RAM (RSS)", "3.14 GiB"),
-                                     ("CPU (100% = one core)", "191%"),
-                                     ("disk used by checkpoints", "12.3 MB")]
+    report = {
+        "params": {"total": 1_234_567, "packed": 654_321, "trainable": 4_321},
+        "resources": {
+            "torch_peak_gb": 1.23456,
+            "gpu_util": 87.4,
+            "rss_gb": 3.14159,
+            "cpu_percent": 190.55,
+            "checkpoints_mb": 12.345,
+        },
+    }
+    assert parameter_rows(report) == [
+        ("total (4-bit weights at full size)", "1,234,567"),
+        ("packed 4-bit (naive numel sum)", "654,321"),
+        ("trainable (LoRA + head)", "4,321 (0.35%)"),
+    ]
+    assert resource_rows(report) == [
+        ("GPU memory (torch allocated)", "1.23 GiB"),
+        ("GPU memory (device, NVML)", "n/a"),
+        ("GPU utilisation", "87%"),
+        ("process RAM (RSS)", "3.14 GiB"),
+        ("CPU (100% = one core)", "191%"),
+        ("disk used by checkpoints", "12.3 MB"),
+    ]
     assert parameter_rows({}) == []
     assert [peak for _, peak in resource_rows({})] == ["n/a"] * 6
     # the Markdown report prints exactly these rows
     from core.render import render_markdown
+
     md = render_markdown({"run_id": "r", **report})
     for name, value in parameter_rows(report) + resource_rows(report):
         assert f"| {name} | {value} |" in md
@@ -284,8 +336,10 @@ def test_parameter_and_resource_rows_are_the_report_tables():
 
 def test_speed_rows_show_how_the_run_ran():
     from dataclasses import asdict
+
     from core.config import SpeedConfig
     from core.render import render_markdown, speed_rows
+
     report = {"speed": asdict(SpeedConfig(pack="off", micro_tokens=None)), "speedups": ["gelu_new->fused tanh gelu"]}
     rows = dict(speed_rows(report))
     assert rows["pack"] == "off" and rows["micro_tokens"] == "auto" and rows["cuda_graphs"] == "true"
@@ -307,6 +361,7 @@ def test_status_of_a_dead_running_process_reads_failed(tmp_path):
 
 # --- report -------------------------------------------------------------------------------------
 
+
 def test_wilson_interval_known_values():
     lo, hi = wilson_interval(75, 100)
     assert lo == pytest.approx(0.6569, abs=1e-3) and hi == pytest.approx(0.8245, abs=1e-3)
@@ -315,12 +370,28 @@ def test_wilson_interval_known_values():
 
 def test_compare_predictions_categories():
     def row(i, gold, pred, p):
-        return {"id": str(i), "premise": "p", "hypothesis": "h", "gold": gold, "pred": pred,
-                "correct": gold == pred, "probs": p}
-    before = [row(0, "neutral", "entailment", [0.6, 0.3, 0.1]), row(1, "neutral", "neutral", [0.1, 0.8, 0.1]),
-              row(2, "entailment", "neutral", [0.2, 0.7, 0.1]), row(3, "entailment", "entailment", [0.9, 0.05, 0.05])]
-    after = [row(0, "neutral", "neutral", [0.1, 0.8, 0.1]), row(1, "neutral", "entailment", [0.5, 0.4, 0.1]),
-             row(2, "entailment", "contradiction", [0.1, 0.2, 0.7]), row(3, "entailment", "entailment", [1, 0, 0])]
+        return {
+            "id": str(i),
+            "premise": "p",
+            "hypothesis": "h",
+            "gold": gold,
+            "pred": pred,
+            "correct": gold == pred,
+            "probs": p,
+        }
+
+    before = [
+        row(0, "neutral", "entailment", [0.6, 0.3, 0.1]),
+        row(1, "neutral", "neutral", [0.1, 0.8, 0.1]),
+        row(2, "entailment", "neutral", [0.2, 0.7, 0.1]),
+        row(3, "entailment", "entailment", [0.9, 0.05, 0.05]),
+    ]
+    after = [
+        row(0, "neutral", "neutral", [0.1, 0.8, 0.1]),
+        row(1, "neutral", "entailment", [0.5, 0.4, 0.1]),
+        row(2, "entailment", "contradiction", [0.1, 0.2, 0.7]),
+        row(3, "entailment", "entailment", [1, 0, 0]),
+    ]
     rows = compare_predictions(before, after, LABELS)
     assert [r["category"] for r in rows] == ["fixed", "regressed", "still failing", "still right"]
     assert rows[0]["gold_prob_change"] == pytest.approx(0.5)

@@ -56,20 +56,47 @@ def test_the_dockerfile_has_the_essentials():
     exec_line = next(l for l in start.splitlines() if l.startswith("exec "))
     assert "streamlit run app.py" in exec_line
     assert {"--server.address", "0.0.0.0", "--server.headless", "true", "--server.port"} <= set(shlex.split(exec_line))
-    assert 'PORT:-8501' in exec_line  # 8501 unless PORT says otherwise
+    assert "PORT:-8501" in exec_line  # 8501 unless PORT says otherwise
 
 
 def test_dockerignore_keeps_environments_runs_and_history_out():
-    ignored = {l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines()
-               if l.strip() and not l.startswith("#")}
+    ignored = {
+        l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")
+    }
     assert {".venv", "runs", ".git", "bench/h200-*", "**/__pycache__"} <= ignored
 
 
-SPACE_KEYS = {"title", "emoji", "colorFrom", "colorTo", "sdk", "python_version", "sdk_version", "suggested_hardware",
-              "suggested_storage", "app_file", "app_port", "base_path", "fullWidth", "header", "short_description",
-              "models", "datasets", "tags", "thumbnail", "pinned", "hf_oauth", "hf_oauth_scopes",
-              "hf_oauth_expiration_minutes", "hf_oauth_authorized_org", "disable_embedding",
-              "startup_duration_timeout", "custom_headers", "preload_from_hub", "license"}
+SPACE_KEYS = {
+    "title",
+    "emoji",
+    "colorFrom",
+    "colorTo",
+    "sdk",
+    "python_version",
+    "sdk_version",
+    "suggested_hardware",
+    "suggested_storage",
+    "app_file",
+    "app_port",
+    "base_path",
+    "fullWidth",
+    "header",
+    "short_description",
+    "models",
+    "datasets",
+    "tags",
+    "thumbnail",
+    "pinned",
+    "hf_oauth",
+    "hf_oauth_scopes",
+    "hf_oauth_expiration_minutes",
+    "hf_oauth_authorized_org",
+    "disable_embedding",
+    "startup_duration_timeout",
+    "custom_headers",
+    "preload_from_hub",
+    "license",
+}
 COLORS = {"red", "yellow", "green", "blue", "indigo", "purple", "pink", "gray"}
 
 
@@ -89,6 +116,7 @@ def test_readme_front_matter_is_a_docker_space_on_port_8501():
 
 # --- the start command on this host ----------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -103,13 +131,21 @@ def environ_of(pid: int) -> dict[str, str]:
 def start(tmp_path: Path, data: Path) -> tuple[subprocess.Popen, int, Path]:
     port, home, log = free_port(), tmp_path / "home", tmp_path / "start.log"
     home.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("QLORA_STUDIO_RUNS", "HF_HOME", "QLORA_STUDIO_ALLOW_LOCAL_PATHS")}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # `python` is this venv's
-               HOME=str(home), QLORA_STUDIO_DATA=str(data), PORT=str(port))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("QLORA_STUDIO_RUNS", "HF_HOME", "QLORA_STUDIO_ALLOW_LOCAL_PATHS")
+    }
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # `python` is this venv's
+        HOME=str(home),
+        QLORA_STUDIO_DATA=str(data),
+        PORT=str(port),
+    )
     with open(log, "wb") as out:
-        proc = subprocess.Popen(["sh", "deploy/start.sh"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            ["sh", "deploy/start.sh"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
     return proc, port, log
 
 

@@ -22,12 +22,23 @@ SNLI = Path(__file__).resolve().parent / "data" / "snli"  # genuine SNLI rows, s
 def make_tiny_bert(folder: Path) -> Path:
     """A tiny random BERT without dropout (the two runs must differ only in how they split each
     batch) and a word-level tokenizer over the SNLI slice."""
-    from transformers import AutoModelForSequenceClassification, BertConfig
     from test_core_models import save_word_tokenizer
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
     torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(BertConfig(
-        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_labels=3, pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(folder)
+    AutoModelForSequenceClassification.from_config(
+        BertConfig(
+            vocab_size=256,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_labels=3,
+            pad_token_id=0,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    ).save_pretrained(folder)
     rows = [json.loads(line) for line in (SNLI / "train.jsonl").read_text().splitlines()]
     save_word_tokenizer(folder, [w for r in rows for w in (r["premise"] + " " + r["hypothesis"]).split()], causal=False)
     return folder
@@ -36,16 +47,50 @@ def make_tiny_bert(folder: Path) -> Path:
 def args(model: Path, *extra) -> list[str]:
     # 37 train rows in batches of 8: 5 steps an epoch, the last of 5 rows (3 for rank 0, 2 for
     # rank 1: the gradients are weighted by rows); 2 epochs; one thread per process
-    return ["--model", str(model), "--device", "cpu", "--pooling", "model",
-            "--train", str(SNLI / "train.jsonl"), "--validation", str(SNLI / "validation.jsonl"),
-            "--test", str(SNLI / "test.jsonl"), "--max-train-rows", "37", "--max-validation-rows", "15",
-            "--max-test-rows", "15", "--max-length", "48", "--epochs", "2", "--batch-size", "8",
-            "--lora-r", "4", "--lora-dropout", "0", "--threads", "1", *map(str, extra)]
+    return [
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--pooling",
+        "model",
+        "--train",
+        str(SNLI / "train.jsonl"),
+        "--validation",
+        str(SNLI / "validation.jsonl"),
+        "--test",
+        str(SNLI / "test.jsonl"),
+        "--max-train-rows",
+        "37",
+        "--max-validation-rows",
+        "15",
+        "--max-test-rows",
+        "15",
+        "--max-length",
+        "48",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lora-r",
+        "4",
+        "--lora-dropout",
+        "0",
+        "--threads",
+        "1",
+        *map(str, extra),
+    ]
 
 
 def run(*argv, timeout=600, env=None, check=0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "core", "train", *map(str, argv)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-m", "core", "train", *map(str, argv)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     assert proc.returncode == check, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
 
@@ -56,6 +101,7 @@ def records(run_dir: Path) -> list[dict]:
 
 def adapter(run_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
+
     return load_file(str(run_dir / "checkpoints" / f"epoch-{epoch}" / "adapter_model.safetensors"))
 
 
@@ -101,9 +147,12 @@ def test_the_replicas_are_identical_and_rank_0_alone_wrote_the_run_folder(runs):
     assert len(end["peaks_per_process"]) == 2
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # no rank-1 files
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == sorted(
-        p.name for p in (one / "checkpoints").iterdir())
+        p.name for p in (one / "checkpoints").iterdir()
+    )
     assert len((two / "predictions" / "test_after.jsonl").read_text().splitlines()) == 15
-    assert (two / "predictions" / "test_after.jsonl").read_text() == (one / "predictions" / "test_after.jsonl").read_text()
+    assert (two / "predictions" / "test_after.jsonl").read_text() == (
+        one / "predictions" / "test_after.jsonl"
+    ).read_text()
     assert json.loads((two / "config.json").read_text())["train"]["processes"] == 2
     assert json.loads((two / "status.json").read_text())["state"] == "done"
     assert out.count("run folder:") == 1  # one process prints
@@ -114,12 +163,29 @@ def test_the_replicas_are_identical_and_rank_0_alone_wrote_the_run_folder(runs):
 def test_a_stop_is_agreed_and_the_run_resumes_with_two_processes(runs, tmp_path):
     model, one, _, _ = runs
     run_dir = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "core", "train", *args(model), "--checkpoint-every", "2",
-                             "--nproc", "2", "--run-dir", str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "core",
+            "train",
+            *args(model),
+            "--checkpoint-every",
+            "2",
+            "--nproc",
+            "2",
+            "--run-dir",
+            str(run_dir),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not any(
-            r.get("kind") == "step" for r in (records(run_dir) if (run_dir / "metrics.jsonl").exists() else [])):
+        r.get("kind") == "step" for r in (records(run_dir) if (run_dir / "metrics.jsonl").exists() else [])
+    ):
         time.sleep(0.2)
     (run_dir / "STOP").write_text("")  # what the Stop button writes (it also signals rank 0)
     out, _ = proc.communicate(timeout=300)
@@ -147,6 +213,7 @@ def test_a_failing_process_ends_the_run_with_its_error_not_a_hang(runs, tmp_path
 
 def test_nproc_needs_gpus_unless_the_device_is_cpu(tmp_path, capsys):
     from core.__main__ import main
+
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     code = main(["train", "--preset", "demo", "--nproc", "2", "--run-dir", str(tmp_path / "r")])
@@ -173,14 +240,19 @@ def test_the_train_page_offers_the_gpus_when_there_are_several(tmp_path, monkeyp
         def __init__(self, args, **kw):
             started.append(args)
             self.pid = None
-    monkeypatch.setattr(jobs, "subprocess", types.SimpleNamespace(
-        Popen=FakePopen, STDOUT=subprocess.STDOUT, DEVNULL=subprocess.DEVNULL))
+
+    monkeypatch.setattr(
+        jobs, "subprocess", types.SimpleNamespace(Popen=FakePopen, STDOUT=subprocess.STDOUT, DEVNULL=subprocess.DEVNULL)
+    )
     monkeypatch.setenv("QLORA_STUDIO_RUNS", str(tmp_path / "runs"))
     real = resources.hardware_info
 
     def app(gpus: int) -> AppTest:
-        monkeypatch.setattr(resources, "hardware_info", lambda: {
-            **real(), "gpus": [{"name": "H200", "memory_gb": 139.8, "capability": "9.0"}] * gpus})
+        monkeypatch.setattr(
+            resources,
+            "hardware_info",
+            lambda: {**real(), "gpus": [{"name": "H200", "memory_gb": 139.8, "capability": "9.0"}] * gpus},
+        )
         st.cache_resource.clear()
         at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
         at.run()

@@ -3,14 +3,16 @@ only, and stopped cleanly."""
 
 import json
 
-from core.runs import jobs, rundir
 from core.config import get_preset, override
+from core.runs import jobs, rundir
 
 
 def test_launch_observe_and_stop_a_detached_run(tmp_path, monkeypatch):
     monkeypatch.setenv(rundir.RUNS_ENV, str(tmp_path))
-    cfg = override(get_preset("demo"), {"train.epochs": 3, "data.max_train_rows": 320,
-                                        "data.max_validation_rows": 30, "data.max_test_rows": 30})
+    cfg = override(
+        get_preset("demo"),
+        {"train.epochs": 3, "data.max_train_rows": 320, "data.max_validation_rows": 30, "data.max_test_rows": 30},
+    )
     run = jobs.launch(cfg)
     assert run.parent == tmp_path.resolve()
     assert rundir.read_status(run)["state"] in ("queued", "running")
@@ -19,6 +21,7 @@ def test_launch_observe_and_stop_a_detached_run(tmp_path, monkeypatch):
     def stepping():
         steps = [m for m in rundir.read_jsonl(run / rundir.METRICS) if m.get("kind") == "step"]
         return len(steps) >= 2 or rundir.read_status(run).get("state") in ("failed", "done")
+
     assert rundir.wait_for(stepping, timeout=300), (run / rundir.LOG).read_text()[-2000:]
     status = rundir.read_status(run)
     assert status["state"] == "running", status

@@ -19,6 +19,7 @@ def write(path, *records, raw: str = ""):
 
 # --- JsonlTail ----------------------------------------------------------------------------------
 
+
 def test_tail_returns_only_the_new_lines(tmp_path):
     path = tmp_path / "m.jsonl"
     tail = live.JsonlTail(path)
@@ -45,7 +46,7 @@ def test_tail_keeps_a_half_written_line_for_the_next_read(tmp_path):
 
 def test_tail_skips_and_counts_lines_that_are_not_objects(tmp_path):
     path = tmp_path / "m.jsonl"
-    write(path, {"i": 1}, raw='garbage\n[1, 2]\n\n\xff\n')
+    write(path, {"i": 1}, raw="garbage\n[1, 2]\n\n\xff\n")
     with open(path, "ab") as f:
         f.write(b'\xff\xfe\n{"i": 2}\n')
     tail = live.JsonlTail(path)
@@ -100,22 +101,49 @@ def test_tail_starts_over_when_the_file_is_removed(tmp_path):
 
 # --- LiveRun ------------------------------------------------------------------------------------
 
+
 def running_run(tmp_path):
     run = tmp_path / "20990101-000000-demo-live"
     run.mkdir()
-    rundir.write_status(run, state="running", phase="training", pid=os.getpid(),
-                        created_at=rundir.now_iso(), started_at=rundir.now_iso())
+    rundir.write_status(
+        run,
+        state="running",
+        phase="training",
+        pid=os.getpid(),
+        created_at=rundir.now_iso(),
+        started_at=rundir.now_iso(),
+    )
     t = time.time()
-    write(run / "metrics.jsonl",
-          {"t": t, "kind": "setup", "total_steps": 8, "epochs": 2, "steps_per_epoch": 4},
-          {"t": t, "kind": "eval", "split": "validation", "stage": "before", "accuracy": 0.4, "loss": 1.1,
-           "n": 20, "seconds": 2.0})
+    write(
+        run / "metrics.jsonl",
+        {"t": t, "kind": "setup", "total_steps": 8, "epochs": 2, "steps_per_epoch": 4},
+        {
+            "t": t,
+            "kind": "eval",
+            "split": "validation",
+            "stage": "before",
+            "accuracy": 0.4,
+            "loss": 1.1,
+            "n": 20,
+            "seconds": 2.0,
+        },
+    )
     return run
 
 
 def step(i, **kw):
-    return {"t": time.time(), "kind": "step", "step": i, "epoch": 1 + (i - 1) // 4, "steps_per_epoch": 4,
-            "loss": 1.0 / i, "rows": 32, "tokens_per_s": 300.0, "step_s": 3.0, **kw}
+    return {
+        "t": time.time(),
+        "kind": "step",
+        "step": i,
+        "epoch": 1 + (i - 1) // 4,
+        "steps_per_epoch": 4,
+        "loss": 1.0 / i,
+        "rows": 32,
+        "tokens_per_s": 300.0,
+        "step_s": 3.0,
+        **kw,
+    }
 
 
 def same(a: dict, b: dict) -> bool:
@@ -186,6 +214,7 @@ def test_live_run_serves_threads_at_once(tmp_path):
                 assert [x["step"] for x in s["steps"]] == list(range(1, len(s["steps"]) + 1))
         except Exception as e:  # noqa: BLE001
             errors.append(e)
+
     threads = [threading.Thread(target=viewer) for _ in range(4)]
     for t in threads:
         t.start()
@@ -199,12 +228,15 @@ def test_live_run_serves_threads_at_once(tmp_path):
 
 # --- downsampling -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n", [0, 1, 2, 299, 300, 301, 1000, 12345])
 @pytest.mark.parametrize("keys", [("y",), ("y", "z")])
 def test_downsample_is_bounded_ordered_and_keeps_ends_and_extremes(n, keys):
     import math
-    rows = [{"i": i, "y": math.sin(i / 7) + (5 if i == n // 3 else 0), "z": -i if i != n // 2 else 10**6}
-            for i in range(n)]
+
+    rows = [
+        {"i": i, "y": math.sin(i / 7) + (5 if i == n // 3 else 0), "z": -i if i != n // 2 else 10**6} for i in range(n)
+    ]
     out = live.downsample(rows, keys if len(keys) > 1 else keys[0], max_points=300)
     assert len(out) <= 300
     if n <= 300:
@@ -231,8 +263,13 @@ def test_downsample_small_bounds_and_missing_values():
 def test_chart_series_bounds_every_curve(tmp_path):
     run = running_run(tmp_path)
     write(run / "metrics.jsonl", *(step(i) for i in range(1, 2001)))
-    write(run / "resources.jsonl", *({"t": 1000.0 + i, "cpu_percent": float(i % 97), "rss_gb": 0.5,
-                                       "ram_used_gb": 2.0 + (i == 777)} for i in range(5000)))
+    write(
+        run / "resources.jsonl",
+        *(
+            {"t": 1000.0 + i, "cpu_percent": float(i % 97), "rss_gb": 0.5, "ram_used_gb": 2.0 + (i == 777)}
+            for i in range(5000)
+        ),
+    )
     snap = live.LiveRun(run).snapshot()
     series = live.chart_series(snap, max_points=300)
     assert all(len(v) <= 300 for v in series.values())
@@ -243,6 +280,7 @@ def test_chart_series_bounds_every_curve(tmp_path):
 
 
 # --- several viewers of one run -----------------------------------------------------------------
+
 
 def test_watched_by_counts_sessions_until_they_stop_asking(tmp_path):
     watcher = live.LiveRun(running_run(tmp_path))
@@ -264,14 +302,17 @@ def test_refresh_intervals_are_shared_by_viewers_of_a_cpu_run_only():
     assert many["progress"] == 3.0 * live.MAX_SHARE
 
 
-@pytest.mark.parametrize("setup, config, gpu, expected", [
-    ({"device": "cpu"}, {"model": {"device": "auto"}}, True, True),     # the trainer said where it runs
-    ({"device": "cuda:0"}, {"model": {"device": "auto"}}, False, False),
-    ({}, {"model": {"device": "cpu"}}, True, True),                    # before setup: the configured device
-    ({}, {"model": {"device": "cuda"}}, False, False),
-    ({}, {"model": {"device": "auto"}}, True, False),                  # auto: a GPU when the machine has one
-    ({}, {"model": {"device": "auto"}}, False, True),
-    ({}, None, False, True),                                           # an unreadable config: auto
-])
+@pytest.mark.parametrize(
+    "setup, config, gpu, expected",
+    [
+        ({"device": "cpu"}, {"model": {"device": "auto"}}, True, True),  # the trainer said where it runs
+        ({"device": "cuda:0"}, {"model": {"device": "auto"}}, False, False),
+        ({}, {"model": {"device": "cpu"}}, True, True),  # before setup: the configured device
+        ({}, {"model": {"device": "cuda"}}, False, False),
+        ({}, {"model": {"device": "auto"}}, True, False),  # auto: a GPU when the machine has one
+        ({}, {"model": {"device": "auto"}}, False, True),
+        ({}, None, False, True),  # an unreadable config: auto
+    ],
+)
 def test_trains_on_cpu(setup, config, gpu, expected):
     assert live.trains_on_cpu({"setup": setup}, config, gpu) is expected

@@ -14,25 +14,32 @@ import pytest
 import torch
 
 from core.config import LoraSettings
-from core.speed.settings import SpeedConfig, speed_from_env
-from core.evaluate import eval_batches
+from core.data import collate
+from core.evaluate import eval_batches, predict
 from core.model import is_causal
 from core.speed import accounting, tune
 from core.speed.graphs import EvalGraphs
 from core.speed.patch import is_patched
+from core.speed.settings import SpeedConfig, speed_from_env
 from core.speed.step import TrainStep, pad_batch, pad_width
-from core.data import collate
-from core.evaluate import predict
 
-PHI2 = dict(hidden_size=2560, num_hidden_layers=32, intermediate_size=10240, num_attention_heads=32,
-            partial_rotary_factor=0.4, vocab_size=51200)
+PHI2 = dict(
+    hidden_size=2560,
+    num_hidden_layers=32,
+    intermediate_size=10240,
+    num_attention_heads=32,
+    partial_rotary_factor=0.4,
+    vocab_size=51200,
+)
 LORA = LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj", "fc1", "fc2"])
 
 
 def phi2_meta():
     from accelerate import init_empty_weights
     from transformers import AutoModelForSequenceClassification, PhiConfig
+
     from core.model import add_lora
+
     cfg = PhiConfig(**PHI2, num_labels=3, pad_token_id=0)
     with init_empty_weights():
         model = AutoModelForSequenceClassification.from_config(cfg)
@@ -57,19 +64,30 @@ def test_flops_per_token_matches_formula_on_phi2():
 def tiny(tmp_path_factory):
     """A tiny random Phi saved to disk, loaded in NF4 through core.model like the app does."""
     from transformers import PhiConfig, PhiForCausalLM
+
     from core.config import ModelConfig
     from core.model import add_lora, load_model
+
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-phi")
-    cfg = PhiConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
-                    partial_rotary_factor=0.4, vocab_size=300, pad_token_id=0)
+    cfg = PhiConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=256,
+        num_attention_heads=4,
+        partial_rotary_factor=0.4,
+        vocab_size=300,
+        pad_token_id=0,
+    )
     PhiForCausalLM(cfg).save_pretrained(path)
 
     def make(lora: LoraSettings = LORA):
         torch.manual_seed(1)
-        m = load_model(ModelConfig(name=str(path), compute_dtype="float32", device="cpu"), 3, 0,
-                       torch.device("cpu"), torch.float32)
+        m = load_model(
+            ModelConfig(name=str(path), compute_dtype="float32", device="cpu"), 3, 0, torch.device("cpu"), torch.float32
+        )
         return add_lora(m, lora)
+
     return make
 
 
@@ -145,7 +163,7 @@ def test_pad_batch_and_eval_batches():
     padded, n = pad_batch(batch, 0, 32, 5)
     assert n == 3 and padded["input_ids"].shape == (5, 32)
     assert torch.equal(padded["input_ids"][3], padded["input_ids"][0])  # filler rows copy real rows
-    assert int(padded["attention_mask"][:, batch["input_ids"].shape[1]:].sum()) == 0
+    assert int(padded["attention_mask"][:, batch["input_ids"].shape[1] :].sum()) == 0
     order = sorted(range(6), key=lambda i: len(enc[i]["input_ids"]))
     assert [i for b in eval_batches(enc, order, 4, torch.device("cpu")) for i in b] == order
 
@@ -155,7 +173,9 @@ def test_fused_qlora_rotary_and_mlp_match_peft_with_dropout(tiny, monkeypatch):
     rotary give peft's and transformers' outputs and LoRA gradients, dropout included (the same
     random draws: the function draws its masks as torch's dropout does)."""
     from dataclasses import replace
+
     from core.speed import qlinear
+
     plain, fast = tiny(replace(LORA, dropout=0.3)), tiny(replace(LORA, dropout=0.3))
     for m in (plain, fast):
         for name, p in m.named_parameters():
@@ -201,14 +221,16 @@ def test_fused_qlora_rotary_and_mlp_match_peft_with_dropout(tiny, monkeypatch):
 def test_eval_batches_are_the_cheapest_split():
     """The dynamic programme against every split of the distinct lengths into consecutive spans."""
     import itertools
+
     g = torch.Generator().manual_seed(7)
     lengths = [int(x) for x in torch.randint(5, 70, (60,), generator=g)]
     enc = [{"input_ids": [1] * n} for n in lengths]
     order = sorted(range(len(enc)), key=lambda i: lengths[i])
     device = torch.device("cuda")  # the GPU policy (token budget, batch cost); nothing runs on it
     for budget, batch_cost, batch_size in ((2048, 256, 40), (100000, 1024, 1000), (600, 64, 8)):
-        batches = eval_batches(enc, order, batch_size, device,
-                               SpeedConfig(eval_tokens=budget, eval_batch_cost=batch_cost))
+        batches = eval_batches(
+            enc, order, batch_size, device, SpeedConfig(eval_tokens=budget, eval_batch_cost=batch_cost)
+        )
         assert [i for b in batches for i in b] == order
         cap = lambda w: max(1, min(batch_size, budget // w))
         for b in batches:
@@ -218,8 +240,9 @@ def test_eval_batches_are_the_cheapest_split():
         distinct = sorted(set(lengths))
         counts = [lengths.count(n) for n in distinct]
         best = None
-        for cuts in itertools.chain.from_iterable(itertools.combinations(range(1, len(distinct)), k)
-                                                  for k in range(0, 4)):  # up to 4 spans: enough here
+        for cuts in itertools.chain.from_iterable(
+            itertools.combinations(range(1, len(distinct)), k) for k in range(0, 4)
+        ):  # up to 4 spans: enough here
             edges = [0, *cuts, len(distinct)]
             c = 0
             for a, b in zip(edges, edges[1:]):
@@ -284,28 +307,44 @@ def test_triton_rope_kernel_matches_transformers_formula():
     import subprocess
     import sys
     from pathlib import Path
+
     pytest.importorskip("triton")
     from core.speed import rope
+
     assert not rope.available(torch.zeros(1))  # a CPU tensor, no interpreter: the torch path
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", ROPE_CHECK], env=env, capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", ROPE_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
     assert out.returncode == 0 and "rope ok" in out.stdout, out.stderr[-3000:]
 
 
 def test_pack_and_split_rows():
     from core.speed import packing
+
     enc = rows(10)
     lengths = [len(r["input_ids"]) for r in enc]
     b = packing.pack(enc[:3], pad_id=0, slots=5, weight=0.25)
     total = sum(lengths[:3])
     assert b["input_ids"].shape == (packing.round_up(total),)
-    assert b["cu_seqlens"].tolist() == [0, lengths[0], lengths[0] + lengths[1], total, total, total,
-                                        packing.round_up(total)]
+    assert b["cu_seqlens"].tolist() == [
+        0,
+        lengths[0],
+        lengths[0] + lengths[1],
+        total,
+        total,
+        total,
+        packing.round_up(total),
+    ]
     assert b["last"].tolist() == [lengths[0] - 1, lengths[0] + lengths[1] - 1, total - 1, 0, 0]
     assert b["weight"].tolist() == [0.25] * 3 + [0.0] * 2 and b["labels"].tolist() == [0, 1, 2, 0, 0]
-    assert b["position_ids"][lengths[0]:lengths[0] + 3].tolist() == [0, 1, 2]
-    assert b["input_ids"][:lengths[0]].tolist() == enc[0]["input_ids"]
+    assert b["position_ids"][lengths[0] : lengths[0] + 3].tolist() == [0, 1, 2]
+    assert b["input_ids"][: lengths[0]].tolist() == enc[0]["input_ids"]
     with pytest.raises(ValueError, match="do not fit"):
         packing.pack(enc[:3], 0, slots=2)
     for budget, max_rows in ((None, 4), (128, 32), (64, 3), (1, 32)):
@@ -322,6 +361,7 @@ def test_packed_forward_and_gradients_match_padded(tiny):
     """Rows laid end to end (core/speed/packing.py, here with the CPU attention) give the padded path's
     predictions, empty slots change nothing, and TrainStep.run_packed the plain gradient."""
     from core.speed import packing
+
     plain, fast = tiny(), tiny()
     tune.tune_model(fast, torch.float32)
     assert packing.enabled(fast, torch.device("cpu"), torch.float32, "on") and not packing.supported(plain)
@@ -337,8 +377,15 @@ def test_packed_forward_and_gradients_match_padded(tiny):
         got = packing.packed_logits(fast, packing.pack(enc, 0, slots=15), 64)
     assert got.shape == (15, 3)
     torch.testing.assert_close(got[:12], ref, rtol=1e-4, atol=1e-4)
-    probs, loss = predict(fast, enc, 5, 0, torch.device("cpu"), torch.float32,  # several packed batches
-                          speed=SpeedConfig(pack="on", eval_tokens=128))
+    probs, loss = predict(
+        fast,
+        enc,
+        5,
+        0,
+        torch.device("cpu"),
+        torch.float32,  # several packed batches
+        speed=SpeedConfig(pack="on", eval_tokens=128),
+    )
     torch.testing.assert_close(torch.from_numpy(probs), torch.softmax(ref, -1), rtol=1e-4, atol=1e-4)
     assert math.isclose(loss, torch.nn.functional.cross_entropy(ref, batch["labels"]).item(), rel_tol=1e-4)
 
@@ -350,8 +397,9 @@ def test_packed_forward_and_gradients_match_padded(tiny):
         step.zero_grad()
         real, processed = step.run_packed(enc, step_rows=12, max_rows=8, max_len=64)
         assert real == sum(len(r["input_ids"]) for r in enc) <= processed
-        assert math.isclose(step.take_loss(), torch.nn.functional.cross_entropy(logits, batch["labels"]).item(),
-                            rel_tol=1e-4)
+        assert math.isclose(
+            step.take_loss(), torch.nn.functional.cross_entropy(logits, batch["labels"]).item(), rel_tol=1e-4
+        )
         got = grads(fast)
         for name, g in want.items():
             torch.testing.assert_close(got[name], g, rtol=1e-3, atol=1e-5, msg=f"{name} (budget {budget})")
@@ -360,12 +408,23 @@ def test_packed_forward_and_gradients_match_padded(tiny):
 def test_speed_settings_come_from_the_config_and_the_environment_overrides_them():
     """Every QLORA_* switch maps to one SpeedConfig field; values parse by the field's type."""
     from core.speed.settings import SPEED_ENV
+
     assert set(SPEED_ENV.values()) == set(SpeedConfig.__dataclass_fields__)
-    env = {"QLORA_CUDA_GRAPHS": "0", "QLORA_PACK": "1", "QLORA_MICRO_TOKENS": "1024", "QLORA_EVAL_BATCH_COST": "8",
-           "QLORA_GRAPH_WARMUP": "each"}
+    env = {
+        "QLORA_CUDA_GRAPHS": "0",
+        "QLORA_PACK": "1",
+        "QLORA_MICRO_TOKENS": "1024",
+        "QLORA_EVAL_BATCH_COST": "8",
+        "QLORA_GRAPH_WARMUP": "each",
+    }
     got = speed_from_env(SpeedConfig(), env)
     assert (got.cuda_graphs, got.pack, got.micro_tokens, got.eval_batch_cost, got.graph_warmup) == (
-        False, "on", 1024, 8, "each")
+        False,
+        "on",
+        1024,
+        8,
+        "each",
+    )
     assert got.eval_graphs and got.fused_linear and got.eval_tokens == 16384  # untouched
     assert speed_from_env(SpeedConfig(pack="off"), {}) == SpeedConfig(pack="off")
     assert speed_from_env(SpeedConfig(), {"QLORA_PACK": "0"}).pack == "off"

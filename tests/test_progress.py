@@ -29,8 +29,17 @@ SETUP = {"kind": "setup", "epochs": 2, "total_steps": 8, "steps_per_epoch": 4}
 
 
 def step(n: int, epoch: int = 1, loss: float = 1.0) -> dict:
-    return {"kind": "step", "step": n, "epoch": epoch, "epoch_step": (n - 1) % 4 + 1, "steps_per_epoch": 4,
-            "loss": loss, "rows": 8, "samples_per_s": 8.0, "step_s": 1.0}
+    return {
+        "kind": "step",
+        "step": n,
+        "epoch": epoch,
+        "epoch_step": (n - 1) % 4 + 1,
+        "steps_per_epoch": 4,
+        "loss": loss,
+        "rows": 8,
+        "samples_per_s": 8.0,
+        "step_s": 1.0,
+    }
 
 
 def reporter(run: Path, every: float = 0.0) -> tuple[progress.Reporter, io.StringIO]:
@@ -51,8 +60,12 @@ def test_plain_lines_show_phase_epoch_step_loss_speed_and_eta(tmp_path):
     rep.tick()
     assert last_line(out).startswith("loading | ") and "elapsed" in last_line(out)
 
-    append(run, SETUP, {"kind": "eval", "split": "validation", "stage": "before", "accuracy": 0.3, "seconds": 2.0},
-           {"kind": "eval", "split": "test", "stage": "before", "accuracy": 0.3, "seconds": 3.0})
+    append(
+        run,
+        SETUP,
+        {"kind": "eval", "split": "validation", "stage": "before", "accuracy": 0.3, "seconds": 2.0},
+        {"kind": "eval", "split": "test", "stage": "before", "accuracy": 0.3, "seconds": 3.0},
+    )
     status(run, phase="training", epoch=1, step=0, total_steps=8)
     append(run, step(1, loss=1.2), step(2, loss=1.0), step(3, loss=0.8))
     rep.tick()
@@ -186,10 +199,16 @@ def test_on_a_terminal_one_line_is_redrawn_in_place_with_a_bar(tmp_path):
 
 
 def test_summary_has_accuracy_with_intervals_best_epoch_and_total_time():
-    report = {"test_before": {"n": 204, "correct": 69, "accuracy": 0.338, "ci95": [0.277, 0.405]},
-              "test_after": {"n": 204, "correct": 161, "accuracy": 0.789, "ci95": [0.728, 0.840]},
-              "best_epoch": 2, "epochs": [{"epoch": 1, "val_accuracy": 0.7}, {"epoch": 2, "val_accuracy": 0.8}],
-              "total_s": 54.2, "train_s": 30.0, "eval_s": 10.0, "load_s": 5.0}
+    report = {
+        "test_before": {"n": 204, "correct": 69, "accuracy": 0.338, "ci95": [0.277, 0.405]},
+        "test_after": {"n": 204, "correct": 161, "accuracy": 0.789, "ci95": [0.728, 0.840]},
+        "best_epoch": 2,
+        "epochs": [{"epoch": 1, "val_accuracy": 0.7}, {"epoch": 2, "val_accuracy": 0.8}],
+        "total_s": 54.2,
+        "train_s": 30.0,
+        "eval_s": 10.0,
+        "load_s": 5.0,
+    }
     lines = progress.summary(report).splitlines()
     assert lines == [
         "test accuracy: 33.8% [27.7%, 40.5%] -> 78.9% [72.8%, 84.0%] (+45.1 points), n = 204, 95% Wilson intervals",
@@ -202,9 +221,28 @@ def test_summary_has_accuracy_with_intervals_best_epoch_and_total_time():
 def test_the_cli_prints_progress_lines_and_the_summary(tmp_path):
     run = tmp_path / "runs" / "cli"
     proc = subprocess.run(
-        [sys.executable, "-m", "core", "train", "--preset", "demo", "--max-train-rows", "32",
-         "--max-validation-rows", "16", "--max-test-rows", "16", "--epochs", "1", "--run-dir", str(run)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "core",
+            "train",
+            "--preset",
+            "demo",
+            "--max-train-rows",
+            "32",
+            "--max-validation-rows",
+            "16",
+            "--max-test-rows",
+            "16",
+            "--epochs",
+            "1",
+            "--run-dir",
+            str(run),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "QLORA_STUDIO_RUNS": str(run.parent)},
     )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

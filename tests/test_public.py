@@ -17,18 +17,26 @@ from pathlib import Path
 import pytest
 from markdown_it import MarkdownIt
 from streamlit.testing.v1 import AppTest
+from test_app import make_failed_run, make_running_run, start, text_of
 
 from app_pages.ui import PASSWORD_KEY, plain
 from core import access, share
 from core.config import BUILTIN_DATA, EMBEDDED_MODEL, get_preset, override
 from core.runs import jobs, rundir
-from test_app import make_failed_run, make_running_run, start, text_of
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = (access.READ_ONLY_ENV, access.PASSWORD_ENV, access.LOCAL_PATHS_ENV, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
-       "HF_OIDC_RESOURCE")
-EVIL_PREMISE = ("[click me](http://evil.example/x) ![img](http://evil.example/a.png) <b>raw</b> "
-                "www.evil.example :red[red] :smile: *em* `code` $x^2$")
+ENV = (
+    access.READ_ONLY_ENV,
+    access.PASSWORD_ENV,
+    access.LOCAL_PATHS_ENV,
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_OIDC_RESOURCE",
+)
+EVIL_PREMISE = (
+    "[click me](http://evil.example/x) ![img](http://evil.example/a.png) <b>raw</b> "
+    "www.evil.example :red[red] :smile: *em* `code` $x^2$"
+)
 EVIL_HYPOTHESIS = '<img src=x onerror="alert(1)"> http://evil.example/bare a@evil.example'
 EVIL_TAG = "**tag** [t](http://evil.example/t)"
 
@@ -39,6 +47,7 @@ def clean_env(monkeypatch, tmp_path):
     for name in ENV:
         monkeypatch.delenv(name, raising=False)
     import huggingface_hub.constants
+
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
 
 
@@ -54,6 +63,7 @@ class Started:
 
             def __init__(self, args, **kwargs):
                 outer.calls.append(args)
+
         self.module = types.SimpleNamespace(Popen=Popen, STDOUT=subprocess.STDOUT, DEVNULL=subprocess.DEVNULL)
 
 
@@ -74,15 +84,20 @@ def labels(at: AppTest, kind: str) -> list[str]:
 
 # --- core: who may do what ------------------------------------------------------------------------
 
+
 def test_read_only_refuses_every_action_in_core_and_writes_nothing(tmp_path, monkeypatch, started, sleeper):
     root = tmp_path / "runs"
     monkeypatch.setenv(rundir.RUNS_ENV, str(root))
     running = make_running_run(root, sleeper.pid)
     failed = make_failed_run(root)
     monkeypatch.setenv(access.READ_ONLY_ENV, "1")
-    calls = [lambda: jobs.launch(demo_cfg()), lambda: jobs.launch(demo_cfg(), password="anything"),
-             lambda: jobs.launch_with_uploads(demo_cfg(), {"train": ("t.csv", b"premise,hypothesis,label\n")}),
-             lambda: jobs.stop(running), lambda: jobs.resume(failed)]
+    calls = [
+        lambda: jobs.launch(demo_cfg()),
+        lambda: jobs.launch(demo_cfg(), password="anything"),
+        lambda: jobs.launch_with_uploads(demo_cfg(), {"train": ("t.csv", b"premise,hypothesis,label\n")}),
+        lambda: jobs.stop(running),
+        lambda: jobs.resume(failed),
+    ]
     for call in calls:
         with pytest.raises(access.Refused, match="this is a read-only deployment") as e:
             call()
@@ -120,13 +135,16 @@ def test_a_password_guards_every_action_in_core(tmp_path, monkeypatch, started, 
     assert access.password_ok("s3cret pass") and not access.password_ok(None)
 
 
-@pytest.mark.parametrize("env, allowed", [
-    ({}, True),                                                 # a plain local server: as before
-    ({access.READ_ONLY_ENV: "1"}, False),                       # public mode
-    ({access.PASSWORD_ENV: "pw"}, False),                       # public mode
-    ({access.PASSWORD_ENV: "pw", access.LOCAL_PATHS_ENV: "1"}, True),
-    ({access.LOCAL_PATHS_ENV: "0"}, False),                     # what deploy/start.sh sets in the image
-])
+@pytest.mark.parametrize(
+    "env, allowed",
+    [
+        ({}, True),  # a plain local server: as before
+        ({access.READ_ONLY_ENV: "1"}, False),  # public mode
+        ({access.PASSWORD_ENV: "pw"}, False),  # public mode
+        ({access.PASSWORD_ENV: "pw", access.LOCAL_PATHS_ENV: "1"}, True),
+        ({access.LOCAL_PATHS_ENV: "0"}, False),  # what deploy/start.sh sets in the image
+    ],
+)
 def test_when_local_paths_are_allowed(monkeypatch, env, allowed):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -141,14 +159,26 @@ def test_model_and_dataset_fields_take_hub_ids_and_builtin_names_only(tmp_path, 
         access.check_sources(demo_cfg(**{"model.name": name}))
     for source in ("stanfordnlp/snli", "glue", BUILTIN_DATA):
         access.check_sources(demo_cfg(**{"data.source": source}))
-    refused = {"/etc": "is not a Hub id", "../x": "is not a Hub id", "~/models/x": "is not a Hub id",
-               "./x": "is not a Hub id", ".hidden": "is not a Hub id", "a/b/c": "is not a Hub id",
-               "C:\\models": "is not a Hub id", "org/..": "is not a Hub id", "org/../x": "is not a Hub id",
-               "-org/x": "is not a Hub id", "embedded:other": "is not a Hub id",
-               "tests/data": "is also the name of a file or folder on this server, which would be read instead of the Hub"}
+    refused = {
+        "/etc": "is not a Hub id",
+        "../x": "is not a Hub id",
+        "~/models/x": "is not a Hub id",
+        "./x": "is not a Hub id",
+        ".hidden": "is not a Hub id",
+        "a/b/c": "is not a Hub id",
+        "C:\\models": "is not a Hub id",
+        "org/..": "is not a Hub id",
+        "org/../x": "is not a Hub id",
+        "-org/x": "is not a Hub id",
+        "embedded:other": "is not a Hub id",
+        "tests/data": "is also the name of a file or folder on this server, which would be read instead of the Hub",
+    }
     for name, why in refused.items():
-        with pytest.raises(access.Refused, match=f"^Model '.*' {why}: give a Hugging Face Hub id such as "
-                                                 f"microsoft/phi-2, or {EMBEDDED_MODEL}; local paths are off"):
+        with pytest.raises(
+            access.Refused,
+            match=f"^Model '.*' {why}: give a Hugging Face Hub id such as "
+            f"microsoft/phi-2, or {EMBEDDED_MODEL}; local paths are off",
+        ):
             access.check_sources(demo_cfg(**{"model.name": name}))
         with pytest.raises(access.Refused, match=f"^Hub dataset id '.*' {why}: .*stanfordnlp/snli, or {BUILTIN_DATA}"):
             access.check_sources(demo_cfg(**{"data.source": name}))
@@ -177,8 +207,11 @@ def test_jobs_launch_refuses_a_planted_path_before_making_anything(tmp_path, mon
     monkeypatch.setenv(access.PASSWORD_ENV, "pw")
     planted = tmp_path / "planted"
     planted.mkdir()
-    for changes in ({"model.name": str(planted)}, {"data.source": str(planted)},
-                    {"data.source": "files", "data.train": str(planted / "train.jsonl")}):
+    for changes in (
+        {"model.name": str(planted)},
+        {"data.source": str(planted)},
+        {"data.source": "files", "data.train": str(planted / "train.jsonl")},
+    ):
         with pytest.raises(access.Refused, match="local paths are off"):
             jobs.launch(demo_cfg(**changes), password="pw")
     with pytest.raises(access.Refused, match="is not a Hub id"):
@@ -222,7 +255,9 @@ def test_read_only_pages_browse_but_show_no_action(tiny_run, tmp_path, monkeypat
 
     report = json.loads((runs["done"] / "report.json").read_text())
     at = start(runs["done"].parent, monkeypatch, page="report", run=runs["done"].name)
-    assert {m.label: m.value for m in at.metric}["Before fine-tuning"] == f"{100 * report['test_before']['accuracy']:.1f}%"
+    assert {m.label: m.value for m in at.metric}[
+        "Before fine-tuning"
+    ] == f"{100 * report['test_before']['accuracy']:.1f}%"
     assert "Download adapter" in labels(at, "download_button")  # browsing: allowed
     assert "Push to the Hugging Face Hub" not in [e.label for e in at.expander] and not at.text_input
     at.switch_page("app_pages/failures.py").run()
@@ -281,7 +316,8 @@ def test_the_train_page_refuses_a_planted_server_path_without_reading_it(tmp_pat
     at.text_input(key="model@demo").set_value(str(planted)).run()
     assert [e.value for e in at.error] == [
         f"Check the settings: Model '{planted}' is not a Hub id: give a Hugging Face Hub id such as microsoft/phi-2, "
-        f"or {EMBEDDED_MODEL}; local paths are off on this server (QLORA_STUDIO_ALLOW_LOCAL_PATHS=1 allows them)."]
+        f"or {EMBEDDED_MODEL}; local paths are off on this server (QLORA_STUDIO_ALLOW_LOCAL_PATHS=1 allows them)."
+    ]
     assert not any("16 tokens" in w.value for w in at.warning)  # never read
     assert at.button(key="launch_disabled").disabled and not [b for b in at.button if b.key == "launch"]
     at.text_input(key="model@demo").set_value(EMBEDDED_MODEL)
@@ -295,6 +331,7 @@ def test_the_train_page_refuses_a_planted_server_path_without_reading_it(tmp_pat
 
 
 # --- data text shown literally ----------------------------------------------------------------------
+
 
 class TextAndTags(html.parser.HTMLParser):
     def __init__(self):
@@ -320,9 +357,26 @@ def render(markdown: str) -> TextAndTags:
     return parsed
 
 
-@pytest.mark.parametrize("text", [EVIL_PREMISE, EVIL_HYPOTHESIS, EVIL_TAG, "# heading", "1. list", "> quote",
-                                  "| a | b |\n|---|---|\n| c | d |", "~~gone~~", "&amp; &lt;b&gt;", "a\\*b\\",
-                                  "line one\nline two", "foo\n===", "- item", "    indented", "[ref]: http://e.x"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        EVIL_PREMISE,
+        EVIL_HYPOTHESIS,
+        EVIL_TAG,
+        "# heading",
+        "1. list",
+        "> quote",
+        "| a | b |\n|---|---|\n| c | d |",
+        "~~gone~~",
+        "&amp; &lt;b&gt;",
+        "a\\*b\\",
+        "line one\nline two",
+        "foo\n===",
+        "- item",
+        "    indented",
+        "[ref]: http://e.x",
+    ],
+)
 def test_plain_text_renders_as_itself(text):
     got = render(plain(text))
     assert set(got.tags) <= {"p", "br"}, got.tags  # no link, image, HTML, heading, list, table, code, emphasis
@@ -349,7 +403,9 @@ def test_the_failures_page_shows_data_text_literally(tiny_run, tmp_path, monkeyp
     premise = next(m for m in md if m.startswith("**Premise:**"))
     hypothesis = next(m for m in md if m.startswith("**Hypothesis:**"))
     gold = next(m for m in md if m.startswith("**Gold:**"))
-    assert premise == f"**Premise:** {plain(EVIL_PREMISE)}" and hypothesis == f"**Hypothesis:** {plain(EVIL_HYPOTHESIS)}"
+    assert (
+        premise == f"**Premise:** {plain(EVIL_PREMISE)}" and hypothesis == f"**Hypothesis:** {plain(EVIL_HYPOTHESIS)}"
+    )
     assert gold.endswith(f" · **tag:** {plain(EVIL_TAG)}")
     for line in (premise, hypothesis, gold):
         got = render(line)
@@ -359,30 +415,39 @@ def test_the_failures_page_shows_data_text_literally(tiny_run, tmp_path, monkeyp
 
 # --- the adapter: download and push -----------------------------------------------------------------
 
+
 def best_folder(run: Path) -> Path:
     return run / "checkpoints" / f"epoch-{json.loads((run / 'report.json').read_text())['best_epoch']}"
 
 
 def test_the_adapter_zip_unzips_into_a_folder_that_loads_and_predicts_the_same(tiny_run, tmp_path):
     from core.classifier import load_classifier
+
     folder = best_folder(tiny_run)
     data = share.zip_folder(folder, name=f"{tiny_run.name}-{folder.name}")
     names = zipfile.ZipFile(io.BytesIO(data)).namelist()
     assert names == [f"{tiny_run.name}-{folder.name}/{p.name}" for p in sorted(folder.iterdir())]
     assert {"adapter_config.json", "adapter_model.safetensors", "classifier.json", "README.md"} <= {
-        n.split("/", 1)[1] for n in names}
+        n.split("/", 1)[1] for n in names
+    }
     zipfile.ZipFile(io.BytesIO(data)).extractall(tmp_path)
     unzipped = tmp_path / f"{tiny_run.name}-{folder.name}"
-    rows = [{"premise": "A man is playing a guitar on stage.", "hypothesis": "Nobody is making music."},
-            {"premise": "Two dogs run in a park.", "hypothesis": "Animals are outside."}]
+    rows = [
+        {"premise": "A man is playing a guitar on stage.", "hypothesis": "Nobody is making music."},
+        {"premise": "Two dogs run in a park.", "hypothesis": "Animals are outside."},
+    ]
     import numpy as np
-    np.testing.assert_allclose(load_classifier(unzipped).predict(rows), load_classifier(folder).predict(rows), atol=1e-5)
+
+    np.testing.assert_allclose(
+        load_classifier(unzipped).predict(rows), load_classifier(folder).predict(rows), atol=1e-5
+    )
     with pytest.raises(ValueError, match="is not a checkpoint folder with a trained adapter"):
         share.zip_folder(tiny_run)
 
 
 class FakeApi:
     """Records HfApi calls (the network is not reachable here)."""
+
     calls: list = []
 
     def __init__(self, token=None, **kw):
@@ -390,6 +455,7 @@ class FakeApi:
 
     def create_repo(self, repo_id, **kw):
         from huggingface_hub import RepoUrl
+
         FakeApi.calls.append(("create_repo", repo_id, kw))
         return RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else 'me/' + repo_id}")
 
@@ -399,11 +465,13 @@ class FakeApi:
 
 def test_push_to_hub_creates_the_repo_and_uploads_the_folder(tiny_run, monkeypatch):
     import huggingface_hub
+
     folder = best_folder(tiny_run)
     with pytest.raises(ValueError) as e:
         share.push_to_hub(folder, "me/adapter")
-    assert str(e.value) == ("Set HF_TOKEN (a write token from huggingface.co/settings/tokens) as a "
-                            "secret/environment variable to push.")
+    assert str(e.value) == (
+        "Set HF_TOKEN (a write token from huggingface.co/settings/tokens) as a secret/environment variable to push."
+    )
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     FakeApi.calls = []
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
@@ -442,6 +510,7 @@ class Refusing(http.server.BaseHTTPRequestHandler):
 def test_push_failures_are_one_sentence(tiny_run, monkeypatch):
     import huggingface_hub.constants
     from test_browser import free_port
+
     folder = best_folder(tiny_run)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -449,8 +518,9 @@ def test_push_failures_are_one_sentence(tiny_run, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nobody there
     with pytest.raises(ValueError) as e:
         share.push_to_hub(folder, "me/adapter")
-    assert str(e.value).startswith(f"could not push {folder.name} to me/adapter: the Hugging Face Hub could not "
-                                   "be reached (") and str(e.value).endswith("): check the network connection")
+    assert str(e.value).startswith(
+        f"could not push {folder.name} to me/adapter: the Hugging Face Hub could not be reached ("
+    ) and str(e.value).endswith("): check the network connection")
     assert "\n" not in str(e.value)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)  # a Hub that refuses the token
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -460,12 +530,15 @@ def test_push_failures_are_one_sentence(tiny_run, monkeypatch):
             share.push_to_hub(folder, "me/adapter")
     finally:
         server.shutdown()
-    assert str(e.value) == (f"could not push {folder.name} to me/adapter: the Hub refused the token (401): check "
-                            "that HF_TOKEN is a valid token")
+    assert str(e.value) == (
+        f"could not push {folder.name} to me/adapter: the Hub refused the token (401): check "
+        "that HF_TOKEN is a valid token"
+    )
 
 
 def test_the_report_page_offers_the_adapter_and_says_what_pushing_needs(tiny_run, tmp_path, monkeypatch):
     import huggingface_hub
+
     root = tmp_path / "runs"
     run = Path(shutil.copytree(tiny_run, root / tiny_run.name))
     at = start(root, monkeypatch, page="report")

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def old_iso(seconds_ago: float) -> str:
-    return datetime.fromtimestamp(time.time() - seconds_ago, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(time.time() - seconds_ago, UTC).isoformat(timespec="seconds")
 
 
 def set_status(run: Path, **fields) -> None:
@@ -33,6 +33,7 @@ def set_status(run: Path, **fields) -> None:
 
 
 # --- liveness -----------------------------------------------------------------------------------
+
 
 def test_a_reused_pid_is_never_signalled_and_the_run_reads_failed(tmp_path, sleeper):
     run = tmp_path / "run"
@@ -67,8 +68,9 @@ def test_a_live_trainer_without_a_recent_heartbeat_reads_failed_and_a_fresh_one_
     run = tmp_path / "run"
     rundir.claim_run(run, state="running", pid=os.getpid())  # this process is alive and matches
     set_status(run, updated_at=old_iso(600))  # no status write for ten minutes either
-    (run / rundir.HEARTBEAT).write_text(json.dumps({"t": time.time() - rundir.HEARTBEAT_STALE_S - 5,
-                                                    "pid": os.getpid()}))
+    (run / rundir.HEARTBEAT).write_text(
+        json.dumps({"t": time.time() - rundir.HEARTBEAT_STALE_S - 5, "pid": os.getpid()})
+    )
     status = rundir.read_status(run)
     assert status["state"] == "failed" and "heartbeat" in status["error"], status
     rundir.beat(run)
@@ -123,15 +125,21 @@ def test_a_queued_run_with_no_trainer_at_all_fails_after_the_grace_period(tmp_pa
 
 # --- one GPU run at a time ----------------------------------------------------------------------
 
-HOLD_GPU = ("import sys, time; from pathlib import Path; from core.runs import rundir; "
-            "rundir.gpu_lock(Path(sys.argv[1]), 'cuda'); print('locked', flush=True); time.sleep(120)")
+HOLD_GPU = (
+    "import sys, time; from pathlib import Path; from core.runs import rundir; "
+    "rundir.gpu_lock(Path(sys.argv[1]), 'cuda'); print('locked', flush=True); time.sleep(120)"
+)
 
 
 def test_the_gpu_lock_refuses_a_second_launch_and_is_released_when_its_holder_is_killed(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     monkeypatch.setenv(rundir.RUNS_ENV, str(runs))
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_GPU, str(runs / "gpu-run")], cwd=ROOT,
-                              stdout=subprocess.PIPE, env={**os.environ, rundir.RUNS_ENV: str(runs)})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_GPU, str(runs / "gpu-run")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        env={**os.environ, rundir.RUNS_ENV: str(runs)},
+    )
     try:
         assert holder.stdout.readline().strip() == b"locked"
         started = []
@@ -166,8 +174,10 @@ def test_the_gpu_lock_refuses_a_second_launch_and_is_released_when_its_holder_is
 
 def test_a_cli_trainer_that_finds_the_gpu_taken_fails_with_the_message_in_its_status(tmp_path, monkeypatch):
     import torch
+
     import core.model
     from core.__main__ import main
+
     runs = tmp_path / "runs"
     monkeypatch.setenv(rundir.RUNS_ENV, str(runs))
     monkeypatch.setattr(core.model, "pick_device", lambda requested="auto": torch.device("cuda", 0))
@@ -199,8 +209,10 @@ def test_of_two_processes_claiming_one_run_folder_exactly_one_wins(tmp_path):
     for i in range(10):
         run = tmp_path / f"run-{i}"
         at = str(time.time() + 1.5)  # both processes claim at the same moment
-        procs = [subprocess.Popen([sys.executable, "-c", CLAIM, str(run), at], cwd=ROOT, stdout=subprocess.PIPE,
-                                  text=True) for _ in range(2)]
+        procs = [
+            subprocess.Popen([sys.executable, "-c", CLAIM, str(run), at], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
         outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
         assert [o.split()[0] for o in outs] == ["lost", "won"], outs
         assert f"{run} already holds a run" in outs[0]
@@ -221,6 +233,7 @@ def test_of_many_threads_claiming_one_run_folder_exactly_one_wins(tmp_path):
                 results.append("won")
             except ValueError as e:
                 results.append(str(e))
+
         threads = [threading.Thread(target=claim) for _ in range(8)]
         for t in threads:
             t.start()
@@ -231,8 +244,9 @@ def test_of_many_threads_claiming_one_run_folder_exactly_one_wins(tmp_path):
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "core", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "core", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_the_cli_refuses_a_run_folder_that_is_taken_or_is_not_a_run_folder(tmp_path, monkeypatch):
@@ -272,6 +286,7 @@ def test_a_launched_trainer_takes_over_its_queued_run_and_nobody_else_can(tmp_pa
 
 # --- damaged files ------------------------------------------------------------------------------
 
+
 def test_readers_return_defaults_for_damaged_files(tmp_path):
     f = tmp_path / "x.json"
     for data in (b"", b'{"a": ', b"\xff\xfe{}", b"[1, 2]", b"3"):
@@ -298,9 +313,9 @@ def damage(path: Path, how: str) -> None:
         path.write_bytes(b"")
     elif how == "truncated":
         cut = len(data) // 2
-        path.write_bytes(data[: cut + 1 if data[cut - 1:cut] == b"\n" else cut])  # cut inside a line
+        path.write_bytes(data[: cut + 1 if data[cut - 1 : cut] == b"\n" else cut])  # cut inside a line
     elif how == "not-utf8":
-        cut = data.index(b"\n", len(data) // 3) + 1 if b"\n" in data[len(data) // 3:] else len(data) // 2
+        cut = data.index(b"\n", len(data) // 3) + 1 if b"\n" in data[len(data) // 3 :] else len(data) // 2
         path.write_bytes(data[:cut] + b"\xff\xfe\x00garbage \x80\x81\n" + data[cut:])
     elif how == "wrong-type":
         wrong = {rundir.STATUS: b"[1, 2, 3]\n", rundir.CONFIG: b'{"model": 3, "data": {"labels": "abc"}}\n'}
@@ -330,6 +345,7 @@ def page_text(at) -> str:
 @pytest.mark.parametrize("name", FILES)
 def test_pages_survive_a_damaged_file_and_name_it(name, tiny_run, tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
+
     root = tmp_path / "runs"
     good = root / "20990101-000000-good"
     shutil.copytree(tiny_run, good, ignore=shutil.ignore_patterns("checkpoints"))

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
+from test_app import start as start_app
+from test_app import text_of
 
 from core import analysis, slices, stats
 from core.bundle import MEMBERS, PACKAGES, build_bundle
 from core.config import get_preset
 from core.report import build_report, damaged_files, load_report, render_html, render_markdown
-from test_app import start as start_app, text_of
 from core.runs import rundir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,14 +27,23 @@ LABELS = ["entailment", "neutral", "contradiction"]
 E, N, C = LABELS
 RUN_ID = "20990101-000000-stats"
 # (premise, hypothesis, tag): high overlap / short / no negation; low / long / negation; medium / medium / none
-KINDS = [("A man is riding a red bike.", "A man rides a bike.", "lexical"),
-         ("Two dogs run on the beach.", "The cat is not sleeping on the sofa today.", "negation"),
-         ("A woman is cooking dinner in a small kitchen.", "The woman is cooking lunch outside.", "paraphrase")]
+KINDS = [
+    ("A man is riding a red bike.", "A man rides a bike.", "lexical"),
+    ("Two dogs run on the beach.", "The cat is not sleeping on the sofa today.", "negation"),
+    ("A woman is cooking dinner in a small kitchen.", "The woman is cooking lunch outside.", "paraphrase"),
+]
 # (category, gold, pred before, pred after, how many)
-PLAN = [("still right", E, E, E, 20), ("still right", N, N, N, 18), ("still right", C, C, C, 18),
-        ("regressed", N, N, E, 13),
-        ("fixed", E, N, E, 35), ("fixed", N, C, N, 35), ("fixed", C, E, C, 35),
-        ("still failing", C, E, E, 10), ("still failing", C, N, E, 20)]
+PLAN = [
+    ("still right", E, E, E, 20),
+    ("still right", N, N, N, 18),
+    ("still right", C, C, C, 18),
+    ("regressed", N, N, E, 13),
+    ("fixed", E, N, E, 35),
+    ("fixed", N, C, N, 35),
+    ("fixed", C, E, C, 35),
+    ("still failing", C, E, E, 10),
+    ("still failing", C, N, E, 20),
+]
 PROMPT = "{premise}\nQuestion: {hypothesis} Yes, Maybe, or No?\nAnswer:"
 WORDS = [" Yes", " Maybe", " No"]
 
@@ -54,19 +64,38 @@ def plan_rows() -> list[dict]:
             epoch1 = after
             if category == "still failing" and before == E:  # 10 confidently contradicted ...
                 conf_after = 0.95
-                epoch1 = N if j < 5 else after            # ... 5 of them consistently (epochs 1 and 2)
+                epoch1 = N if j < 5 else after  # ... 5 of them consistently (epochs 1 and 2)
             if category == "still right" and gold == E and j < 6:
-                epoch1 = N                                 # right, wrong at epoch 1, right again: forgotten once
-            rows.append({"id": f"t{i:03d}", "premise": premise, "hypothesis": hypothesis, "tag": tag, "gold": gold,
-                         "before": before, "after": after, "epoch1": epoch1, "conf_after": conf_after,
-                         "category": category})
+                epoch1 = N  # right, wrong at epoch 1, right again: forgotten once
+            rows.append(
+                {
+                    "id": f"t{i:03d}",
+                    "premise": premise,
+                    "hypothesis": hypothesis,
+                    "tag": tag,
+                    "gold": gold,
+                    "before": before,
+                    "after": after,
+                    "epoch1": epoch1,
+                    "conf_after": conf_after,
+                    "category": category,
+                }
+            )
             i += 1
     return rows
 
 
 def prediction(r: dict, pred: str, conf: float) -> dict:
-    return {"id": r["id"], "premise": r["premise"], "hypothesis": r["hypothesis"], "tag": r["tag"], "gold": r["gold"],
-            "pred": pred, "correct": pred == r["gold"], "probs": probs(pred, conf)}
+    return {
+        "id": r["id"],
+        "premise": r["premise"],
+        "hypothesis": r["hypothesis"],
+        "tag": r["tag"],
+        "gold": r["gold"],
+        "pred": pred,
+        "correct": pred == r["gold"],
+        "probs": probs(pred, conf),
+    }
 
 
 def make_stats_run(root: Path, run_id: str = RUN_ID, seed: int = 0, group: str | None = None) -> Path:
@@ -76,8 +105,14 @@ def make_stats_run(root: Path, run_id: str = RUN_ID, seed: int = 0, group: str |
     cfg = json.loads((run / "config.json").read_text())
     cfg["train"]["seed"], cfg["group"], cfg["train"]["epochs"] = seed, group, 2
     (run / "config.json").write_text(json.dumps(cfg))
-    rundir.write_status(run, state="done", pid=None, created_at="2099-01-01T00:00:00+00:00",
-                        started_at="2099-01-01T00:00:00+00:00", finished_at="2099-01-01T00:01:00+00:00")
+    rundir.write_status(
+        run,
+        state="done",
+        pid=None,
+        created_at="2099-01-01T00:00:00+00:00",
+        started_at="2099-01-01T00:00:00+00:00",
+        finished_at="2099-01-01T00:01:00+00:00",
+    )
     rows = plan_rows()
     before = [prediction(r, r["before"], 0.5) for r in rows]
     after = [prediction(r, r["after"], r["conf_after"]) for r in rows]
@@ -89,24 +124,56 @@ def make_stats_run(root: Path, run_id: str = RUN_ID, seed: int = 0, group: str |
     rundir.atomic_write_jsonl(pred_dir / "test_zero_shot.jsonl", zero)
     ids = [r["id"] for r in rows]
     dyn = pred_dir / "dynamics.jsonl"
-    rundir.append_jsonl(dyn, {"split": "validation", "epoch": 0, "ids": ["v0", "v1"], "probs": [[.4, .3, .3]] * 2})
+    rundir.append_jsonl(dyn, {"split": "validation", "epoch": 0, "ids": ["v0", "v1"], "probs": [[0.4, 0.3, 0.3]] * 2})
     rundir.append_jsonl(dyn, {"split": "test", "epoch": 0, "ids": ids, "probs": [b["probs"] for b in before]})
-    rundir.append_jsonl(dyn, {"split": "test", "epoch": 1, "ids": ids, "probs": [probs(E, .99)] * len(ids)})  # replaced
+    rundir.append_jsonl(
+        dyn, {"split": "test", "epoch": 1, "ids": ids, "probs": [probs(E, 0.99)] * len(ids)}
+    )  # replaced
     rundir.append_jsonl(dyn, {"split": "test", "epoch": 1, "ids": ids, "probs": epoch1})  # a resume redid epoch 1
     rundir.append_jsonl(dyn, {"split": "test", "epoch": 2, "ids": ids, "probs": [a["probs"] for a in after]})
     m = run / "metrics.jsonl"
     t = 4102444800.0
-    rundir.append_jsonl(m, {"t": t, "kind": "setup", "device": "cpu", "compute_dtype": "float32", "labels": LABELS,
-                            "hardware": {"cpu": "x86_64", "cpu_cores": 2, "ram_gb": 8.0, "gpus": [], "torch": "2"},
-                            "params": {"total": 1000, "packed": 800, "trainable": 50}, "epochs": 2,
-                            "data": {s: {"used": n} for s, n in (("train", 600), ("validation", 60), ("test", 204))}})
+    rundir.append_jsonl(
+        m,
+        {
+            "t": t,
+            "kind": "setup",
+            "device": "cpu",
+            "compute_dtype": "float32",
+            "labels": LABELS,
+            "hardware": {"cpu": "x86_64", "cpu_cores": 2, "ram_gb": 8.0, "gpus": [], "torch": "2"},
+            "params": {"total": 1000, "packed": 800, "trainable": 50},
+            "epochs": 2,
+            "data": {s: {"used": n} for s, n in (("train", 600), ("validation", 60), ("test", 204))},
+        },
+    )
     for stage, rs in (("before", before), ("zero-shot", zero), ("after", after)):
-        rundir.append_jsonl(m, {"t": t + 1, "kind": "eval", "split": "test", "stage": stage, "n": 204,
-                                "accuracy": sum(r["correct"] for r in rs) / 204, "seconds": 1.0,
-                                **({"prompt": PROMPT, "words": WORDS} if stage == "zero-shot" else {})})
+        rundir.append_jsonl(
+            m,
+            {
+                "t": t + 1,
+                "kind": "eval",
+                "split": "test",
+                "stage": stage,
+                "n": 204,
+                "accuracy": sum(r["correct"] for r in rs) / 204,
+                "seconds": 1.0,
+                **({"prompt": PROMPT, "words": WORDS} if stage == "zero-shot" else {}),
+            },
+        )
     for epoch in (1, 2):
-        rundir.append_jsonl(m, {"t": t + 2, "kind": "epoch", "epoch": epoch, "train_loss": 1.0 / epoch,
-                                "val_accuracy": 0.5 + 0.1 * epoch, "val_loss": 1.0, "epoch_s": 10.0})
+        rundir.append_jsonl(
+            m,
+            {
+                "t": t + 2,
+                "kind": "epoch",
+                "epoch": epoch,
+                "train_loss": 1.0 / epoch,
+                "val_accuracy": 0.5 + 0.1 * epoch,
+                "val_loss": 1.0,
+                "epoch_s": 10.0,
+            },
+        )
     rundir.append_jsonl(m, {"t": t + 3, "kind": "end", "state": "done", "total_s": 30.0, "best_epoch": 2})
     return run
 
@@ -122,6 +189,7 @@ def fixed_ids() -> list[str]:
 
 # --- core: build_report's sections --------------------------------------------------------------
 
+
 def test_build_report_on_a_hand_made_run_gives_the_known_numbers(stats_run):
     r = build_report(stats_run)
     ch = r["change"]
@@ -129,15 +197,17 @@ def test_build_report_on_a_hand_made_run_gives_the_known_numbers(stats_run):
     assert ch["before"]["k"] == 69 and ch["after"]["k"] == 161
     assert ch["p"] == pytest.approx(4.764406071312224e-19, rel=1e-9)  # the known value of test_stats.py
     assert ch["verdict"] == "significant at 5%"
-    boot = stats.paired_bootstrap([r["before"] == r["gold"] for r in plan_rows()],
-                                  [r["after"] == r["gold"] for r in plan_rows()])
+    boot = stats.paired_bootstrap(
+        [r["before"] == r["gold"] for r in plan_rows()], [r["after"] == r["gold"] for r in plan_rows()]
+    )
     assert ch["ci95"] == boot["ci95"] and ch["mdc"] == stats.minimum_detectable_change(204, 69 / 204)
     lo_b, hi_b = stats.wilson(69, 204)
     lo_a, hi_a = stats.wilson(161, 204)
     assert r["headline"] == (
         f"Fine-tuning raised test accuracy from 33.8% [{100 * lo_b:.1f}, {100 * hi_b:.1f}] to 78.9% "
         f"[{100 * lo_a:.1f}, {100 * hi_a:.1f}] (n = 204): +45.1 points, 95% CI [{100 * boot['ci95'][0]:+.1f}, "
-        f"{100 * boot['ci95'][1]:+.1f}]; McNemar p = 5e-19: significant at 5%.")
+        f"{100 * boot['ci95'][1]:+.1f}]; McNemar p = 5e-19: significant at 5%."
+    )
     assert "smallest gain this test set detects" in ch["note"]
 
     # two baselines, same rows
@@ -166,15 +236,26 @@ def test_build_report_on_a_hand_made_run_gives_the_known_numbers(stats_run):
     # slices: three kinds of hypothesis, 68 rows each
     by_name = {s["slice"]: s for s in r["slices"]}
     assert by_name["negation: yes"]["n"] == 68 and by_name["negation: no"]["n"] == 136
-    for name in ("overlap: <0.34", "overlap: 0.34-0.67", "overlap: >=0.67", "length: short (<=5 words)",
-                 "length: medium (6-8 words)", "length: long (>=9 words)", "tag: lexical", "tag: negation"):
+    for name in (
+        "overlap: <0.34",
+        "overlap: 0.34-0.67",
+        "overlap: >=0.67",
+        "length: short (<=5 words)",
+        "length: medium (6-8 words)",
+        "length: long (>=9 words)",
+        "tag: lexical",
+        "tag: negation",
+    ):
         assert by_name[name]["n"] == 68, name
     assert by_name["tag: negation"]["group"] == "tag"
-    assert by_name["negation: yes"]["ci95_after"] == pytest.approx(list(stats.wilson(
-        round(68 * by_name["negation: yes"]["accuracy_after"]), 68)))
+    assert by_name["negation: yes"]["ci95_after"] == pytest.approx(
+        list(stats.wilson(round(68 * by_name["negation: yes"]["accuracy_after"]), 68))
+    )
 
     # per-class F1 change: stats.per_class_f1_change on the same rows
-    before, after = (rundir.read_predictions(stats_run / "predictions" / f"test_{s}.jsonl")[0] for s in ("before", "after"))
+    before, after = (
+        rundir.read_predictions(stats_run / "predictions" / f"test_{s}.jsonl")[0] for s in ("before", "after")
+    )
     assert r["per_class_change"] == stats.per_class_f1_change(before, after, LABELS)
 
     # label-noise hints: 10 still-failing rows at p = 0.95, 5 of them contradicted at epoch 1 too
@@ -212,12 +293,16 @@ def test_exported_markdown_and_html_carry_the_intervals_p_value_and_ece(stats_ru
 
 def test_a_model_without_zero_shot_says_why_and_old_reports_get_the_sections(stats_run):
     (stats_run / "predictions" / "test_zero_shot.jsonl").unlink()
-    rundir.append_jsonl(stats_run / "metrics.jsonl", {"t": 1.0, "kind": "baseline", "name": "zero-shot",
-                                                      "why_not": "bert is an encoder: no next word"})
+    rundir.append_jsonl(
+        stats_run / "metrics.jsonl",
+        {"t": 1.0, "kind": "baseline", "name": "zero-shot", "why_not": "bert is an encoder: no next word"},
+    )
     r = build_report(stats_run)
     assert r["baselines"]["zero_shot"]["why_not"] == "bert is an encoder: no next word"
     assert "zero_shot" not in r["calibration"]
-    assert "| zero-shot baseline | none |  |  | no such baseline: bert is an encoder: no next word |" in render_markdown(r)
+    assert (
+        "| zero-shot baseline | none |  |  | no such baseline: bert is an encoder: no next word |" in render_markdown(r)
+    )
     # a report.json written before these sections: load_report adds them from the run's files
     old = {k: v for k, v in r.items() if k not in analysis.SECTION_KEYS and k != "group"}
     rundir.atomic_write_json(stats_run / "report.json", old)
@@ -228,8 +313,10 @@ def test_a_model_without_zero_shot_says_why_and_old_reports_get_the_sections(sta
 def test_damaged_dynamics_zero_shot_and_sections_never_crash(stats_run, monkeypatch):
     pred = stats_run / "predictions"
     with open(pred / "dynamics.jsonl", "ab") as f:
-        f.write(b'garbage\n{"split": "test", "epoch": 2, "ids": ["t000"], "probs": [[0.5, "x", 0.5]]}\n'
-                b'{"split": "test", "epoch": 3, "ids": ["t000", "t001"], "probs": [[1, 0, 0]]}\n\xff\xfe\n')
+        f.write(
+            b'garbage\n{"split": "test", "epoch": 2, "ids": ["t000"], "probs": [[0.5, "x", 0.5]]}\n'
+            b'{"split": "test", "epoch": 3, "ids": ["t000", "t001"], "probs": [[1, 0, 0]]}\n\xff\xfe\n'
+        )
     (pred / "test_zero_shot.jsonl").write_bytes(b'{"id": "t000", "gold": 5}\nnot json\n')
     r = build_report(stats_run)
     assert r["dynamics"]["epochs"] == [0, 1, 2] and len(r["noise_hints"]) == 5
@@ -251,11 +338,15 @@ def test_damaged_dynamics_zero_shot_and_sections_never_crash(stats_run, monkeypa
 
 
 def test_trajectory_of_one_example():
-    dyn = {"test": {0: {"ids": ["a", "b"], "probs": [[.6, .3, .1], [.2, .7, .1]]},
-                    1: {"ids": ["b", "a"], "probs": [[.8, .1, .1], [.2, .7, .1]]},
-                    2: {"ids": ["a", "b"], "probs": [[.9, .05, .05], [.1, .8, .1]]}}}
+    dyn = {
+        "test": {
+            0: {"ids": ["a", "b"], "probs": [[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]]},
+            1: {"ids": ["b", "a"], "probs": [[0.8, 0.1, 0.1], [0.2, 0.7, 0.1]]},
+            2: {"ids": ["a", "b"], "probs": [[0.9, 0.05, 0.05], [0.1, 0.8, 0.1]]},
+        }
+    }
     t = analysis.example_trajectory(dyn, "a", E, LABELS)
-    assert t["epochs"] == [0, 1, 2] and t["p_gold"] == [.6, .2, .9] and t["pred"] == [E, N, E]
+    assert t["epochs"] == [0, 1, 2] and t["p_gold"] == [0.6, 0.2, 0.9] and t["pred"] == [E, N, E]
     assert t["first_learned"] == 0 and t["forgetting_events"] == 1 and t["forgotten_at"] == [1]
     assert analysis.example_trajectory(dyn, "b", E, LABELS)["first_learned"] == 1
     assert analysis.example_trajectory(dyn, "zz", E, LABELS) is None
@@ -264,6 +355,7 @@ def test_trajectory_of_one_example():
 
 
 # --- seeds --------------------------------------------------------------------------------------
+
 
 def test_a_group_of_seeds_shows_mean_std_agreement_and_which_seed(tmp_path, monkeypatch):
     root = tmp_path / "runs"
@@ -289,6 +381,7 @@ def test_a_group_of_seeds_shows_mean_std_agreement_and_which_seed(tmp_path, monk
 
 # --- the bundle ---------------------------------------------------------------------------------
 
+
 def test_the_bundle_holds_config_environment_hashes_predictions_and_methods(stats_run, tmp_path):
     z = zipfile.ZipFile(io.BytesIO(build_bundle(stats_run)))
     assert z.namelist() == [f"{RUN_ID}/{m}" for m in MEMBERS]
@@ -299,14 +392,18 @@ def test_the_bundle_holds_config_environment_hashes_predictions_and_methods(stat
     assert env["seeds"]["train.seed"] == 0 and env["hardware"]["cpu_cores"] == 2
     data = json.loads(read("data.json"))
     import hashlib
+
     sample = ROOT / "assets" / "nli_sample" / "test.jsonl"
     assert data["splits"]["test"]["sha256"] == hashlib.sha256(sample.read_bytes()).hexdigest()
     assert data["test_rows"] == 204
     table = list(csv.DictReader(io.StringIO(read("predictions.csv"))))
-    assert list(table[0]) == (["id", "premise", "hypothesis", "tag", "gold", "pred_before", "pred_after",
-                               "correct_before", "correct_after"] + [f"p_before_{l}" for l in LABELS]
-                              + [f"p_after_{l}" for l in LABELS] + ["pred_zero_shot"]
-                              + [f"p_zero_shot_{l}" for l in LABELS])
+    assert list(table[0]) == (
+        ["id", "premise", "hypothesis", "tag", "gold", "pred_before", "pred_after", "correct_before", "correct_after"]
+        + [f"p_before_{l}" for l in LABELS]
+        + [f"p_after_{l}" for l in LABELS]
+        + ["pred_zero_shot"]
+        + [f"p_zero_shot_{l}" for l in LABELS]
+    )
     assert len(table) == 204 and table[0]["id"] == "t000" and table[0]["p_after_entailment"] == "0.9"
     methods = read("methods.md")
     assert "# Methods" in methods and "Wilson 95% intervals" in methods and "McNemar" in methods
@@ -314,11 +411,13 @@ def test_the_bundle_holds_config_environment_hashes_predictions_and_methods(stat
     assert build_report(stats_run)["headline"] in read("report.md")
     # the same from the command line
     from core.__main__ import main
+
     assert main(["report", str(stats_run), "--bundle", str(tmp_path / "b.zip")]) == 0
     assert zipfile.ZipFile(tmp_path / "b.zip").namelist() == z.namelist()
 
 
 # --- the pages ----------------------------------------------------------------------------------
+
 
 def start(monkeypatch, root: Path, page: str, run: str = RUN_ID, **params) -> AppTest:
     return start_app(root, monkeypatch, page=page, run=run, params=params)
@@ -330,8 +429,14 @@ def test_report_page_shows_the_statistics_sections(stats_run, monkeypatch):
     at = start(monkeypatch, stats_run.parent, "report")
     text = text_of(at)
     assert f"**{r['headline']}**" in text
-    for title in ("Baselines on the same test rows", "The change and its uncertainty", "Transitions: where the test",
-                  "Calibration", "Slices: accuracy by phenomenon", "Learning dynamics and label-noise hints"):
+    for title in (
+        "Baselines on the same test rows",
+        "The change and its uncertainty",
+        "Transitions: where the test",
+        "Calibration",
+        "Slices: accuracy by phenomenon",
+        "Learning dynamics and label-noise hints",
+    ):
         assert title in text, title
     m = {x.label: x.value for x in at.metric}
     assert m["McNemar p"] == "5e-19" and m["Change"] == "+45.1 points"
@@ -376,8 +481,11 @@ def test_failures_page_shows_when_an_example_was_learned_or_forgotten(stats_run,
     at.text_input(key="fail_search").set_value(forgotten["id"]).run()
     text = text_of(at)
     assert "Already right before training." in text and "Forgotten at epoch 1" in text
-    traj = next(json.loads(s.proto.spec) for s in at.get("plotly_chart")
-                if json.loads(s.proto.spec)["layout"]["title"]["text"].startswith("p(gold) per epoch"))
+    traj = next(
+        json.loads(s.proto.spec)
+        for s in at.get("plotly_chart")
+        if json.loads(s.proto.spec)["layout"]["title"]["text"].startswith("p(gold) per epoch")
+    )
     assert traj["data"][0]["x"] == [0, 1, 2] and traj["data"][0]["y"][0] == 0.5
     fixed = fixed_ids()[0]
     at.text_input(key="fail_search").set_value(fixed).run()
@@ -385,6 +493,7 @@ def test_failures_page_shows_when_an_example_was_learned_or_forgotten(stats_run,
 
 
 # --- the real tiny run --------------------------------------------------------------------------
+
 
 def test_the_tiny_run_report_has_the_new_sections(tiny_run, tmp_path):
     stored = json.loads((tiny_run / "report.json").read_text())

@@ -6,7 +6,6 @@ GPU memory, a step is retried once with half the micro-batch (a CPU seam)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,13 +21,36 @@ ROOT = Path(__file__).resolve().parents[1]
 # The embedded model on a slice of the built-in sample: 12 steps an epoch, 2 epochs, a full-state
 # checkpoint every 3 steps, LoRA and model dropout on (so the RNG states matter), one thread (the
 # same float sums in every process).
-ARGS = ["--preset", "demo", "--max-train-rows", "96", "--max-validation-rows", "24", "--max-test-rows", "24",
-        "--epochs", "2", "--batch-size", "8", "--lora-dropout", "0.1", "--threads", "1", "--checkpoint-every", "3"]
+ARGS = [
+    "--preset",
+    "demo",
+    "--max-train-rows",
+    "96",
+    "--max-validation-rows",
+    "24",
+    "--max-test-rows",
+    "24",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--lora-dropout",
+    "0.1",
+    "--threads",
+    "1",
+    "--checkpoint-every",
+    "3",
+]
 
 
 def start(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "core", "train", *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "core", "train", *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, code: int = 0) -> str:
@@ -38,12 +60,16 @@ def finish(proc: subprocess.Popen, code: int = 0) -> str:
 
 
 def step_losses(run: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if r["kind"] == "step"]
+    return [
+        (r["step"], r["loss"])
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "step"
+    ]
 
 
 def adapter(run: Path, epoch: int) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
+
     return load_file(str(run / "checkpoints" / f"epoch-{epoch}" / "adapter_model.safetensors"))
 
 
@@ -79,8 +105,9 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(uninterrupte
     # the logged losses: the same steps, once each, equal to the uninterrupted run's
     want, got = step_losses(uninterrupted), step_losses(run)
     assert [s for s, _ in got] == list(range(1, 25)) == [s for s, _ in want]
-    torch.testing.assert_close(torch.tensor([l for _, l in got]), torch.tensor([l for _, l in want]),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor([l for _, l in got]), torch.tensor([l for _, l in want]), rtol=1e-5, atol=1e-6
+    )
     for epoch in (1, 2):
         a, b = adapter(uninterrupted, epoch), adapter(run, epoch)
         assert a.keys() == b.keys()
@@ -99,8 +126,12 @@ def test_a_clean_stop_resumes_from_where_it_stopped(uninterrupted, tmp_path):
     run = tmp_path / "stopped"
     proc = start(*ARGS, "--checkpoint-every", "1000", "--run-dir", run)  # no mid-epoch states: the stop saves one
     deadline = time.time() + 600
-    while not any(r.get("kind") == "step" and r["step"] >= 4 for r in map(json.loads, (
-            (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []))):
+    while not any(
+        r.get("kind") == "step" and r["step"] >= 4
+        for r in map(
+            json.loads, ((run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else [])
+        )
+    ):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.01)
     (run / "STOP").write_text("now")
@@ -111,26 +142,38 @@ def test_a_clean_stop_resumes_from_where_it_stopped(uninterrupted, tmp_path):
     finish(start("--resume", run))
     got, want = step_losses(run), step_losses(uninterrupted)
     assert [s for s, _ in got] == list(range(1, 25))
-    torch.testing.assert_close(torch.tensor([l for _, l in got]), torch.tensor([l for _, l in want]),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor([l for _, l in got]), torch.tensor([l for _, l in want]), rtol=1e-5, atol=1e-6
+    )
     for k, v in adapter(uninterrupted, 2).items():
         torch.testing.assert_close(adapter(run, 2)[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_resume_refuses_a_finished_run_and_a_damaged_checkpoint(uninterrupted, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "core", "train", "--resume", str(uninterrupted)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "core", "train", "--resume", str(uninterrupted)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "only a stopped or failed run can be resumed" in proc.stderr
 
     import shutil
+
     run = tmp_path / "damaged"
     shutil.copytree(uninterrupted, run)
     status = json.loads((run / "status.json").read_text())
     (run / "status.json").write_text(json.dumps({**status, "state": "failed"}))
     state = checkpoint.latest_state(run / "checkpoints")
     (state / "optimizer.safetensors").write_bytes(b"\x00garbage")
-    proc = subprocess.run([sys.executable, "-m", "core", "train", "--resume", str(run)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "core", "train", "--resume", str(run)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"checkpoint {state} is damaged" in proc.stderr and "Traceback" not in proc.stderr
     assert json.loads((run / "status.json").read_text())["state"] == "failed"
@@ -146,6 +189,7 @@ def test_an_interrupted_save_never_hides_the_previous_checkpoint(tmp_path, monke
         if ".tmp-" in self.name:
             raise KeyboardInterrupt("killed")
         return real_rename(self, target)
+
     monkeypatch.setattr(Path, "rename", crash_on_new)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.write_dir(good, {"a.bin": b"new"})
@@ -184,8 +228,9 @@ def test_state_round_trip_restores_weights_optimizer_scheduler_and_rng(tmp_path)
     model, opt, sched = setup()
     for _ in range(3):
         step(model, opt, sched)
-    state = checkpoint.TrainState(step=3, epoch=1, epoch_step=3, best=None, epoch_loss_sum=1.5, epoch_rows=15,
-                                  metrics_bytes=10)
+    state = checkpoint.TrainState(
+        step=3, epoch=1, epoch_step=3, best=None, epoch_loss_sum=1.5, epoch_rows=15, metrics_bytes=10
+    )
     checkpoint.write_dir(tmp_path / "state-00000003", checkpoint.state_files(state, model, opt, sched, None))
     step(model, opt, sched)
     want = ([p.detach().clone() for p in model.parameters()], random.random(), np.random.rand(), torch.rand(2))
@@ -205,6 +250,7 @@ def test_out_of_memory_retries_the_step_once_with_half_the_micro_batch(monkeypat
     """A CPU stand-in for a CUDA out-of-memory error: the first launch raises it; the step is
     redone with micro-batches of half the rows and gives the gradient of the whole step."""
     from core.speed.step import TrainStep
+
     torch.manual_seed(0)
     model = torch.nn.Module()
     emb = torch.nn.Embedding(50, 8)
@@ -216,7 +262,8 @@ def test_out_of_memory_retries_the_step_once_with_half_the_micro_batch(monkeypat
 
     model.emb, model.head = emb, head
     model.forward = lambda input_ids, attention_mask=None, **kw: Out(
-        head((emb(input_ids) * attention_mask[..., None]).sum(1) / attention_mask.sum(1, keepdim=True)))
+        head((emb(input_ids) * attention_mask[..., None]).sum(1) / attention_mask.sum(1, keepdim=True))
+    )
     rows = [{"input_ids": list(range(1, 3 + i % 5)), "label": i % 3} for i in range(8)]
 
     def gradient(fail_times: int):
@@ -229,6 +276,7 @@ def test_out_of_memory_retries_the_step_once_with_half_the_micro_batch(monkeypat
                 step._fwd_bwd({k: v for k, v in batch.items()})  # a partial gradient, then the error
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
             return real_launch(batch)
+
         monkeypatch.setattr(step, "_launch", launch)
         step.forward_backward(rows)
         return step, [p.grad.clone() for p in (emb.weight, head.weight, head.bias)], step.take_loss()
@@ -239,7 +287,9 @@ def test_out_of_memory_retries_the_step_once_with_half_the_micro_batch(monkeypat
     for a, b in zip(g_retried, g_plain):
         torch.testing.assert_close(a, b)
     assert loss_retried == pytest.approx(loss_plain)
-    with pytest.raises(RuntimeError, match="out of GPU memory with micro-batches of 4 rows.*lower train.micro_batch_size"):
+    with pytest.raises(
+        RuntimeError, match="out of GPU memory with micro-batches of 4 rows.*lower train.micro_batch_size"
+    ):
         gradient(2)
 
 
@@ -249,19 +299,28 @@ def test_the_train_page_resumes_a_stopped_run_and_launches_seed_groups(tmp_path,
     from streamlit.testing.v1 import AppTest
 
     from core.runs import jobs, rundir
+
     started = []
 
     class FakePopen:
         def __init__(self, args, **kw):
             started.append(args)
             self.pid = None
+
     import types
-    monkeypatch.setattr(jobs, "subprocess", types.SimpleNamespace(  # only jobs' own Popen: streamlit uses it too
-        Popen=FakePopen, STDOUT=subprocess.STDOUT, DEVNULL=subprocess.DEVNULL))
+
+    monkeypatch.setattr(
+        jobs,
+        "subprocess",
+        types.SimpleNamespace(  # only jobs' own Popen: streamlit uses it too
+            Popen=FakePopen, STDOUT=subprocess.STDOUT, DEVNULL=subprocess.DEVNULL
+        ),
+    )
     root = tmp_path / "runs"
     run = root / "stopped-run"
     run.mkdir(parents=True)
     from core.config import get_preset
+
     get_preset("demo").save(run / "config.json")
     rundir.write_status(run, state="stopped", created_at=rundir.now_iso(), finished_at=rundir.now_iso())
     checkpoint.write_dir(run / "checkpoints" / "state-00000007", {"state.json": b"{}"})

@@ -46,6 +46,7 @@ def random_rows(n, seed, acc_before=0.6, acc_after=0.8):
 
 # --- Wilson ------------------------------------------------------------------------------------
 
+
 def test_wilson_known_value_and_scipy():
     lo, hi = stats.wilson(75, 100)
     assert lo == pytest.approx(0.6569, abs=1e-4) and hi == pytest.approx(0.8245, abs=1e-4)
@@ -84,6 +85,7 @@ def test_accuracy_summary():
 
 # --- paired bootstrap --------------------------------------------------------------------------
 
+
 def _pairs(n_fixed, n_regressed, n_rr, n_ww):
     before = [False] * n_fixed + [True] * n_regressed + [True] * n_rr + [False] * n_ww
     after = [True] * n_fixed + [False] * n_regressed + [True] * n_rr + [False] * n_ww
@@ -96,8 +98,8 @@ def test_paired_bootstrap_basic_properties():
     assert r["delta"] == pytest.approx((20 - 8) / 100)
     lo, hi = r["ci95"]
     assert lo < r["delta"] < hi
-    assert stats.paired_bootstrap(b, a) == r                      # seeded: reproducible
-    other = stats.paired_bootstrap(b, a, seed=1)["ci95"]     # another seed: about the same interval
+    assert stats.paired_bootstrap(b, a) == r  # seeded: reproducible
+    other = stats.paired_bootstrap(b, a, seed=1)["ci95"]  # another seed: about the same interval
     assert other == pytest.approx([lo, hi], abs=0.011)
     # identical before/after: no change in any resample
     assert stats.paired_bootstrap(a, a) == {"delta": 0.0, "ci95": [0.0, 0.0]}
@@ -114,9 +116,15 @@ def test_paired_bootstrap_matches_references():
     b, a = _pairs(20, 8, 50, 22)
     lo, hi = stats.paired_bootstrap(b, a, n_boot=20000)["ci95"]
     # scipy's paired percentile bootstrap
-    res = sps.bootstrap((np.array(b, float), np.array(a, float)), lambda x, y, axis=-1: y.mean(axis) - x.mean(axis),
-                        paired=True, vectorized=True, n_resamples=20000, method="percentile",
-                        random_state=np.random.default_rng(5))
+    res = sps.bootstrap(
+        (np.array(b, float), np.array(a, float)),
+        lambda x, y, axis=-1: y.mean(axis) - x.mean(axis),
+        paired=True,
+        vectorized=True,
+        n_resamples=20000,
+        method="percentile",
+        random_state=np.random.default_rng(5),
+    )
     assert lo == pytest.approx(res.confidence_interval.low, abs=0.012)
     assert hi == pytest.approx(res.confidence_interval.high, abs=0.012)
     # literal index resampling
@@ -126,23 +134,24 @@ def test_paired_bootstrap_matches_references():
     ref = np.percentile(d[idx].mean(axis=1), [2.5, 97.5])
     assert [lo, hi] == pytest.approx(ref.tolist(), abs=0.012)
     # normal approximation of the paired difference: se = sqrt((b + c)/n - delta^2) / sqrt(n)
-    se = math.sqrt(0.28 - 0.12 ** 2) / 10
+    se = math.sqrt(0.28 - 0.12**2) / 10
     assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.08)
 
 
 # --- McNemar, verdict ----------------------------------------------------------------------------
 
+
 def _mcnemar_formula(b, c):
     n, k = b + c, min(b, c)
     if n == 0:
         return Fraction(1)
-    return min(Fraction(1), 2 * Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2 ** n))
+    return min(Fraction(1), 2 * Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2**n))
 
 
 def test_mcnemar_known_value():
     exact = _mcnemar_formula(13, 105)
     assert float(exact) == pytest.approx(4.764406071312224e-19, rel=1e-12)
-    assert 1e-19 < float(exact) < 1e-18                          # "about 5e-19"
+    assert 1e-19 < float(exact) < 1e-18  # "about 5e-19"
     assert sps.binomtest(13, 118, 0.5).pvalue == pytest.approx(float(exact), rel=1e-9)
     assert stats.mcnemar_exact(13, 105) == pytest.approx(float(exact), rel=1e-9)
     assert stats.mcnemar_exact(105, 13) == stats.mcnemar_exact(13, 105)
@@ -154,7 +163,7 @@ def test_mcnemar_equals_formula_on_grid():
             assert stats.mcnemar_exact(b, c) == pytest.approx(float(_mcnemar_formula(b, c)), rel=1e-9, abs=1e-15)
     assert stats.mcnemar_exact(0, 0) == 1.0
     assert stats.mcnemar_exact(7, 7) == 1.0
-    assert stats.mcnemar_exact(0, 5) == pytest.approx(2 / 32)    # 2 * (1/2)^5
+    assert stats.mcnemar_exact(0, 5) == pytest.approx(2 / 32)  # 2 * (1/2)^5
     assert stats.mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)
 
 
@@ -180,6 +189,7 @@ def test_accuracy_change_puts_it_together():
 
 # --- minimum detectable change -------------------------------------------------------------------
 
+
 def test_mdc_two_proportions():
     zq, zb = sps.norm.ppf(0.975), sps.norm.ppf(0.8)
     d = stats.minimum_detectable_change(100, 0.5)
@@ -189,12 +199,14 @@ def test_mdc_two_proportions():
     for n, p1 in [(100, 0.5), (204, 0.6), (500, 0.85), (50, 0.3)]:
         d = stats.minimum_detectable_change(n, p1)
         p2, pbar = p1 + d, p1 + d / 2
-        power = sps.norm.cdf((d * math.sqrt(n) - zq * math.sqrt(2 * pbar * (1 - pbar)))
-                             / math.sqrt(p1 * (1 - p1) + p2 * (1 - p2)))
+        power = sps.norm.cdf(
+            (d * math.sqrt(n) - zq * math.sqrt(2 * pbar * (1 - pbar))) / math.sqrt(p1 * (1 - p1) + p2 * (1 - p2))
+        )
         assert power == pytest.approx(0.8, abs=1e-6)
     # about 1/sqrt(n)
-    assert stats.minimum_detectable_change(400, 0.5) / stats.minimum_detectable_change(100, 0.5) \
-        == pytest.approx(0.5, abs=0.03)
+    assert stats.minimum_detectable_change(400, 0.5) / stats.minimum_detectable_change(100, 0.5) == pytest.approx(
+        0.5, abs=0.03
+    )
     assert stats.minimum_detectable_change(100, 0.5, power=0.9) > stats.minimum_detectable_change(100, 0.5)
     assert stats.minimum_detectable_change(100, 1.0) == math.inf
     assert stats.minimum_detectable_change(10, 0.95) == math.inf
@@ -217,7 +229,7 @@ def test_mdc_paired():
     n, psi = 200, 0.2
     d = stats.minimum_detectable_change(n, 0.6, discordance=psi)
     # Connor (1987): n = (z_a sqrt(psi) + z_b sqrt(psi - d^2))^2 / d^2
-    assert (zq * math.sqrt(psi) + zb * math.sqrt(psi - d * d)) ** 2 / d ** 2 == pytest.approx(n, rel=1e-9)
+    assert (zq * math.sqrt(psi) + zb * math.sqrt(psi - d * d)) ** 2 / d**2 == pytest.approx(n, rel=1e-9)
     # the paired design detects smaller changes than the independent approximation
     assert d < stats.minimum_detectable_change(n, 0.6)
     # simulation: discordant pairs multinomial, McNemar z test (no continuity correction)
@@ -231,6 +243,7 @@ def test_mdc_paired():
 
 
 # --- transitions -------------------------------------------------------------------------------
+
 
 def _crafted_pair():
     before = [row(0, E, E), row(1, N, E), row(2, C, C), row(3, N, C), row(4, E, N), row(5, C, N)]
@@ -250,11 +263,13 @@ def test_transitions_crafted():
     assert t["b"] == 1 and t["c"] == 2 and t["n"] == 6
     assert sum(map(sum, t["correctness"]["table"])) == 6
     lab = t["labels"]
-    assert lab["counts"] == confusion_matrix([r["pred"] for r in before], [r["pred"] for r in after],
-                                             labels=LABELS).tolist()
+    assert (
+        lab["counts"]
+        == confusion_matrix([r["pred"] for r in before], [r["pred"] for r in after], labels=LABELS).tolist()
+    )
     assert lab["counts"] == [[1, 1, 0], [1, 1, 0], [2, 0, 0]]
-    assert lab["indices"][2][0] == [2, 3]          # contradiction -> entailment
-    assert lab["indices"][0][1] == [1]             # entailment -> neutral
+    assert lab["indices"][2][0] == [2, 3]  # contradiction -> entailment
+    assert lab["indices"][0][1] == [1]  # entailment -> neutral
     assert lab["indices"][1][1] == [5]
     assert sum(map(sum, lab["counts"])) == 6
     assert lab["moves"][0] == {"from": C, "to": E, "count": 2, "indices": [2, 3]}
@@ -282,11 +297,12 @@ def test_pairing_checks():
         stats.transitions(before, after[::-1], LABELS)
     with pytest.raises(ValueError):
         stats.transitions(before, after[:-1], LABELS)
-    b2, a2 = stats.pair_rows(before, after[::-1][:-1])       # drops x0, restores order
+    b2, a2 = stats.pair_rows(before, after[::-1][:-1])  # drops x0, restores order
     assert [r["id"] for r in b2] == [r["id"] for r in a2] == ["x1", "x2", "x3", "x4", "x5"]
 
 
 # --- per-class F1 ------------------------------------------------------------------------------
+
 
 def test_per_class_f1_point_estimates():
     before, after = _crafted_pair()
@@ -302,8 +318,9 @@ def test_per_class_f1_point_estimates():
     ref_b = f1_score(gold, [r_["pred"] for r_ in before], labels=LABELS, average=None, zero_division=0)
     assert [c["f1_before"] for c in r["classes"]] == pytest.approx(ref_b.tolist())
     assert [c["support"] for c in r["classes"]] == [2, 2, 2]
-    assert r["macro"]["f1_after"] == pytest.approx(f1_score(gold, [r_["pred"] for r_ in after], labels=LABELS,
-                                                            average="macro", zero_division=0))
+    assert r["macro"]["f1_after"] == pytest.approx(
+        f1_score(gold, [r_["pred"] for r_ in after], labels=LABELS, average="macro", zero_division=0)
+    )
     json.dumps(r)
 
 
@@ -314,9 +331,14 @@ def test_per_class_f1_bootstrap_matches_sklearn_loop():
     gold = np.array([LABELS.index(x["gold"]) for x in before])
     pb = np.array([LABELS.index(x["pred"]) for x in before])
     pa = np.array([LABELS.index(x["pred"]) for x in after])
-    idx = np.random.default_rng(4).integers(0, n, size=(n_boot, n))   # the same draws (one chunk)
-    diffs = np.array([f1_score(gold[i], pa[i], labels=[0, 1, 2], average=None, zero_division=0)
-                      - f1_score(gold[i], pb[i], labels=[0, 1, 2], average=None, zero_division=0) for i in idx])
+    idx = np.random.default_rng(4).integers(0, n, size=(n_boot, n))  # the same draws (one chunk)
+    diffs = np.array(
+        [
+            f1_score(gold[i], pa[i], labels=[0, 1, 2], average=None, zero_division=0)
+            - f1_score(gold[i], pb[i], labels=[0, 1, 2], average=None, zero_division=0)
+            for i in idx
+        ]
+    )
     lo, hi = np.percentile(diffs, [2.5, 97.5], axis=0)
     for j, c in enumerate(r["classes"]):
         assert c["ci95"] == pytest.approx([lo[j], hi[j]], abs=1e-12)
@@ -329,7 +351,7 @@ def test_per_class_f1_identical_reproducible_and_fast():
     before, after = random_rows(500, 2)
     same = stats.per_class_f1_change(before, before, LABELS)
     assert all(c["change"] == 0 and c["ci95"] == [0.0, 0.0] for c in same["classes"])
-    t0 = time.process_time()                                 # CPU time: robust to a busy machine
+    t0 = time.process_time()  # CPU time: robust to a busy machine
     r = stats.per_class_f1_change(before, after, LABELS, n_boot=2000)
     assert time.process_time() - t0 < 1.0
     assert r == stats.per_class_f1_change(before, after, LABELS, n_boot=2000)
@@ -340,10 +362,12 @@ def test_per_class_f1_identical_reproducible_and_fast():
 
 # --- calibration -------------------------------------------------------------------------------
 
-HAND = [row(0, E, E, [0.9, 0.05, 0.05]),      # conf 0.9, right
-        row(1, N, E, [0.6, 0.3, 0.1]),        # conf 0.6, wrong
-        row(2, N, N, [0.2, 0.7, 0.1]),        # conf 0.7, right
-        row(3, E, E, [0.4, 0.35, 0.25])]      # conf 0.4, right
+HAND = [
+    row(0, E, E, [0.9, 0.05, 0.05]),  # conf 0.9, right
+    row(1, N, E, [0.6, 0.3, 0.1]),  # conf 0.6, wrong
+    row(2, N, N, [0.2, 0.7, 0.1]),  # conf 0.7, right
+    row(3, E, E, [0.4, 0.35, 0.25]),
+]  # conf 0.4, right
 
 
 def test_ece_hand_cases():
@@ -360,7 +384,7 @@ def test_ece_hand_cases():
     assert [b["n"] for b in r2["bins"]] == [1, 3]
     # a confidence exactly on an edge belongs to the bin it closes: 0.3 -> (0.2, 0.3]
     edge = slices.calibration([row(0, E, E, [0.3, 0.3, 0.4])], LABELS, bins=10)
-    assert edge["bins"][3]["n"] == 1                        # conf 0.4 -> (0.3, 0.4]
+    assert edge["bins"][3]["n"] == 1  # conf 0.4 -> (0.3, 0.4]
     assert slices.calibration([], LABELS)["ece"] is None
 
 
@@ -384,10 +408,16 @@ def test_ece_perfect_and_sklearn_reference():
 SLICE_ROWS = [
     {"premise": "A man is riding a bike.", "hypothesis": "The man isn't riding a bike.", "tag": "negation"},
     {"premise": "Two dogs run on the beach.", "hypothesis": "Nobody is outside.", "tag": "quantifier"},
-    {"premise": "A woman is cooking dinner in a small kitchen.", "hypothesis": "A woman is cooking dinner.",
-     "tag": "subset"},
-    {"premise": "A child plays chess in the park with his grandfather.",
-     "hypothesis": "The kid never learned any board games at all in school.", "tag": None},
+    {
+        "premise": "A woman is cooking dinner in a small kitchen.",
+        "hypothesis": "A woman is cooking dinner.",
+        "tag": "subset",
+    },
+    {
+        "premise": "A child plays chess in the park with his grandfather.",
+        "hypothesis": "The kid never learned any board games at all in school.",
+        "tag": None,
+    },
     {"premise": "A girl sings.", "hypothesis": "No one is singing.", "tag": "negation"},
     {"premise": "Kids swim.", "hypothesis": "They can’t swim.", "tag": "negation"},
 ]
@@ -395,10 +425,10 @@ SLICE_ROWS = [
 
 def test_slice_helpers():
     assert slices.has_negation("The man isn't riding a bike.")
-    assert slices.has_negation("They can’t swim.")              # typographic apostrophe
+    assert slices.has_negation("They can’t swim.")  # typographic apostrophe
     assert slices.has_negation("No one is singing.")
     assert slices.has_negation("There is nothing there") and slices.has_negation("Neither of them")
-    assert not slices.has_negation("A nobleman notes the snow.")   # no, not inside words do not count
+    assert not slices.has_negation("A nobleman notes the snow.")  # no, not inside words do not count
     assert not slices.has_negation("A woman is cooking dinner.")
     assert slices.word_overlap("A man is riding a bike.", "The man isn't riding a bike.") == pytest.approx(4 / 6)
     assert slices.word_overlap("A woman is cooking dinner in a small kitchen.", "A woman is cooking dinner.") == 1.0
@@ -412,7 +442,7 @@ def test_nli_slices_crafted():
     assert s["negation: no"] == [2]
     # overlaps: 4/6, 0, 1, 2/11 ("the", "in"), 0/4, 1/3 ("swim")
     assert s["overlap: <0.34"] == [1, 3, 4, 5]
-    assert s["overlap: 0.34-0.67"] == [0]                    # 4/6 = 0.667 < 0.67
+    assert s["overlap: 0.34-0.67"] == [0]  # 4/6 = 0.667 < 0.67
     assert s["overlap: >=0.67"] == [2]
     # lengths (whitespace words): 6, 3, 5, 11, 4, 3
     assert s["length: short (<=5 words)"] == [1, 2, 4, 5]
@@ -448,26 +478,37 @@ def test_slice_table():
     assert a["ci95_after"] == pytest.approx(list(stats.wilson(3, 4)))
     assert a["fixed"] == 2 and a["regressed"] == 1
     assert t[1]["accuracy_before"] == t[1]["accuracy_after"] == 1.0 and t[1]["change"] == 0.0
-    assert t[2] == {"slice": "empty", "n": 0, "accuracy_before": None, "ci95_before": [None, None],
-                    "accuracy_after": None, "ci95_after": [None, None], "change": None, "fixed": 0, "regressed": 0}
+    assert t[2] == {
+        "slice": "empty",
+        "n": 0,
+        "accuracy_before": None,
+        "ci95_before": [None, None],
+        "accuracy_after": None,
+        "ci95_after": [None, None],
+        "change": None,
+        "fixed": 0,
+        "regressed": 0,
+    }
     json.dumps(t)
 
 
 # --- label noise hints -------------------------------------------------------------------------
 
+
 def _noise_rows():
-    return [row(0, E, C, [0.02, 0.03, 0.95]),   # wrong, confident -> hint
-            row(1, E, C, [0.3, 0.1, 0.6]),      # wrong, not confident
-            row(2, N, N, [0.01, 0.98, 0.01]),   # right, confident
-            row(3, C, N, [0.05, 0.92, 0.03]),   # wrong, confident -> hint
-            row(4, N, E, [0.9, 0.05, 0.05])]    # wrong, exactly at the threshold -> hint
+    return [
+        row(0, E, C, [0.02, 0.03, 0.95]),  # wrong, confident -> hint
+        row(1, E, C, [0.3, 0.1, 0.6]),  # wrong, not confident
+        row(2, N, N, [0.01, 0.98, 0.01]),  # right, confident
+        row(3, C, N, [0.05, 0.92, 0.03]),  # wrong, confident -> hint
+        row(4, N, E, [0.9, 0.05, 0.05]),
+    ]  # wrong, exactly at the threshold -> hint
 
 
 def test_label_noise_hints_after_only():
     h = slices.label_noise_hints(_noise_rows(), LABELS)
-    assert [x["index"] for x in h] == [0, 3, 4]                # most confident first
-    assert h[0] == {"index": 0, "id": "x0", "given": E, "model_label": C, "confidence": 0.95,
-                    "consistent_epochs": None}
+    assert [x["index"] for x in h] == [0, 3, 4]  # most confident first
+    assert h[0] == {"index": 0, "id": "x0", "given": E, "model_label": C, "confidence": 0.95, "consistent_epochs": None}
     assert h[1]["given"] == C and h[1]["model_label"] == N
     assert [x["index"] for x in slices.label_noise_hints(_noise_rows(), LABELS, threshold=0.93)] == [0]
     # still failing only: example 3 was right before
@@ -480,29 +521,38 @@ def test_label_noise_hints_per_epoch():
     rows = _noise_rows()
     conf_c = [0.1, 0.1, 0.8]
     ep = lambda r0, r3, r4: [r0, [0.3, 0.1, 0.6], [0.01, 0.98, 0.01], r3, r4]
-    per_epoch = [ep([0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.8, 0.1]),     # epoch 1: 0 and 4 not yet
-                 ep(conf_c, [0.8, 0.1, 0.1], [0.8, 0.1, 0.1]),               # epoch 2: 3 disagrees
-                 ep(conf_c, [0.1, 0.8, 0.1], [0.8, 0.1, 0.1]),
-                 ep(conf_c, [0.1, 0.8, 0.1], [0.8, 0.1, 0.1])]
+    per_epoch = [
+        ep([0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.8, 0.1]),  # epoch 1: 0 and 4 not yet
+        ep(conf_c, [0.8, 0.1, 0.1], [0.8, 0.1, 0.1]),  # epoch 2: 3 disagrees
+        ep(conf_c, [0.1, 0.8, 0.1], [0.8, 0.1, 0.1]),
+        ep(conf_c, [0.1, 0.8, 0.1], [0.8, 0.1, 0.1]),
+    ]
     h = slices.label_noise_hints(rows, LABELS, per_epoch_probs=per_epoch, last_k=2)
     assert [x["index"] for x in h] == [0, 3, 4] and h[0]["consistent_epochs"] == 2
     h = slices.label_noise_hints(rows, LABELS, per_epoch_probs=per_epoch, last_k=3)
     assert [x["index"] for x in h] == [0, 4]
-    h = slices.label_noise_hints(rows, LABELS, per_epoch_probs=per_epoch, last_k=10)   # all 4 epochs
+    h = slices.label_noise_hints(rows, LABELS, per_epoch_probs=per_epoch, last_k=10)  # all 4 epochs
     assert h == []
-    assert slices.label_noise_hints(rows, LABELS, per_epoch_probs=[np.array(p) for p in per_epoch[-1:]],
-                                   last_k=3)[0]["consistent_epochs"] == 1
+    assert (
+        slices.label_noise_hints(rows, LABELS, per_epoch_probs=[np.array(p) for p in per_epoch[-1:]], last_k=3)[0][
+            "consistent_epochs"
+        ]
+        == 1
+    )
     with pytest.raises(ValueError):
         slices.label_noise_hints(rows, LABELS, per_epoch_probs=[[[0.5, 0.5, 0.0]]])
 
 
 # --- forgetting --------------------------------------------------------------------------------
 
+
 def test_forgetting_events_crafted():
-    m = [[0, 1, 0, 0, 1],     # epoch 0 = before
-         [1, 1, 0, 1, 0],
-         [0, 1, 0, 1, 1],
-         [1, 1, 0, 0, 1]]
+    m = [
+        [0, 1, 0, 0, 1],  # epoch 0 = before
+        [1, 1, 0, 1, 0],
+        [0, 1, 0, 1, 1],
+        [1, 1, 0, 0, 1],
+    ]
     f = slices.forgetting_events(m)
     assert f["n_epochs"] == 4
     assert f["first_learned"] == [1, 0, None, 1, 0]
@@ -520,6 +570,7 @@ def test_forgetting_events_crafted():
 
 # --- seeds -------------------------------------------------------------------------------------
 
+
 def test_seed_summary_and_agreement():
     v = [0.81, 0.83, 0.80, 0.86]
     s = slices.seed_summary(v)
@@ -529,7 +580,7 @@ def test_seed_summary_and_agreement():
     assert slices.seed_summary([0.7]) == {"mean": 0.7, "std": None, "min": 0.7, "max": 0.7, "n": 1}
     assert slices.seed_summary([])["mean"] is None
     preds = [[E, N, C, E], [E, N, E, E], [E, C, C, E]]
-    assert slices.agreement(preds) == 0.5                    # examples 0 and 3
+    assert slices.agreement(preds) == 0.5  # examples 0 and 3
     assert slices.agreement(preds[:1]) == 1.0
     assert slices.agreement([[], []]) is None and slices.agreement([]) is None
     with pytest.raises(ValueError):

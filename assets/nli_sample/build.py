@@ -20,6 +20,7 @@ Editing rules: ids are derived from an item's position in ITEMS
 ("nli-0001-e" = first premise, entailed hypothesis), so never reorder or
 delete items. Note that adding items re-draws the split assignment.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,18 +36,18 @@ SEED = 0
 SPLITS = (("train", 0.70), ("validation", 0.15), ("test", 0.15))
 LABELS = {"e": "entailment", "n": "neutral", "c": "contradiction"}
 TAGS = (
-    "paraphrase",       # same meaning, different words
-    "hypernym",         # premise word -> more general word (dog -> animal)
-    "hyponym",          # premise word -> more specific word (music -> jazz)
-    "negation",         # a negated fact (contradicting, or entailed by, the premise)
-    "quantifier",       # numbers, some / all / none, alone / many
+    "paraphrase",  # same meaning, different words
+    "hypernym",  # premise word -> more general word (dog -> animal)
+    "hyponym",  # premise word -> more specific word (music -> jazz)
+    "negation",  # a negated fact (contradicting, or entailed by, the premise)
+    "quantifier",  # numbers, some / all / none, alone / many
     "word-order swap",  # agent and patient (or two participants) swapped
-    "added detail",     # adds information the premise cannot verify
-    "antonym",          # an opposite word or state (up/down, wet/dry, young/old)
-    "location",         # where the scene takes place
-    "time",             # when the scene takes place, or before/after it
-    "unrelated",        # an incompatible action or scene
-    "subset",           # drops details of the premise
+    "added detail",  # adds information the premise cannot verify
+    "antonym",  # an opposite word or state (up/down, wet/dry, young/old)
+    "location",  # where the scene takes place
+    "time",  # when the scene takes place, or before/after it
+    "unrelated",  # an incompatible action or scene
+    "subset",  # drops details of the premise
 )
 PREMISE_WORDS = (8, 25)
 HYPOTHESIS_WORDS = (4, 14)
@@ -1956,17 +1957,26 @@ def build(items) -> dict[str, list[dict]]:
     rng.shuffle(order)  # split by premise
     n_train = round(n * SPLITS[0][1])
     n_val = round(n * SPLITS[1][1])
-    bounds = {"train": order[:n_train],
-              "validation": order[n_train:n_train + n_val],
-              "test": order[n_train + n_val:]}
+    bounds = {
+        "train": order[:n_train],
+        "validation": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val :],
+    }
     out: dict[str, list[dict]] = {}
     for split, _ in SPLITS:
         rows = []
         for i in sorted(bounds[split]):
             premise, hyps = items[i]
             for text, label, tag in hyps:
-                rows.append({"id": f"nli-{i + 1:04d}-{label}", "premise": premise,
-                             "hypothesis": text, "label": LABELS[label], "tag": tag})
+                rows.append(
+                    {
+                        "id": f"nli-{i + 1:04d}-{label}",
+                        "premise": premise,
+                        "hypothesis": text,
+                        "label": LABELS[label],
+                        "tag": tag,
+                    }
+                )
         rng.shuffle(rows)  # interleave labels
         out[split] = rows
     ids = [r["id"] for rows in out.values() for r in rows]
@@ -1986,8 +1996,7 @@ def counts_table(splits: dict[str, list[dict]]) -> str:
     """Markdown tables: premises/pairs/labels per split, then tag x label."""
     names = [s for s, _ in SPLITS]
     lab = list(LABELS.values())
-    lines = ["| split | premises | pairs | " + " | ".join(lab) + " |",
-             "|---|---:|---:|" + "---:|" * len(lab)]
+    lines = ["| split | premises | pairs | " + " | ".join(lab) + " |", "|---|---:|---:|" + "---:|" * len(lab)]
     total = Counter()
     for s in names:
         rows = splits[s]
@@ -1996,23 +2005,35 @@ def counts_table(splits: dict[str, list[dict]]) -> str:
         total.update(c)
         total["_premises"] += prem
         lines.append(f"| {s} | {prem} | {len(rows)} | " + " | ".join(str(c[x]) for x in lab) + " |")
-    lines.append(f"| **total** | {total['_premises']} | {sum(total[x] for x in lab)} | "
-                 + " | ".join(str(total[x]) for x in lab) + " |")
-    lines += ["", "| tag | " + " | ".join(lab) + " | total | " + " | ".join(names) + " |",
-              "|---|" + "---:|" * (len(lab) + 1 + len(names))]
+    lines.append(
+        f"| **total** | {total['_premises']} | {sum(total[x] for x in lab)} | "
+        + " | ".join(str(total[x]) for x in lab)
+        + " |"
+    )
+    lines += [
+        "",
+        "| tag | " + " | ".join(lab) + " | total | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * (len(lab) + 1 + len(names)),
+    ]
     all_rows = [r for s in names for r in splits[s]]
     for tag in TAGS:
         tl = Counter(r["label"] for r in all_rows if r["tag"] == tag)
         ts = [sum(1 for r in splits[s] if r["tag"] == tag) for s in names]
-        lines.append(f"| {tag} | " + " | ".join(str(tl[x]) for x in lab)
-                     + f" | {sum(tl.values())} | " + " | ".join(map(str, ts)) + " |")
+        lines.append(
+            f"| {tag} | "
+            + " | ".join(str(tl[x]) for x in lab)
+            + f" | {sum(tl.values())} | "
+            + " | ".join(map(str, ts))
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true",
-                    help="do not write; exit 1 if the JSONL files differ from a fresh build")
+    ap.add_argument(
+        "--check", action="store_true", help="do not write; exit 1 if the JSONL files differ from a fresh build"
+    )
     ap.add_argument("--out-dir", type=Path, default=OUT_DIR)
     args = ap.parse_args(argv)
     try:

@@ -8,14 +8,36 @@ GPU machine in float32 (closest to the CPU's numerics), 6 runs at a time.
 
 Results of 2026-11-29 are in bench/sweeps-2026-11-29/; the choice is made on validation accuracy.
 """
-import json, os, subprocess, sys, time
+
+import json
+import os
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
 root = Path(__file__).resolve().parents[2] / ".sweep"  # made by bench/sweep/prepare.sh
 out = Path(os.environ.get("OUT", "/tmp/out"))
-base = ["-m", "core", "train", "--preset", "demo", "--model", str(root / "model"), "--device", "cuda",
-        "--compute-dtype", "float32", "--train", str(root / "data/train.jsonl"),
-        "--validation", str(root / "data/validation.jsonl"), "--test", str(root / "data/test.jsonl")]
+base = [
+    "-m",
+    "core",
+    "train",
+    "--preset",
+    "demo",
+    "--model",
+    str(root / "model"),
+    "--device",
+    "cuda",
+    "--compute-dtype",
+    "float32",
+    "--train",
+    str(root / "data/train.jsonl"),
+    "--validation",
+    str(root / "data/validation.jsonl"),
+    "--test",
+    str(root / "data/test.jsonl"),
+]
 SETS = {
     # first sweep: the model's own [CLS] pooler -> bench/sweeps-2026-11-29/snli_cls_pooling.json
     "cls": {
@@ -75,20 +97,35 @@ C = SETS[which]
 
 def one(name):
     t = time.time()
-    p = subprocess.run([sys.executable] + base + C[name].split() + ["--run-dir", f"/tmp/sw/{name}"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable] + base + C[name].split() + ["--run-dir", f"/tmp/sw/{name}"], capture_output=True, text=True
+    )
     wall = time.time() - t
-    m = [json.loads(l) for l in open(f"/tmp/sw/{name}/metrics.jsonl")] if os.path.exists(f"/tmp/sw/{name}/metrics.jsonl") else []
+    m = (
+        [json.loads(l) for l in open(f"/tmp/sw/{name}/metrics.jsonl")]
+        if os.path.exists(f"/tmp/sw/{name}/metrics.jsonl")
+        else []
+    )
     vals = [round(r["val_accuracy"], 3) for r in m if r.get("kind") == "epoch"]
     end = [r for r in m if r.get("kind") == "end"]
-    res = {"name": name, "rc": p.returncode, "wall": round(wall, 1), "val": vals,
-           "best_epoch": end[-1].get("best_epoch") if end else None,
-           "test_after": end[-1].get("test_accuracy") if end else None, "err": p.stderr[-400:] if p.returncode else ""}
+    res = {
+        "name": name,
+        "rc": p.returncode,
+        "wall": round(wall, 1),
+        "val": vals,
+        "best_epoch": end[-1].get("best_epoch") if end else None,
+        "test_after": end[-1].get("test_accuracy") if end else None,
+        "err": p.stderr[-400:] if p.returncode else "",
+    }
     print(json.dumps(res), flush=True)
     return res
+
+
 with ThreadPoolExecutor(int(os.environ.get("WORKERS", 6))) as ex:
     results = list(ex.map(one, C))
 out.mkdir(parents=True, exist_ok=True)
 (out / f"sweep-{which}.json").write_text(json.dumps(results, indent=1))
 for r in sorted(results, key=lambda r: -(max(r["val"]) if r["val"] else 0)):
-    print(f"{r['name']:28s} val_best {max(r['val']) if r['val'] else None}  test {r['test_after']}  ep {r['best_epoch']}  vals {r['val']}  {r['wall']}s")
+    print(
+        f"{r['name']:28s} val_best {max(r['val']) if r['val'] else None}  test {r['test_after']}  ep {r['best_epoch']}  vals {r['val']}  {r['wall']}s"
+    )

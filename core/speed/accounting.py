@@ -1,10 +1,10 @@
 """Accounting: model FLOPs, MFU, peak GPU memory, and reading step values without stalling the GPU.
 
-    info = flops_info(model)                          # N, LoRA term, layers, hidden size
-    f = flops_per_token(info, seq_len=32)             # 4N + 6*sum r(d_in+d_out) + 12*L*s*d
-    mfu(f, tokens_per_s, peak_flops(device))          # None where the peak is unknown (CPU)
-    memory = PeakMemory(device); memory.phase()       # peak GiB since the last phase()
-    StepLog(...)                                      # the training loop's per-step records, read late
+info = flops_info(model)                          # N, LoRA term, layers, hidden size
+f = flops_per_token(info, seq_len=32)             # 4N + 6*sum r(d_in+d_out) + 12*L*s*d
+mfu(f, tokens_per_s, peak_flops(device))          # None where the peak is unknown (CPU)
+memory = PeakMemory(device); memory.phase()       # peak GiB since the last phase()
+StepLog(...)                                      # the training loop's per-step records, read late
 """
 
 from __future__ import annotations
@@ -14,8 +14,19 @@ import time
 import torch
 
 # Dense peak rates (FLOP/s) of the matrix units in the dtype we train in (bf16; fp16 on a T4).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-              "L4": 121e12, "T4": 65e12, "A10": 125e12, "L40": 181e12, "V100": 125e12}
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L4": 121e12,
+    "T4": 65e12,
+    "A10": 125e12,
+    "L40": 181e12,
+    "V100": 125e12,
+}
+
 
 def peak_flops(device: torch.device | None = None) -> float | None:
     """The GPU's dense bf16/fp16 peak from PEAK_FLOPS by name; None on CPU or for unknown GPUs."""
@@ -35,6 +46,7 @@ def flops_info(model) -> dict:
     MLP projections; LoRA matrices and the classification head excluded); lora: sum over LoRA
     modules of r * (d_in + d_out); layers, hidden: L and d of the transformer."""
     from ..model import HEAD_NAMES, is_lora_part
+
     n_linear = 0
     lora = 0
     for name, module in model.named_modules():
@@ -90,13 +102,14 @@ def fetch_later(*values: torch.Tensor | None):
             done.synchronize()
         floats = iter(host.tolist())
         return [None if v is None else next(floats) for v in values]
+
     return get
 
 
 class PeakMemory:
     """Peak GPU memory (torch's allocator, GiB) per phase and overall; all None on CPU.
 
-        peaks = PeakMemory(device); ...; peaks.phase()  # peak since the last phase() call"""
+    peaks = PeakMemory(device); ...; peaks.phase()  # peak since the last phase() call"""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -119,8 +132,10 @@ class PeakMemory:
         self.phase()
         if self.overall is None:
             return {}
-        return {"torch_peak_gb": self.overall,
-                "torch_reserved_gb": round(torch.cuda.memory_reserved(self.device) / 2**30, 3)}
+        return {
+            "torch_peak_gb": self.overall,
+            "torch_reserved_gb": round(torch.cuda.memory_reserved(self.device) / 2**30, 3),
+        }
 
 
 def round_or_none(x: float | None, digits: int) -> float | None:
@@ -159,13 +174,31 @@ class StepLog:
         """The epoch's mean training loss per row so far."""
         return self.loss_sum / max(1, self.rows)
 
-    def add(self, step: int, epoch_step: int, rows: int, loss: torch.Tensor, grad_norm: torch.Tensor | None,
-            lr: float, tokens: tuple, graphs: bool) -> None:
+    def add(
+        self,
+        step: int,
+        epoch_step: int,
+        rows: int,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor | None,
+        lr: float,
+        tokens: tuple,
+        graphs: bool,
+    ) -> None:
         """`tokens`: (real, processed) as ints, or as device scalars (summed over processes)."""
         counted = isinstance(tokens[0], torch.Tensor)
-        self.pending.append({"step": step, "epoch_step": epoch_step, "rows": rows, "lr": lr, "graphs": graphs,
-                             "values": fetch_later(loss, grad_norm, *(tokens if counted else ())),
-                             "real": None if counted else tokens[0], "padded": None if counted else tokens[1]})
+        self.pending.append(
+            {
+                "step": step,
+                "epoch_step": epoch_step,
+                "rows": rows,
+                "lr": lr,
+                "graphs": graphs,
+                "values": fetch_later(loss, grad_norm, *(tokens if counted else ())),
+                "real": None if counted else tokens[0],
+                "padded": None if counted else tokens[1],
+            }
+        )
 
     def flush(self, last: bool) -> None:
         while len(self.pending) > (0 if last else 1):
@@ -178,11 +211,22 @@ class StepLog:
             self.loss_sum += step_loss * r["rows"]
             self.rows += r["rows"]
             f = flops_per_token(self.flops, r["padded"] / r["rows"])
-            self.log(kind="step", step=r["step"], epoch=self.epoch, epoch_step=r["epoch_step"],
-                     steps_per_epoch=self.steps, loss=step_loss, lr=r["lr"],
-                     grad_norm=grad_norm if grad_norm is not None else float("nan"),
-                     rows=r["rows"], samples_per_s=round(r["rows"] / dt, 2), tokens_per_s=round(r["real"] / dt, 1),
-                     mfu=round_or_none(mfu(f, r["real"] / dt, self.peak), 4), cuda_graphs=r["graphs"],
-                     pad_fraction=round(1 - r["real"] / r["padded"], 4), step_s=round(dt, 4))
+            self.log(
+                kind="step",
+                step=r["step"],
+                epoch=self.epoch,
+                epoch_step=r["epoch_step"],
+                steps_per_epoch=self.steps,
+                loss=step_loss,
+                lr=r["lr"],
+                grad_norm=grad_norm if grad_norm is not None else float("nan"),
+                rows=r["rows"],
+                samples_per_s=round(r["rows"] / dt, 2),
+                tokens_per_s=round(r["real"] / dt, 1),
+                mfu=round_or_none(mfu(f, r["real"] / dt, self.peak), 4),
+                cuda_graphs=r["graphs"],
+                pad_fraction=round(1 - r["real"] / r["padded"], 4),
+                step_s=round(dt, 4),
+            )
             if r["step"] % 5 == 0 or r["epoch_step"] == self.steps:
                 self.progress(r["step"])

@@ -36,9 +36,11 @@ def enabled(model, device: torch.device, dtype: torch.dtype, mode: str = "auto")
     if device.type != "cuda":
         return True
     head_dim = next(m.head_dim for m in model.modules() if type(m).__name__ == "PhiAttention")
-    return (flash_ok(torch.cuda.get_device_capability(device), dtype, head_dim)
-            and _flash_runs(torch.device(device.type, torch.cuda.current_device() if device.index is None
-                                         else device.index), dtype, head_dim))
+    return flash_ok(torch.cuda.get_device_capability(device), dtype, head_dim) and _flash_runs(
+        torch.device(device.type, torch.cuda.current_device() if device.index is None else device.index),
+        dtype,
+        head_dim,
+    )
 
 
 @functools.cache
@@ -58,8 +60,7 @@ def _flash_runs(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool
 def flash_ok(capability: tuple[int, int], dtype: torch.dtype, head_dim: int) -> bool:
     """FlashAttention 2 (torch's varlen kernel): Ampere or newer (not a T4: sm 7.5), 16-bit
     inputs, head size a multiple of 8 up to 256."""
-    return (capability >= (8, 0) and dtype in (torch.float16, torch.bfloat16)
-            and head_dim % 8 == 0 and head_dim <= 256)
+    return capability >= (8, 0) and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
 
 
 def supported(model) -> bool:
@@ -67,9 +68,12 @@ def supported(model) -> bool:
     reads the packing), without attention dropout or q/k LayerNorm."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     attention = [m for m in inner.modules() if type(m).__name__ == "PhiAttention"]
-    return (bool(attention) and hasattr(inner, "score") and hasattr(inner, "model")
-            and all(is_patched(m) and not m.qk_layernorm
-                    and not getattr(m, "attention_dropout", 0.0) for m in attention))
+    return (
+        bool(attention)
+        and hasattr(inner, "score")
+        and hasattr(inner, "model")
+        and all(is_patched(m) and not m.qk_layernorm and not getattr(m, "attention_dropout", 0.0) for m in attention)
+    )
 
 
 def round_up(n: int, multiple: int = MULTIPLE) -> int:
@@ -81,8 +85,9 @@ def max_len(rows: list[dict]) -> int:
     return round_up(max((len(r["input_ids"]) for r in rows), default=1))
 
 
-def pack(rows: list[dict], pad_id: int, slots: int | None = None, labels: bool = True,
-         weight: float | None = None) -> dict[str, torch.Tensor]:
+def pack(
+    rows: list[dict], pad_id: int, slots: int | None = None, labels: bool = True, weight: float | None = None
+) -> dict[str, torch.Tensor]:
     """One packed batch of `rows` (encoded examples): input_ids and position_ids [T],
     cu_seqlens [slots + 2] (int32: the rows, empty slots, then the filler segment up to T),
     last [slots] (index of each row's last token), labels and weight [slots] (weight = `weight`
@@ -99,21 +104,21 @@ def pack(rows: list[dict], pad_id: int, slots: int | None = None, labels: bool =
     last = torch.zeros(slots, dtype=torch.long)
     at = 0
     for j, (r, n) in enumerate(zip(rows, lengths)):
-        ids[at:at + n] = torch.tensor(r["input_ids"], dtype=torch.long)
-        pos[at:at + n] = torch.arange(n)
+        ids[at : at + n] = torch.tensor(r["input_ids"], dtype=torch.long)
+        pos[at : at + n] = torch.arange(n)
         at += n
         last[j] = at - 1
         cu[j + 1] = at
-    cu[len(rows) + 1:slots + 1] = at  # empty slots: zero-length rows
+    cu[len(rows) + 1 : slots + 1] = at  # empty slots: zero-length rows
     cu[slots + 1] = tokens  # the filler: its own segment, so it attends only to itself
     pos[at:] = torch.arange(tokens - at)
     out = {"input_ids": ids, "position_ids": pos, "cu_seqlens": cu, "last": last}
     if labels:
         out["labels"] = torch.zeros(slots, dtype=torch.long)
-        out["labels"][:len(rows)] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+        out["labels"][: len(rows)] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
     if weight is not None:
         out["weight"] = torch.zeros(slots, dtype=torch.float32)
-        out["weight"][:len(rows)] = weight
+        out["weight"][: len(rows)] = weight
     return out
 
 
@@ -157,7 +162,8 @@ class _FlashVarlen(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu, max_len, scale):
         out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale
+        )
         ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
         ctx.max_len, ctx.scale = max_len, scale
         return out
@@ -166,8 +172,22 @@ class _FlashVarlen(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True, rng, unused,
-            scale=ctx.scale)
+            grad.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu,
+            cu,
+            ctx.max_len,
+            ctx.max_len,
+            0.0,
+            True,
+            rng,
+            unused,
+            scale=ctx.scale,
+        )
         return dq, dk, dv, None, None, None
 
 
@@ -182,7 +202,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: dict, scal
     position = torch.arange(q.shape[0])
     mask = (segment[:, None] == segment[None, :]) & (position[None, :] <= position[:, None])
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+    )
     return out.transpose(0, 1)
 
 

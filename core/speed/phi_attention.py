@@ -40,17 +40,18 @@ def _rotary_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
 _rotary_tables.last = None
 
 
-def _phi_attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None,
-                           **kwargs):
+def _phi_attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
     """PhiAttention.forward with the partial rotary embedding in one Triton kernel per tensor on a
     GPU (rope.py), elsewhere as x * C + (x @ P) * S on the projections' own [batch, seq,
     heads, head_dim] layout: three contiguous kernels per tensor instead of slices, a
     rotate_half cat, strided products and a cat back. Same maths; the original runs whenever
     this does not apply (cache, q/k LayerNorm)."""
     if past_key_values is not None or self.qk_layernorm:
-        return original_forward(self)(hidden_states, position_embeddings, attention_mask,
-                                      past_key_values=past_key_values, **kwargs)
+        return original_forward(self)(
+            hidden_states, position_embeddings, attention_mask, past_key_values=past_key_values, **kwargs
+        )
     from transformers.models.phi import modeling_phi
+
     shape = (*hidden_states.shape[:-1], -1, self.head_dim)
     cos, sin = position_embeddings
     packed = kwargs.pop(packing.KEY, None)
@@ -58,6 +59,7 @@ def _phi_attention_forward(self, hidden_states, position_embeddings, attention_m
         cos, sin = packing.rotary_tables(packed, cos, sin)
 
     if self._qlora_triton and triton_rope.available(hidden_states):  # one kernel each way (rope.py)
+
         def rope(x):
             return triton_rope.rope(x, cos, sin, self.head_dim).view(shape).transpose(1, 2)
     else:
@@ -71,15 +73,26 @@ def _phi_attention_forward(self, hidden_states, position_embeddings, attention_m
     key_states = rope(self.k_proj(hidden_states))
     value_states = self.v_proj(hidden_states).view(shape).transpose(1, 2)
     if packed is not None:  # [1, heads, T, head_dim] views -> [T, heads, head_dim]
-        out = packing.attention(query_states[0].transpose(0, 1), key_states[0].transpose(0, 1),
-                                value_states[0].transpose(0, 1), packed, self.scaling)
+        out = packing.attention(
+            query_states[0].transpose(0, 1),
+            key_states[0].transpose(0, 1),
+            value_states[0].transpose(0, 1),
+            packed,
+            self.scaling,
+        )
         return self.dense(out.reshape(*hidden_states.shape[:-1], -1)), None
     impl = self.config._attn_implementation
-    attention = (modeling_phi.eager_attention_forward if impl == "eager"
-                 else modeling_phi.ALL_ATTENTION_FUNCTIONS[impl])
-    attn_output, attn_weights = attention(self, query_states, key_states, value_states, attention_mask,
-                                          dropout=0.0 if not self.training else self.attention_dropout,
-                                          scaling=self.scaling, **kwargs)
+    attention = modeling_phi.eager_attention_forward if impl == "eager" else modeling_phi.ALL_ATTENTION_FUNCTIONS[impl]
+    attn_output, attn_weights = attention(
+        self,
+        query_states,
+        key_states,
+        value_states,
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        **kwargs,
+    )
     attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
     return self.dense(attn_output), attn_weights
 

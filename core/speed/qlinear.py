@@ -35,7 +35,6 @@ from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 from .patch import is_patched, original_forward, patch_forward
 
 
-
 def dequantize(weight, quant_state) -> torch.Tensor:
     """The 16-bit (or fp32) weight [out, in] of a bnb Params4bit, double quantisation included."""
     return bnbF.dequantize_4bit(weight, quant_state)
@@ -196,8 +195,12 @@ def _fused_forward(self, x: torch.Tensor, *args, act: str | None = None, **kwarg
         parts = _lora_parts(self)
     fix_4bit_weight_quant_state_from_module(base)
     quant_state = base.weight.quant_state
-    if (args or kwargs or (base is not self and parts is None)  # adapter_names and other cases peft handles
-            or getattr(quant_state, "packing_format_for_cpu", False)):
+    if (
+        args
+        or kwargs
+        or (base is not self and parts is None)  # adapter_names and other cases peft handles
+        or getattr(quant_state, "packing_format_for_cpu", False)
+    ):
         return original(_activate(x, act), *args, **kwargs)
     compute = base.compute_dtype or x.dtype
     inp_dtype = x.dtype

@@ -47,9 +47,23 @@ def _kernel():
     # Token count, sequence length and the tables' strides vary with every batch shape: not
     # specialised on, so a new shape never compiles (nor does it inside a CUDA graph capture).
     @triton.jit(do_not_specialize=["n_tokens", "seq", "stride_b", "stride_s"])
-    def rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_tokens, seq, stride_b, stride_s,
-                    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, ROT: tl.constexpr,
-                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+    def rope_kernel(
+        x_ptr,
+        cos_ptr,
+        sin_ptr,
+        out_ptr,
+        n_tokens,
+        seq,
+        stride_b,
+        stride_s,
+        HEADS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        HALF: tl.constexpr,
+        ROT: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BACKWARD: tl.constexpr,
+    ):
         n = tl.program_id(0)  # one token
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]  # a block of its heads
         j = tl.arange(0, BLOCK_D)[None, :]
@@ -66,8 +80,11 @@ def _kernel():
         else:
             s = tl.load(sin_ptr + table + j, mask=j < ROT, other=0.0).to(tl.float32)
             out = x * c + tl.where(j < HALF, -xp * s, xp * s)
-        tl.store(out_ptr + n.to(tl.int64) * (HEADS * HEAD_DIM) + h * HEAD_DIM + j,
-                 out.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            out_ptr + n.to(tl.int64) * (HEADS * HEAD_DIM) + h * HEAD_DIM + j,
+            out.to(out_ptr.dtype.element_ty),
+            mask=mask,
+        )
 
     return rope_kernel, triton.next_power_of_2
 
@@ -82,9 +99,23 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int
     out = torch.empty_like(x)
     block_h = min(next_pow2(heads), 16)
     kernel[(batch * seq, -(-heads // block_h))](
-        x, cos, sin, out, batch * seq, seq, cos.stride(0), cos.stride(1),
-        HEADS=heads, HEAD_DIM=head_dim, HALF=rot // 2, ROT=rot, BLOCK_H=block_h,
-        BLOCK_D=next_pow2(head_dim), BACKWARD=backward, num_warps=4)
+        x,
+        cos,
+        sin,
+        out,
+        batch * seq,
+        seq,
+        cos.stride(0),
+        cos.stride(1),
+        HEADS=heads,
+        HEAD_DIM=head_dim,
+        HALF=rot // 2,
+        ROT=rot,
+        BLOCK_H=block_h,
+        BLOCK_D=next_pow2(head_dim),
+        BACKWARD=backward,
+        num_warps=4,
+    )
     return out
 
 
@@ -113,7 +144,7 @@ def reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: i
     xh = x.view(b, s, width // head_dim, head_dim)
     rot = cos.shape[-1]
     xr, xpass = xh[..., :rot], xh[..., rot:]
-    x1, x2 = xr[..., :rot // 2], xr[..., rot // 2:]
+    x1, x2 = xr[..., : rot // 2], xr[..., rot // 2 :]
     rotated = torch.cat((-x2, x1), dim=-1)
     out = torch.cat((xr * cos.unsqueeze(2) + rotated * sin.unsqueeze(2), xpass), dim=-1)
     return out.view(b, s, width)

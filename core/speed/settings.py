@@ -21,6 +21,7 @@ class SpeedConfig:
     tests/test_perf.py) and trades speed against memory. The defaults are the fastest measured
     (bench/RESULTS.md). For side-by-side benchmarks each field can be overridden by the environment
     variable in SPEED_ENV; the run's config.json records the values it actually ran with."""
+
     cuda_graphs: bool = True
     """GPU: capture each training-step shape once as a CUDA graph and replay it (QLORA_CUDA_GRAPHS)."""
     eval_graphs: bool = True
@@ -51,26 +52,40 @@ class SpeedConfig:
 
     def __post_init__(self):
         for name in ("cuda_graphs", "eval_graphs", "fused_linear", "fused_rotary", "triton_rotary"):
-            _check(isinstance(getattr(self, name), bool), f"speed.{name} must be true or false, not {getattr(self, name)!r}")
+            _check(
+                isinstance(getattr(self, name), bool),
+                f"speed.{name} must be true or false, not {getattr(self, name)!r}",
+            )
         _check(self.pack in ("auto", "on", "off"), f"speed.pack must be auto, on or off, not {self.pack!r}")
         _check(self.graph_warmup in ("first", "each"), "speed.graph_warmup must be first or each")
         for name in ("micro_tokens", "eval_batch_cost"):
             v = getattr(self, name)
             _check(v is None or (isinstance(v, int) and v >= 0), f"speed.{name} must be a non-negative integer or null")
-        _check(isinstance(self.eval_tokens, int) and self.eval_tokens > 0, "speed.eval_tokens must be a positive integer")
+        _check(
+            isinstance(self.eval_tokens, int) and self.eval_tokens > 0, "speed.eval_tokens must be a positive integer"
+        )
 
 
 # Environment overrides of SpeedConfig, for benchmarks only (the one place they are read).
-SPEED_ENV = {"QLORA_CUDA_GRAPHS": "cuda_graphs", "QLORA_EVAL_GRAPHS": "eval_graphs", "QLORA_PACK": "pack",
-             "QLORA_FUSED": "fused_linear", "QLORA_ROTARY": "fused_rotary", "QLORA_TRITON": "triton_rotary",
-             "QLORA_MICRO_TOKENS": "micro_tokens", "QLORA_EVAL_TOKENS": "eval_tokens",
-             "QLORA_EVAL_BATCH_COST": "eval_batch_cost", "QLORA_GRAPH_WARMUP": "graph_warmup"}
+SPEED_ENV = {
+    "QLORA_CUDA_GRAPHS": "cuda_graphs",
+    "QLORA_EVAL_GRAPHS": "eval_graphs",
+    "QLORA_PACK": "pack",
+    "QLORA_FUSED": "fused_linear",
+    "QLORA_ROTARY": "fused_rotary",
+    "QLORA_TRITON": "triton_rotary",
+    "QLORA_MICRO_TOKENS": "micro_tokens",
+    "QLORA_EVAL_TOKENS": "eval_tokens",
+    "QLORA_EVAL_BATCH_COST": "eval_batch_cost",
+    "QLORA_GRAPH_WARMUP": "graph_warmup",
+}
 
 
 def speed_from_env(speed: SpeedConfig, environ=None) -> SpeedConfig:
     """`speed` with the SPEED_ENV variables that are set applied: booleans as 0/1 (or on/off,
     true/false), pack as auto/1/0 (or auto/on/off), integers as numbers."""
     import os
+
     environ = os.environ if environ is None else environ
     values = dataclasses.asdict(speed)
     for var, name in SPEED_ENV.items():
@@ -78,8 +93,16 @@ def speed_from_env(speed: SpeedConfig, environ=None) -> SpeedConfig:
         if raw is None:
             continue
         if isinstance(getattr(speed, name), bool):
-            flag = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False,
-                    "no": False}.get(raw.strip().lower())
+            flag = {
+                "1": True,
+                "true": True,
+                "on": True,
+                "yes": True,
+                "0": False,
+                "false": False,
+                "off": False,
+                "no": False,
+            }.get(raw.strip().lower())
             _check(flag is not None, f"{var} must be 0 or 1, not {raw!r}")
             values[name] = flag
         elif name == "pack":

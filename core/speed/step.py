@@ -40,8 +40,9 @@ def pad_width(width: int, multiple: int = WIDTH_MULTIPLE) -> int:
     return -(-width // multiple) * multiple
 
 
-def pad_batch(batch: dict[str, torch.Tensor], pad_id: int, width: int | None = None,
-              rows: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+def pad_batch(
+    batch: dict[str, torch.Tensor], pad_id: int, width: int | None = None, rows: int | None = None
+) -> tuple[dict[str, torch.Tensor], int]:
     """Right-pad a collated batch to `width` columns and `rows` rows (filler rows copy real rows
     cyclically); returns the batch and the number of real rows."""
     n = batch["input_ids"].shape[0]
@@ -62,9 +63,17 @@ def pad_batch(batch: dict[str, torch.Tensor], pad_id: int, width: int | None = N
 class TrainStep:
     """Forward + backward of micro-batches into the .grad of the trainable weights."""
 
-    def __init__(self, model, device: torch.device, dtype: torch.dtype, pad_id: int,
-                 speed: SpeedConfig | None = None, scaler=None, data: list[dict] | None = None,
-                 micro: int | None = None):
+    def __init__(
+        self,
+        model,
+        device: torch.device,
+        dtype: torch.dtype,
+        pad_id: int,
+        speed: SpeedConfig | None = None,
+        scaler=None,
+        data: list[dict] | None = None,
+        micro: int | None = None,
+    ):
         """`data`: the encoded training rows, whose longest row bounds a packed row's length;
         `micro`: rows per forward/backward (forward_backward's default)."""
         speed = speed or SpeedConfig()
@@ -137,9 +146,11 @@ class TrainStep:
             raise self._out_of_memory(smaller) from e
 
     def _out_of_memory(self, micro: int) -> RuntimeError:
-        return RuntimeError(f"out of GPU memory with micro-batches of {micro} rows (token budget "
-                            f"{self.token_budget or 'none'}), after one retry at half the micro-batch: lower "
-                            "train.micro_batch_size, speed.micro_tokens or train.batch_size")
+        return RuntimeError(
+            f"out of GPU memory with micro-batches of {micro} rows (token budget "
+            f"{self.token_budget or 'none'}), after one retry at half the micro-batch: lower "
+            "train.micro_batch_size, speed.micro_tokens or train.batch_size"
+        )
 
     def _forward_backward(self, rows: list[dict], micro: int) -> tuple[int, int]:
         if self.packed:
@@ -199,7 +210,7 @@ class TrainStep:
             while cap > 1 and cap * width > self.token_budget:
                 cap //= 2
             for s in range(0, n, cap):
-                part = {k: v[s:s + cap] for k, v in batch.items()}  # same width: no new shapes
+                part = {k: v[s : s + cap] for k, v in batch.items()}  # same width: no new shapes
                 self.run(part, step_rows, rows=cap)
             return
         padded, n = pad_batch(batch, self.pad_id, width, rows if self.graphs else None)
@@ -216,8 +227,7 @@ class TrainStep:
         self.max_len = max_len
         real = processed = 0
         for part in packing.split_rows(rows, self.token_budget, max_rows):
-            batch = packing.pack(part, self.pad_id, slots=max_rows if self.graphs else None,
-                                 weight=1.0 / step_rows)
+            batch = packing.pack(part, self.pad_id, slots=max_rows if self.graphs else None, weight=1.0 / step_rows)
             real += sum(len(r["input_ids"]) for r in part)
             processed += len(batch["input_ids"])
             self._launch(batch)
@@ -248,8 +258,9 @@ class TrainStep:
         saved = [p.grad.clone() for p in self.params]
         saved_loss = self.loss_sum.clone()
         try:  # later shapes: capture without a warm-up
-            graph, _ = capture_graph(lambda: self._fwd_bwd(static), self.device, self.pool,
-                                     warm_up=self.captures == 0 or self.warmup_each)
+            graph, _ = capture_graph(
+                lambda: self._fwd_bwd(static), self.device, self.pool, warm_up=self.captures == 0 or self.warmup_each
+            )
         except Exception as e:  # an op that syncs or is not capturable: fall back to eager
             self.graphs = False
             self.graph_error = f"{type(e).__name__}: {e}"[:500]

@@ -1,6 +1,6 @@
 """Model surgery that keeps the function and makes it cheaper: tune_model(model, dtype, speed).
 
-    changes = tune_model(model, torch.bfloat16, cfg.speed)   # a list of what was changed
+changes = tune_model(model, torch.bfloat16, cfg.speed)   # a list of what was changed
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def tune_model(model, dtype: torch.dtype, speed: SpeedConfig | None = None) -> l
     if speed.fused_rotary and patch_phi_attention(model, triton=speed.triton_rotary):
         changes.append("partial rotary embedding fused (one Triton kernel on GPU, three torch kernels elsewhere)")
     from . import qlinear  # bitsandbytes' kernels: imported once a model is loaded
+
     if speed.fused_linear and qlinear.install(model):  # fewer kernels and saved tensors per 4-bit linear (+ LoRA)
         changes.append("4-bit linear + LoRA as one autograd function")
     if dtype == torch.float16:
