@@ -1,5 +1,5 @@
 """Compare: several runs side by side — their training-loss and validation-accuracy curves, a table
-of headline numbers, and the config fields that differ. All the logic is in core.compare."""
+of headline numbers, and the config fields that differ. All the logic is in core.results.compare."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages import ui
-from core import compare
+from core.results import compare
 from core.runs import rundir
+from core.runs.state import list_runs
 
 st.title("Compare runs")
 
-runs = [r for r in rundir.list_runs() if r["state"] != rundir.DAMAGED and not r.get("damaged")]
-skipped = [r["id"] for r in rundir.list_runs() if r["state"] == rundir.DAMAGED or r.get("damaged")]
+runs = [r for r in list_runs() if r["state"] != rundir.DAMAGED and not r.get("damaged")]
+skipped = [r["id"] for r in list_runs() if r["state"] == rundir.DAMAGED or r.get("damaged")]
 if skipped:
     st.caption(f"Left out (damaged): {', '.join(f'`{i}`' for i in skipped)}")
 if not runs:

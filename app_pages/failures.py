@@ -10,9 +10,10 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import ui
-from core.analysis import example_trajectory, read_dynamics
-from core.report import CATEGORIES, build_report, load_comparison, load_report
-from core.runs import live, rundir
+from core.results.report import CATEGORIES, build_report, load_comparison, load_report
+from core.results.sections import example_trajectory, read_dynamics
+from core.runs import rundir, watch
+from core.runs.state import read_status
 
 ICONS = {
     "fixed": ":green[:material/check_circle:]",
@@ -77,8 +78,8 @@ if run_dir is None:
 ui.damage_note(run_dir)
 rows, labels = load_comparison(run_dir)  # damaged rows are left out
 if not rows:
-    state = rundir.read_status(run_dir).get("state")
-    if state in live.ACTIVE:
+    state = read_status(run_dir).get("state")
+    if state in watch.ACTIVE:
         st.info(
             f"Run `{run_dir.name}` is still {state}. The test examples are scored before training and "
             "again after the last epoch; this page fills in when the run is done."
@@ -93,7 +94,7 @@ st.caption(
     f"Run `{run_dir.name}` · {len(rows)} test examples · before = the model before fine-tuning, "
     "after = the best epoch by validation accuracy"
 )
-report = load_report(run_dir)[0] or build_report(run_dir, group=False)  # no report.json: from the other files
+report = load_report(run_dir)[0] or build_report(run_dir)  # no report.json: from the other files
 hints = {h["id"]: h for h in report.get("noise_hints") or []}
 follow_link(labels)
 counts = {c: sum(r["category"] == c for r in rows) for c in CATEGORIES}

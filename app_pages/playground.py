@@ -11,8 +11,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages import ui
-from core import compare
-from core.runs import rundir
+from core.results import compare
+from core.runs.state import list_runs
 
 st.title("Playground")
 
@@ -26,7 +26,7 @@ def classifier(folder: str):
     return load_classifier(Path(folder))
 
 
-runs = [r for r in rundir.list_runs() if r["state"] == "done" and not r.get("damaged")]
+runs = [r for r in list_runs() if r["state"] == "done" and not r.get("damaged")]
 if not runs:
     st.info("No finished run yet. When a run on the **Train** page is done, try its model here.")
     st.stop()

@@ -6,11 +6,10 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import ui
-from core import access, compare, share
-from core.analysis import NOISE_NOTE
-from core.bundle import build_bundle
-from core.groups import group_summary
-from core.render import (
+from core import access, share
+from core.results import compare
+from core.results.bundle import build_bundle
+from core.results.render import (
     baseline_rows,
     change_rows,
     device_text,
@@ -25,9 +24,12 @@ from core.render import (
     slice_rows,
     speed_rows,
 )
-from core.report import CATEGORIES, build_report, load_report
-from core.runs import live, rundir
+from core.results.report import CATEGORIES, build_report, load_report
+from core.results.sections import NOISE_NOTE
+from core.results.seeds import group_summary
+from core.runs import watch
 from core.runs.resources import describe_hardware
+from core.runs.state import read_status
 
 pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
 rnd = lambda x, n: None if x is None else round(x, n)
@@ -85,13 +87,13 @@ if run_dir is None:
     ui.no_run_message("The report compares the model before and after fine-tuning.")
     st.stop()
 
-status = rundir.read_status(run_dir)
+status = read_status(run_dir)
 state = status.get("state")
 report, problem = load_report(run_dir)  # a damaged report.json is rebuilt from the other files
 ui.damage_note(run_dir, [problem])
 if report is not None:
     report["state"] = state  # status.json is the authority on the state
-elif state in live.ACTIVE:
+elif state in watch.ACTIVE:
     st.info(
         f"Run `{run_dir.name}` is still {state}: its report is written when training ends. "
         "Watch its progress on the Train page; this page fills in by itself when it is done."
@@ -336,17 +338,17 @@ if epochs:
     exact = lambda x: None if x is None else f"{x:.1f} s"
     c[0].metric(
         "Total",
-        live.format_duration(report.get("total_s"), short=True),
+        watch.format_duration(report.get("total_s"), short=True),
         help=f"{exact(report.get('total_s'))}: model load + evaluations + training",
     )
     c[1].metric(
         "Per epoch (mean)",
-        live.format_duration(report["train_s"] / n_ep, short=True),
+        watch.format_duration(report["train_s"] / n_ep, short=True),
         help=exact(report["train_s"] / n_ep),
     )
-    c[2].metric("Training", live.format_duration(report.get("train_s"), short=True), help=exact(report.get("train_s")))
-    c[3].metric("Evaluation", live.format_duration(report.get("eval_s"), short=True), help=exact(report.get("eval_s")))
-    c[4].metric("Model load", live.format_duration(report.get("load_s")))
+    c[2].metric("Training", watch.format_duration(report.get("train_s"), short=True), help=exact(report.get("train_s")))
+    c[3].metric("Evaluation", watch.format_duration(report.get("eval_s"), short=True), help=exact(report.get("eval_s")))
+    c[4].metric("Model load", watch.format_duration(report.get("load_s")))
     st.dataframe(
         pd.DataFrame(
             [

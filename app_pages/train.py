@@ -1,6 +1,6 @@
 """Train: choose settings, see what will happen, launch the trainer, and watch it live.
 
-The trainer runs as its own process (core.runs.jobs.launch); this page only reads the run folder, so
+The trainer runs as its own process (core.jobs.launch); this page only reads the run folder, so
 closing the tab or restarting the server loses nothing: the live view re-attaches from disk.
 """
 
@@ -11,11 +11,12 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import svgchart, ui
-from core import access, estimate, uploads
+from core import access, estimate, jobs, uploads
 from core.config import BUILTIN_DATA, EMBEDDED_MODEL, NLI_LABELS, PRESETS, get_preset, override
-from core.report import load_report
-from core.runs import jobs, live, rundir
-from core.runs.live import format_duration
+from core.results.report import load_report
+from core.runs import rundir, watch
+from core.runs.state import read_config, read_status, stop_requested
+from core.runs.watch import format_duration
 
 DATA_CHOICES = {
     "builtin": "Built-in NLI sample",
@@ -66,15 +67,15 @@ def spare_the_collector() -> None:
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)
-def watcher(run_dir: str) -> live.LiveRun:
+def watcher(run_dir: str) -> watch.LiveRun:
     """One LiveRun per run folder for the whole server: every session watching a run shares its
     reading of the run folder (only new lines are read) and its snapshots."""
-    return live.LiveRun(Path(run_dir))
+    return watch.LiveRun(Path(run_dir))
 
 
 def curve_figures(snap: dict) -> dict:
     """The loss and validation Plotly figures of a finished (or stopped, failed) run."""
-    s = live.chart_series(snap)
+    s = watch.chart_series(snap)
     return {"loss": ui.loss_figure(s["loss"], s["epochs"]), "val": ui.val_accuracy_figure(s["validation"])}
 
 
@@ -95,7 +96,7 @@ def resource_charts(res: list[dict]) -> dict[str, tuple]:
 
 def resource_figures(snap: dict) -> dict:
     """CPU, RAM (and GPU) Plotly figures of a finished (or stopped, failed) run."""
-    res = live.chart_series(snap)["resources"]
+    res = watch.chart_series(snap)["resources"]
     return {
         name: ui.resources_figure(res, keys, title, unit) for name, (title, keys, unit) in resource_charts(res).items()
     }
@@ -104,7 +105,7 @@ def resource_figures(snap: dict) -> dict:
 def _live_charts(snap: dict) -> dict[str, str]:
     """The live view's charts as SVG (app_pages/svgchart.py: nothing for the browser to load or
     compute): the same curves as the Plotly figures of a finished run."""
-    s = live.chart_series(snap)
+    s = watch.chart_series(snap)
     line, second = ui.COLORS["line"], ui.COLORS["second"]
     spe = (s["loss"][0].get("steps_per_epoch") or 1) if s["loss"] else 1
     charts = {
@@ -173,10 +174,10 @@ def live_charts_of(snap: dict) -> dict[str, str]:
 def draw_metrics_row(snap: dict, charts: bool = True) -> None:
     p = snap["progress"]
     tp = p["throughput"]
-    curve = live.validation_curve(snap["evals"])
+    curve = watch.validation_curve(snap["evals"])
     c = st.columns(6)
     c[0].metric("Elapsed", format_duration(p["elapsed_s"], short=True))
-    if snap["state"] in live.ACTIVE:
+    if snap["state"] in watch.ACTIVE:
         c[1].metric("Time left", format_duration(p["eta_s"], short=True) if p["eta_s"] is not None else "measuring…")
     else:
         c[1].metric("Steps", f"{p['step']}/{p['total_steps'] or '?'}")
@@ -199,9 +200,9 @@ def draw_metrics_row(snap: dict, charts: bool = True) -> None:
 
 
 def draw_curves(snap: dict, svg: bool = False) -> None:
-    """The training loss by step and the validation accuracy by epoch (at most live.MAX_POINTS
+    """The training loss by step and the validation accuracy by epoch (at most watch.MAX_POINTS
     points each): Plotly figures, or with `svg` the live view's light SVG charts."""
-    if snap["steps"] or live.validation_curve(snap["evals"]):
+    if snap["steps"] or watch.validation_curve(snap["evals"]):
         left, right = st.columns(2)
         if svg:
             charts = live_charts_of(snap)
@@ -235,7 +236,7 @@ VIEWER_KEY = "viewer_id"  # session_state: this browser session's id among a run
 def refresh_every(run_id: str, snap: dict, current: float | None = None) -> tuple[dict[str, float], int]:
     """This session's refresh intervals for the run, and how many sessions watch it (this one
     counted in, refreshing every `current` s so far): the base intervals when the run trains on a
-    GPU; on the CPU, the base ones times the number of viewers (core.runs.live.refresh_intervals),
+    GPU; on the CPU, the base ones times the number of viewers (core.runs.watch.refresh_intervals),
     so that three tabs on the trainer's machine take from it what one does."""
     import uuid
 
@@ -243,9 +244,9 @@ def refresh_every(run_id: str, snap: dict, current: float | None = None) -> tupl
     run_dir = rundir.run_path(run_id)
     w = watcher(str(run_dir))
     viewers = w.watched_by(session, current or LIVE_EVERY)
-    config = None if (snap.get("setup") or {}).get("device") else rundir.read_config(run_dir)[0]  # until setup
-    cpu = live.trains_on_cpu(snap, config, bool(ui.hardware().get("gpus")))
-    every = live.refresh_intervals(BASE_EVERY, viewers, cpu)
+    config = None if (snap.get("setup") or {}).get("device") else read_config(run_dir)[0]  # until setup
+    cpu = watch.trains_on_cpu(snap, config, bool(ui.hardware().get("gpus")))
+    every = watch.refresh_intervals(BASE_EVERY, viewers, cpu)
     w.watched_by(session, every["progress"])
     return every, (viewers if cpu else 1)
 
@@ -274,7 +275,7 @@ def live_progress(run_id: str, every: dict[str, float], drawn_state: str) -> Non
         st.rerun()  # viewers came or went: the whole page gives the fragments their new intervals
     head, stop = st.columns([5, 1])
     head.progress(snap["progress"]["fraction"], text=snap["progress"]["text"])
-    if rundir.stop_requested(run_dir):
+    if stop_requested(run_dir):
         stop.caption("Stopping after the current step…")
     elif ui.may("stop") and stop.button(
         "Stop", icon=":material/stop:", key=f"stop:{run_id}", help="Ends the run cleanly after the current step"
@@ -336,11 +337,11 @@ def draw_done(run_dir: Path, snap: dict) -> None:
 
 def draw_selected(run_dir: Path) -> bool:
     """The selected run's panel; returns whether the run is still active."""
-    snap = live.snapshot(run_dir)
+    snap = watch.snapshot(run_dir)
     state = snap["state"]
     st.markdown(f"#### {ui.run_title(run_dir, snap['status'])}")
     ui.damage_note(run_dir)
-    if state in live.ACTIVE:
+    if state in watch.ACTIVE:
         live_view(run_dir.name, snap)
         return True
     if state == rundir.DAMAGED:
@@ -349,7 +350,7 @@ def draw_selected(run_dir: Path) -> bool:
             "its other files hold are below; start a new run to train again."
         )
         with st.expander("Last lines of train.log"):
-            st.code(live.log_tail(run_dir) or "(train.log is empty)", language="text")
+            st.code(watch.log_tail(run_dir) or "(train.log is empty)", language="text")
         draw_metrics_row(snap)
     elif state == "done":
         draw_done(run_dir, snap)
@@ -360,7 +361,7 @@ def draw_selected(run_dir: Path) -> bool:
             with st.expander("Traceback"):
                 st.code(snap["status"]["traceback"], language="text")
         with st.expander("Last lines of train.log"):
-            st.code(live.log_tail(run_dir) or "(train.log is empty)", language="text")
+            st.code(watch.log_tail(run_dir) or "(train.log is empty)", language="text")
         draw_metrics_row(snap)
     elif state == "stopped":
         p = snap["progress"]
@@ -381,7 +382,7 @@ def draw_selected(run_dir: Path) -> bool:
 
 
 def resume_button(run_dir: Path) -> None:
-    """Resume a stopped or failed run from its last full-state checkpoint (core.runs.jobs.resume);
+    """Resume a stopped or failed run from its last full-state checkpoint (core.jobs.resume);
     nothing for a session that may not resume runs (public mode)."""
     if not ui.may("resume"):
         return
@@ -404,7 +405,7 @@ def resume_button(run_dir: Path) -> None:
         except (ValueError, OSError) as e:
             st.error(f"Could not resume: {e}")
             return
-        rundir.wait_for(lambda: rundir.read_status(run_dir).get("state") in live.ACTIVE, timeout=15)
+        rundir.wait_for(lambda: read_status(run_dir).get("state") in watch.ACTIVE, timeout=15)
         st.rerun()
     st.caption(f"Resume continues {where}.")
 

@@ -11,8 +11,9 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import access
-from core.report import damaged_files
+from core.results.report import damaged_files
 from core.runs import rundir
+from core.runs.state import list_runs, read_config, read_status
 
 # Material icons ship with Streamlit's frontend (emoji need a font the machine may not have).
 STATE_ICONS = {
@@ -133,7 +134,7 @@ def select_run(run_id: str | None) -> None:
 
 def sidebar() -> None:
     """The runs folder as a list with states, the selection, and the hardware in use."""
-    runs = rundir.list_runs()
+    runs = list_runs()
     ids = [r["id"] for r in runs]
     by_id = {r["id"]: r for r in runs}
     wanted = st.session_state.get(RUN_KEY) or st.query_params.get("run")
@@ -187,8 +188,8 @@ def selected_run() -> Path | None:
 
 
 def run_title(run_dir: Path, status: dict | None = None) -> str:
-    cfg, _ = rundir.read_config(run_dir)
-    state = (status or rundir.read_status(run_dir)).get("state", "unknown")
+    cfg, _ = read_config(run_dir)
+    state = (status or read_status(run_dir)).get("state", "unknown")
     model = (cfg.get("model") or {}).get("name", "?")
     return f"{STATE_ICONS.get(state, UNKNOWN_ICON)} `{run_dir.name}` · {plain(state)} · {plain(model)}"
 
@@ -197,7 +198,7 @@ def damage_note(run_dir: Path, more: list[str] | None = None) -> list[str]:
     """One warning line naming the files of this run that cannot be read (and why), when there
     are any; the page then shows what the other files hold. Returns those lines. Not for a run
     still queued or running: its files are being written (and reading them all costs)."""
-    if rundir.read_status(run_dir).get("state") in rundir.ACTIVE_STATES:
+    if read_status(run_dir).get("state") in rundir.ACTIVE_STATES:
         return []
     damaged = damaged_files(run_dir)
     for line in filter(None, more or []):  # a caller's line about a file replaces the generic one
@@ -382,7 +383,7 @@ def probs_figure(labels: list[str], before: list[float], after: list[float], gol
 @st.fragment(run_every=2)
 def rerun_when_finished(run_id: str) -> None:
     """On pages that wait for a run: rerun the whole page once the run is no longer active."""
-    if rundir.read_status(rundir.run_path(run_id)).get("state") not in ("queued", "running"):
+    if read_status(rundir.run_path(run_id)).get("state") not in ("queued", "running"):
         st.rerun()
 
 

@@ -7,7 +7,7 @@ the app's Train page by 1, 3, ... Chromium sessions (Playwright, Debian's chromi
     .venv/bin/python -m bench.live_view --synthetic 30 --viewers 0,1,3   # no training: UI cost only
 
 Each case trains the same config: viewers 0 runs `python -m core train --config ... --run-dir ...`
-with nobody watching; viewers N starts the same trainer through core.runs.jobs.launch (what the
+with nobody watching; viewers N starts the same trainer through core.jobs.launch (what the
 Launch button does; --button clicks it instead) and opens `/?run=<id>` in N browser contexts (N
 Streamlit sessions), then waits for the run to finish and for every page to show the done view.
 Cases alternate (0, 1, 3, 0, 1, 3, ...) so a shared machine's noise falls on all of them; a CLI
@@ -262,7 +262,7 @@ def run_watched(
     quick: bool,
     timeline: Path | None = None,
 ) -> dict:
-    from core.runs import jobs
+    from core import jobs
 
     server0, chrome0 = cpu_s(server), browser_cpu()
     tl = Timeline(timeline, server)
@@ -307,12 +307,13 @@ def run_watched(
 def fake_run(runs: Path, sleeper: subprocess.Popen, stop: threading.Event) -> Path:
     """A running run that gains a step every 0.3 s and a resources sample every second."""
     from core.config import get_preset
-    from core.runs import rundir
+    from core.runs import liveness, rundir
+    from core.runs.state import write_status
 
     run = runs / f"synthetic-{int(time.time())}"
     run.mkdir(parents=True)
     get_preset("demo").save(run / rundir.CONFIG)
-    rundir.write_status(
+    write_status(
         run,
         state="running",
         phase="training",
@@ -363,7 +364,7 @@ def fake_run(runs: Path, sleeper: subprocess.Popen, stop: threading.Event) -> Pa
             if now - last_res >= 1:
                 last_res = now
                 if hasattr(rundir, "beat"):  # the trainer's sign of life, where rundir checks it
-                    rundir.beat(run)
+                    liveness.beat(run)
                 rundir.append_jsonl(r, {"t": now, "cpu_percent": 190.0 + step % 7, "rss_gb": 0.9, "ram_used_gb": 1.2})
             stop.wait(0.3)
 
@@ -514,7 +515,7 @@ def main() -> None:
             finally:
                 browser.close()
     finally:
-        from core.runs import jobs
+        from core import jobs
 
         for st in runs.glob("*/status.json"):  # never leave a trainer behind
             if read_status(st.parent).get("state") in ACTIVE:

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
+from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, SpeedConfig, TrainConfig, speed_from_env
 from core.runs import rundir
 from core.speed import accounting
 from core.speed.graphs import EvalGraphs
-from core.speed.settings import SpeedConfig, speed_from_env
 from core.speed.step import TrainStep
 from core.speed.tune import tune_model
 

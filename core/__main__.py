@@ -83,7 +83,7 @@ def build_config(args):
     if args.speed:  # e.g. pack=off micro_tokens=1024, parsed as the QLORA_* overrides are
         import dataclasses
 
-        from .speed.settings import SPEED_ENV, speed_from_env
+        from .config import SPEED_ENV, speed_from_env
 
         var = {name: env for env, name in SPEED_ENV.items()}
         pairs = [kv.partition("=") for kv in args.speed]
@@ -103,7 +103,8 @@ def cmd_resume(args) -> int:
     (with as many processes as it had, or --nproc)."""
     from . import dist
     from .config import RunConfig, override
-    from .runs import rundir
+    from .runs import liveness, rundir
+    from .runs.state import read_status, write_status
 
     run_dir = Path(args.resume).resolve()
     if not (run_dir / rundir.STATUS).is_file():
@@ -115,9 +116,9 @@ def cmd_resume(args) -> int:
     cfg = dist.with_world_size(cfg, ranks)
 
     def check() -> None:
-        status = rundir.read_status(run_dir)
+        status = read_status(run_dir)
         raw = rundir.read_json(run_dir / rundir.STATUS, {}) or {}
-        if status.get("state") in ("running", "done") or rundir.pid_alive(raw.get("pid"), raw.get("pid_start")):
+        if status.get("state") in ("running", "done") or liveness.pid_alive(raw.get("pid"), raw.get("pid_start")):
             state = (
                 "still has a live trainer (hung?): stop it first"
                 if status.get("state") not in ("running", "done")
@@ -132,7 +133,7 @@ def cmd_resume(args) -> int:
     if ranks is None or ranks.main:
         (run_dir / rundir.STOP).unlink(missing_ok=True)
         print(f"resuming: {run_dir}", flush=True)
-        rundir.write_status(run_dir, state="running", pid=os.getpid(), phase="resuming", error=None)
+        write_status(run_dir, state="running", pid=os.getpid(), phase="resuming", error=None)
         _hold_device(run_dir, cfg)
     from . import progress
     from .train import train
@@ -149,7 +150,7 @@ def _finish(report: dict, ranks=None) -> int:
         print("stopped before the end; continue with: python -m core train --resume RUN_DIR")
         return 3
     from .progress import summary
-    from .report import render_markdown
+    from .results.render import render_markdown
 
     print(summary(report))  # accuracy before -> after, best epoch, total time
     print()
@@ -160,9 +161,10 @@ def _finish(report: dict, ranks=None) -> int:
 def _hold_device(run_dir: Path, cfg) -> int | None:
     """A heartbeat for the claimed run, and the GPU lock when it trains on a GPU (one GPU run at a
     time: the lock's fd stays open, so it is ours until this process ends, kill -9 included)."""
-    from .runs import rundir
+    from .runs import liveness, rundir
+    from .runs.state import write_status
 
-    rundir.Heartbeat(run_dir).start()  # until the run ends (ResourceSampler beats inside train() too)
+    liveness.Heartbeat(run_dir).start()  # until the run ends (ResourceSampler beats inside train() too)
     try:
         if cfg.model.device == "cpu":
             device_type = "cpu"
@@ -170,9 +172,9 @@ def _hold_device(run_dir: Path, cfg) -> int | None:
             from .model import pick_device  # the choice train() makes
 
             device_type = pick_device(cfg.model.device).type
-        return rundir.gpu_lock(run_dir, device_type)  # the lock's fd, None on CPU
+        return liveness.gpu_lock(run_dir, device_type)  # the lock's fd, None on CPU
     except (ValueError, RuntimeError) as e:
-        rundir.write_status(run_dir, state="failed", phase="failed", finished_at=rundir.now_iso(), error=str(e))
+        write_status(run_dir, state="failed", phase="failed", finished_at=rundir.now_iso(), error=str(e))
         raise
 
 
@@ -206,7 +208,7 @@ def cmd_train(args) -> int:
     if (args.seeds or 1) == 1:
         return _train_one(cfg, run_dir, token, ranks)
     # --seeds K: K runs of this config, seeds seed .. seed+K-1, one after another, as one group
-    # (core/groups.py): the first in run_dir, the others beside it as <run_dir>-seed<S>
+    # (core/results/seeds.py): the first in run_dir, the others beside it as <run_dir>-seed<S>
     import dataclasses
 
     for i in range(args.seeds):
@@ -227,7 +229,7 @@ def cmd_train(args) -> int:
             return code  # a stop or a failure ends the group
     if ranks is not None and not ranks.main:
         return 0
-    from .groups import group_summary
+    from .results.seeds import group_summary
 
     g = group_summary(run_dir)
     ms = lambda x: "n/a" if not x or x["mean"] is None else f"{100 * x['mean']:.1f}% +- {100 * (x['std'] or 0):.1f}"
@@ -242,10 +244,10 @@ def cmd_train(args) -> int:
 def _train_one(cfg, run_dir: Path, token: str | None = None, ranks=None) -> int:
     """Claim `run_dir`, hold the device, train, print the result (the body of `train`). Under
     torchrun, rank 0 claims, holds and prints; every process trains."""
-    from .runs import rundir
+    from .runs.state import claim_run
 
     main = ranks is None or ranks.main
-    claim = lambda: rundir.claim_run(run_dir, token=token, state="running", pid=os.getpid(), phase="starting")
+    claim = lambda: claim_run(run_dir, token=token, state="running", pid=os.getpid(), phase="starting")
     ranks.main_first(claim) if ranks else claim()
     lock = None
     if main:
@@ -288,18 +290,20 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import build_report, render_html, render_markdown
+    from .results.render import render_html, render_markdown
+    from .results.report import build_report
+    from .results.seeds import group_summary
     from .runs import rundir
 
     run_dir = Path(args.run_dir)
     if not (run_dir / rundir.STATUS).exists() and not (run_dir / rundir.CONFIG).exists():
         print(f"error: {run_dir} is not a run folder", file=sys.stderr)
         return 2
-    report = build_report(run_dir)
+    report = build_report(run_dir, group=group_summary(run_dir))
     if args.html:
         rundir.atomic_write_text(Path(args.html), render_html(report))
-    if args.bundle:  # the reproducibility bundle (core/bundle.py)
-        from .bundle import build_bundle
+    if args.bundle:  # the reproducibility bundle (core/results/bundle.py)
+        from .results.bundle import build_bundle
 
         rundir.atomic_write_bytes(Path(args.bundle), build_bundle(run_dir))
     print(render_markdown(report))
@@ -322,6 +326,36 @@ def _raw_equals_name(text: str) -> str:
     if "=" not in text or not text.partition("=")[2].strip():
         raise argparse.ArgumentTypeError(f"--label-map takes RAW=NAME pairs such as 0=entailment, not {text!r}")
     return text
+
+
+def describe_os_error(e: OSError, folder: Path | None = None) -> str:
+    """One sentence for an OSError: what could not be done, where, and what to do."""
+    import errno
+
+    path = Path(e.filename) if e.filename else folder
+    where = f" {path}" if path else ""
+    if e.errno is None:
+        return str(e)
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        return (
+            f"no space left on the disk of{where}: free some space (old run folders can go) or set "
+            "QLORA_STUDIO_RUNS to a folder on another disk"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (
+            f"cannot write{where} ({e.strerror}): make it writable, or set QLORA_STUDIO_RUNS (or --run-dir) "
+            "to a folder you can write"
+        )
+    if e.errno in (errno.ENOTDIR, errno.EEXIST) and path is not None:
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return (
+                f"{blocker} is a file where a folder is needed: set QLORA_STUDIO_RUNS (or --run-dir) to a "
+                "folder, or move the file"
+            )
+    if e.errno == errno.ENOENT and e.filename:
+        return f"not found: {e.filename}"
+    return f"{e.strerror or e}:{where}"
 
 
 def main(argv=None) -> int:
@@ -383,8 +417,6 @@ def main(argv=None) -> int:
         print(f"interrupted (Ctrl-C){where}", file=sys.stderr)
         return 130
     except OSError as e:  # FileNotFoundError, a read-only or full disk, a file where a folder should be
-        from .runs.rundir import describe_os_error
-
         message = describe_os_error(e, _folder_of(args))
     except (ValueError, RuntimeError) as e:
         message = str(e)
@@ -421,7 +453,8 @@ def _after_failure(args, error: str | None) -> list[Path]:
     (recorded as a KeyboardInterrupt failure) is turned into stopped. A queued run that the app
     launched for this process and that failed before the claim gets the error too. Never raises
     (the disk may be full); returns the run folders it marked."""
-    from .runs import rundir
+    from .runs import liveness, rundir
+    from .runs.state import update_status
 
     if getattr(args, "command", None) != "train":
         return []
@@ -432,7 +465,7 @@ def _after_failure(args, error: str | None) -> list[Path]:
     except (OSError, ValueError):
         return []
     me, token = os.getpid(), os.environ.get(rundir.CLAIM_ENV)
-    start = rundir.process_start(me)
+    start = liveness.process_start(me)
 
     def ours(s: dict) -> bool:
         if s.get("pid") == me and s.get("pid_start") in (None, start):
@@ -451,7 +484,7 @@ def _after_failure(args, error: str | None) -> list[Path]:
                 fields = dict(state="stopped", phase="stopped", error=None, traceback=None)
             else:
                 fields = dict(state="failed", phase="failed", error=error)
-            if rundir.update_status(run_dir, {**fields, "finished_at": rundir.now_iso()}, only_if=ours):
+            if update_status(run_dir, {**fields, "finished_at": rundir.now_iso()}, only_if=ours):
                 marked.append(run_dir)
         except Exception:  # noqa: BLE001 - reporting the first error matters more
             continue

@@ -88,8 +88,7 @@ def zero_shot(
 ) -> dict:
     """Zero-shot probabilities of the pretrained causal LM on `examples` (see the module doc), or
     {"why_not": ...} for a model that has no LM head to ask."""
-    from .evaluate import autocast
-    from .model import is_causal
+    from .model import autocast, is_causal
 
     if not is_causal(model):
         return {

@@ -123,7 +123,7 @@ def model_card(
     for name, score in (("Validation", validation), ("Test", test)):
         if score:
             acc, n = score
-            from .stats import wilson
+            from .results.stats import wilson
 
             lo, hi = wilson(round(acc * n), n)
             lines.append(
@@ -201,7 +201,7 @@ class Classifier:
     @torch.inference_mode()
     def predict(self, rows: list[dict]) -> np.ndarray:
         """Probabilities [len(rows), labels] for rows with premise/hypothesis (or text)."""
-        from .evaluate import autocast
+        from .model import autocast
 
         first, second = self.texts(rows)
         out = []

@@ -320,6 +320,7 @@ def run_processes(args, cfg, run_dir: Path) -> int:
 
     from .model import pick_device
     from .runs import rundir
+    from .runs.state import update_status
 
     n = cfg.train.processes
     device = pick_device(cfg.model.device)
@@ -354,7 +355,7 @@ def run_processes(args, cfg, run_dir: Path) -> int:
         error = rank_errors(run_dir) or (
             f"the training processes ended (torchrun exit code {code}) before the run did; see {rundir.LOG} for why"
         )
-        status = rundir.update_status(
+        status = update_status(
             run_dir, {"state": "failed", "phase": "failed", "error": error, "finished_at": rundir.now_iso()}
         ) or {"state": "failed", "error": error}
     if status.get("state") == "failed":  # the run's own words, after torchrun's report

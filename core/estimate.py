@@ -19,6 +19,7 @@ import torch
 
 from .config import BUILTIN_DATA, LoraSettings, RunConfig
 from .runs import rundir
+from .runs.state import list_runs
 
 CUDA_CONTEXT_GB = 0.5  # what the CUDA runtime and cuBLAS workspaces take before any tensor
 ACTIVATION_BYTES = 29  # per token, layer and hidden unit in 16-bit, kept for the backward pass
@@ -109,7 +110,7 @@ def gpu_memory_gb(params: dict, shape: dict, cfg: RunConfig, dtype: str) -> floa
     as the trainer splits it on a GPU (speed.micro_tokens), about 29 bytes per token, layer and
     hidden unit in 16-bit (fitted to the Phi-2-shaped runs in bench/RESULTS.md); plus the CUDA
     context. Batches are padded only to their longest row, so real use is usually lower."""
-    from .speed.settings import speed_from_env
+    from .config import speed_from_env
     from .speed.step import micro_token_budget
 
     if not params or not shape.get("hidden") or not shape.get("layers"):
@@ -130,7 +131,7 @@ def gpu_memory_gb(params: dict, shape: dict, cfg: RunConfig, dtype: str) -> floa
 def similar_runs(cfg: RunConfig, device: str | None, root: Path | None = None) -> list[dict]:
     """Finished runs of the same model on the same kind of device, newest first (their reports)."""
     out = []
-    for r in rundir.list_runs(root):
+    for r in list_runs(root):
         if r["state"] != "done" or r["model"] != cfg.model.name:
             continue
         report = rundir.read_json(r["path"] / rundir.REPORT, {}) or {}

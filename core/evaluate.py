@@ -6,7 +6,6 @@ rows = prediction_rows(examples, probs, labels)     # what predictions/*.jsonl h
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import time
@@ -17,17 +16,10 @@ import torch
 
 from .config import SpeedConfig
 from .data import Example, collate
-from .model import is_causal
+from .model import autocast, is_causal
 from .runs import rundir
 from .speed import packing
 from .speed.graphs import EvalGraphs
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision on GPU (bf16/fp16 matmuls, fp32 master weights); nothing on CPU/fp32."""
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
 
 
 @torch.inference_mode()
@@ -190,10 +182,9 @@ def evaluate_run(run_dir: Path, data_file: Path, name: str | None = None, batch_
     "name", "files"}. The name defaults to the file's stem, made safe; a stem that is one of the
     run's own splits (test.jsonl) becomes <stem>-file, so the obvious command works."""
     from .checkpoint import load_adapter_weights
-    from .config import RunConfig
+    from .config import RunConfig, speed_from_env
     from .data import encode, to_examples
     from .model import add_lora, load_model, load_tokenizer, pick_compute_dtype, pick_device
-    from .speed.settings import speed_from_env
     from .speed.tune import tune_model
     from .tables import iter_table
 

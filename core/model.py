@@ -11,6 +11,7 @@ quantisation and wrapped by peft's SEQ_CLS task type, so it is trained and saved
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -180,6 +181,13 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision on GPU (bf16/fp16 matmuls, fp32 master weights); nothing on CPU/fp32."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
 
 
 def pick_compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .runs import rundir
-from .runs.live import estimate_remaining, format_duration
+from .runs.watch import estimate_remaining, format_duration
 
 POLL_S = 1.0  # how often the reporter looks at the run folder
 EVERY_S = 10.0  # not a terminal: a plain line at least this often (and on each new phase or epoch)

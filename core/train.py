@@ -26,7 +26,7 @@ import torch
 
 from . import checkpoint, dist
 from .classifier import folder_files
-from .config import RunConfig
+from .config import RunConfig, speed_from_env
 from .data import batch_indices, encode, load_splits
 from .evaluate import accuracy, predict, prediction_rows
 from .model import (
@@ -38,13 +38,14 @@ from .model import (
     pick_device,
     resolve_pooling,
 )
-from .report import build_report
+from .results.report import build_report
+from .results.seeds import group_summary
 from .runs import rundir
 from .runs.resources import ResourceSampler, hardware_info
+from .runs.state import stop_requested, write_status
 from .speed import packing
 from .speed.accounting import PeakMemory, StepLog
 from .speed.graphs import EvalGraphs
-from .speed.settings import speed_from_env
 from .speed.step import TrainStep
 from .speed.tune import tune_model
 
@@ -190,7 +191,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             cfg.save(run_dir / rundir.CONFIG)
             rundir.atomic_write_text(metrics, "")
     log = (lambda **rec: rundir.append_jsonl(metrics, {"t": round(time.time(), 3), **rec})) if main else _quiet
-    status = (lambda **kw: rundir.write_status(run_dir, **kw)) if main else _quiet
+    status = (lambda **kw: write_status(run_dir, **kw)) if main else _quiet
     created = (rundir.read_json(run_dir / rundir.STATUS, {}) or {}).get("created_at") or rundir.now_iso()
     status(
         state="running",
@@ -353,7 +354,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         )
         if not main:
             return {}
-        report = {**build_report(run_dir), "state": "done"}
+        report = {**build_report(run_dir, group=group_summary(run_dir)), "state": "done"}
         rundir.atomic_write_json(run_dir / rundir.REPORT, report)
         status(state="done", phase="done", finished_at=rundir.now_iso(), step=step)
         return report
@@ -391,7 +392,7 @@ def end_run(run_dir: Path, log, sampler, t_start: float, state: str, error: str 
     sampler.stop()
     state = "failed" if error else state
     log(kind="end", state=state, total_s=round(time.time() - t_start, 3), **({"error": error} if error else {}))
-    rundir.write_status(
+    write_status(
         run_dir,
         state=state,
         phase=state,
@@ -437,7 +438,7 @@ class Evaluator:
         """Score `split` now, log it; with `save`, write predictions/<split>_<stage>.jsonl."""
         main, ranks, n = self.ranks.main, self.ranks, len(self.splits[split])
         if main:
-            rundir.write_status(self.run_dir, phase=f"evaluating {split} ({stage})")
+            write_status(self.run_dir, phase=f"evaluating {split} ({stage})")
         t0 = time.time()
         graphs = self.graphs if split in self.graph_splits else None
         probs, loss = predict(
@@ -495,7 +496,7 @@ class Evaluator:
 
         if not self.ranks.main:  # rank 0 alone: the others wait at their next collective
             return
-        rundir.write_status(self.run_dir, phase="evaluating test (zero-shot baseline)")
+        write_status(self.run_dir, phase="evaluating test (zero-shot baseline)")
         t0, test = time.time(), self.splits["test"]
         result = zero_shot(
             self.model,
@@ -541,7 +542,7 @@ class StopRequest:
         self.signalled = True
 
     def check(self) -> None:
-        if self.ranks.agree(self.signalled or rundir.stop_requested(self.run_dir)):
+        if self.ranks.agree(self.signalled or stop_requested(self.run_dir)):
             raise Stopped()
 
     def restore(self) -> None:

@@ -14,10 +14,12 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app_pages.ui import plain
+from core import jobs
 from core.config import get_preset
-from core.report import CATEGORIES, load_comparison
-from core.runs import jobs, rundir
+from core.results.report import CATEGORIES, load_comparison
+from core.runs import rundir
 from core.runs.resources import describe_hardware, hardware_info
+from core.runs.state import list_runs, stop_requested, write_status
 
 ROOT = Path(__file__).resolve().parents[1]
 pct = lambda x: f"{100 * x:.1f}%"
@@ -179,7 +181,7 @@ def test_launch_writes_the_form_into_config_and_selects_the_run(tmp_path, monkey
     at.run()
     at.button(key="launch").click().run()
     assert not at.exception
-    runs = rundir.list_runs(tmp_path / "runs")
+    runs = list_runs(tmp_path / "runs")
     assert len(runs) == 1 and at.session_state["run"] == runs[0]["id"]
     cfg = json.loads((runs[0]["path"] / "config.json").read_text())
     assert cfg["train"]["epochs"] == 1 and cfg["train"]["seed"] == 7 and cfg["lora"]["r"] == 8
@@ -213,7 +215,7 @@ def test_uploaded_files_preview_mapping_and_launch(tmp_path, monkeypatch):
     assert not any("column/label mapping" in w.value for w in at.warning)
     assert "Label values in the train file: 0, 1, 2" in text_of(at)
     at.button(key="launch").click().run()
-    run = rundir.list_runs(tmp_path / "runs")[0]["path"]
+    run = list_runs(tmp_path / "runs")[0]["path"]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["data"]["source"] == "files" and cfg["data"]["label_column"] == "gold"
     assert cfg["data"]["premise_column"] == "s1" and cfg["data"]["validation"] is None
@@ -283,9 +285,9 @@ def check_running_run(run: Path, trainer, monkeypatch):
     assert ">40.0%<" in charts["Validation accuracy by epoch (0 = before training)"]  # the before pass
     assert "browser sessions are watching" not in text_of(at)  # one viewer: the full refresh rate
     at.button(key=f"stop:{run.name}").click().run()
-    assert rundir.stop_requested(run)
+    assert stop_requested(run)
     assert trainer.wait(timeout=10) == -signal.SIGTERM  # Stop also sends SIGTERM to the trainer
-    rundir.write_status(run, pid=os.getpid())  # still running (as far as the folder says)
+    write_status(run, pid=os.getpid())  # still running (as far as the folder says)
     for page in ("report", "failures"):
         at.switch_page(f"app_pages/{page}.py").run()
         assert "is still running" in text_of(at)
@@ -388,7 +390,7 @@ def make_failed_run(root: Path) -> Path:
     run = root / "20990101-000000-demo-fail"
     run.mkdir(parents=True)
     get_preset("demo").save(run / "config.json")
-    rundir.write_status(
+    write_status(
         run,
         state="failed",
         pid=None,
@@ -408,7 +410,7 @@ def make_running_run(root: Path, pid: int) -> Path:
     run.mkdir(parents=True)
     get_preset("demo").save(run / "config.json")
     started = time.time() - 30
-    rundir.write_status(
+    write_status(
         run, state="running", phase="training", pid=pid, created_at=rundir.now_iso(), started_at=rundir.now_iso()
     )
     m = run / "metrics.jsonl"

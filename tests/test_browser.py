@@ -117,7 +117,7 @@ def server(tmp_path):
             yield url, runs
     finally:
         for run in runs.glob("*/status.json"):  # never leave a trainer behind
-            from core.runs import jobs
+            from core import jobs
 
             jobs.stop(run.parent)
 
@@ -232,7 +232,7 @@ def test_demo_run_end_to_end_in_a_real_browser(server):
             shot(page, "report-transitions")
 
             # --- Failures: the report's "fixed" cell lists the fixed examples; open one -------------
-            from core.report import load_comparison
+            from core.results.report import load_comparison
 
             rows, _ = load_comparison(run)
             fixed = sorted((r for r in rows if r["category"] == "fixed"), key=lambda r: -r["gold_prob_change"])

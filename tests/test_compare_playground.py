@@ -1,4 +1,4 @@
-"""core.compare on run folders written by hand, and the Compare and Playground pages under
+"""core.results.compare on run folders written by hand, and the Compare and Playground pages under
 streamlit.testing.v1.AppTest (Playground against a copy of the real tiny run, `tiny_run`)."""
 
 import json
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import compare
-from core.stats import wilson
+from core.results import compare
+from core.results.stats import wilson
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["entailment", "neutral", "contradiction"]
@@ -121,13 +121,13 @@ def two_runs(tmp_path) -> tuple[Path, Path]:
         created="2026-01-02T00:00:00+00:00",
     )
     # run-a also has a report.json (written by the real builder): load_report's path; run-b has none
-    from core.report import build_report
+    from core.results.report import build_report
 
-    (a / "report.json").write_text(json.dumps(build_report(a, group=False)))
+    (a / "report.json").write_text(json.dumps(build_report(a)))
     return a, b
 
 
-# --- core.compare -------------------------------------------------------------------------------
+# --- core.results.compare -------------------------------------------------------------------------------
 
 
 def test_flatten_nested_config():

@@ -9,10 +9,11 @@ import pytest
 
 from core.config import DataConfig, LoraSettings, RunConfig, TrainConfig, get_preset, override
 from core.data import Example, batch_indices, carve_validation, load_splits, map_label, stratified_sample, to_examples
-from core.render import parameter_rows, resource_rows
-from core.report import compare_predictions
+from core.results.render import parameter_rows, resource_rows
+from core.results.report import compare_predictions
+from core.results.stats import wilson as wilson_interval
 from core.runs import rundir
-from core.stats import wilson as wilson_interval
+from core.runs.state import read_status, write_status
 from core.tables import read_table
 from core.train import lr_factor
 
@@ -327,7 +328,7 @@ def test_parameter_and_resource_rows_are_the_report_tables():
     assert parameter_rows({}) == []
     assert [peak for _, peak in resource_rows({})] == ["n/a"] * 6
     # the Markdown report prints exactly these rows
-    from core.render import render_markdown
+    from core.results.render import render_markdown
 
     md = render_markdown({"run_id": "r", **report})
     for name, value in parameter_rows(report) + resource_rows(report):
@@ -338,7 +339,7 @@ def test_speed_rows_show_how_the_run_ran():
     from dataclasses import asdict
 
     from core.config import SpeedConfig
-    from core.render import render_markdown, speed_rows
+    from core.results.render import render_markdown, speed_rows
 
     report = {"speed": asdict(SpeedConfig(pack="off", micro_tokens=None)), "speedups": ["gelu_new->fused tanh gelu"]}
     rows = dict(speed_rows(report))
@@ -351,12 +352,12 @@ def test_speed_rows_show_how_the_run_ran():
 
 
 def test_status_of_a_dead_running_process_reads_failed(tmp_path):
-    rundir.write_status(tmp_path, state="running", pid=2**22 + 12345)
-    assert rundir.read_status(tmp_path)["state"] == "failed"
-    rundir.write_status(tmp_path, state="running", pid=os.getpid())
-    assert rundir.read_status(tmp_path)["state"] == "running"
+    write_status(tmp_path, state="running", pid=2**22 + 12345)
+    assert read_status(tmp_path)["state"] == "failed"
+    write_status(tmp_path, state="running", pid=os.getpid())
+    assert read_status(tmp_path)["state"] == "running"
     with pytest.raises(ValueError):
-        rundir.write_status(tmp_path, state="bogus")
+        write_status(tmp_path, state="bogus")
 
 
 # --- report -------------------------------------------------------------------------------------

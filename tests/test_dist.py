@@ -231,8 +231,9 @@ def test_the_train_page_offers_the_gpus_when_there_are_several(tmp_path, monkeyp
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
+    from core import jobs
     from core.config import RunConfig
-    from core.runs import jobs, resources
+    from core.runs import resources
 
     started = []
 

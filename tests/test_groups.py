@@ -1,4 +1,4 @@
-"""Several seeds as one group (`python -m core train --seeds K`, core/groups.py): K real runs of
+"""Several seeds as one group (`python -m core train --seeds K`, core/results/seeds.py): K real runs of
 one config that differ only in train.seed, scored on the same test rows, summed up as mean +- std
 with the per-example agreement across seeds."""
 
@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core.groups import group_runs, group_summary
+from core.results.seeds import group_runs, group_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 

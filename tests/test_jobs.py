@@ -3,8 +3,10 @@ only, and stopped cleanly."""
 
 import json
 
+from core import jobs
 from core.config import get_preset, override
-from core.runs import jobs, rundir
+from core.runs import liveness, rundir
+from core.runs.state import list_runs, read_status
 
 
 def test_launch_observe_and_stop_a_detached_run(tmp_path, monkeypatch):
@@ -15,21 +17,21 @@ def test_launch_observe_and_stop_a_detached_run(tmp_path, monkeypatch):
     )
     run = jobs.launch(cfg)
     assert run.parent == tmp_path.resolve()
-    assert rundir.read_status(run)["state"] in ("queued", "running")
-    assert [r["id"] for r in rundir.list_runs()] == [run.name]
+    assert read_status(run)["state"] in ("queued", "running")
+    assert [r["id"] for r in list_runs()] == [run.name]
 
     def stepping():
         steps = [m for m in rundir.read_jsonl(run / rundir.METRICS) if m.get("kind") == "step"]
-        return len(steps) >= 2 or rundir.read_status(run).get("state") in ("failed", "done")
+        return len(steps) >= 2 or read_status(run).get("state") in ("failed", "done")
 
     assert rundir.wait_for(stepping, timeout=300), (run / rundir.LOG).read_text()[-2000:]
-    status = rundir.read_status(run)
+    status = read_status(run)
     assert status["state"] == "running", status
-    assert rundir.pid_alive(status["pid"])
+    assert liveness.pid_alive(status["pid"])
 
     jobs.stop(run)
-    assert rundir.wait_for(lambda: rundir.read_status(run)["state"] != "running", timeout=120)
-    status = rundir.read_status(run)
+    assert rundir.wait_for(lambda: read_status(run)["state"] != "running", timeout=120)
+    status = read_status(run)
     assert status["state"] == "stopped" and status["finished_at"]
     metrics = rundir.read_jsonl(run / rundir.METRICS)
     assert metrics[-1]["kind"] == "end" and metrics[-1]["state"] == "stopped"
@@ -38,4 +40,4 @@ def test_launch_observe_and_stop_a_detached_run(tmp_path, monkeypatch):
     assert (run / "checkpoints" / "epoch-0" / "adapter_model.safetensors").exists()
     assert not (run / rundir.REPORT).exists()
     assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 3
-    assert rundir.wait_for(lambda: not rundir.pid_alive(status["pid"]), timeout=30)
+    assert rundir.wait_for(lambda: not liveness.pid_alive(status["pid"]), timeout=30)

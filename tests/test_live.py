@@ -1,4 +1,4 @@
-"""The Train page's incremental reading of a run folder (core.runs.live): JsonlTail reads only the
+"""The Train page's incremental reading of a run folder (core.runs.watch): JsonlTail reads only the
 lines appended since its last read, LiveRun keeps a snapshot up to date with it, downsample and
 chart_series bound what is plotted. No Streamlit, no training."""
 
@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from core.runs import live, rundir
+from core.runs import rundir, watch
+from core.runs.state import write_status
 
 
 def write(path, *records, raw: str = ""):
@@ -22,7 +23,7 @@ def write(path, *records, raw: str = ""):
 
 def test_tail_returns_only_the_new_lines(tmp_path):
     path = tmp_path / "m.jsonl"
-    tail = live.JsonlTail(path)
+    tail = watch.JsonlTail(path)
     assert tail.read() == ([], False)  # no file yet
     write(path, {"i": 1}, {"i": 2})
     assert tail.read() == ([{"i": 1}, {"i": 2}], False)
@@ -34,7 +35,7 @@ def test_tail_returns_only_the_new_lines(tmp_path):
 
 def test_tail_keeps_a_half_written_line_for_the_next_read(tmp_path):
     path = tmp_path / "m.jsonl"
-    tail = live.JsonlTail(path)
+    tail = watch.JsonlTail(path)
     write(path, {"i": 1}, raw='{"i": 2, "note": "half')
     assert tail.read() == ([{"i": 1}], False)
     write(path, raw=' written"}\n{"i": 3')
@@ -49,14 +50,14 @@ def test_tail_skips_and_counts_lines_that_are_not_objects(tmp_path):
     write(path, {"i": 1}, raw="garbage\n[1, 2]\n\n\xff\n")
     with open(path, "ab") as f:
         f.write(b'\xff\xfe\n{"i": 2}\n')
-    tail = live.JsonlTail(path)
+    tail = watch.JsonlTail(path)
     assert tail.read() == ([{"i": 1}, {"i": 2}], False)
     assert tail.bad == 4
 
 
 def test_tail_starts_over_when_the_file_is_truncated(tmp_path):
     path = tmp_path / "m.jsonl"
-    tail = live.JsonlTail(path)
+    tail = watch.JsonlTail(path)
     write(path, {"i": 1}, {"i": 2}, {"i": 3})
     assert len(tail.read()[0]) == 3
     with open(path, "w") as f:  # same inode, shorter
@@ -68,7 +69,7 @@ def test_tail_starts_over_when_the_file_is_truncated(tmp_path):
 
 def test_tail_starts_over_when_the_file_is_replaced(tmp_path):
     path = tmp_path / "m.jsonl"
-    tail = live.JsonlTail(path)
+    tail = watch.JsonlTail(path)
     write(path, {"i": 1})
     tail.read()
     rundir.atomic_write_jsonl(path, [{"k": 1}, {"k": 2}, {"k": 3}])  # a new inode, longer
@@ -77,7 +78,7 @@ def test_tail_starts_over_when_the_file_is_replaced(tmp_path):
 
 def test_tail_starts_over_when_the_bytes_it_read_changed_in_place(tmp_path):
     path = tmp_path / "m.jsonl"
-    tail = live.JsonlTail(path)
+    tail = watch.JsonlTail(path)
     write(path, {"i": 1}, {"i": 2})
     tail.read()
     with open(path, "r+b") as f:  # same inode, same size, other content, then more lines
@@ -89,7 +90,7 @@ def test_tail_starts_over_when_the_bytes_it_read_changed_in_place(tmp_path):
 
 def test_tail_starts_over_when_the_file_is_removed(tmp_path):
     path = tmp_path / "m.jsonl"
-    tail = live.JsonlTail(path)
+    tail = watch.JsonlTail(path)
     write(path, {"i": 1})
     tail.read()
     path.unlink()
@@ -105,7 +106,7 @@ def test_tail_starts_over_when_the_file_is_removed(tmp_path):
 def running_run(tmp_path):
     run = tmp_path / "20990101-000000-demo-live"
     run.mkdir()
-    rundir.write_status(
+    write_status(
         run,
         state="running",
         phase="training",
@@ -152,16 +153,16 @@ def same(a: dict, b: dict) -> bool:
 
 def test_live_run_matches_snapshot_and_reads_only_new_lines(tmp_path):
     run = running_run(tmp_path)
-    watcher = live.LiveRun(run)
+    watcher = watch.LiveRun(run)
     now = time.time()
     first = watcher.snapshot(now=now)
-    assert same(first, live.snapshot(run, now=now))
+    assert same(first, watch.snapshot(run, now=now))
     for i in (1, 2, 3):
         write(run / "metrics.jsonl", step(i))
     write(run / "resources.jsonl", {"t": 100.0, "cpu_percent": 90.0}, {"t": 101.5, "cpu_percent": 95.0})
     write(run / "metrics.jsonl", raw='{"t": 1, "kind": "step", "ste')  # being written
     snap = watcher.snapshot(now=now)
-    assert same(snap, live.snapshot(run, now=now))
+    assert same(snap, watch.snapshot(run, now=now))
     assert snap["progress"]["step"] == 3 and "step 3/8" in snap["progress"]["text"]
     assert [r["elapsed_s"] for r in snap["resources"]] == [0.0, 1.5]
     assert snap["version"] != first["version"]
@@ -171,15 +172,15 @@ def test_live_run_matches_snapshot_and_reads_only_new_lines(tmp_path):
     # the run ends: the status says so, and the end record arrives
     write(run / "metrics.jsonl", raw='p": 4}\n')
     write(run / "metrics.jsonl", {"t": time.time(), "kind": "end", "state": "done", "total_s": 30.0})
-    rundir.write_status(run, state="done", finished_at=rundir.now_iso())
+    write_status(run, state="done", finished_at=rundir.now_iso())
     done = watcher.snapshot(now=now)
     assert done["state"] == "done" and done["end"]["total_s"] == 30.0 and done["progress"]["fraction"] == 1.0
-    assert same(done, live.snapshot(run, now=now))
+    assert same(done, watch.snapshot(run, now=now))
 
 
 def test_live_run_starts_over_when_metrics_are_rewritten(tmp_path):
     run = running_run(tmp_path)
-    watcher = live.LiveRun(run)
+    watcher = watch.LiveRun(run)
     for i in range(1, 6):
         write(run / "metrics.jsonl", step(i))
     before = watcher.snapshot()
@@ -192,7 +193,7 @@ def test_live_run_starts_over_when_metrics_are_rewritten(tmp_path):
 
 def test_live_run_with_max_age_shares_one_snapshot(tmp_path):
     run = running_run(tmp_path)
-    watcher = live.LiveRun(run)
+    watcher = watch.LiveRun(run)
     shared = watcher.snapshot(max_age=60)
     write(run / "metrics.jsonl", step(1))
     assert watcher.snapshot(max_age=60) is shared  # young enough: the same dict, the same version
@@ -204,7 +205,7 @@ def test_live_run_with_max_age_shares_one_snapshot(tmp_path):
 
 def test_live_run_serves_threads_at_once(tmp_path):
     run = running_run(tmp_path)
-    watcher = live.LiveRun(run)
+    watcher = watch.LiveRun(run)
     errors, stop = [], threading.Event()
 
     def viewer():
@@ -237,7 +238,7 @@ def test_downsample_is_bounded_ordered_and_keeps_ends_and_extremes(n, keys):
     rows = [
         {"i": i, "y": math.sin(i / 7) + (5 if i == n // 3 else 0), "z": -i if i != n // 2 else 10**6} for i in range(n)
     ]
-    out = live.downsample(rows, keys if len(keys) > 1 else keys[0], max_points=300)
+    out = watch.downsample(rows, keys if len(keys) > 1 else keys[0], max_points=300)
     assert len(out) <= 300
     if n <= 300:
         assert out == rows
@@ -253,11 +254,11 @@ def test_downsample_is_bounded_ordered_and_keeps_ends_and_extremes(n, keys):
 
 def test_downsample_small_bounds_and_missing_values():
     rows = [{"y": None if i % 2 else i} for i in range(1000)]
-    out = live.downsample(rows, "y", max_points=50)
+    out = watch.downsample(rows, "y", max_points=50)
     assert len(out) <= 50 and out[0] is rows[0] and out[-1] is rows[-1]
     assert all(r["y"] is not None for r in out[1:-1])
-    assert live.downsample(rows, "y", max_points=2) == [rows[0], rows[-1]]
-    assert live.downsample(rows, "y", max_points=1) == [rows[-1]]
+    assert watch.downsample(rows, "y", max_points=2) == [rows[0], rows[-1]]
+    assert watch.downsample(rows, "y", max_points=1) == [rows[-1]]
 
 
 def test_chart_series_bounds_every_curve(tmp_path):
@@ -270,8 +271,8 @@ def test_chart_series_bounds_every_curve(tmp_path):
             for i in range(5000)
         ),
     )
-    snap = live.LiveRun(run).snapshot()
-    series = live.chart_series(snap, max_points=300)
+    snap = watch.LiveRun(run).snapshot()
+    series = watch.chart_series(snap, max_points=300)
     assert all(len(v) <= 300 for v in series.values())
     assert series["loss"][0]["step"] == 1 and series["loss"][-1]["step"] == 2000
     assert series["resources"][-1]["elapsed_s"] == 4999.0
@@ -283,7 +284,7 @@ def test_chart_series_bounds_every_curve(tmp_path):
 
 
 def test_watched_by_counts_sessions_until_they_stop_asking(tmp_path):
-    watcher = live.LiveRun(running_run(tmp_path))
+    watcher = watch.LiveRun(running_run(tmp_path))
     assert watcher.watched_by("a", 3.0, now=100.0) == 1
     assert watcher.watched_by("b", 3.0, now=101.0) == 2
     assert watcher.watched_by("a", 6.0, now=102.0) == 2  # the same session again: still two
@@ -294,12 +295,12 @@ def test_watched_by_counts_sessions_until_they_stop_asking(tmp_path):
 
 def test_refresh_intervals_are_shared_by_viewers_of_a_cpu_run_only():
     base = {"progress": 3.0, "charts": 12.0}
-    assert live.refresh_intervals(base, 1, shares_cpu=True) == base
-    assert live.refresh_intervals(base, 3, shares_cpu=True) == {"progress": 9.0, "charts": 36.0}
-    assert live.refresh_intervals(base, 3, shares_cpu=False) == base  # a GPU run: every viewer at full rate
-    assert live.refresh_intervals(base, 0, shares_cpu=True) == base
-    many = live.refresh_intervals(base, 500, shares_cpu=True)
-    assert many["progress"] == 3.0 * live.MAX_SHARE
+    assert watch.refresh_intervals(base, 1, shares_cpu=True) == base
+    assert watch.refresh_intervals(base, 3, shares_cpu=True) == {"progress": 9.0, "charts": 36.0}
+    assert watch.refresh_intervals(base, 3, shares_cpu=False) == base  # a GPU run: every viewer at full rate
+    assert watch.refresh_intervals(base, 0, shares_cpu=True) == base
+    many = watch.refresh_intervals(base, 500, shares_cpu=True)
+    assert many["progress"] == 3.0 * watch.MAX_SHARE
 
 
 @pytest.mark.parametrize(
@@ -315,4 +316,4 @@ def test_refresh_intervals_are_shared_by_viewers_of_a_cpu_run_only():
     ],
 )
 def test_trains_on_cpu(setup, config, gpu, expected):
-    assert live.trains_on_cpu({"setup": setup}, config, gpu) is expected
+    assert watch.trains_on_cpu({"setup": setup}, config, gpu) is expected

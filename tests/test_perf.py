@@ -13,14 +13,13 @@ import math
 import pytest
 import torch
 
-from core.config import LoraSettings
+from core.config import LoraSettings, SpeedConfig, speed_from_env
 from core.data import collate
 from core.evaluate import eval_batches, predict
 from core.model import is_causal
 from core.speed import accounting, tune
 from core.speed.graphs import EvalGraphs
 from core.speed.patch import is_patched
-from core.speed.settings import SpeedConfig, speed_from_env
 from core.speed.step import TrainStep, pad_batch, pad_width
 
 PHI2 = dict(
@@ -407,7 +406,7 @@ def test_packed_forward_and_gradients_match_padded(tiny):
 
 def test_speed_settings_come_from_the_config_and_the_environment_overrides_them():
     """Every QLORA_* switch maps to one SpeedConfig field; values parse by the field's type."""
-    from core.speed.settings import SPEED_ENV
+    from core.config import SPEED_ENV
 
     assert set(SPEED_ENV.values()) == set(SpeedConfig.__dataclass_fields__)
     env = {

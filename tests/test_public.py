@@ -20,9 +20,10 @@ from streamlit.testing.v1 import AppTest
 from test_app import make_failed_run, make_running_run, start, text_of
 
 from app_pages.ui import PASSWORD_KEY, plain
-from core import access, share
+from core import access, jobs, share
 from core.config import BUILTIN_DATA, EMBEDDED_MODEL, get_preset, override
-from core.runs import jobs, rundir
+from core.runs import rundir
+from core.runs.state import list_runs, read_status, stop_requested, write_status
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = (
@@ -103,8 +104,8 @@ def test_read_only_refuses_every_action_in_core_and_writes_nothing(tmp_path, mon
             call()
         assert isinstance(e.value, ValueError)  # what the pages and the CLI already show as one sentence
     assert sorted(p.name for p in root.iterdir()) == sorted([running.name, failed.name])  # no new run folder
-    assert not rundir.stop_requested(running) and sleeper.poll() is None  # no STOP file, no signal
-    assert not started.calls and rundir.read_status(failed)["state"] == "failed"
+    assert not stop_requested(running) and sleeper.poll() is None  # no STOP file, no signal
+    assert not started.calls and read_status(failed)["state"] == "failed"
     monkeypatch.setenv(access.READ_ONLY_ENV, "0")  # 0 / false / no / off / empty: not read-only
     assert not access.read_only() and access.allowed("launch")
 
@@ -127,11 +128,11 @@ def test_a_password_guards_every_action_in_core(tmp_path, monkeypatch, started, 
     with pytest.raises(access.Refused, match="Wrong password: resuming a run was refused"):
         jobs.resume(running, password="nope")
     assert [p.name for p in root.iterdir()] == [running.name] and not started.calls
-    assert not rundir.stop_requested(running) and sleeper.poll() is None
+    assert not stop_requested(running) and sleeper.poll() is None
 
     run = jobs.launch(demo_cfg(), password="s3cret pass")  # the right one
-    assert started.calls[-1][-1] == str(run) and rundir.read_status(run)["state"] == "queued"
-    assert jobs.stop(running, password="s3cret pass") and rundir.stop_requested(running)
+    assert started.calls[-1][-1] == str(run) and read_status(run)["state"] == "queued"
+    assert jobs.stop(running, password="s3cret pass") and stop_requested(running)
     assert access.password_ok("s3cret pass") and not access.password_ok(None)
 
 
@@ -234,7 +235,7 @@ def runs_of_every_kind(tiny_run: Path, root: Path, pid: int) -> dict[str, Path]:
     stopped = root / "20990101-000000-demo-stopped"
     stopped.mkdir()
     get_preset("demo").save(stopped / "config.json")
-    rundir.write_status(stopped, state="stopped", created_at=rundir.now_iso(), finished_at=rundir.now_iso())
+    write_status(stopped, state="stopped", created_at=rundir.now_iso(), finished_at=rundir.now_iso())
     return {"done": done, "failed": failed, "stopped": stopped, "running": make_running_run(root, pid)}
 
 
@@ -251,7 +252,7 @@ def test_read_only_pages_browse_but_show_no_action(tiny_run, tmp_path, monkeypat
         assert "Start a new run" not in [e.label for e in at.expander]
         assert any("This is a read-only deployment" in i.value for i in at.info), kind
     assert any(e.proto.text.startswith("training") for e in at.get("progress"))  # the running run is watched
-    assert not started.calls and not any(rundir.stop_requested(r) for r in runs.values())
+    assert not started.calls and not any(stop_requested(r) for r in runs.values())
 
     report = json.loads((runs["done"] / "report.json").read_text())
     at = start(runs["done"].parent, monkeypatch, page="report", run=runs["done"].name)
@@ -291,10 +292,10 @@ def test_password_mode_shows_actions_only_after_the_right_password(tmp_path, mon
     assert not [t for t in at.text_input if t.key == "password_field"]
     assert "Password accepted for this browser session" in text_of(at)
     at.button(key=f"stop:{running.name}").click().run()
-    assert rundir.stop_requested(running) and sleeper.wait(timeout=10) == -15  # SIGTERM, through core's check
+    assert stop_requested(running) and sleeper.wait(timeout=10) == -15  # SIGTERM, through core's check
     at.button(key="launch").click().run()
     assert not at.exception, [e.value for e in at.exception]
-    new = [r for r in rundir.list_runs(root) if r["path"] != running]
+    new = [r for r in list_runs(root) if r["path"] != running]
     assert len(new) == 1 and started.calls[-1][-1] == str(new[0]["path"])
 
     other = start(root, monkeypatch, run=running.name)  # another browser session: locked again

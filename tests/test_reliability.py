@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from core import jobs
 from core.config import get_preset, override
-from core.report import damaged_files
-from core.runs import jobs, rundir
+from core.results.report import damaged_files
+from core.runs import liveness, rundir, state
+from core.runs.state import claim_run, list_runs, read_status, stop_requested, write_status
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,61 +39,61 @@ def set_status(run: Path, **fields) -> None:
 
 def test_a_reused_pid_is_never_signalled_and_the_run_reads_failed(tmp_path, sleeper):
     run = tmp_path / "run"
-    started = rundir.process_start(sleeper.pid)
+    started = liveness.process_start(sleeper.pid)
     # the trainer that had this pid started a minute before the process that has it now
-    rundir.claim_run(run, state="running", pid=sleeper.pid, pid_start=started - 60)
-    rundir.beat(run)  # even a fresh heartbeat does not make another process the trainer
-    status = rundir.read_status(run)
+    claim_run(run, state="running", pid=sleeper.pid, pid_start=started - 60)
+    liveness.beat(run)  # even a fresh heartbeat does not make another process the trainer
+    status = read_status(run)
     assert status["state"] == "failed", status
     assert f"pid {sleeper.pid}" in status["error"] and "belongs to another process" in status["error"]
     assert jobs.stop(run) is False
     time.sleep(0.5)
     assert sleeper.poll() is None, "jobs.stop signalled a process that is not the run's trainer"
-    assert rundir.stop_requested(run)  # the STOP file is still written
+    assert stop_requested(run)  # the STOP file is still written
 
     # the same pid with its own start time is the trainer: it reads running and Stop signals it
     set_status(run, pid_start=started)
-    assert rundir.read_status(run)["state"] == "running"
+    assert read_status(run)["state"] == "running"
     assert jobs.stop(run) is True
     assert sleeper.wait(timeout=10) == -signal.SIGTERM
 
 
 def test_write_status_records_the_start_time_of_the_pid_it_writes(tmp_path, sleeper):
-    status = rundir.write_status(tmp_path, state="running", pid=sleeper.pid)
-    assert status["pid_start"] == pytest.approx(rundir.process_start(sleeper.pid))
-    assert rundir.pid_alive(sleeper.pid, status["pid_start"])
-    assert not rundir.pid_alive(sleeper.pid, status["pid_start"] - 5)
-    assert rundir.write_status(tmp_path, pid=None)["pid_start"] is None
+    status = write_status(tmp_path, state="running", pid=sleeper.pid)
+    assert status["pid_start"] == pytest.approx(liveness.process_start(sleeper.pid))
+    assert liveness.pid_alive(sleeper.pid, status["pid_start"])
+    assert not liveness.pid_alive(sleeper.pid, status["pid_start"] - 5)
+    assert write_status(tmp_path, pid=None)["pid_start"] is None
 
 
 def test_a_live_trainer_without_a_recent_heartbeat_reads_failed_and_a_fresh_one_running(tmp_path):
     run = tmp_path / "run"
-    rundir.claim_run(run, state="running", pid=os.getpid())  # this process is alive and matches
+    claim_run(run, state="running", pid=os.getpid())  # this process is alive and matches
     set_status(run, updated_at=old_iso(600))  # no status write for ten minutes either
     (run / rundir.HEARTBEAT).write_text(
         json.dumps({"t": time.time() - rundir.HEARTBEAT_STALE_S - 5, "pid": os.getpid()})
     )
-    status = rundir.read_status(run)
+    status = read_status(run)
     assert status["state"] == "failed" and "heartbeat" in status["error"], status
-    rundir.beat(run)
-    assert rundir.read_status(run)["state"] == "running"
+    liveness.beat(run)
+    assert read_status(run)["state"] == "running"
     # the same heartbeat read a little more than the threshold later
-    assert rundir.read_status(run, now=time.time() + rundir.HEARTBEAT_STALE_S + 2)["state"] == "failed"
+    assert read_status(run, now=time.time() + rundir.HEARTBEAT_STALE_S + 2)["state"] == "failed"
     # a status write is a sign of life too (a trainer between beats, or from before heartbeats)
     (run / rundir.HEARTBEAT).unlink()
-    rundir.write_status(run, phase="training")
-    assert rundir.read_status(run)["state"] == "running"
+    write_status(run, phase="training")
+    assert read_status(run)["state"] == "running"
 
 
 def test_the_heartbeat_thread_beats_until_the_run_ends(tmp_path):
     run = tmp_path / "run"
-    rundir.claim_run(run, state="running", pid=os.getpid())
-    hb = rundir.Heartbeat(run, every=0.05).start()
+    claim_run(run, state="running", pid=os.getpid())
+    hb = liveness.Heartbeat(run, every=0.05).start()
     try:
-        first = rundir.last_beat(run)
+        first = liveness.last_beat(run)
         assert first is not None
-        assert rundir.wait_for(lambda: rundir.last_beat(run) > first, timeout=5)
-        rundir.write_status(run, state="done")
+        assert rundir.wait_for(lambda: liveness.last_beat(run) > first, timeout=5)
+        write_status(run, state="done")
         assert rundir.wait_for(lambda: not hb._thread.is_alive(), timeout=5)  # a finished run gets no beats
     finally:
         hb.stop()
@@ -104,21 +106,21 @@ def test_a_queued_run_whose_trainer_died_on_start_reads_failed_with_the_log_reas
     (shadow / "psutil.py").write_text("raise ImportError('psutil is broken on purpose')\n")
     cfg = override(get_preset("demo"), {"model.device": "cpu"})
     run = jobs.launch(cfg, env={"PYTHONPATH": str(shadow)})
-    assert rundir.read_status(run)["state"] in ("queued", "failed")
-    assert rundir.wait_for(lambda: rundir.read_status(run)["state"] != "queued", timeout=60)
-    status = rundir.read_status(run)
+    assert read_status(run)["state"] in ("queued", "failed")
+    assert rundir.wait_for(lambda: read_status(run)["state"] != "queued", timeout=60)
+    status = read_status(run)
     assert status["state"] == "failed", status
     assert "ended before it started the run" in status["error"]
     assert "ImportError: psutil is broken on purpose" in status["error"]
-    assert [r["state"] for r in rundir.list_runs()] == ["failed"]
+    assert [r["state"] for r in list_runs()] == ["failed"]
 
 
 def test_a_queued_run_with_no_trainer_at_all_fails_after_the_grace_period(tmp_path):
     run = tmp_path / "run"
-    rundir.claim_run(run, state="queued", pid=None)
+    claim_run(run, state="queued", pid=None)
     (run / rundir.LOG).write_text("starting\nerror: something went wrong early\n")
-    assert rundir.read_status(run)["state"] == "queued"
-    status = rundir.read_status(run, now=time.time() + rundir.QUEUED_GRACE_S + 1)
+    assert read_status(run)["state"] == "queued"
+    status = read_status(run, now=time.time() + rundir.QUEUED_GRACE_S + 1)
     assert status["state"] == "failed" and "never started" in status["error"]
     assert "error: something went wrong early" in status["error"]
 
@@ -126,8 +128,8 @@ def test_a_queued_run_with_no_trainer_at_all_fails_after_the_grace_period(tmp_pa
 # --- one GPU run at a time ----------------------------------------------------------------------
 
 HOLD_GPU = (
-    "import sys, time; from pathlib import Path; from core.runs import rundir; "
-    "rundir.gpu_lock(Path(sys.argv[1]), 'cuda'); print('locked', flush=True); time.sleep(120)"
+    "import sys, time; from pathlib import Path; from core.runs import liveness; "
+    "liveness.gpu_lock(Path(sys.argv[1]), 'cuda'); print('locked', flush=True); time.sleep(120)"
 )
 
 
@@ -144,7 +146,7 @@ def test_the_gpu_lock_refuses_a_second_launch_and_is_released_when_its_holder_is
         assert holder.stdout.readline().strip() == b"locked"
         started = []
         monkeypatch.setattr(jobs.subprocess, "Popen", lambda args, **kw: started.append(args))
-        assert rundir.gpu_holder() == "gpu-run"
+        assert liveness.gpu_holder() == "gpu-run"
         gpu_cfg = get_preset("demo")  # device auto: the GPU when there is one, and a held lock says there is
         with pytest.raises(ValueError, match=r"^another run \(gpu-run\) is using the GPU; wait for it or stop it$"):
             jobs.launch(gpu_cfg)
@@ -153,23 +155,23 @@ def test_the_gpu_lock_refuses_a_second_launch_and_is_released_when_its_holder_is
         assert not started and sorted(p.name for p in runs.iterdir()) == [rundir.GPU_LOCK]  # nothing made
         # a trainer that loses the race fails at once with that message
         with pytest.raises(ValueError, match=r"another run \(gpu-run\) is using the GPU"):
-            rundir.gpu_lock(runs / "late", "cuda", tries=2)
+            liveness.gpu_lock(runs / "late", "cuda", tries=2)
         # CPU runs take no lock and are not refused
-        assert rundir.gpu_lock(runs / "late", "cpu") is None
+        assert liveness.gpu_lock(runs / "late", "cpu") is None
         cpu_run = jobs.launch(override(gpu_cfg, {"model.device": "cpu"}))
-        assert started and rundir.read_status(cpu_run)["state"] == "queued"
+        assert started and read_status(cpu_run)["state"] == "queued"
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    assert rundir.gpu_holder() is None  # released by the OS with the process
+    assert liveness.gpu_holder() is None  # released by the OS with the process
     run = jobs.launch(gpu_cfg)
-    assert rundir.read_status(run)["state"] == "queued"
-    fd = rundir.gpu_lock(run, "cuda")
+    assert read_status(run)["state"] == "queued"
+    fd = liveness.gpu_lock(run, "cuda")
     try:
-        assert rundir.gpu_holder() == run.name
+        assert liveness.gpu_holder() == run.name
     finally:
         os.close(fd)
-    assert rundir.gpu_holder() is None
+    assert liveness.gpu_holder() is None
 
 
 def test_a_cli_trainer_that_finds_the_gpu_taken_fails_with_the_message_in_its_status(tmp_path, monkeypatch):
@@ -181,11 +183,11 @@ def test_a_cli_trainer_that_finds_the_gpu_taken_fails_with_the_message_in_its_st
     runs = tmp_path / "runs"
     monkeypatch.setenv(rundir.RUNS_ENV, str(runs))
     monkeypatch.setattr(core.model, "pick_device", lambda requested="auto": torch.device("cuda", 0))
-    fd = rundir.gpu_lock(runs / "holder", "cuda")  # another run's trainer holds the GPU
+    fd = liveness.gpu_lock(runs / "holder", "cuda")  # another run's trainer holds the GPU
     try:
         run = tmp_path / "second"
         assert main(["train", "--preset", "demo", "--run-dir", str(run)]) == 2
-        status = rundir.read_status(run)
+        status = read_status(run)
         assert status["state"] == "failed"
         assert status["error"] == "another run (holder) is using the GPU; wait for it or stop it"
     finally:
@@ -195,10 +197,10 @@ def test_a_cli_trainer_that_finds_the_gpu_taken_fails_with_the_message_in_its_st
 # --- claiming a run folder ----------------------------------------------------------------------
 
 CLAIM = """import sys, time
-from core.runs import rundir
+from core.runs.state import claim_run
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
 try:
-    rundir.claim_run(sys.argv[1], state="running", pid=None)
+    claim_run(sys.argv[1], state="running", pid=None)
     print("won")
 except ValueError as e:
     print("lost", e)
@@ -229,7 +231,7 @@ def test_of_many_threads_claiming_one_run_folder_exactly_one_wins(tmp_path):
         def claim():
             barrier.wait()
             try:
-                rundir.claim_run(run, state="running", pid=None)
+                claim_run(run, state="running", pid=None)
                 results.append("won")
             except ValueError as e:
                 results.append(str(e))
@@ -251,7 +253,7 @@ def cli(*args) -> subprocess.CompletedProcess:
 
 def test_the_cli_refuses_a_run_folder_that_is_taken_or_is_not_a_run_folder(tmp_path, monkeypatch):
     run = tmp_path / "taken"
-    rundir.claim_run(run, state="done", pid=None)
+    claim_run(run, state="done", pid=None)
     before = (run / rundir.STATUS).read_bytes()
     p = cli("train", "--preset", "demo", "--run-dir", run)
     assert p.returncode == 2 and f"error: {run} already holds a run" in p.stderr, p.stderr
@@ -273,15 +275,15 @@ def test_the_cli_refuses_a_run_folder_that_is_taken_or_is_not_a_run_folder(tmp_p
 
 def test_a_launched_trainer_takes_over_its_queued_run_and_nobody_else_can(tmp_path):
     run = tmp_path / "run"
-    rundir.claim_run(run, state="queued", pid=None, claim="secret-token")
+    claim_run(run, state="queued", pid=None, claim="secret-token")
     with pytest.raises(ValueError, match="already holds a run"):
-        rundir.claim_run(run, state="running", pid=os.getpid())  # a second CLI into the same folder
+        claim_run(run, state="running", pid=os.getpid())  # a second CLI into the same folder
     with pytest.raises(ValueError, match="already holds a run"):
-        rundir.claim_run(run, token="wrong", state="running", pid=os.getpid())
-    status = rundir.claim_run(run, token="secret-token", state="running", pid=os.getpid())
+        claim_run(run, token="wrong", state="running", pid=os.getpid())
+    status = claim_run(run, token="secret-token", state="running", pid=os.getpid())
     assert status["state"] == "running" and status["pid"] == os.getpid() and status["claim"] is None
     with pytest.raises(ValueError, match="already holds a run"):  # the token works once
-        rundir.claim_run(run, token="secret-token", state="running", pid=os.getpid())
+        claim_run(run, token="secret-token", state="running", pid=os.getpid())
 
 
 # --- damaged files ------------------------------------------------------------------------------
@@ -302,8 +304,8 @@ def test_readers_return_defaults_for_damaged_files(tmp_path):
 
 
 def test_a_real_run_folder_has_no_damage(tiny_run):
-    assert rundir.damaged_files(tiny_run) == []
-    assert rundir.list_runs(tiny_run.parent)[0]["damaged"] is None
+    assert state.damaged_files(tiny_run) == []
+    assert list_runs(tiny_run.parent)[0]["damaged"] is None
 
 
 def damage(path: Path, how: str) -> None:

@@ -1,4 +1,4 @@
-"""The report's statistics sections (core/analysis.py, core/render.py, core/bundle.py) and the
+"""The report's statistics sections (core/results/sections.py, core/results/render.py, core/results/bundle.py) and the
 Report and Failures pages that draw them, on a run folder written by hand whose counts are known:
 n = 204 test rows, 69 right before and 161 after, 13 regressed and 105 fixed (McNemar p about
 5e-19, tested in tests/test_stats.py), three kinds of hypothesis (68 rows each) for the slices,
@@ -16,11 +16,14 @@ from streamlit.testing.v1 import AppTest
 from test_app import start as start_app
 from test_app import text_of
 
-from core import analysis, slices, stats
-from core.bundle import MEMBERS, PACKAGES, build_bundle
 from core.config import get_preset
-from core.report import build_report, damaged_files, load_report, render_html, render_markdown
+from core.results import sections, slices, stats
+from core.results.bundle import MEMBERS, PACKAGES, build_bundle
+from core.results.render import render_html, render_markdown
+from core.results.report import build_report, damaged_files, load_report
+from core.results.seeds import group_summary
 from core.runs import rundir
+from core.runs.state import write_status
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["entailment", "neutral", "contradiction"]
@@ -105,7 +108,7 @@ def make_stats_run(root: Path, run_id: str = RUN_ID, seed: int = 0, group: str |
     cfg = json.loads((run / "config.json").read_text())
     cfg["train"]["seed"], cfg["group"], cfg["train"]["epochs"] = seed, group, 2
     (run / "config.json").write_text(json.dumps(cfg))
-    rundir.write_status(
+    write_status(
         run,
         state="done",
         pid=None,
@@ -271,7 +274,7 @@ def test_build_report_on_a_hand_made_run_gives_the_known_numbers(stats_run):
     assert d["learned_at"] == {"0": 69, "1": 105, "2": 0, "never": 30}
     assert r["group"] is None
     json.dumps(rundir._clean(r), allow_nan=False)
-    assert analysis.sections_problem(json.loads(json.dumps(r))) is None
+    assert sections.sections_problem(json.loads(json.dumps(r))) is None
 
 
 def test_exported_markdown_and_html_carry_the_intervals_p_value_and_ece(stats_run):
@@ -304,7 +307,7 @@ def test_a_model_without_zero_shot_says_why_and_old_reports_get_the_sections(sta
         "| zero-shot baseline | none |  |  | no such baseline: bert is an encoder: no next word |" in render_markdown(r)
     )
     # a report.json written before these sections: load_report adds them from the run's files
-    old = {k: v for k, v in r.items() if k not in analysis.SECTION_KEYS and k != "group"}
+    old = {k: v for k, v in r.items() if k not in sections.SECTION_KEYS and k != "group"}
     rundir.atomic_write_json(stats_run / "report.json", old)
     loaded, problem = load_report(stats_run)
     assert problem is None and loaded["transitions"] == r["transitions"] and loaded["headline"] == r["headline"]
@@ -345,13 +348,13 @@ def test_trajectory_of_one_example():
             2: {"ids": ["a", "b"], "probs": [[0.9, 0.05, 0.05], [0.1, 0.8, 0.1]]},
         }
     }
-    t = analysis.example_trajectory(dyn, "a", E, LABELS)
+    t = sections.example_trajectory(dyn, "a", E, LABELS)
     assert t["epochs"] == [0, 1, 2] and t["p_gold"] == [0.6, 0.2, 0.9] and t["pred"] == [E, N, E]
     assert t["first_learned"] == 0 and t["forgetting_events"] == 1 and t["forgotten_at"] == [1]
-    assert analysis.example_trajectory(dyn, "b", E, LABELS)["first_learned"] == 1
-    assert analysis.example_trajectory(dyn, "zz", E, LABELS) is None
-    assert analysis.format_p(4.764406071312224e-19) == "5e-19" and analysis.format_p(0.0004) == "4e-4"
-    assert analysis.format_p(0.0312) == "0.031" and analysis.format_p(1.0) == "1"
+    assert sections.example_trajectory(dyn, "b", E, LABELS)["first_learned"] == 1
+    assert sections.example_trajectory(dyn, "zz", E, LABELS) is None
+    assert sections.format_p(4.764406071312224e-19) == "5e-19" and sections.format_p(0.0004) == "4e-4"
+    assert sections.format_p(0.0312) == "0.031" and sections.format_p(1.0) == "1"
 
 
 # --- seeds --------------------------------------------------------------------------------------
@@ -365,8 +368,8 @@ def test_a_group_of_seeds_shows_mean_std_agreement_and_which_seed(tmp_path, monk
         rows[0] = {**rows[0], "pred": N, "correct": False, "probs": probs(N, 0.9)}
         rundir.atomic_write_jsonl(run / "predictions" / "test_after.jsonl", rows)
     for run in runs:
-        rundir.atomic_write_json(run / "report.json", build_report(run, group=False))
-    r = build_report(runs[0])
+        rundir.atomic_write_json(run / "report.json", build_report(run))
+    r = build_report(runs[0], group=group_summary(runs[0]))
     g = r["group"]
     assert g["finished"] == 3 and [x["seed"] for x in g["runs"]] == [0, 1, 2]
     assert g["accuracy_after"] == slices.seed_summary([161 / 204, 160 / 204, 160 / 204])
@@ -498,20 +501,19 @@ def test_failures_page_shows_when_an_example_was_learned_or_forgotten(stats_run,
 def test_the_tiny_run_report_has_the_new_sections(tiny_run, tmp_path):
     stored = json.loads((tiny_run / "report.json").read_text())
     r = build_report(tiny_run)
-    for key in analysis.SECTION_KEYS + ("group",):
+    for key in sections.SECTION_KEYS + ("group",):
         assert key in r and key in stored, key
     assert r["headline"].startswith("Fine-tuning ") and "(n = 48)" in r["headline"]
     assert r["transitions"]["n"] == 48 and sum(sum(row) for row in r["transitions"]["counts"]) == 48
     assert r["baselines"]["zero_shot"]["why_not"].startswith("bert is an encoder")  # the embedded model
     assert r["dynamics"]["epochs"] == [0, 1, 2]
-    assert analysis.sections_problem(stored) is None and load_report(tiny_run)[1] is None
+    assert sections.sections_problem(stored) is None and load_report(tiny_run)[1] is None
     names = zipfile.ZipFile(io.BytesIO(build_bundle(tiny_run))).namelist()
     assert names == [f"{tiny_run.name}/{m}" for m in MEMBERS]
     print("tiny_run headline:", r["headline"])
 
 
-def test_the_new_core_modules_stay_small_and_never_import_streamlit():
-    for name in ("analysis", "bundle", "render", "report", "slices", "stats"):
-        src = (ROOT / "core" / f"{name}.py").read_text()
+def test_the_results_modules_never_import_streamlit():
+    for name in ("sections", "bundle", "render", "report", "seeds", "slices", "stats", "compare"):
+        src = (ROOT / "core" / "results" / f"{name}.py").read_text()
         assert "import streamlit" not in src and "from streamlit" not in src, name
-        assert len(src.splitlines()) <= 400, name

@@ -298,7 +298,9 @@ def test_the_train_page_resumes_a_stopped_run_and_launches_seed_groups(tmp_path,
     `python -m core train --resume RUN`; the Seeds field passes --seeds K to the trainer."""
     from streamlit.testing.v1 import AppTest
 
-    from core.runs import jobs, rundir
+    from core import jobs
+    from core.runs import rundir
+    from core.runs.state import write_status
 
     started = []
 
@@ -322,7 +324,7 @@ def test_the_train_page_resumes_a_stopped_run_and_launches_seed_groups(tmp_path,
     from core.config import get_preset
 
     get_preset("demo").save(run / "config.json")
-    rundir.write_status(run, state="stopped", created_at=rundir.now_iso(), finished_at=rundir.now_iso())
+    write_status(run, state="stopped", created_at=rundir.now_iso(), finished_at=rundir.now_iso())
     checkpoint.write_dir(run / "checkpoints" / "state-00000007", {"state.json": b"{}"})
     monkeypatch.setenv("QLORA_STUDIO_RUNS", str(root))
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
@@ -337,7 +339,7 @@ def test_the_train_page_resumes_a_stopped_run_and_launches_seed_groups(tmp_path,
     done = root / "done-run"
     done.mkdir()
     get_preset("demo").save(done / "config.json")
-    rundir.write_status(done, state="done")
+    write_status(done, state="done")
     with pytest.raises(ValueError, match="only a stopped or failed run can be resumed"):
         jobs.resume(done)
     run_dir = jobs.launch(get_preset("demo"), seeds=3)

@@ -1,4 +1,4 @@
-"""core.stats and core.slices against hand-computed cases and scipy / scikit-learn references."""
+"""core.results.stats and core.results.slices against hand-computed cases and scipy / scikit-learn references."""
 
 import json
 import math
@@ -13,7 +13,7 @@ from scipy import stats as sps
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import confusion_matrix, f1_score
 
-from core import slices, stats
+from core.results import slices, stats
 
 LABELS = ["entailment", "neutral", "contradiction"]
 E, N, C = LABELS

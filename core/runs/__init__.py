@@ -1,12 +1,13 @@
-"""The run folder and the jobs that write it: the only contract between the trainer and the app.
+"""The run folder: the only contract between the trainer and the app. Import each name from the
+file that defines it:
 
-- rundir.py: the files of a run folder, atomic writes, append-only JSON lines, tolerant readers
-  (the one entry point: it also re-exports what liveness.py and state.py define);
+- rundir.py: where runs live, their ids and file names, atomic writes, append-only JSON lines,
+  tolerant readers, metrics.jsonl's records and the throughput they add up to;
 - liveness.py: is the trainer alive (pid + start time, heartbeat), and the GPU lock;
-- state.py: status.json (claimed exclusively, written under a lock), read_status, damaged runs;
-- jobs.py: start a trainer process for a run (`python -m core train`), resume it, stop it;
-- live.py: what the app shows of a run while it trains (progress, ETA, curves), from the folder;
+- state.py: status.json (claimed exclusively, written under a lock), read_status, the STOP
+  request, damaged runs, the list of runs;
+- watch.py: what the app shows of a run while it trains (progress, ETA, curves, viewers);
 - resources.py: CPU, RAM, disk and GPU sampling into resources.jsonl, and hardware descriptions.
-"""
 
-from . import rundir  # noqa: F401 - first: liveness.py and state.py build on it
+Starting and stopping a trainer for a run folder is core/jobs.py.
+"""

@@ -1,5 +1,5 @@
 """Is the trainer of a run alive? Process identity (pid + start time), the heartbeat, and the
-GPU lock (one GPU run at a time). Part of the run folder contract (rundir.py re-exports these).
+GPU lock (one GPU run at a time). Part of the run folder contract.
 
     pid_alive(pid, start)          # the process lives and is the one that started at `start`
     Heartbeat(run_dir).start()     # the trainer's sign of life, every HEARTBEAT_EVERY_S seconds
@@ -24,13 +24,25 @@ try:
 except ImportError:  # not POSIX: no file locks
     fcntl = None
 
-from .rundir import (GPU_LOCK, HEARTBEAT, HEARTBEAT_EVERY_S, HEARTBEAT_STALE_S, LOG, QUEUED_GRACE_S,
-                     START_TOLERANCE_S, STATUS, _is_int, _is_num, read_json, runs_root)
-
+from .rundir import (
+    GPU_LOCK,
+    HEARTBEAT,
+    HEARTBEAT_EVERY_S,
+    HEARTBEAT_STALE_S,
+    LOG,
+    QUEUED_GRACE_S,
+    START_TOLERANCE_S,
+    STATUS,
+    _is_int,
+    _is_num,
+    read_json,
+    runs_root,
+)
 
 # --- processes and the heartbeat ----------------------------------------------------------------
 
-def _valid_pid(pid: Any) -> bool:
+
+def valid_pid(pid: Any) -> bool:
     return _is_int(pid) and pid > 0
 
 
@@ -38,7 +50,7 @@ def process_start(pid: Any) -> float | None:
     """When process `pid` started (seconds since the epoch, psutil's create_time), None if there
     is no such process. With the pid, this names one process: a later one that reuses the pid
     started later."""
-    if not _valid_pid(pid):
+    if not valid_pid(pid):
         return None
     try:
         return psutil.Process(pid).create_time()
@@ -50,7 +62,7 @@ def pid_alive(pid: int | None, start: float | None = None) -> bool:
     """Whether process `pid` exists (a zombie does not count). With `start` (its pid_start, as
     process_start gave it), also whether it is still that process, not a later one given the same
     pid: their start times must agree within START_TOLERANCE_S."""
-    if not _valid_pid(pid):
+    if not valid_pid(pid):
         return False
     try:
         os.kill(pid, 0)
@@ -97,7 +109,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
-    def start(self) -> "Heartbeat":
+    def start(self) -> Heartbeat:
         self._beat()
         self._thread.start()
         return self
@@ -145,7 +157,7 @@ def _because(run_dir: Path) -> str:
     return f"; last error in {LOG}: {line}" if line else f" ({LOG} is empty)"
 
 
-def _timestamp(iso: Any) -> float | None:
+def timestamp(iso: Any) -> float | None:
     try:
         return datetime.fromisoformat(iso).timestamp()
     except (TypeError, ValueError):
@@ -162,25 +174,30 @@ def trainer_problem(run_dir: Path, status: dict, now: float | None = None) -> st
     pid, start, queued = status.get("pid"), status.get("pid_start"), status.get("state") == "queued"
     if pid is not None:
         if not pid_alive(pid):
-            return (f"the trainer process (pid {pid}) ended "
-                    f"{'before it started the run' if queued else 'without finishing'}{_because(run_dir)}")
+            return (
+                f"the trainer process (pid {pid}) ended "
+                f"{'before it started the run' if queued else 'without finishing'}{_because(run_dir)}"
+            )
         if start is not None and not pid_alive(pid, start):
-            return (f"the trainer process (pid {pid}) is gone: that pid now belongs to another "
-                    f"process{_because(run_dir)}")
-    signs = [t for t in (last_beat(run_dir), _timestamp(status.get("updated_at"))) if t is not None]
+            return (
+                f"the trainer process (pid {pid}) is gone: that pid now belongs to another process{_because(run_dir)}"
+            )
+    signs = [t for t in (last_beat(run_dir), timestamp(status.get("updated_at"))) if t is not None]
     quiet = now - max(signs) if signs else None
     limit = QUEUED_GRACE_S if queued else HEARTBEAT_STALE_S
     if quiet is None or quiet > limit:
         ago = f"in {quiet:.0f} s" if quiet is not None else "at all"
         if queued:
             return f"the trainer never started: no sign of it {ago} (limit {limit:.0f} s){_because(run_dir)}"
-        return (f"the trainer stopped sending its heartbeat: none {ago} (limit {limit:.0f} s), so it hung "
-                f"or ended{_because(run_dir)}")
+        return (
+            f"the trainer stopped sending its heartbeat: none {ago} (limit {limit:.0f} s), so it hung "
+            f"or ended{_because(run_dir)}"
+        )
     return None
 
 
-
 # --- the GPU lock -------------------------------------------------------------------------------
+
 
 def gpu_busy_message(holder: str | None) -> str:
     return f"another run ({holder or 'unknown'}) is using the GPU; wait for it or stop it"
@@ -240,5 +257,3 @@ def gpu_holder(root: Path | None = None) -> str | None:
         return None
     finally:
         os.close(fd)
-
-

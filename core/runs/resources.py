@@ -11,13 +11,15 @@ from pathlib import Path
 
 import psutil
 
-from .rundir import HEARTBEAT_EVERY_S, append_jsonl, beat
+from .liveness import beat
+from .rundir import HEARTBEAT_EVERY_S, append_jsonl
 
 
 def _nvml():
     """pynvml, initialised, or None when there is no NVIDIA driver (CPU machines, CI)."""
     try:
         import pynvml
+
         pynvml.nvmlInit()
         return pynvml
     except Exception:
@@ -34,12 +36,18 @@ def hardware_info() -> dict:
     }
     try:
         import torch
+
         info["torch"] = torch.__version__
         if torch.cuda.is_available():
             for i in range(torch.cuda.device_count()):
                 p = torch.cuda.get_device_properties(i)
-                info["gpus"].append({"name": p.name, "memory_gb": round(p.total_memory / 2**30, 1),
-                                     "capability": f"{p.major}.{p.minor}"})
+                info["gpus"].append(
+                    {
+                        "name": p.name,
+                        "memory_gb": round(p.total_memory / 2**30, 1),
+                        "capability": f"{p.major}.{p.minor}",
+                    }
+                )
     except ImportError:
         pass
     return info
@@ -55,7 +63,7 @@ def describe_hardware(info: dict) -> str:
 
 class ResourceSampler:
     """Samples this process (and its children) every `interval` seconds until stopped, and
-    rewrites the run's heartbeat file (rundir.beat, in the folder of `path`) every
+    rewrites the run's heartbeat file (liveness.beat, in the folder of `path`) every
     HEARTBEAT_EVERY_S seconds: the app reads a run whose heartbeat is stale as failed.
 
     Each sample: t (unix time), cpu_percent (of one core, summed over threads), rss_gb, ram_used_gb
@@ -71,7 +79,7 @@ class ResourceSampler:
         self._thread = threading.Thread(target=self._run, name="resource-sampler", daemon=True)
         self.peaks: dict[str, float] = {}
 
-    def start(self) -> "ResourceSampler":
+    def start(self) -> ResourceSampler:
         if self.enabled:
             self._thread.start()
         return self
@@ -93,8 +101,12 @@ class ResourceSampler:
                 rss += p.memory_info().rss
             except psutil.Error:
                 pass
-        rec = {"t": round(time.time(), 3), "cpu_percent": round(cpu, 1), "rss_gb": round(rss / 2**30, 3),
-               "ram_used_gb": round(psutil.virtual_memory().used / 2**30, 3)}
+        rec = {
+            "t": round(time.time(), 3),
+            "cpu_percent": round(cpu, 1),
+            "rss_gb": round(rss / 2**30, 3),
+            "ram_used_gb": round(psutil.virtual_memory().used / 2**30, 3),
+        }
         if self._nvml is not None:
             try:
                 h = self._nvml.nvmlDeviceGetHandleByIndex(self._gpu_index)
@@ -106,6 +118,7 @@ class ResourceSampler:
                 pass
         try:
             import torch
+
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 rec["torch_peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         except Exception:

@@ -38,10 +38,10 @@ import re
 import secrets
 import tempfile
 import time
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
-
+from typing import Any
 
 RUNS_ENV = "QLORA_STUDIO_RUNS"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -78,8 +78,7 @@ def validate_run_id(run_id: str) -> str:
     """A run id is one path component of letters, digits, '.', '_' and '-' (no '..', no '/')."""
     if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id) or ".." in run_id:
         raise ValueError(
-            f"invalid run id {run_id!r}: use 1-80 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
+            f"invalid run id {run_id!r}: use 1-80 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return run_id
 
@@ -100,10 +99,11 @@ def new_run_id(label: str = "run") -> str:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # --- atomic files -------------------------------------------------------------------------------
+
 
 def _clean(obj: Any) -> Any:
     """NaN and inf are not JSON: store them as null so every reader can parse the file."""
@@ -146,9 +146,19 @@ def atomic_write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def _what(value: Any) -> str:
     """'a list', 'a number' ...: the JSON type of `value`, for messages."""
-    return ("null" if value is None else "a boolean" if isinstance(value, bool) else
-            "a number" if isinstance(value, (int, float)) else "a string" if isinstance(value, str) else
-            "a list" if isinstance(value, list) else "an object")
+    return (
+        "null"
+        if value is None
+        else "a boolean"
+        if isinstance(value, bool)
+        else "a number"
+        if isinstance(value, (int, float))
+        else "a string"
+        if isinstance(value, str)
+        else "a list"
+        if isinstance(value, list)
+        else "an object"
+    )
 
 
 def load_json(path: Path) -> tuple[Any, str | None]:
@@ -245,9 +255,28 @@ METRIC_KINDS = ("setup", "step", "eval", "epoch", "end")
 # Fields of metrics records that readers compute with: when present, they must have these types
 # (None allowed for floats: NaN is stored as null). A record that breaks this is dropped as damaged.
 _INT_FIELDS = ("step", "epoch", "epoch_step", "steps_per_epoch", "total_steps", "epochs", "best_epoch")
-_FLOAT_FIELDS = ("t", "loss", "lr", "grad_norm", "step_s", "rows", "tokens_per_s", "samples_per_s", "pad_fraction",
-                 "mfu", "accuracy", "seconds", "n", "train_loss", "val_accuracy", "val_loss", "epoch_s", "total_s",
-                 "load_s", "test_accuracy")
+_FLOAT_FIELDS = (
+    "t",
+    "loss",
+    "lr",
+    "grad_norm",
+    "step_s",
+    "rows",
+    "tokens_per_s",
+    "samples_per_s",
+    "pad_fraction",
+    "mfu",
+    "accuracy",
+    "seconds",
+    "n",
+    "train_loss",
+    "val_accuracy",
+    "val_loss",
+    "epoch_s",
+    "total_s",
+    "load_s",
+    "test_accuracy",
+)
 _STR_FIELDS = ("split", "stage", "state", "device", "compute_dtype")
 _DICT_FIELDS = ("hardware", "params", "data", "peaks", "speed", "mean_tokens")
 _LIST_FIELDS = ("labels", "target_modules", "speedups")
@@ -262,11 +291,13 @@ def _is_num(x: Any) -> bool:
 
 
 def _metric_ok(rec: dict) -> bool:
-    return (all(_is_int(rec[k]) for k in _INT_FIELDS if k in rec)
-            and all(rec[k] is None or _is_num(rec[k]) for k in _FLOAT_FIELDS if k in rec)
-            and all(isinstance(rec[k], str) for k in _STR_FIELDS if k in rec)
-            and all(rec[k] is None or isinstance(rec[k], dict) for k in _DICT_FIELDS if k in rec)
-            and all(rec[k] is None or isinstance(rec[k], list) for k in _LIST_FIELDS if k in rec))
+    return (
+        all(_is_int(rec[k]) for k in _INT_FIELDS if k in rec)
+        and all(rec[k] is None or _is_num(rec[k]) for k in _FLOAT_FIELDS if k in rec)
+        and all(isinstance(rec[k], str) for k in _STR_FIELDS if k in rec)
+        and all(rec[k] is None or isinstance(rec[k], dict) for k in _DICT_FIELDS if k in rec)
+        and all(rec[k] is None or isinstance(rec[k], list) for k in _LIST_FIELDS if k in rec)
+    )
 
 
 def _read_metrics(run_dir: Path, complete: bool = False) -> tuple[dict[str, list[dict]], int]:
@@ -296,18 +327,44 @@ def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
     return _read_metrics(run_dir)[0]
 
 
-PREDICTION_FIELDS = ("id", "gold", "pred", "probs", "correct")
+def throughput(steps: list[dict]) -> dict | None:
+    """Pairs/s, real tokens/s and MFU over `steps` (step records), each weighted by step time;
+    the report takes every step, the live view the last few. MFU is None where it was not logged
+    (CPU, unknown GPU); pad_fraction where the records carry it."""
+    steps = [s for s in steps if all(isinstance(s.get(k), (int, float)) for k in ("step_s", "rows", "tokens_per_s"))]
+    if not steps or sum(s["step_s"] for s in steps) <= 0:
+        return None
+    secs = sum(s["step_s"] for s in steps)
+    rows = sum(s["rows"] for s in steps)
+    tokens = sum(s["tokens_per_s"] * s["step_s"] for s in steps)
+    timed = [s for s in steps if isinstance(s.get("mfu"), (int, float))]
+    timed_s = sum(s["step_s"] for s in timed)
+    out = {
+        "samples_per_s": round(rows / secs, 2),
+        "tokens_per_s": round(tokens / secs, 1),
+        "mfu": round(sum(s["mfu"] * s["step_s"] for s in timed) / timed_s, 4) if timed_s > 0 else None,
+        "steps": len(steps),
+        "mean_step_s": round(secs / len(steps), 4),
+    }
+    if all(isinstance(s.get("pad_fraction"), (int, float)) for s in steps):
+        out["pad_fraction"] = round(sum(s["pad_fraction"] for s in steps) / len(steps), 4)
+    return out
 
 
 def valid_prediction(row: Any) -> bool:
     """A predictions/*.jsonl row readers can use: id, gold and pred labels (strings), probs (a
     list of numbers), correct (a boolean); premise/hypothesis/text/tag, when present, strings."""
-    return (isinstance(row, dict) and isinstance(row.get("id"), (str, int)) and not isinstance(row.get("id"), bool)
-            and isinstance(row.get("gold"), str) and isinstance(row.get("pred"), str)
-            and isinstance(row.get("correct"), bool) and isinstance(row.get("probs"), list)
-            and all(_is_num(p) for p in row["probs"])
-            and all(isinstance(row[k], str) for k in ("premise", "hypothesis", "text", "tag")
-                    if row.get(k) is not None))
+    return (
+        isinstance(row, dict)
+        and isinstance(row.get("id"), (str, int))
+        and not isinstance(row.get("id"), bool)
+        and isinstance(row.get("gold"), str)
+        and isinstance(row.get("pred"), str)
+        and isinstance(row.get("correct"), bool)
+        and isinstance(row.get("probs"), list)
+        and all(_is_num(p) for p in row["probs"])
+        and all(isinstance(row[k], str) for k in ("premise", "hypothesis", "text", "tag") if row.get(k) is not None)
+    )
 
 
 def read_predictions(path: Path) -> tuple[list[dict], int]:
@@ -334,34 +391,3 @@ def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
-
-
-def describe_os_error(e: OSError, folder: Path | None = None) -> str:
-    """One sentence for an OSError: what could not be done, where, and what to do."""
-    import errno
-    path = Path(e.filename) if e.filename else folder
-    where = f" {path}" if path else ""
-    if e.errno is None:
-        return str(e)
-    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
-        return (f"no space left on the disk of{where}: free some space (old run folders can go) or set "
-                "QLORA_STUDIO_RUNS to a folder on another disk")
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return (f"cannot write{where} ({e.strerror}): make it writable, or set QLORA_STUDIO_RUNS (or --run-dir) "
-                "to a folder you can write")
-    if e.errno in (errno.ENOTDIR, errno.EEXIST) and path is not None:
-        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
-        if blocker is not None:
-            return (f"{blocker} is a file where a folder is needed: set QLORA_STUDIO_RUNS (or --run-dir) to a "
-                    "folder, or move the file")
-    if e.errno == errno.ENOENT and e.filename:
-        return f"not found: {e.filename}"
-    return f"{e.strerror or e}:{where}"
-
-
-# The rest of the contract, in two files of their own (imported last: they build on the above):
-# liveness.py (processes, heartbeat, GPU lock) and state.py (status.json, claims, damaged runs).
-from .liveness import (Heartbeat, beat, gpu_busy_message, gpu_holder, gpu_lock, last_beat, log_reason,  # noqa: E402
-                       pid_alive, process_start, trainer_problem)
-from .state import (claim_run, config_problem, damaged_files, list_runs, read_config, read_status,  # noqa: E402
-                    request_stop, stop_requested, update_status, write_status)

@@ -1,6 +1,6 @@
 """A run's state: status.json (written under a lock, claimed exclusively), what read_status
 makes of it (alive, failed with a reason, damaged), the STOP request, and the list of runs with
-the files that cannot be read. Part of the run folder contract (rundir.py re-exports these).
+the files that cannot be read. Part of the run folder contract.
 
     claim_run(run_dir, state="running", pid=os.getpid())   # exactly one claimer wins
     read_status(run_dir)                                   # state, with dead trainers reported failed
@@ -17,20 +17,41 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 try:
     import fcntl
 except ImportError:  # not POSIX: no file locks
     fcntl = None
 
-from .liveness import _timestamp, _valid_pid, process_start, trainer_problem
-from .rundir import (ACTIVE_STATES, CONFIG, DAMAGED, METRICS, PREDICTIONS, REPORT, RESOURCES, RUN_ID_RE,
-                     STATES, STATUS, STOP, _clean, _is_int, _is_num, _read_metrics, _what, atomic_write_json,
-                     atomic_write_text, load_json, now_iso, read_json, read_predictions, runs_root,
-                     scan_jsonl)
-
+from .liveness import process_start, timestamp, trainer_problem, valid_pid
+from .rundir import (
+    ACTIVE_STATES,
+    CONFIG,
+    DAMAGED,
+    METRICS,
+    PREDICTIONS,
+    REPORT,
+    RESOURCES,
+    RUN_ID_RE,
+    STATES,
+    STATUS,
+    STOP,
+    _clean,
+    _is_int,
+    _is_num,
+    _read_metrics,
+    _what,
+    atomic_write_json,
+    atomic_write_text,
+    load_json,
+    now_iso,
+    read_json,
+    read_predictions,
+    runs_root,
+    scan_jsonl,
+)
 
 # --- status -------------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def _locked(run_dir: Path):
@@ -136,8 +157,9 @@ def claim_run(run_dir: Path, token: str | None = None, allow: tuple[str, ...] = 
     if os.path.lexists(run_dir / STATUS):
         if token:
             mine = lambda s: s.get("state") == "queued" and s.get("claim") == token
-            status = update_status(run_dir, {**{k: v for k, v in fields.items() if k != "created_at"}, "claim": None},
-                                   only_if=mine)
+            status = update_status(
+                run_dir, {**{k: v for k, v in fields.items() if k != "created_at"}, "claim": None}, only_if=mine
+            )
             if status is not None:
                 return status
         raise ValueError(held)
@@ -148,8 +170,10 @@ def claim_run(run_dir: Path, token: str | None = None, allow: tuple[str, ...] = 
         other = [n for n in names if n not in allow]
         if other:
             shown = ", ".join(other[:3]) + (" …" if len(other) > 3 else "")
-            raise ValueError(f"{run_dir} is not empty and is not a run folder (it holds {shown}); nothing in it "
-                             "was changed: choose a new or empty folder")
+            raise ValueError(
+                f"{run_dir} is not empty and is not a run folder (it holds {shown}); nothing in it "
+                "was changed: choose a new or empty folder"
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     status = {"created_at": now_iso(), **_with_pid_start(fields), "updated_at": now_iso()}
     if "state" in status and status["state"] not in STATES:
@@ -162,7 +186,7 @@ def claim_run(run_dir: Path, token: str | None = None, allow: tuple[str, ...] = 
 
 
 def _is_iso(value: Any) -> bool:
-    return value == "" or _timestamp(value) is not None
+    return value == "" or timestamp(value) is not None
 
 
 def _status_problem(status: Any) -> str | None:
@@ -172,7 +196,7 @@ def _status_problem(status: Any) -> str | None:
     state = status.get("state")
     if state not in STATES:
         return "has no state" if state is None else f"has an unknown state {str(state)[:40]!r}"
-    if status.get("pid") is not None and not _valid_pid(status["pid"]):
+    if status.get("pid") is not None and not valid_pid(status["pid"]):
         return "pid is not a process id"
     if status.get("pid_start") is not None and not _is_num(status["pid_start"]):
         return "pid_start is not a number"
@@ -218,8 +242,8 @@ def stop_requested(run_dir: Path) -> bool:
     return (Path(run_dir) / STOP).exists()
 
 
-
 # --- damaged files ------------------------------------------------------------------------------
+
 
 def config_problem(config: Any) -> str | None:
     """Why a parsed config.json cannot be shown (None when it can): the fields the app reads
@@ -269,8 +293,11 @@ def damaged_files(run_dir: Path) -> list[str]:
     state = read_status(run_dir).get("state")
     ended = state not in ACTIVE_STATES
     out = []
-    for name, check in ((STATUS, _status_problem), (CONFIG, config_problem),
-                        (REPORT, lambda v: None if isinstance(v, dict) else f"holds {_what(v)}, not a JSON object")):
+    for name, check in (
+        (STATUS, _status_problem),
+        (CONFIG, config_problem),
+        (REPORT, lambda v: None if isinstance(v, dict) else f"holds {_what(v)}, not a JSON object"),
+    ):
         value, problem = load_json(run_dir / name)
         if problem != "missing" and (problem or check(value)):
             out.append(f"{name}: {problem or check(value)}")
@@ -330,9 +357,16 @@ def list_runs(root: Path | None = None) -> list[dict]:
                 continue
             runs.append(_run_entry(path))
         except Exception as e:  # one unreadable folder never hides the others
-            runs.append({"id": path.name, "path": path, "state": DAMAGED, "created_at": "", "preset": "",
-                         "model": "", "damaged": f"unreadable ({type(e).__name__}: {e})"})
+            runs.append(
+                {
+                    "id": path.name,
+                    "path": path,
+                    "state": DAMAGED,
+                    "created_at": "",
+                    "preset": "",
+                    "model": "",
+                    "damaged": f"unreadable ({type(e).__name__}: {e})",
+                }
+            )
     runs.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
     return runs
-
-

@@ -123,7 +123,7 @@ def change_rows(ch: dict | None) -> list[tuple[str, str]]:
     """The accuracy change (report["change"], or a baseline's "change") as (item, value) rows."""
     if not ch or ch.get("delta") is None:
         return []
-    from .analysis import format_p
+    from .sections import format_p
 
     return [
         ("change in accuracy", _points(ch["delta"])),
@@ -303,7 +303,7 @@ def statistics_markdown(r: dict) -> list[str]:
             "were forgotten at least once (right, then wrong at a later epoch).",
         ]
     if r.get("noise_hints") is not None and r.get("change"):
-        from .analysis import NOISE_NOTE
+        from .sections import NOISE_NOTE
 
         L += ["", "## Label-noise hints (hints, not facts)", "", NOISE_NOTE, ""]
         L += markdown_table(hint_rows(r)) or ["No still-failing example is contradicted that confidently."]
@@ -331,7 +331,7 @@ def device_text(r: dict) -> str:
 
 def render_markdown(r: dict) -> str:
     """The report as Markdown: the sections of the reference report, generated."""
-    from .runs.resources import describe_hardware
+    from ..runs.resources import describe_hardware
 
     L: list[str] = []
     L.append(f"# QLoRA fine-tuning report: {r.get('model')} on {r.get('dataset')}")

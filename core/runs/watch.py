@@ -20,12 +20,12 @@ import itertools
 import os
 import threading
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
 
 from . import rundir
-from ..report import throughput
+from .state import read_status
 
 MAX_POINTS = 300  # per plotted series (chart_series)
 VIEWER_GRACE_S = 5.0  # a viewer is counted until 2 of its refresh intervals plus this have passed unseen
@@ -44,8 +44,9 @@ def _seconds_since(iso: str | None, until: float) -> float | None:
         return None
 
 
-def estimate_remaining(setup: dict, steps: list[dict], evals: list[dict], epochs_done: int,
-                       test_after_done: bool) -> float | None:
+def estimate_remaining(
+    setup: dict, steps: list[dict], evals: list[dict], epochs_done: int, test_after_done: bool
+) -> float | None:
     """Seconds left, from measured step and evaluation times; None until a step has been timed.
 
     Remaining work = optimiser steps not yet taken (at the mean of the last 20 steps, not counting
@@ -63,16 +64,20 @@ def estimate_remaining(setup: dict, steps: list[dict], evals: list[dict], epochs
     val = [e["seconds"] for e in evals if e.get("split") == "validation" and _is_num(e.get("seconds"))]
     test = [e["seconds"] for e in evals if e.get("split") == "test" and _is_num(e.get("seconds"))]
     epochs_left = max(0, (setup.get("epochs") or 0) - epochs_done)
-    tracked = setup.get("track_test", any(str(e.get("stage")).startswith("epoch-") for e in evals
-                                          if e.get("split") == "test"))  # runs from before the key
-    return (remaining + (epochs_left * val[-1] if val else 0.0)
-            + ((epochs_left if tracked else 0) + (not test_after_done)) * (test[-1] if test else 0.0))
+    tracked = setup.get(
+        "track_test", any(str(e.get("stage")).startswith("epoch-") for e in evals if e.get("split") == "test")
+    )  # runs from before the key
+    return (
+        remaining
+        + (epochs_left * val[-1] if val else 0.0)
+        + ((epochs_left if tracked else 0) + (not test_after_done)) * (test[-1] if test else 0.0)
+    )
 
 
 def snapshot(run_dir: Path, now: float | None = None) -> dict:
     """Everything the live view shows, read from the run folder (all of it, on every call)."""
     run_dir = Path(run_dir)
-    status = rundir.read_status(run_dir)  # before the metrics: a final state means they are complete
+    status = read_status(run_dir)  # before the metrics: a final state means they are complete
     metrics = rundir.read_metrics(run_dir)
     resources = [r for r in rundir.read_jsonl(run_dir / rundir.RESOURCES) if _is_num(r.get("t"))]
     t0 = resources[0]["t"] if resources else 0.0
@@ -81,8 +86,9 @@ def snapshot(run_dir: Path, now: float | None = None) -> dict:
     return derive(run_dir.name, status, metrics, resources, now)
 
 
-def derive(run_id: str, status: dict, metrics: dict[str, list[dict]], resources: list[dict],
-           now: float | None = None) -> dict:
+def derive(
+    run_id: str, status: dict, metrics: dict[str, list[dict]], resources: list[dict], now: float | None = None
+) -> dict:
     """The snapshot of a run from its status, its metrics records by kind (rundir.read_metrics)
     and its resource samples (each with elapsed_s); snapshot() and LiveRun.snapshot() share it."""
     now = time.time() if now is None else now
@@ -109,7 +115,7 @@ def derive(run_id: str, status: dict, metrics: dict[str, list[dict]], resources:
     else:
         fraction = 0.0
 
-    recent_throughput = throughput(steps[-10:])  # the last few steps: what the run does now
+    recent_throughput = rundir.throughput(steps[-10:])  # the last few steps: what the run does now
 
     epoch = (steps[-1].get("epoch") or 0) if steps else 0
     phase = status.get("phase") or state
@@ -123,11 +129,27 @@ def derive(run_id: str, status: dict, metrics: dict[str, list[dict]], resources:
     elif state in ACTIVE:
         parts.append("time left: measuring the first step")
     return {
-        "run_id": run_id, "state": state, "status": status, "setup": setup, "steps": steps,
-        "evals": evals, "epochs": epochs, "end": end, "resources": resources,
-        "progress": {"fraction": fraction, "eta_s": eta, "elapsed_s": elapsed, "step": step,
-                     "total_steps": total_steps, "epoch": epoch, "epochs": setup.get("epochs"),
-                     "phase": phase, "throughput": recent_throughput, "text": " · ".join(parts)},
+        "run_id": run_id,
+        "state": state,
+        "status": status,
+        "setup": setup,
+        "steps": steps,
+        "evals": evals,
+        "epochs": epochs,
+        "end": end,
+        "resources": resources,
+        "progress": {
+            "fraction": fraction,
+            "eta_s": eta,
+            "elapsed_s": elapsed,
+            "step": step,
+            "total_steps": total_steps,
+            "epoch": epoch,
+            "epochs": setup.get("epochs"),
+            "phase": phase,
+            "throughput": recent_throughput,
+            "text": " · ".join(parts),
+        },
     }
 
 
@@ -149,6 +171,7 @@ def _is_num(x) -> bool:
 
 
 # --- reading only what is new --------------------------------------------------------------------
+
 
 class JsonlTail:
     """The records of an append-only JSON-lines file, read a little at a time.
@@ -190,8 +213,9 @@ class JsonlTail:
         restarted = False
         try:
             with open(self.path, "rb") as f:
-                if self._ident is not None and ((st.st_dev, st.st_ino) != self._ident or st.st_size < self.offset
-                                                or not self._same_start(f)):
+                if self._ident is not None and (
+                    (st.st_dev, st.st_ino) != self._ident or st.st_size < self.offset or not self._same_start(f)
+                ):
                     self.restart()
                     restarted = True
                 f.seek(self.offset)
@@ -206,7 +230,7 @@ class JsonlTail:
         if not end:
             return [], restarted
         if not self.offset:
-            self._head = data[:min(self.HEAD, end)]
+            self._head = data[: min(self.HEAD, end)]
         self.offset += end
         records = []
         for line in data[:end].split(b"\n"):
@@ -297,7 +321,7 @@ class LiveRun:
         with self._lock:
             if max_age > 0 and self._shared is not None and time.monotonic() - self._shared_at <= max_age:
                 return self._shared
-            status = rundir.read_status(self.run_dir)  # first: a final state means the files are complete
+            status = read_status(self.run_dir)  # first: a final state means the files are complete
             self._refresh()
             metrics = {k: list(v) for k, v in self._by_kind.items()}  # copies: the lists keep growing
             snap = derive(self.run_dir.name, status, metrics, list(self._resources), now)
@@ -312,8 +336,7 @@ class LiveRun:
         now = time.monotonic() if now is None else now
         with self._lock:
             self._viewers[session] = (now, every)
-            self._viewers = {s: (t, e) for s, (t, e) in self._viewers.items()
-                             if now - t <= 2 * e + VIEWER_GRACE_S}
+            self._viewers = {s: (t, e) for s, (t, e) in self._viewers.items() if now - t <= 2 * e + VIEWER_GRACE_S}
             return len(self._viewers)
 
 
@@ -333,6 +356,7 @@ def trains_on_cpu(snap: dict, config: dict | None, gpu_present: bool) -> bool:
 
 
 # --- curves for charts ---------------------------------------------------------------------------
+
 
 def downsample(rows: Sequence[dict], y: str | Sequence[str], max_points: int = MAX_POINTS) -> list[dict]:
     """At most `max_points` of `rows`, in their order: all of them when they fit, else the first,
@@ -370,10 +394,12 @@ def chart_series(snap: dict, max_points: int = MAX_POINTS) -> dict[str, list[dic
     "resources" (samples; the extremes of every resource key are kept)."""
     res = snap["resources"]
     keys = [k for k in RESOURCE_KEYS if any(k in r for r in res)] if len(res) > max_points else []
-    return {"loss": downsample(snap["steps"], "loss", max_points),
-            "epochs": downsample(snap["epochs"], "train_loss", max_points),
-            "validation": downsample(validation_curve(snap["evals"]), "accuracy", max_points),
-            "resources": downsample(res, keys, max_points)}
+    return {
+        "loss": downsample(snap["steps"], "loss", max_points),
+        "epochs": downsample(snap["epochs"], "train_loss", max_points),
+        "validation": downsample(validation_curve(snap["evals"]), "accuracy", max_points),
+        "resources": downsample(res, keys, max_points),
+    }
 
 
 def log_tail(run_dir: Path, lines: int = 40) -> str:

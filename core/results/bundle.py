@@ -12,7 +12,7 @@ Members, in a folder named after the run:
     predictions.csv    per test example: id, texts, gold, both models' predictions and probabilities
                        (and the zero-shot baseline's, where the run has one)
     methods.md         a methods paragraph and a results table, ready to paste
-    report.md, report.json   the full report (core/render.py, core/report.py)
+    report.md, report.json   the full report (core/results/render.py, core/results/report.py)
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
-from .report import build_report, read_predictions, render_markdown
-from .runs import rundir
+from ..runs import rundir
+from ..runs.state import read_config
+from .render import render_markdown
+from .report import build_report, read_predictions
+from .seeds import group_summary
 
 PACKAGES = (
     "torch",
@@ -256,8 +259,8 @@ def build_bundle(run_dir: Path) -> bytes:
     """The reproducibility bundle of `run_dir` as the bytes of a zip (see the module doc).
     Works on any run folder: what the run has not written is left empty or None."""
     run_dir = Path(run_dir)
-    report = build_report(run_dir)
-    config, _ = rundir.read_config(run_dir)
+    report = build_report(run_dir, group=group_summary(run_dir))
+    config, _ = read_config(run_dir)
     csv_text, ids = predictions_csv(run_dir, report.get("labels") or [])
     environment = {
         "seeds": _seeds(config, report),

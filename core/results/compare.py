@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .runs import rundir
+from ..runs import rundir
+from ..runs.state import read_config
 from .stats import wilson
 
 _EPOCH_STAGE = re.compile(r"^epoch-(\d+)$")
@@ -73,7 +74,7 @@ def read_configs(run_dirs: list[Path]) -> dict[str, dict]:
     out = {}
     for d in run_dirs:
         try:
-            cfg, _ = rundir.read_config(Path(d))
+            cfg, _ = read_config(Path(d))
         except Exception:  # never raise on a damaged run
             cfg = {}
         out[Path(d).name] = cfg if isinstance(cfg, dict) else {}
@@ -156,7 +157,7 @@ HEADLINE_COLUMNS = (
 
 def _accuracy(summary: Any) -> tuple[float | None, list[float] | None]:
     """(accuracy, [lo, hi]) of a report's test summary ({n, correct, accuracy, ci95}); the
-    interval is the summary's own ci95 when it has one, else core.stats.wilson(correct, n)."""
+    interval is the summary's own ci95 when it has one, else core.results.stats.wilson(correct, n)."""
     if not isinstance(summary, dict):
         return None, None
     acc = summary.get("accuracy")
@@ -178,7 +179,7 @@ def _peak(resources: Any, *keys: str) -> float | None:
 
 
 def load_run_report(run_dir: Path) -> tuple[dict | None, str | None]:
-    """(report, problem) as core.report.load_report gives it; for a run without report.json yet
+    """(report, problem) as core.results.report.load_report gives it; for a run without report.json yet
     (still running, or it stopped early) the report built from its other files; (None, why)
     when even that fails."""
     from .report import build_report, load_report
@@ -186,7 +187,7 @@ def load_run_report(run_dir: Path) -> tuple[dict | None, str | None]:
     try:
         report, problem = load_report(Path(run_dir))
         if report is None:
-            report = build_report(Path(run_dir), group=False)
+            report = build_report(Path(run_dir))
         return (report if isinstance(report, dict) else None), problem
     except Exception as e:  # never raise on a damaged run
         return None, f"unreadable ({type(e).__name__}: {e})"

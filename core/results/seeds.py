@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .runs import rundir
+from ..runs import rundir
+from ..runs.state import read_status
 
 
 def group_runs(run_dir: Path) -> list[Path]:
@@ -47,7 +48,7 @@ def group_summary(run_dir: Path) -> dict | None:
     rows, after_preds = [], []
     for path in runs:
         cfg = rundir.read_json(path / rundir.CONFIG, {}) or {}
-        status = rundir.read_status(path)
+        status = read_status(path)
         report, _ = load_report(path) if status.get("state") == "done" else (None, None)
         row = {"run_id": path.name, "seed": (cfg.get("train") or {}).get("seed"), "state": status.get("state")}
         if report and report.get("test_after") and report.get("test_before"):

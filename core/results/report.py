@@ -4,7 +4,7 @@
     report, problem = load_report(run_dir)   # report.json, or rebuilt when it is damaged
 
 The statistics sections (headline, baselines, change, transitions, calibration, slices, ...) are
-built by core/analysis.py; Markdown and HTML by core/render.py (re-exported here).
+built by core/results/sections.py; Markdown and HTML by core/results/render.py.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import analysis
-from .render import parameter_rows, render_html, render_markdown, resource_rows, speed_rows  # noqa: F401
-from .runs import rundir
+from ..runs import rundir, state
+from ..runs.state import read_config, read_status
+from . import sections
 from .stats import wilson
 
 CATEGORIES = ("fixed", "still failing", "regressed", "still right")
@@ -89,7 +89,7 @@ def run_labels(run_dir: Path, setup: dict | None = None) -> list[str]:
     if setup is None:
         setups = rundir.read_metrics(run_dir)["setup"]
         setup = setups[0] if setups else {}
-    config, _ = rundir.read_config(run_dir)
+    config, _ = read_config(run_dir)
     for labels in (setup.get("labels"), _dict(config.get("data")).get("labels")):
         if isinstance(labels, list) and labels and all(isinstance(l, str) for l in labels):
             return labels
@@ -98,7 +98,7 @@ def run_labels(run_dir: Path, setup: dict | None = None) -> list[str]:
 
 def read_predictions(path: Path, labels: list[str]) -> list[dict]:
     """The usable rows of a predictions file: rundir.valid_prediction, with gold and pred among
-    `labels` and one probability per label (damaged rows are left out; rundir.damaged_files
+    `labels` and one probability per label (damaged rows are left out; state.damaged_files
     names the file)."""
     rows, _ = rundir.read_predictions(path)
     return [r for r in rows if r["gold"] in labels and r["pred"] in labels and len(r["probs"]) == len(labels)]
@@ -131,29 +131,30 @@ def _summary(rows: list[dict], labels: list[str]) -> dict:
     }
 
 
-def sections(run_dir: Path, labels: list[str], metrics: dict | None = None, best_epoch: int | None = None) -> dict:
-    """analysis.build_sections from the run's files: test predictions before, after and
+def read_sections(run_dir: Path, labels: list[str], metrics: dict | None = None, best_epoch: int | None = None) -> dict:
+    """sections.build_sections from the run's files: test predictions before, after and
     zero-shot, metrics.jsonl, predictions/dynamics.jsonl (each left out where missing or damaged)."""
     run_dir = Path(run_dir)
     read = lambda stage: read_predictions(run_dir / rundir.PREDICTIONS / f"test_{stage}.jsonl", labels)
-    return analysis.build_sections(
+    return sections.build_sections(
         read("before"),
         read("after"),
         labels,
         zero_shot=read("zero_shot"),
         metrics=metrics if metrics is not None else rundir.read_metrics(run_dir),
-        dynamics=analysis.read_dynamics(run_dir),
+        dynamics=sections.read_dynamics(run_dir),
         best_epoch=best_epoch,
     )
 
 
-def build_report(run_dir: Path, group: bool = True) -> dict:
+def build_report(run_dir: Path, group: dict | None = None) -> dict:
     """Everything the report shows, from the files of `run_dir` (works on unfinished runs too).
-    With `group`, "group" is the groups.group_summary of the run's seeds (None outside a group);
-    it is computed when the report is built, so a page refreshes it (a later seed may have ended)."""
+    "group" is `group`: the caller passes seeds.group_summary(run_dir) where the report should
+    show the run's seeds (None outside a group); it is computed when the report is built, so a
+    page refreshes it (a later seed may have ended)."""
     run_dir = Path(run_dir)
-    config, _ = rundir.read_config(run_dir)  # {} when damaged: the pages say so (rundir.damaged_files)
-    status = rundir.read_status(run_dir)
+    config, _ = read_config(run_dir)  # {} when damaged: the pages say so (damaged_files)
+    status = read_status(run_dir)
     metrics = rundir.read_metrics(run_dir)
     resources = rundir.read_jsonl(run_dir / rundir.RESOURCES)
     setup = metrics["setup"][0] if metrics["setup"] else {}
@@ -190,7 +191,7 @@ def build_report(run_dir: Path, group: bool = True) -> dict:
         "total_s": end.get("total_s"),
         "train_s": round(sum(e.get("epoch_s") or 0 for e in epochs), 3) if epochs else None,
         "eval_s": round(sum(e.get("seconds") or 0 for e in evals), 3) if evals else None,
-        "throughput": throughput(steps),
+        "throughput": rundir.throughput(steps),
         "evals": evals,
     }
     peaks: dict = {}
@@ -234,11 +235,8 @@ def build_report(run_dir: Path, group: bool = True) -> dict:
             ]
         report["change_examples"] = examples
         report["by_tag"] = _by_tag(rows)
-    report.update(sections(run_dir, labels, metrics, report["best_epoch"]))
-    if group:
-        from .groups import group_summary
-
-        report["group"] = group_summary(run_dir)
+    report.update(read_sections(run_dir, labels, metrics, report["best_epoch"]))
+    report["group"] = group
     return report
 
 
@@ -365,13 +363,13 @@ def report_problem(r) -> str | None:
         )
     ):
         return '"by_tag" is malformed'
-    return analysis.sections_problem(r)
+    return sections.sections_problem(r)
 
 
 def damaged_files(run_dir: Path) -> list[str]:
-    """rundir.damaged_files, with report.json's content checked too (report_problem): one line
+    """state.damaged_files, with report.json's content checked too (report_problem): one line
     per damaged file, naming it and why."""
-    out = rundir.damaged_files(run_dir)
+    out = state.damaged_files(run_dir)
     value, problem = rundir.load_json(Path(run_dir) / rundir.REPORT)
     if problem is None and isinstance(value, dict) and report_problem(value):
         out.append(f"{rundir.REPORT}: {report_problem(value)}")
@@ -388,11 +386,10 @@ def load_report(run_dir: Path) -> tuple[dict | None, str | None]:
         return None, None
     problem = problem or report_problem(value)
     if problem is None:
-        if any(k not in value for k in analysis.SECTION_KEYS):  # written before these sections existed
-            value.update(sections(run_dir, value["labels"], best_epoch=value.get("best_epoch")))
+        if any(k not in value for k in sections.SECTION_KEYS):  # written before these sections existed
+            value.update(read_sections(run_dir, value["labels"], best_epoch=value.get("best_epoch")))
         return value, None
-    # group=False: groups.group_summary reads its runs through load_report (no recursion)
-    return build_report(run_dir, group=False), f"{rundir.REPORT}: {problem} (rebuilt from the run's other files)"
+    return build_report(run_dir), f"{rundir.REPORT}: {problem} (rebuilt from the run's other files)"
 
 
 def _dataset_name(data: dict) -> str:
@@ -401,30 +398,6 @@ def _dataset_name(data: dict) -> str:
     if files:
         return "files: " + ", ".join(files)
     return data.get("source") if isinstance(data.get("source"), str) else ""
-
-
-def throughput(steps: list[dict]) -> dict | None:
-    """Pairs/s, real tokens/s and MFU over `steps` (step records), each weighted by step time;
-    the report takes every step, the live view the last few. MFU is None where it was not logged
-    (CPU, unknown GPU); pad_fraction where the records carry it."""
-    steps = [s for s in steps if all(isinstance(s.get(k), (int, float)) for k in ("step_s", "rows", "tokens_per_s"))]
-    if not steps or sum(s["step_s"] for s in steps) <= 0:
-        return None
-    secs = sum(s["step_s"] for s in steps)
-    rows = sum(s["rows"] for s in steps)
-    tokens = sum(s["tokens_per_s"] * s["step_s"] for s in steps)
-    timed = [s for s in steps if isinstance(s.get("mfu"), (int, float))]
-    timed_s = sum(s["step_s"] for s in timed)
-    out = {
-        "samples_per_s": round(rows / secs, 2),
-        "tokens_per_s": round(tokens / secs, 1),
-        "mfu": round(sum(s["mfu"] * s["step_s"] for s in timed) / timed_s, 4) if timed_s > 0 else None,
-        "steps": len(steps),
-        "mean_step_s": round(secs / len(steps), 4),
-    }
-    if all(isinstance(s.get("pad_fraction"), (int, float)) for s in steps):
-        out["pad_fraction"] = round(float(np.mean([s["pad_fraction"] for s in steps])), 4)
-    return out
 
 
 def _by_tag(rows: list[dict]) -> list[dict]:

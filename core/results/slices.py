@@ -2,9 +2,9 @@
 
 Accuracy by confidence bin (calibration, the reliability diagram), by automatic NLI slice and
 phenomenon tag, per example across epochs (forgetting, label-noise hints) and across seeds.
-Inputs are paired prediction rows as in core/stats.py (align them with stats.pair_rows first).
+Inputs are paired prediction rows as in core/results/stats.py (align them with stats.pair_rows first).
 
-    from core import slices
+    from core.results import slices
     slices.calibration(after, labels)                    # {"ece", "n", "bins": [...]}  (equal-width bins)
     s = slices.nli_slices(after)                         # {"negation: yes": [i, ...], "overlap: <0.34": ..., "tag: time": ...}
     slices.slice_table(before, after, s)                 # per slice: n, accuracy before/after with Wilson CIs

@@ -4,9 +4,9 @@ The inputs are the rows of predictions/test_before.jsonl and predictions/test_af
 (one dict per test example, same order: id, premise, hypothesis or text, tag, gold, pred,
 probs in label order, correct). Every function returns plain Python numbers, lists and dicts
 (JSON-ready); "no data" reads None. Calibration, slices, label-noise hints, forgetting and
-seeds are in core/slices.py.
+seeds are in core/results/slices.py.
 
-    from core import stats
+    from core.results import stats
     before, after = stats.pair_rows(before_rows, after_rows)     # align by id (same order -> unchanged)
     b_ok = [r["correct"] for r in before]; a_ok = [r["correct"] for r in after]
 
@@ -30,7 +30,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-# scipy and scikit-learn are imported where they are used: core.report (and the app's pages, the
+# scipy and scikit-learn are imported where they are used: core.results.report (and the app's pages, the
 # model card) take wilson() from here without paying for them
 
 __all__ = [

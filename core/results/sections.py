@@ -2,7 +2,7 @@
 
     sections = build_sections(before, after, labels, zero_shot=..., metrics=..., dynamics=..., best_epoch=...)
     report.update(sections)            # headline, baselines, change, transitions, calibration, slices,
-                                       # per_class_change, noise_hints, dynamics (core/report.py does this)
+                                       # per_class_change, noise_hints, dynamics (core/results/report.py does this)
     dyn = read_dynamics(run_dir)       # predictions/dynamics.jsonl: {split: {epoch: {"ids", "probs"}}}
     example_trajectory(dyn, "nli-0001-e", "entailment", labels)   # p(gold) per epoch, learned / forgotten
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runs import rundir
 from . import slices, stats
-from .runs import rundir
 
 SECTION_KEYS = (
     "headline",
