@@ -82,7 +82,10 @@ def main() -> int:
     a1 = load_file(str(runs[1] / "checkpoints/epoch-2/adapter_model.safetensors"))
     a2 = load_file(str(runs[2] / "checkpoints/epoch-2/adapter_model.safetensors"))
     am = load_file(str(runs["m16"] / "checkpoints/epoch-2/adapter_model.safetensors"))
-    rel = lambda x: max(float((x[k].float() - a1[k].float()).norm() / (a1[k].float().norm() + 1e-12)) for k in a1)
+
+    def rel(x: dict) -> float:
+        return max(float((x[k].float() - a1[k].float()).norm() / (a1[k].float().norm() + 1e-12)) for k in a1)
+
     l1, l2, lm = result["p1"]["losses"], result["p2"]["losses"], result["pm16"]["losses"]
     result["adapter_max_relative_difference"] = rel(a2)  # ||two - one|| / ||one||, worst tensor
     result["adapter_max_relative_difference_micro16"] = rel(am)  # the same for one process, micro 16

@@ -44,7 +44,7 @@ def main() -> int:
     report = {}
     for dtype in (torch.bfloat16, torch.float16):
 
-        def make():
+        def make(dtype=dtype):
             torch.manual_seed(1)
             m = add_lora(load_model(ModelConfig(name=path), 3, 0, dev, dtype), lora)
             for n, p in m.named_parameters():  # non-zero LoRA B, so that every gradient is non-trivial
@@ -67,7 +67,10 @@ def main() -> int:
                 torch.nn.functional.cross_entropy(logits, labels.to(dev), reduction="sum").div(16).backward()
             else:  # through TrainStep's CUDA graphs; fp16 with a GradScaler, as core.train runs it
                 scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-                unscale = lambda: 1.0 / scaler.get_scale() if scaler else 1.0
+
+                def unscale(scaler=scaler) -> float:
+                    return 1.0 / scaler.get_scale() if scaler else 1.0
+
                 step = TrainStep(model, dev, dtype, 0, SpeedConfig(), scaler=scaler)
                 step.zero_grad()
                 step.run(batch, step_rows=16, rows=16)
@@ -115,7 +118,10 @@ def main() -> int:
                     if p.requires_grad and p.grad is not None
                 },
             )
-        rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+        def rel(a, b) -> float:
+            return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
         logit_err = rel(out["tuned"][0], out["plain"][0])
         grad_err = max(rel(out["tuned"][1][n], gp) for n, gp in out["plain"][1].items())
         same_pred = float((out["tuned"][0].argmax(-1) == out["plain"][0].argmax(-1)).float().mean())

@@ -408,7 +408,8 @@ def synthetic(args, runs: Path, url: str, browser, server: psutil.Process) -> li
     print(f"\n{'viewers':>7}  {'server CPU %':>12}  {'chromium CPU %':>14}  load")
     for r in rows:
         print(
-            f"{r['viewers']:>7}  {r['server_cpu_pct']:>12}  {r['chromium_cpu_pct']:>14}  {r['load_before']} -> {r['load_after']}"
+            f"{r['viewers']:>7}  {r['server_cpu_pct']:>12}  {r['chromium_cpu_pct']:>14}  "
+            f"{r['load_before']} -> {r['load_after']}"
         )
     return rows
 

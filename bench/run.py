@@ -44,9 +44,12 @@ def table(ref: dict | None, rows: list[dict]) -> str:
     )
     lines = [head, "|" + "---|" * 11]
     for r in ([ref] if ref else []) + rows:
-        ratio = lambda k, inv=False: (
-            fmt((ref[k] / r[k]) if inv else (r[k] / ref[k]), ".1f") if ref and r.get(k) and ref.get(k) else "-"
-        )
+
+        def ratio(k: str, inv: bool = False, r: dict = r) -> str:
+            if not (ref and r.get(k) and ref.get(k)):
+                return "-"
+            return fmt((ref[k] / r[k]) if inv else (r[k] / ref[k]), ".1f")
+
         lines.append(
             f"| {r['name']} | {fmt(r.get('pairs_per_s'), '.1f')} | {fmt(r.get('real_tokens_per_s'), '.0f')} | "
             f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('peak_gib'), '.2f')} | {fmt(r.get('eval_pairs_per_s'), '.0f')} | "
@@ -174,7 +177,10 @@ def main():
     for name, cmd in parts.items():
         if name not in skip and "all" not in skip:
             walls[name] = sh(cmd, log, envs.get(name))
-    read = lambda n: json.loads((out / n).read_text()) if (out / n).is_file() else None
+
+    def read(n: str) -> dict | None:
+        return json.loads((out / n).read_text()) if (out / n).is_file() else None
+
     ref = read("reference.json")
     rows = []
     for part, n in (
@@ -208,7 +214,7 @@ def main():
         )
     ev = read("eval.json")
     if ev:
-        text += "\n\nevaluation, test split (%d pairs), best of 3 passes:\n" % ev["n"] + "\n".join(
+        text += f"\n\nevaluation, test split ({ev['n']} pairs), best of 3 passes:\n" + "\n".join(
             f"- QLORA_EVAL_TOKENS={r['eval_tokens']}, {r.get('mode', 'eager')}: {r['pairs_per_s']:.0f} pairs/s, "
             f"peak {r['peak_gib']:.2f} GiB"
             for r in ev["budgets"]
