@@ -56,11 +56,11 @@ def build_data(path: Path, seed: int = 0) -> dict:
     rng = random.Random(seed)
     path.mkdir(parents=True, exist_ok=True)
     lengths = []
+
+    def words(k: int) -> str:
+        return " ".join(f"w{rng.randrange(N_WORDS)}" for _ in range(max(1, k)))
+
     for split, n in SPLITS.items():
-
-        def words(k: int) -> str:
-            return " ".join(f"w{rng.randrange(N_WORDS)}" for _ in range(max(1, k)))
-
         with open(path / f"{split}.jsonl", "w") as f:
             for i in range(n):
                 p, h = rng.choice(pairs)
