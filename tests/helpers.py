@@ -1,0 +1,325 @@
+"""Helpers that tests in several rooms call: the project's paths, tiny random models built offline,
+the app under AppTest with run folders written by hand, a Streamlit server and Debian's chromium for
+the browser tests, and a run folder whose texts try to inject markup. Fixtures live in conftest.py;
+these are plain functions and constants (`from tests.helpers import ...`)."""
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from core.config import get_preset
+from core.runs import rundir
+from core.runs.state import write_status
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+SNLI = ROOT / "tests" / "data" / "snli"  # 240/60/60 genuine SNLI rows, see its README
+CPU = torch.device("cpu")
+
+
+# --- tiny random models (no download) ------------------------------------------------------
+
+
+def tiny_config(arch: str):
+    from transformers import BertConfig, LlamaConfig, PhiConfig
+
+    common = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_labels=3
+    )
+    if arch == "phi":
+        return PhiConfig(partial_rotary_factor=0.5, eos_token_id=1, bos_token_id=1, pad_token_id=None, **common)
+    if arch == "llama":
+        return LlamaConfig(num_key_value_heads=2, eos_token_id=1, bos_token_id=1, pad_token_id=None, **common)
+    return BertConfig(pad_token_id=0, **common)
+
+
+def save_tiny_model(arch: str, folder: Path) -> Path:
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(arch))
+    model.save_pretrained(folder)
+    return folder
+
+
+def save_word_tokenizer(folder: Path, words: list[str], causal: bool) -> None:
+    """A word-level tokenizer built offline. Causal: EOS only, no pad token (as Phi and Llama)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[UNK]", "</s>"] if causal else ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(words))[: 256 - len(specials)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if causal:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
+    else:
+        from tokenizers import processors
+
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+        )
+    fast.save_pretrained(folder)
+
+
+# --- the app under AppTest, run folders written by hand ---------------------------------------
+
+
+def start(
+    runs_root: Path,
+    monkeypatch,
+    page: str | None = None,
+    run: str | None = None,
+    state: dict | None = None,
+    params: dict | None = None,
+) -> AppTest:
+    """The app over `runs_root`, `run` selected, `state` in the session, then `params` in the
+    query string and `page` opened; no exception and no last-resort error on the way."""
+    monkeypatch.setenv("QLORA_STUDIO_RUNS", str(runs_root))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=240)
+    if run:
+        at.query_params["run"] = run
+    for k, v in (state or {}).items():
+        at.session_state[k] = v
+    at.run()
+    for k, v in (params or {}).items():
+        at.query_params[k] = v
+    if page:
+        at.switch_page(f"app_pages/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not any("could not be shown" in e.value for e in at.error)  # the frame's last-resort guard (app.py)
+    return at
+
+
+def text_of(at: AppTest) -> str:
+    parts = []
+    for kind in ("title", "header", "subheader", "markdown", "caption", "info", "warning", "error", "success"):
+        parts += [str(e.value) for e in getattr(at, kind)]
+    return "\n".join(parts)
+
+
+def make_failed_run(root: Path) -> Path:
+    run = root / "20990101-000000-demo-fail"
+    run.mkdir(parents=True)
+    get_preset("demo").save(run / "config.json")
+    write_status(
+        run,
+        state="failed",
+        pid=None,
+        created_at="2099-01-01T00:00:00+00:00",
+        started_at="2099-01-01T00:00:00+00:00",
+        finished_at="2099-01-01T00:00:09+00:00",
+        error="RuntimeError: boom at step 3",
+        traceback='Traceback (most recent call last):\n  File "core/train.py", line 1\nRuntimeError: boom',
+    )
+    (run / "train.log").write_text("run folder: x\nloading model\nRuntimeError: boom at step 3\n")
+    return run
+
+
+def make_running_run(root: Path, pid: int) -> Path:
+    """A run whose trainer (`pid`) is alive: 3 of 8 steps done."""
+    run = root / "20990101-000000-demo-live"
+    run.mkdir(parents=True)
+    get_preset("demo").save(run / "config.json")
+    started = time.time() - 30
+    write_status(
+        run, state="running", phase="training", pid=pid, created_at=rundir.now_iso(), started_at=rundir.now_iso()
+    )
+    m = run / "metrics.jsonl"
+    rundir.append_jsonl(
+        m,
+        {
+            "t": started,
+            "kind": "setup",
+            "total_steps": 8,
+            "epochs": 2,
+            "steps_per_epoch": 4,
+            "device": "cpu",
+            "compute_dtype": "float32",
+            "labels": ["a", "b", "c"],
+        },
+    )
+    rundir.append_jsonl(
+        m,
+        {
+            "t": started + 2,
+            "kind": "eval",
+            "split": "validation",
+            "stage": "before",
+            "accuracy": 0.4,
+            "loss": 1.1,
+            "n": 20,
+            "seconds": 2.0,
+        },
+    )
+    rundir.append_jsonl(
+        m,
+        {
+            "t": started + 4,
+            "kind": "eval",
+            "split": "test",
+            "stage": "before",
+            "accuracy": 0.3,
+            "loss": 1.1,
+            "n": 30,
+            "seconds": 3.0,
+        },
+    )
+    for step in (1, 2, 3):
+        rundir.append_jsonl(
+            m,
+            {
+                "t": started + 4 + 3 * step,
+                "kind": "step",
+                "step": step,
+                "epoch": 1,
+                "epoch_step": step,
+                "steps_per_epoch": 4,
+                "loss": 1.1 - 0.01 * step,
+                "rows": 32,
+                "samples_per_s": 10.0,
+                "tokens_per_s": 300.0,
+                "pad_fraction": 0.1,
+                "step_s": 3.2,
+            },
+        )
+    for i in range(5):
+        rundir.append_jsonl(
+            run / "resources.jsonl", {"t": started + i, "cpu_percent": 90.0 + i, "rss_gb": 0.5, "ram_used_gb": 2.0}
+        )
+    return run
+
+
+# --- a Streamlit server and Debian's chromium ------------------------------------------------
+
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+VIEWPORT = {"width": 1360, "height": 960}
+
+
+def chromium_path() -> str:
+    path = shutil.which("chromium")
+    if not path:
+        message = "Debian's chromium is not installed (apt-get install -y chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message + ": CI must run the browser test")
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def streamlit_server(tmp_path: Path, env: dict):
+    """`streamlit run app.py` on a free loopback port with `env`; yields its URL once healthy,
+    always killed at the end (its log in tmp_path/streamlit.log)."""
+    port = free_port()
+    log = open(tmp_path / "streamlit.log", "wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.headless",
+            "true",
+            "--server.address",
+            "127.0.0.1",
+            "--server.port",
+            str(port),
+            "--server.fileWatcherType",
+            "none",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("streamlit did not come up:\n" + (tmp_path / "streamlit.log").read_text()[-3000:])
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def settle(page, timeout=120):
+    """Wait until the script run that the last action triggered has finished."""
+    page.wait_for_timeout(400)
+    page.wait_for_selector("[data-testid=stApp][data-test-script-state=notRunning]", timeout=timeout * 1000)
+    page.wait_for_timeout(300)
+
+
+# --- data texts that try to inject markup ----------------------------------------------------
+
+
+EVIL_PREMISE = (
+    "[click me](http://evil.example/x) ![img](http://evil.example/a.png) <b>raw</b> "
+    "www.evil.example :red[red] :smile: *em* `code` $x^2$"
+)
+
+
+EVIL_HYPOTHESIS = '<img src=x onerror="alert(1)"> http://evil.example/bare a@evil.example'
+
+
+EVIL_TAG = "**tag** [t](http://evil.example/t)"
+
+
+def evil_run(tiny_run: Path, root: Path, checkpoints: bool = False) -> Path:
+    """A copy of the tiny run whose test rows carry a link, an image and HTML in their texts."""
+    skip = shutil.ignore_patterns("state-*" if checkpoints else "checkpoints")
+    run = Path(shutil.copytree(tiny_run, root / tiny_run.name, ignore=skip))
+    for name in ("test_before.jsonl", "test_after.jsonl"):
+        path = run / "predictions" / name
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for r in rows:
+            r.update(premise=EVIL_PREMISE, hypothesis=EVIL_HYPOTHESIS, tag=EVIL_TAG)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
