@@ -219,7 +219,7 @@ with st.container(border=True, key="detail"):
     )
 
     # --- learning dynamics: p(gold) per epoch ----------------------------------------------------
-    dyn_file = run_dir / rundir.PREDICTIONS / "dynamics.jsonl"
+    dyn_file = run_dir / rundir.PREDICTIONS / rundir.DYNAMICS
     try:
         dyn = dynamics(str(run_dir), dyn_file.stat().st_mtime)
     except OSError:  # no dynamics file (yet)

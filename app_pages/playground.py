@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages import ui
+from core.classifier import load_classifier
 from core.results import compare
 from core.runs.state import list_runs
 
@@ -21,8 +22,6 @@ st.title("Playground")
 def classifier(folder: str):
     """The classifier saved in a checkpoint folder, kept between inputs; two at most (a run's
     before and after), so picking another run releases the previous run's models."""
-    from core.classifier import load_classifier
-
     return load_classifier(Path(folder))
 
 

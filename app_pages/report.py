@@ -29,10 +29,16 @@ from core.results.sections import NOISE_NOTE
 from core.results.seeds import group_summary
 from core.runs import watch
 from core.runs.resources import describe_hardware
+from core.runs.rundir import ADAPTER_CONFIG
 from core.runs.state import read_status
 
-pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
-rnd = lambda x, n: None if x is None else round(x, n)
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def rnd(x: float | None, n: int) -> float | None:
+    return None if x is None else round(x, n)
 
 
 def adapter_section(run_id: str, folder) -> None:
@@ -188,7 +194,7 @@ if b and a:
 else:
     st.info("The run ended before the test split was scored before and after training.")
 folders = compare.checkpoint_folders(run_dir, report)
-if folders and (folders[1] / "adapter_config.json").is_file():
+if folders and (folders[1] / ADAPTER_CONFIG).is_file():
     adapter_section(report["run_id"], folders[1])
 
 # --- baselines and the change -------------------------------------------------------------------
@@ -253,9 +259,15 @@ if group:
 t = report.get("transitions")
 if t:
     st.subheader("Transitions: where the test examples went")
-    link = lambda col, label, params: col.page_link(
-        "app_pages/failures.py", label=label, icon=":material/list:", query_params={"run": report["run_id"], **params}
-    )
+
+    def link(col, label: str, params: dict) -> None:
+        col.page_link(
+            "app_pages/failures.py",
+            label=label,
+            icon=":material/list:",
+            query_params={"run": report["run_id"], **params},
+        )
+
     left, right = st.columns([1, 1], gap="large")
     with left:
         st.caption("Right/wrong before (rows) × after (columns): click a cell to list its examples.")
@@ -335,7 +347,10 @@ epochs = report.get("epochs") or []
 if epochs:
     n_ep = len(epochs)
     c = st.columns(5)
-    exact = lambda x: None if x is None else f"{x:.1f} s"
+
+    def exact(x: float | None) -> str | None:
+        return None if x is None else f"{x:.1f} s"
+
     c[0].metric(
         "Total",
         watch.format_duration(report.get("total_s"), short=True),

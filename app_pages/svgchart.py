@@ -102,8 +102,13 @@ def line_chart(
     x0, x1 = (min(xt[0], min(xs)), max(xt[-1], max(xs)))
     y0, y1 = y_range or (yt[0], yt[-1])
     pad = 8  # the first and last points stay off the axes
-    sx = lambda x: left + pad + (x - x0) / ((x1 - x0) or 1) * (right - left - 2 * pad)
-    sy = lambda y: bottom - (y - y0) / ((y1 - y0) or 1) * (bottom - top)
+
+    def sx(x: float) -> float:
+        return left + pad + (x - x0) / ((x1 - x0) or 1) * (right - left - 2 * pad)
+
+    def sy(y: float) -> float:
+        return bottom - (y - y0) / ((y1 - y0) or 1) * (bottom - top)
+
     for t in yt:
         if y0 - 1e-9 <= t <= y1 + 1e-9:
             parts.append(

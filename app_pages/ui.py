@@ -12,7 +12,7 @@ import streamlit as st
 
 from core import access
 from core.results.report import damaged_files
-from core.runs import rundir
+from core.runs import resources, rundir
 from core.runs.state import list_runs, read_config, read_status
 
 # Material icons ship with Streamlit's frontend (emoji need a font the machine may not have).
@@ -109,18 +109,15 @@ def access_gate() -> bool:
 
 @st.cache_resource(show_spinner=False)
 def hardware() -> dict:
-    """This machine's CPU, RAM and GPUs (torch is imported once per server)."""
-    from core.runs.resources import hardware_info
-
-    return hardware_info()
+    """This machine's CPU, RAM and GPUs (torch is imported once per server). Called through the
+    module, so that a test can give the app other GPUs (tests/engine/test_dist.py)."""
+    return resources.hardware_info()
 
 
 def hardware_line(info: dict) -> str:
-    from core.runs.resources import describe_hardware
-
     if info.get("gpus"):
-        return "GPU: " + describe_hardware(info)
-    return describe_hardware(info)
+        return "GPU: " + resources.describe_hardware(info)
+    return resources.describe_hardware(info)
 
 
 def select_run(run_id: str | None) -> None:
@@ -297,11 +294,11 @@ def val_accuracy_figure(curve: list[dict]) -> go.Figure:
     )
 
 
-def resources_figure(resources: list[dict], keys: list[tuple[str, str]], title: str, unit: str) -> go.Figure:
+def resources_figure(samples: list[dict], keys: list[tuple[str, str]], title: str, unit: str) -> go.Figure:
     fig = go.Figure()
     colors = [COLORS["line"], COLORS["second"], "#10b981"]
     for (key, name), color in zip(keys, colors):
-        pts = [(r["elapsed_s"], r[key]) for r in resources if key in r]
+        pts = [(r["elapsed_s"], r[key]) for r in samples if key in r]
         fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines", name=name, line=dict(color=color))
     return _layout(fig, title, height=220, xaxis_title="seconds", yaxis_title=unit)
 

@@ -13,10 +13,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import errno
 import json
 import os
 import sys
 from pathlib import Path
+
+# Only modules that load neither torch nor numpy are imported here: `python -m core --help` and
+# `presets` stay instant. The rest (dist, model, train, evaluate, results.report) are imported
+# inside the commands that use them.
+from . import progress
+from .config import PRESETS, SPEED_ENV, RunConfig, get_preset, override, speed_from_env
+from .results.render import render_html, render_markdown
+from .results.seeds import group_summary
+from .runs import liveness, rundir
+from .runs.state import claim_run, read_status, update_status, write_status
 
 # Keep the Hub quiet about telemetry and progress bars in logs.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -64,8 +76,6 @@ FLAGS = {
 
 def build_config(args):
     """The RunConfig of `train`: a preset or --config file, then the flags on top."""
-    from .config import RunConfig, get_preset, override
-
     if args.config:
         cfg = RunConfig.load(Path(args.config))
     else:
@@ -81,10 +91,6 @@ def build_config(args):
     if args.label_map:
         changes["data.label_map"] = dict(kv.split("=", 1) for kv in args.label_map)
     if args.speed:  # e.g. pack=off micro_tokens=1024, parsed as the QLORA_* overrides are
-        import dataclasses
-
-        from .config import SPEED_ENV, speed_from_env
-
         var = {name: env for env, name in SPEED_ENV.items()}
         pairs = [kv.partition("=") for kv in args.speed]
         bad = [k for k, eq, _ in pairs if k not in var or not eq]
@@ -101,10 +107,7 @@ def build_config(args):
 def cmd_resume(args) -> int:
     """`train --resume RUN_DIR`: continue a stopped, failed or killed run from its last checkpoint
     (with as many processes as it had, or --nproc)."""
-    from . import dist
-    from .config import RunConfig, override
-    from .runs import liveness, rundir
-    from .runs.state import read_status, write_status
+    from . import dist  # torch
 
     run_dir = Path(args.resume).resolve()
     if not (run_dir / rundir.STATUS).is_file():
@@ -129,13 +132,15 @@ def cmd_resume(args) -> int:
     if ranks is None and cfg.train.processes > 1:  # start the processes; each comes back here
         check()
         return dist.run_processes(args, cfg, run_dir)
-    ranks.main_first(check) if ranks else check()  # rank 0 checks; its error is every process's
+    if ranks is None:
+        check()
+    else:
+        ranks.main_first(check)  # rank 0 checks; its error is every process's
     if ranks is None or ranks.main:
         (run_dir / rundir.STOP).unlink(missing_ok=True)
         print(f"resuming: {run_dir}", flush=True)
         write_status(run_dir, state="running", pid=os.getpid(), phase="resuming", error=None)
         _hold_device(run_dir, cfg)
-    from . import progress
     from .train import train
 
     with progress.Reporter(run_dir) if ranks is None or ranks.main else contextlib.nullcontext():
@@ -149,10 +154,7 @@ def _finish(report: dict, ranks=None) -> int:
     if not report:
         print("stopped before the end; continue with: python -m core train --resume RUN_DIR")
         return 3
-    from .progress import summary
-    from .results.render import render_markdown
-
-    print(summary(report))  # accuracy before -> after, best epoch, total time
+    print(progress.summary(report))  # accuracy before -> after, best epoch, total time
     print()
     print(render_markdown(report))
     return 0
@@ -161,15 +163,12 @@ def _finish(report: dict, ranks=None) -> int:
 def _hold_device(run_dir: Path, cfg) -> int | None:
     """A heartbeat for the claimed run, and the GPU lock when it trains on a GPU (one GPU run at a
     time: the lock's fd stays open, so it is ours until this process ends, kill -9 included)."""
-    from .runs import liveness, rundir
-    from .runs.state import write_status
-
     liveness.Heartbeat(run_dir).start()  # until the run ends (ResourceSampler beats inside train() too)
     try:
         if cfg.model.device == "cpu":
             device_type = "cpu"
         else:
-            from .model import pick_device  # the choice train() makes
+            from .model import pick_device  # the choice train() makes (torch: only for a GPU run)
 
             device_type = pick_device(cfg.model.device).type
         return liveness.gpu_lock(run_dir, device_type)  # the lock's fd, None on CPU
@@ -179,14 +178,12 @@ def _hold_device(run_dir: Path, cfg) -> int | None:
 
 
 def cmd_train(args) -> int:
-    from . import dist
-    from .runs import rundir
-
     if args.resume:
         return cmd_resume(args)
-    cfg = build_config(args)
+    from . import dist  # torch
     from .model import check_model
 
+    cfg = build_config(args)
     check_model(cfg)  # from the model's config.json: its folder, remote code, max_length; before any claim
     ranks = dist.ranks_for(cfg)  # under torchrun: this process's rank (rank 0 names the run folder)
     cfg = dist.with_world_size(cfg, ranks)
@@ -209,8 +206,6 @@ def cmd_train(args) -> int:
         return _train_one(cfg, run_dir, token, ranks)
     # --seeds K: K runs of this config, seeds seed .. seed+K-1, one after another, as one group
     # (core/results/seeds.py): the first in run_dir, the others beside it as <run_dir>-seed<S>
-    import dataclasses
-
     for i in range(args.seeds):
         seed = cfg.train.seed + i
         one = dataclasses.replace(
@@ -229,31 +224,40 @@ def cmd_train(args) -> int:
             return code  # a stop or a failure ends the group
     if ranks is not None and not ranks.main:
         return 0
-    from .results.seeds import group_summary
-
     g = group_summary(run_dir)
-    ms = lambda x: "n/a" if not x or x["mean"] is None else f"{100 * x['mean']:.1f}% +- {100 * (x['std'] or 0):.1f}"
     agree = "n/a" if g["agreement"] is None else f"{100 * g['agreement']:.1f}%"
+    after = _mean_std(g["accuracy_after"])
+    before = _mean_std(g["accuracy_before"])
     print(
-        f"group {g['group']}: {g['finished']} seeds; test accuracy after {ms(g['accuracy_after'])} "
-        f"(before {ms(g['accuracy_before'])}); all seeds agree on {agree} of {g['agreement_n']} test examples"
+        f"group {g['group']}: {g['finished']} seeds; test accuracy after {after} "
+        f"(before {before}); all seeds agree on {agree} of {g['agreement_n']} test examples"
     )
     return 0
+
+
+def _mean_std(x: dict | None) -> str:
+    """A group's accuracy as `81.2% +- 1.3`, or n/a."""
+    if not x or x["mean"] is None:
+        return "n/a"
+    return f"{100 * x['mean']:.1f}% +- {100 * (x['std'] or 0):.1f}"
 
 
 def _train_one(cfg, run_dir: Path, token: str | None = None, ranks=None) -> int:
     """Claim `run_dir`, hold the device, train, print the result (the body of `train`). Under
     torchrun, rank 0 claims, holds and prints; every process trains."""
-    from .runs.state import claim_run
-
     main = ranks is None or ranks.main
-    claim = lambda: claim_run(run_dir, token=token, state="running", pid=os.getpid(), phase="starting")
-    ranks.main_first(claim) if ranks else claim()
+
+    def claim() -> None:
+        claim_run(run_dir, token=token, state="running", pid=os.getpid(), phase="starting")
+
+    if ranks is None:
+        claim()
+    else:
+        ranks.main_first(claim)
     lock = None
     if main:
         print(f"run folder: {run_dir}", flush=True)
         lock = _hold_device(run_dir, cfg)
-    from . import progress
     from .train import train
 
     try:
@@ -266,7 +270,7 @@ def _train_one(cfg, run_dir: Path, token: str | None = None, ranks=None) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_run
+    from .evaluate import evaluate_run  # torch
 
     result = evaluate_run(Path(args.run_dir), Path(args.data), name=args.name)
     print(
@@ -290,10 +294,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .results.render import render_html, render_markdown
-    from .results.report import build_report
-    from .results.seeds import group_summary
-    from .runs import rundir
+    from .results.report import build_report  # numpy
 
     run_dir = Path(args.run_dir)
     if not (run_dir / rundir.STATUS).exists() and not (run_dir / rundir.CONFIG).exists():
@@ -303,7 +304,7 @@ def cmd_report(args) -> int:
     if args.html:
         rundir.atomic_write_text(Path(args.html), render_html(report))
     if args.bundle:  # the reproducibility bundle (core/results/bundle.py)
-        from .results.bundle import build_bundle
+        from .results.bundle import build_bundle  # numpy
 
         rundir.atomic_write_bytes(Path(args.bundle), build_bundle(run_dir))
     print(render_markdown(report))
@@ -313,8 +314,6 @@ def cmd_report(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from .config import PRESETS
-
     for name, fn in PRESETS.items():
         print(f"{name}: {fn.__doc__}")
         if args.verbose:
@@ -326,36 +325,6 @@ def _raw_equals_name(text: str) -> str:
     if "=" not in text or not text.partition("=")[2].strip():
         raise argparse.ArgumentTypeError(f"--label-map takes RAW=NAME pairs such as 0=entailment, not {text!r}")
     return text
-
-
-def describe_os_error(e: OSError, folder: Path | None = None) -> str:
-    """One sentence for an OSError: what could not be done, where, and what to do."""
-    import errno
-
-    path = Path(e.filename) if e.filename else folder
-    where = f" {path}" if path else ""
-    if e.errno is None:
-        return str(e)
-    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
-        return (
-            f"no space left on the disk of{where}: free some space (old run folders can go) or set "
-            "QLORA_STUDIO_RUNS to a folder on another disk"
-        )
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return (
-            f"cannot write{where} ({e.strerror}): make it writable, or set QLORA_STUDIO_RUNS (or --run-dir) "
-            "to a folder you can write"
-        )
-    if e.errno in (errno.ENOTDIR, errno.EEXIST) and path is not None:
-        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
-        if blocker is not None:
-            return (
-                f"{blocker} is a file where a folder is needed: set QLORA_STUDIO_RUNS (or --run-dir) to a "
-                "folder, or move the file"
-            )
-    if e.errno == errno.ENOENT and e.filename:
-        return f"not found: {e.filename}"
-    return f"{e.strerror or e}:{where}"
 
 
 def main(argv=None) -> int:
@@ -421,17 +390,46 @@ def main(argv=None) -> int:
     except (ValueError, RuntimeError) as e:
         message = str(e)
     finally:
-        if "core.dist" in sys.modules:  # leave torchrun's process group cleanly
+        if "core.dist" in sys.modules:  # leave torchrun's process group cleanly (imported only if a command did)
             sys.modules["core.dist"].shutdown()
     print(f"error: {message}", file=sys.stderr)
     _after_failure(args, message)
     return 2
 
 
+# --- when a command fails: one sentence, and the run folder says how it ended ------------------
+
+
+def describe_os_error(e: OSError, folder: Path | None = None) -> str:
+    """One sentence for an OSError: what could not be done, where, and what to do."""
+    path = Path(e.filename) if e.filename else folder
+    where = f" {path}" if path else ""
+    if e.errno is None:
+        return str(e)
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        return (
+            f"no space left on the disk of{where}: free some space (old run folders can go) or set "
+            "QLORA_STUDIO_RUNS to a folder on another disk"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (
+            f"cannot write{where} ({e.strerror}): make it writable, or set QLORA_STUDIO_RUNS (or --run-dir) "
+            "to a folder you can write"
+        )
+    if e.errno in (errno.ENOTDIR, errno.EEXIST) and path is not None:
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return (
+                f"{blocker} is a file where a folder is needed: set QLORA_STUDIO_RUNS (or --run-dir) to a "
+                "folder, or move the file"
+            )
+    if e.errno == errno.ENOENT and e.filename:
+        return f"not found: {e.filename}"
+    return f"{e.strerror or e}:{where}"
+
+
 def _folder_of(args) -> Path | None:
     """The folder a command writes into, for messages: the run folder, else the runs folder."""
-    from .runs import rundir
-
     if args.command == "train":
         target = getattr(args, "resume", None) or args.run_dir
         if target:
@@ -441,7 +439,7 @@ def _folder_of(args) -> Path | None:
         except ValueError:
             return rundir.runs_root()
     if args.command == "evaluate":
-        return Path(args.run_dir) / "predictions"
+        return Path(args.run_dir) / rundir.PREDICTIONS
     if args.command == "report" and args.html:
         return Path(args.html).parent
     return None
@@ -453,9 +451,6 @@ def _after_failure(args, error: str | None) -> list[Path]:
     (recorded as a KeyboardInterrupt failure) is turned into stopped. A queued run that the app
     launched for this process and that failed before the claim gets the error too. Never raises
     (the disk may be full); returns the run folders it marked."""
-    from .runs import liveness, rundir
-    from .runs.state import update_status
-
     if getattr(args, "command", None) != "train":
         return []
     marked = []

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 from .config import BUILTIN_DATA, EMBEDDED_MODEL, RunConfig
+from .runs.rundir import PROJECT_ROOT, runs_root
 
 READ_ONLY_ENV = "QLORA_STUDIO_READ_ONLY"
 PASSWORD_ENV = "QLORA_STUDIO_PASSWORD"
@@ -121,8 +122,6 @@ def is_hub_id(name: str) -> bool:
 def _names_a_local_path(name: str) -> bool:
     """Whether a Hub-shaped name is also a file or folder next to the app (the trainer and
     datasets would read that instead of the Hub)."""
-    from .runs.rundir import PROJECT_ROOT
-
     return any((base / name).exists() for base in (Path.cwd(), PROJECT_ROOT))
 
 
@@ -166,8 +165,6 @@ def check_sources(cfg: RunConfig, uploads: Path | None = None) -> None:
             "'.', '_' and '-'."
         )
     if problem is None:
-        from .runs.rundir import runs_root
-
         ok_folder = uploads is not None and _inside(str(uploads), runs_root())
         for split in ("train", "validation", "test"):
             path = getattr(data, split)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import secrets
@@ -31,10 +32,13 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 
-ADAPTER_FILE = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+from .classifier import model_card, portable_adapter_config
+from .dist import Ranks
+from .runs.rundir import ADAPTER_CONFIG, ADAPTER_FILE, CLASSIFIER_FILE, atomic_write_bytes
+
 STATE_PREFIX = "state-"
 
 
@@ -101,15 +105,13 @@ def clean_leftovers(ckpt_dir: Path) -> list[str]:
 
 
 def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata or {"format": "pt"})
+    return safetensors.torch.save(
+        {k: v.contiguous() for k, v in tensors.items()}, metadata=metadata or {"format": "pt"}
+    )
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
+    return safetensors.torch.load_file(str(path))
 
 
 # --- adapters -------------------------------------------------------------------------------------
@@ -132,7 +134,7 @@ def save_adapter(model, path: Path) -> None:
 
 def load_adapter_weights(model, path: Path) -> None:
     """Load a saved adapter's weights (LoRA + head) into a model that has the same adapter layout."""
-    from peft import set_peft_model_state_dict
+    from peft import set_peft_model_state_dict  # here: peft loads transformers; the app reads latest_state
 
     file = Path(path) / ADAPTER_FILE
     if not file.is_file():
@@ -168,6 +170,21 @@ class TrainState:
     """Rows of the epoch trained so far."""
     metrics_bytes: int
     """Length of metrics.jsonl when the state was taken: a resume cuts the file back to it."""
+
+
+def best_epoch(epochs: list[dict]) -> dict | None:
+    """The epoch record (epoch, val_accuracy, val_loss) whose adapter a run keeps: the highest
+    validation accuracy; a lower validation loss breaks a tie, then the earlier epoch. None when
+    there are none. A value missing from a record read back (NaN is written as null) counts as the
+    worst. train() chooses with it as it goes, and `evaluate` (core/evaluate.py) from metrics.jsonl
+    when a run has no report."""
+    return max(epochs, key=_selection_key, default=None)
+
+
+def _selection_key(epoch: dict) -> tuple:
+    accuracy = epoch.get("val_accuracy")
+    loss = epoch.get("val_loss")
+    return (-math.inf if accuracy is None else accuracy, -math.inf if loss is None else -loss, -epoch["epoch"])
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -320,9 +337,6 @@ class Checkpointer:
     ):
         """`ranks` (core.dist.Ranks) of a data-parallel run: rank 0 writes and reads the files, the
         other processes write nothing and receive what rank 0 loads."""
-        from .classifier import CLASSIFIER_FILE
-        from .dist import Ranks
-
         self.ranks = ranks or Ranks()
         self.write = self.ranks.main
         self.model = model
@@ -337,8 +351,6 @@ class Checkpointer:
         self.error: BaseException | None = None
 
     def _card(self, epoch: int, validation=None, test=None) -> dict[str, bytes]:
-        from .classifier import model_card
-
         if self.info is None:
             return {}
         return {"README.md": model_card(self.info, epoch, validation, self.run_id, test).encode()}
@@ -346,8 +358,6 @@ class Checkpointer:
     def save_adapter(self, name: str, validation: tuple[float, int] | None = None) -> None:
         """checkpoints/<name>/ (name epoch-K): the adapter and head as they are now, the folder
         files, and a model card with `validation` = (accuracy, n) when given."""
-        from .classifier import portable_adapter_config
-
         if not self.write:
             return
         self.wait()
@@ -377,8 +387,6 @@ class Checkpointer:
         """The card of the selected epoch, with its test accuracy (after the run's test pass)."""
         card = self._card(epoch, validation, test)
         if card and self.write:
-            from .runs.rundir import atomic_write_bytes
-
             atomic_write_bytes(self.dir / f"epoch-{epoch}" / "README.md", card["README.md"])
 
     def save_state(self, state: TrainState, optimizer, scheduler, scaler) -> None:
@@ -419,7 +427,7 @@ class Checkpointer:
     def _live_tensors(self) -> dict[str, torch.Tensor] | None:
         """peft's state-dict keys mapped to the parameters they were read from (None when some key
         has no parameter of its own: every save then goes through peft)."""
-        from peft import get_peft_model_state_dict
+        from peft import get_peft_model_state_dict  # as in load_adapter_weights
 
         params = {(p.data_ptr(), tuple(p.shape)): p for p in self.model.parameters() if p.requires_grad}
         keys = {}

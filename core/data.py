@@ -18,22 +18,26 @@ import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import BUILTIN_DATA, DataConfig
+from .config import BUILTIN_DATA, BUILTIN_DIR, DataConfig
 from .tables import iter_hub_split, iter_table
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-BUILTIN_DIR = ASSETS / "nli_sample"
 PREMISE_ALIASES = ("premise", "sentence1")
 HYPOTHESIS_ALIASES = ("hypothesis", "sentence2")
 LABEL_ALIASES = ("label", "gold_label")
 TEXT_ALIASES = ("text", "sentence")
 UNLABELLED = {"", "-", "-1", "none", "null"}
 DEFAULT_TEMPLATE = "Premise: {premise}\nHypothesis: {hypothesis}\nRelation:"
+# The zero-shot prompt of causal LMs, and so their input template (see prompt_for): for NLI the
+# classic question with one answer word per class; a chat model gets the question as a user turn.
+NLI_QUESTION = "{premise}\nQuestion: {hypothesis} Yes, Maybe, or No?"
+NLI_PROMPT = NLI_QUESTION + "\nAnswer:"
+NLI_WORDS = {"entailment": "Yes", "neutral": "Maybe", "contradiction": "No"}
+TEXT_PROMPT = "{text}\nAnswer:"
+PLACEHOLDERS = ("{premise}", "{hypothesis}", "{text}")
 
 
 @dataclass
@@ -48,6 +52,8 @@ class Example:
     """For single-text classification (premise and hypothesis empty)."""
     tag: str = ""
     """Optional phenomenon tag (the built-in sample has one per row)."""
+    row: int = 0
+    """Its row number in its file (1-based, header not counted), for messages; 0 if unknown."""
 
     def as_dict(self) -> dict:
         d = {"id": self.id, "label": self.label}
@@ -181,9 +187,9 @@ def to_examples(
         ex_id = str(row[id_col]) if id_col and row.get(id_col) not in (None, "") else f"{split}-{n}"
         tag = _text(row.get(tag_col)) if tag_col else ""
         if single:
-            examples.append(Example(id=ex_id, label=label, text=text, tag=tag))
+            examples.append(Example(id=ex_id, label=label, text=text, tag=tag, row=n + 1))
         else:
-            examples.append(Example(id=ex_id, label=label, premise=premise, hypothesis=hypothesis, tag=tag))
+            examples.append(Example(id=ex_id, label=label, premise=premise, hypothesis=hypothesis, tag=tag, row=n + 1))
     stats.kept = len(examples)
     return examples, stats
 
@@ -313,27 +319,102 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, list[Example]], d
     return splits, {k: vars(v) for k, v in stats.items()}
 
 
-# --- tokenising and batching --------------------------------------------------------------------
+# --- prompts and tokenising ---------------------------------------------------------------------
 
 
-def encode(examples: list[Example], tokenizer, cfg: DataConfig) -> list[dict]:
-    """Token ids per example (no padding). Pairs use the tokenizer's own pair encoding when it
-    has a separator token and no template is set; otherwise the template text."""
-    use_pairs = cfg.template is None and tokenizer.sep_token is not None
-    template = cfg.template or DEFAULT_TEMPLATE
-    if examples and examples[0].text:
-        texts = [e.text for e in examples]
-        if cfg.template:
-            texts = [cfg.template.format(text=t) for t in texts]
-        enc = tokenizer(texts, truncation=True, max_length=cfg.max_length)
-    elif use_pairs:
+@dataclass(frozen=True)
+class Prompt:
+    """How a row becomes the model's input, and the words that answer it."""
+
+    template: str | None
+    """The text with {premise}/{hypothesis} (or {text}) placeholders; None: the tokenizer's own
+    pair encoding (encoders with a separator token)."""
+    chat: bool = False
+    """Rendered by the tokenizer's chat template, special tokens included: tokenised without
+    adding them again (no second BOS)."""
+    words: tuple[str, ...] = ()
+    """One answer word per class (the zero-shot baseline asks the LM head for the next one; the
+    label-word head starts from their rows); empty for the pair encoding."""
+
+    def texts(self, examples: Sequence[Example]) -> list[str]:
+        return [
+            self.template.format(text=e.text)
+            if e.text
+            else self.template.format(premise=e.premise, hypothesis=e.hypothesis)
+            for e in examples
+        ]
+
+
+def prompt_for(cfg: DataConfig, tokenizer, text: bool = False) -> Prompt:
+    """The input of a run (`text`: single-text rows): the tokenizer's own pair encoding when it
+    has a separator token (encoders) and data.template is not set; otherwise causal_prompt."""
+    if cfg.template is None and tokenizer.sep_token is not None:
+        return Prompt("{text}" if text else None)
+    return causal_prompt(cfg.labels, tokenizer, text, cfg.template)
+
+
+def causal_prompt(labels: Sequence[str], tokenizer, text: bool = False, template: str | None = None) -> Prompt:
+    """The prompt that asks a causal LM for one word per class, the same for the zero-shot
+    baseline and for the run's input (so that with a label-word head, core/model.py, the run's
+    "before" model IS the zero-shot baseline). `template` when given, answered by the label words
+    with a leading space. Otherwise, for NLI labels the question "{premise}\nQuestion: {hypothesis}
+    Yes, Maybe, or No?" answered by Yes / Maybe / No, for other labels a plain prompt answered by
+    the label names; with a chat template (instruct models) the question is a user turn and the
+    answer starts the assistant's (tokenizer.apply_chat_template), else it ends in "\nAnswer:"."""
+    nli = all(label in NLI_WORDS for label in labels)
+    words = [NLI_WORDS[label] for label in labels] if nli else list(labels)
+    if template is not None:
+        return Prompt(template, words=tuple(" " + w for w in words))
+    question = NLI_QUESTION if nli else ("{text}" if text else "{premise}\n{hypothesis}")
+    if getattr(tokenizer, "chat_template", None):
+        if not nli:
+            question += "\nAnswer with one of: " + ", ".join(labels) + "."
+        return Prompt(chat_template(tokenizer, question), chat=True, words=tuple(words))
+    prompt = NLI_PROMPT if nli else (TEXT_PROMPT if text else DEFAULT_TEMPLATE)
+    return Prompt(prompt, words=tuple(" " + w for w in words))
+
+
+def chat_template(tokenizer, question: str) -> str:
+    """`question` as the user turn of the tokenizer's chat template, followed by the start of the
+    assistant's answer, as a template: the {premise}/{hypothesis}/{text} placeholders stay, any
+    other brace the chat template writes is escaped."""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    escaped = rendered.replace("{", "{{").replace("}", "}}")
+    for placeholder in PLACEHOLDERS:
+        escaped = escaped.replace("{" + placeholder + "}", placeholder)
+    return escaped
+
+
+def tokenize(prompt: Prompt, examples: Sequence[Example], tokenizer, max_length: int) -> list[list[int]]:
+    """Token ids of `examples` through `prompt` (no padding, truncated at max_length)."""
+    if prompt.template is None:
         enc = tokenizer(
-            [e.premise for e in examples], [e.hypothesis for e in examples], truncation=True, max_length=cfg.max_length
+            [e.premise for e in examples], [e.hypothesis for e in examples], truncation=True, max_length=max_length
         )
     else:
-        texts = [template.format(premise=e.premise, hypothesis=e.hypothesis) for e in examples]
-        enc = tokenizer(texts, truncation=True, max_length=cfg.max_length)
+        enc = tokenizer(
+            prompt.texts(examples), truncation=True, max_length=max_length, add_special_tokens=not prompt.chat
+        )
+    return enc
+
+
+def encode(examples: list[Example], tokenizer, cfg: DataConfig, split: str = "") -> list[dict]:
+    """Token ids per example (no padding), through the run's input (prompt_for). A row that the
+    tokenizer turns into no tokens at all is refused, naming the split and the row."""
+    if not examples:
+        return []
+    enc = tokenize(prompt_for(cfg, tokenizer, text=bool(examples[0].text)), examples, tokenizer, cfg.max_length)
     keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
+    for ex, ids in zip(examples, enc["input_ids"]):
+        if not ids:
+            where = f"{split or 'data'} row {ex.row}" if ex.row else f"{split or 'data'} row id {ex.id}"
+            raise ValueError(
+                f"{where}: the tokenizer of the model turns its text into no "
+                "tokens at all, so the model has nothing to read: check that the tokenizer belongs to the model "
+                "(transformers may have loaded another tokenizer class than the folder's)"
+            )
     return [{**{k: enc[k][i] for k in keys}, "label": ex.label} for i, ex in enumerate(examples)]
 
 

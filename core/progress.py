@@ -5,9 +5,10 @@
     print(progress.summary(report))         # test accuracy before -> after, best epoch, total time
 
 The reporter reads what the trainer writes anyway: status.json (phase, epoch, step) and the lines
-appended to metrics.jsonl since its last look (MetricsTail keeps the byte offset; a half-written
-last line waits for its newline). It shows the phase, epoch, step/total, the loss and pairs/s of
-the last steps, and the time left (live.estimate_remaining, the app's ETA):
+appended to metrics.jsonl since its last look (watch.JsonlTail, as the app's live view reads it:
+it keeps the byte offset; a half-written last line waits for its newline). It shows the phase,
+epoch, step/total, the loss and pairs/s of the last steps, and the time left
+(watch.estimate_remaining, the app's ETA):
 
 - on a terminal, one line redrawn in place with "\\r" and a text bar; when the phase or the
   epoch changes, the line is kept and a new one starts;
@@ -20,7 +21,6 @@ It never disturbs the training: a failed read is skipped, and it stops with a fi
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import threading
@@ -29,66 +29,14 @@ from pathlib import Path
 from typing import TextIO
 
 from .runs import rundir
-from .runs.watch import estimate_remaining, format_duration
+from .runs.rundir import is_number
+from .runs.watch import JsonlTail, estimate_remaining, format_duration
 
 POLL_S = 1.0  # how often the reporter looks at the run folder
 EVERY_S = 10.0  # not a terminal: a plain line at least this often (and on each new phase or epoch)
 BAR = 20  # characters of the text bar on a terminal
 RECENT = 10  # the loss and pairs/s shown are over this many last steps
 TIMED = 20  # steps kept for the ETA (estimate_remaining averages the last 20)
-
-
-class MetricsTail:
-    """The records of an append-only JSON-lines file, a little at a time: each read() parses only
-    the bytes after `offset` (just after the last complete line read so far) and moves it to the
-    end of the last complete line. A last line without its newline is read again next time.
-
-    When the file was replaced (another inode: train() starts metrics.jsonl afresh), cut shorter,
-    or no longer has a newline just before the offset (a resume truncates it), reading starts over
-    from the first line and read() says so. Lines that are not a JSON object are skipped."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.offset = 0
-        self.bytes_read = 0  # all bytes read so far (what a test checks)
-        self._ident: tuple[int, int] | None = None
-
-    def read(self) -> tuple[list[dict], bool]:
-        """(the records of the lines completed since the last read, whether reading started over)."""
-        try:
-            f = open(self.path, "rb")
-        except FileNotFoundError:
-            restarted = self._ident is not None
-            self.offset, self._ident = 0, None
-            return [], restarted
-        with f:
-            st = os.fstat(f.fileno())
-            ident = (st.st_dev, st.st_ino)
-            restarted = self._ident is not None and (
-                ident != self._ident or st.st_size < self.offset or not self._after_newline(f)
-            )
-            if restarted:
-                self.offset = 0
-            self._ident = ident
-            if st.st_size == self.offset:
-                return [], restarted
-            f.seek(self.offset)
-            data = f.read()
-        self.bytes_read += len(data)
-        end = data.rfind(b"\n") + 1  # complete lines only
-        self.offset += end
-        records = [r for r in map(rundir.json_object, data[:end].split(b"\n")) if r is not None]
-        return records, restarted
-
-    def _after_newline(self, f) -> bool:
-        if not self.offset:
-            return True
-        f.seek(self.offset - 1)
-        return f.read(1) == b"\n"
-
-
-def _num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 class RunProgress:
@@ -110,11 +58,11 @@ class RunProgress:
         kind = rec.get("kind")
         if kind == "setup" and not self.setup:
             self.setup = rec
-        elif kind == "step" and _num(rec.get("step")) and _num(rec.get("step_s")):
+        elif kind == "step" and is_number(rec.get("step")) and is_number(rec.get("step_s")):
             if self.first_step is None:
                 self.first_step = rec
             self.steps = (self.steps + [rec])[-TIMED:]
-        elif kind == "eval" and _num(rec.get("seconds")):
+        elif kind == "eval" and is_number(rec.get("seconds")):
             self.evals.append(rec)
         elif kind == "epoch":
             self.epochs += 1
@@ -137,14 +85,14 @@ class RunProgress:
         phase = str(status.get("phase") or state or "starting")
         last = self.steps[-1] if self.steps else {}
         # status.json's epoch moves on when an epoch starts, the step records with its first step
-        epoch = status.get("epoch") if _num(status.get("epoch")) else last.get("epoch")
+        epoch = status.get("epoch") if is_number(status.get("epoch")) else last.get("epoch")
         epochs = self.setup.get("epochs")
         step = last.get("step") if last else status.get("step")
         total = self.setup.get("total_steps") or status.get("total_steps")
         parts = [phase]
-        if _num(epoch) and epoch and _num(epochs):
+        if is_number(epoch) and epoch and is_number(epochs):
             parts.append(f"epoch {epoch}/{epochs}")
-        if _num(step) and _num(total) and total > 0:
+        if is_number(step) and is_number(total) and total > 0:
             frac = min(1.0, step / total)
             if bar:
                 filled = round(frac * BAR)
@@ -152,11 +100,11 @@ class RunProgress:
             else:
                 parts.append(f"step {step}/{total} ({frac:.0%})")
         recent = self.steps[-RECENT:]
-        losses = [s["loss"] for s in recent if _num(s.get("loss"))]
+        losses = [s["loss"] for s in recent if is_number(s.get("loss"))]
         if losses:
             parts.append(f"loss {sum(losses) / len(losses):.4f}")
-        secs = sum(s["step_s"] for s in recent if _num(s.get("rows")))
-        rows = sum(s["rows"] for s in recent if _num(s.get("rows")))
+        secs = sum(s["step_s"] for s in recent if is_number(s.get("rows")))
+        rows = sum(s["rows"] for s in recent if is_number(s.get("rows")))
         if secs > 0 and rows:
             parts.append(f"{rows / secs:.1f} pairs/s")
         if state in (None, "queued", "running") and phase not in ("done", "stopped", "failed"):
@@ -166,7 +114,7 @@ class RunProgress:
             elif self.setup:  # before the setup record nothing is known of the work ahead
                 parts.append("ETA after the first steps")
         parts.append(f"{format_duration(elapsed)} elapsed")
-        return " | ".join(parts), (phase, epoch if _num(epoch) else None)
+        return " | ".join(parts), (phase, epoch if is_number(epoch) else None)
 
 
 class Reporter:
@@ -188,7 +136,9 @@ class Reporter:
             except (AttributeError, ValueError):
                 tty = False
         self.tty, self.poll, self.every = tty, poll, every
-        self.tail = MetricsTail(self.run_dir / rundir.METRICS)
+        # head=0: what was read is never read again. The trainer only appends to metrics.jsonl, starts
+        # it afresh (a new file) or cuts it back on a resume: JsonlTail notices those by the offset.
+        self.tail = JsonlTail(self.run_dir / rundir.METRICS, head=0)
         self.progress = RunProgress()
         self.lines = 0  # lines written (plain) or lines kept (terminal)
         self._key: tuple | None = None  # (phase, epoch) of the last line
@@ -255,7 +205,10 @@ class Reporter:
 
     def _draw(self, text: str, kept: str | None, final: bool) -> None:
         width = max(20, shutil.get_terminal_size((100, 24)).columns - 1)
-        fit = lambda t: t if len(t) <= width else t[: width - 1] + "~"
+
+        def fit(t: str) -> str:
+            return t if len(t) <= width else t[: width - 1] + "~"
+
         text, out = fit(text), ""
         if kept is not None:  # a new phase or epoch: the last one's line stays on the screen
             kept = fit(kept)
@@ -276,11 +229,11 @@ class Reporter:
 
 
 def _pct(x) -> str:
-    return f"{100 * x:.1f}%" if _num(x) else "n/a"
+    return f"{100 * x:.1f}%" if is_number(x) else "n/a"
 
 
 def _accuracy(s: dict | None) -> str:
-    if not isinstance(s, dict) or not _num(s.get("accuracy")):
+    if not isinstance(s, dict) or not is_number(s.get("accuracy")):
         return "n/a"
     ci = s.get("ci95")
     ci = f" [{_pct(ci[0])}, {_pct(ci[1])}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
@@ -296,18 +249,18 @@ def summary(report: dict) -> str:
     if (
         isinstance(before, dict)
         and isinstance(after, dict)
-        and _num(before.get("accuracy"))
-        and _num(after.get("accuracy"))
+        and is_number(before.get("accuracy"))
+        and is_number(after.get("accuracy"))
     ):
         change = f" ({100 * (after['accuracy'] - before['accuracy']):+.1f} points)"
     first = f"test accuracy: {_accuracy(before)} -> {_accuracy(after)}{change}" + (
-        f", n = {n}, 95% Wilson intervals" if _num(n) else ""
+        f", n = {n}, 95% Wilson intervals" if is_number(n) else ""
     )
     best = report.get("best_epoch")
     epochs = report.get("epochs") if isinstance(report.get("epochs"), list) else []
     val = next((e.get("val_accuracy") for e in epochs if isinstance(e, dict) and e.get("epoch") == best), None)
     second = (
-        f"best epoch: {best} of {len(epochs)}" + (f" (validation accuracy {_pct(val)})" if _num(val) else "")
+        f"best epoch: {best} of {len(epochs)}" + (f" (validation accuracy {_pct(val)})" if is_number(val) else "")
         if best is not None
         else "best epoch: n/a"
     )
@@ -315,9 +268,9 @@ def summary(report: dict) -> str:
     detail = [
         f"{name} {format_duration(report[k])}"
         for name, k in (("training", "train_s"), ("evaluation", "eval_s"), ("model load", "load_s"))
-        if _num(report.get(k))
+        if is_number(report.get(k))
     ]
-    third = f"total time: {format_duration(total) if _num(total) else 'n/a'}" + (
+    third = f"total time: {format_duration(total) if is_number(total) else 'n/a'}" + (
         f" ({', '.join(detail)})" if detail else ""
     )
     return "\n".join((first, second, third))

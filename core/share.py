@@ -18,6 +18,10 @@ import zipfile
 from pathlib import Path
 
 from . import access
+from .runs.rundir import ADAPTER_CONFIG
+
+# huggingface_hub is imported where it is used: the Report page imports this file, and only a push
+# (or asking for the stored token) needs it.
 
 NO_TOKEN = "Set HF_TOKEN (a write token from huggingface.co/settings/tokens) as a secret/environment variable to push."
 
@@ -26,8 +30,8 @@ def epoch_files(folder: Path) -> list[Path]:
     """The regular files of a checkpoint folder, sorted, symbolic links left out; ValueError
     when it is not a folder of a finished epoch (no adapter_config.json)."""
     folder = Path(folder)
-    if not (folder / "adapter_config.json").is_file():
-        raise ValueError(f"{folder} is not a checkpoint folder with a trained adapter (no adapter_config.json)")
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise ValueError(f"{folder} is not a checkpoint folder with a trained adapter (no {ADAPTER_CONFIG})")
     files = []
     for top, _, names in os.walk(folder):  # does not descend into linked folders
         files += [Path(top) / n for n in names if not (Path(top) / n).is_symlink() and (Path(top) / n).is_file()]
@@ -49,7 +53,7 @@ def zip_folder(folder: Path, name: str | None = None) -> bytes:
 
 def hub_token() -> str | None:
     """The Hugging Face token this process would push with: HF_TOKEN, else the stored login."""
-    from huggingface_hub import get_token
+    from huggingface_hub import get_token  # here, not at the top: see the imports
 
     try:
         return get_token()
@@ -59,7 +63,7 @@ def hub_token() -> str | None:
 
 def _reason(error: BaseException) -> str:
     """Why a Hub call failed, in words a user can act on."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled  # see the imports
 
     if isinstance(error, OfflineModeIsEnabled):
         return "HF_HUB_OFFLINE is set, so nothing can be sent to the Hub"
@@ -103,7 +107,7 @@ def push_to_hub(
     token = token or hub_token()
     if not token:
         raise ValueError(NO_TOKEN)
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # here, not at the top: see the imports
 
     api = HfApi(token=token)
     try:

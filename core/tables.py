@@ -11,12 +11,15 @@ the line and the byte), Parquet by record batches through pyarrow. core/data.py 
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
+# pyarrow and datasets are imported where they are used: the app's pages read uploads through this
+# file, and most of them never touch a Parquet file or the Hub (datasets alone takes seconds to import).
+
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
-TABLE_SUFFIXES = JSONL_SUFFIXES + (".json", ".csv", ".tsv", ".parquet")
 PARQUET_BATCH_ROWS = 8192
 csv.field_size_limit(2**31 - 1)  # a long text in one field is data, not an error
 
@@ -71,8 +74,6 @@ def _decoded_lines(f, path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _iter_jsonl(path: Path, gz: bool) -> Iterator[dict]:
-    import gzip
-
     with gzip.open(path, "rb") if gz else open(path, "rb") as f:
         for n, line in _decoded_lines(f, path):
             if not line.strip():
@@ -137,7 +138,7 @@ def _iter_csv(path: Path, delimiter: str) -> Iterator[dict]:
 
 
 def _iter_parquet(path: Path) -> Iterator[dict]:
-    import pyarrow as pa
+    import pyarrow as pa  # here, not at the top: see the imports
     import pyarrow.parquet as pq
 
     try:
@@ -150,15 +151,10 @@ def _iter_parquet(path: Path) -> Iterator[dict]:
             yield from batch.to_pylist()
 
 
-def read_hub_split(dataset_id: str, split: str, config_name: str | None = None) -> list[dict]:
-    """Rows of one split of a Hugging Face Hub dataset (needs the network or a local HF cache)."""
-    return list(iter_hub_split(dataset_id, split, config_name))
-
-
 def iter_hub_split(dataset_id: str, split: str, config_name: str | None = None) -> Iterator[dict]:
     """The rows of a Hub split one at a time (the dataset itself stays memory-mapped on disk)."""
     try:
-        import datasets
+        import datasets  # here, not at the top: see the imports
     except ImportError as e:  # pragma: no cover - datasets is in requirements.txt
         raise RuntimeError("loading a Hub dataset needs the `datasets` package") from e
     try:

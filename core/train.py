@@ -17,21 +17,24 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import checkpoint, dist
+from . import baseline, checkpoint, dist
 from .classifier import folder_files
 from .config import RunConfig, speed_from_env
-from .data import batch_indices, encode, load_splits
+from .data import Example, batch_indices, encode, load_splits, prompt_for
 from .evaluate import accuracy, predict, prediction_rows
 from .model import (
     add_lora,
     count_parameters,
+    init_head,
     load_model,
     load_tokenizer,
     pick_compute_dtype,
@@ -112,15 +115,36 @@ def optimizer_step(optimizer, scaler, params: list, max_grad_norm: float | None)
     return grad_norm
 
 
-def load_everything(cfg: RunConfig, t_start: float, ranks: dist.Ranks | None = None):
+@dataclasses.dataclass
+class Setup:
+    """What train() works with, made by load_everything()."""
+
+    splits: dict[str, list[Example]]
+    """The examples of train, validation and test."""
+    encoded: dict[str, list[dict]]
+    """The same examples tokenised (input_ids, label), in the same order."""
+    model: torch.nn.Module
+    """The 4-bit model with its LoRA adapters, new head and speed-ups, on `device`."""
+    tokenizer: Any
+    """The model's tokenizer (its pad_token_id pads the batches)."""
+    device: torch.device
+    """Where this process trains: the CPU, or its GPU."""
+    dtype: torch.dtype
+    """The compute dtype of the forward and backward passes."""
+    memory: PeakMemory
+    """Peak GPU memory per phase of the run, from the end of loading on."""
+    record: dict
+    """The `setup` record of metrics.jsonl: where and how the run trains, and on what."""
+
+
+def load_everything(cfg: RunConfig, t_start: float, ranks: dist.Ranks | None = None) -> Setup:
     """Data, tokenizer and the 4-bit model with its LoRA adapters, new head and speed-ups, seeded
-    (the trainable weights are rank 0's in every process of a data-parallel run); returns (splits,
-    encoded splits, model, tokenizer, device, dtype, PeakMemory, the `setup` record of
-    metrics.jsonl: where and how the run trains, and on what)."""
+    (the trainable weights are rank 0's in every process of a data-parallel run)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
-    splits, data_stats = load_splits(cfg.data, cfg.train.seed if cfg.data.sample_seed is None else cfg.data.sample_seed)
+    sample_seed = cfg.train.seed if cfg.data.sample_seed is None else cfg.data.sample_seed
+    splits, data_stats = load_splits(cfg.data, sample_seed)
     timings = {"data_s": time.time() - t_start}
     ranks = ranks or dist.Ranks()
     device = ranks.device(pick_device(cfg.model.device))
@@ -131,6 +155,8 @@ def load_everything(cfg: RunConfig, t_start: float, ranks: dist.Ranks | None = N
     seed_everything(cfg.train.seed)  # the new head and the LoRA matrices start from the seed
     labels = cfg.data.labels
     model = load_model(cfg.model, len(labels), tokenizer.pad_token_id, device, dtype, id2label=dict(enumerate(labels)))
+    prompt = prompt_for(cfg.data, tokenizer, text=bool(splits["train"][0].text))
+    head_init = init_head(model, cfg.model, prompt, tokenizer)  # the label words' LM-head rows, or random
     model = add_lora(model, cfg.lora)
     tuned = tune_model(model, dtype, cfg.speed)  # fused layers and kernels: the same function, faster
     ranks.broadcast_params([p for p in model.parameters() if p.requires_grad])  # as DDP does at the start
@@ -140,13 +166,14 @@ def load_everything(cfg: RunConfig, t_start: float, ranks: dist.Ranks | None = N
     memory = PeakMemory(device)
     load_peak_gb = memory.phase(in_overall=False)  # loading peaks apart (16-bit shards before quantising)
     t0 = time.time()
-    encoded = {s: encode(ex, tokenizer, cfg.data) for s, ex in splits.items()}
+    encoded = {s: encode(ex, tokenizer, cfg.data, split=s) for s, ex in splits.items()}
     timings["encode_s"] = time.time() - t0
     steps_per_epoch = math.ceil(len(encoded["train"]) / cfg.train.batch_size)
     t0 = time.time()
     hardware = hardware_info()
     timings["hardware_s"] = time.time() - t0
-    setup = dict(
+    mean_tokens = {s: round(float(np.mean([len(e["input_ids"]) for e in v])), 1) for s, v in encoded.items()}
+    record = dict(
         kind="setup",
         device=str(device),
         world_size=ranks.world,
@@ -167,10 +194,11 @@ def load_everything(cfg: RunConfig, t_start: float, ranks: dist.Ranks | None = N
         speedups=tuned,
         speed=dataclasses.asdict(cfg.speed),
         pooling=resolve_pooling(cfg.model),
+        head_init=head_init,
         target_modules=sorted(model.peft_config["default"].target_modules),
-        mean_tokens={s: round(float(np.mean([len(e["input_ids"]) for e in v])), 1) for s, v in encoded.items()},
+        mean_tokens=mean_tokens,
     )
-    return splits, encoded, model, tokenizer, device, dtype, memory, setup
+    return Setup(splits, encoded, model, tokenizer, device, dtype, memory, record)
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
@@ -181,7 +209,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     ranks = dist.setup(pick_device(cfg.model.device).type)  # one process, or this one of torchrun's
     main = ranks.main
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir, metrics = run_dir / rundir.CHECKPOINTS, run_dir / rundir.METRICS
+    ckpt_dir = run_dir / rundir.CHECKPOINTS
+    metrics = run_dir / rundir.METRICS
     # what an interrupted save, and the failed processes of a previous attempt, left behind
     cleaned = checkpoint.clean_leftovers(ckpt_dir) + dist.clear_errors(run_dir) if main else []
     state_dir = checkpoint.latest_state(ckpt_dir) if resume else None
@@ -190,8 +219,19 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         if main:
             cfg.save(run_dir / rundir.CONFIG)
             rundir.atomic_write_text(metrics, "")
-    log = (lambda **rec: rundir.append_jsonl(metrics, {"t": round(time.time(), 3), **rec})) if main else _quiet
-    status = (lambda **kw: write_status(run_dir, **kw)) if main else _quiet
+
+    # rank 0 alone writes metrics.jsonl and status.json; in the other processes these do nothing
+    def log(**record) -> None:
+        if main:
+            rundir.append_jsonl(metrics, {"t": round(time.time(), 3), **record})
+
+    def status(**fields) -> None:
+        if main:
+            write_status(run_dir, **fields)
+
+    def status_step(step: int) -> None:
+        status(step=step)
+
     created = (rundir.read_json(run_dir / rundir.STATUS, {}) or {}).get("created_at") or rundir.now_iso()
     status(
         state="running",
@@ -207,17 +247,20 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     )
     stop = StopRequest(run_dir, ranks)
     sampler = ResourceSampler(run_dir / rundir.RESOURCES, enabled=main).start()
-    saver, position = None, None  # position: (epoch, batches done) while a stop can save the state
+    saver = None
+    position = None  # (epoch, batches done) while a stop can save the state
     t_start = time.time()
     try:
         # --- setup: data, tokenizer, the 4-bit model with its LoRA adapters and new head, optimiser --------
-        splits, encoded, model, tokenizer, device, dtype, memory, setup = load_everything(cfg, t_start, ranks)
-        total_steps, pad_id = setup["total_steps"], tokenizer.pad_token_id
-        saver = checkpoint.Checkpointer(
-            model, ckpt_dir, folder_files(cfg, tokenizer), run_dir.name, ranks=ranks
-        )  # on a thread; rank 0 writes, the others follow it
-        evaluate = Evaluator(model, encoded, splits, cfg, device, dtype, pad_id, memory, log, run_dir, ranks)
-        optimizer, scheduler, scaler = make_optimizer(model, cfg, device, dtype, total_steps)
+        setup = load_everything(cfg, t_start, ranks)
+        model = setup.model
+        encoded = setup.encoded
+        total_steps = setup.record["total_steps"]
+        # on a thread; rank 0 writes, the others follow it
+        files = folder_files(cfg, setup.tokenizer, setup.record["head_init"])  # tokenizer, classifier.json
+        saver = checkpoint.Checkpointer(model, ckpt_dir, files, run_dir.name, ranks=ranks)
+        evaluate = Evaluator(setup, cfg, log, run_dir, ranks)
+        optimizer, scheduler, scaler = make_optimizer(model, cfg, setup.device, setup.dtype, total_steps)
         if state_dir is not None:  # --- resume: weights, optimiser, scheduler, RNGs, position --------------
             at = checkpoint.restore_state(state_dir, model, optimizer, scheduler, scaler)
             if main:
@@ -235,13 +278,13 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                 setup_s=round(time.time() - t_start, 3),
             )
         else:  # --- before: the untrained adapter and head --------------------------------------------------
-            log(**setup)
+            log(**setup.record)
             saver.save_adapter("epoch-0")  # the "before" model, head initialisation included
             stop.check()
             evaluate("validation", "before")
             stop.check()
             evaluate("test", "before", save=True)  # the random-head baseline
-            evaluate.zero_shot(tokenizer)  # the pretrained LM's own answer, for causal LMs
+            evaluate.zero_shot(setup.tokenizer)  # the pretrained LM's own answer, for causal LMs
             at = checkpoint.TrainState(
                 step=0, epoch=1, epoch_step=0, best=None, epoch_loss_sum=0.0, epoch_rows=0, metrics_bytes=0
             )
@@ -250,27 +293,30 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         trainable = [p for p in model.parameters() if p.requires_grad]
         stepper = TrainStep(
             model,
-            device,
-            dtype,
-            pad_id,
+            setup.device,
+            setup.dtype,
+            setup.tokenizer.pad_token_id,
             cfg.speed,
             scaler=scaler,
             data=encoded["train"],
             micro=cfg.train.micro_batch_size or cfg.train.batch_size,
         )  # grads allocated, zero
-        steps = StepLog(log, lambda s: status(step=s), model, device, devices=ranks.world)
-        step, best = at.step, at.best  # best: the epoch with the highest validation accuracy (lower loss breaks ties)
+        steps = StepLog(log, status_step, model, setup.device, devices=ranks.world)
+        step = at.step
+        best = at.best  # {epoch, val_accuracy, val_loss} of the best epoch so far (checkpoint.best_epoch)
 
         def save_state(epoch: int, done: int) -> None:  # everything a resume needs, as of now
             steps.flush(last=True)
-            saver.save_state(
-                checkpoint.TrainState(
-                    step, epoch, done, best, steps.loss_sum, steps.rows, metrics.stat().st_size if main else 0
-                ),
-                optimizer,
-                scheduler,
-                scaler,
+            state = checkpoint.TrainState(
+                step=step,
+                epoch=epoch,
+                epoch_step=done,
+                best=best,
+                epoch_loss_sum=steps.loss_sum,
+                epoch_rows=steps.rows,
+                metrics_bytes=metrics.stat().st_size if main else 0,
             )
+            saver.save_state(state, optimizer, scheduler, scaler)
 
         model.train()
         for epoch in range(at.epoch, cfg.train.epochs + 1):
@@ -283,7 +329,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                 bucket=cfg.train.length_bucketing,
             )
             done = at.epoch_step if epoch == at.epoch else 0  # batches a resumed epoch has already trained
-            steps.start_epoch(epoch, len(batches), *((at.epoch_loss_sum, at.epoch_rows) if done else (0.0, 0)))
+            if done:
+                steps.start_epoch(epoch, len(batches), at.epoch_loss_sum, at.epoch_rows)
+            else:
+                steps.start_epoch(epoch, len(batches))
             for b, idx in enumerate(batches[done:], start=done):
                 position = (epoch, b)
                 stop.check()
@@ -295,20 +344,24 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                 grad_norm = optimizer_step(optimizer, scaler, trainable, cfg.train.max_grad_norm)
                 stepper.zero_grad()  # in place: CUDA graphs accumulate into the same .grad tensors
                 step += 1
-                steps.add(step, b + 1, len(idx), loss, grad_norm, scheduler.get_last_lr()[0], tokens, stepper.graphs)
+                lr = scheduler.get_last_lr()[0]
+                steps.add(step, b + 1, len(idx), loss, grad_norm, lr, tokens, stepper.graphs)
                 scheduler.step()
                 steps.flush(last=b + 1 == len(batches))  # reads step n-1 while the GPU runs step n
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and b + 1 < len(batches):
                     save_state(epoch, b + 1)
             position = (epoch, len(batches))
-            epoch_s, train_peak_gb = time.time() - steps.t_epoch, memory.phase()
+            epoch_s = time.time() - steps.t_epoch
+            train_peak_gb = setup.memory.phase()
             stop.check()
             _, val_acc, val_loss = evaluate("validation", f"epoch-{epoch}")
             if cfg.train.track_test:  # for the per-example learning dynamics only: chooses nothing
                 evaluate("test", f"epoch-{epoch}")
-            saver.save_adapter(f"epoch-{epoch}", validation=(val_acc, len(splits["validation"])))  # files on a thread
-            if best is None or (val_acc, -val_loss) > (best["val_accuracy"], -best["val_loss"]):
-                best = {"epoch": epoch, "val_accuracy": val_acc, "val_loss": val_loss}
+            validation = (val_acc, len(setup.splits["validation"]))
+            saver.save_adapter(f"epoch-{epoch}", validation=validation)  # files on a thread
+            this = {"epoch": epoch, "val_accuracy": val_acc, "val_loss": val_loss}
+            candidates = [this] if best is None else [best, this]
+            best = checkpoint.best_epoch(candidates)
             log(
                 kind="epoch",
                 epoch=epoch,
@@ -331,18 +384,14 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         stop.check()
         saver.load_adapter(f"epoch-{best['epoch']}")  # into every process
         _, test_acc, _ = evaluate("test", "after", save=True)
-        saver.add_test_result(
-            best["epoch"], (best["val_accuracy"], len(splits["validation"])), (test_acc, len(splits["test"]))
-        )  # the selected epoch's model card
-        peaks = {**sampler.stop(), **memory.totals()}  # CPU, RAM, disk; torch's peak and reserved GPU memory
-        replicas = (
-            {}
-            if ranks.world == 1
-            else {  # collectives: every process computes these, rank 0 logs them
-                "peaks_per_process": ranks.gather(memory.totals()),
-                "replicas_identical": ranks.identical(trainable),
-            }
-        )
+        validation = (best["val_accuracy"], len(setup.splits["validation"]))
+        test = (test_acc, len(setup.splits["test"]))
+        saver.add_test_result(best["epoch"], validation, test)  # the selected epoch's model card
+        peaks = {**sampler.stop(), **setup.memory.totals()}  # CPU, RAM, disk; torch's peak and reserved GPU memory
+        replicas = {}
+        if ranks.world > 1:  # collectives: every process computes these, rank 0 logs them
+            replicas["peaks_per_process"] = ranks.gather(setup.memory.totals())
+            replicas["replicas_identical"] = ranks.identical(trainable)
         log(
             kind="end",
             state="done",
@@ -363,9 +412,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             save_state(*position)
             saver.wait()
         if main:
-            end_run(
-                run_dir, log, sampler, t_start, "stopped", error=dist.rank_errors(run_dir) if ranks.world > 1 else None
-            )
+            error = dist.rank_errors(run_dir) if ranks.world > 1 else None  # a process that failed first
+            end_run(run_dir, log, sampler, t_start, "stopped", error=error)
         if isinstance(e, KeyboardInterrupt):
             raise
         return {}
@@ -383,9 +431,6 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         stop.restore()
 
 
-_quiet = lambda **_: None  # log and status in the processes other than rank 0: nothing is written
-
-
 def end_run(run_dir: Path, log, sampler, t_start: float, state: str, error: str | None = None) -> None:
     """The `end` record and status of a run that stopped or failed (with the traceback if failed);
     a stop caused by another process's failure (torchrun stops the others) is that failure."""
@@ -401,9 +446,6 @@ def end_run(run_dir: Path, log, sampler, t_start: float, state: str, error: str 
     )
 
 
-DYNAMICS = "dynamics.jsonl"  # in predictions/: one record per split and epoch (0 = before)
-
-
 class Evaluator:
     """evaluate(split, stage) -> (probs, accuracy, loss) of the model as it is now, logged as an
     `eval` record. Validation is scored before training and after every epoch: where batches are
@@ -411,32 +453,29 @@ class Evaluator:
     capture costs more than it saves; packed evaluation runs a few large batches, which graphs do
     not speed up."""
 
-    def __init__(
-        self,
-        model,
-        encoded,
-        splits,
-        cfg: RunConfig,
-        device,
-        dtype,
-        pad_id,
-        memory,
-        log,
-        run_dir: Path,
-        ranks: dist.Ranks | None = None,
-    ):
-        self.model, self.encoded, self.splits, self.cfg, self.run_dir = model, encoded, splits, cfg, run_dir
-        self.device, self.dtype, self.pad_id, self.memory, self.log = device, dtype, pad_id, memory, log
+    def __init__(self, setup: Setup, cfg: RunConfig, log, run_dir: Path, ranks: dist.Ranks | None = None):
+        self.model = setup.model
+        self.encoded = setup.encoded
+        self.splits = setup.splits
+        self.device = setup.device
+        self.dtype = setup.dtype
+        self.pad_id = setup.tokenizer.pad_token_id
+        self.memory = setup.memory
+        self.cfg = cfg
+        self.log = log
+        self.run_dir = run_dir
         self.ranks = ranks or dist.Ranks()  # several processes: each scores its shard, rank 0 writes
         if self.ranks.main:
             (run_dir / rundir.PREDICTIONS).mkdir(parents=True, exist_ok=True)
-        self.graphs = EvalGraphs(device, enabled=cfg.speed.eval_graphs)
-        packed = packing.enabled(model, device, dtype, cfg.speed.pack)
+        self.graphs = EvalGraphs(self.device, enabled=cfg.speed.eval_graphs)
+        packed = packing.enabled(self.model, self.device, self.dtype, cfg.speed.pack)
         self.graph_splits = {"validation"} if cfg.train.epochs >= 2 and not packed else set()
 
     def __call__(self, split: str, stage: str, save: bool = False) -> tuple[np.ndarray, float, float]:
         """Score `split` now, log it; with `save`, write predictions/<split>_<stage>.jsonl."""
-        main, ranks, n = self.ranks.main, self.ranks, len(self.splits[split])
+        ranks = self.ranks
+        main = ranks.main
+        n = len(self.splits[split])
         if main:
             write_status(self.run_dir, phase=f"evaluating {split} ({stage})")
         t0 = time.time()
@@ -474,12 +513,12 @@ class Evaluator:
         )
         if save:
             rundir.atomic_write_jsonl(
-                self.run_dir / rundir.PREDICTIONS / f"{split}_{stage}.jsonl",
+                rundir.predictions_file(self.run_dir, split, stage),
                 prediction_rows(self.splits[split], probs, self.cfg.data.labels),
             )
         if stage == "before" or stage.startswith("epoch-"):  # per-example learning dynamics: probabilities only
             rundir.append_jsonl(
-                self.run_dir / rundir.PREDICTIONS / DYNAMICS,
+                self.run_dir / rundir.PREDICTIONS / rundir.DYNAMICS,
                 {
                     "split": split,
                     "epoch": 0 if stage == "before" else int(stage.split("-")[1]),
@@ -492,13 +531,12 @@ class Evaluator:
     def zero_shot(self, tokenizer) -> None:
         """The zero-shot baseline on test (core/baseline.py): predictions/test_zero_shot.jsonl and
         an `eval` record, or a `baseline` record saying why this model has none."""
-        from .baseline import zero_shot
-
         if not self.ranks.main:  # rank 0 alone: the others wait at their next collective
             return
         write_status(self.run_dir, phase="evaluating test (zero-shot baseline)")
-        t0, test = time.time(), self.splits["test"]
-        result = zero_shot(
+        t0 = time.time()
+        test = self.splits["test"]
+        result = baseline.zero_shot(
             self.model,
             tokenizer,
             self.cfg.model,
@@ -507,12 +545,13 @@ class Evaluator:
             self.device,
             self.dtype,
             self.cfg.data.template,
+            max_length=self.cfg.data.max_length,
         )
         if "why_not" in result:
             self.log(kind="baseline", name="zero-shot", why_not=result["why_not"])
             return
         rundir.atomic_write_jsonl(
-            self.run_dir / rundir.PREDICTIONS / "test_zero_shot.jsonl",
+            rundir.predictions_file(self.run_dir, "test", "zero_shot"),
             prediction_rows(test, result["probs"], self.cfg.data.labels),
         )
         self.log(
@@ -551,6 +590,4 @@ class StopRequest:
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()

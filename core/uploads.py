@@ -50,7 +50,10 @@ def read_upload(name: str, data: bytes) -> list[dict]:
 
 def guess_columns(columns: list[str]) -> dict[str, str | None]:
     """The columns the trainer would pick by name (premise/sentence1, hypothesis/sentence2, ...)."""
-    pick = lambda aliases: next((c for c in aliases if c in columns), None)
+
+    def pick(aliases: tuple[str, ...]) -> str | None:
+        return next((c for c in aliases if c in columns), None)
+
     return {
         "premise": pick(PREMISE_ALIASES),
         "hypothesis": pick(HYPOTHESIS_ALIASES),

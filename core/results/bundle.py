@@ -27,9 +27,10 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
+from ..config import BUILTIN_DATA, BUILTIN_DIR
 from ..runs import rundir
 from ..runs.state import read_config
-from .render import render_markdown
+from .render import baseline_rows, change_rows, markdown_table, render_markdown
 from .report import build_report, read_predictions
 from .seeds import group_summary
 
@@ -55,7 +56,6 @@ MEMBERS = (
     "report.md",
     "report.json",
 )
-BUILTIN_DIR = rundir.PROJECT_ROOT / "assets" / "nli_sample"
 
 
 def package_versions() -> dict[str, str | None]:
@@ -104,10 +104,10 @@ def data_hashes(config: dict, test_ids: list) -> dict:
                 "bytes": path.stat().st_size if path else None,
                 **({} if path else {"note": "file not found where this bundle was made"}),
             }
-        elif source == "builtin:nli-sample":
+        elif source == BUILTIN_DATA:
             path = BUILTIN_DIR / f"{split}.jsonl"
             out["splits"][split] = {
-                "file": f"assets/nli_sample/{split}.jsonl",
+                "file": path.relative_to(rundir.PROJECT_ROOT).as_posix(),
                 "sha256": sha256_file(path) if path.is_file() else None,
                 "bytes": path.stat().st_size if path.is_file() else None,
             }
@@ -131,10 +131,9 @@ def predictions_csv(run_dir: Path, labels: list[str]) -> tuple[str, list]:
     hypothesis (or text), tag, gold, pred_before, pred_after, correct_before, correct_after,
     p_before_<label>..., p_after_<label>..., and pred_zero_shot, p_zero_shot_<label>... when
     the run has a zero-shot baseline."""
-    folder = Path(run_dir) / rundir.PREDICTIONS
-    before = read_predictions(folder / "test_before.jsonl", labels)
-    after = {r["id"]: r for r in read_predictions(folder / "test_after.jsonl", labels)}
-    zero = {r["id"]: r for r in read_predictions(folder / "test_zero_shot.jsonl", labels)}
+    before = read_predictions(rundir.predictions_file(run_dir, "test", "before"), labels)
+    after = {r["id"]: r for r in read_predictions(rundir.predictions_file(run_dir, "test", "after"), labels)}
+    zero = {r["id"]: r for r in read_predictions(rundir.predictions_file(run_dir, "test", "zero_shot"), labels)}
     rows = [(b, after[b["id"]]) for b in before if b["id"] in after]
     texts = ["premise", "hypothesis"] if any("premise" in b for b, _ in rows) or not rows else ["text"]
     head = (
@@ -182,14 +181,15 @@ def _seeds(config: dict, report: dict) -> dict:
     return out
 
 
+def _count(x) -> str:
+    return f"{x:,}" if isinstance(x, int) else "n/a"
+
+
 def methods_markdown(report: dict) -> str:
     """A methods paragraph and a results table, in Markdown, ready to paste."""
-    from .render import baseline_rows, change_rows, markdown_table
-
     c = report.get("config") or {}
     m, d, lo, t = (c.get(k) if isinstance(c.get(k), dict) else {} for k in ("model", "data", "lora", "train"))
     p = report.get("params") or {}
-    n = lambda x: f"{x:,}" if isinstance(x, int) else "n/a"
     data = report.get("data") or {}
     counts = {
         s: (data.get(s) or {}).get("used") if isinstance(data.get(s), dict) else None
@@ -209,7 +209,7 @@ def methods_markdown(report: dict) -> str:
         f"the base weights were quantised to {quant}, with computation in {report.get('compute_dtype')} on "
         f"{report.get('device')}. LoRA adapters (r = {lo.get('r')}, alpha = {lo.get('alpha')}, dropout = "
         f"{lo.get('dropout')}) on {targets} and a full-precision classification head were trained "
-        f"({n(p.get('trainable'))} of {n(p.get('total'))} parameters{share}) for {t.get('epochs')} epochs "
+        f"({_count(p.get('trainable'))} of {_count(p.get('total'))} parameters{share}) for {t.get('epochs')} epochs "
         f"with AdamW (learning rate {t.get('lr')}, head learning rate {t.get('head_lr') or t.get('lr')}, batch size "
         f"{t.get('batch_size')}, {t.get('schedule')} schedule with {t.get('warmup_ratio')} warm-up, seed "
         f"{t.get('seed')}). Data: {report.get('dataset')}, {counts['train']} training, {counts['validation']} "
@@ -279,7 +279,7 @@ def build_bundle(run_dir: Path) -> bytes:
         "predictions.csv": csv_text,
         "methods.md": methods_markdown(report),
         "report.md": render_markdown(report),
-        "report.json": json.dumps(rundir._clean(report), indent=2, ensure_ascii=False, default=str) + "\n",
+        "report.json": json.dumps(rundir.json_safe(report), indent=2, ensure_ascii=False, default=str) + "\n",
     }
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:

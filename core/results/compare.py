@@ -8,13 +8,16 @@ gives empty curves, None headline numbers, or an empty config.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
 from typing import Any
 
 from ..runs import rundir
+from ..runs.rundir import is_int, is_number
 from ..runs.state import read_config
+from .report import build_report, load_report
 from .stats import wilson
 
 _EPOCH_STAGE = re.compile(r"^epoch-(\d+)$")
@@ -61,8 +64,6 @@ def config_diff(configs: dict[str, dict]) -> dict[str, dict[str, Any]]:
 
 def _canon(value: Any) -> str:
     """A hashable form of a config value for comparing (lists and dicts included)."""
-    import json
-
     try:
         return json.dumps(value, sort_keys=True, default=str)
     except (TypeError, ValueError):
@@ -84,8 +85,8 @@ def read_configs(run_dirs: list[Path]) -> dict[str, dict]:
 # --- curves -----------------------------------------------------------------------------------
 
 
-def _num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def _finite(x: Any) -> bool:
+    return is_number(x) and math.isfinite(x)
 
 
 def _metrics(run_dir: Path) -> dict[str, list[dict]]:
@@ -102,7 +103,7 @@ def loss_curve(run_dir: Path, metrics: dict | None = None) -> tuple[list[int], l
     xs, ys = [], []
     for rec in metrics.get("step", []):
         step, loss = rec.get("step"), rec.get("loss")
-        if isinstance(step, int) and _num(loss):
+        if isinstance(step, int) and _finite(loss):
             xs.append(step)
             ys.append(float(loss))
     return xs, ys
@@ -127,7 +128,7 @@ def val_accuracy_curve(run_dir: Path, metrics: dict | None = None) -> tuple[list
         if rec.get("split") != "validation":
             continue
         epoch, acc = stage_epoch(rec.get("stage")), rec.get("accuracy")
-        if epoch is not None and _num(acc):
+        if epoch is not None and _finite(acc):
             by_epoch[epoch] = float(acc)
     epochs = sorted(by_epoch)
     return epochs, [by_epoch[e] for e in epochs]
@@ -161,9 +162,9 @@ def _accuracy(summary: Any) -> tuple[float | None, list[float] | None]:
     if not isinstance(summary, dict):
         return None, None
     acc = summary.get("accuracy")
-    acc = float(acc) if _num(acc) else None
+    acc = float(acc) if _finite(acc) else None
     ci = summary.get("ci95")
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_num(c) for c in ci):
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_finite(c) for c in ci):
         return acc, [float(ci[0]), float(ci[1])]
     n, k = summary.get("n"), summary.get("correct")
     if isinstance(n, int) and isinstance(k, int) and 0 <= k <= n and n > 0:
@@ -174,7 +175,7 @@ def _accuracy(summary: Any) -> tuple[float | None, list[float] | None]:
 def _peak(resources: Any, *keys: str) -> float | None:
     if not isinstance(resources, dict):
         return None
-    vals = [resources[k] for k in keys if _num(resources.get(k))]
+    vals = [resources[k] for k in keys if _finite(resources.get(k))]
     return float(max(vals)) if vals else None
 
 
@@ -182,8 +183,6 @@ def load_run_report(run_dir: Path) -> tuple[dict | None, str | None]:
     """(report, problem) as core.results.report.load_report gives it; for a run without report.json yet
     (still running, or it stopped early) the report built from its other files; (None, why)
     when even that fails."""
-    from .report import build_report, load_report
-
     try:
         report, problem = load_report(Path(run_dir))
         if report is None:
@@ -208,7 +207,7 @@ def headline_row(run_dir: Path, report: dict | None = None) -> dict:
     gpu = _peak(resources, "gpu_mem_gb")
     if gpu is None:
         evals = report.get("evals") if isinstance(report.get("evals"), list) else []
-        peaks = [e.get("peak_gb") for e in evals if isinstance(e, dict) and _num(e.get("peak_gb"))]
+        peaks = [e.get("peak_gb") for e in evals if isinstance(e, dict) and _finite(e.get("peak_gb"))]
         gpu = float(max(peaks)) if peaks else None
     best = report.get("best_epoch")
     total = report.get("total_s")
@@ -219,8 +218,8 @@ def headline_row(run_dir: Path, report: dict | None = None) -> dict:
         "test_before_ci95": before_ci,
         "test_after": after,
         "test_after_ci95": after_ci,
-        "best_epoch": best if isinstance(best, int) and not isinstance(best, bool) else None,
-        "total_s": float(total) if _num(total) else None,
+        "best_epoch": best if is_int(best) else None,
+        "total_s": float(total) if _finite(total) else None,
         "peak_gpu_gb": gpu,
         "peak_rss_gb": _peak(resources, "rss_gb"),
     }
@@ -241,11 +240,11 @@ def checkpoint_folders(run_dir: Path, report: dict | None = None) -> tuple[Path,
     if report is None:
         report, _ = load_run_report(run_dir)
     best = (report or {}).get("best_epoch")
-    if not isinstance(best, int) or isinstance(best, bool):
+    if not is_int(best):
         metrics = _metrics(run_dir)
         end = metrics.get("end", [])
         best = end[-1].get("best_epoch") if end and end[-1].get("state") == "done" else None
-    if not isinstance(best, int) or isinstance(best, bool) or best < 0:
+    if not is_int(best) or best < 0:
         return None
     ck = run_dir / rundir.CHECKPOINTS
     return ck / "epoch-0", ck / f"epoch-{best}"
@@ -254,7 +253,7 @@ def checkpoint_folders(run_dir: Path, report: dict | None = None) -> tuple[Path,
 def classifier_input_kind(folder: Path) -> str | None:
     """The input kind ("pair" or "text") in a checkpoint folder's classifier.json; None when the
     folder has no readable classifier.json (runs from before it existed)."""
-    value, problem = rundir.load_json(Path(folder) / "classifier.json")
+    value, problem = rundir.load_json(Path(folder) / rundir.CLASSIFIER_FILE)
     if problem or not isinstance(value, dict):
         return None
     fmt = value.get("input")

@@ -11,6 +11,9 @@ import html as html_lib
 import math
 import re
 
+from ..runs.resources import describe_hardware
+from .sections import NOISE_NOTE, format_p
+
 
 def _pct(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
@@ -123,8 +126,6 @@ def change_rows(ch: dict | None) -> list[tuple[str, str]]:
     """The accuracy change (report["change"], or a baseline's "change") as (item, value) rows."""
     if not ch or ch.get("delta") is None:
         return []
-    from .sections import format_p
-
     return [
         ("change in accuracy", _points(ch["delta"])),
         ("95% interval (paired bootstrap)", _ci(ch["ci95"], signed=True) + " points"),
@@ -143,15 +144,18 @@ def per_class_change_rows(r: dict) -> list[dict]:
     pc = r.get("per_class_change")
     if not pc:
         return []
-    f = lambda c, name, n: {
-        "class": name,
-        "n": n,
-        "F1 before": _pct(c["f1_before"]),
-        "F1 after": _pct(c["f1_after"]),
-        "change": _points(c["change"]),
-        "95% interval (bootstrap)": _ci(c["ci95"], signed=True),
-    }
-    return [f(c, c["label"], c["support"]) for c in pc["classes"]] + [f(pc["macro"], "macro average", pc["n"])]
+
+    def row(c: dict, name: str, n: int) -> dict:
+        return {
+            "class": name,
+            "n": n,
+            "F1 before": _pct(c["f1_before"]),
+            "F1 after": _pct(c["f1_after"]),
+            "change": _points(c["change"]),
+            "95% interval (bootstrap)": _ci(c["ci95"], signed=True),
+        }
+
+    return [row(c, c["label"], c["support"]) for c in pc["classes"]] + [row(pc["macro"], "macro average", pc["n"])]
 
 
 def slice_rows(r: dict) -> list[dict]:
@@ -303,8 +307,6 @@ def statistics_markdown(r: dict) -> list[str]:
             "were forgotten at least once (right, then wrong at a later epoch).",
         ]
     if r.get("noise_hints") is not None and r.get("change"):
-        from .sections import NOISE_NOTE
-
         L += ["", "## Label-noise hints (hints, not facts)", "", NOISE_NOTE, ""]
         L += markdown_table(hint_rows(r)) or ["No still-failing example is contradicted that confidently."]
     g = r.get("group")
@@ -331,8 +333,6 @@ def device_text(r: dict) -> str:
 
 def render_markdown(r: dict) -> str:
     """The report as Markdown: the sections of the reference report, generated."""
-    from ..runs.resources import describe_hardware
-
     L: list[str] = []
     L.append(f"# QLoRA fine-tuning report: {r.get('model')} on {r.get('dataset')}")
     L.append("")

@@ -11,37 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from ..runs import rundir, state
+from ..runs.rundir import is_int, is_number
 from ..runs.state import read_config, read_status
 from . import sections
-from .stats import wilson
+from .stats import class_scores, confusion_matrix, wilson
 
 CATEGORIES = ("fixed", "still failing", "regressed", "still right")
-
-
-def confusion(rows: list[dict], labels: list[str]) -> list[list[int]]:
-    """Confusion matrix: rows = gold label, columns = predicted label."""
-    m = [[0] * len(labels) for _ in labels]
-    index = {l: i for i, l in enumerate(labels)}
-    for r in rows:
-        m[index[r["gold"]]][index[r["pred"]]] += 1
-    return m
-
-
-def per_class(matrix: list[list[int]], labels: list[str]) -> list[dict]:
-    m = np.array(matrix)
-    out = []
-    for i, label in enumerate(labels):
-        tp = int(m[i, i])
-        pred, gold = int(m[:, i].sum()), int(m[i, :].sum())
-        p = tp / pred if pred else 0.0
-        r = tp / gold if gold else 0.0
-        out.append(
-            {"label": label, "precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "support": gold}
-        )
-    return out
 
 
 def compare_predictions(before: list[dict], after: list[dict], labels: list[str]) -> list[dict]:
@@ -109,8 +85,8 @@ def load_comparison(run_dir: Path, name: str = "test") -> tuple[list[dict], list
     or unreadable)."""
     run_dir = Path(run_dir)
     labels = run_labels(run_dir)
-    before = read_predictions(run_dir / rundir.PREDICTIONS / f"{name}_before.jsonl", labels)
-    after = read_predictions(run_dir / rundir.PREDICTIONS / f"{name}_after.jsonl", labels)
+    before = read_predictions(rundir.predictions_file(run_dir, name, "before"), labels)
+    after = read_predictions(rundir.predictions_file(run_dir, name, "after"), labels)
     if not before or not after:
         return [], labels
     return compare_predictions(before, after, labels), labels
@@ -120,14 +96,25 @@ def _summary(rows: list[dict], labels: list[str]) -> dict:
     k = sum(r["correct"] for r in rows)
     n = len(rows)
     lo, hi = wilson(k, n)
-    m = confusion(rows, labels)
+    m = confusion_matrix(rows, labels)  # rows = gold label, columns = predicted label
+    scores = class_scores(m)
+    per_class = [
+        {
+            "label": label,
+            "precision": float(scores["precision"][j]),
+            "recall": float(scores["recall"][j]),
+            "f1": float(scores["f1"][j]),
+            "support": int(scores["support"][j]),
+        }
+        for j, label in enumerate(labels)
+    ]
     return {
         "n": n,
         "correct": k,
         "accuracy": k / n if n else None,
         "ci95": [lo, hi],
-        "confusion": m,
-        "per_class": per_class(m, labels),
+        "confusion": m.tolist(),
+        "per_class": per_class,
     }
 
 
@@ -135,7 +122,10 @@ def read_sections(run_dir: Path, labels: list[str], metrics: dict | None = None,
     """sections.build_sections from the run's files: test predictions before, after and
     zero-shot, metrics.jsonl, predictions/dynamics.jsonl (each left out where missing or damaged)."""
     run_dir = Path(run_dir)
-    read = lambda stage: read_predictions(run_dir / rundir.PREDICTIONS / f"test_{stage}.jsonl", labels)
+
+    def read(stage: str) -> list[dict]:
+        return read_predictions(rundir.predictions_file(run_dir, "test", stage), labels)
+
     return sections.build_sections(
         read("before"),
         read("after"),
@@ -200,13 +190,13 @@ def build_report(run_dir: Path, group: dict | None = None) -> dict:
             if k != "t" and isinstance(v, (int, float)):
                 peaks[k] = max(peaks.get(k, 0), v)
     for k, v in _dict(end.get("peaks")).items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if is_number(v):
             peaks[k] = max(peaks.get(k, 0), v)
     peaks["checkpoints_mb"] = round(rundir.dir_size(run_dir / rundir.CHECKPOINTS) / 2**20, 2)
     report["resources"] = peaks
 
-    before = read_predictions(run_dir / rundir.PREDICTIONS / "test_before.jsonl", labels)
-    after = read_predictions(run_dir / rundir.PREDICTIONS / "test_after.jsonl", labels)
+    before = read_predictions(rundir.predictions_file(run_dir, "test", "before"), labels)
+    after = read_predictions(rundir.predictions_file(run_dir, "test", "after"), labels)
     report["test_before"] = _summary(before, labels) if before else None
     report["test_after"] = _summary(after, labels) if after else None
     if before and after:
@@ -240,16 +230,8 @@ def build_report(run_dir: Path, group: dict | None = None) -> dict:
     return report
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_whole(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _number_or_none(x) -> bool:
-    return x is None or _is_number(x)
+    return x is None or is_number(x)
 
 
 def _names(x) -> bool:
@@ -260,20 +242,20 @@ def _summary_ok(s, labels: list[str]) -> bool:
     k = len(labels)
     return (
         isinstance(s, dict)
-        and _is_number(s.get("accuracy"))
-        and _is_whole(s.get("correct"))
-        and _is_whole(s.get("n"))
+        and is_number(s.get("accuracy"))
+        and is_int(s.get("correct"))
+        and is_int(s.get("n"))
         and isinstance(s.get("ci95"), list)
         and len(s["ci95"]) == 2
         and all(_number_or_none(x) for x in s["ci95"])
         and isinstance(s.get("confusion"), list)
         and len(s["confusion"]) == k
-        and all(isinstance(row, list) and len(row) == k and all(_is_whole(v) for v in row) for row in s["confusion"])
+        and all(isinstance(row, list) and len(row) == k and all(is_int(v) for v in row) for row in s["confusion"])
         and isinstance(s.get("per_class"), list)
         and all(
             isinstance(c, dict)
             and isinstance(c.get("label"), str)
-            and all(_is_number(c.get(f)) for f in ("precision", "recall", "f1", "support"))
+            and all(is_number(c.get(f)) for f in ("precision", "recall", "f1", "support"))
             for c in s["per_class"]
         )
     )
@@ -300,7 +282,7 @@ def report_problem(r) -> str | None:
         isinstance(epochs, list)
         and all(
             isinstance(e, dict)
-            and _is_whole(e.get("epoch"))
+            and is_int(e.get("epoch"))
             and all(_number_or_none(e.get(f)) for f in ("train_loss", "val_accuracy", "val_loss", "epoch_s"))
             for e in epochs
         )
@@ -309,9 +291,9 @@ def report_problem(r) -> str | None:
     for k in ("total_s", "train_s", "eval_s", "load_s"):
         if not _number_or_none(r.get(k)):
             return f'"{k}" is not a number'
-    if epochs and not _is_number(r.get("train_s")):
+    if epochs and not is_number(r.get("train_s")):
         return '"train_s" is missing'
-    if r.get("best_epoch") is not None and not _is_whole(r["best_epoch"]):
+    if r.get("best_epoch") is not None and not is_int(r["best_epoch"]):
         return '"best_epoch" is not a whole number'
     for k in (
         "hardware",
@@ -333,19 +315,19 @@ def report_problem(r) -> str | None:
     gpus = (r.get("hardware") or {}).get("gpus")
     if gpus is not None and not (
         isinstance(gpus, list)
-        and all(isinstance(g, dict) and isinstance(g.get("name"), str) and _is_number(g.get("memory_gb")) for g in gpus)
+        and all(isinstance(g, dict) and isinstance(g.get("name"), str) and is_number(g.get("memory_gb")) for g in gpus)
     ):
         return '"hardware.gpus" is malformed'
     for k in ("target_modules", "speedups"):
         if r.get(k) is not None and not _names(r[k]):
             return f'"{k}" is not a list of names'
-    for cat, rows in (r.get("change_examples") or {}).items():
+    for rows in (r.get("change_examples") or {}).values():
         if not (
             isinstance(rows, list)
             and all(
                 isinstance(e, dict)
                 and all(isinstance(e.get(f), str) for f in ("gold", "pred_before", "pred_after"))
-                and _is_number(e.get("gold_prob_change"))
+                and is_number(e.get("gold_prob_change"))
                 for e in rows
             )
         ):
@@ -356,9 +338,9 @@ def report_problem(r) -> str | None:
         and all(
             isinstance(t, dict)
             and isinstance(t.get("tag"), str)
-            and _is_whole(t.get("n"))
-            and _is_number(t.get("accuracy_before"))
-            and _is_number(t.get("accuracy_after"))
+            and is_int(t.get("n"))
+            and is_number(t.get("accuracy_before"))
+            and is_number(t.get("accuracy_after"))
             for t in by_tag
         )
     ):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runs import rundir
+from ..runs.rundir import is_int, is_number
 from . import slices, stats
 
 SECTION_KEYS = (
@@ -49,12 +50,13 @@ NOISE_NOTE = (
 MAX_HINTS = 50
 
 
-def _num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _finite(x):
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+
+
+def _id(x) -> bool:
+    """An example id: text or a whole number."""
+    return isinstance(x, str) or is_int(x)
 
 
 # --- dynamics.jsonl -----------------------------------------------------------------------------
@@ -66,12 +68,11 @@ def read_dynamics(run_dir: Path) -> dict[str, dict[int, dict]]:
     shape (ids and probs of different lengths, rows of different widths, non-numbers) and
     unreadable lines are left out; a missing file is {}."""
     out: dict[str, dict[int, dict]] = {}
-    for rec in rundir.iter_jsonl(Path(run_dir) / rundir.PREDICTIONS / "dynamics.jsonl"):
+    for rec in rundir.iter_jsonl(Path(run_dir) / rundir.PREDICTIONS / rundir.DYNAMICS):
         split, epoch, ids, probs = rec.get("split"), rec.get("epoch"), rec.get("ids"), rec.get("probs")
         if not (
             isinstance(split, str)
-            and isinstance(epoch, int)
-            and not isinstance(epoch, bool)
+            and is_int(epoch)
             and epoch >= 0
             and isinstance(ids, list)
             and isinstance(probs, list)
@@ -79,10 +80,10 @@ def read_dynamics(run_dir: Path) -> dict[str, dict[int, dict]]:
             and len(ids) == len(probs)
         ):
             continue
-        if not all(isinstance(i, (str, int)) and not isinstance(i, bool) for i in ids):
+        if not all(_id(i) for i in ids):
             continue
         k = len(probs[0]) if isinstance(probs[0], list) else 0
-        if not k or not all(isinstance(p, list) and len(p) == k and all(_num(x) for x in p) for p in probs):
+        if not k or not all(isinstance(p, list) and len(p) == k and all(is_number(x) for x in p) for p in probs):
             continue
         out.setdefault(split, {})[epoch] = {"ids": ids, "probs": probs}
     return out
@@ -315,10 +316,6 @@ def build_sections(
 # --- checks of a parsed report.json -------------------------------------------------------------
 
 
-def _int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _str(x) -> bool:
     return isinstance(x, str)
 
@@ -339,83 +336,93 @@ def _dict_of(f):
     return lambda x: isinstance(x, dict) and all(isinstance(k, str) and f(v) for k, v in x.items())
 
 
-_ID = lambda x: isinstance(x, (str, int)) and not isinstance(x, bool)
-_CI = _list(_opt(_num), 2)
-_ACC = _obj(n=_int, k=_int, accuracy=_opt(_num), ci95=_CI)
+_CI = _list(_opt(is_number), 2)
+_ACC = _obj(n=is_int, k=is_int, accuracy=_opt(is_number), ci95=_CI)
 _CHANGE = _obj(
-    n=_int,
+    n=is_int,
     before=_ACC,
     after=_ACC,
-    delta=_opt(_num),
+    delta=_opt(is_number),
     ci95=_CI,
-    b=_int,
-    c=_int,
-    p=_num,
+    b=is_int,
+    c=is_int,
+    p=is_number,
     verdict=_str,
-    mdc=_opt(_num),
+    mdc=_opt(is_number),
     note=_opt(_str),
 )
-_BASELINE = lambda x: (
-    _obj(name=_str, why_not=_str)(x)
-    or _obj(
-        name=_str,
-        n=_int,
-        k=_int,
-        accuracy=_opt(_num),
-        ci95=_CI,
-        prompt=_opt(_str),
-        words=_opt(_list(_str)),
-        change=_opt(_CHANGE),
-    )(x)
+_BASELINE_MISSING = _obj(name=_str, why_not=_str)
+_BASELINE_SCORED = _obj(
+    name=_str,
+    n=is_int,
+    k=is_int,
+    accuracy=_opt(is_number),
+    ci95=_CI,
+    prompt=_opt(_str),
+    words=_opt(_list(_str)),
+    change=_opt(_CHANGE),
 )
-_F1 = _obj(f1_before=_opt(_num), f1_after=_opt(_num), change=_opt(_num), ci95=_CI)
+
+
+def _baseline(x) -> bool:
+    """A baseline section: one that could not be scored (why_not), or its scores."""
+    return _BASELINE_MISSING(x) or _BASELINE_SCORED(x)
+
+
+_F1 = _obj(f1_before=_opt(is_number), f1_after=_opt(is_number), change=_opt(is_number), ci95=_CI)
 _CALIBRATION = _obj(
-    ece=_opt(_num), n=_int, bins=_list(_obj(lo=_num, hi=_num, n=_int, confidence=_opt(_num), accuracy=_opt(_num)))
+    ece=_opt(is_number),
+    n=is_int,
+    bins=_list(_obj(lo=is_number, hi=is_number, n=is_int, confidence=_opt(is_number), accuracy=_opt(is_number))),
 )
-_SUMMARY = _opt(_obj(mean=_opt(_num), std=_opt(_num), min=_opt(_num), max=_opt(_num), n=_int))
+_SUMMARY = _opt(_obj(mean=_opt(is_number), std=_opt(is_number), min=_opt(is_number), max=_opt(is_number), n=is_int))
 CHECKS = {
     "headline": _str,
     "change": _CHANGE,
-    "baselines": _obj(random_head=_opt(_BASELINE), zero_shot=_opt(_BASELINE), fine_tuned=_opt(_BASELINE)),
+    "baselines": _obj(random_head=_opt(_baseline), zero_shot=_opt(_baseline), fine_tuned=_opt(_baseline)),
     "transitions": lambda x: (
         _obj(
-            n=_int,
-            table=_list(_list(_int, 2), 2),
-            cells=_dict_of(_int),
+            n=is_int,
+            table=_list(_list(is_int, 2), 2),
+            cells=_dict_of(is_int),
             labels=_list(_str),
-            moves=_list(_obj(**{"from": _str, "to": _str, "count": _int})),
+            moves=_list(_obj(**{"from": _str, "to": _str, "count": is_int})),
         )(x)
-        and _list(_list(_int, len(x["labels"])), len(x["labels"]))(x.get("counts"))
+        and _list(_list(is_int, len(x["labels"])), len(x["labels"]))(x.get("counts"))
     ),
     "calibration": _dict_of(_CALIBRATION),
     "slices": _list(
         _obj(
             slice=_str,
             group=_str,
-            n=_int,
-            accuracy_before=_opt(_num),
-            accuracy_after=_opt(_num),
+            n=is_int,
+            accuracy_before=_opt(is_number),
+            accuracy_after=_opt(is_number),
             ci95_before=_CI,
             ci95_after=_CI,
-            change=_opt(_num),
+            change=_opt(is_number),
         )
     ),
-    "per_class_change": _obj(n=_int, macro=_F1, classes=_list(lambda c: _obj(label=_str, support=_int)(c) and _F1(c))),
-    "noise_hints": _list(_obj(id=_ID, given=_str, model_label=_str, confidence=_num, consistent_epochs=_opt(_int))),
+    "per_class_change": _obj(
+        n=is_int, macro=_F1, classes=_list(lambda c: _obj(label=_str, support=is_int)(c) and _F1(c))
+    ),
+    "noise_hints": _list(
+        _obj(id=_id, given=_str, model_label=_str, confidence=is_number, consistent_epochs=_opt(is_int))
+    ),
     "dynamics": _obj(
         split=_str,
-        epochs=_list(_int),
-        n=_int,
-        never_learned=_int,
-        unforgettable=_int,
-        forgotten=_int,
-        learned_at=_dict_of(_int),
+        epochs=_list(is_int),
+        n=is_int,
+        never_learned=is_int,
+        unforgettable=is_int,
+        forgotten=is_int,
+        learned_at=_dict_of(is_int),
     ),
     "group": _obj(
         group=_opt(_str),
-        finished=_int,
-        agreement=_opt(_num),
-        agreement_n=_int,
+        finished=is_int,
+        agreement=_opt(is_number),
+        agreement_n=is_int,
         accuracy_before=_SUMMARY,
         accuracy_after=_SUMMARY,
         change=_SUMMARY,
@@ -423,12 +430,12 @@ CHECKS = {
         runs=_list(
             _obj(
                 run_id=_str,
-                seed=_opt(_int),
+                seed=_opt(is_int),
                 state=_opt(_str),
-                best_epoch=_opt(_int),
+                best_epoch=_opt(is_int),
                 checkpoint=_opt(_str),
-                accuracy_before=_opt(_num),
-                accuracy_after=_opt(_num),
+                accuracy_before=_opt(is_number),
+                accuracy_after=_opt(is_number),
             )
         ),
     ),

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from ..runs import rundir
 from ..runs.state import read_status
+from .report import load_report
+from .slices import agreement, seed_summary
 
 
 def group_runs(run_dir: Path) -> list[Path]:
@@ -39,9 +41,6 @@ def group_summary(run_dir: Path) -> dict | None:
     epoch, accuracies); for each headline number its seed_summary (mean, std, min, max, n); the
     share of test examples on which every seed's fine-tuned model predicts the same label.
     None when the run belongs to no group."""
-    from .report import load_report
-    from .slices import agreement, seed_summary
-
     runs = group_runs(run_dir)
     if not runs:
         return None
@@ -55,13 +54,13 @@ def group_summary(run_dir: Path) -> dict | None:
             best = report.get("best_epoch")
             row.update(
                 best_epoch=best,
-                checkpoint=f"{path.name}/checkpoints/epoch-{best}",
+                checkpoint=f"{path.name}/{rundir.CHECKPOINTS}/epoch-{best}",
                 accuracy_before=report["test_before"]["accuracy"],
                 accuracy_after=report["test_after"]["accuracy"],
                 change=report["test_after"]["accuracy"] - report["test_before"]["accuracy"],
                 val_accuracy=max((e.get("val_accuracy") or 0 for e in report.get("epochs") or []), default=None),
             )
-            preds = rundir.read_jsonl(path / rundir.PREDICTIONS / "test_after.jsonl")
+            preds = rundir.read_jsonl(rundir.predictions_file(path, "test", "after"))
             after_preds.append({r.get("id"): r.get("pred") for r in preds})
         rows.append(row)
     done = [r for r in rows if "accuracy_after" in r]

@@ -6,7 +6,7 @@ Inputs are paired prediction rows as in core/results/stats.py (align them with s
 
     from core.results import slices
     slices.calibration(after, labels)                    # {"ece", "n", "bins": [...]}  (equal-width bins)
-    s = slices.nli_slices(after)                         # {"negation: yes": [i, ...], "overlap: <0.34": ..., "tag: time": ...}
+    s = slices.nli_slices(after)                         # {"negation: yes": [i, ...], "tag: time": [...], ...}
     slices.slice_table(before, after, s)                 # per slice: n, accuracy before/after with Wilson CIs
     slices.label_noise_hints(after, labels)              # confidently contradicted gold labels (hints, not facts)
     slices.forgetting_events(per_epoch_correct)          # epochs x examples booleans -> learned/forgotten
@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from .stats import _check_paired, _codes, _correct, accuracy_summary
+from .stats import accuracy_summary, check_paired, label_codes, row_correct
 
 __all__ = [
     "calibration",
@@ -70,7 +70,7 @@ def calibration(rows: list[dict], labels: list[str], bins: int = 10) -> dict:
     probs = np.array([r["probs"] for r in rows], dtype=float)
     if probs.ndim != 2 or probs.shape[1] != len(labels):
         raise ValueError(f"each row needs one probability per label ({len(labels)})")
-    gold = _codes(rows, "gold", labels)
+    gold = label_codes(rows, "gold", labels)
     conf = probs.max(axis=1)
     right = probs.argmax(axis=1) == gold
     which = np.clip(np.searchsorted(np.array(edges[1:-1]), conf, side="left"), 0, bins - 1)
@@ -169,9 +169,9 @@ def slice_table(before_rows: list[dict], after_rows: list[dict], slices: dict[st
     intervals (None for an empty slice). "fixed"/"regressed" are the slice's discordant counts:
     mcnemar_exact(regressed, fixed) tests a slice, but with many slices some will look
     "significant" by chance (no multiple-comparison correction is applied here)."""
-    _check_paired(before_rows, after_rows)
-    b_ok = [_correct(r) for r in before_rows]
-    a_ok = [_correct(r) for r in after_rows]
+    check_paired(before_rows, after_rows)
+    b_ok = [row_correct(r) for r in before_rows]
+    a_ok = [row_correct(r) for r in after_rows]
     out = []
     for name, idx in slices.items():
         sb = accuracy_summary([b_ok[i] for i in idx])
@@ -223,19 +223,19 @@ def label_noise_hints(
     cartography", EMNLP (training dynamics across epochs).
     """
     if before_rows is not None:
-        _check_paired(before_rows, after_rows)
+        check_paired(before_rows, after_rows)
     n, k = len(after_rows), len(labels)
     if n == 0:
         return []
     probs = np.array([r["probs"] for r in after_rows], dtype=float)
     if probs.shape != (n, k):
         raise ValueError(f"each row needs one probability per label ({k})")
-    gold = _codes(after_rows, "gold", labels)
+    gold = label_codes(after_rows, "gold", labels)
     top = probs.argmax(axis=1)
     conf = probs.max(axis=1)
     flag = (top != gold) & (conf >= threshold)
     if before_rows is not None:
-        flag &= ~np.array([_correct(r) for r in before_rows], dtype=bool)
+        flag &= ~np.array([row_correct(r) for r in before_rows], dtype=bool)
     checked = None
     if per_epoch_probs is not None and len(per_epoch_probs):
         last = [np.asarray(p, dtype=float) for p in list(per_epoch_probs)[-max(1, last_k) :]]

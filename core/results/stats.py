@@ -18,6 +18,8 @@ seeds are in core/results/slices.py.
     stats.accuracy_change(b_ok, a_ok)              # all of the above in one dict, plus the detectable change
     stats.minimum_detectable_change(len(a_ok), sum(b_ok) / len(b_ok))
     stats.per_class_f1_change(before, after, labels)   # per-class (and macro) F1 before/after, bootstrap CI
+    m = stats.confusion_matrix(after, labels)      # counts [gold, pred]
+    stats.class_scores(m)                          # per-class precision, recall, F1, support
 
 Rows are paired by position: before_rows[i] and after_rows[i] must be the same example (their
 ids, where present, are checked). Indices returned anywhere are positions in those lists.
@@ -30,8 +32,9 @@ from statistics import NormalDist
 
 import numpy as np
 
-# scipy and scikit-learn are imported where they are used: core.results.report (and the app's pages, the
-# model card) take wilson() from here without paying for them
+# scipy is imported where it is used (mcnemar_exact, minimum_detectable_change): core.results.report
+# (and the app's pages, the model card) take wilson() from here without paying for it. scikit-learn is
+# no dependency of this file: the tests check F1, calibration and the confusion counts against it.
 
 __all__ = [
     "wilson",
@@ -43,6 +46,11 @@ __all__ = [
     "minimum_detectable_change",
     "pair_rows",
     "transitions",
+    "check_paired",
+    "label_codes",
+    "row_correct",
+    "confusion_matrix",
+    "class_scores",
     "per_class_f1_change",
 ]
 
@@ -158,7 +166,7 @@ def mcnemar_exact(b: int, c: int) -> float:
         raise ValueError("b and c must be >= 0")
     if b + c == 0:
         return 1.0
-    from scipy.stats import binomtest
+    from scipy.stats import binomtest  # here, not at the top: see the imports
 
     return float(min(1.0, binomtest(min(b, c), b + c, 0.5).pvalue))
 
@@ -231,7 +239,7 @@ def minimum_detectable_change(
     if top <= 0 or gap(top) > 0:
         return math.inf
     # gap is concave in d and positive near 0: exactly one root in (0, top]
-    from scipy import optimize
+    from scipy import optimize  # here, not at the top: see the imports
 
     return float(optimize.brentq(gap, 1e-12, top, xtol=1e-12))
 
@@ -262,7 +270,7 @@ def accuracy_change(
     }
 
 
-# --- pairing, transitions, per-class F1 --------------------------------------------------------
+# --- pairing, transitions, confusion counts, per-class F1 --------------------------------------------------------
 
 
 def pair_rows(before_rows: list[dict], after_rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -273,11 +281,13 @@ def pair_rows(before_rows: list[dict], after_rows: list[dict]) -> tuple[list[dic
         by_id = {r["id"]: r for r in after_rows}
         pairs = [(r, by_id[r["id"]]) for r in before_rows if r["id"] in by_id]
         return [p[0] for p in pairs], [p[1] for p in pairs]
-    _check_paired(before_rows, after_rows)
+    check_paired(before_rows, after_rows)
     return list(before_rows), list(after_rows)
 
 
-def _check_paired(before_rows: list[dict], after_rows: list[dict]) -> None:
+def check_paired(before_rows: list[dict], after_rows: list[dict]) -> None:
+    """The input check of every function over paired rows: same length, and the same id at each
+    position where both rows have one (ValueError otherwise)."""
     if len(before_rows) != len(after_rows):
         raise ValueError(
             f"before and after have different lengths ({len(before_rows)} vs {len(after_rows)});"
@@ -288,11 +298,13 @@ def _check_paired(before_rows: list[dict], after_rows: list[dict]) -> None:
             raise ValueError(f"row {i}: before id {b['id']!r} != after id {a['id']!r}; align them with pair_rows")
 
 
-def _correct(row: dict) -> bool:
+def row_correct(row: dict) -> bool:
+    """Whether a prediction row is right: its "correct", else pred == gold."""
     return bool(row["correct"]) if row.get("correct") is not None else row["pred"] == row["gold"]
 
 
-def _codes(rows: list[dict], key: str, labels: list[str]) -> np.ndarray:
+def label_codes(rows: list[dict], key: str, labels: list[str]) -> np.ndarray:
+    """The position in `labels` of each row's `key` ("gold" or "pred"); ValueError for another label."""
     index = {l: i for i, l in enumerate(labels)}
     try:
         return np.array([index[r[key]] for r in rows], dtype=np.int64)
@@ -323,10 +335,10 @@ def transitions(before_rows: list[dict], after_rows: list[dict], labels: list[st
       "count", "indices"}} (e.g. neutral -> entailment).
     Indices are positions in the (paired) row lists; the counts of each table sum to n.
     """
-    _check_paired(before_rows, after_rows)
+    check_paired(before_rows, after_rows)
     n = len(before_rows)
-    b_ok = np.array([_correct(r) for r in before_rows], dtype=bool)
-    a_ok = np.array([_correct(r) for r in after_rows], dtype=bool)
+    b_ok = np.array([row_correct(r) for r in before_rows], dtype=bool)
+    a_ok = np.array([row_correct(r) for r in after_rows], dtype=bool)
     cells = {}
     for name, before_right, after_right in CELLS:
         idx = np.flatnonzero((b_ok == before_right) & (a_ok == after_right)).tolist()
@@ -337,8 +349,8 @@ def transitions(before_rows: list[dict], after_rows: list[dict], labels: list[st
     ]
 
     k = len(labels)
-    pb = _codes(before_rows, "pred", labels)
-    pa = _codes(after_rows, "pred", labels)
+    pb = label_codes(before_rows, "pred", labels)
+    pa = label_codes(after_rows, "pred", labels)
     counts = np.bincount(pb * k + pa, minlength=k * k).reshape(k, k) if n else np.zeros((k, k), dtype=int)
     indices = [[[] for _ in range(k)] for _ in range(k)]
     for i, (x, y) in enumerate(zip(pb.tolist(), pa.tolist())):
@@ -359,14 +371,41 @@ def transitions(before_rows: list[dict], after_rows: list[dict], labels: list[st
     }
 
 
-def _f1_from_confusion(conf: np.ndarray) -> np.ndarray:
-    """Per-class F1 from confusion counts [..., gold, pred]: 2 TP / (2 TP + FP + FN)
-    = 2 TP / (gold count + pred count); 0 where the class is in neither (sklearn zero_division=0)."""
+def confusion_matrix(rows: list[dict], labels: list[str]) -> np.ndarray:
+    """Confusion counts of prediction rows: m[i, j] = rows with gold labels[i] predicted labels[j]
+    (rows = gold, columns = predicted; sklearn.metrics.confusion_matrix's layout)."""
+    k = len(labels)
+    codes = label_codes(rows, "gold", labels) * k + label_codes(rows, "pred", labels)
+    return np.bincount(codes, minlength=k * k).reshape(k, k)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.where(den > 0, num / np.maximum(den, 1), 0.0)
+
+
+def class_scores(confusion) -> dict[str, np.ndarray]:
+    """Per-class precision, recall, F1 and support from confusion counts [..., gold, pred] (leading
+    axes, if any, are resamples: the bootstrap scores all of them at once):
+
+        precision_j = TP_j / predicted_j,  recall_j = TP_j / support_j,
+        F1_j = 2 TP_j / (2 TP_j + FP_j + FN_j) = 2 TP_j / (support_j + predicted_j),
+
+    support_j = examples of gold class j, predicted_j = examples predicted j. A score whose
+    denominator is 0 is 0 (sklearn's zero_division=0). sklearn.metrics.f1_score computes F1 by the
+    same formula, so the two agree to the last bit.
+
+    Returns {"precision", "recall", "f1"} (floats) and "support" (counts), each of shape [..., k].
+    """
+    conf = np.asarray(confusion)
     tp = np.diagonal(conf, axis1=-2, axis2=-1).astype(float)
-    denom = conf.sum(axis=-1) + conf.sum(axis=-2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
-    return f1
+    support = conf.sum(axis=-1)
+    predicted = conf.sum(axis=-2)
+    return {
+        "precision": _ratio(tp, predicted),
+        "recall": _ratio(tp, support),
+        "f1": _ratio(2 * tp, support + predicted),
+        "support": support,
+    }
 
 
 def _boot_confusions(gold: np.ndarray, pred: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
@@ -381,8 +420,8 @@ def per_class_f1_change(
 ) -> dict:
     """Per-class F1 before and after fine-tuning, and its change with a paired bootstrap 95% CI.
 
-    F1 of class j = 2 TP_j / (2 TP_j + FP_j + FN_j) (sklearn.metrics.f1_score, average=None,
-    zero_division=0 for the point estimates). The bootstrap draws n example indices with
+    F1 of class j = 2 TP_j / (2 TP_j + FP_j + FN_j) (class_scores; what sklearn.metrics.f1_score
+    gives with average=None, zero_division=0). The bootstrap draws n example indices with
     replacement (numpy Generator, seeded), the same indices for before and after, computes the
     confusion counts of each resample with one numpy bincount, and takes the 2.5/97.5 percentiles
     of F1_after - F1_before per class (percentile interval; Efron & Tibshirani 1993). Macro F1
@@ -395,10 +434,10 @@ def per_class_f1_change(
     References: C. J. van Rijsbergen (1979), "Information Retrieval", ch. 7 (F-measure);
     B. Efron, R. Tibshirani (1993), "An Introduction to the Bootstrap"; scikit-learn f1_score.
     """
-    _check_paired(before_rows, after_rows)
+    check_paired(before_rows, after_rows)
     k, n = len(labels), len(before_rows)
-    gold = _codes(before_rows, "gold", labels)
-    if n and not np.array_equal(gold, _codes(after_rows, "gold", labels)):
+    gold = label_codes(before_rows, "gold", labels)
+    if n and not np.array_equal(gold, label_codes(after_rows, "gold", labels)):
         raise ValueError("before and after rows have different gold labels")
     if n == 0:
         empty = {"f1_before": None, "f1_after": None, "change": None, "ci95": [None, None]}
@@ -408,13 +447,10 @@ def per_class_f1_change(
             "macro": dict(empty),
             "classes": [{"label": l, "support": 0, **empty} for l in labels],
         }
-    pb = _codes(before_rows, "pred", labels)
-    pa = _codes(after_rows, "pred", labels)
-    kw = dict(labels=list(range(k)), average=None, zero_division=0)
-    from sklearn.metrics import f1_score
-
-    f1b = f1_score(gold, pb, **kw)
-    f1a = f1_score(gold, pa, **kw)
+    pb = label_codes(before_rows, "pred", labels)
+    pa = label_codes(after_rows, "pred", labels)
+    f1b = class_scores(confusion_matrix(before_rows, labels))["f1"]
+    f1a = class_scores(confusion_matrix(after_rows, labels))["f1"]
 
     rng = np.random.default_rng(seed)
     chunk = max(1, 2_000_000 // n)  # bounds memory to ~2M indices at a time
@@ -422,8 +458,8 @@ def per_class_f1_change(
     for start in range(0, n_boot, chunk):
         idx = rng.integers(0, n, size=(min(chunk, n_boot - start), n))
         diffs.append(
-            _f1_from_confusion(_boot_confusions(gold, pa, idx, k))
-            - _f1_from_confusion(_boot_confusions(gold, pb, idx, k))
+            class_scores(_boot_confusions(gold, pa, idx, k))["f1"]
+            - class_scores(_boot_confusions(gold, pb, idx, k))["f1"]
         )
     d = np.concatenate(diffs)  # (n_boot, k)
     lo, hi = np.percentile(d, [2.5, 97.5], axis=0)

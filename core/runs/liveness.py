@@ -33,8 +33,8 @@ from .rundir import (
     QUEUED_GRACE_S,
     START_TOLERANCE_S,
     STATUS,
-    _is_int,
-    _is_num,
+    is_int,
+    is_number,
     read_json,
     runs_root,
 )
@@ -43,7 +43,7 @@ from .rundir import (
 
 
 def valid_pid(pid: Any) -> bool:
-    return _is_int(pid) and pid > 0
+    return is_int(pid) and pid > 0
 
 
 def process_start(pid: Any) -> float | None:
@@ -80,7 +80,7 @@ def pid_alive(pid: int | None, start: float | None = None) -> bool:
     if start is None:
         return True
     now_start = process_start(pid)
-    return _is_num(start) and now_start is not None and abs(now_start - start) <= START_TOLERANCE_S
+    return is_number(start) and now_start is not None and abs(now_start - start) <= START_TOLERANCE_S
 
 
 def beat(run_dir: Path) -> None:
@@ -95,7 +95,7 @@ def beat(run_dir: Path) -> None:
 def last_beat(run_dir: Path) -> float | None:
     """Unix time of the run's last heartbeat (None: none yet, or an unreadable file)."""
     t = read_json(Path(run_dir) / HEARTBEAT, {}).get("t")
-    return float(t) if _is_num(t) else None
+    return float(t) if is_number(t) else None
 
 
 class Heartbeat:

@@ -10,7 +10,9 @@ reader parses line by line, skipping a half-written last line.
         metrics.jsonl            one JSON object per line: kind = setup | step | eval | epoch | end
         resources.jsonl          one sample per second: cpu %, RAM, GPU memory and utilisation
         predictions/<split>_<stage>.jsonl   per-example gold, predicted, probabilities
-        checkpoints/epoch-<k>/   LoRA adapter + head (safetensors); epoch-0 is the "before" model
+        predictions/dynamics.jsonl          per split and epoch: the probabilities of every example
+        checkpoints/epoch-<k>/   LoRA adapter + head (adapter_model.safetensors, adapter_config.json),
+                                 classifier.json, tokenizer, model card; epoch-0 is the "before" model
         report.json              everything the report shows, built at the end of the run
         train.log                stdout/stderr of the trainer process
         STOP                     present when someone asked the run to stop
@@ -56,7 +58,12 @@ REPORT = "report.json"
 LOG = "train.log"
 STOP = "STOP"
 PREDICTIONS = "predictions"
+DYNAMICS = "dynamics.jsonl"  # in predictions/: one record per split and epoch (0 = before)
 CHECKPOINTS = "checkpoints"
+# in each checkpoints/epoch-<k>/ (core/checkpoint.py writes them; peft's names for the first two)
+ADAPTER_FILE = "adapter_model.safetensors"  # the LoRA and head weights
+ADAPTER_CONFIG = "adapter_config.json"
+CLASSIFIER_FILE = "classifier.json"  # labels, input, pooling and base model (core/classifier.py)
 HEARTBEAT = "heartbeat"
 GPU_LOCK = ".gpu.lock"  # in the runs folder
 CLAIM_ENV = "QLORA_STUDIO_CLAIM"  # jobs.launch -> its trainer: the token that lets it take the queued run
@@ -102,17 +109,55 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def predictions_file(run_dir: Path, split: str, stage: str) -> Path:
+    """predictions/<split>_<stage>.jsonl of a run: the per-example rows of one evaluation
+    (e.g. split "test" or the name of an evaluated file, stage "before", "after" or "zero_shot")."""
+    return Path(run_dir) / PREDICTIONS / f"{split}_{stage}.jsonl"
+
+
+# --- JSON types ---------------------------------------------------------------------------------
+
+
+def is_int(x: Any) -> bool:
+    """Whether `x` is a whole number as JSON has it: an int, and not a bool (True is an int in Python)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x: Any) -> bool:
+    """Whether `x` is a number as JSON has it: an int or a float, and not a bool (nan and inf count:
+    add math.isfinite where they must not)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def json_type_name(value: Any) -> str:
+    """'a list', 'a number' ...: the JSON type of `value`, for messages."""
+    return (
+        "null"
+        if value is None
+        else "a boolean"
+        if isinstance(value, bool)
+        else "a number"
+        if isinstance(value, (int, float))
+        else "a string"
+        if isinstance(value, str)
+        else "a list"
+        if isinstance(value, list)
+        else "an object"
+    )
+
+
 # --- atomic files -------------------------------------------------------------------------------
 
 
-def _clean(obj: Any) -> Any:
-    """NaN and inf are not JSON: store them as null so every reader can parse the file."""
+def json_safe(obj: Any) -> Any:
+    """`obj` with every NaN and inf replaced by None (null): they are not JSON, and every reader
+    must be able to parse what is written. Dicts, lists and tuples are copied, tuples as lists."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -137,28 +182,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(_clean(obj), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, ensure_ascii=False) + "\n")
 
 
 def atomic_write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(_clean(r), ensure_ascii=False) + "\n" for r in rows))
-
-
-def _what(value: Any) -> str:
-    """'a list', 'a number' ...: the JSON type of `value`, for messages."""
-    return (
-        "null"
-        if value is None
-        else "a boolean"
-        if isinstance(value, bool)
-        else "a number"
-        if isinstance(value, (int, float))
-        else "a string"
-        if isinstance(value, str)
-        else "a list"
-        if isinstance(value, list)
-        else "an object"
-    )
+    atomic_write_text(path, "".join(json.dumps(json_safe(r), ensure_ascii=False) + "\n" for r in rows))
 
 
 def load_json(path: Path) -> tuple[Any, str | None]:
@@ -194,7 +222,7 @@ def read_json(path: Path, default: Any = None) -> Any:
 
 def append_jsonl(path: Path, record: dict) -> None:
     """Append one record as one line and flush it, so a live reader sees it at once."""
-    line = json.dumps(_clean(record), ensure_ascii=False) + "\n"
+    line = json.dumps(json_safe(record), ensure_ascii=False) + "\n"
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()
@@ -282,32 +310,28 @@ _DICT_FIELDS = ("hardware", "params", "data", "peaks", "speed", "mean_tokens")
 _LIST_FIELDS = ("labels", "target_modules", "speedups")
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _metric_ok(rec: dict) -> bool:
+def metric_fields_ok(rec: dict) -> bool:
+    """Whether the fields of a metrics record that readers compute with have their types (those
+    it has: _INT_FIELDS whole numbers, _FLOAT_FIELDS numbers or null, ...)."""
     return (
-        all(_is_int(rec[k]) for k in _INT_FIELDS if k in rec)
-        and all(rec[k] is None or _is_num(rec[k]) for k in _FLOAT_FIELDS if k in rec)
+        all(is_int(rec[k]) for k in _INT_FIELDS if k in rec)
+        and all(rec[k] is None or is_number(rec[k]) for k in _FLOAT_FIELDS if k in rec)
         and all(isinstance(rec[k], str) for k in _STR_FIELDS if k in rec)
         and all(rec[k] is None or isinstance(rec[k], dict) for k in _DICT_FIELDS if k in rec)
         and all(rec[k] is None or isinstance(rec[k], list) for k in _LIST_FIELDS if k in rec)
     )
 
 
-def _read_metrics(run_dir: Path, complete: bool = False) -> tuple[dict[str, list[dict]], int]:
+def scan_metrics(run_dir: Path, complete: bool = False) -> tuple[dict[str, list[dict]], int]:
+    """(by_kind, bad): read_metrics' records by kind, and how many lines were damaged (scan_jsonl's
+    bad lines, and records whose fields have the wrong types); `complete` as for scan_jsonl."""
     by_kind: dict[str, list[dict]] = {k: [] for k in METRIC_KINDS}
     records, bad = scan_jsonl(Path(run_dir) / METRICS, complete)
     for rec in records:
         kind = rec.get("kind")
         if not isinstance(kind, str):
             continue
-        if not _metric_ok(rec):
+        if not metric_fields_ok(rec):
             bad += 1
             continue
         by_kind.setdefault(kind, []).append(rec)
@@ -324,7 +348,7 @@ def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
     read_jsonl, a half-written last line is skipped,
     so this is safe to call while the trainer is still appending. The first setup record is
     `by_kind["setup"][0]`, the last end record `by_kind["end"][-1]`."""
-    return _read_metrics(run_dir)[0]
+    return scan_metrics(run_dir)[0]
 
 
 def throughput(steps: list[dict]) -> dict | None:
@@ -356,13 +380,12 @@ def valid_prediction(row: Any) -> bool:
     list of numbers), correct (a boolean); premise/hypothesis/text/tag, when present, strings."""
     return (
         isinstance(row, dict)
-        and isinstance(row.get("id"), (str, int))
-        and not isinstance(row.get("id"), bool)
+        and (isinstance(row.get("id"), str) or is_int(row.get("id")))
         and isinstance(row.get("gold"), str)
         and isinstance(row.get("pred"), str)
         and isinstance(row.get("correct"), bool)
         and isinstance(row.get("probs"), list)
-        and all(_is_num(p) for p in row["probs"])
+        and all(is_number(p) for p in row["probs"])
         and all(isinstance(row[k], str) for k in ("premise", "hypothesis", "text", "tag") if row.get(k) is not None)
     )
 

@@ -35,19 +35,19 @@ from .rundir import (
     STATES,
     STATUS,
     STOP,
-    _clean,
-    _is_int,
-    _is_num,
-    _read_metrics,
-    _what,
     atomic_write_json,
     atomic_write_text,
+    is_int,
+    is_number,
+    json_safe,
+    json_type_name,
     load_json,
     now_iso,
     read_json,
     read_predictions,
     runs_root,
     scan_jsonl,
+    scan_metrics,
 )
 
 # --- status -------------------------------------------------------------------------------------
@@ -156,7 +156,10 @@ def claim_run(run_dir: Path, token: str | None = None, allow: tuple[str, ...] = 
         raise ValueError(f"{run_dir} is a file, not a folder")
     if os.path.lexists(run_dir / STATUS):
         if token:
-            mine = lambda s: s.get("state") == "queued" and s.get("claim") == token
+
+            def mine(current: dict) -> bool:
+                return current.get("state") == "queued" and current.get("claim") == token
+
             status = update_status(
                 run_dir, {**{k: v for k, v in fields.items() if k != "created_at"}, "claim": None}, only_if=mine
             )
@@ -179,7 +182,8 @@ def claim_run(run_dir: Path, token: str | None = None, allow: tuple[str, ...] = 
     if "state" in status and status["state"] not in STATES:
         raise ValueError(f"unknown state {status['state']!r}")
     try:
-        _create_exclusive(run_dir / STATUS, (json.dumps(_clean(status), indent=2, ensure_ascii=False) + "\n").encode())
+        data = json.dumps(json_safe(status), indent=2, ensure_ascii=False) + "\n"
+        _create_exclusive(run_dir / STATUS, data.encode())
     except FileExistsError:
         raise ValueError(held) from None
     return status
@@ -192,13 +196,13 @@ def _is_iso(value: Any) -> bool:
 def _status_problem(status: Any) -> str | None:
     """Why a parsed status.json cannot be used (None when it can)."""
     if not isinstance(status, dict):
-        return f"holds {_what(status)}, not a JSON object"
+        return f"holds {json_type_name(status)}, not a JSON object"
     state = status.get("state")
     if state not in STATES:
         return "has no state" if state is None else f"has an unknown state {str(state)[:40]!r}"
     if status.get("pid") is not None and not valid_pid(status["pid"]):
         return "pid is not a process id"
-    if status.get("pid_start") is not None and not _is_num(status["pid_start"]):
+    if status.get("pid_start") is not None and not is_number(status["pid_start"]):
         return "pid_start is not a number"
     for k in ("created_at", "started_at", "finished_at", "updated_at"):
         if status.get(k) is not None and not _is_iso(status[k]):
@@ -207,7 +211,7 @@ def _status_problem(status: Any) -> str | None:
         if status.get(k) is not None and not isinstance(status[k], str):
             return f"{k} is not text"
     for k in ("step", "total_steps", "epoch"):
-        if status.get(k) is not None and not _is_int(status[k]):
+        if status.get(k) is not None and not is_int(status[k]):
             return f"{k} is not a whole number"
     return None
 
@@ -249,7 +253,7 @@ def config_problem(config: Any) -> str | None:
     """Why a parsed config.json cannot be shown (None when it can): the fields the app reads
     must have their types (model.name text, data an object, data.labels a list of names ...)."""
     if not isinstance(config, dict):
-        return f"holds {_what(config)}, not a JSON object"
+        return f"holds {json_type_name(config)}, not a JSON object"
     model, data = config.get("model"), config.get("data")
     if not isinstance(model, dict) or not isinstance(model.get("name"), str):
         return '"model" is not an object with a "name"'
@@ -296,18 +300,18 @@ def damaged_files(run_dir: Path) -> list[str]:
     for name, check in (
         (STATUS, _status_problem),
         (CONFIG, config_problem),
-        (REPORT, lambda v: None if isinstance(v, dict) else f"holds {_what(v)}, not a JSON object"),
+        (REPORT, lambda v: None if isinstance(v, dict) else f"holds {json_type_name(v)}, not a JSON object"),
     ):
         value, problem = load_json(run_dir / name)
         if problem != "missing" and (problem or check(value)):
             out.append(f"{name}: {problem or check(value)}")
-    by_kind, bad = _read_metrics(run_dir, complete=ended)
+    by_kind, bad = scan_metrics(run_dir, complete=ended)
     if bad:
         out.append(f"{METRICS}: {_lines(bad)}")
     elif state == "done" and not (by_kind["setup"] and by_kind["end"]):
         out.append(f"{METRICS}: the setup or end record of this finished run is missing")
     records, bad = scan_jsonl(run_dir / RESOURCES, complete=ended)
-    bad += sum(not _is_num(r.get("t")) for r in records)
+    bad += sum(not is_number(r.get("t")) for r in records)
     if bad:
         out.append(f"{RESOURCES}: {_lines(bad)}")
     pred_dir = run_dir / PREDICTIONS

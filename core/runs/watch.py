@@ -57,12 +57,12 @@ def estimate_remaining(
     if not total_steps or not steps:
         return None
     timed = steps[1:] or steps  # the first step also pays for warm-up (allocations, graph capture)
-    recent = [s["step_s"] for s in timed[-20:] if _is_num(s.get("step_s"))]
+    recent = [s["step_s"] for s in timed[-20:] if rundir.is_number(s.get("step_s"))]
     if not recent:
         return None
     remaining = max(0, total_steps - (steps[-1].get("step") or 0)) * (sum(recent) / len(recent))
-    val = [e["seconds"] for e in evals if e.get("split") == "validation" and _is_num(e.get("seconds"))]
-    test = [e["seconds"] for e in evals if e.get("split") == "test" and _is_num(e.get("seconds"))]
+    val = [e["seconds"] for e in evals if e.get("split") == "validation" and rundir.is_number(e.get("seconds"))]
+    test = [e["seconds"] for e in evals if e.get("split") == "test" and rundir.is_number(e.get("seconds"))]
     epochs_left = max(0, (setup.get("epochs") or 0) - epochs_done)
     tracked = setup.get(
         "track_test", any(str(e.get("stage")).startswith("epoch-") for e in evals if e.get("split") == "test")
@@ -79,7 +79,7 @@ def snapshot(run_dir: Path, now: float | None = None) -> dict:
     run_dir = Path(run_dir)
     status = read_status(run_dir)  # before the metrics: a final state means they are complete
     metrics = rundir.read_metrics(run_dir)
-    resources = [r for r in rundir.read_jsonl(run_dir / rundir.RESOURCES) if _is_num(r.get("t"))]
+    resources = [r for r in rundir.read_jsonl(run_dir / rundir.RESOURCES) if rundir.is_number(r.get("t"))]
     t0 = resources[0]["t"] if resources else 0.0
     for r in resources:
         r["elapsed_s"] = round(r["t"] - t0, 2)
@@ -166,29 +166,30 @@ def validation_curve(evals: list[dict]) -> list[dict]:
     return out
 
 
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 # --- reading only what is new --------------------------------------------------------------------
 
 
 class JsonlTail:
-    """The records of an append-only JSON-lines file, read a little at a time.
+    """The records of an append-only JSON-lines file, read a little at a time (by LiveRun here,
+    and by core/progress.py for the lines `python -m core train` prints).
 
     Each read() returns the records of the lines completed since the last one: it seeks to the
     byte offset where the last read stopped and parses only what follows. A last line without its
     newline is being written; it stays in the file for the next read. When the file was truncated,
     replaced (a new inode, or other bytes before the offset) or removed, read() starts over from
-    the first line and says so, and the caller drops what it had. Lines that are not a JSON object
-    are skipped and counted in `bad`. Not thread-safe: LiveRun holds the lock."""
+    the first line and says so, and the caller drops what it had. Other bytes: the byte before
+    the offset is no longer the newline that ended the last line read, or the first `head` bytes
+    of the file changed. Lines that are not a JSON object are skipped and counted in `bad`. Not
+    thread-safe: LiveRun holds its lock, the progress reporter its own."""
 
     HEAD = 256  # bytes from the start of the file compared on each read to notice a replacement
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, head: int = HEAD):
         self.path = Path(path)
+        self.head = head  # 0: the start of the file is not compared (a rewrite in place goes unnoticed)
         self.offset = 0  # bytes consumed: always just after a newline
         self.bad = 0
+        self.bytes_read = 0  # bytes read from the offsets on, so far: what was read is not read again
         self._ident: tuple[int, int] | None = None  # (device, inode) of the file read so far
         self._head = b""
         self._seen: tuple | None = None  # (device, inode, size, mtime) at the last read
@@ -226,11 +227,12 @@ class JsonlTail:
         except OSError:
             return [], False
         self._ident, self._seen = (st.st_dev, st.st_ino), seen
+        self.bytes_read += len(data)
         end = data.rfind(b"\n") + 1  # complete lines only; the rest waits for its newline
         if not end:
             return [], restarted
         if not self.offset:
-            self._head = data[: min(self.HEAD, end)]
+            self._head = data[: min(self.head, end)]
         self.offset += end
         records = []
         for line in data[:end].split(b"\n"):
@@ -244,23 +246,16 @@ class JsonlTail:
         return records, restarted
 
     def _same_start(self, f) -> bool:
-        """Whether the file still begins with the bytes read before, and the byte before the
-        offset is still the newline that ended the last line read."""
+        """Whether the byte before the offset is still the newline that ended the last line read,
+        and the file still begins with the bytes read before (its first `head` bytes)."""
         if self.offset:
             f.seek(self.offset - 1)
             if f.read(1) != b"\n":
                 return False
+        if not self._head:
+            return True
         f.seek(0)
         return f.read(len(self._head)) == self._head
-
-
-def _metric_record_ok(rec: dict) -> bool:
-    """What rundir.read_metrics keeps: a record with a string kind (and, where rundir checks the
-    types of the numeric fields, sound ones)."""
-    if not isinstance(rec.get("kind"), str):
-        return False
-    check = getattr(rundir, "_metric_ok", None)
-    return check(rec) if check else True
 
 
 _uids = itertools.count(1)
@@ -301,7 +296,7 @@ class LiveRun:
             self._n_metrics = 0
             self._generation += 1
         for rec in new:
-            if _metric_record_ok(rec):
+            if isinstance(rec.get("kind"), str) and rundir.metric_fields_ok(rec):  # what read_metrics keeps
                 self._by_kind.setdefault(rec["kind"], []).append(rec)
                 self._n_metrics += 1
         new, restarted = self._resources_tail.read()
@@ -309,7 +304,7 @@ class LiveRun:
             self._resources = []
             self._generation += 1
         for r in new:
-            if _is_num(r.get("t")):
+            if rundir.is_number(r.get("t")):
                 r["elapsed_s"] = round(r["t"] - (self._resources[0]["t"] if self._resources else r["t"]), 2)
                 self._resources.append(r)
 
@@ -378,7 +373,7 @@ def downsample(rows: Sequence[dict], y: str | Sequence[str], max_points: int = M
             low = high = None
             for i in range(lo, hi):
                 v = rows[i].get(k)
-                if not _is_num(v):
+                if not rundir.is_number(v):
                     continue
                 if low is None or v < rows[low][k]:
                     low = i

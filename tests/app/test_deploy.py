@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.helpers import ROOT
 
+from tests.helpers import ROOT
 
 
 def dockerfile() -> list[tuple[str, str]]:

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,18 +14,14 @@ from streamlit.testing.v1 import AppTest
 
 from app_pages.ui import plain
 from core import jobs
-from core.config import get_preset
 from core.results.report import CATEGORIES, load_comparison
-from core.runs import rundir
 from core.runs.resources import describe_hardware, hardware_info
 from core.runs.state import list_runs, stop_requested, write_status
-from tests.helpers import start, text_of, make_failed_run, make_running_run
-
-pct = lambda x: f"{100 * x:.1f}%"
+from tests.helpers import make_failed_run, make_running_run, start, text_of
 
 
-
-
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
 
 
 def metrics(at: AppTest) -> dict[str, str]:
@@ -355,7 +350,3 @@ def test_failures_page_counts_filters_search_and_detail(tiny_run, monkeypatch):
 
 
 # --- hand-made run folders ----------------------------------------------------------------------
-
-
-
-

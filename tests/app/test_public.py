@@ -23,7 +23,17 @@ from core import access, jobs, share
 from core.config import BUILTIN_DATA, EMBEDDED_MODEL, get_preset, override
 from core.runs import rundir
 from core.runs.state import list_runs, read_status, stop_requested, write_status
-from tests.helpers import start, text_of, make_failed_run, make_running_run, free_port, EVIL_PREMISE, EVIL_HYPOTHESIS, EVIL_TAG, evil_run
+from tests.helpers import (
+    EVIL_HYPOTHESIS,
+    EVIL_PREMISE,
+    EVIL_TAG,
+    evil_run,
+    free_port,
+    make_failed_run,
+    make_running_run,
+    start,
+    text_of,
+)
 
 ENV = (
     access.READ_ONLY_ENV,
@@ -375,8 +385,6 @@ def test_plain_text_renders_as_itself(text):
     got = render(plain(text))
     assert set(got.tags) <= {"p", "br"}, got.tags  # no link, image, HTML, heading, list, table, code, emphasis
     assert " ".join(shown(got).split()) == " ".join(text.split())
-
-
 
 
 def test_the_failures_page_shows_data_text_literally(tiny_run, tmp_path, monkeypatch):

@@ -8,32 +8,21 @@ are also copied to assets/screenshots/ for the README. Run only this test with `
 Browsers cannot be downloaded here: never `playwright install`; CI installs Debian's chromium.
 """
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from tests.helpers import ROOT, CHROMIUM_FLAGS, VIEWPORT, chromium_path, streamlit_server, settle
+
+from tests.helpers import CHROMIUM_FLAGS, ROOT, VIEWPORT, chromium_path, settle, streamlit_server
 
 ARTIFACTS = ROOT / "test-artifacts"
 SCREENSHOTS = ROOT / "assets" / "screenshots"
 UPDATE = bool(os.environ.get("UPDATE_SCREENSHOTS"))
 # A small run for the test; the README's screenshots show the demo preset as a new user gets it.
 FORM = {} if UPDATE else {"Epochs": 2, "Max train rows": 160, "Max validation rows": 30, "Max test rows": 60}
-
-
-
-
-
-
 
 
 @pytest.fixture
@@ -48,8 +37,6 @@ def server(tmp_path):
             from core import jobs
 
             jobs.stop(run.parent)
-
-
 
 
 def shot(page, name):
@@ -134,7 +121,10 @@ def test_demo_run_end_to_end_in_a_real_browser(server):
             page.locator("[data-testid=stSidebarNav]").get_by_text("Report").click()
             expect(page.get_by_text("Accuracy on the test split, before vs after")).to_be_visible()
             settle(page)
-            pct = lambda x: f"{100 * x:.1f}%"
+
+            def pct(x: float) -> str:
+                return f"{100 * x:.1f}%"
+
             assert metric_value(page, "Before fine-tuning") == pct(report["test_before"]["accuracy"])
             assert metric_value(page, f"After (epoch {report['best_epoch']})") == pct(report["test_after"]["accuracy"])
             n_test = report["test_after"]["n"]

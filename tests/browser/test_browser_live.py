@@ -9,7 +9,7 @@ import os
 import pytest
 
 from core.runs import liveness
-from tests.helpers import make_running_run, CHROMIUM_FLAGS, VIEWPORT, chromium_path, streamlit_server
+from tests.helpers import CHROMIUM_FLAGS, VIEWPORT, chromium_path, make_running_run, streamlit_server
 
 SHARED = "2 browser sessions are watching this run"
 

@@ -8,7 +8,17 @@ Never `playwright install`; run with `pytest -m browser`."""
 import os
 
 import pytest
-from tests.helpers import CHROMIUM_FLAGS, VIEWPORT, chromium_path, streamlit_server, settle, EVIL_PREMISE, EVIL_HYPOTHESIS, evil_run
+
+from tests.helpers import (
+    CHROMIUM_FLAGS,
+    EVIL_HYPOTHESIS,
+    EVIL_PREMISE,
+    VIEWPORT,
+    chromium_path,
+    evil_run,
+    settle,
+    streamlit_server,
+)
 
 
 @pytest.fixture

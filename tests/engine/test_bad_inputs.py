@@ -293,9 +293,12 @@ def test_a_full_disk_names_the_folder(tmp_path, monkeypatch, capsys, no_training
 
 def test_ctrl_c_prints_one_line_exits_130_and_marks_the_run_stopped(tmp_path):
     run = tmp_path / "run"
+
     # SIGINT as a terminal delivers it: a test runner started in the background (`cmd &` in a
     # script) has SIGINT ignored, which the child would inherit and Python would then keep
-    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    def default_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -317,9 +320,10 @@ def test_ctrl_c_prints_one_line_exits_130_and_marks_the_run_stopped(tmp_path):
         text=True,
         preexec_fn=default_sigint,
     )
-    phase = lambda: (json.loads((run / "status.json").read_text()) if (run / "status.json").is_file() else {}).get(
-        "phase"
-    )
+
+    def phase():
+        return (json.loads((run / "status.json").read_text()) if (run / "status.json").is_file() else {}).get("phase")
+
     try:
         deadline = time.time() + 90
         while phase() in (None, "starting") and time.time() < deadline and proc.poll() is None:

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.helpers import ROOT
 
+from tests.helpers import ROOT
 
 
 def cli(*args, env=None, check=True):

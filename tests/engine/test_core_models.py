@@ -2,7 +2,6 @@
 (no download), as transformers and peft test themselves."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,14 +9,7 @@ import torch
 from core.checkpoint import Checkpointer, load_adapter_weights, save_adapter
 from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
 from core.model import add_lora, classification_head, count_parameters, load_model, load_tokenizer
-from tests.helpers import SNLI, CPU, save_tiny_model, save_word_tokenizer
-
-
-
-
-
-
-
+from tests.helpers import CPU, SNLI, save_tiny_model, save_word_tokenizer
 
 
 def fixed_batch(pad_id: int):

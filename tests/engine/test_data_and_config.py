@@ -11,7 +11,6 @@ from core.data import Example, batch_indices, carve_validation, load_splits, map
 from core.tables import read_table
 from core.train import lr_factor
 from tests.helpers import SNLI
-from tests.helpers import SNLI
 
 LABELS = ["entailment", "neutral", "contradiction"]
 

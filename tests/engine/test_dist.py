@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers import ROOT, SNLI, save_word_tokenizer, start
 
+from tests.helpers import ROOT, SNLI, save_word_tokenizer
 
 
 def make_tiny_bert(folder: Path) -> Path:

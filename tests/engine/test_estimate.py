@@ -6,13 +6,12 @@ import json
 from core import estimate
 from core.config import get_preset, override
 from tests.helpers import SNLI
-from tests.helpers import SNLI
 
 # --- estimate -----------------------------------------------------------------------------------
 
 
 def test_planned_rows_follow_the_trainer(tmp_path):
-    from core.data import BUILTIN_DIR
+    from core.config import BUILTIN_DIR
 
     n = {s: sum(1 for _ in open(BUILTIN_DIR / f"{s}.jsonl")) for s in ("train", "validation", "test")}
     assert estimate.planned_rows(get_preset("demo")) == n

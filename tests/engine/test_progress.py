@@ -14,7 +14,6 @@ from core.runs import rundir
 from tests.helpers import ROOT
 
 
-
 def status(run: Path, **fields) -> None:
     rundir.atomic_write_json(run / "status.json", {"state": "running", "pid": os.getpid(), **fields})
 

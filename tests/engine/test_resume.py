@@ -246,6 +246,22 @@ def test_state_round_trip_restores_weights_optimizer_scheduler_and_rng(tmp_path)
     assert sched2.get_last_lr() == sched.get_last_lr()
 
 
+def test_the_best_epoch_is_the_highest_accuracy_then_the_lower_loss_then_the_earlier_epoch():
+    """One rule for the kept adapter, in train() and in `evaluate` without a report."""
+
+    def record(epoch, accuracy, loss):
+        return {"epoch": epoch, "val_accuracy": accuracy, "val_loss": loss}
+
+    assert checkpoint.best_epoch([]) is None
+    assert checkpoint.best_epoch([record(1, 0.5, 0.9), record(2, 0.7, 1.2)])["epoch"] == 2  # accuracy first
+    assert checkpoint.best_epoch([record(1, 0.7, 0.9), record(2, 0.7, 0.6), record(3, 0.6, 0.1)])["epoch"] == 2
+    assert checkpoint.best_epoch([record(2, 0.7, 0.6), record(1, 0.7, 0.6)])["epoch"] == 1  # a full tie: the earlier
+    assert checkpoint.best_epoch([record(1, 0.7, None), record(2, 0.7, 0.8)])["epoch"] == 2  # null loss loses a tie
+    assert checkpoint.best_epoch([record(1, None, 0.1), record(2, 0.2, 0.8)])["epoch"] == 2  # null accuracy: worst
+    best = record(3, 0.8, 0.5)
+    assert checkpoint.best_epoch([best, record(4, 0.8, 0.5)]) is best  # the record itself, as TrainState keeps it
+
+
 def test_out_of_memory_retries_the_step_once_with_half_the_micro_batch(monkeypatch):
     """A CPU stand-in for a CUDA out-of-memory error: the first launch raises it; the step is
     redone with micro-batches of half the rows and gives the gradient of the whole step."""

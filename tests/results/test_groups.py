@@ -8,11 +8,9 @@ import json
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 from core.results.seeds import group_runs, group_summary
 from tests.helpers import ROOT
-
 
 
 def test_two_seeds_run_as_one_group_on_the_same_rows(tmp_path):

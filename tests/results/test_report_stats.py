@@ -22,7 +22,8 @@ from core.results.report import build_report, damaged_files, load_report
 from core.results.seeds import group_summary
 from core.runs import rundir
 from core.runs.state import write_status
-from tests.helpers import ROOT, text_of, start as start_app
+from tests.helpers import ROOT, text_of
+from tests.helpers import start as start_app
 
 LABELS = ["entailment", "neutral", "contradiction"]
 E, N, C = LABELS
@@ -386,7 +387,10 @@ def test_a_group_of_seeds_shows_mean_std_agreement_and_which_seed(tmp_path, monk
 def test_the_bundle_holds_config_environment_hashes_predictions_and_methods(stats_run, tmp_path):
     z = zipfile.ZipFile(io.BytesIO(build_bundle(stats_run)))
     assert z.namelist() == [f"{RUN_ID}/{m}" for m in MEMBERS]
-    read = lambda m: z.read(f"{RUN_ID}/{m}").decode()
+
+    def read(m: str) -> str:
+        return z.read(f"{RUN_ID}/{m}").decode()
+
     assert json.loads(read("config.json")) == json.loads((stats_run / "config.json").read_text())
     env = json.loads(read("environment.json"))
     assert list(env["packages"]) == list(PACKAGES) and env["packages"]["numpy"]

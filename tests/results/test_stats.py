@@ -5,7 +5,6 @@ import math
 import statistics
 import time
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -520,7 +519,10 @@ def test_label_noise_hints_after_only():
 def test_label_noise_hints_per_epoch():
     rows = _noise_rows()
     conf_c = [0.1, 0.1, 0.8]
-    ep = lambda r0, r3, r4: [r0, [0.3, 0.1, 0.6], [0.01, 0.98, 0.01], r3, r4]
+
+    def ep(r0, r3, r4):
+        return [r0, [0.3, 0.1, 0.6], [0.01, 0.98, 0.01], r3, r4]
+
     per_epoch = [
         ep([0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.8, 0.1]),  # epoch 1: 0 and 4 not yet
         ep(conf_c, [0.8, 0.1, 0.1], [0.8, 0.1, 0.1]),  # epoch 2: 3 disagrees

@@ -23,7 +23,6 @@ from core.runs.state import claim_run, list_runs, read_status, stop_requested, w
 from tests.helpers import ROOT
 
 
-
 def old_iso(seconds_ago: float) -> str:
     return datetime.fromtimestamp(time.time() - seconds_ago, UTC).isoformat(timespec="seconds")
 
@@ -228,7 +227,7 @@ def test_of_many_threads_claiming_one_run_folder_exactly_one_wins(tmp_path):
         barrier = threading.Barrier(8)
         results = []
 
-        def claim():
+        def claim(run=run, barrier=barrier, results=results):
             barrier.wait()
             try:
                 claim_run(run, state="running", pid=None)

@@ -9,6 +9,7 @@ import pytest
 from core.runs import rundir
 from core.runs.state import read_status, write_status
 
+
 def test_run_ids_cannot_escape_the_runs_folder(tmp_path):
     for bad in ("..", "../x", "a/b", "", ".hidden", "x" * 81, "a b", "/etc", "a\\b", "..."):
         with pytest.raises(ValueError):
@@ -31,7 +32,7 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temp(tmp_path):
         def __str__(self):
             raise RuntimeError("boom")
 
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError):  # not bytes: the write itself fails
         rundir.atomic_write_bytes(path, Boom())  # fails mid-write
     assert json.loads(path.read_text()) == {"a": 1, "nan": None}
     assert [p.name for p in tmp_path.iterdir()] == ["s.json"]

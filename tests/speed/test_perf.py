@@ -232,11 +232,17 @@ def test_eval_batches_are_the_cheapest_split():
             enc, order, batch_size, device, SpeedConfig(eval_tokens=budget, eval_batch_cost=batch_cost)
         )
         assert [i for b in batches for i in b] == order
-        cap = lambda w: max(1, min(batch_size, budget // w))
+
+        def cap(w, batch_size=batch_size, budget=budget):
+            return max(1, min(batch_size, budget // w))
+
         for b in batches:
             width = max(lengths[i] for i in b)
             assert len(b) <= cap(width)
-        cost = lambda bs: sum(len(b) * max(lengths[i] for i in b) for b in bs) + len(bs) * batch_cost
+
+        def cost(bs, batch_cost=batch_cost):
+            return sum(len(b) * max(lengths[i] for i in b) for b in bs) + len(bs) * batch_cost
+
         distinct = sorted(set(lengths))
         counts = [lengths.count(n) for n in distinct]
         best = None
@@ -306,7 +312,6 @@ def test_triton_rope_kernel_matches_transformers_formula():
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     pytest.importorskip("triton")
     from core.speed import rope
