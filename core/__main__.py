@@ -41,6 +41,7 @@ FLAGS = {
     "compute-dtype": ("model.compute_dtype", str),
     "device": ("model.device", str),
     "pooling": ("model.pooling", str),
+    "head-init": ("model.head_init", str),
     "dataset": ("data.source", str),
     "train": ("data.train", str),
     "validation": ("data.validation", str),
@@ -331,7 +332,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core", description="QLoRA Studio: fine-tune and evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="run an experiment into a run folder")
-    t.add_argument("--preset", choices=["demo", "phi2-snli"], help="starting settings (default demo)")
+    t.add_argument("--preset", choices=list(PRESETS), help="starting settings (default demo)")
     t.add_argument("--config", help="a RunConfig JSON file (e.g. a run's config.json) instead of a preset")
     t.add_argument("--run-dir", help="folder for this run (default: a new folder in the runs folder)")
     t.add_argument("--run-id", help="name of the new run inside the runs folder")

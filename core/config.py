@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .runs.rundir import is_int, is_number
+
 NLI_LABELS = ["entailment", "neutral", "contradiction"]
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
@@ -47,9 +49,9 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if tp is bool:
         return isinstance(value, bool)
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_int(value)
     if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return is_number(value) and math.isfinite(value)
     if tp is str:
         return isinstance(value, str)
     if origin is list:
@@ -195,10 +197,7 @@ class DataConfig:
         if isinstance(self.labels, str):  # "entailment,neutral" in a config file: the class names, not letters
             self.labels = [x.strip() for x in self.labels.split(",") if x.strip()]
         if isinstance(self.label_map, dict):  # {"yes": 1}: an id, written as the CLI would
-            self.label_map = {
-                str(k): str(v) if isinstance(v, int) and not isinstance(v, bool) else v
-                for k, v in self.label_map.items()
-            }
+            self.label_map = {str(k): str(v) if is_int(v) else v for k, v in self.label_map.items()}
         _check_types(self, "data")
         _check(all(x.strip() for x in self.labels), f"data.labels has an empty class name: {self.labels}")
         _check(len(self.labels) >= 2, "data.labels needs at least two classes")
@@ -307,11 +306,11 @@ class TrainConfig:
         _check(self.threads is None or 1 <= self.threads <= 4096, "train.threads must be a positive integer or null")
         ce = self.checkpoint_every
         _check(
-            ce is None or (isinstance(ce, int) and not isinstance(ce, bool) and ce >= 1),
+            ce is None or (is_int(ce) and ce >= 1),
             "train.checkpoint_every must be a positive integer or null",
         )
         _check(
-            isinstance(self.processes, int) and not isinstance(self.processes, bool) and 1 <= self.processes <= 1024,
+            is_int(self.processes) and 1 <= self.processes <= 1024,
             "train.processes must be an integer in [1, 1024]",
         )
 

@@ -194,7 +194,7 @@ def build_once(dest: Path, build: Callable[[Path], None]) -> Path:
             tmp.mkdir()
             build(tmp)
             if not (tmp / DONE_FILE).exists():
-                (tmp / DONE_FILE).write_text(json.dumps({"folder": dest.name}) + "\n")
+                (tmp / DONE_FILE).write_text("{}\n")
             _fsync_tree(tmp)
             os.rename(tmp, dest)
             _fsync_dir(dest.parent)
@@ -246,13 +246,14 @@ def convert_gguf(source: Path, dest: Path, model: EmbeddedModel) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config._name_or_path = model.hub_id
+    if hasattr(config, "_model_name_or_path"):  # GGUF's general.name otherwise
+        config._model_name_or_path = model.hub_id
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())  # strict: every tensor has its place
     plain.tie_weights()
     plain.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     done = {
-        "folder": dest.name,
         "hub_id": model.hub_id,
         "source": {"package": model.package, "file": model.path, "sha256": model.sha256},
         "version": importlib.metadata.version(model.package),

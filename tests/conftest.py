@@ -1,5 +1,26 @@
-"""Shared fixtures: one real, tiny training run for the whole session, and helpers to build
-other run folders (failed, running) by hand."""
+"""Shared fixtures (one real, tiny training run for the whole session; a live process that is not a
+trainer) and the test tiers. Plain helper functions and constants (paths, tiny random models, the app
+under AppTest, hand-made run folders, the browser's server) live in tests/helpers.py.
+
+Layout: one folder per room of the code: tests/engine/ (model, data, config, training, checkpoints,
+baseline, estimate, CLI, progress, resume, dist), tests/speed/ (core/speed/), tests/runs/ (the run
+folder, liveness, watch, jobs), tests/results/ (stats, report, seeds, compare), tests/app/ (the pages
+under AppTest, uploads, public mode, deploy), tests/browser/ (Playwright through Debian's chromium).
+
+Tiers (markers registered in pytest.ini):
+  fast       everything not marked slow: units, tiny random-weight models built offline, AppTest pages
+             on hand-made run folders. Every room is covered. About 2-3 minutes on 2 CPU cores.
+  real_model trains or loads the real embedded model (the demo preset); every test that uses the
+             session fixture `tiny_run` gets this marker automatically (the fixture trains it).
+  e2e        end to end through a subprocess: `python -m core train/...`, torchrun, detached trainers.
+  browser    a real browser (Debian's chromium through Playwright); skipped when chromium is missing.
+  slow       added automatically to every real_model, e2e and browser test.
+
+Commands:
+  .venv/bin/python -m pytest -m "not slow" -q     the fast tier
+  .venv/bin/python -m pytest -m slow -ra          the slow tiers only (or -m real_model / e2e / browser)
+  .venv/bin/python -m pytest -ra                  everything (the README's command)
+"""
 
 import json
 import os
@@ -61,3 +82,16 @@ def sleeper():
     yield proc
     proc.kill()
     proc.wait()
+
+
+SLOW_TIERS = ("real_model", "e2e", "browser")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses `tiny_run` trains the real model (once a session): real_model. Every test of a
+    slow tier is also `slow`, so that `-m "not slow"` is the fast tier."""
+    for item in items:
+        if "tiny_run" in item.fixturenames and not item.get_closest_marker("real_model"):
+            item.add_marker(pytest.mark.real_model)
+        if any(item.get_closest_marker(tier) for tier in SLOW_TIERS) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

@@ -142,19 +142,6 @@ def curves(run_dir: Path) -> dict:
 
 # --- headline metrics -------------------------------------------------------------------------
 
-HEADLINE_COLUMNS = (
-    "run",
-    "state",
-    "test_before",
-    "test_before_ci95",
-    "test_after",
-    "test_after_ci95",
-    "best_epoch",
-    "total_s",
-    "peak_gpu_gb",
-    "peak_rss_gb",
-)
-
 
 def _accuracy(summary: Any) -> tuple[float | None, list[float] | None]:
     """(accuracy, [lo, hi]) of a report's test summary ({n, correct, accuracy, ci95}); the
@@ -193,7 +180,8 @@ def load_run_report(run_dir: Path) -> tuple[dict | None, str | None]:
 
 
 def headline_row(run_dir: Path, report: dict | None = None) -> dict:
-    """One row of the headline table (keys HEADLINE_COLUMNS): test accuracy before and after
+    """One row of the headline table (keys run, state, test_before, test_before_ci95, test_after,
+    test_after_ci95, best_epoch, total_s, peak_gpu_gb, peak_rss_gb): test accuracy before and after
     with their Wilson 95% intervals ([lo, hi]), the best epoch, the total time in seconds, the
     peak GPU memory (gpu_mem_gb, else the evaluations' peak_gb) and the peak RSS in GB. A number
     the run does not have is None."""

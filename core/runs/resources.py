@@ -14,6 +14,9 @@ import psutil
 from .liveness import beat
 from .rundir import HEARTBEAT_EVERY_S, append_jsonl
 
+# pynvml and torch are imported where they are used: pynvml may be missing (no NVIDIA driver), and the
+# app imports this file for describe_hardware without needing torch.
+
 
 def _nvml():
     """pynvml, initialised, or None when there is no NVIDIA driver (CPU machines, CI)."""

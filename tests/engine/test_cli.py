@@ -134,6 +134,7 @@ def test_report_command_prints_markdown_and_html(tiny_run, tmp_path):
     assert html.startswith("<!doctype html>") and acc in html and "<script" not in html
 
 
+@pytest.mark.e2e
 def test_bad_inputs_give_clear_errors_and_exit_2(tmp_path):
     p = cli(
         "train", "--preset", "demo", "--train", tmp_path / "missing.jsonl", "--run-dir", tmp_path / "r1", check=False

@@ -114,6 +114,7 @@ def runs(tmp_path_factory):
     return model, one, two, out.stdout + out.stderr
 
 
+@pytest.mark.e2e
 def test_two_processes_train_the_adapter_one_process_trains(runs):
     _, one, two, _ = runs
     for epoch in (1, 2):
@@ -134,6 +135,7 @@ def test_two_processes_train_the_adapter_one_process_trains(runs):
     assert e1 == e2  # sharded, gathered evaluation: the same predictions
 
 
+@pytest.mark.e2e
 def test_the_replicas_are_identical_and_rank_0_alone_wrote_the_run_folder(runs):
     _, one, two, out = runs
     recs = records(two)
@@ -158,6 +160,7 @@ def test_the_replicas_are_identical_and_rank_0_alone_wrote_the_run_folder(runs):
     assert "device cpu x 2 processes (data-parallel)" in out  # the report printed at the end
 
 
+@pytest.mark.e2e
 def test_a_stop_is_agreed_and_the_run_resumes_with_two_processes(runs, tmp_path):
     model, one, _, _ = runs
     run_dir = tmp_path / "stopped"
@@ -197,6 +200,7 @@ def test_a_stop_is_agreed_and_the_run_resumes_with_two_processes(runs, tmp_path)
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_a_failing_process_ends_the_run_with_its_error_not_a_hang(runs, tmp_path):
     model = runs[0]
     run_dir = tmp_path / "broken"

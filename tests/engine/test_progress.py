@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from core import progress
 from core.runs import rundir
 from tests.helpers import ROOT
@@ -217,6 +219,8 @@ def test_summary_has_accuracy_with_intervals_best_epoch_and_total_time():
     assert len(progress.summary({}).splitlines()) == 3  # a sparse report still gives its three lines
 
 
+@pytest.mark.real_model
+@pytest.mark.e2e
 def test_the_cli_prints_progress_lines_and_the_summary(tmp_path):
     run = tmp_path / "runs" / "cli"
     proc = subprocess.run(

@@ -80,6 +80,8 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.real_model
+@pytest.mark.e2e
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path):
     run = tmp_path / "killed"
     proc = start(*ARGS, "--run-dir", run)
@@ -122,6 +124,8 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(uninterrupte
     assert ckpts == ["epoch-0", "epoch-1", "epoch-2", "state-00000024"], ckpts
 
 
+@pytest.mark.real_model
+@pytest.mark.e2e
 def test_a_clean_stop_resumes_from_where_it_stopped(uninterrupted, tmp_path):
     run = tmp_path / "stopped"
     proc = start(*ARGS, "--checkpoint-every", "1000", "--run-dir", run)  # no mid-epoch states: the stop saves one
@@ -149,6 +153,8 @@ def test_a_clean_stop_resumes_from_where_it_stopped(uninterrupted, tmp_path):
         torch.testing.assert_close(adapter(run, 2)[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.real_model
+@pytest.mark.e2e
 def test_resume_refuses_a_finished_run_and_a_damaged_checkpoint(uninterrupted, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "core", "train", "--resume", str(uninterrupted)],

@@ -9,10 +9,14 @@ import statistics
 import subprocess
 import sys
 
+import pytest
+
 from core.results.seeds import group_runs, group_summary
 from tests.helpers import ROOT
 
 
+@pytest.mark.real_model
+@pytest.mark.e2e
 def test_two_seeds_run_as_one_group_on_the_same_rows(tmp_path):
     base = tmp_path / "runs" / "grp"
     proc = subprocess.run(

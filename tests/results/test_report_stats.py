@@ -272,7 +272,7 @@ def test_build_report_on_a_hand_made_run_gives_the_known_numbers(stats_run):
     assert (d["never_learned"], d["forgotten"], d["unforgettable"]) == (30, 13 + 6, 204 - 30 - 19)
     assert d["learned_at"] == {"0": 69, "1": 105, "2": 0, "never": 30}
     assert r["group"] is None
-    json.dumps(rundir._clean(r), allow_nan=False)
+    json.dumps(rundir.json_safe(r), allow_nan=False)
     assert sections.sections_problem(json.loads(json.dumps(r))) is None
 
 
@@ -325,7 +325,7 @@ def test_damaged_dynamics_zero_shot_and_sections_never_crash(stats_run, monkeypa
     assert "why_not" in r["baselines"]["zero_shot"]
     assert any("dynamics.jsonl" in d for d in damaged_files(stats_run))
     # a report.json whose sections have the wrong types is rebuilt, with one line saying why
-    bad = json.loads(json.dumps(rundir._clean(r)))
+    bad = json.loads(json.dumps(rundir.json_safe(r)))
     bad["transitions"]["counts"] = [[1, 2], [3]]
     rundir.atomic_write_json(stats_run / "report.json", bad)
     loaded, problem = load_report(stats_run)

@@ -3,12 +3,16 @@ only, and stopped cleanly."""
 
 import json
 
+import pytest
+
 from core import jobs
 from core.config import get_preset, override
 from core.runs import liveness, rundir
 from core.runs.state import list_runs, read_status
 
 
+@pytest.mark.real_model
+@pytest.mark.e2e
 def test_launch_observe_and_stop_a_detached_run(tmp_path, monkeypatch):
     monkeypatch.setenv(rundir.RUNS_ENV, str(tmp_path))
     cfg = override(

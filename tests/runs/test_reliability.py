@@ -250,6 +250,7 @@ def cli(*args) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.e2e
 def test_the_cli_refuses_a_run_folder_that_is_taken_or_is_not_a_run_folder(tmp_path, monkeypatch):
     run = tmp_path / "taken"
     claim_run(run, state="done", pid=None)
