@@ -21,12 +21,10 @@ import sys
 from pathlib import Path
 
 # Only modules that load neither torch nor numpy are imported here: `python -m core --help` and
-# `presets` stay instant. The rest (dist, model, train, evaluate, results.report) are imported
-# inside the commands that use them.
+# `presets` stay instant. The rest (dist, model, train, evaluate, results/) are imported inside
+# the commands that use them.
 from . import progress
 from .config import PRESETS, SPEED_ENV, RunConfig, get_preset, override, speed_from_env
-from .results.render import render_html, render_markdown
-from .results.seeds import group_summary
 from .runs import liveness, rundir
 from .runs.state import claim_run, read_status, update_status, write_status
 
@@ -155,6 +153,8 @@ def _finish(report: dict, ranks=None) -> int:
     if not report:
         print("stopped before the end; continue with: python -m core train --resume RUN_DIR")
         return 3
+    from .results.render import render_markdown  # numpy
+
     print(progress.summary(report))  # accuracy before -> after, best epoch, total time
     print()
     print(render_markdown(report))
@@ -225,6 +225,8 @@ def cmd_train(args) -> int:
             return code  # a stop or a failure ends the group
     if ranks is not None and not ranks.main:
         return 0
+    from .results.seeds import group_summary  # numpy
+
     g = group_summary(run_dir)
     agree = "n/a" if g["agreement"] is None else f"{100 * g['agreement']:.1f}%"
     after = _mean_std(g["accuracy_after"])
@@ -295,7 +297,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .results.report import build_report  # numpy
+    from .results.render import render_html, render_markdown  # numpy
+    from .results.report import build_report
+    from .results.seeds import group_summary
 
     run_dir = Path(args.run_dir)
     if not (run_dir / rundir.STATUS).exists() and not (run_dir / rundir.CONFIG).exists():

@@ -1,7 +1,7 @@
 """Public mode (core/access.py), data text shown literally (app_pages/ui.plain), and sharing a
 run's adapter (core/share.py): core refuses by itself, and the real pages (streamlit AppTest) do
 not even show what a visitor may not do. Run folders: a copy of the real tiny run (`tiny_run`),
-and failed / running runs written by hand (tests/test_app.py's helpers)."""
+and failed / running runs written by hand (tests/helpers.py)."""
 
 import html.parser
 import http.server

@@ -1,5 +1,5 @@
 """Two browser sessions watching one run that trains on the CPU, in a real browser (Debian's
-chromium through Playwright, as tests/test_browser.py): they share one refresh budget, each tab
+chromium through Playwright, as tests/browser/test_browser.py): they share one refresh budget, each tab
 says so, and the first tab goes back to the full rate once the second is closed. The live charts
 are SVG images. The run is a running run folder whose trainer is a `sleep` (with a heartbeat), so
 nothing trains. Never `playwright install`; run with `pytest -m browser`."""

@@ -1,6 +1,6 @@
 """Public mode in a real browser: `streamlit run app.py` with QLORA_STUDIO_READ_ONLY=1 over a runs
 folder holding a finished run (a copy of the session's real tiny run, its test texts replaced by a
-link, an image and HTML), driven with Playwright through Debian's chromium as tests/test_browser.py
+link, an image and HTML), driven with Playwright through Debian's chromium as tests/browser/test_browser.py
 is. The Train page has no Launch, Stop or Resume button and no file input; the Report offers the
 adapter download but no push; the Failures page shows the texts as typed, with no link or image.
 Never `playwright install`; run with `pytest -m browser`."""

@@ -158,6 +158,7 @@ def test_evaluate_refuses_a_reserved_name_a_non_run_folder_and_a_missing_file(tm
     assert code == 2 and "has no trained adapter yet" in err
 
 
+@pytest.mark.e2e
 def test_a_config_file_with_wrong_types_exits_2_naming_the_field(tmp_path):
     cfg = get_preset("demo").to_dict()
     for section, key, value, message in [
@@ -291,6 +292,8 @@ def test_a_full_disk_names_the_folder(tmp_path, monkeypatch, capsys, no_training
     assert code == 2 and err.startswith(f"error: no space left on the disk of {run}: free some space")
 
 
+@pytest.mark.real_model
+@pytest.mark.e2e
 def test_ctrl_c_prints_one_line_exits_130_and_marks_the_run_stopped(tmp_path):
     run = tmp_path / "run"
 

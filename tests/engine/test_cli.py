@@ -96,6 +96,7 @@ def test_train_writes_the_whole_run_folder(tiny_run):
     assert len(report["epochs"]) == 2 and report["resources"]["checkpoints_mb"] > 0
 
 
+@pytest.mark.e2e
 def test_evaluate_reproduces_the_before_and_after_models(tiny_run, tmp_path):
     """Scoring the run's own test rows again gives exactly the run's before/after accuracies:
     the "before" model (step-0 head included) and the selected adapter are reproducible."""
@@ -123,6 +124,7 @@ def test_evaluate_reproduces_the_before_and_after_models(tiny_run, tmp_path):
     ).exists()
 
 
+@pytest.mark.e2e
 def test_report_command_prints_markdown_and_html(tiny_run, tmp_path):
     run = tiny_run  # conftest: `python -m core train --preset demo`, 64/32/48 rows, 2 epochs
     proc = cli("report", run, "--html", tmp_path / "r.html")

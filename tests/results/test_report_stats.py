@@ -1,7 +1,7 @@
 """The report's statistics sections (core/results/sections.py, core/results/render.py, core/results/bundle.py) and the
 Report and Failures pages that draw them, on a run folder written by hand whose counts are known:
 n = 204 test rows, 69 right before and 161 after, 13 regressed and 105 fixed (McNemar p about
-5e-19, tested in tests/test_stats.py), three kinds of hypothesis (68 rows each) for the slices,
+5e-19, tested in tests/results/test_stats.py), three kinds of hypothesis (68 rows each) for the slices,
 confidences chosen so that the ECE can be written down, and per-epoch test probabilities in
 predictions/dynamics.jsonl. Then the same on the real tiny run (conftest's `tiny_run`)."""
 

@@ -591,5 +591,5 @@ def test_seed_summary_and_agreement():
 
 def test_core_stats_does_not_import_streamlit():
     for name in ("stats", "slices"):
-        src = (ROOT / f"core/{name}.py").read_text()
+        src = (ROOT / f"core/results/{name}.py").read_text()
         assert "import streamlit" not in src and "from streamlit" not in src
