@@ -24,7 +24,7 @@ import os
 import re
 from pathlib import Path
 
-from .config import BUILTIN_DATA, EMBEDDED_MODEL, RunConfig
+from .config import BUILTIN_DATA, EMBEDDED_LLM, EMBEDDED_MODEL, RunConfig
 from .runs.rundir import PROJECT_ROOT, runs_root
 
 READ_ONLY_ENV = "QLORA_STUDIO_READ_ONLY"
@@ -37,7 +37,7 @@ ACTIONS = {
     "upload": "uploading files",
     "push": "pushing an adapter to the Hub",
 }
-MODEL_NAMES = (EMBEDDED_MODEL,)  # the names that are neither a Hub id nor a path
+MODEL_NAMES = (EMBEDDED_MODEL, EMBEDDED_LLM)  # the names that are neither a Hub id nor a path
 DATA_NAMES = (BUILTIN_DATA,)
 # A Hub repository id: `name` or `owner/name`, each part letters, digits, '.', '_', '-', starting
 # and ending with a letter or digit, at most 96 characters, no '..' or '--' (the Hub's own rules).

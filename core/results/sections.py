@@ -41,6 +41,10 @@ ZERO_SHOT = (
     "the pretrained language model's own next word after a prompt, with no training at all (the LoRA "
     "adapters off, the label words' next-token probabilities)"
 )
+LABEL_WORD_HEAD = (
+    "the LoRA adapter at its initialisation and a head started from the language model's rows for the label "
+    "words, on the zero-shot prompt: the zero-shot baseline computed through the classifier"
+)
 NOISE_NOTE = (
     "A hint, not a fact: among the examples still failing after fine-tuning, these are the ones the "
     "fine-tuned model contradicts confidently (p >= 0.9 for another label) and consistently (the same "
@@ -281,9 +285,20 @@ def build_sections(
     out["change"] = change_section(b_ok, a_ok)
     out["headline"] = headline(out["change"])
     best = f" (best epoch {best_epoch})" if best_epoch is not None else ""
+    before_row = {"name": "random-head baseline", "what": RANDOM_HEAD}
+    zero = _zero_shot(zero_shot or [], after, metrics)
+    setup = (metrics.get("setup") or [{}])[-1]
+    if (setup.get("head_init") or {}).get("head_init") == "label-words":  # core/model.py, init_head
+        acc, z_acc = out["change"]["before"]["accuracy"], zero.get("accuracy")
+        same = (
+            f" (zero-shot {100 * z_acc:.1f}%, this {100 * acc:.1f}%)" if z_acc is not None and acc is not None else ""
+        )
+        before_row = {"name": "label-word head, untrained", "what": LABEL_WORD_HEAD + same}
+        if z_acc is not None:
+            zero["what"] = ZERO_SHOT + "; the same model as the untrained classifier above, computed apart"
     out["baselines"] = {
-        "random_head": {"name": "random-head baseline", "what": RANDOM_HEAD, **out["change"]["before"]},
-        "zero_shot": _zero_shot(zero_shot or [], after, metrics),
+        "random_head": {**before_row, **out["change"]["before"]},
+        "zero_shot": zero,
         "fine_tuned": {
             "name": f"fine-tuned{best}",
             "what": "the best epoch by validation accuracy",
