@@ -31,6 +31,7 @@ from core.runs import watch
 from core.runs.resources import describe_hardware
 from core.runs.rundir import ADAPTER_CONFIG
 from core.runs.state import read_status
+from core.text import code_span
 
 
 def pct(x: float | None) -> str:
@@ -121,14 +122,14 @@ head, dl = st.columns([2, 1])
 head.markdown(f"#### {ui.plain(report.get('model'))} on {ui.plain(report.get('dataset'))}")
 hw = report.get("hardware")
 head.caption(
-    f"Run `{report['run_id']}` · {report.get('state')} · preset {ui.plain(report.get('preset'))} · "
-    f"device {device_text(report)}, compute dtype {report.get('compute_dtype') or 'n/a'} · "
-    f"{describe_hardware(hw) if hw else 'hardware n/a'}"
+    f"Run `{run_dir.name}` · {ui.plain(report.get('state'))} · preset {ui.plain(report.get('preset'))} · "
+    f"device {ui.plain(device_text(report))}, compute dtype {ui.plain(report.get('compute_dtype') or 'n/a')} · "
+    f"{ui.plain(describe_hardware(hw)) if hw else 'hardware n/a'}"
 )
 dl.download_button(
     "Download Markdown",
     render_markdown(report),
-    file_name=f"{report['run_id']}-report.md",
+    file_name=f"{run_dir.name}-report.md",
     mime="text/markdown",
     icon=":material/download:",
     use_container_width=True,
@@ -136,7 +137,7 @@ dl.download_button(
 dl.download_button(
     "Download HTML",
     render_html(report),
-    file_name=f"{report['run_id']}-report.html",
+    file_name=f"{run_dir.name}-report.html",
     mime="text/html",
     icon=":material/download:",
     use_container_width=True,
@@ -144,7 +145,7 @@ dl.download_button(
 dl.download_button(
     "Download reproducibility bundle",
     lambda: build_bundle(run_dir),  # built on click
-    file_name=f"{report['run_id']}-bundle.zip",
+    file_name=f"{run_dir.name}-bundle.zip",
     mime="application/zip",
     icon=":material/folder_zip:",
     use_container_width=True,
@@ -154,8 +155,8 @@ dl.download_button(
 )
 if report.get("headline"):
     with st.container(border=True, key="headline"):
-        st.markdown(f"**{report['headline']}**")
-        st.caption((report.get("change") or {}).get("note") or "")
+        st.markdown(f"**{ui.plain(report['headline'])}**")
+        st.caption(ui.plain((report.get("change") or {}).get("note") or ""))
 
 # --- accuracy -----------------------------------------------------------------------------------
 st.subheader("Accuracy on the test split, before vs after")
@@ -195,7 +196,7 @@ else:
     st.info("The run ended before the test split was scored before and after training.")
 folders = compare.checkpoint_folders(run_dir, report)
 if folders and (folders[1] / ADAPTER_CONFIG).is_file():
-    adapter_section(report["run_id"], folders[1])
+    adapter_section(run_dir.name, folders[1])
 
 # --- baselines and the change -------------------------------------------------------------------
 if report.get("baselines"):
@@ -232,7 +233,7 @@ if change:
         values[5],
         help="80% power, two-sided 5% level, at this n (two-sample approximation)",
     )
-    st.markdown(f"**Verdict:** {ch['verdict']}.")
+    st.markdown(f"**Verdict:** {ui.plain(ch['verdict'])}.")
     st.dataframe(pd.DataFrame(change, columns=["item", "value"]), hide_index=True)
     z = (report.get("baselines") or {}).get("zero_shot") or {}
     if z.get("change"):
@@ -242,7 +243,7 @@ if change:
 # --- several seeds ------------------------------------------------------------------------------
 group = report.get("group")
 if group:
-    st.subheader(f"Several seeds: group `{group.get('group')}`")
+    st.subheader(f"Several seeds: group {code_span(group.get('group'))}")  # the name is from config.json
     st.caption(
         f"{group.get('finished')} of {len(group.get('runs') or [])} runs finished. One run is not a result: "
         "mean ± standard deviation (and range) over the seeds, in percent."
@@ -265,7 +266,7 @@ if t:
             "app_pages/failures.py",
             label=label,
             icon=":material/list:",
-            query_params={"run": report["run_id"], **params},
+            query_params={"run": run_dir.name, **params},
         )
 
     left, right = st.columns([1, 1], gap="large")
@@ -295,7 +296,7 @@ if cal:
     with left:
         for name, cb in cal.items():
             st.metric(
-                f"ECE {name.replace('_', '-')}",
+                f"ECE {ui.plain(name.replace('_', '-'))}",
                 "n/a" if cb.get("ece") is None else f"{cb['ece']:.3f}",
                 help=f"expected calibration error over 10 equal-width confidence bins, n = {cb['n']}",
             )
@@ -338,7 +339,7 @@ if report.get("noise_hints"):
         "app_pages/failures.py",
         label="See them on the Failures page",
         icon=":material/help:",
-        query_params={"run": report["run_id"], "hints": "1"},
+        query_params={"run": run_dir.name, "hints": "1"},
     )
 
 # --- training time ------------------------------------------------------------------------------
@@ -382,8 +383,9 @@ if epochs:
     t = report.get("throughput") or {}
     if t:
         st.caption(
-            f"Throughput {t.get('samples_per_s')} pairs/s, {t.get('tokens_per_s')} real tokens/s over "
-            f"{t.get('steps')} optimiser steps; {pct(t.get('pad_fraction'))} of each batch was padding."
+            f"Throughput {ui.plain(t.get('samples_per_s'))} pairs/s, {ui.plain(t.get('tokens_per_s'))} real "
+            f"tokens/s over {ui.plain(t.get('steps'))} optimiser steps; {pct(t.get('pad_fraction'))} of each "
+            "batch was padding."
         )
 else:
     st.caption("No epoch finished.")
@@ -497,7 +499,7 @@ if report.get("changes"):
     for cat, rows in (report.get("change_examples") or {}).items():
         if not rows:
             continue
-        st.markdown(f"**{cat.capitalize()}** (examples)")
+        st.markdown(f"**{ui.plain(str(cat).capitalize())}** (examples)")
         st.dataframe(
             pd.DataFrame(
                 [

@@ -3,6 +3,7 @@ and the Plotly figures. Everything here only reads the run folder through core."
 
 from __future__ import annotations
 
+import html
 import logging
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from core import access
 from core.results.report import damaged_files
 from core.runs import resources, rundir
 from core.runs.state import list_runs, read_config, read_status
+from core.text import code_span
 
 # Material icons ship with Streamlit's frontend (emoji need a font the machine may not have).
 STATE_ICONS = {
@@ -58,6 +60,23 @@ def plain(text) -> str:
     # leading spaces as no-break spaces: indentation shows, and never starts a code block
     lines = [_LEADING_SPACE.sub(lambda m: "\u00a0" * len(m.group().expandtabs(4)), line) for line in lines]
     return "  \n".join(lines)  # a line break in the text stays one
+
+
+def damage_text(lines: list[str]) -> str:
+    """Damage lines ("metrics.jsonl: 2 unreadable lines", from core) for st.markdown: the file's name
+    as code, the reason escaped (it may quote what the damaged file holds)."""
+    out = []
+    for line in lines:
+        name, sep, why = str(line).partition(": ")
+        out.append(f"{code_span(name)}: {plain(why)}" if sep and name and " " not in name else plain(line))
+    return "; ".join(out)
+
+
+def chart_text(text) -> str:
+    """`text` from data (a label, a tag, a name from a run folder) for a Plotly chart: axis and tick
+    labels, legends, hover texts, titles and annotations render a subset of HTML (<a href>, <b>,
+    <br>, <span style>); escaped (Plotly shows &lt; &gt; &amp; as the characters), it shows as typed."""
+    return html.escape("" if text is None else str(text), quote=False)
 
 
 # --- public mode (core/access.py decides; these only show it) -----------------------------------
@@ -136,8 +155,8 @@ def sidebar() -> None:
     by_id = {r["id"]: r for r in runs}
     wanted = st.session_state.get(RUN_KEY) or st.query_params.get("run")
     if wanted not in by_id:
-        if wanted and st.query_params.get("run") == wanted:
-            st.sidebar.warning(f"Run `{wanted}` is not in the runs folder.")
+        if wanted and st.query_params.get("run") == wanted:  # from the URL: anyone can craft it
+            st.sidebar.warning(f"Run {plain(wanted)} is not in the runs folder.")
         wanted = ids[0] if ids else None
     with st.sidebar:
         st.markdown("### Runs")
@@ -164,7 +183,7 @@ def sidebar() -> None:
             select_run(wanted)
             for r in runs:
                 if r.get("damaged"):
-                    st.caption(f"{STATE_ICONS[rundir.DAMAGED]} `{r['id']}` is damaged: {r['damaged']}")
+                    st.caption(f"{STATE_ICONS[rundir.DAMAGED]} `{r['id']}` is damaged: {damage_text([r['damaged']])}")
         root = rundir.runs_root()
         shown = root.relative_to(rundir.PROJECT_ROOT) if root.is_relative_to(rundir.PROJECT_ROOT) else f"…/{root.name}"
         st.caption(f"Runs folder: `{shown}`", help=f"{root} (set QLORA_STUDIO_RUNS to use another folder)")
@@ -202,7 +221,7 @@ def damage_note(run_dir: Path, more: list[str] | None = None) -> list[str]:
         damaged = [d for d in damaged if d.split(":", 1)[0] != line.split(":", 1)[0]] + [line]
     if damaged:
         st.warning(
-            f"Run `{run_dir.name}` is damaged: {'; '.join(damaged)}. The page shows what the other files hold.",
+            f"Run `{run_dir.name}` is damaged: {damage_text(damaged)}. The page shows what the other files hold.",
             icon=":material/broken_image:",
         )
     return damaged
@@ -217,12 +236,13 @@ def page_failed(error: Exception) -> None:
     damaged = damaged_files(run_dir) if run_dir else []
     if damaged:
         st.error(
-            f"Run `{run_dir.name}` could not be shown: its files are damaged ({'; '.join(damaged)}). "
+            f"Run `{run_dir.name}` could not be shown: its files are damaged ({damage_text(damaged)}). "
             "Pick another run in the sidebar; the other runs are not affected."
         )
     else:
         st.error(
-            f"This page could not be shown ({type(error).__name__}: {error}). The server's console has the details."
+            f"This page could not be shown ({type(error).__name__}: {plain(error)}). "
+            "The server's console has the details."
         )
     if st.get_option("client.showErrorDetails") == "full":
         st.exception(error)
@@ -304,7 +324,7 @@ def resources_figure(samples: list[dict], keys: list[tuple[str, str]], title: st
 
 
 def accuracy_figure(before: dict, after: dict, best_epoch) -> go.Figure:
-    names = ["before fine-tuning", f"after (epoch {best_epoch})"]
+    names = ["before fine-tuning", f"after (epoch {chart_text(best_epoch)})"]
     accs = [100 * before["accuracy"], 100 * after["accuracy"]]
     lo = [100 * s["ci95"][0] for s in (before, after)]
     hi = [100 * s["ci95"][1] for s in (before, after)]
@@ -336,6 +356,7 @@ def accuracy_figure(before: dict, after: dict, best_epoch) -> go.Figure:
 
 
 def confusion_figure(matrix: list[list[int]], labels: list[str], title: str) -> go.Figure:
+    labels = [chart_text(label) for label in labels]
     fig = go.Figure(
         go.Heatmap(
             z=matrix,
@@ -354,6 +375,7 @@ def confusion_figure(matrix: list[list[int]], labels: list[str], title: str) -> 
 
 
 def probs_figure(labels: list[str], before: list[float], after: list[float], gold: str) -> go.Figure:
+    labels, gold = [chart_text(label) for label in labels], chart_text(gold)
     fig = go.Figure()
     fig.add_bar(
         x=labels,
@@ -407,7 +429,7 @@ def reliability_figure(calibration: dict) -> go.Figure:
             x=[b["confidence"] for b in bins],
             y=[b["accuracy"] for b in bins],
             mode="lines+markers",
-            name=f"{name.replace('_', '-')} (ECE {ece:.3f})" if ece is not None else name,
+            name=chart_text(f"{name.replace('_', '-')} (ECE {ece:.3f})" if ece is not None else name),
             line=dict(color=colors.get(name, "#10b981")),
             marker=dict(size=[6 + min(14, b["n"] ** 0.5) for b in bins]),
             customdata=[b["n"] for b in bins],
@@ -424,6 +446,7 @@ def reliability_figure(calibration: dict) -> go.Figure:
 
 def moves_figure(counts: list[list[int]], labels: list[str]) -> go.Figure:
     """The KxK table of label moves: predicted label before (rows) -> after (columns)."""
+    labels = [chart_text(label) for label in labels]
     fig = go.Figure(
         go.Heatmap(
             z=counts,
@@ -457,14 +480,14 @@ def trajectory_figure(trajectory: dict, best_epoch=None) -> go.Figure:
         name="p(gold)",
         line=dict(color=COLORS["line"]),
         marker=dict(size=10, color=["#059669" if c else "#dc2626" for c in trajectory["correct"]]),
-        customdata=trajectory["pred"],
+        customdata=[chart_text(p) for p in trajectory["pred"]],
         hovertemplate="epoch %{x}: p(gold) %{y:.3f}, predicted %{customdata}<extra></extra>",
     )
     if best_epoch is not None:
         fig.add_vline(x=best_epoch, line=dict(color="#9ca3af", dash="dot"))
     return _layout(
         fig,
-        f"p(gold) per epoch ({trajectory['split']}; green = right, red = wrong)",
+        f"p(gold) per epoch ({chart_text(trajectory['split'])}; green = right, red = wrong)",
         height=260,
         xaxis=dict(dtick=1, title="epoch (0 = before)"),
         yaxis=dict(range=[0, 1.05], title="p(gold)"),

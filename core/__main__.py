@@ -5,6 +5,8 @@ python -m core train --preset phi2-snli                  # the reference experim
 python -m core train --preset demo --train a.jsonl --validation b.jsonl --test c.jsonl --epochs 3
 python -m core train --config my.json --run-dir runs/my-run
 python -m core evaluate RUN_DIR --data other.jsonl [--json]
+python -m core predict RUN_DIR --data new.csv [--out predicted.csv]   # rows without labels too
+python -m core export RUN_DIR --out merged/ [--dtype float32]           # one plain transformers model
 python -m core report RUN_DIR [--html report.html]
 python -m core presets
 """
@@ -27,6 +29,7 @@ from . import progress
 from .config import PRESETS, SPEED_ENV, RunConfig, get_preset, override, speed_from_env
 from .runs import liveness, rundir
 from .runs.state import claim_run, read_status, update_status, write_status
+from .text import terminal_text
 
 # Keep the Hub quiet about telemetry and progress bars in logs.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -56,6 +59,7 @@ FLAGS = {
     "lora-r": ("lora.r", int),
     "lora-alpha": ("lora.alpha", float),
     "lora-dropout": ("lora.dropout", float),
+    "lora-variant": ("lora.variant", str),
     "target-modules": ("lora.target_modules", lambda s: s if s == "all-linear" else [x.strip() for x in s.split(",")]),
     "epochs": ("train.epochs", int),
     "lr": ("train.lr", float),
@@ -70,6 +74,8 @@ FLAGS = {
     "threads": ("train.threads", int),
     "checkpoint-every": ("train.checkpoint_every", int),
     "nproc": ("train.processes", int),
+    "early-stopping": ("train.early_stopping_patience", int),
+    "class-weights": ("train.class_weights", str),  # none, balanced or W1,W2,...: TrainConfig parses it
 }
 
 
@@ -87,6 +93,8 @@ def build_config(args):
     if any(getattr(args, s) for s in ("train", "validation", "test")) and not args.dataset:
         if cfg.data.source.startswith("builtin:"):
             changes["data.source"] = "files"
+    if args.gradient_checkpointing:
+        changes["train.gradient_checkpointing"] = True
     if args.label_map:
         changes["data.label_map"] = dict(kv.split("=", 1) for kv in args.label_map)
     if args.speed:  # e.g. pack=off micro_tokens=1024, parsed as the QLORA_* overrides are
@@ -296,6 +304,32 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from .predict import predict_file  # torch
+
+    out = Path(args.out) if args.out else None
+    result = predict_file(Path(args.run_dir), Path(args.data), out=out, epoch=args.epoch)
+    scored = f", accuracy {result['accuracy']:.4f} on the {result['labelled']} labelled" if result["labelled"] else ""
+    print(f"predicted {result['n']} rows with epoch {result['epoch']}{scored}: {result['out']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_merged  # torch
+
+    result = export_merged(Path(args.run_dir), Path(args.out), epoch=args.epoch, dtype=args.dtype)
+    print(f"merged model of epoch {result['epoch']} ({result['dtype']}, {result['architecture']}): {result['out']}")
+    if result["parity"] is not None:
+        print(
+            f"parity: max |p_export - p_run| = {result['parity']:.2e} over {result['parity_rows']} test rows "
+            f"({result['dtype']})"
+        )
+    if result["note"]:
+        print(f"note: {result['note']}")
+    print(f"load: {result['load']}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .results.render import render_html, render_markdown  # numpy
     from .results.report import build_report
@@ -355,6 +389,12 @@ def main(argv=None) -> int:
     for flag, (field, typ) in FLAGS.items():
         t.add_argument(f"--{flag}", type=typ, default=None, help=f"sets {field}")
     t.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        default=None,
+        help="sets train.gradient_checkpointing: less activation memory, about a third more time per step",
+    )
+    t.add_argument(
         "--label-map",
         nargs="*",
         metavar="RAW=NAME",
@@ -374,6 +414,22 @@ def main(argv=None) -> int:
     e.add_argument("--name", help="name for the predictions files (default: the file's stem)")
     e.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     e.set_defaults(func=cmd_evaluate)
+    pr = sub.add_parser("predict", help="predict the labels of a file's rows (labels optional) with a run's model")
+    pr.add_argument("run_dir")
+    pr.add_argument("--data", required=True, help="JSONL, CSV or Parquet file with the run's input columns")
+    pr.add_argument("--out", help="OUT.jsonl or OUT.csv (default: RUN/predictions/<file stem>_predicted.jsonl)")
+    pr.add_argument("--epoch", type=int, help="the checkpoint of this epoch (default: the epoch the run selected)")
+    pr.set_defaults(func=cmd_predict)
+    x = sub.add_parser("export", help="write a run's model as one merged transformers model (no peft, no bitsandbytes)")
+    x.add_argument("run_dir")
+    x.add_argument("--out", required=True, help="folder for the merged model (new, empty, or an earlier export)")
+    x.add_argument("--epoch", type=int, help="the checkpoint of this epoch (default: the epoch the run selected)")
+    x.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        help="weights' dtype (default: bfloat16 if the run trained in bf16, float16 for other GPU runs, float32 on CPU)",
+    )
+    x.set_defaults(func=cmd_export)
     r = sub.add_parser("report", help="print a run's report as Markdown")
     r.add_argument("run_dir")
     r.add_argument("--html", help="also write a self-contained HTML file here")
@@ -397,7 +453,7 @@ def main(argv=None) -> int:
     finally:
         if "core.dist" in sys.modules:  # leave torchrun's process group cleanly (imported only if a command did)
             sys.modules["core.dist"].shutdown()
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {terminal_text(message)}", file=sys.stderr)
     _after_failure(args, message)
     return 2
 
@@ -443,6 +499,8 @@ def _folder_of(args) -> Path | None:
             return rundir.run_path(args.run_id) if args.run_id else rundir.runs_root()
         except ValueError:
             return rundir.runs_root()
+    if args.command in ("export", "predict") and args.out:
+        return Path(args.out) if args.command == "export" else Path(args.out).parent
     if args.command == "evaluate":
         return Path(args.run_dir) / rundir.PREDICTIONS
     if args.command == "report" and args.html:

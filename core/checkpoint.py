@@ -37,7 +37,17 @@ import torch
 
 from .classifier import model_card, portable_adapter_config
 from .dist import Ranks
-from .runs.rundir import ADAPTER_CONFIG, ADAPTER_FILE, CLASSIFIER_FILE, atomic_write_bytes
+from .runs.rundir import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILE,
+    CHECKPOINTS,
+    CLASSIFIER_FILE,
+    CONFIG,
+    REPORT,
+    atomic_write_bytes,
+    read_json,
+    read_metrics,
+)
 
 STATE_PREFIX = "state-"
 
@@ -147,6 +157,27 @@ def load_adapter_weights(model, path: Path) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise RuntimeError(f"adapter has weights the model does not: {unexpected[:5]}")
+
+
+def run_checkpoint(run_dir: Path, epoch: int | None = None) -> tuple[Path, int]:
+    """(checkpoints/epoch-K of a run, K): epoch `epoch`, else the epoch the run selected (report.json's
+    best_epoch, else the best of metrics.jsonl's epoch records). A ValueError in one sentence when
+    `run_dir` is not a run folder, has no finished epoch yet, or has no checkpoint of that epoch."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise ValueError(f"{run_dir} is not a run folder (no {CONFIG})")
+    if epoch is None:
+        epoch = (read_json(run_dir / REPORT) or {}).get("best_epoch")
+    if epoch is None:
+        best = best_epoch(read_metrics(run_dir)["epoch"])
+        if best is None:
+            raise ValueError(f"run {run_dir.name} has no trained adapter yet (no finished epoch)")
+        epoch = best["epoch"]
+    folder = run_dir / CHECKPOINTS / f"epoch-{epoch}"
+    if not (folder / ADAPTER_FILE).is_file():
+        kept = sorted(p.name for p in (run_dir / CHECKPOINTS).glob("epoch-*") if (p / ADAPTER_FILE).is_file())
+        raise ValueError(f"run {run_dir.name} has no checkpoint of epoch {epoch} (it has {', '.join(kept) or 'none'})")
+    return folder, int(epoch)
 
 
 # --- the training state ---------------------------------------------------------------------------
@@ -383,11 +414,19 @@ class Checkpointer:
             load_adapter_weights(self.model, self.dir / name)
         self.ranks.broadcast_params([p for p in self.model.parameters() if p.requires_grad])
 
-    def add_test_result(self, epoch: int, validation: tuple[float, int], test: tuple[float, int]) -> None:
-        """The card of the selected epoch, with its test accuracy (after the run's test pass)."""
-        card = self._card(epoch, validation, test)
-        if card and self.write:
-            atomic_write_bytes(self.dir / f"epoch-{epoch}" / "README.md", card["README.md"])
+    def add_test_result(
+        self, epoch: int, validation: tuple[float, int], test: tuple[float, int], temperature: float | None = None
+    ) -> None:
+        """The card of the selected epoch, with its test accuracy (after the run's test pass); with
+        `temperature` (fitted on validation by the report, core/results/calibration.py) written
+        into its classifier.json too, where load_classifier divides the logits by it."""
+        if self.info is None or not self.write:
+            return
+        folder = self.dir / f"epoch-{epoch}"
+        if temperature is not None:
+            self.info = {**self.info, "temperature": temperature}
+            atomic_write_bytes(folder / CLASSIFIER_FILE, (json.dumps(self.info, indent=2) + "\n").encode())
+        atomic_write_bytes(folder / "README.md", self._card(epoch, validation, test)["README.md"])
 
     def save_state(self, state: TrainState, optimizer, scheduler, scaler) -> None:
         """The full training state as checkpoints/state-<step>/; older state folders are removed

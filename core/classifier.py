@@ -27,8 +27,10 @@ import torch
 from .config import ModelConfig, RunConfig
 from .data import prompt_for
 from .embedded import hub_id, weights_note
+from .text import code_span, markdown_text
 
 CLASSIFIER_FILE = "classifier.json"
+VARIANT_NAMES = {"lora": "LoRA", "rslora": "rsLoRA (scale alpha / sqrt(r))", "dora": "DoRA (weight-decomposed LoRA)"}
 
 
 def input_format(cfg: RunConfig, tokenizer) -> dict:
@@ -75,6 +77,7 @@ def classifier_info(cfg: RunConfig, tokenizer, head: dict | None = None) -> dict
         "pad_token_id": tokenizer.pad_token_id,
         "head_init": head or {"head_init": cfg.model.head_init},
         "preset": cfg.preset,
+        "lora_variant": cfg.lora.variant,
     }
 
 
@@ -106,7 +109,7 @@ def model_card(
 ) -> str:
     """The README.md of an epoch folder: what it is, how well it did (with intervals), how to load it."""
     labels = info["labels"]
-    lines = [f"# {info['base_model']} + LoRA: a {len(labels)}-class classifier (epoch {epoch})", ""]
+    lines = [f"# {markdown_text(info['base_model'])} + LoRA: a {len(labels)}-class classifier (epoch {epoch})", ""]
     if info["pooling"] == "mean":
         lines += [
             "**Read this first: this run pooled the encoder's token states by their mean** (the model "
@@ -122,24 +125,31 @@ def model_card(
         ]
     lines += [
         "Fine-tuned with QLoRA (4-bit NF4 base, LoRA adapters, full-precision head) by QLoRA Studio"
-        + (f", run `{run_id}`" if run_id else "")
+        + (f", run {code_span(run_id)}" if run_id else "")
         + ".",
         "",
-        f"- Base model: `{info['base_model']}` (named `{info['base_model_as_named']}` in the run)",
-        f"- Labels, in output order: {', '.join(f'`{x}`' for x in labels)}",
+        f"- Base model: {code_span(info['base_model'])} (named {code_span(info['base_model_as_named'])} in the run)",
+        f"- Labels, in output order: {', '.join(map(code_span, labels))}",
         f"- Input: {_input_line(info)}",
         f"- Pooling: {info['pooling']}; maximum length {info['max_length']} tokens",
+        f"- Adapter: {VARIANT_NAMES.get(info.get('lora_variant') or 'lora', info.get('lora_variant'))}",
     ]
+    if info.get("temperature"):
+        lines.append(
+            f"- Temperature: {info['temperature']:.3f}, fitted on the validation split (temperature scaling): "
+            "`load_classifier` divides the logits by it for calibrated probabilities (the argmax is unchanged); "
+            "plain peft does not"
+        )
     head = info.get("head_init") or {}
     label_words = head.get("head_init") == "label-words"
     if label_words:
-        words = ", ".join(w.strip() for w in head.get("words", []))
+        words = ", ".join(markdown_text(w.strip()) for w in head.get("words", []))
         lines.append(
             f"- Head: started from the language-model head's rows of the label words ({words}), so the "
             "untrained classifier is the zero-shot baseline"
         )
     if info.get("base_weights_note"):
-        lines.append(f"- Base weights: {info['base_weights_note']}")
+        lines.append(f"- Base weights: {markdown_text(info['base_weights_note'])}")
     if epoch == 0:
         start = "the label words' head, so it IS the zero-shot baseline" if label_words else "a random head"
         lines.append(f"- This is the model **before** fine-tuning: the adapter at its initialisation and {start}.")
@@ -201,9 +211,10 @@ def model_card(
         if info.get("base_weights_note"):
             lines += [
                 "",
-                f"The adapter names `{info['base_model']}`, whose Hub weights differ a little from those it was "
-                "trained on (see Base weights above): for the run's exact probabilities, load the base model from "
-                "the converted folder (`AutoModelForSequenceClassification.from_pretrained(that folder, ...)`, then "
+                f"The adapter names {code_span(info['base_model'])}, whose Hub weights differ a little from those "
+                "it was trained on (see Base weights above): for the run's exact probabilities, load the base "
+                "model from the converted folder "
+                "(`AutoModelForSequenceClassification.from_pretrained(that folder, ...)`, then "
                 "`PeftModel.from_pretrained(base, folder)`).",
             ]
     lines += ["", "`classifier.json` in this folder holds the labels, input, pooling and base model as data."]
@@ -214,7 +225,7 @@ def _input_line(info: dict) -> str:
     fmt = info["input"]
     if fmt["template"] is None:
         return "the tokenizer's pair encoding of (premise, hypothesis)"
-    return f"the text {fmt['template']!r}"
+    return f"the text {markdown_text(repr(fmt['template']))}"
 
 
 class Classifier:
@@ -223,6 +234,7 @@ class Classifier:
     def __init__(self, model, tokenizer, info: dict, device: torch.device, dtype: torch.dtype):
         self.model, self.tokenizer, self.info, self.device, self.dtype = model, tokenizer, info, device, dtype
         self.labels = info["labels"]
+        self.temperature = float(info.get("temperature") or 1.0)  # classifier.json's, fitted on validation
 
     def texts(self, rows: list[dict]):
         fmt = self.info["input"]
@@ -234,7 +246,9 @@ class Classifier:
 
     @torch.inference_mode()
     def predict(self, rows: list[dict]) -> np.ndarray:
-        """Probabilities [len(rows), labels] for rows with premise/hypothesis (or text)."""
+        """Probabilities [len(rows), labels] for rows with premise/hypothesis (or text): the softmax
+        of the logits divided by the temperature (calibrated; 1 when classifier.json has none, or
+        load_classifier was told not to)."""
         from .model import autocast
 
         first, second = self.texts(rows)
@@ -250,15 +264,19 @@ class Classifier:
                 add_special_tokens=self.info["input"].get("add_special_tokens", True),
             ).to(self.device)
             with autocast(self.device, self.dtype):
-                out.append(self.model(**batch).logits.float().softmax(-1).cpu())
+                out.append((self.model(**batch).logits.float() / self.temperature).softmax(-1).cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.labels)))
 
 
-def load_classifier(folder: Path, device: str = "auto", base_model: str | None = None) -> Classifier:
+def load_classifier(
+    folder: Path, device: str = "auto", base_model: str | None = None, temperature: bool = True
+) -> Classifier:
     """The classifier saved in `folder` (an epoch folder of a run): its base model loaded as the
     run loaded it (4-bit NF4 when it was, the run's pooling), the adapter and head from the folder,
-    the tokenizer from the folder. `base_model` overrides the base model's name or path."""
-    from peft import PeftModel
+    the tokenizer from the folder. `base_model` overrides the base model's name or path. A merged
+    export (core/export.py) loads as plain transformers weights (load_merged). With `temperature`
+    (the default) predict() divides the logits by classifier.json's temperature; False keeps the raw
+    probabilities."""
     from transformers import AutoTokenizer
 
     from .model import load_model, pick_compute_dtype, pick_device
@@ -270,6 +288,12 @@ def load_classifier(folder: Path, device: str = "auto", base_model: str | None =
         raise ValueError(
             f"{folder} holds no readable {CLASSIFIER_FILE} (a checkpoint folder of a QLoRA Studio run has one): {e}"
         ) from None
+    if not temperature:
+        info = {**info, "temperature": None}
+    if info.get("merged"):
+        return load_merged(folder, info, device)
+    from peft import PeftModel
+
     cfg = ModelConfig(
         name=base_model or info["base_model_as_named"],
         quantize=info.get("quantize"),
@@ -285,5 +309,33 @@ def load_classifier(folder: Path, device: str = "auto", base_model: str | None =
         cfg, len(info["labels"]), tokenizer.pad_token_id, dev, dtype, id2label=dict(enumerate(info["labels"]))
     )
     model = PeftModel.from_pretrained(base, folder, is_trainable=False)
+    model.eval()
+    return Classifier(model, tokenizer, info, dev, dtype)
+
+
+def load_merged(folder: Path, info: dict, device: str = "auto") -> Classifier:
+    """A merged export (core/export.py): transformers' own class of its architecture, loaded from
+    the folder in its dtype with the run's pooling set, no adapter, peft and bitsandbytes unused.
+    The folder's own model code (a mean-pooled BERT export's auto_map) never runs."""
+    import transformers
+
+    from .model import DTYPES, pick_device, set_pooling
+
+    merged = info["merged"]
+    architecture = str(merged.get("architecture", ""))
+    if not architecture.endswith("ForSequenceClassification") or not hasattr(transformers, architecture):
+        raise ValueError(f"{folder}: {CLASSIFIER_FILE} names no transformers classifier class ({architecture!r})")
+    dev = pick_device(device)
+    dtype = DTYPES[merged["dtype"]]
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # a mean-pooled export has no pooler weights: set_pooling replaces it
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        model = getattr(transformers, architecture).from_pretrained(
+            folder, dtype=dtype, device_map={"": dev}, trust_remote_code=False
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    set_pooling(model, info["pooling"])
     model.eval()
     return Classifier(model, tokenizer, info, dev, dtype)

@@ -225,11 +225,19 @@ class LoraSettings:
     target_modules: list[str] | str | None = None
     """Module names to adapt; None picks the usual ones for the architecture (peft's table,
     e.g. q_proj, v_proj, fc1, fc2 for Phi), "all-linear" adapts every linear layer but the head."""
+    variant: str = "lora"
+    """`lora`: the update s B A with s = alpha / r; `rslora`: s = alpha / sqrt(r) (rank-stabilised,
+    Kalajievska 2023: larger ranks keep learning); `dora`: the weight split into a magnitude and a
+    direction, LoRA on the direction (Liu et al. 2024). peft's use_rslora / use_dora."""
 
     def __post_init__(self):
         if isinstance(self.target_modules, str) and "," in self.target_modules:  # "q_proj, v_proj"
             self.target_modules = [x.strip() for x in self.target_modules.split(",") if x.strip()]
         _check_types(self, "lora")
+        _check(
+            self.variant in ("lora", "dora", "rslora"),
+            f"lora.variant must be lora, dora or rslora, not {self.variant!r}",
+        )
         _check(isinstance(self.r, int) and 1 <= self.r <= 1024, "lora.r must be an integer in [1, 1024]")
         _check(self.alpha > 0, "lora.alpha must be positive")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout must be in [0, 1)")
@@ -280,8 +288,30 @@ class TrainConfig:
     """Data-parallel processes, one per GPU (`--nproc`; core/dist.py): each takes an equal share of
     every batch of batch_size rows, so the optimiser steps are those of one process. Under an
     existing torchrun the world size comes from torchrun instead."""
+    early_stopping_patience: int | None = None
+    """Stop when the best epoch (highest validation accuracy, a lower validation loss breaking
+    ties: the rule that picks the epoch the run keeps) is this many epochs old; None trains every
+    epoch. A resumed run counts from its saved best epoch."""
+    class_weights: str | list[float] = "none"
+    """Weights of the classes in the training loss: `none`; `balanced`, n / (classes x rows of the
+    class) from the training rows (scikit-learn's rule); or one positive weight per class in label
+    order (a config file may give "1,2,2"). Rescaled so that the training rows' mean weight is 1:
+    the loss keeps its scale, and the learning rate its meaning. Validation and test losses are
+    never weighted."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input for the backward pass and compute the layer again there: less
+    activation memory (for models that do not fit otherwise) for about a third more time per step.
+    The same gradients."""
 
     def __post_init__(self):
+        if isinstance(self.class_weights, str) and "," in self.class_weights:  # "1,2,2", as --class-weights
+            try:
+                self.class_weights = [float(x) for x in self.class_weights.split(",")]
+            except ValueError:
+                raise ValueError(
+                    f"train.class_weights must be none, balanced or numbers separated by commas, not "
+                    f"{self.class_weights!r}"
+                ) from None
         _check_types(self, "train")
         _check(
             isinstance(self.epochs, int) and 1 <= self.epochs <= 1000, "train.epochs must be an integer in [1, 1000]"
@@ -313,6 +343,22 @@ class TrainConfig:
             is_int(self.processes) and 1 <= self.processes <= 1024,
             "train.processes must be an integer in [1, 1024]",
         )
+        patience = self.early_stopping_patience
+        _check(
+            patience is None or 1 <= patience <= 1000,
+            "train.early_stopping_patience must be an integer in [1, 1000] or null",
+        )
+        weights = self.class_weights
+        if isinstance(weights, str):
+            _check(
+                weights in ("none", "balanced"),
+                f"train.class_weights must be none, balanced or one weight per class, not {weights!r}",
+            )
+        else:
+            _check(
+                len(weights) >= 2 and all(0 < w < 1e6 for w in weights),
+                "train.class_weights must hold one weight per class, each in (0, 1e6)",
+            )
 
 
 @dataclass
@@ -349,9 +395,13 @@ class SpeedConfig:
     graph_warmup: str = "first"
     """Run a step eagerly before its CUDA graph capture: `first` shape only, or `each` shape
     (QLORA_GRAPH_WARMUP)."""
+    shared_prefix: bool = True
+    """Causal LMs on a CPU: the tokens every row of a batch starts with (a chat template's system
+    turn) run once per batch, their key/value cache shared by the rows (core/speed/prefix.py;
+    QLORA_SHARED_PREFIX)."""
 
     def __post_init__(self):
-        for name in ("cuda_graphs", "eval_graphs", "fused_linear", "fused_rotary", "triton_rotary"):
+        for name in ("cuda_graphs", "eval_graphs", "fused_linear", "fused_rotary", "triton_rotary", "shared_prefix"):
             _check(
                 isinstance(getattr(self, name), bool),
                 f"speed.{name} must be true or false, not {getattr(self, name)!r}",
@@ -378,6 +428,7 @@ SPEED_ENV = {
     "QLORA_EVAL_TOKENS": "eval_tokens",
     "QLORA_EVAL_BATCH_COST": "eval_batch_cost",
     "QLORA_GRAPH_WARMUP": "graph_warmup",
+    "QLORA_SHARED_PREFIX": "shared_prefix",
 }
 
 
@@ -432,6 +483,14 @@ class RunConfig:
     """The optimisation."""
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     """GPU speed switches (the same results, different speed and memory)."""
+
+    def __post_init__(self):
+        weights = self.train.class_weights
+        _check(
+            isinstance(weights, str) or len(weights) == len(self.data.labels),
+            f"train.class_weights has {0 if isinstance(weights, str) else len(weights)} weights but "
+            f"data.labels has {len(self.data.labels)} classes: give one weight per class, in label order",
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

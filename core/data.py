@@ -24,6 +24,7 @@ import torch
 
 from .config import BUILTIN_DATA, BUILTIN_DIR, DataConfig
 from .tables import iter_hub_split, iter_table
+from .text import terminal_text
 
 PREMISE_ALIASES = ("premise", "sentence1")
 HYPOTHESIS_ALIASES = ("hypothesis", "sentence2")
@@ -38,6 +39,7 @@ NLI_PROMPT = NLI_QUESTION + "\nAnswer:"
 NLI_WORDS = {"entailment": "Yes", "neutral": "Maybe", "contradiction": "No"}
 TEXT_PROMPT = "{text}\nAnswer:"
 PLACEHOLDERS = ("{premise}", "{hypothesis}", "{text}")
+NO_LABEL = -1  # Example.label of a row predicted without a gold label (iter_examples, need_labels=False)
 
 
 @dataclass
@@ -137,14 +139,34 @@ def to_examples(
     hypothesis or text is empty are dropped and counted; an unknown label raises, naming the
     split, its `source` (a file) and the row."""
     stats = SplitStats()
+    examples = list(iter_examples(rows, cfg, split, source, stats))
+    stats.kept = len(examples)
+    return examples, stats
+
+
+def iter_examples(
+    rows: Iterable[dict],
+    cfg: DataConfig,
+    split: str,
+    source: str | None = None,
+    stats: SplitStats | None = None,
+    need_labels: bool = True,
+) -> Iterator[Example]:
+    """to_examples one Example at a time, counting into `stats`. With `need_labels` False (new rows
+    to predict, core/predict.py) the label column may be missing and a row without a gold label
+    is kept with label NO_LABEL; an unknown label still raises, as in training."""
+    stats = stats if stats is not None else SplitStats()
     where = f"{split} ({source})" if source else split
     rows = iter(rows)
     first = next(rows, None)
     if first is None:
-        return [], stats
+        return
     columns = list(first.keys())
     try:
-        label_col = _pick_column(columns, cfg.label_column, LABEL_ALIASES, "label")
+        if not need_labels and cfg.label_column and cfg.label_column not in columns:
+            label_col = None  # the run's label column is not in these rows to predict: none has a gold label
+        else:
+            label_col = _pick_column(columns, cfg.label_column, LABEL_ALIASES, "label", required=need_labels)
         single = bool(cfg.text_column)
         if single:
             text_col = _pick_column(columns, cfg.text_column, TEXT_ALIASES, "text")
@@ -163,16 +185,17 @@ def to_examples(
         raise ValueError(f"{where}: {e}") from None
     id_col = "id" if "id" in columns else None
     tag_col = next((c for c in ("tag", "phenomenon") if c in columns), None)
-    examples = []
     for n, row in enumerate(itertools.chain([first], rows)):
         stats.rows_read += 1
         try:
-            label = map_label(row.get(label_col), cfg.labels, cfg.label_map)
+            label = map_label(row.get(label_col), cfg.labels, cfg.label_map) if label_col else None
         except ValueError as e:
             raise ValueError(f"{where} row {n + 1}: {e}") from None
-        if label is None:
+        if label is None and need_labels:
             stats.dropped_unlabelled += 1
             continue
+        if label is None:
+            label = NO_LABEL
         if single:
             text = _text(row.get(text_col))
             empty = not text.strip()
@@ -187,11 +210,9 @@ def to_examples(
         ex_id = str(row[id_col]) if id_col and row.get(id_col) not in (None, "") else f"{split}-{n}"
         tag = _text(row.get(tag_col)) if tag_col else ""
         if single:
-            examples.append(Example(id=ex_id, label=label, text=text, tag=tag, row=n + 1))
+            yield Example(id=ex_id, label=label, text=text, tag=tag, row=n + 1)
         else:
-            examples.append(Example(id=ex_id, label=label, premise=premise, hypothesis=hypothesis, tag=tag, row=n + 1))
-    stats.kept = len(examples)
-    return examples, stats
+            yield Example(id=ex_id, label=label, premise=premise, hypothesis=hypothesis, tag=tag, row=n + 1)
 
 
 def drop_notes(split: str, stats: SplitStats) -> list[str]:
@@ -213,7 +234,7 @@ def drop_notes(split: str, stats: SplitStats) -> list[str]:
 
 def warn(message: str) -> None:
     """A warning line on stderr (the trainer's stderr is the run's train.log)."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    print(f"warning: {terminal_text(message)}", file=sys.stderr, flush=True)
 
 
 # --- sampling -----------------------------------------------------------------------------------

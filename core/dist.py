@@ -50,6 +50,7 @@ import torch.distributed as dist
 from .model import pick_device
 from .runs import rundir
 from .runs.state import update_status
+from .text import terminal_text
 
 TIMEOUT_ENV = "QLORA_STUDIO_DIST_TIMEOUT"
 FAIL_ENV = "QLORA_STUDIO_FAIL_RANK"  # tests: this rank fails at its first gradient reduction
@@ -343,7 +344,7 @@ def run_processes(args, cfg, run_dir: Path) -> int:
             run_dir, {"state": "failed", "phase": "failed", "error": error, "finished_at": rundir.now_iso()}
         ) or {"state": "failed", "error": error}
     if status.get("state") == "failed":  # the run's own words, after torchrun's report
-        print(f"error: {status.get('error')}", file=sys.stderr)
+        print(f"error: {terminal_text(status.get('error'))}", file=sys.stderr)
     return {"done": 0, "stopped": 3}.get(status.get("state"), 2)
 
 

@@ -183,6 +183,27 @@ def evaluation_name(data_file: Path, name: str | None = None) -> str:
     return f"{stem}-file" if stem in RUN_SPLITS else stem
 
 
+def load_run_model(cfg: RunConfig, tune: bool = True) -> tuple:
+    """(model, tokenizer, device, dtype, speed): the run's model as it trained (4-bit base, LoRA
+    layout, and with `tune` its speed-ups), ready for load_adapter_weights of one of its checkpoints."""
+    device = pick_device(cfg.model.device)
+    dtype = pick_compute_dtype(device, cfg.model.compute_dtype)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(
+        cfg.model,
+        len(cfg.data.labels),
+        tokenizer.pad_token_id,
+        device,
+        dtype,
+        id2label=dict(enumerate(cfg.data.labels)),
+    )
+    model = add_lora(model, cfg.lora)
+    speed = speed_from_env(cfg.speed)
+    if tune:
+        tune_model(model, dtype, speed)  # the same numerics as during training
+    return model, tokenizer, device, dtype, speed
+
+
 def evaluate_run(run_dir: Path, data_file: Path, name: str | None = None, batch_size: int | None = None) -> dict:
     """Score the run's base model (its step-0 adapter) and its selected adapter on a labelled file.
 
@@ -216,20 +237,7 @@ def evaluate_run(run_dir: Path, data_file: Path, name: str | None = None, batch_
             f"{data_file}: no usable rows to evaluate ({stats.rows_read} rows, "
             f"{stats.dropped_unlabelled} without a gold label, {stats.dropped_empty} with an empty text)"
         )
-    device = pick_device(cfg.model.device)
-    dtype = pick_compute_dtype(device, cfg.model.compute_dtype)
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(
-        cfg.model,
-        len(cfg.data.labels),
-        tokenizer.pad_token_id,
-        device,
-        dtype,
-        id2label=dict(enumerate(cfg.data.labels)),
-    )
-    model = add_lora(model, cfg.lora)
-    speed = speed_from_env(cfg.speed)
-    tune_model(model, dtype, speed)  # the same numerics as during training
+    model, tokenizer, device, dtype, speed = load_run_model(cfg)
     encoded = encode(examples, tokenizer, cfg.data)
     bs = batch_size or cfg.train.eval_batch_size
     result = {

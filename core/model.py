@@ -480,6 +480,8 @@ def lora_config(model, cfg: LoraSettings):
         target_modules=targets,
         task_type="SEQ_CLS",
         bias="none",
+        use_dora=cfg.variant == "dora",  # lora.variant, through peft's own flags
+        use_rslora=cfg.variant == "rslora",
     )
 
 

@@ -49,8 +49,8 @@ from .runs.state import stop_requested, write_status
 from .speed import packing
 from .speed.accounting import PeakMemory, StepLog
 from .speed.graphs import EvalGraphs
-from .speed.step import TrainStep
-from .speed.tune import tune_model
+from .speed.step import TrainStep, class_weights
+from .speed.tune import checkpoint_layers, tune_model
 
 
 class Stopped(Exception):
@@ -133,6 +133,8 @@ class Setup:
     """The compute dtype of the forward and backward passes."""
     memory: PeakMemory
     """Peak GPU memory per phase of the run, from the end of loading on."""
+    class_weights: list[float] | None
+    """Each class's weight in the training loss (train.class_weights, rescaled); None: all 1."""
     record: dict
     """The `setup` record of metrics.jsonl: where and how the run trains, and on what."""
 
@@ -159,6 +161,8 @@ def load_everything(cfg: RunConfig, t_start: float, ranks: dist.Ranks | None = N
     head_init = init_head(model, cfg.model, prompt, tokenizer)  # the label words' LM-head rows, or random
     model = add_lora(model, cfg.lora)
     tuned = tune_model(model, dtype, cfg.speed)  # fused layers and kernels: the same function, faster
+    if cfg.train.gradient_checkpointing:  # the same gradients, less activation memory, more time
+        tuned = sorted([*tuned, checkpoint_layers(model)])
     ranks.broadcast_params([p for p in model.parameters() if p.requires_grad])  # as DDP does at the start
     if ranks.world > 1:
         torch.manual_seed(cfg.train.seed * 1000 + ranks.rank)  # each process its own dropout
@@ -173,6 +177,8 @@ def load_everything(cfg: RunConfig, t_start: float, ranks: dist.Ranks | None = N
     hardware = hardware_info()
     timings["hardware_s"] = time.time() - t0
     mean_tokens = {s: round(float(np.mean([len(e["input_ids"]) for e in v])), 1) for s, v in encoded.items()}
+    counts = [sum(e.label == c for e in splits["train"]) for c in range(len(labels))]
+    weights = class_weights(cfg.train.class_weights, counts, labels)  # None for "none"
     record = dict(
         kind="setup",
         device=str(device),
@@ -196,9 +202,11 @@ def load_everything(cfg: RunConfig, t_start: float, ranks: dist.Ranks | None = N
         pooling=resolve_pooling(cfg.model),
         head_init=head_init,
         target_modules=sorted(model.peft_config["default"].target_modules),
+        lora_variant=cfg.lora.variant,
+        class_weights=None if weights is None else dict(zip(labels, (round(w, 6) for w in weights))),
         mean_tokens=mean_tokens,
     )
-    return Setup(splits, encoded, model, tokenizer, device, dtype, memory, record)
+    return Setup(splits, encoded, model, tokenizer, device, dtype, memory, weights, record)
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
@@ -300,6 +308,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             scaler=scaler,
             data=encoded["train"],
             micro=cfg.train.micro_batch_size or cfg.train.batch_size,
+            class_weights=setup.class_weights,
         )  # grads allocated, zero
         steps = StepLog(log, status_step, model, setup.device, devices=ranks.world)
         step = at.step
@@ -318,8 +327,23 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             )
             saver.save_state(state, optimizer, scheduler, scaler)
 
+        patience = cfg.train.early_stopping_patience
+        early_stop = None  # why training ended before its last epoch, when it did
         model.train()
         for epoch in range(at.epoch, cfg.train.epochs + 1):
+            # early stopping: the best epoch (checkpoint.best_epoch's rule) is `patience` epochs old;
+            # checked before an epoch starts, so a resumed run counts from the best epoch it saved
+            if patience and best is not None and epoch - 1 - best["epoch"] >= patience:
+                early_stop = {
+                    "epoch": epoch - 1,
+                    "best_epoch": best["epoch"],
+                    "patience": patience,
+                    "epochs": cfg.train.epochs,
+                    "reason": f"no epoch beat epoch {best['epoch']}'s validation accuracy "
+                    f"({100 * best['val_accuracy']:.1f}%, or matched it with a lower loss) in the "
+                    f"{patience} epoch{'s' if patience > 1 else ''} after it",
+                }
+                break
             status(phase="training", epoch=epoch, step=step, total_steps=total_steps)
             batches = batch_indices(
                 encoded["train"],
@@ -383,10 +407,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         # --- after: the best epoch by validation, scored once on test ---------------------------------
         stop.check()
         saver.load_adapter(f"epoch-{best['epoch']}")  # into every process
+        evaluate("validation", "after", save=True)  # the report fits its temperature on these
         _, test_acc, _ = evaluate("test", "after", save=True)
         validation = (best["val_accuracy"], len(setup.splits["validation"]))
         test = (test_acc, len(setup.splits["test"]))
-        saver.add_test_result(best["epoch"], validation, test)  # the selected epoch's model card
         peaks = {**sampler.stop(), **setup.memory.totals()}  # CPU, RAM, disk; torch's peak and reserved GPU memory
         replicas = {}
         if ranks.world > 1:  # collectives: every process computes these, rank 0 logs them
@@ -398,12 +422,15 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             total_s=round(time.time() - t_start, 3),
             best_epoch=best["epoch"],
             test_accuracy=test_acc,
+            early_stop=early_stop,
             peaks=peaks,
             **replicas,
         )
         if not main:
             return {}
         report = {**build_report(run_dir, group=group_summary(run_dir)), "state": "done"}
+        temperature = (report.get("temperature_scaling") or {}).get("temperature")
+        saver.add_test_result(best["epoch"], validation, test, temperature)  # its model card and classifier.json
         rundir.atomic_write_json(run_dir / rundir.REPORT, report)
         status(state="done", phase="done", finished_at=rundir.now_iso(), step=step)
         return report

@@ -52,6 +52,43 @@ def save_tiny_model(arch: str, folder: Path) -> Path:
     return folder
 
 
+def tiny_decoder_config(family: str, **overrides):
+    """A tiny random config (2 layers, hidden 64) of one decoder family, with what makes the family
+    itself: grouped key/value heads, a sliding window of 8 tokens (shorter than the test rows) where
+    the family has one, q/k norms (Qwen3, Gemma 3), the fused qkv projection (Phi-3), partial rotary
+    (Phi). `overrides` replace fields (e.g. Gemma 2's attn_logit_softcapping)."""
+    import transformers
+
+    common = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+    )
+    families = {
+        "phi": ("PhiConfig", dict(partial_rotary_factor=0.4, num_key_value_heads=4)),
+        "llama": ("LlamaConfig", {}),
+        "mistral": ("MistralConfig", dict(sliding_window=8)),
+        "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
+        "qwen3": ("Qwen3Config", dict(head_dim=16)),
+        "gemma": ("GemmaConfig", dict(head_dim=16)),
+        "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16)),
+        "gemma3_text": (
+            "Gemma3TextConfig",
+            dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"]),
+        ),
+        "phi3": ("Phi3Config", dict(partial_rotary_factor=0.5)),
+    }
+    name, extra = families[family]
+    return getattr(transformers, name)(**{**common, **extra, **overrides})
+
+
 def save_word_tokenizer(folder: Path, words: list[str], causal: bool) -> None:
     """A word-level tokenizer built offline. Causal: EOS only, no pad token (as Phi and Llama)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

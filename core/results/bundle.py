@@ -30,6 +30,7 @@ from pathlib import Path
 from ..config import BUILTIN_DATA, BUILTIN_DIR
 from ..runs import rundir
 from ..runs.state import read_config
+from ..text import csv_cell, markdown_text
 from .render import baseline_rows, change_rows, markdown_table, render_markdown
 from .report import build_report, read_predictions
 from .seeds import group_summary
@@ -130,7 +131,8 @@ def predictions_csv(run_dir: Path, labels: list[str]) -> tuple[str, list]:
     """(CSV text, test ids): one row per test example scored before and after: id, premise,
     hypothesis (or text), tag, gold, pred_before, pred_after, correct_before, correct_after,
     p_before_<label>..., p_after_<label>..., and pred_zero_shot, p_zero_shot_<label>... when
-    the run has a zero-shot baseline."""
+    the run has a zero-shot baseline. Every cell and header passes through csv_cell: a text or a
+    label that starts with = + - @ is written with a leading quote, never as a formula."""
     before = read_predictions(rundir.predictions_file(run_dir, "test", "before"), labels)
     after = {r["id"]: r for r in read_predictions(rundir.predictions_file(run_dir, "test", "after"), labels)}
     zero = {r["id"]: r for r in read_predictions(rundir.predictions_file(run_dir, "test", "zero_shot"), labels)}
@@ -145,7 +147,7 @@ def predictions_csv(run_dir: Path, labels: list[str]) -> tuple[str, list]:
         head += ["pred_zero_shot"] + [f"p_zero_shot_{l}" for l in labels]
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
-    w.writerow(head)
+    w.writerow([csv_cell(h) for h in head])
     for b, a in rows:
         line = [
             b["id"],
@@ -162,7 +164,7 @@ def predictions_csv(run_dir: Path, labels: list[str]) -> tuple[str, list]:
         if zero:
             z = zero.get(b["id"])
             line += [z["pred"], *z["probs"]] if z else [""] * (1 + len(labels))
-        w.writerow(line)
+        w.writerow([csv_cell(v) for v in line])
     return out.getvalue(), [b["id"] for b, _ in rows]
 
 
@@ -186,7 +188,8 @@ def _count(x) -> str:
 
 
 def methods_markdown(report: dict) -> str:
-    """A methods paragraph and a results table, in Markdown, ready to paste."""
+    """A methods paragraph and a results table, in Markdown, ready to paste. The values from the
+    config and the run folder (the model, labels, settings) go through markdown_text."""
     c = report.get("config") or {}
     m, d, lo, t = (c.get(k) if isinstance(c.get(k), dict) else {} for k in ("model", "data", "lora", "train"))
     p = report.get("params") or {}
@@ -221,14 +224,14 @@ def methods_markdown(report: dict) -> str:
         "with paired bootstrap intervals (2,000 resamples); calibration as the expected calibration error over 10 "
         "equal-width confidence bins."
     )
-    lines = ["# Methods", "", text, "", "# Results", ""]
+    lines = ["# Methods", "", markdown_text(text, line_start=True), "", "# Results", ""]
     if report.get("headline"):
-        lines += [report["headline"], ""]
+        lines += [markdown_text(report["headline"], line_start=True), ""]
     rows = baseline_rows(report)
     lines += markdown_table([{k: v for k, v in r.items() if k != "what"} for r in rows])
     z = (report.get("baselines") or {}).get("zero_shot") or {}
     if z.get("why_not"):
-        lines += ["", f"No zero-shot baseline: {z['why_not']}"]
+        lines += ["", f"No zero-shot baseline: {markdown_text(z['why_not'])}"]
     if report.get("change"):
         lines += [""] + markdown_table(change_rows(report["change"]))
     cal = report.get("calibration") or {}
@@ -237,7 +240,9 @@ def methods_markdown(report: dict) -> str:
             "",
             "ECE: "
             + ", ".join(
-                f"{name.replace('_', '-')} {c['ece']:.3f}" for name, c in cal.items() if c.get("ece") is not None
+                f"{markdown_text(name.replace('_', '-'))} {c['ece']:.3f}"
+                for name, c in cal.items()
+                if c.get("ece") is not None
             )
             + ".",
         ]

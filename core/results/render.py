@@ -12,6 +12,7 @@ import math
 import re
 
 from ..runs.resources import describe_hardware
+from ..text import code_span, markdown_text
 from .sections import NOISE_NOTE, format_p
 
 
@@ -76,6 +77,73 @@ def speed_rows(report: dict) -> list[tuple[str, str]]:
     if speed and report.get("speedups") is not None:
         rows.append(("applied", "; ".join(report["speedups"]) or "none"))
     return rows
+
+
+VARIANTS = {"lora": "LoRA", "rslora": "rsLoRA (scale alpha / sqrt(r))", "dora": "DoRA (weight-decomposed)"}
+
+
+def controls_rows(r: dict) -> list[tuple[str, str]]:
+    """The training controls of the run (report["controls"], "early_stop", "temperature_scaling")
+    as (setting, value) rows; [] for reports from before them."""
+    c = r.get("controls")
+    if not isinstance(c, dict):
+        return []
+    variant = str(c.get("lora_variant") or "lora")
+    weights, applied = c.get("class_weights"), c.get("class_weights_applied")
+    if applied:
+        setting = weights if isinstance(weights, str) else "given"
+        weight_text = f"{setting}: " + ", ".join(f"{k} {v:.3f}" for k, v in applied.items())
+    else:
+        weight_text = "none"
+    patience, stop = c.get("early_stopping_patience"), r.get("early_stop")
+    if not patience:
+        stopping = "off"
+    elif stop:
+        stopping = f"patience {patience}: stopped after epoch {stop['epoch']} of {stop['epochs']}, {stop['reason']}"
+    else:
+        stopping = f"patience {patience}: every epoch trained"
+    rows = [
+        ("LoRA variant", VARIANTS.get(variant, variant)),
+        ("class weights in the loss", weight_text),
+        ("early stopping", stopping),
+        ("gradient checkpointing", "on" if c.get("gradient_checkpointing") else "off"),
+    ]
+    ts = r.get("temperature_scaling")
+    if ts:
+        rows.append(("temperature (fitted on validation, in classifier.json)", f"{ts['temperature']:.3f}"))
+    return rows
+
+
+def class_balance_rows(r: dict) -> list[dict]:
+    """Rows of each class in each split (the setup record's label_counts, after dropping and
+    sampling) with their share, and the class's weight in the training loss."""
+    data, labels = r.get("data") or {}, r.get("labels") or []
+    applied = (r.get("controls") or {}).get("class_weights_applied") or {}
+    out = []
+    for label in labels:
+        row = {"class": label}
+        for split in ("train", "validation", "test"):
+            counts = (data.get(split) or {}).get("label_counts") or {}
+            total = sum(counts.values())
+            n = counts.get(label, 0)
+            row[split] = f"{n} ({100 * n / total:.0f}%)" if total else "n/a"
+        row["weight in the loss"] = f"{applied[label]:.3f}" if label in applied else "1"
+        out.append(row)
+    return out
+
+
+def temperature_line(r: dict) -> str | None:
+    """One sentence on temperature scaling: T, and test ECE and NLL before and after it."""
+    ts = r.get("temperature_scaling")
+    if not ts:
+        return None
+    t = ts["test"]
+    return (
+        f"Temperature scaling: T = {ts['temperature']:.3f}, fitted on the {ts['n_fit']} validation rows "
+        f"({ts['method']}); on test (n = {t['n']}) ECE {_fmt(t['ece_before'], '{:.3f}')} -> "
+        f"{_fmt(t['ece_after'], '{:.3f}')}, NLL {_fmt(t['nll_before'], '{:.3f}')} -> "
+        f"{_fmt(t['nll_after'], '{:.3f}')}; accuracy unchanged (dividing the logits by T keeps the argmax)."
+    )
 
 
 def _ci(ci, signed: bool = False) -> str:
@@ -233,13 +301,14 @@ def seed_run_rows(g: dict | None) -> list[dict]:
 
 
 def markdown_table(rows: list) -> list[str]:
-    """Markdown table lines of dict rows (the keys are the header) or (name, value) pairs."""
+    """Markdown table lines of dict rows (the keys are the header) or (name, value) pairs; every
+    cell and header through markdown_text (labels, names and texts come from the data)."""
     if not rows:
         return []
     if isinstance(rows[0], tuple):
         rows = [{"item": a, "value": b} for a, b in rows]
     head = list(rows[0])
-    return ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"] + [
+    return ["| " + " | ".join(map(_cell, head)) + " |", "|---" * len(head) + "|"] + [
         "| " + " | ".join(_cell("" if v is None else v) for v in row.values()) + " |" for row in rows
     ]
 
@@ -251,14 +320,14 @@ def statistics_markdown(r: dict) -> list[str]:
         L += ["", "## Baselines on the same test rows", ""] + markdown_table(baseline_rows(r))
         z = r["baselines"].get("zero_shot") or {}
         if z.get("prompt"):
-            prompt = _cell(z["prompt"].replace("\n", "\\n")).replace("`", "'")
+            prompt = code_span(str(z["prompt"]).replace("\n", "\\n"))
             L += [
                 "",
-                f"Zero-shot prompt: `{prompt}`; label words: " + ", ".join(f"`{w}`" for w in z.get("words") or []),
+                f"Zero-shot prompt: {prompt}; label words: " + ", ".join(map(code_span, z.get("words") or [])),
             ]
     if r.get("change"):
         L += ["", "## The change and its uncertainty", ""] + markdown_table(change_rows(r["change"]))
-        L += ["", r["change"].get("note") or ""]
+        L += ["", markdown_text(r["change"].get("note"), line_start=True)]
         z = (r.get("baselines") or {}).get("zero_shot") or {}
         if z.get("change"):
             L += ["", "Zero-shot baseline -> fine-tuned:", ""] + markdown_table(change_rows(z["change"]))
@@ -293,6 +362,8 @@ def statistics_markdown(r: dict) -> list[str]:
                 for name, c in cal.items()
             ]
         )
+        if temperature_line(r):
+            L += ["", temperature_line(r)]
     if r.get("slices"):
         L += ["", "## Slices (accuracy before and after, Wilson 95% intervals)", ""] + markdown_table(slice_rows(r))
         L += ["", "Many slices are tested at once: some will look different by chance."]
@@ -302,18 +373,20 @@ def statistics_markdown(r: dict) -> list[str]:
             "",
             "## Learning dynamics (test, per epoch)",
             "",
-            f"Over epochs {', '.join(map(str, d['epochs']))} (0 = before): {d['never_learned']} of {d['n']} test "
-            f"examples were never right, {d['unforgettable']} were learned and never forgotten, {d['forgotten']} "
-            "were forgotten at least once (right, then wrong at a later epoch).",
+            markdown_text(
+                f"Over epochs {', '.join(map(str, d['epochs']))} (0 = before): {d['never_learned']} of {d['n']} "
+                f"test examples were never right, {d['unforgettable']} were learned and never forgotten, "
+                f"{d['forgotten']} were forgotten at least once (right, then wrong at a later epoch).",
+                line_start=True,
+            ),
         ]
     if r.get("noise_hints") is not None and r.get("change"):
         L += ["", "## Label-noise hints (hints, not facts)", "", NOISE_NOTE, ""]
         L += markdown_table(hint_rows(r)) or ["No still-failing example is contradicted that confidently."]
     g = r.get("group")
     if g:
-        L += ["", f"## Several seeds (group {g.get('group')}: {g.get('finished')} finished)", ""] + markdown_table(
-            seed_rows(g)
-        )
+        heading = markdown_text(f"group {g.get('group')}: {g.get('finished')} finished")
+        L += ["", f"## Several seeds ({heading})", ""] + markdown_table(seed_rows(g))
         if g.get("agreement") is not None:
             L += [
                 "",
@@ -331,20 +404,27 @@ def device_text(r: dict) -> str:
     return f"{r.get('device') or 'n/a'}{many}"
 
 
+def _t(x) -> str:
+    """A value of the report (from the data, the config or the run folder) as inert Markdown."""
+    return markdown_text("None" if x is None else x)
+
+
 def render_markdown(r: dict) -> str:
-    """The report as Markdown: the sections of the reference report, generated."""
+    """The report as Markdown: the sections of the reference report, generated. Every text that
+    comes from the data, the config or the run folder goes through core/text.py (markdown_text,
+    code_span), so the file renders it as typed in any Markdown viewer (the Hub's included)."""
     L: list[str] = []
-    L.append(f"# QLoRA fine-tuning report: {r.get('model')} on {r.get('dataset')}")
+    L.append(f"# QLoRA fine-tuning report: {_t(r.get('model'))} on {_t(r.get('dataset'))}")
     L.append("")
+    hardware = describe_hardware(r["hardware"]) if r.get("hardware") else "n/a"
     L.append(
-        f"Run `{r['run_id']}` ({r.get('state')}), preset `{r.get('preset')}`; "
-        f"device {device_text(r)}, compute dtype {r.get('compute_dtype')}; "
-        f"hardware: {describe_hardware(r['hardware']) if r.get('hardware') else 'n/a'}."
+        f"Run {code_span(r['run_id'])} ({_t(r.get('state'))}), preset {code_span(r.get('preset'))}; "
+        f"device {_t(device_text(r))}, compute dtype {_t(r.get('compute_dtype'))}; hardware: {_t(hardware)}."
     )
     if r.get("error"):
-        L += ["", f"**Error:** {r['error']}"]
+        L += ["", f"**Error:** {_t(r['error'])}"]
     if r.get("headline"):
-        L += ["", f"**{r['headline']}**"]
+        L += ["", f"**{_t(r['headline'])}**"]
     b, a = r.get("test_before"), r.get("test_after")
     L += [
         "",
@@ -353,7 +433,7 @@ def render_markdown(r: dict) -> str:
         "| model | accuracy | 95% interval (Wilson) | correct / n |",
         "|---|---|---|---|",
     ]
-    for name, s in (("before fine-tuning", b), (f"after (best epoch {r.get('best_epoch')})", a)):
+    for name, s in (("before fine-tuning", b), (f"after (best epoch {_t(r.get('best_epoch'))})", a)):
         if s:
             L.append(
                 f"| {name} | {_pct(s['accuracy'])} | {_pct(s['ci95'][0])} to {_pct(s['ci95'][1])} "
@@ -380,19 +460,24 @@ def render_markdown(r: dict) -> str:
             "",
             f"Training time {_secs(r.get('train_s'))} ({_secs(r['train_s'] / len(r['epochs']))} per epoch), "
             f"evaluation {_secs(r.get('eval_s'))}, model load {_secs(r.get('load_s'))}, "
-            f"total {_secs(r.get('total_s'))}. Throughput {t.get('samples_per_s', 'n/a')} pairs/s, "
-            f"{t.get('tokens_per_s', 'n/a')} real tokens/s, padding {_pct(t.get('pad_fraction'))}.",
+            f"total {_secs(r.get('total_s'))}. Throughput {_t(t.get('samples_per_s', 'n/a'))} pairs/s, "
+            f"{_t(t.get('tokens_per_s', 'n/a'))} real tokens/s, padding {_pct(t.get('pad_fraction'))}.",
         ]
+    controls = controls_rows(r)
+    if controls:
+        L += ["", "## Training controls", ""] + markdown_table(controls)
+        L += ["", "Class balance of each split (rows after dropping and sampling):", ""]
+        L += markdown_table(class_balance_rows(r))
     params = parameter_rows(r)
     if params:
         L += ["", "## Parameters", "", "| count | value |", "|---|---|"]
-        L += [f"| {name} | {value} |" for name, value in params]
+        L += [f"| {_cell(name)} | {_cell(value)} |" for name, value in params]
     L += ["", "## Resources (peaks)", "", "| resource | peak |", "|---|---|"]
-    L += [f"| {name} | {value} |" for name, value in resource_rows(r)]
+    L += [f"| {_cell(name)} | {_cell(value)} |" for name, value in resource_rows(r)]
     speed = speed_rows(r)
     if speed:
         L += ["", "## Speed settings", "", "| setting | value |", "|---|---|"]
-        L += [f"| {name} | {value} |" for name, value in speed]
+        L += [f"| {_cell(name)} | {_cell(value)} |" for name, value in speed]
     if b and a:
         labels = r["labels"]
         L += [
@@ -404,7 +489,7 @@ def render_markdown(r: dict) -> str:
         ]
         for pb, pa in zip(b["per_class"], a["per_class"]):
             L.append(
-                f"| {pb['label']} | {_pct(pb['precision'])} | {_pct(pb['recall'])} | {_pct(pb['f1'])} | "
+                f"| {_cell(pb['label'])} | {_pct(pb['precision'])} | {_pct(pb['recall'])} | {_pct(pb['f1'])} | "
                 f"{_pct(pa['precision'])} | {_pct(pa['recall'])} | {_pct(pa['f1'])} | {pb['support']} |"
             )
         for name, s in (("before", b), ("after", a)):
@@ -412,25 +497,27 @@ def render_markdown(r: dict) -> str:
                 "",
                 f"Confusion matrix {name} (rows gold, columns predicted):",
                 "",
-                "| gold \\ predicted | " + " | ".join(labels) + " |",
+                "| gold \\ predicted | " + " | ".join(map(_cell, labels)) + " |",
                 "|---" * (len(labels) + 1) + "|",
             ]
             for lab, row in zip(labels, s["confusion"]):
-                L.append(f"| {lab} | " + " | ".join(str(x) for x in row) + " |")
+                L.append(f"| {_cell(lab)} | " + " | ".join(_cell(x) for x in row) + " |")
         c = r.get("changes") or {}
         L += [
             "",
             "## What fine-tuning changed",
             "",
-            f"Fixed {c.get('fixed', 0)}, still failing {c.get('still failing', 0)}, "
-            f"regressed {c.get('regressed', 0)}, still right {c.get('still right', 0)}.",
+            _t(
+                f"Fixed {c.get('fixed', 0)}, still failing {c.get('still failing', 0)}, "
+                f"regressed {c.get('regressed', 0)}, still right {c.get('still right', 0)}."
+            ),
         ]
         for cat, rows in (r.get("change_examples") or {}).items():
             if not rows:
                 continue
             L += [
                 "",
-                f"### {cat.capitalize()} (examples)",
+                f"### {_t(str(cat).capitalize())} (examples)",
                 "",
                 "| premise | hypothesis | gold | before | after |",
                 "|---|---|---|---|---|",
@@ -438,30 +525,87 @@ def render_markdown(r: dict) -> str:
             for e in rows:
                 prem = e.get("premise") or e.get("text", "")
                 L.append(
-                    f"| {_cell(prem)} | {_cell(e.get('hypothesis', ''))} | {e['gold']} | "
-                    f"{e['pred_before']} | {e['pred_after']} |"
+                    f"| {_cell(prem)} | {_cell(e.get('hypothesis', ''))} | {_cell(e['gold'])} | "
+                    f"{_cell(e['pred_before'])} | {_cell(e['pred_after'])} |"
                 )
         if r.get("by_tag") and not r.get("slices"):
             L += ["", "## By phenomenon tag", "", "| tag | n | before | after |", "|---|---|---|---|"]
             for t in r["by_tag"]:
-                L.append(f"| {t['tag']} | {t['n']} | {_pct(t['accuracy_before'])} | {_pct(t['accuracy_after'])} |")
+                before, after = _pct(t["accuracy_before"]), _pct(t["accuracy_after"])
+                L.append(f"| {_cell(t['tag'])} | {_cell(t['n'])} | {before} | {after} |")
     return "\n".join(L) + "\n"
 
 
-def _cell(s: str) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
+def _cell(s) -> str:
+    """One table cell: inert Markdown on one line, its pipes escaped (markdown_text does both)."""
+    return markdown_text(s)
+
+
+# The Markdown render_markdown writes, inline: a backslash escape, a run of backticks (a code span
+# when the same run closes it, CommonMark 6.1) or ** (bold).
+_INLINE_TOKEN = re.compile(r"\\([!-/:-@\[-`{-~])|(`+)|\*\*")
+
+
+def _inline_html(text: str) -> str:
+    """One line of render_markdown's Markdown as HTML: escapes resolved, code spans and bold made
+    elements, everything else escaped (nothing in the text can become markup)."""
+    out, i, bold = [], 0, False
+    while (m := _INLINE_TOKEN.search(text, i)) is not None:
+        out.append(html_lib.escape(text[i : m.start()]))
+        i = m.end()
+        if m.group(1) is not None:
+            out.append(html_lib.escape(m.group(1)))
+        elif m.group(2):
+            ticks = m.group(2)
+            close = re.compile(rf"(?<!`){ticks}(?!`)").search(text, i)
+            if close is None:
+                out.append(ticks)
+                continue
+            code = text[i : close.start()]
+            if len(code) > 2 and code.startswith(" ") and code.endswith(" ") and code.strip():
+                code = code[1:-1]
+            out.append(f"<code>{html_lib.escape(code)}</code>")
+            i = close.end()
+        else:
+            out.append("</b>" if bold else "<b>")
+            bold = not bold
+    out.append(html_lib.escape(text[i:]))
+    if bold:
+        out.append("</b>")
+    return "".join(out)
+
+
+def _table_cells(line: str) -> list[str]:
+    """The cells of one Markdown table row, split at the pipes that are not escaped."""
+    cells, cell, i = [], [], 0
+    inner = line.strip()[1:-1] if line.strip().endswith("|") else line.strip()[1:]
+    while i < len(inner):
+        if inner[i] == "\\" and i + 1 < len(inner):
+            cell.append(inner[i : i + 2])
+            i += 2
+            continue
+        if inner[i] == "|":
+            cells.append("".join(cell).strip())
+            cell = []
+        else:
+            cell.append(inner[i])
+        i += 1
+    cells.append("".join(cell).strip())
+    return cells
 
 
 def render_html(r: dict) -> str:
-    """A self-contained HTML page of the report (no scripts, no external files)."""
+    """A self-contained HTML page of the report (no scripts, no external files), from
+    render_markdown's Markdown: its own headings, tables, bold and code become elements; every text
+    from the data is escaped."""
     md = render_markdown(r)
     body = []
     in_table = False
     for line in md.splitlines():
         if line.startswith("|"):
-            cells = [html_lib.escape(c.strip().replace("\\|", "|")) for c in line.strip("|").split(" | ")]
             if set(line.replace("|", "").strip()) <= {"-"}:
                 continue
+            cells = [_inline_html(c) for c in _table_cells(line)]
             if not in_table:
                 body.append("<table>")
                 in_table = True
@@ -472,17 +616,11 @@ def render_html(r: dict) -> str:
         if in_table:
             body.append("</table>")
             in_table = False
-        text = html_lib.escape(line)
-        text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
-        text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-        if line.startswith("### "):
-            body.append(f"<h3>{text[4:]}</h3>")
-        elif line.startswith("## "):
-            body.append(f"<h2>{text[3:]}</h2>")
-        elif line.startswith("# "):
-            body.append(f"<h1>{text[2:]}</h1>")
-        elif line.strip():
-            body.append(f"<p>{text}</p>")
+        mark, tag = next(
+            (m, t) for m, t in (("### ", "h3"), ("## ", "h2"), ("# ", "h1"), ("", "p")) if line.startswith(m)
+        )
+        if line.strip():
+            body.append(f"<{tag}>{_inline_html(line[len(mark) :])}</{tag}>")
     if in_table:
         body.append("</table>")
     style = (

@@ -15,6 +15,7 @@ from ..runs import rundir, state
 from ..runs.rundir import is_int, is_number
 from ..runs.state import read_config, read_status
 from . import sections
+from .calibration import temperature_section
 from .stats import class_scores, confusion_matrix, wilson
 
 CATEGORIES = ("fixed", "still failing", "regressed", "still right")
@@ -226,8 +227,27 @@ def build_report(run_dir: Path, group: dict | None = None) -> dict:
         report["change_examples"] = examples
         report["by_tag"] = _by_tag(rows)
     report.update(read_sections(run_dir, labels, metrics, report["best_epoch"]))
+    validation = read_predictions(rundir.predictions_file(run_dir, "validation", "after"), labels)
+    report["temperature_scaling"] = temperature_section(validation, after, labels)  # fitted on validation
+    report["controls"] = _controls(config, setup)
+    report["early_stop"] = end.get("early_stop") if end.get("state") == "done" else None
     report["group"] = group
     return report
+
+
+def _controls(config: dict, setup: dict) -> dict:
+    """The training controls a run used (config.json, and the weights the trainer applied): LoRA
+    variant, class weights as set and as applied (rescaled, per class), early-stopping patience,
+    gradient checkpointing. Runs from before a control read its default."""
+    train = _dict(config.get("train"))
+    applied = setup.get("class_weights")
+    return {
+        "lora_variant": setup.get("lora_variant") or _dict(config.get("lora")).get("variant") or "lora",
+        "class_weights": train.get("class_weights", "none"),
+        "class_weights_applied": applied if isinstance(applied, dict) else None,
+        "early_stopping_patience": train.get("early_stopping_patience"),
+        "gradient_checkpointing": bool(train.get("gradient_checkpointing")),
+    }
 
 
 def _number_or_none(x) -> bool:
@@ -306,12 +326,23 @@ def report_problem(r) -> str | None:
         "config",
         "data",
         "mean_tokens",
+        "controls",
+        "early_stop",
     ):
         if r.get(k) is not None and not isinstance(r[k], dict):
             return f'"{k}" is not an object'
     for k in ("params", "resources", "throughput", "changes"):
         if not all(_number_or_none(v) for v in (r.get(k) or {}).values()):
             return f'"{k}" holds something other than numbers'
+    ts = r.get("temperature_scaling")
+    if ts is not None and not (
+        isinstance(ts, dict)
+        and is_number(ts.get("temperature"))
+        and isinstance(ts.get("test"), dict)
+        and all(_number_or_none(v) for v in ts["test"].values())
+        and sections.CHECKS["calibration"]({"after": ts.get("calibration_after")})
+    ):
+        return '"temperature_scaling" is malformed'
     gpus = (r.get("hardware") or {}).get("gpus")
     if gpus is not None and not (
         isinstance(gpus, list)
@@ -368,6 +399,7 @@ def load_report(run_dir: Path) -> tuple[dict | None, str | None]:
         return None, None
     problem = problem or report_problem(value)
     if problem is None:
+        value["run_id"] = run_dir.name  # the folder's name: a copied or renamed run links to itself
         if any(k not in value for k in sections.SECTION_KEYS):  # written before these sections existed
             value.update(read_sections(run_dir, value["labels"], best_epoch=value.get("best_epoch")))
         return value, None

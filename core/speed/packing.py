@@ -1,17 +1,30 @@
-"""Packed batches for Phi classifiers: the rows of a batch laid end to end, no padding.
+"""Packed batches for decoder classifiers: the rows of a batch laid end to end, no padding.
 
 A padded batch of sentence pairs is about a quarter padding (the reference experiment's
-training micro-batches; bench/RESULTS.md), and every linear layer pays for it. Packed, the rows form one sequence of T tokens (T rounded up to a multiple of
-64 with one filler segment), attention runs per row through FlashAttention's variable-length
-kernel (`cu_seqlens`, causal), and the classifier reads the last token of each row.
+training micro-batches; bench/RESULTS.md), and every linear layer pays for it. Packed, the rows
+form one sequence of T tokens (T rounded up to a multiple of 64 with one filler segment),
+attention runs per row through FlashAttention's variable-length kernel (`cu_seqlens`, causal),
+and the classifier reads the last token of each row.
 
+    changes = install(model)                                   # tune_model does it; None or why not
     batch = pack([encoded[i] for i in idx], pad_id, slots=32)   # CPU tensors, fixed slot count
     logits = packed_logits(model, batch, max_len)              # [slots, classes]
 
-Used for Phi-family models whose attention phi_attention.py has patched
-(`enabled(model, device, dtype, mode)`, mode = speed.pack): `auto` on a GPU that runs
-FlashAttention 2, `off` never, `on` wherever supported: on CPU the same code runs with a
-block-diagonal causal mask (the tests).
+One mechanism for every family, transformers' own packed-sequence support: the model is called
+with position ids that restart at each row (its rotary embedding, or its position embedding,
+then sees each token's position within its row) and with the varlen keywords that transformers
+passes from the model's forward down to the attention function (`cu_seq_lens_q`, `max_length_q`,
+as DataCollatorWithFlattening makes them). The attention function is ours, registered in
+transformers' AttentionInterface under IMPLEMENTATION: with those keywords it attends within each
+row (FlashAttention varlen on a GPU, one masked SDPA on a CPU: the tests), sliding windows
+included; without them it is transformers' SDPA attention, unchanged, so padded batches (the T4,
+`pack = off`, the CPU by default) run exactly as before. Its mask function is SDPA's.
+
+Used where `why_not(model)` is None (FAMILIES: each tested on CPU against the padded path, tests/
+speed/test_packing_families.py) and `enabled(model, device, dtype, mode)` (mode = speed.pack):
+`auto` on a GPU that runs FlashAttention 2, `off` never, `on` wherever supported, CPU included.
+Models that soft-cap attention logits (Gemma 2) stay padded: torch's FlashAttention kernel does not
+cap, and SDPA cannot either (transformers runs them eagerly); the reason is in the setup record.
 Empty slots (fewer rows than slots, so a CUDA graph's shapes stay fixed) are zero-length rows
 whose loss weight is 0.
 """
@@ -22,10 +35,70 @@ import functools
 
 import torch
 
-from .patch import is_patched
+from ..model import is_causal
 
 MULTIPLE = 64  # packed length rounded up to this: few shapes to capture, filler < MULTIPLE
-KEY = "qlora_packed"  # the keyword that carries the packing through the model to attention
+IMPLEMENTATION = "qlora_packed"  # our attention implementation's name in transformers' registries
+# decoder families whose classifier packs: each is tested against its padded path on CPU
+FAMILIES = ("phi", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+
+
+def _inner(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def why_not(model) -> str | None:
+    """Why this model's batches cannot be packed (None: they can), from the model alone."""
+    inner = _inner(model)
+    config = inner.config
+    kind = config.model_type
+    if not is_causal(inner):
+        return f"{kind} is an encoder (bidirectional attention, first-token or mean pooling): padded batches"
+    if kind not in FAMILIES:
+        return f"{kind} is not among the families tested packed ({', '.join(FAMILIES)})"
+    if not isinstance(getattr(inner, "score", None), torch.nn.Module) or inner.base_model is inner:
+        return f"{type(inner).__name__} is not a sequence classifier with a last-token head named score"
+    implementation = config._attn_implementation
+    if implementation not in ("sdpa", IMPLEMENTATION):
+        return f"the model runs {implementation} attention; packing takes the place of sdpa only"
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap:
+        return (
+            f"{kind} soft-caps its attention logits (attn_logit_softcapping={softcap}), which torch's "
+            "FlashAttention kernel does not compute"
+        )
+    if getattr(config, "attention_dropout", 0.0):
+        return f"attention dropout ({config.attention_dropout}) is not implemented for packed rows"
+    return None
+
+
+def register() -> None:
+    """Our attention implementation in transformers' registries (the same name in both)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, packed_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+def install(model) -> str | None:
+    """Route the model's attention through IMPLEMENTATION (padded batches: SDPA as before, packed
+    ones per row); returns why not where why_not() says so, else None."""
+    why = why_not(model)
+    if why is not None:
+        return why
+    register()
+    _inner(model).set_attn_implementation(IMPLEMENTATION)
+    return None
+
+
+def supported(model) -> bool:
+    """A classifier whose batches can be packed and whose attention runs IMPLEMENTATION (install)."""
+    return why_not(model) is None and _inner(model).config._attn_implementation == IMPLEMENTATION
+
+
+def _head_dim(model) -> int:
+    return next(m.head_dim for m in _inner(model).modules() if hasattr(m, "head_dim") and hasattr(m, "is_causal"))
 
 
 def enabled(model, device: torch.device, dtype: torch.dtype, mode: str = "auto") -> bool:
@@ -35,7 +108,7 @@ def enabled(model, device: torch.device, dtype: torch.dtype, mode: str = "auto")
         return False
     if device.type != "cuda":
         return True
-    head_dim = next(m.head_dim for m in model.modules() if type(m).__name__ == "PhiAttention")
+    head_dim = _head_dim(model)
     return flash_ok(torch.cuda.get_device_capability(device), dtype, head_dim) and _flash_runs(
         torch.device(device.type, torch.cuda.current_device() if device.index is None else device.index),
         dtype,
@@ -45,12 +118,14 @@ def enabled(model, device: torch.device, dtype: torch.dtype, mode: str = "auto")
 
 @functools.cache
 def _flash_runs(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """One tiny varlen call, once per device and dtype: a torch build without the kernel for this
-    GPU falls back to padded batches instead of failing in the first training step."""
+    """One tiny varlen call (two query heads on one key/value head, as grouped-query attention
+    has them), once per device and dtype: a torch build without the kernel for this GPU falls
+    back to padded batches instead of failing in the first training step."""
     try:
-        q = torch.zeros(8, 1, head_dim, device=device, dtype=dtype)
+        q = torch.zeros(8, 2, head_dim, device=device, dtype=dtype)
+        kv = torch.zeros(8, 1, head_dim, device=device, dtype=dtype)
         cu = torch.tensor([0, 5, 8], device=device, dtype=torch.int32)
-        _FlashVarlen.apply(q, q, q, cu, 8, 1.0)
+        _FlashVarlen.apply(q, kv, kv, cu, 8, 1.0, None)
         torch.cuda.synchronize(device)
         return True
     except (RuntimeError, NotImplementedError):
@@ -63,19 +138,6 @@ def flash_ok(capability: tuple[int, int], dtype: torch.dtype, head_dim: int) -> 
     return capability >= (8, 0) and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
 
 
-def supported(model) -> bool:
-    """A Phi sequence classifier whose attention layers run phi_attention.py's forward (which
-    reads the packing), without attention dropout or q/k LayerNorm."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    attention = [m for m in inner.modules() if type(m).__name__ == "PhiAttention"]
-    return (
-        bool(attention)
-        and hasattr(inner, "score")
-        and hasattr(inner, "model")
-        and all(is_patched(m) and not m.qk_layernorm and not getattr(m, "attention_dropout", 0.0) for m in attention)
-    )
-
-
 def round_up(n: int, multiple: int = MULTIPLE) -> int:
     return -(-n // multiple) * multiple
 
@@ -85,13 +147,23 @@ def max_len(rows: list[dict]) -> int:
     return round_up(max((len(r["input_ids"]) for r in rows), default=1))
 
 
+def _last_token(ids: list[int], pad_id: int) -> int:
+    """The position the padded path's classifier reads in a row: its last token that is not the
+    pad token (transformers' sequence classifiers find the last real token so, which skips a
+    final EOS where EOS is the pad token); the first token when every one is."""
+    k = len(ids) - 1
+    while k > 0 and ids[k] == pad_id:
+        k -= 1
+    return k
+
+
 def pack(
     rows: list[dict], pad_id: int, slots: int | None = None, labels: bool = True, weight: float | None = None
 ) -> dict[str, torch.Tensor]:
     """One packed batch of `rows` (encoded examples): input_ids and position_ids [T],
     cu_seqlens [slots + 2] (int32: the rows, empty slots, then the filler segment up to T),
-    last [slots] (index of each row's last token), labels and weight [slots] (weight = `weight`
-    for real rows, 0 for empty slots)."""
+    last [slots] (index of the token each row is classified by), labels and weight [slots]
+    (weight = `weight` for real rows, 0 for empty slots)."""
     slots = slots or len(rows)
     if len(rows) > slots:
         raise ValueError(f"{len(rows)} rows do not fit {slots} slots")
@@ -106,8 +178,8 @@ def pack(
     for j, (r, n) in enumerate(zip(rows, lengths)):
         ids[at : at + n] = torch.tensor(r["input_ids"], dtype=torch.long)
         pos[at : at + n] = torch.arange(n)
+        last[j] = at + _last_token(r["input_ids"], pad_id)
         at += n
-        last[j] = at - 1
         cu[j + 1] = at
     cu[len(rows) + 1 : slots + 1] = at  # empty slots: zero-length rows
     cu[slots + 1] = tokens  # the filler: its own segment, so it attends only to itself
@@ -149,23 +221,56 @@ def split_rows(rows: list[dict], token_budget: int | None, max_rows: int) -> lis
 def packed_logits(model, batch: dict[str, torch.Tensor], max_len: int) -> torch.Tensor:
     """Logits [slots, classes] of a packed batch (on the model's device). max_len bounds every
     segment's length (FlashAttention sizes its grid by it): the longest row, rounded up."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    ctx = {"position_ids": batch["position_ids"], "cu_seqlens": batch["cu_seqlens"], "max_len": max_len}
-    hidden = inner.model(input_ids=batch["input_ids"].unsqueeze(0), **{KEY: ctx}).last_hidden_state
+    inner = _inner(model)
+    cu = batch["cu_seqlens"]
+    hidden = inner.base_model(
+        input_ids=batch["input_ids"].unsqueeze(0),
+        position_ids=batch["position_ids"].unsqueeze(0),
+        use_cache=False,
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=max_len,
+        max_length_k=max_len,
+    ).last_hidden_state
     return inner.score(hidden[0, batch["last"]])
+
+
+def packed_attention(module, query, key, value, attention_mask, **kwargs):
+    """The attention function of IMPLEMENTATION, called by every attention layer as transformers
+    calls SDPA's (query [1, heads, T, head_dim], key and value with their own head count). With
+    the varlen keywords of a packed batch it attends causally within each row (and within the
+    layer's sliding window, where a row is longer than it) and ignores the mask; without them it
+    is transformers' SDPA attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if kwargs.get("softcap") is not None or kwargs.get("dropout"):
+        raise ValueError("packed rows support neither soft-capped attention logits nor attention dropout")
+    longest = kwargs["max_length_q"]
+    window = kwargs.get("sliding_window")
+    if window is not None and longest <= window:
+        window = None  # no row is longer than the window: plain causal attention within each row
+    scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [1, heads, T, D] -> [T, heads, D]
+    return attention(q, k, v, cu, longest, scale, window).unsqueeze(0), None
 
 
 class _FlashVarlen(torch.autograd.Function):
     """FlashAttention's variable-length kernel, causal, forward and backward (aten ops that
-    torch's CUDA builds carry; the public wrapper's arguments changed between torch releases)."""
+    torch's CUDA builds carry; the public wrapper's arguments changed between torch releases).
+    Keys and values may have fewer heads than queries (grouped-query attention); `window`, a
+    sliding window of that many tokens (the token itself included), or None."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu, max_len, scale):
+    def forward(ctx, q, k, v, cu, max_len, scale, window):
+        left = None if window is None else window - 1
         out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale, window_size_left=left
         )
         ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
-        ctx.max_len, ctx.scale = max_len, scale
+        ctx.max_len, ctx.scale, ctx.left = max_len, scale, left
         return out
 
     @staticmethod
@@ -187,30 +292,39 @@ class _FlashVarlen(torch.autograd.Function):
             rng,
             unused,
             scale=ctx.scale,
+            window_size_left=ctx.left,
         )
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: dict, scale: float) -> torch.Tensor:
-    """Causal attention within each segment of a packed batch: q, k, v [T, heads, head_dim] ->
-    [T, heads, head_dim]."""
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_len: int,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention within each segment of a packed batch (and within `window` tokens, the
+    token itself included, where given): q [T, heads, head_dim], k and v [T, kv_heads, head_dim]
+    -> [T, heads, head_dim]."""
     if q.is_cuda:
-        return _FlashVarlen.apply(q, k, v, ctx["cu_seqlens"], ctx["max_len"], scale)
+        return _FlashVarlen.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, max_len, scale, window)
     # CPU (tests): the same attention as one masked SDPA; the mask needs the lengths on the host
-    cu = ctx["cu_seqlens"].long()
+    cu = cu_seqlens.long()
     segment = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1])
     position = torch.arange(q.shape[0])
-    mask = (segment[:, None] == segment[None, :]) & (position[None, :] <= position[:, None])
+    back = position[:, None] - position[None, :]  # query minus key position
+    mask = (segment[:, None] == segment[None, :]) & (back >= 0)
+    if window is not None:
+        mask &= back < window
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1],
     )
     return out.transpose(0, 1)
-
-
-def rotary_tables(ctx: dict, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin at each packed token's position within its row, from the model's tables for
-    positions 0..T-1 ([1, T, rotary_dims]); computed by the first layer, reused by the others."""
-    if "cos" not in ctx:
-        pos = ctx["position_ids"]
-        ctx["cos"], ctx["sin"] = cos[:, pos], sin[:, pos]
-    return ctx["cos"], ctx["sin"]

@@ -21,7 +21,10 @@ of W instead (one GEMM over the rows, not two).
     install(model)     # every bnb Linear4bit, with or without a peft LoRA adapter; returns a count
 
 A layer falls back to its original forward for anything the function does not cover (several or
-disabled adapters, merged weights, DoRA and other variants, LoRA bias, mixed-adapter batches).
+disabled adapters, merged weights, LoRA bias, mixed-adapter batches). rsLoRA differs from LoRA
+only in its scale, alpha / sqrt(r), which the function reads from peft like any other. DoRA
+(peft's lora_variant) is left to peft altogether: install() does not take its layers, and
+left_to_peft() says why for the setup record.
 `speed.fused_linear = false` (QLORA_FUSED=0) keeps the original path everywhere (for comparisons).
 """
 
@@ -226,13 +229,33 @@ def _is_tanh_gelu(module) -> bool:
     return type(module).__name__ in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "GELUPytorchTanh")
 
 
+def _variant(module) -> bool:
+    """Whether a peft LoRA layer runs a variant of LoRA (DoRA) that QLoRALinearFn does not compute."""
+    return bool(getattr(module, "lora_variant", None)) or any(getattr(module, "use_dora", {}).values())
+
+
+def left_to_peft(model) -> str | None:
+    """Why install() leaves some 4-bit LoRA layers to peft's own forward (DoRA), None when it
+    takes them all."""
+    n = sum(1 for m in model.modules() if hasattr(m, "lora_A") and _base_of(m) is not None and _variant(m))
+    if not n:
+        return None
+    return (
+        f"{n} DoRA layers run peft's own DoRA forward (its weight norm needs the dequantised weight plus "
+        "the LoRA update at every call, which the fused 4-bit + LoRA function does not compute)"
+    )
+
+
 def install(model) -> int:
-    """Route every 4-bit linear layer (LoRA-wrapped or plain) through QLoRALinearFn; returns how
-    many layers now take it (core.speed.tune skips it when speed.fused_linear is off)."""
+    """Route every 4-bit linear layer (LoRA-wrapped or plain) through QLoRALinearFn, but the layers
+    of a LoRA variant it does not compute (DoRA: left_to_peft); returns how many layers now take
+    it (core.speed.tune skips it when speed.fused_linear is off)."""
     under_lora = {id(m.base_layer) for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
     count = 0
     for module in model.modules():
         if is_patched(module) or id(module) in under_lora:  # a wrapped base runs via its wrapper
+            continue
+        if hasattr(module, "lora_A") and _variant(module):  # DoRA: peft's own forward
             continue
         if _base_of(module) is None:  # neither a Linear4bit nor a layer wrapping one
             continue

@@ -1,6 +1,7 @@
 """The training step: forward + backward of one optimiser step's rows into .grad, fast.
 
-    step = TrainStep(model, device, dtype, pad_id, cfg.speed, scaler=None, data=encoded_train)
+    step = TrainStep(model, device, dtype, pad_id, cfg.speed, scaler=None, data=encoded_train,
+                     class_weights=class_weights(cfg.train.class_weights, counts, labels))
     step.zero_grad()
     real, processed = step.forward_backward(rows, micro=32)   # packed or padded, micro-batches, graphs
     loss = step.take_loss_tensor()                            # the step's summed loss, on the device
@@ -10,6 +11,12 @@ a multiple of 16 on a GPU (few distinct shapes). A step of more than the token b
 into micro-batches with the same gradient. On a CUDA GPU each shape's forward+backward is
 captured once as a CUDA graph (graphs.py) and replayed; rows (or packed slots) that only fill a
 graph's shape have loss weight 0. speed.cuda_graphs = false runs the same step eagerly.
+
+Class weights (train.class_weights) multiply each row's cross-entropy by its class's weight in
+_fwd_bwd, the one place every path (padded, packed, graphs; each process of a data-parallel run)
+computes the loss; the sum is still divided by the rows, not by the weights (class_weights
+rescales them to a mean of 1 over the training rows), so micro-batches and processes need nothing
+new.
 """
 
 from __future__ import annotations
@@ -34,6 +41,28 @@ def micro_token_budget(device: torch.device, micro_tokens: int | None = None) ->
     if micro_tokens is not None:
         return micro_tokens or None
     return 768 if device.type == "cuda" else None
+
+
+def class_weights(setting: str | list[float], counts: list[int], labels: list[str]) -> list[float] | None:
+    """The weight of each class in the training loss for train.class_weights (config.TrainConfig),
+    from `counts` (training rows per class, in label order): None for `none`; for `balanced`
+    n / (k n_c), scikit-learn's rule (each class then weighs as much as the others in the loss);
+    given weights as they are. Both are rescaled so that the training rows' mean weight is 1: the
+    loss keeps its scale, so the learning rate keeps its meaning."""
+    if setting == "none":
+        return None
+    if setting == "balanced":
+        missing = [labels[c] for c, n in enumerate(counts) if n == 0]
+        if missing:
+            raise ValueError(
+                f"train.class_weights balanced needs training rows of every class, and there are none of "
+                f"{', '.join(missing)}: give the weights by hand or leave the class out of data.labels"
+            )
+        weights = [sum(counts) / (len(counts) * n) for n in counts]
+    else:
+        weights = [float(w) for w in setting]
+    mean = sum(w * n for w, n in zip(weights, counts)) / max(1, sum(counts))
+    return [w / mean for w in weights]
 
 
 def pad_width(width: int, multiple: int = WIDTH_MULTIPLE) -> int:
@@ -73,9 +102,11 @@ class TrainStep:
         scaler=None,
         data: list[dict] | None = None,
         micro: int | None = None,
+        class_weights: list[float] | None = None,
     ):
         """`data`: the encoded training rows, whose longest row bounds a packed row's length;
-        `micro`: rows per forward/backward (forward_backward's default)."""
+        `micro`: rows per forward/backward (forward_backward's default); `class_weights`: each
+        class's weight in the loss (the function class_weights; None: all 1)."""
         speed = speed or SpeedConfig()
         self.model = model
         self.device = device
@@ -101,6 +132,7 @@ class TrainStep:
         self.warmup_each = speed.graph_warmup == "each"
         self.micro = micro
         self.oom_retries = 0
+        self.class_weights = None if class_weights is None else torch.tensor(class_weights, device=device)
         self.zero_grad()
 
     # grads stay allocated (graphs add into them): zero in place instead of setting to None
@@ -116,7 +148,8 @@ class TrainStep:
         return pad_width(width) if self.device.type == "cuda" else width
 
     def forward_backward(self, rows: list[dict], micro: int | None = None) -> tuple[int, int]:
-        """Add the gradient of sum(CE over `rows`) / len(rows) into .grad: one optimiser step's
+        """Add the gradient of sum(w CE over `rows`) / len(rows) into .grad (w: the row's class
+        weight, 1 without class_weights): one optimiser step's
         encoded rows, in micro-batches of at most `micro` rows (default: the constructor's; and
         token_budget tokens), packed where the model allows it. Returns (real tokens, tokens
         processed, padding included).
@@ -190,7 +223,8 @@ class TrainStep:
                 kwargs["token_type_ids"] = b["token_type_ids"]
             with self._autocast():
                 logits = self.model(**kwargs).logits
-        ce = torch.nn.functional.cross_entropy(logits.float(), b["labels"], reduction="none")
+        # weight=: each row's CE times its class's weight (train.class_weights); filler rows weigh 0 below
+        ce = torch.nn.functional.cross_entropy(logits.float(), b["labels"], weight=self.class_weights, reduction="none")
         loss = (ce * b["weight"]).sum()
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         self.loss_sum.add_(loss.detach())

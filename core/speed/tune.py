@@ -1,6 +1,7 @@
 """Model surgery that keeps the function and makes it cheaper: tune_model(model, dtype, speed).
 
 changes = tune_model(model, torch.bfloat16, cfg.speed)   # a list of what was changed
+change = checkpoint_layers(model)                        # train.gradient_checkpointing: memory for time
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ import torch
 
 from ..config import SpeedConfig
 from ..model import is_lora_part
-from .phi_attention import patch_phi_attention
+from . import packing
+from .attention import patch_attention
+from .prefix import install_shared_prefix
 
 
 class _LayerNormInDtype(torch.nn.Module):
@@ -36,7 +39,12 @@ def tune_model(model, dtype: torch.dtype, speed: SpeedConfig | None = None) -> l
       (the same formula in one kernel);
     - every bitsandbytes 4-bit linear layer, with its LoRA adapter if it has one, runs as one
       autograd function (qlinear.py; speed.fused_linear = false keeps peft's path);
-    - Phi's partial rotary embedding in one pass (phi_attention.py; speed.fused_rotary);
+    - on a CPU, the tokens that every row of a causal LM's batch starts with run once per batch
+      (prefix.py; speed.shared_prefix);
+    - the rotary embedding in one pass: Phi's partial one always, the other families' in one
+      Triton kernel on Ampere+ GPUs (attention.py; speed.fused_rotary, speed.triton_rotary);
+    - attention through packing.py's implementation, which attends packed rows per row and is
+      SDPA for padded batches (speed.pack not off; a family it does not cover says why);
     - on a 16-bit compute dtype, LayerNorm outputs that dtype (see _LayerNormInDtype);
     - with float16, the embedding is kept in float32 so the residual stream is float32 and cannot
       overflow (Phi's activations exceed fp16's 65504 in the residual stream)."""
@@ -55,15 +63,39 @@ def tune_model(model, dtype: torch.dtype, speed: SpeedConfig | None = None) -> l
             elif lowp and type(child) is torch.nn.LayerNorm and not is_lora_part(f"{name}.{child_name}"):
                 setattr(module, child_name, _LayerNormInDtype(child, dtype))
                 changes.append("layernorm->compute dtype")
-    if speed.fused_rotary and patch_phi_attention(model, triton=speed.triton_rotary):
-        changes.append("partial rotary embedding fused (one Triton kernel on GPU, three torch kernels elsewhere)")
+    if speed.fused_rotary:
+        changes += patch_attention(model, triton=speed.triton_rotary)
+    if speed.pack != "off":
+        why = packing.install(model)
+        changes.append(f"rows not packed: {why}" if why else "attention per packed row (padded batches: SDPA)")
     from . import qlinear  # bitsandbytes' kernels: imported once a model is loaded
 
     if speed.fused_linear and qlinear.install(model):  # fewer kernels and saved tensors per 4-bit linear (+ LoRA)
         changes.append("4-bit linear + LoRA as one autograd function")
+    left = qlinear.left_to_peft(model) if speed.fused_linear else None  # DoRA: the fused function steps aside
+    if left:
+        changes.append(f"not fused: {left}")
+    if speed.shared_prefix and install_shared_prefix(model):
+        changes.append("shared prompt prefix run once per batch (CPU)")
     if dtype == torch.float16:
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if emb is not None and emb.weight.dtype != torch.float32:
             emb.to(torch.float32)
             changes.append("embedding->float32 (fp32 residual stream)")
     return sorted(set(changes))
+
+
+def checkpoint_layers(model) -> str:
+    """Gradient checkpointing (train.gradient_checkpointing): each transformer layer keeps only its
+    input for the backward pass and runs its forward again there, through transformers' own
+    activation checkpointing, non-reentrant (torch.utils.checkpoint restores the RNG state, so
+    dropout draws the same masks the second time: the same gradients). Only in training mode;
+    evaluation is untouched. Returns the change, for the setup record's speedups."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"train.gradient_checkpointing is not available for {inner.config.model_type} models in "
+            "transformers: turn it off"
+        )
+    inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return "gradient checkpointing: each layer's forward runs again in backward (less memory, more time)"

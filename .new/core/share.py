@@ -1,0 +1,125 @@
+"""Sharing a run's fine-tuned adapter: a zip to download, or a model repository on the Hub.
+
+    data = zip_folder(run / "checkpoints" / "epoch-2", name="RUN-epoch-2")   # the zip's bytes
+    url = push_to_hub(run / "checkpoints" / "epoch-2", "you/my-adapter")      # needs a write token
+
+An epoch folder is a portable classifier (adapter + head, tokenizer, classifier.json, README.md
+model card; see core/checkpoint.py and core/classifier.py): the zip and the Hub repository hold
+exactly its files. Pushing needs a token with write access: HF_TOKEN, or the one `hf auth login`
+stored; without one, push_to_hub raises ValueError(NO_TOKEN). Every failure is a ValueError in one
+sentence (a refused token, no network, ...), never a traceback.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+from . import access
+from .runs.rundir import ADAPTER_CONFIG
+
+# huggingface_hub is imported where it is used: the Report page imports this file, and only a push
+# (or asking for the stored token) needs it.
+
+NO_TOKEN = "Set HF_TOKEN (a write token from huggingface.co/settings/tokens) as a secret/environment variable to push."
+
+
+def epoch_files(folder: Path) -> list[Path]:
+    """The regular files of a checkpoint folder, sorted, symbolic links left out; ValueError
+    when it is not a folder of a finished epoch (no adapter_config.json)."""
+    folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise ValueError(f"{folder} is not a checkpoint folder with a trained adapter (no {ADAPTER_CONFIG})")
+    files = []
+    for top, _, names in os.walk(folder):  # does not descend into linked folders
+        files += [Path(top) / n for n in names if not (Path(top) / n).is_symlink() and (Path(top) / n).is_file()]
+    return sorted(files)
+
+
+def zip_folder(folder: Path, name: str | None = None) -> bytes:
+    """A zip (in memory) of checkpoint folder `folder`, its files in one folder `name` (default:
+    the folder's own name), so unzipping gives a folder that load_classifier and
+    AutoPeftModelForSequenceClassification.from_pretrained read as it is."""
+    folder = Path(folder)
+    root = name or folder.name
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as z:
+        for path in epoch_files(folder):
+            z.write(path, f"{root}/{path.relative_to(folder).as_posix()}")
+    return buf.getvalue()
+
+
+def hub_token() -> str | None:
+    """The Hugging Face token this process would push with: HF_TOKEN, else the stored login."""
+    from huggingface_hub import get_token  # here, not at the top: see the imports
+
+    try:
+        return get_token()
+    except Exception:  # noqa: BLE001 - a broken token store is the same as no token here
+        return None
+
+
+def _reason(error: BaseException) -> str:
+    """Why a Hub call failed, in words a user can act on."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled  # see the imports
+
+    if isinstance(error, OfflineModeIsEnabled):
+        return "HF_HUB_OFFLINE is set, so nothing can be sent to the Hub"
+    if isinstance(error, HfHubHTTPError):
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if status == 401:
+            return "the Hub refused the token (401): check that HF_TOKEN is a valid token"
+        if status == 403:
+            return (
+                "the token may not write there (403): use a token with write access, to a namespace "
+                "you own or belong to"
+            )
+        if status == 409:
+            return "the Hub reports a conflict (409): the name may be taken by a dataset or Space of yours"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"the Hub answered with an error ({status or 'no status'}: {first})"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return (
+        f"the Hugging Face Hub could not be reached ({type(error).__name__}{': ' + text if text else ''}): "
+        "check the network connection"
+    )
+
+
+def push_to_hub(
+    folder: Path, repo_id: str, token: str | None = None, private: bool = True, password: str | None = None
+) -> str:
+    """Create the model repository `repo_id` on the Hub if it does not exist (private unless said
+    otherwise) and upload the checkpoint folder's files into it; returns the repository's URL.
+    access.Refused on a read-only deployment or without the password (core/access.py);
+    ValueError(NO_TOKEN) without a token; ValueError in one sentence when the Hub refuses or
+    cannot be reached."""
+    access.check("push", password)
+    repo_id = (repo_id or "").strip()
+    if not access.is_hub_id(repo_id):
+        raise ValueError(
+            f"{repo_id!r} is not a Hub repository id: use NAME or OWNER/NAME, letters, digits, '.', "
+            "'_' and '-' (e.g. you/qlora-nli-adapter)"
+        )
+    folder = Path(folder)
+    files = epoch_files(folder)
+    token = token or hub_token()
+    if not token:
+        raise ValueError(NO_TOKEN)
+    from huggingface_hub import HfApi  # here, not at the top: see the imports
+
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        full_id = getattr(url, "repo_id", None) or repo_id
+        api.upload_folder(
+            repo_id=full_id,
+            folder_path=str(folder),
+            repo_type="model",
+            allow_patterns=[p.relative_to(folder).as_posix() for p in files],
+            commit_message=f"Upload {folder.parent.parent.name} {folder.name} from QLoRA Studio",
+        )
+    except Exception as e:  # noqa: BLE001 - the network and the Hub fail in many ways; one sentence each
+        raise ValueError(f"could not push {folder.name} to {repo_id}: {_reason(e)}") from e
+    return str(url)

@@ -1,0 +1,245 @@
+"""A 4-bit linear layer and its LoRA adapter as one autograd function: the training hot path.
+
+peft runs a LoRA layer on a bitsandbytes NF4 base as bnb's matmul_4bit (dequantise, GEMM), a
+defensive clone of the output, dropout, autocast casts, two small GEMMs, a scale and an add: a
+dozen kernels and as many saved tensors. `QLoRALinearFn` computes the same function with fewer
+kernels and saved tensors (s = alpha / r, m = dropout mask / (1 - p)):
+
+    forward:   W = dequant(W4);  y = x W^T + b;  u = s * (m * x) A^T;  y += u B^T
+    backward:  W = dequant(W4)              (dequantised again: a 16-bit W is never kept)
+               v = s * g B;  gx = g W + m * (v A);  gA = v^T (m * x);  gB = g^T u
+
+It saves x, the dropout mask and u (rows x r, tiny), and recomputes m * x in backward: q, k, v
+and fc1 read the same x, so they keep one copy between them. Never W. A base layer with no
+adapter (k_proj, dense) saves nothing: a frozen weight needs no input to pass the gradient on.
+With act="gelu_tanh" (Phi's MLP: fc2(gelu(h))) the input is h, the GELU runs inside and is
+recomputed in backward, so its output is never stored. LoRA weights stay fp32 (the optimiser's
+copy); their 16-bit copies are made per call (r x d: tiny) and their gradients come back in
+fp32. Without gradients and on more rows than inputs, s B A is added into the call's own copy
+of W instead (one GEMM over the rows, not two).
+
+    install(model)     # every bnb Linear4bit, with or without a peft LoRA adapter; returns a count
+
+A layer falls back to its original forward for anything the function does not cover (several or
+disabled adapters, merged weights, DoRA and other variants, LoRA bias, mixed-adapter batches).
+`speed.fused_linear = false` (QLORA_FUSED=0) keeps the original path everywhere (for comparisons).
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import torch
+from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+from .patch import is_patched, original_forward, patch_forward
+
+
+def dequantize(weight, quant_state) -> torch.Tensor:
+    """The 16-bit (or fp32) weight [out, in] of a bnb Params4bit, double quantisation included."""
+    return bnbF.dequantize_4bit(weight, quant_state)
+
+
+_MM_OUT_DTYPE: dict[str, bool] = {}  # device type -> torch.mm(..., out_dtype=) works there
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result (weight gradients of fp32 LoRA matrices): straight from
+    cuBLAS's fp32 accumulator where torch supports out_dtype (checked once per device type)."""
+    if a.dtype != torch.float32:
+        kind = a.device.type
+        if kind not in _MM_OUT_DTYPE:
+            try:
+                torch.mm(a[:1, :1], b[:1, :1], out_dtype=torch.float32)
+                _MM_OUT_DTYPE[kind] = True
+            except (RuntimeError, TypeError, NotImplementedError):
+                _MM_OUT_DTYPE[kind] = False
+        if _MM_OUT_DTYPE[kind]:
+            return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).float()
+
+
+def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x * mask / (1 - p), what backward needs to apply the mask again), drawing random numbers
+    exactly as torch.nn.functional.dropout does on this device (so seeded runs match peft's)."""
+    if x.is_cuda:
+        return torch.native_dropout(x, p, True)  # one kernel; the mask is bool
+    noise = torch.empty_like(x).bernoulli_(1 - p)  # torch's CPU dropout: bernoulli, divide, multiply
+    noise.div_(1 - p)
+    return x * noise, noise
+
+
+def _apply_mask(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """x * mask / (1 - p) with a mask from _dropout (the dropout's output, or its gradient)."""
+    if mask.dtype == torch.bool:
+        return torch.ops.aten.native_dropout_backward(x, mask, 1.0 / (1 - p))
+    return x * mask
+
+
+def _activate(h: torch.Tensor, act: str | None) -> torch.Tensor:
+    return torch.nn.functional.gelu(h, approximate="tanh") if act == "gelu_tanh" else h
+
+
+class QLoRALinearFn(torch.autograd.Function):
+    """y = h dequant(W4)^T + b [+ s * dropout(h) A^T B^T] with h = act(x), or x; see the module
+    docstring. With an activation, its input x is saved and act(x) recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, quant_state, bias, lora_a, lora_b, scale, p, act):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        dtype = x2.dtype
+        h = _activate(x2, act)
+        w = dequantize(weight, quant_state)
+        if w.dtype != dtype:
+            w = w.to(dtype)
+        if lora_a is not None and p == 0 and not any(ctx.needs_input_grad) and h.shape[0] > h.shape[1]:
+            # inference on many rows: add s B A into this call's copy of W (d_out x d_in) rather than
+            # s (h A^T) B^T into the output (rows x d_out); the same sum, fewer bytes moved
+            w.addmm_(lora_b.to(dtype), lora_a.to(dtype), alpha=scale)
+            lora_a = None
+        y = torch.addmm(bias.to(dtype), h, w.t()) if bias is not None else torch.mm(h, w.t())
+        del w
+        ctx.weight, ctx.quant_state, ctx.p, ctx.scale, ctx.act = weight, quant_state, p, scale, act
+        ctx.x_shape = shape
+        ctx.lora = lora_a is not None
+        if not ctx.lora:
+            if act is not None:
+                ctx.save_for_backward(x2)
+            return y.view(*shape[:-1], y.shape[-1])
+        a = lora_a.to(dtype)
+        b = lora_b.to(dtype)
+        if p > 0:
+            hd, mask = _dropout(h, p)
+        else:
+            hd, mask = h, None
+        u = torch.mm(hd, a.t()).mul_(scale)
+        del hd
+        y.addmm_(u, b.t())
+        # the input, not its dropped-out copy: layers that share an input (q, k, v, fc1) share it
+        ctx.save_for_backward(x2, mask, u, a, b)
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = grad.reshape(-1, grad.shape[-1])
+        need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+        gx = ga = gb = None
+        x2 = mask = None
+        if ctx.lora:
+            x2, mask, u, a, b = ctx.saved_tensors
+            if g.dtype != a.dtype:
+                g = g.to(a.dtype)
+        elif ctx.act is not None:
+            (x2,) = ctx.saved_tensors
+        if need_x:
+            w = dequantize(ctx.weight, ctx.quant_state)
+            if w.dtype != g.dtype:
+                w = w.to(g.dtype)
+            gx = torch.mm(g, w)  # the gradient with respect to h
+            del w
+        if ctx.lora:
+            v = torch.mm(g, b).mul_(ctx.scale)  # the gradient of dropout(h) A^T, rows x r
+            if need_x:
+                if mask is None:
+                    gx.addmm_(v, a)
+                else:
+                    gx.add_(_apply_mask(torch.mm(v, a), mask, ctx.p))
+            if need_a:
+                hd = _activate(x2, ctx.act)
+                if mask is not None:
+                    hd = _apply_mask(hd, mask, ctx.p)
+                ga = _mm_fp32(v.t(), hd)
+                del hd
+            if need_b:
+                gb = _mm_fp32(g.t(), u)
+        if gx is not None:
+            if ctx.act == "gelu_tanh":
+                gx = torch.ops.aten.gelu_backward(gx, x2, approximate="tanh")
+            gx = gx.view(ctx.x_shape)
+        return gx, None, None, None, ga, gb, None, None, None
+
+
+def _base_of(module):
+    """The bnb Linear4bit under a peft LoRA layer, or the module itself if it is one."""
+    base = getattr(module, "base_layer", module)
+    return base if isinstance(base, bnb.nn.Linear4bit) else None
+
+
+def _lora_parts(module):
+    """(lora_A, lora_B, scale, dropout module) of the one active vanilla adapter, None if the
+    layer is in a state the function does not cover."""
+    if not hasattr(module, "lora_A"):
+        return None
+    if module.disable_adapters or module.merged:
+        return None
+    active = [a for a in module.active_adapters if a in module.lora_A.keys()]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name):
+        return None
+    lora_b = module.lora_B[name]
+    if getattr(lora_b, "bias", None) is not None:
+        return None
+    return module.lora_A[name].weight, lora_b.weight, module.scaling[name], module.lora_dropout[name]
+
+
+def _fused_forward(self, x: torch.Tensor, *args, act: str | None = None, **kwargs) -> torch.Tensor:
+    """forward() of a 4-bit layer (or its LoRA wrapper) through QLoRALinearFn; `act` applies an
+    activation to x first, inside the function (see _mlp_forward)."""
+    original = original_forward(self)
+    base = _base_of(self)
+    parts = None
+    if base is not self:  # a peft LoRA layer
+        parts = _lora_parts(self)
+    fix_4bit_weight_quant_state_from_module(base)
+    quant_state = base.weight.quant_state
+    if (
+        args
+        or kwargs
+        or (base is not self and parts is None)  # adapter_names and other cases peft handles
+        or getattr(quant_state, "packing_format_for_cpu", False)
+    ):
+        return original(_activate(x, act), *args, **kwargs)
+    compute = base.compute_dtype or x.dtype
+    inp_dtype = x.dtype
+    h = x.to(compute) if x.dtype != compute else x
+    with torch.autocast(x.device.type, enabled=False):
+        if parts is None:
+            y = QLoRALinearFn.apply(h, base.weight, quant_state, base.bias, None, None, 1.0, 0.0, act)
+        else:
+            a, b, scale, drop = parts
+            p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+            y = QLoRALinearFn.apply(h, base.weight, quant_state, base.bias, a, b, float(scale), float(p), act)
+    return y if y.dtype == inp_dtype else y.to(inp_dtype)
+
+
+def _mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """fc2(gelu_tanh(fc1(x))) with the GELU inside fc2's function: its output is never stored."""
+    return self.fc2(self.fc1(hidden_states), act="gelu_tanh")
+
+
+def _is_tanh_gelu(module) -> bool:
+    if isinstance(module, torch.nn.GELU):
+        return module.approximate == "tanh"
+    return type(module).__name__ in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "GELUPytorchTanh")
+
+
+def install(model) -> int:
+    """Route every 4-bit linear layer (LoRA-wrapped or plain) through QLoRALinearFn; returns how
+    many layers now take it (core.speed.tune skips it when speed.fused_linear is off)."""
+    under_lora = {id(m.base_layer) for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    count = 0
+    for module in model.modules():
+        if is_patched(module) or id(module) in under_lora:  # a wrapped base runs via its wrapper
+            continue
+        if _base_of(module) is None:  # neither a Linear4bit nor a layer wrapping one
+            continue
+        patch_forward(module, _fused_forward)
+        count += 1
+    for module in model.modules():  # Phi-style MLPs: fc1 -> tanh GELU -> fc2
+        fc1, fc2, act = (getattr(module, n, None) for n in ("fc1", "fc2", "activation_fn"))
+        if fc1 is not None and is_patched(fc2) and _is_tanh_gelu(act) and not is_patched(module):
+            patch_forward(module, _mlp_forward)
+    return count
