@@ -4,7 +4,7 @@ partial rotary, fused GELU, 16-bit LayerNorm; TrainStep with CUDA graphs) agains
 
     python -m bench.gpu_check        # prints the largest differences; exits 1 if one is too large
 
-The CPU tests (tests/test_perf.py) check the same in float32; this checks the 16-bit GPU kernels.
+The CPU tests (tests/speed/test_perf.py) check the same in float32; this checks the 16-bit GPU kernels.
 """
 
 from __future__ import annotations

@@ -364,7 +364,7 @@ class TrainConfig:
 @dataclass
 class SpeedConfig:
     """How fast, not what: every switch keeps the maths (each is tested against the plain path in
-    tests/test_perf.py) and trades speed against memory. The defaults are the fastest measured
+    tests/speed/test_perf.py) and trades speed against memory. The defaults are the fastest measured
     (bench/RESULTS.md). For side-by-side benchmarks each field can be overridden by the environment
     variable in SPEED_ENV; the run's config.json records the values it actually ran with."""
 

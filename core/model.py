@@ -459,7 +459,10 @@ def is_causal(model) -> bool:
     """True for decoder-only models (attention modules with is_causal): with right padding, real
     tokens never attend to the pads after them, so the attention mask can be left out (SDPA then
     runs its causal flash kernel, no mask is built, no host sync)."""
-    return any(getattr(m, "is_causal", None) is True and hasattr(m, "q_proj") for m in model.modules())
+    return any(
+        getattr(m, "is_causal", None) is True and (hasattr(m, "q_proj") or hasattr(m, "qkv_proj"))  # Phi-3: fused qkv
+        for m in model.modules()
+    )
 
 
 def default_target_modules(model_type: str) -> list[str] | str:

@@ -1,6 +1,6 @@
 """GPU speed: the same maths as peft + transformers, in fewer kernels, launches and bytes.
 
-Every piece is tested against the plain path (tests/test_perf.py on CPU, bench/gpu_check.py on a
+Every piece is tested against the plain path (tests/speed/test_perf.py on CPU, bench/gpu_check.py on a
 GPU) and has a switch in config.SpeedConfig (`speed` in a run's config.json).
 
 - tune.py: tune_model(), the model surgery that keeps the function (fused GELU, 16-bit LayerNorm

@@ -35,7 +35,6 @@ import functools
 
 import torch
 
-from ..model import is_causal
 
 MULTIPLE = 64  # packed length rounded up to this: few shapes to capture, filler < MULTIPLE
 IMPLEMENTATION = "qlora_packed"  # our attention implementation's name in transformers' registries
@@ -52,21 +51,22 @@ def why_not(model) -> str | None:
     inner = _inner(model)
     config = inner.config
     kind = config.model_type
-    if not is_causal(inner):
+    causal = [m.is_causal for m in inner.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    if not causal or not all(causal):
         return f"{kind} is an encoder (bidirectional attention, first-token or mean pooling): padded batches"
     if kind not in FAMILIES:
         return f"{kind} is not among the families tested packed ({', '.join(FAMILIES)})"
     if not isinstance(getattr(inner, "score", None), torch.nn.Module) or inner.base_model is inner:
         return f"{type(inner).__name__} is not a sequence classifier with a last-token head named score"
-    implementation = config._attn_implementation
-    if implementation not in ("sdpa", IMPLEMENTATION):
-        return f"the model runs {implementation} attention; packing takes the place of sdpa only"
     softcap = getattr(config, "attn_logit_softcapping", None)
     if softcap:
         return (
             f"{kind} soft-caps its attention logits (attn_logit_softcapping={softcap}), which torch's "
             "FlashAttention kernel does not compute"
         )
+    implementation = config._attn_implementation
+    if implementation not in ("sdpa", IMPLEMENTATION):
+        return f"the model runs {implementation} attention; packing takes the place of sdpa only"
     if getattr(config, "attention_dropout", 0.0):
         return f"attention dropout ({config.attention_dropout}) is not implemented for packed rows"
     return None
