@@ -55,7 +55,7 @@ def config(bert: Path, files: dict[str, str], **train) -> RunConfig:
         model=ModelConfig(name=str(bert), device="cpu", pooling="model"),
         data=DataConfig(source="files", max_test_rows=24, max_length=48, **files),
         lora=LoraSettings(r=4, alpha=8, dropout=0.0),
-        train=TrainConfig(batch_size=16, lr=3e-3, threads=1, track_test=False, **{"epochs": 5, **train}),
+        train=TrainConfig(**{"epochs": 5, "batch_size": 16, "lr": 3e-3, "threads": 1, "track_test": False, **train}),
     )
 
 
