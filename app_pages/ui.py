@@ -10,6 +10,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from core import access
 from core.results.report import damaged_files
@@ -87,6 +88,13 @@ def typed_password() -> str | None:
     return st.session_state.get(PASSWORD_KEY)
 
 
+def session_id() -> str | None:
+    """This browser session's id in Streamlit's runtime (it cannot be reset from the browser, as
+    session_state can), for counting its wrong passwords; None outside a script run."""
+    ctx = get_script_run_ctx()
+    return getattr(ctx, "session_id", None)
+
+
 def may(action: str) -> bool:
     """Whether this session may do `action` (launch, stop, resume, upload, push) now."""
     return access.allowed(action, typed_password())
@@ -116,8 +124,8 @@ def access_gate() -> bool:
         if not typed:
             st.caption("Enter the password to launch, stop or resume a run, or to upload files.")
             return False
-        try:
-            access.check("launch", typed)
+        try:  # a wrong password is counted for this session (and the server), waits and is logged
+            access.check("launch", typed, who=session_id())
         except access.Refused as e:
             st.error(str(e))
             return False

@@ -10,7 +10,14 @@ widget or crafted call gets around it. Three environment variables, read at ever
                                    deploy/start.sh (the container, the Space) sets 0 unless it is given
 
     check("launch", password)            # Refused (a ValueError) when this action is not allowed
+    check("launch", password, who=sid)   # the same, a wrong password counted for browser session `sid`
     check_sources(cfg, uploads=folder)   # Refused when cfg names a local path where none is allowed
+
+Wrong passwords are slowed down and locked out (guesses): each failure waits a delay that doubles
+with the session's recent failures and grows with the server's; after LOCKOUT_FAILURES failures
+of one session, or SERVER_LOCKOUT_FAILURES of the whole server, within LOCKOUT_WINDOW_S, every
+password is refused until the window has passed. Each failure is one warning line in the
+server's log (never the guess).
 
 The CLI (`python -m core train`) is local and trusted: it checks none of this. jobs.launch,
 launch_with_uploads, stop and resume, and share.push_to_hub call check() first; jobs.launch also
@@ -19,9 +26,14 @@ check_sources().
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import logging
 import os
 import re
+import threading
+import time
+from collections import deque
 from pathlib import Path
 
 from .config import BUILTIN_DATA, EMBEDDED_LLM, EMBEDDED_MODEL, RunConfig
@@ -44,7 +56,58 @@ DATA_NAMES = (BUILTIN_DATA,)
 _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 HUB_ID = re.compile(rf"(?:{_PART}/)?{_PART}")
 CONFIG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# The file loaders the `datasets` library has built in (datasets.packaged_modules): load_dataset
+# given one of these names reads files from this server's working folder instead of the Hub.
+# tests/app/test_hardening.py checks this list against the installed datasets.
+DATASETS_BUILDERS = (
+    "arrow",
+    "audiofolder",
+    "cache",
+    "conll",
+    "csv",
+    "eval",
+    "fasta",
+    "fastq",
+    "genbank",
+    "generator",
+    "harbor",
+    "hdf5",
+    "iceberg",
+    "imagefolder",
+    "json",
+    "lance",
+    "meshfolder",
+    "mmcif",
+    "niftifolder",
+    "pandas",
+    "parquet",
+    "pdb",
+    "pdffolder",
+    "spark",
+    "sql",
+    "text",
+    "tsfile",
+    "videofolder",
+    "vortex",
+    "webdataset",
+    "xml",
+)
 _OFF = ("", "0", "false", "no", "off")
+
+FAIL_DELAY_S = 0.5
+"""The wait after a session's first wrong password; it doubles with each more (MAX_DELAY_S at most)."""
+SERVER_DELAY_S = 0.1
+"""What each recent wrong password on the whole server adds to every failure's wait."""
+MAX_DELAY_S = 8.0
+"""The longest wait after one wrong password."""
+LOCKOUT_FAILURES = 10
+"""Wrong passwords of one browser session, within LOCKOUT_WINDOW_S, that lock it out."""
+SERVER_LOCKOUT_FAILURES = 50
+"""Wrong passwords of the whole server, within LOCKOUT_WINDOW_S, that lock every session out."""
+LOCKOUT_WINDOW_S = 600.0
+"""How long a failure counts, and so how long a lockout lasts at most."""
+
+log = logging.getLogger("qlora_studio.access")
 
 
 class Refused(ValueError):
@@ -67,27 +130,105 @@ def public() -> bool:
     return read_only() or password() is not None
 
 
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
 def password_ok(typed: str | None) -> bool:
-    """Whether `typed` is the deployment's password (compared in constant time); True when
-    there is no password to give."""
+    """Whether `typed` is the deployment's password (their SHA-256 digests compared in constant
+    time, so neither the content nor the length shows in the time taken); True when there is no
+    password to give. A yes/no only: check() counts the failures."""
     wanted = password()
     if wanted is None:
         return True
-    return typed is not None and hmac.compare_digest(str(typed).encode("utf-8"), wanted.encode("utf-8"))
+    return typed is not None and hmac.compare_digest(_digest(str(typed)), _digest(wanted))
+
+
+class Failures:
+    """Recent wrong passwords, per browser session and for the whole server, with the delay and
+    the lockout they earn (module doc). Thread-safe: one instance, FAILURES, serves every session."""
+
+    def __init__(self, clock=time.monotonic, sleep=time.sleep):
+        self.clock, self.sleep = clock, sleep
+        self._lock = threading.Lock()
+        self._server: deque[float] = deque()
+        self._sessions: dict[str, deque[float]] = {}
+
+    def _recent(self, times: deque[float], now: float) -> int:
+        while times and now - times[0] > LOCKOUT_WINDOW_S:
+            times.popleft()
+        return len(times)
+
+    def locked_for(self, who: str | None) -> float:
+        """Seconds until `who` (a session, None: a call without one) may try a password again; 0 when it may."""
+        with self._lock:
+            now = self.clock()
+            waits = []
+            if self._recent(self._server, now) >= SERVER_LOCKOUT_FAILURES:
+                waits.append(LOCKOUT_WINDOW_S - (now - self._server[-SERVER_LOCKOUT_FAILURES]))
+            mine = self._sessions.get(who) if who else None
+            if mine is not None and self._recent(mine, now) >= LOCKOUT_FAILURES:
+                waits.append(LOCKOUT_WINDOW_S - (now - mine[-LOCKOUT_FAILURES]))
+            return max(waits, default=0.0)
+
+    def failed(self, who: str | None, what: str) -> float:
+        """Record a wrong password for `what` (e.g. "launching a run") by `who`, log it and wait the
+        delay it earns; returns that delay in seconds."""
+        with self._lock:
+            now = self.clock()
+            self._server.append(now)
+            server = self._recent(self._server, now)
+            session = 0
+            if who:
+                mine = self._sessions.setdefault(who, deque())
+                mine.append(now)
+                session = self._recent(mine, now)
+                if len(self._sessions) > 10_000:  # sessions that went away: keep only those with recent failures
+                    self._sessions = {k: v for k, v in self._sessions.items() if self._recent(v, now)}
+        delay = min(MAX_DELAY_S, FAIL_DELAY_S * 2 ** (max(session, 1) - 1) + SERVER_DELAY_S * (server - 1))
+        log.warning(
+            "wrong password for %s (session %s): %d failure(s) of this session and %d of the server in the "
+            "last %.0f s; waiting %.1f s",
+            what,
+            who or "none",
+            session,
+            server,
+            LOCKOUT_WINDOW_S,
+            delay,
+        )
+        self.sleep(delay)
+        return delay
+
+    def succeeded(self, who: str | None) -> None:
+        """The right password: the session's own failures are forgotten (the server's count on)."""
+        if who:
+            with self._lock:
+                self._sessions.pop(who, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._server.clear()
+            self._sessions.clear()
+
+
+FAILURES = Failures()
 
 
 def allowed(action: str, typed: str | None = None) -> bool:
-    """check() as a yes/no, for pages deciding what to show."""
-    try:
-        check(action, typed)
-    except Refused:
+    """Whether check() would let `action` run with `typed`, for pages deciding what to show (a
+    question, not an attempt: it counts no failure and waits no delay)."""
+    if action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r} (known: {', '.join(ACTIONS)})")
+    if read_only():
         return False
-    return True
+    return password() is None or (bool(typed) and password_ok(typed) and not FAILURES.locked_for(None))
 
 
-def check(action: str, typed: str | None = None) -> None:
+def check(action: str, typed: str | None = None, who: str | None = None) -> None:
     """Refused when `action` (one of ACTIONS) may not run here: always on a read-only deployment;
-    with a password set, unless `typed` is that password."""
+    with a password set, unless `typed` is that password. A wrong password is counted for browser
+    session `who` (None: for the server only), waits its delay and is logged; while the session or
+    the server is locked out (Failures), every password is refused."""
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r} (known: {', '.join(ACTIONS)})")
     what = ACTIONS[action]
@@ -101,8 +242,16 @@ def check(action: str, typed: str | None = None) -> None:
         return
     if typed is None or not str(typed):
         raise Refused(f"{sentence} needs this deployment's password: enter it in the password field.")
+    wait = FAILURES.locked_for(who)
+    if wait:
+        raise Refused(
+            f"Too many wrong passwords: {what} was refused, and every password is refused for "
+            f"{max(1, round(wait / 60))} more minute(s)."
+        )
     if not password_ok(typed):
+        FAILURES.failed(who, what)
         raise Refused(f"Wrong password: {what} was refused.")
+    FAILURES.succeeded(who)
 
 
 def local_paths_allowed() -> bool:
@@ -132,6 +281,11 @@ def _hub_name_problem(kind: str, name: str, known: tuple[str, ...], example: str
     how = f"local paths are off on this server ({LOCAL_PATHS_ENV}=1 allows them)"
     if not is_hub_id(name):
         return f"{kind} {name!r} is not a Hub id: give {choices}; {how}."
+    if kind.startswith("Hub dataset") and name.lower() in DATASETS_BUILDERS:
+        return (
+            f"{kind} {name!r} is the name of a file loader of the datasets library, which would read files "
+            f"on this server instead of the Hub: give {choices}; {how}."
+        )
     if _names_a_local_path(name):
         return (
             f"{kind} {name!r} is also the name of a file or folder on this server, which would be read "

@@ -27,6 +27,7 @@ EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
 BUILTIN_DATA = "builtin:nli-sample"
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets" / "nli_sample"  # BUILTIN_DATA's split files
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # train.report_to (core/trackers.py)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -302,8 +303,16 @@ class TrainConfig:
     """Keep only each layer's input for the backward pass and compute the layer again there: less
     activation memory (for models that do not fit otherwise) for about a third more time per step.
     The same gradients."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers the run also logs to as it goes (core/trackers.py): any of tensorboard
+    (event files in RUN/tensorboard/), mlflow (MLFLOW_TRACKING_URI, experiment qlora-studio, run name
+    = run id) and wandb (its own WANDB_* variables; WANDB_MODE=offline needs no network). Each needs
+    its package (a missing one is refused before the run starts); metrics.jsonl stays the record,
+    and a tracker failing mid-run is a warning in train.log, never a failed run."""
 
     def __post_init__(self):
+        if isinstance(self.report_to, str):  # "tensorboard,mlflow" in a config file, as --report-to
+            self.report_to = [x.strip() for x in self.report_to.split(",") if x.strip() and x.strip() != "none"]
         if isinstance(self.class_weights, str) and "," in self.class_weights:  # "1,2,2", as --class-weights
             try:
                 self.class_weights = [float(x) for x in self.class_weights.split(",")]
@@ -317,6 +326,10 @@ class TrainConfig:
             isinstance(self.epochs, int) and 1 <= self.epochs <= 1000, "train.epochs must be an integer in [1, 1000]"
         )
         _check(0 < self.lr < 1, "train.lr must be in (0, 1)")
+        _check(
+            all(x in TRACKERS for x in self.report_to) and len(set(self.report_to)) == len(self.report_to),
+            f"train.report_to must name each of {', '.join(TRACKERS)} at most once, not {self.report_to}",
+        )
         _check(self.head_lr is None or 0 < self.head_lr < 1, "train.head_lr must be in (0, 1) or null")
         _check(self.schedule in ("linear", "cosine", "constant"), "train.schedule must be linear, cosine or constant")
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)")

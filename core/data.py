@@ -128,6 +128,9 @@ def map_label(raw: Any, labels: Sequence[str], label_map: dict[str, str]) -> int
 
 
 def _text(value: Any) -> str:
+    if isinstance(value, (dict, list, tuple)):  # a nested JSON or Parquet value is not a text: never str() it
+        kind = "an object" if isinstance(value, dict) else "a list"
+        raise ValueError(f"holds {kind} where a text is expected (flatten the column, or map another one)")
     return "" if value is None or (isinstance(value, float) and value != value) else str(value)
 
 
@@ -196,12 +199,15 @@ def iter_examples(
             continue
         if label is None:
             label = NO_LABEL
-        if single:
-            text = _text(row.get(text_col))
-            empty = not text.strip()
-        else:
-            premise, hypothesis = _text(row.get(prem_col)), _text(row.get(hyp_col))
-            empty = not premise.strip() or not hypothesis.strip()
+        try:
+            if single:
+                text = _text(row.get(text_col))
+                empty = not text.strip()
+            else:
+                premise, hypothesis = _text(row.get(prem_col)), _text(row.get(hyp_col))
+                empty = not premise.strip() or not hypothesis.strip()
+        except ValueError as e:
+            raise ValueError(f"{where} row {n + 1}: a text column {e}") from None
         if empty:
             stats.dropped_empty += 1
             if len(stats.empty_rows) < 5:

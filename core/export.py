@@ -242,7 +242,7 @@ def check_parity(run_dir: Path, out: Path, epoch: int, rows: int = CHECK_ROWS) -
     test = [r for r in test if r["id"] in want][:rows]
     if not test:
         return None, 0
-    got = load_classifier(out).predict(test)
+    got = load_classifier(out, temperature=False).predict(test)  # the run's predictions are uncalibrated
     return float(np.abs(got - np.array([want[r["id"]] for r in test])).max()), len(test)
 
 
@@ -311,6 +311,13 @@ def merged_card(info: dict, run_dir: Path) -> str:
         f"- Weights: {merged['dtype']}, `{merged['architecture']}`",
         f"- Labels, in output order: {', '.join(f'`{x}`' for x in labels)} (also `id2label` in config.json)",
         f"- Pooling: {info['pooling']}; maximum length {info['max_length']} tokens",
+    ]
+    if info.get("temperature"):
+        lines.append(
+            f"- Temperature: {info['temperature']:.3f}, fitted on validation: divide the logits by it for calibrated "
+            "probabilities (the code below gives the raw ones, as the run's own predictions)"
+        )
+    lines += [
         "",
         "## Load",
         "",

@@ -27,9 +27,13 @@ NO_TOKEN = "Set HF_TOKEN (a write token from huggingface.co/settings/tokens) as 
 
 
 def epoch_files(folder: Path) -> list[Path]:
-    """The regular files of a checkpoint folder, sorted, symbolic links left out; ValueError
-    when it is not a folder of a finished epoch (no adapter_config.json)."""
+    """The regular files of a checkpoint folder, sorted, symbolic links left out (and never
+    followed: linked folders are not entered); ValueError when it is not a folder of a finished
+    epoch (no adapter_config.json), or when it or checkpoints/ is itself a link."""
     folder = Path(folder)
+    for linked in (folder, *folder.parents[:1]):  # checkpoints/epoch-<k>: an imported run may link them anywhere
+        if linked.is_symlink():
+            raise ValueError(f"{linked} is a symbolic link, which is never followed in a run folder")
     if not (folder / ADAPTER_CONFIG).is_file():
         raise ValueError(f"{folder} is not a checkpoint folder with a trained adapter (no {ADAPTER_CONFIG})")
     files = []

@@ -81,7 +81,12 @@ def tiny_decoder_config(family: str, **overrides):
         "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16)),
         "gemma3_text": (
             "Gemma3TextConfig",
-            dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"]),
+            dict(
+                head_dim=16,
+                sliding_window=8,
+                query_pre_attn_scalar=16,
+                layer_types=["sliding_attention", "full_attention"],
+            ),
         ),
         "phi3": ("Phi3Config", dict(partial_rotary_factor=0.5)),
     }

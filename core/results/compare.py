@@ -20,7 +20,7 @@ from ..runs.state import read_config
 from .report import build_report, load_report
 from .stats import wilson
 
-_EPOCH_STAGE = re.compile(r"^epoch-(\d+)$")
+_EPOCH_STAGE = re.compile(r"\Aepoch-(\d+)\Z")
 MISSING = "—"  # a config key that a run does not have (shown in the diff table)
 
 

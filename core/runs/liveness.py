@@ -36,6 +36,7 @@ from .rundir import (
     is_int,
     is_number,
     read_json,
+    read_run_tail,
     runs_root,
 )
 
@@ -139,10 +140,7 @@ def log_reason(run_dir: Path, limit: int = 300) -> str:
     """The line of train.log that best says why a trainer ended: its last exception or
     "error: ..." line, else its last line ("" without a log)."""
     try:
-        with open(Path(run_dir) / LOG, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 32768))
-            tail = f.read()
+        tail = read_run_tail(Path(run_dir) / LOG, 32768)  # never through a link (rundir.open_run_file)
     except OSError:
         return ""
     lines = [line.strip() for line in tail.decode("utf-8", errors="replace").splitlines() if line.strip()]

@@ -33,11 +33,13 @@ The runs folder is `$QLORA_STUDIO_RUNS`, else `runs/` beside the project (ignore
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
 import secrets
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -47,7 +49,7 @@ from typing import Any
 
 RUNS_ENV = "QLORA_STUDIO_RUNS"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+RUN_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,79}\Z")  # \Z: "$" would let a trailing newline in
 STATES = ("queued", "running", "done", "stopped", "failed")
 
 CONFIG = "config.json"
@@ -83,7 +85,7 @@ def runs_root() -> Path:
 
 def validate_run_id(run_id: str) -> str:
     """A run id is one path component of letters, digits, '.', '_' and '-' (no '..', no '/')."""
-    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id) or ".." in run_id:
+    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id) or ".." in run_id:
         raise ValueError(
             f"invalid run id {run_id!r}: use 1-80 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -189,11 +191,63 @@ def atomic_write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(json_safe(r), ensure_ascii=False) + "\n" for r in rows))
 
 
+# --- reading a run folder: never through a symbolic link ------------------------------------------
+
+# The folders inside a run folder: a link among them (in an imported or crafted run) is refused too.
+_RUN_SUBFOLDER = re.compile(r"\A(?:predictions|checkpoints|uploads|(?:epoch|state)-\d+)\Z")
+LINK_REFUSED = "a symbolic link, which is never followed in a run folder"
+
+
+def open_run_file(path: Path) -> int:
+    """A read-only file descriptor of a file of a run folder, opened without following a symbolic
+    link: the file itself (O_NOFOLLOW) and the run's folders above it (predictions/, checkpoints/
+    epoch-<k>/) must be real, and it must be a regular file (a FIFO would block its reader, a
+    device never ends). A run folder imported from elsewhere can hold a link to /etc/passwd or to
+    another run's uploads: such a file reads as unreadable (OSError ELOOP, LINK_REFUSED), never
+    as the file it points to. The run folder itself is checked by run_path and list_runs."""
+    path = Path(path)
+    for parent in path.parents:
+        if not _RUN_SUBFOLDER.match(parent.name):
+            break
+        if parent.is_symlink():
+            raise OSError(errno.ELOOP, LINK_REFUSED, str(parent))
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP or (e.errno == errno.EMLINK and path.is_symlink()):
+            raise OSError(errno.ELOOP, LINK_REFUSED, str(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
+
+
+def read_run_bytes(path: Path) -> bytes:
+    """The bytes of a file of a run folder (open_run_file: never through a link)."""
+    with os.fdopen(open_run_file(path), "rb") as f:
+        return f.read()
+
+
+def read_run_tail(path: Path, nbytes: int) -> bytes:
+    """The last `nbytes` bytes of a file of a run folder (b"" when it is missing; never through a link)."""
+    try:
+        fd = open_run_file(path)
+    except FileNotFoundError:
+        return b""
+    with os.fdopen(fd, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - nbytes))
+        return f.read()
+
+
 def load_json(path: Path) -> tuple[Any, str | None]:
     """(value, None), or (None, problem) where problem is "missing" or why the file cannot be
-    read: "empty", "not UTF-8 text", "not valid JSON (truncated or garbled)", "unreadable (...)"."""
+    read: "empty", "not UTF-8 text", "not valid JSON (truncated or garbled)", "unreadable (...)"
+    (a symbolic link among them: open_run_file)."""
     try:
-        data = Path(path).read_bytes()
+        data = read_run_bytes(path)
     except FileNotFoundError:
         return None, "missing"
     except OSError as e:
@@ -252,9 +306,10 @@ def scan_jsonl(path: Path, complete: bool = False) -> tuple[list[dict], int]:
     """(records, bad): the JSON objects of a JSON-lines file in order, and how many lines were not
     one (garbage, not UTF-8, a list or a number). A missing file is ([], 0); a last line without
     its newline that does not parse is a line still being written, not a bad one, unless the
-    file is `complete` (written whole, or by a trainer that has ended): then it is cut off."""
+    file is `complete` (written whole, or by a trainer that has ended): then it is cut off. A
+    symbolic link is not followed (open_run_file): it counts as one bad line."""
     try:
-        data = Path(path).read_bytes()
+        data = read_run_bytes(path)
     except FileNotFoundError:
         return [], 0
     except OSError:

@@ -213,7 +213,7 @@ class JsonlTail:
             return [], False  # not a byte changed: the common case, one stat() per poll
         restarted = False
         try:
-            with open(self.path, "rb") as f:
+            with os.fdopen(rundir.open_run_file(self.path), "rb") as f:  # never through a link
                 if self._ident is not None and (
                     (st.st_dev, st.st_ino) != self._ident or st.st_size < self.offset or not self._same_start(f)
                 ):
@@ -397,13 +397,18 @@ def chart_series(snap: dict, max_points: int = MAX_POINTS) -> dict[str, list[dic
     }
 
 
+LOG_TAIL_BYTES = 64 * 1024  # log_tail reads at most this much of the end of train.log
+
+
 def log_tail(run_dir: Path, lines: int = 40) -> str:
-    """The last lines of the trainer's train.log ('' if there is none)."""
+    """The last lines of the trainer's train.log ('' if there is none), from its last
+    LOG_TAIL_BYTES; a train.log that is a symbolic link (an imported run folder) is never
+    followed: it reads as such (rundir.open_run_file)."""
     try:
-        text = (Path(run_dir) / rundir.LOG).read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
+        data = rundir.read_run_tail(Path(run_dir) / rundir.LOG, LOG_TAIL_BYTES)
+    except OSError as e:
+        return f"({rundir.LOG} is unreadable: {e.strerror or type(e).__name__})"
+    return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
 
 
 def format_duration(seconds: float | None, short: bool = False) -> str:

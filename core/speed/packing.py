@@ -35,7 +35,6 @@ import functools
 
 import torch
 
-
 MULTIPLE = 64  # packed length rounded up to this: few shapes to capture, filler < MULTIPLE
 IMPLEMENTATION = "qlora_packed"  # our attention implementation's name in transformers' registries
 # decoder families whose classifier packs: each is tested against its padded path on CPU

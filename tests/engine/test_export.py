@@ -54,7 +54,7 @@ else:
 with torch.no_grad():
     probs = model(**enc).logits.float().softmax(-1)
 diff = (probs - torch.tensor([r["probs"] for r in rows])).abs().max().item()
-print(json.dumps({"max_diff": diff, "id2label": model.config.id2label, "pad_token_id": model.config.pad_token_id,
+print("\nRESULT " + json.dumps({"max_diff": diff, "id2label": model.config.id2label, "pad_token_id": model.config.pad_token_id,
                   "class": type(model).__name__, "refused": refused,
                   "peft": "peft" in sys.modules, "bitsandbytes": "bitsandbytes" in sys.modules}))
 """
@@ -71,7 +71,7 @@ def plain_transformers(folder: Path, rows_file: Path, trust: bool = False) -> di
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.split("\nRESULT ")[-1])  # after whatever transformers printed (its prompt)
 
 
 def train_tiny(arch: str, tmp_path: Path) -> Path:
@@ -117,7 +117,7 @@ def test_a_merged_export_reloads_in_plain_transformers_to_the_runs_probabilities
     info = json.loads((out / "classifier.json").read_text())
     assert info["merged"]["epoch"] == json.loads((run / "report.json").read_text())["best_epoch"]
     card = (out / "README.md").read_text()
-    assert "AutoModelForSequenceClassification.from_pretrained(folder)" in card and "peft" not in card.lower()
+    assert "AutoModelForSequenceClassification.from_pretrained(folder)" in card and "PeftModel" not in card
 
     got = plain_transformers(out, run / "predictions" / "test_after.jsonl")
     assert not got["peft"] and not got["bitsandbytes"]
@@ -153,7 +153,7 @@ def test_the_mean_pooled_demo_exports_with_its_own_class_and_the_one_call_loader
     assert got["max_diff"] < 2e-3
 
     want = [json.loads(line) for line in rows.read_text().splitlines()]
-    probs = load_classifier(out).predict(want)  # the folder's code never runs here
+    probs = load_classifier(out, temperature=False).predict(want)  # the folder's code never runs here
     assert abs(probs - [r["probs"] for r in want]).max() < 2e-3
 
     # an export is replaced by the next one; another folder's files are never touched

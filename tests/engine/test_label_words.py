@@ -28,7 +28,9 @@ CHAT = (
 def examples(n=12):
     rows = [json.loads(l) for l in (SNLI / "test.jsonl").read_text().splitlines()[:n]]
     return [
-        Example(id=f"t-{i}", premise=r["premise"], hypothesis=r["hypothesis"], label=LABELS.index(r["label"]), row=i + 1)
+        Example(
+            id=f"t-{i}", premise=r["premise"], hypothesis=r["hypothesis"], label=LABELS.index(r["label"]), row=i + 1
+        )
         for i, r in enumerate(rows)
     ]
 

@@ -54,7 +54,7 @@ def test_plain_peft_reloads_a_tiny_causal_lm_to_the_runs_test_probabilities(tmp_
         } <= names, names
     info = json.loads((best / "classifier.json").read_text())
     assert info["labels"] == ["entailment", "neutral", "contradiction"]
-    assert info["input_template"] == "Premise: {premise}\nHypothesis: {hypothesis}\nRelation:"
+    assert info["input_template"] == "{premise}\nQuestion: {hypothesis} Yes, Maybe, or No?\nAnswer:"  # the zero-shot prompt
     assert info["pooling"] == "model" and info["base_model"] == str(folder) and info["max_length"] == 64
     card = (best / "README.md").read_text()
     assert "AutoPeftModelForSequenceClassification" in card and "Test accuracy" in card

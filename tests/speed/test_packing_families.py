@@ -1,0 +1,289 @@
+"""Packed rows and the fused rotary embedding on every decoder family, against the padded path, on CPU.
+
+For each family of core/speed/packing.FAMILIES a tiny random model (tests.helpers.tiny_decoder_config:
+2 layers, hidden 64, and the family's own features: grouped key/value heads, sliding windows of 8
+tokens, shorter than most rows, q/k norms, Phi-3's fused qkv projection, partial rotary) in NF4
+with LoRA on every linear layer, loaded through core.model as the app loads it. Packed rows (the
+CPU's masked SDPA) give the padded path's logits, probabilities and LoRA/head gradients. The
+rotary kernel (rope.py) runs through Triton's interpreter in a subprocess, per family, against
+each family's own apply_rotary_pos_emb. Gemma 2 (soft-capped attention logits) and encoders stay
+padded and say why.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from core.config import LoraSettings, ModelConfig, SpeedConfig
+from core.data import collate
+from core.evaluate import predict
+from core.speed import attention, packing, rope, tune
+from core.speed.step import TrainStep
+from tests.helpers import CPU, ROOT, tiny_config, tiny_decoder_config
+
+PACKED = ("phi", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3")
+LORA = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+
+
+def make_tiny(family: str, folder, **overrides):
+    """make() -> a fresh NF4 + LoRA classifier of `family`, saved once to `folder` (the same base
+    weights and, seeded, the same head and LoRA weights every call); B is random, not zero, so
+    that every LoRA matrix gets a gradient."""
+    from transformers import AutoModelForCausalLM
+
+    from core.model import add_lora, load_model
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_decoder_config(family, **overrides)).save_pretrained(folder)
+
+    def make():
+        torch.manual_seed(1)
+        model = load_model(
+            ModelConfig(name=str(folder), compute_dtype="float32", device="cpu"), 3, 0, CPU, torch.float32
+        )
+        model = add_lora(model, LORA)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+        return model
+
+    return make
+
+
+def rows(n=12, seed=3):
+    """Rows of 4-29 tokens (pad id 0 never inside), the last one ending in the pad token, as a
+    row does where the tokenizer appends EOS and EOS is the pad token."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(4, 30, (1,), generator=g))
+        out.append({"input_ids": torch.randint(2, 300, (length,), generator=g).tolist(), "label": i % 3})
+    out[-1]["input_ids"].append(0)
+    return out
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def max_diff(got: dict, want: dict) -> float:
+    return max(float((got[n] - g).abs().max()) for n, g in want.items())
+
+
+@pytest.mark.parametrize("family", PACKED)
+def test_packed_rows_match_the_padded_path(family, tmp_path):
+    make = make_tiny(family, tmp_path / family)
+    plain, fast = make(), make()
+    changes = tune.tune_model(fast, torch.float32, SpeedConfig(pack="on"))
+    assert "attention per packed row (padded batches: SDPA)" in changes, changes
+    assert packing.why_not(fast) is None and packing.enabled(fast, CPU, torch.float32, "on")
+    assert not packing.supported(plain)  # untuned: transformers' own attention
+    assert not packing.enabled(fast, CPU, torch.float32, "auto")  # CPU: padded by default
+    enc = rows()
+    batch = collate(enc, list(range(len(enc))), 0)
+
+    plain.eval()
+    fast.eval()
+    with torch.no_grad():
+        ref = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        padded = fast(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = packing.packed_logits(fast, packing.pack(enc, 0, slots=15), packing.max_len(enc))
+    assert got.shape == (15, 3)
+    torch.testing.assert_close(padded, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[: len(enc)], ref, rtol=1e-4, atol=1e-4)
+    probs, loss = predict(fast, enc, 5, 0, CPU, torch.float32, speed=SpeedConfig(pack="on", eval_tokens=128))
+    torch.testing.assert_close(torch.from_numpy(probs), torch.softmax(ref, -1), rtol=1e-4, atol=1e-4)
+    assert math.isclose(loss, torch.nn.functional.cross_entropy(ref, batch["labels"]).item(), rel_tol=1e-4)
+
+    plain.train()
+    logits = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+    want = grads(plain)
+    assert len(want) > 2 * 7 and all(float(g.abs().max()) > 0 for g in want.values())
+    for budget in (0, 128):  # one packed micro-batch, then several
+        fast.train()
+        step = TrainStep(fast, CPU, torch.float32, 0, SpeedConfig(pack="on", micro_tokens=budget))
+        assert step.packed
+        step.zero_grad()
+        real, processed = step.run_packed(enc, step_rows=len(enc), max_rows=8, max_len=packing.max_len(enc))
+        assert real == sum(len(r["input_ids"]) for r in enc) <= processed
+        assert math.isclose(
+            step.take_loss(), torch.nn.functional.cross_entropy(logits, batch["labels"]).item(), rel_tol=1e-4
+        )
+        got_grads = grads(fast)
+        assert got_grads.keys() == want.keys()
+        for name, g in want.items():
+            torch.testing.assert_close(got_grads[name], g, rtol=1e-3, atol=1e-5, msg=f"{family} {name} ({budget})")
+    print(
+        f"{family}: max |packed - padded| logits {float((got[: len(enc)] - ref).abs().max()):.2e}, "
+        f"gradients {max_diff(got_grads, want):.2e}"
+    )
+
+
+def test_gemma2_soft_capping_and_encoders_stay_padded_and_say_why(tmp_path):
+    """Gemma 2 caps its attention logits (50.0 in every Gemma 2 checkpoint): torch's FlashAttention
+    kernel cannot, so its rows stay padded, with the reason in tune_model's list (the setup
+    record's speedups), and the padded path is unchanged. An encoder says it is one."""
+    from transformers import AutoModelForSequenceClassification
+
+    make = make_tiny("gemma2", tmp_path / "gemma2")
+    plain, fast = make(), make()
+    changes = tune.tune_model(fast, torch.float32, SpeedConfig(pack="on"))
+    why = packing.why_not(fast)
+    assert "soft-caps its attention logits (attn_logit_softcapping=50.0)" in why
+    assert f"rows not packed: {why}" in changes
+    assert not packing.enabled(fast, CPU, torch.float32, "on")
+    enc = rows()
+    batch = collate(enc, list(range(len(enc))), 0)
+    with torch.no_grad():
+        ref = plain.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    probs, _ = predict(fast, enc, 5, 0, CPU, torch.float32, speed=SpeedConfig(pack="on"))
+    torch.testing.assert_close(torch.from_numpy(probs), torch.softmax(ref, -1), rtol=1e-4, atol=1e-4)
+
+    bert = AutoModelForSequenceClassification.from_config(tiny_config("bert"))
+    assert "rows not packed: bert is an encoder" in " ".join(tune.tune_model(bert, torch.float32))
+    assert bert.config._attn_implementation != packing.IMPLEMENTATION
+
+
+def test_packed_attention_sliding_window_on_cpu():
+    """The CPU attention's mask: causal within each segment, and within `window` tokens (the token
+    itself included, as transformers' sliding-window mask has it), grouped key heads."""
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 5, 12, 12, 16], dtype=torch.int32)
+    q = torch.randn(16, 4, 8)
+    k = torch.randn(16, 2, 8)
+    v = torch.randn(16, 2, 8)
+    for window in (None, 3):
+        out = packing.attention(q, k, v, cu, 8, 0.5, window)
+        for a, b in ((0, 5), (5, 12), (12, 16)):
+            for t in range(a, b):
+                lo = a if window is None else max(a, t - window + 1)
+                keys = k[lo : t + 1].repeat_interleave(2, dim=1)
+                vals = v[lo : t + 1].repeat_interleave(2, dim=1)
+                w = torch.softmax(torch.einsum("hd,khd->hk", q[t], keys) * 0.5, -1)
+                torch.testing.assert_close(out[t], torch.einsum("hk,khd->hd", w, vals), rtol=1e-5, atol=1e-5)
+
+
+def test_a_rotary_that_is_not_transformers_formula_is_left_alone():
+    """attention.py binds the kernel only where a family's apply_rotary_pos_emb computes the
+    rotate_half formula: an interleaved (GPT-J style) one keeps its own, and says why."""
+    scope = types.ModuleType("interleaved_family")
+    exec(
+        "import torch\n"
+        "def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):\n"
+        "    def rot(x):\n"
+        "        return torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)\n"
+        "    c, s = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)\n"
+        "    return q * c + rot(q) * s, k * c + rot(k) * s\n"
+        "class InterleavedAttention(torch.nn.Module):\n"
+        "    def forward(self, q, k, cos, sin):\n"
+        "        return apply_rotary_pos_emb(q, k, cos, sin)\n",
+        scope.__dict__,
+    )
+    forward, why = attention.fused_rotary_forward(scope.InterleavedAttention)
+    assert forward is None and "not the rotate_half formula" in why
+    changes = attention.patch_attention(torch.nn.Sequential(scope.InterleavedAttention()), triton=True)
+    assert changes == [f"rotary embedding not fused: {why}"]
+
+    from transformers.models.llama import modeling_llama
+
+    assert attention.why_not_standard(modeling_llama.apply_rotary_pos_emb) is None
+    q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+    cos, sin = torch.randn(1, 6, 8), torch.randn(1, 6, 8)
+    got = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    torch.testing.assert_close(got[0], rope.reference_heads(q, cos, sin))
+
+
+ROTARY_CHECK = r"""
+import copy, sys, torch
+from transformers import AutoModelForSequenceClassification
+from core.speed import attention, packing, rope, tune
+from core.config import SpeedConfig
+from core.data import collate
+from tests.helpers import tiny_decoder_config
+assert rope.available(torch.zeros(1))  # the interpreter stands in for a GPU
+
+# the kernel itself: the [B, heads, S, D] layout of transformers' attention, a slice of a fused qkv
+# projection (not dense), grouped key heads, full and partial rotary; forward and backward
+torch.manual_seed(0)
+B, S, H, D = 2, 5, 3, 16
+for rot in (D, 8):
+    angles = torch.randn(B, S, rot // 2)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    qkv = torch.randn(B, S, (H + 2) * D + 7, requires_grad=True)
+    for x in (qkv[..., : H * D].view(B, S, H, D).transpose(1, 2), torch.randn(B, H, S, D).requires_grad_()):
+        out, ref = rope.rope_heads(x, cos, sin), rope.reference_heads(x, cos, sin)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        g = torch.randn_like(out)
+        leaf = qkv if x.grad_fn is not None else x
+        got, = torch.autograd.grad(out, leaf, g)
+        want, = torch.autograd.grad(ref, leaf, g)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+print("kernel ok")
+
+# each family: the bound kernel gives transformers' logits and gradients, padded and packed
+g = torch.Generator().manual_seed(3)
+enc = [{"input_ids": torch.randint(2, 300, (int(torch.randint(3, 8, (1,), generator=g)),), generator=g).tolist(),
+        "label": i % 3} for i in range(3)]
+batch = collate(enc, list(range(3)), 0)
+for family in sys.argv[1:]:
+    cfg = tiny_decoder_config(family, num_labels=3)
+    torch.manual_seed(0)
+    plain = AutoModelForSequenceClassification.from_config(copy.deepcopy(cfg))
+    fast = AutoModelForSequenceClassification.from_config(copy.deepcopy(cfg))
+    fast.load_state_dict(plain.state_dict())
+    changes = tune.tune_model(fast, torch.float32, SpeedConfig(pack="on"))
+    assert any(c in changes for c in (attention.ROTARY_CHANGE, attention.PHI_CHANGE)), changes
+    calls, kept = [], (rope.rope, rope.rope_heads)
+    def counting(f):
+        def counted(*a):
+            calls.append(1)
+            return f(*a)
+        return counted
+    rope.rope, rope.rope_heads = counting(rope.rope), counting(rope.rope_heads)
+    out = {}
+    for label, model in (("plain", plain), ("fast", fast)):
+        model.zero_grad()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+        out[label] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    with torch.no_grad():  # Gemma 2 (soft-capping) does not pack: its padded logits stand in
+        packed = (packing.packed_logits(fast, packing.pack(enc, 0), packing.max_len(enc))
+                  if packing.supported(fast) else out["fast"][0])
+    assert calls, family  # the kernel ran
+    torch.testing.assert_close(out["fast"][0], out["plain"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed, out["plain"][0], rtol=1e-5, atol=1e-5)
+    grad_diff = max(float((out["fast"][1][n] - w).abs().max()) for n, w in out["plain"][1].items())
+    for n, w in out["plain"][1].items():
+        torch.testing.assert_close(out["fast"][1][n], w, rtol=1e-4, atol=1e-5, msg=f"{family} {n}")
+    print(f"{family} ok: logits {float((out['fast'][0] - out['plain'][0]).abs().max()):.1e}, "
+          f"packed {float((packed - out['plain'][0]).abs().max()):.1e}, gradients {grad_diff:.1e}")
+    rope.rope, rope.rope_heads = kept
+"""
+
+
+def test_triton_rotary_matches_each_familys_own_formula():
+    """rope.py's kernel (the GPU path) through Triton's interpreter on CPU: rope_heads on
+    transformers' layouts, and every family's attention with the kernel bound (Phi's own forward)
+    against transformers' forward: logits (padded and packed) and every gradient."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", ROTARY_CHECK, *PACKED, "gemma2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert out.returncode == 0 and "kernel ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    for family in (*PACKED, "gemma2"):
+        assert f"{family} ok" in out.stdout, out.stdout
+    print(out.stdout)
