@@ -1,28 +1,21 @@
 """Playground: type an input and see the label probabilities of a finished run's model before
 training (checkpoints/epoch-0: the untrained adapter and random head) and after (the best epoch),
-side by side. Models load through core.classifier.load_classifier, as the run loaded them."""
+side by side. Models load through core.classifier.load_classifier, as the run loaded them, and are
+kept for the whole server by core/model_pool.py (a few at a time, one loading at a time: a visitor
+who would have to wait for another's load is told the Playground is busy)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages import ui
-from core.classifier import load_classifier
+from core.model_pool import POOL, Busy
 from core.results import compare
 from core.runs.state import list_runs
 
 st.title("Playground")
-
-
-@st.cache_resource(max_entries=2, show_spinner=False)
-def classifier(folder: str):
-    """The classifier saved in a checkpoint folder, kept between inputs; two at most (a run's
-    before and after), so picking another run releases the previous run's models."""
-    return load_classifier(Path(folder))
 
 
 runs = [r for r in list_runs() if r["state"] == "done" and not r.get("damaged")]
@@ -70,15 +63,20 @@ if not ready:
 
 try:
     with st.spinner("Loading the models (the base model in 4 bits, as the run loaded it)…"):
-        before_model = classifier(str(before_dir))
-        after_model = classifier(str(after_dir))
+        before_model = POOL.get(before_dir)
+        after_model = POOL.get(after_dir)
     before_p = before_model.predict([row])[0]
     after_p = after_model.predict([row])[0]
+except Busy as e:  # other visitors' models are loading: say so now rather than time out
+    st.info(str(e), icon=":material/hourglass_top:")
+    st.button("Try again", key="playground_retry")
+    st.stop()
 except Exception as e:  # a damaged checkpoint, a base model no longer available, ...
     st.error(f"The models of run `{run_id}` could not be loaded or run ({type(e).__name__}: {ui.plain(e)}).")
     st.stop()
 
 labels = list(after_model.labels)
+shown = [ui.chart_text(label) for label in labels]  # labels from the run's classifier.json: no markup in the chart
 best = after_dir.name.removeprefix("epoch-")
 st.dataframe(
     pd.DataFrame(
@@ -92,8 +90,8 @@ st.dataframe(
 )
 fig = go.Figure(
     [
-        go.Bar(name="before (epoch 0)", x=labels, y=[float(p) for p in before_p], marker_color=ui.COLORS["before"]),
-        go.Bar(name=f"after (epoch {best})", x=labels, y=[float(p) for p in after_p], marker_color=ui.COLORS["after"]),
+        go.Bar(name="before (epoch 0)", x=shown, y=[float(p) for p in before_p], marker_color=ui.COLORS["before"]),
+        go.Bar(name=f"after (epoch {best})", x=shown, y=[float(p) for p in after_p], marker_color=ui.COLORS["after"]),
     ]
 )
 fig.update_layout(

@@ -74,6 +74,7 @@ FLAGS = {
     "threads": ("train.threads", int),
     "checkpoint-every": ("train.checkpoint_every", int),
     "nproc": ("train.processes", int),
+    "report-to": ("train.report_to", lambda s: [x.strip() for x in s.split(",") if x.strip() not in ("", "none")]),
     "early-stopping": ("train.early_stopping_patience", int),
     "class-weights": ("train.class_weights", str),  # none, balanced or W1,W2,...: TrainConfig parses it
 }
@@ -120,6 +121,9 @@ def cmd_resume(args) -> int:
     if not (run_dir / rundir.STATUS).is_file():
         raise ValueError(f"{run_dir} is not a run folder (no {rundir.STATUS})")
     cfg = RunConfig.load(run_dir / rundir.CONFIG)
+    from .trackers import check_installed
+
+    check_installed(cfg.train.report_to)
     if args.nproc is not None:
         cfg = override(cfg, {"train.processes": args.nproc})
     ranks = dist.ranks_for(cfg)
@@ -194,6 +198,9 @@ def cmd_train(args) -> int:
 
     cfg = build_config(args)
     check_model(cfg)  # from the model's config.json: its folder, remote code, max_length; before any claim
+    from .trackers import check_installed
+
+    check_installed(cfg.train.report_to)  # --report-to mlflow without mlflow: the pip line, nothing made
     ranks = dist.ranks_for(cfg)  # under torchrun: this process's rank (rank 0 names the run folder)
     cfg = dist.with_world_size(cfg, ranks)
     if args.run_dir:
@@ -337,7 +344,7 @@ def cmd_report(args) -> int:
 
     run_dir = Path(args.run_dir)
     if not (run_dir / rundir.STATUS).exists() and not (run_dir / rundir.CONFIG).exists():
-        print(f"error: {run_dir} is not a run folder", file=sys.stderr)
+        print(f"error: {terminal_text(run_dir)} is not a run folder", file=sys.stderr)
         return 2
     report = build_report(run_dir, group=group_summary(run_dir))
     if args.html:

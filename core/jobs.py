@@ -7,7 +7,8 @@ The trainer is `python -m core train --config RUN/config.json --run-dir RUN`, st
 session so it outlives the Streamlit server, the browser tab and a page refresh. launch creates
 status.json exclusively (state queued, with a one-off `claim` token the trainer gets in
 $QLORA_STUDIO_CLAIM to take the run over), refuses while another run holds the GPU lock
-(liveness.gpu_holder), and records the trainer's pid and start time; stop signals only that process.
+(liveness.gpu_holder), and records the trainer's pid and start time; stop signals only that process,
+and only while it holds the run's trainer lock (liveness.holds_run_lock).
 """
 
 from __future__ import annotations
@@ -128,13 +129,17 @@ def launch_with_uploads(
 def stop(run_dir: Path, password: str | None = None) -> bool:
     """Ask the run to stop cleanly: a STOP file the loop checks each step, and SIGTERM to its
     trainer, only if the process with the run's pid is the one that started at its pid_start (a
-    pid reused by another process is never signalled). Returns whether a signal was sent.
+    pid reused by another process is never signalled) and holds the run's trainer lock (a forged
+    status.json, pid, start time and heartbeat included, cannot point Stop at another process).
+    Returns whether a signal was sent.
     access.Refused (nothing written) when stopping is not allowed here (core/access.py)."""
     access.check("stop", password)
     request_stop(run_dir)
     status = rundir.read_json(Path(run_dir) / rundir.STATUS, {})
     pid, start = status.get("pid"), status.get("pid_start")
     if status.get("state") not in rundir.ACTIVE_STATES or start is None or not liveness.pid_alive(pid, start):
+        return False
+    if not liveness.holds_run_lock(pid, run_dir):
         return False
     try:
         proc = psutil.Process(pid)

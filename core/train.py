@@ -51,6 +51,7 @@ from .speed.accounting import PeakMemory, StepLog
 from .speed.graphs import EvalGraphs
 from .speed.step import TrainStep, class_weights
 from .speed.tune import checkpoint_layers, tune_model
+from .trackers import Trackers
 
 
 class Stopped(Exception):
@@ -228,10 +229,14 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             cfg.save(run_dir / rundir.CONFIG)
             rundir.atomic_write_text(metrics, "")
 
+    trackers = Trackers(cfg.train.report_to if main else [], run_dir, cfg)  # TensorBoard, MLflow, W&B
+
     # rank 0 alone writes metrics.jsonl and status.json; in the other processes these do nothing
     def log(**record) -> None:
         if main:
-            rundir.append_jsonl(metrics, {"t": round(time.time(), 3), **record})
+            record = {"t": round(time.time(), 3), **record}
+            rundir.append_jsonl(metrics, record)
+            trackers.record(record)  # the trackers of train.report_to get a copy (core/trackers.py)
 
     def status(**fields) -> None:
         if main:
@@ -432,6 +437,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         temperature = (report.get("temperature_scaling") or {}).get("temperature")
         saver.add_test_result(best["epoch"], validation, test, temperature)  # its model card and classifier.json
         rundir.atomic_write_json(run_dir / rundir.REPORT, report)
+        saver.wait()  # the model card written, before the folder goes to the trackers as an artifact
+        trackers.finish(ckpt_dir / f"epoch-{best['epoch']}")
         status(state="done", phase="done", finished_at=rundir.now_iso(), step=step)
         return report
     except (Stopped, KeyboardInterrupt) as e:  # the Stop button, SIGTERM, or Ctrl-C in a terminal
@@ -455,6 +462,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         if saver is not None:  # a checkpoint being written is finished, not cut off
             with contextlib.suppress(Exception):
                 saver.wait()
+        trackers.close()  # as the end record says: stopped or failed (a finished run closed them already)
         stop.restore()
 
 

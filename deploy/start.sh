@@ -10,6 +10,7 @@
 #   PORT                the port (default 8501: app_port in README.md's front matter, EXPOSE)
 #   QLORA_STUDIO_ALLOW_LOCAL_PATHS  0 unless given: the model and data fields take Hub ids and the
 #                       embedded / built-in names only, never a path on this server (core/access.py)
+#   QLORA_STUDIO_READ_ONLY  set: browse only, and the upload endpoint takes no bytes (maxUploadSize 0)
 set -eu
 cd "$(dirname "$0")/.."  # .streamlit/config.toml is read from the working directory
 
@@ -28,4 +29,11 @@ export QLORA_STUDIO_ALLOW_LOCAL_PATHS
 mkdir -p "$QLORA_STUDIO_RUNS"
 echo "start.sh: runs folder $QLORA_STUDIO_RUNS; Hugging Face cache ${HF_HOME:-(default)}"
 
-exec python -m streamlit run app.py --server.port "${PORT:-8501}" --server.address 0.0.0.0 --server.headless true
+# Read-only (QLORA_STUDIO_READ_ONLY set, as core/access.py reads it): Streamlit's upload endpoint
+# takes no file at all (0 MB: every upload is refused with 413), though no uploader is drawn.
+set --
+case "$(printf '%s' "${QLORA_STUDIO_READ_ONLY:-}" | tr -d ' \t' | tr 'A-Z' 'a-z')" in
+    "" | 0 | false | no | off) ;;
+    *) set -- --server.maxUploadSize 0 ;;
+esac
+exec python -m streamlit run app.py --server.port "${PORT:-8501}" --server.address 0.0.0.0 --server.headless true "$@"

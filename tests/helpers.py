@@ -119,6 +119,35 @@ def save_word_tokenizer(folder: Path, words: list[str], causal: bool) -> None:
     fast.save_pretrained(folder)
 
 
+def train_tiny(arch: str, tmp_path: Path, **train) -> Path:
+    """A real run (core.train.train, in this process) of a tiny random `arch` model ("llama": a
+    causal LM, "bert": a [CLS] encoder) on 48 SNLI rows, 2 epochs, a few seconds on a CPU; `train`
+    sets TrainConfig fields (e.g. report_to). Returns the run folder, tmp_path / "run"."""
+    from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
+    from core.train import train as train_run
+
+    rows = [json.loads(l) for l in (SNLI / "train.jsonl").read_text().splitlines()[:200]]
+    words = [w for r in rows for w in (r["premise"] + " " + r["hypothesis"]).replace(".", " . ").split()]
+    folder = save_tiny_model(arch, tmp_path / "model")
+    save_word_tokenizer(folder, words + ["Premise", "Hypothesis", "Relation", ":"], causal=arch != "bert")
+    cfg = RunConfig(
+        model=ModelConfig(name=str(folder)),
+        data=DataConfig(
+            source="files",
+            train=str(SNLI / "train.jsonl"),
+            test=str(SNLI / "test.jsonl"),
+            max_train_rows=48,
+            max_validation_rows=16,
+            max_test_rows=24,
+            max_length=64,
+        ),
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+        train=TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": 3e-3, "head_lr": 1e-2, **train}),
+    )
+    train_run(cfg, tmp_path / "run")
+    return tmp_path / "run"
+
+
 # --- the app under AppTest, run folders written by hand ---------------------------------------
 
 
@@ -171,6 +200,21 @@ def make_failed_run(root: Path) -> Path:
     )
     (run / "train.log").write_text("run folder: x\nloading model\nRuntimeError: boom at step 3\n")
     return run
+
+
+def run_lock_holder(run: Path) -> subprocess.Popen:
+    """A live process that holds `run`'s trainer lock (core.runs.liveness.hold_run_lock), as a real
+    trainer does from its claim on: the only kind of process Stop signals. The caller ends it."""
+    code = (
+        "import sys, time\n"
+        "from core.runs.liveness import hold_run_lock\n"
+        "assert hold_run_lock(sys.argv[1]) is not None\n"
+        "print('held', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
 
 
 def make_running_run(root: Path, pid: int) -> Path:

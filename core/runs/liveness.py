@@ -2,7 +2,8 @@
 GPU lock (one GPU run at a time). Part of the run folder contract.
 
     pid_alive(pid, start)          # the process lives and is the one that started at `start`
-    Heartbeat(run_dir).start()     # the trainer's sign of life, every HEARTBEAT_EVERY_S seconds
+    Heartbeat(run_dir).start()     # the trainer's sign of life, and its lock on the run folder
+    holds_run_lock(pid, run_dir)   # whether `pid` is the process that holds that lock (what Stop signals)
     fd = gpu_lock(run_dir, "cuda") # held until the process ends (kill -9 included)
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import threading
 import time
 from datetime import datetime
@@ -31,6 +33,7 @@ from .rundir import (
     HEARTBEAT_STALE_S,
     LOG,
     QUEUED_GRACE_S,
+    RUN_LOCK,
     START_TOLERANCE_S,
     STATUS,
     is_int,
@@ -99,18 +102,84 @@ def last_beat(run_dir: Path) -> float | None:
     return float(t) if is_number(t) else None
 
 
+# --- the trainer's lock on its run folder ------------------------------------------------------
+
+
+def hold_run_lock(run_dir: Path) -> int | None:
+    """Take the run folder for this process: an exclusive, non-blocking flock on <run>/.trainer.lock,
+    held while the returned file descriptor is open (the OS lets it go when the process ends, kill
+    -9 included; children never inherit it). None where it cannot be had (no flock, another
+    holder, a link in its place): the run trains all the same, only Stop then sends no signal."""
+    if fcntl is None:
+        return None
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(Path(run_dir) / RUN_LOCK, flags, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def holds_run_lock(pid: Any, run_dir: Path) -> bool:
+    """Whether process `pid` holds the run's trainer lock: <run>/.trainer.lock is a regular file
+    (not a link, one name), it is locked (a shared probe fails), and `pid` has that very file open.
+    Forged status fields (a pid with its real start time, a fresh heartbeat) cannot make another
+    process pass this: it would have to hold the lock on this run's file."""
+    if fcntl is None or not valid_pid(pid):
+        return False
+    path = Path(run_dir) / RUN_LOCK
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            return False
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # held: by whom is the question below
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False  # nobody holds it
+        if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != (st.st_dev, st.st_ino):
+            return False
+    finally:
+        os.close(fd)
+    try:
+        files = psutil.Process(pid).open_files()
+    except (psutil.Error, OSError, ValueError):
+        return False
+    for f in files:
+        try:
+            other = os.stat(f.path)
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return False
+
+
 class Heartbeat:
     """Beats for `run_dir` now and then every `every` seconds on a daemon thread, until stop(),
-    the run's status is final (done, stopped, failed), or the process ends. The trainer runs one
-    from its claim of the run folder on (and ResourceSampler beats too, for train() called
-    in-process)."""
+    the run's status is final (done, stopped, failed), or the process ends; and holds the run's
+    trainer lock (hold_run_lock) as long. The trainer runs one from its claim of the run folder on
+    (and ResourceSampler beats too, for train() called in-process)."""
 
     def __init__(self, run_dir: Path, every: float = HEARTBEAT_EVERY_S):
         self.run_dir, self.every = Path(run_dir), every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._lock_fd: int | None = None
 
     def start(self) -> Heartbeat:
+        self._lock_fd = hold_run_lock(self.run_dir)
         self._beat()
         self._thread.start()
         return self
@@ -119,6 +188,12 @@ class Heartbeat:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        self._release()
+
+    def _release(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _beat(self) -> None:
         try:
@@ -129,6 +204,7 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.every):
             if read_json(self.run_dir / STATUS, {}).get("state") in ("done", "stopped", "failed"):
+                self._release()  # the run is over: nothing left for Stop to signal
                 return
             self._beat()
 

@@ -17,6 +17,7 @@ reader parses line by line, skipping a half-written last line.
         train.log                stdout/stderr of the trainer process
         STOP                     present when someone asked the run to stop
         heartbeat                {"t", "pid"}: rewritten every few seconds while the trainer lives
+        .trainer.lock            flock held by the trainer for its life: Stop signals only its holder
 
     runs/.gpu.lock               flock held by the trainer that uses the GPU (one GPU run at a time)
 
@@ -67,7 +68,10 @@ ADAPTER_FILE = "adapter_model.safetensors"  # the LoRA and head weights
 ADAPTER_CONFIG = "adapter_config.json"
 CLASSIFIER_FILE = "classifier.json"  # labels, input, pooling and base model (core/classifier.py)
 HEARTBEAT = "heartbeat"
+TENSORBOARD = "tensorboard"  # TensorBoard's event files, when train.report_to names it (core/trackers.py)
+TRACKER_RUNS = "trackers.json"  # the MLflow and W&B run ids of the run, so that --resume continues them
 GPU_LOCK = ".gpu.lock"  # in the runs folder
+RUN_LOCK = ".trainer.lock"  # in a run folder: flock held by its trainer for its whole life (liveness.hold_run_lock)
 CLAIM_ENV = "QLORA_STUDIO_CLAIM"  # jobs.launch -> its trainer: the token that lets it take the queued run
 DAMAGED = "damaged"  # never written: what readers call a run whose status.json or config.json is unreadable
 ACTIVE_STATES = ("queued", "running")

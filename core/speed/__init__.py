@@ -6,9 +6,11 @@ GPU) and has a switch in config.SpeedConfig (`speed` in a run's config.json).
 - tune.py: tune_model(), the model surgery that keeps the function (fused GELU, 16-bit LayerNorm
   output, fp32 residual stream under fp16) and installs the two patches below;
 - qlinear.py: a 4-bit linear layer and its LoRA adapter as one autograd function;
-- phi_attention.py: Phi's attention with the partial rotary embedding in one pass, reading packing;
-- rope.py: that rotary embedding as one Triton kernel;
-- packing.py: a batch's rows end to end with no padding (FlashAttention's varlen kernel);
+- attention.py: the rotary embedding in one pass in every rotary family's attention (Phi's own
+  forward; the others' transformers forward with apply_rotary_pos_emb bound to rope.py);
+- rope.py: the rotary embedding (partial or full) as one Triton kernel;
+- packing.py: a batch's rows end to end with no padding, for every decoder family it lists (its
+  attention function in transformers' AttentionInterface; FlashAttention's varlen kernel);
 - patch.py: how a module's forward is replaced, and how other code tells it was;
 - step.py: TrainStep, forward + backward of one optimiser step (packed or padded, micro-batches);
 - graphs.py: CUDA graph capture and replay (training steps, evaluation forwards);

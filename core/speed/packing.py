@@ -17,8 +17,9 @@ passes from the model's forward down to the attention function (`cu_seq_lens_q`,
 as DataCollatorWithFlattening makes them). The attention function is ours, registered in
 transformers' AttentionInterface under IMPLEMENTATION: with those keywords it attends within each
 row (FlashAttention varlen on a GPU, one masked SDPA on a CPU: the tests), sliding windows
-included; without them it is transformers' SDPA attention, unchanged, so padded batches (the T4,
-`pack = off`, the CPU by default) run exactly as before. Its mask function is SDPA's.
+included; without them it is transformers' SDPA attention, so padded batches (the T4, `pack =
+off`, the CPU by default) compute what they did. Its mask function is SDPA's, except that it
+builds no mask where there is no padding mask (packed_mask).
 
 Used where `why_not(model)` is None (FAMILIES: each tested on CPU against the padded path, tests/
 speed/test_packing_families.py) and `enabled(model, device, dtype, mode)` (mode = speed.pack):
@@ -74,10 +75,23 @@ def why_not(model) -> str | None:
 def register() -> None:
     """Our attention implementation in transformers' registries (the same name in both)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(IMPLEMENTATION, packed_attention)
-    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    AttentionMaskInterface.register(IMPLEMENTATION, packed_mask)
+
+
+def packed_mask(*, attention_mask=None, **kwargs):
+    """The mask function of IMPLEMENTATION: SDPA's, but none for a batch without a padding mask
+    and without cached keys. Packed rows then attend per row through cu_seq_lens with no mask
+    built (SDPA's would be T x T: 256 MiB at 16,384 tokens, and a waste); a padded batch of a
+    causal model without a mask (right padding: core.model.is_causal) is causal by itself, its
+    sliding window added by packed_attention where a row is longer than the window."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and kwargs["q_length"] == kwargs["kv_length"]:
+        return None
+    return sdpa_mask(attention_mask=attention_mask, **kwargs)
 
 
 def install(model) -> str | None:
@@ -239,11 +253,17 @@ def packed_attention(module, query, key, value, attention_mask, **kwargs):
     calls SDPA's (query [1, heads, T, head_dim], key and value with their own head count). With
     the varlen keywords of a packed batch it attends causally within each row (and within the
     layer's sliding window, where a row is longer than it) and ignores the mask; without them it
-    is transformers' SDPA attention."""
+    is transformers' SDPA attention (with the sliding window that packed_mask leaves to it)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
+        window = kwargs.get("sliding_window")
+        length = query.shape[2]
+        if attention_mask is None and window is not None and length > window and key.shape[2] == length:
+            back = torch.arange(length, device=query.device)
+            back = back[:, None] - back[None, :]  # query minus key position
+            attention_mask = (back >= 0) & (back < window)  # what SDPA's mask function builds (packed_mask)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if kwargs.get("softcap") is not None or kwargs.get("dropout"):
         raise ValueError("packed rows support neither soft-capped attention logits nor attention dropout")

@@ -31,6 +31,7 @@ from tests.helpers import (
     free_port,
     make_failed_run,
     make_running_run,
+    run_lock_holder,
     start,
     text_of,
 )
@@ -117,6 +118,8 @@ def test_a_password_guards_every_action_in_core(tmp_path, monkeypatch, started, 
     root = tmp_path / "runs"
     monkeypatch.setenv(rundir.RUNS_ENV, str(root))
     running = make_running_run(root, sleeper.pid)
+    sleeper = run_lock_holder(running)  # the stand-in trainer holds the run's lock, as a trainer does
+    write_status(running, pid=sleeper.pid)
     monkeypatch.setenv(access.PASSWORD_ENV, "s3cret pass")
     with pytest.raises(access.Refused, match="Launching a run needs this deployment's password"):
         jobs.launch(demo_cfg())

@@ -18,9 +18,9 @@ from safetensors import safe_open
 
 from core.__main__ import main
 from core.classifier import load_classifier
-from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
+from core.config import RunConfig
 from core.export import export_merged
-from tests.helpers import ROOT, SNLI, save_tiny_model, save_word_tokenizer
+from tests.helpers import ROOT, train_tiny
 
 # A stranger's program: transformers only. peft and bitsandbytes are hidden from the import system
 # (as if they were not installed; transformers' own availability checks see nothing either).
@@ -72,31 +72,6 @@ def plain_transformers(folder: Path, rows_file: Path, trust: bool = False) -> di
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.split("\nRESULT ")[-1])  # after whatever transformers printed (its prompt)
-
-
-def train_tiny(arch: str, tmp_path: Path) -> Path:
-    from core.train import train
-
-    rows = [json.loads(l) for l in (SNLI / "train.jsonl").read_text().splitlines()[:200]]
-    words = [w for r in rows for w in (r["premise"] + " " + r["hypothesis"]).replace(".", " . ").split()]
-    folder = save_tiny_model(arch, tmp_path / "model")
-    save_word_tokenizer(folder, words + ["Premise", "Hypothesis", "Relation", ":"], causal=arch != "bert")
-    cfg = RunConfig(
-        model=ModelConfig(name=str(folder)),
-        data=DataConfig(
-            source="files",
-            train=str(SNLI / "train.jsonl"),
-            test=str(SNLI / "test.jsonl"),
-            max_train_rows=48,
-            max_validation_rows=16,
-            max_test_rows=24,
-            max_length=64,
-        ),
-        lora=LoraSettings(r=4, alpha=8, dropout=0.0),
-        train=TrainConfig(epochs=2, batch_size=16, lr=3e-3, head_lr=1e-2),
-    )
-    train(cfg, tmp_path / "run")
-    return tmp_path / "run"
 
 
 @pytest.mark.slow

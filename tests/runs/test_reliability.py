@@ -20,7 +20,7 @@ from core.config import get_preset, override
 from core.results.report import damaged_files
 from core.runs import liveness, rundir, state
 from core.runs.state import claim_run, list_runs, read_status, stop_requested, write_status
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_lock_holder
 
 
 def old_iso(seconds_ago: float) -> str:
@@ -50,8 +50,12 @@ def test_a_reused_pid_is_never_signalled_and_the_run_reads_failed(tmp_path, slee
     assert sleeper.poll() is None, "jobs.stop signalled a process that is not the run's trainer"
     assert stop_requested(run)  # the STOP file is still written
 
-    # the same pid with its own start time is the trainer: it reads running and Stop signals it
+    # the same pid with its own start time reads running, but Stop signals only the process that
+    # holds the run's trainer lock (tests/app/test_hardening.py: a forged pid never gets a signal)
     set_status(run, pid_start=started)
+    assert read_status(run)["state"] == "running"
+    sleeper = run_lock_holder(run)  # the trainer: its own pid, start time and the run's lock
+    set_status(run, pid=sleeper.pid, pid_start=liveness.process_start(sleeper.pid))
     assert read_status(run)["state"] == "running"
     assert jobs.stop(run) is True
     assert sleeper.wait(timeout=10) == -signal.SIGTERM
