@@ -18,6 +18,7 @@ from core.config import (
     EMBEDDED_MODEL,
     NLI_LABELS,
     PRESETS,
+    TRACKERS,
     DataConfig,
     LoraSettings,
     ModelConfig,
@@ -27,6 +28,7 @@ from core.config import (
 )
 from core.model import check_model
 from core.runs.watch import format_duration
+from core.trackers import check_installed
 
 DATA_CHOICES = {
     "builtin": "Built-in NLI sample",
@@ -307,6 +309,15 @@ def settings_form() -> None:
                 "Compute dtype", ["auto", "float32", "bfloat16", "float16"], key=k("dtype")
             )
             changes["model.device"] = st.selectbox("Device", ["auto", "cpu", "cuda"], key=k("device"))
+            changes["train.report_to"] = st.multiselect(
+                "Also log to",
+                list(TRACKERS),
+                default=list(base.train.report_to),
+                key=k("report_to"),
+                help="Experiment trackers that get the loss, learning rate, validation and test accuracy as the "
+                "run goes: TensorBoard (files in the run folder), MLflow (MLFLOW_TRACKING_URI), Weights & Biases "
+                "(its WANDB_* variables). metrics.jsonl stays the record.",
+            )
 
     if data_kind == "hub":
         h = st.columns([2, 1, 1, 1, 1])
@@ -359,6 +370,10 @@ def settings_form() -> None:
     problem = model_problem(json.dumps(cfg.to_dict()["model"], sort_keys=True), cfg.data.max_length)
     if problem:
         errors.append(f"model: {problem}")
+    try:
+        check_installed(cfg.train.report_to)  # the pip line, before a launch that would fail
+    except ValueError as e:
+        errors.append(str(e))
 
     st.markdown("##### What will happen")
     d = cfg.to_dict()

@@ -42,10 +42,14 @@ def rnd(x: float | None, n: int) -> float | None:
     return None if x is None else round(x, n)
 
 
-def adapter_section(run_id: str, folder) -> None:
+def adapter_section(run_dir, folder, params: int | None) -> None:
     """The best epoch's checkpoint folder: a zip to download (browsing: also on a read-only
-    deployment) and a push to the Hub (not on a read-only deployment; behind the password)."""
+    deployment) and a push to the Hub (not on a read-only deployment; behind the password); for a
+    run of at most share.MERGED_MAX_PARAMS parameters (`params`), the merged model too, built on
+    click (core/export.py: seconds of loading and dequantising; not on a read-only deployment)."""
+    run_id = run_dir.name
     name = f"{run_id}-{folder.name}"
+    mergeable = bool(params) and params <= share.MERGED_MAX_PARAMS and not access.read_only()
     st.subheader("The fine-tuned adapter")
     left, right = st.columns([1, 2], gap="large")
     left.caption(
@@ -62,6 +66,20 @@ def adapter_section(run_id: str, folder) -> None:
         help="Unzipped, the folder loads with core.classifier.load_classifier(folder) (and, for a "
         "standard head, with peft's AutoPeftModelForSequenceClassification); see its README.md.",
     )
+    if mergeable:
+        left.download_button(
+            "Download merged model",
+            lambda: share.merged_zip(run_dir, f"{name}-merged"),  # exported on click
+            file_name=f"{name}-merged.zip",
+            mime="application/zip",
+            icon=":material/merge:",
+            key="merged_zip",
+            help="One model folder, the 4-bit base dequantised with the LoRA update merged in and the head "
+            "included: plain transformers loads it (AutoModelForSequenceClassification.from_pretrained), "
+            "without peft or bitsandbytes; see its README.md.",
+        )
+    elif not access.read_only():
+        left.caption(f"The merged model (no peft, no bitsandbytes): `python -m core export {run_id} --out DIR`.")
     if access.read_only():
         return
     with right.expander("Push to the Hugging Face Hub", icon=":material/cloud_upload:"):
@@ -78,10 +96,18 @@ def adapter_section(run_id: str, folder) -> None:
             help="OWNER/NAME, or NAME for your own namespace; made if it does not exist.",
         ).strip()
         private = st.checkbox("Private repository", True, key="push_private")
+        what = "adapter"
+        if mergeable:
+            what = st.radio(
+                "What to push", ["adapter", "merged model"], horizontal=True, key="push_what"
+            )  # the merged model: exported into a temporary folder first
         if st.button("Push to Hub", icon=":material/cloud_upload:", key="push", disabled=not repo):
             try:
-                with st.spinner(f"Uploading {folder.name} to {ui.plain(repo)}…"):
-                    url = share.push_to_hub(folder, repo, private=private, password=ui.typed_password())
+                with st.spinner(f"Uploading the {what} of {folder.name} to {ui.plain(repo)}…"):
+                    if what == "merged model":
+                        url = share.push_merged(run_dir, repo, private=private, password=ui.typed_password())
+                    else:
+                        url = share.push_to_hub(folder, repo, private=private, password=ui.typed_password())
             except ValueError as e:
                 st.error(ui.plain(e))
             else:
@@ -196,7 +222,7 @@ else:
     st.info("The run ended before the test split was scored before and after training.")
 folders = compare.checkpoint_folders(run_dir, report)
 if folders and (folders[1] / ADAPTER_CONFIG).is_file():
-    adapter_section(run_dir.name, folders[1])
+    adapter_section(run_dir, folders[1], (report.get("params") or {}).get("total"))
 
 # --- baselines and the change -------------------------------------------------------------------
 if report.get("baselines"):

@@ -113,7 +113,9 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         list_runs(root)
         out["list_runs"] = {"runs": n, "cold_s": round(cold, 3), "warm_s": round(time.perf_counter() - t, 3)}
-        out["many_runs"] = {page: time_page(root, chosen, page, args.repeat) for page in ("train", "report", "failures")}
+        out["many_runs"] = {
+            page: time_page(root, chosen, page, args.repeat) for page in ("train", "report", "failures")
+        }
         # --- one large metrics.jsonl ---
         big = tmp / "big"
         big.mkdir()

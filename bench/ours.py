@@ -3,7 +3,10 @@ batch-size sweep for MFU, a profile, and an fp16 check.
 
     python -m bench.ours experiment ROOT --micro 32 --out ours.json   # the whole reference experiment
     python -m bench.ours sweep ROOT --out sweep.json                  # tokens/s and MFU per batch size, profile
-    python -m bench.ours fp16 ROOT --out fp16.json                    # fp16 training stays finite
+    python -m bench.ours fp16 ROOT --out fp16.json                    # fp16 training stays finite (the T4 path)
+
+Every command takes --arch (bench/assets.py's ARCHS; default phi2): the model of that shape under
+ROOT, LoRA on that architecture's targets, the same rows and prompt (assets.TEMPLATE) for all.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bench.assets import ARCHS, TEMPLATE, model_dir
 from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, SpeedConfig, TrainConfig, speed_from_env
 from core.runs import rundir
 from core.speed import accounting
@@ -30,22 +34,34 @@ SPEED = speed_from_env(SpeedConfig())  # the QLORA_* overrides of a variant
 
 
 def run_config(
-    root: str, micro: int | None, dtype: str = "auto", epochs: int = 5, train_rows: int = 1000, eval_bs: int = 512
+    root: str,
+    micro: int | None,
+    dtype: str = "auto",
+    epochs: int = 5,
+    train_rows: int = 1000,
+    eval_bs: int = 512,
+    arch: str = "phi2",
+    eval_rows: tuple[int, int] = (500, 1000),
+    speed: SpeedConfig | None = None,
 ) -> RunConfig:
+    """The benchmark's run: `arch`'s model under `root`, the prompt every script uses
+    (assets.TEMPLATE), validation and test rows `eval_rows`."""
     return RunConfig(
         preset="bench",
-        model=ModelConfig(name=f"{root}/model", compute_dtype=dtype),
+        model=ModelConfig(name=str(model_dir(root, arch)), compute_dtype=dtype),
         data=DataConfig(
             source="files",
             train=f"{root}/data/train.jsonl",
             validation=f"{root}/data/validation.jsonl",
             test=f"{root}/data/test.jsonl",
             max_train_rows=train_rows,
-            max_validation_rows=500,
-            max_test_rows=1000,
+            max_validation_rows=eval_rows[0],
+            max_test_rows=eval_rows[1],
             max_length=128,
+            template=TEMPLATE,
         ),
-        lora=LoraSettings(r=16, alpha=32, dropout=0.05, target_modules=["q_proj", "v_proj", "fc1", "fc2"]),
+        lora=LoraSettings(r=16, alpha=32, dropout=0.05, target_modules=ARCHS[arch]["targets"]),
+        speed=speed or SpeedConfig(),
         train=TrainConfig(
             epochs=epochs,
             lr=2e-4,
@@ -111,21 +127,22 @@ def summarise(run_dir: Path) -> dict:
 def experiment(a) -> dict:
     from core.train import train
 
-    run_dir = Path(a.run_dir or f"/tmp/ours-{a.micro}-{a.dtype}")
+    run_dir = Path(a.run_dir or f"/tmp/ours-{a.arch}-{a.micro}-{a.dtype}")
     shutil.rmtree(run_dir, ignore_errors=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    train(run_config(a.root, a.micro, a.dtype, a.epochs, a.train_rows, a.eval_bs), run_dir)
-    out = {"name": f"ours (batch 32, micro {a.micro}, {a.dtype})", **summarise(run_dir)}
+    cfg = run_config(a.root, a.micro, a.dtype, a.epochs, a.train_rows, a.eval_bs, a.arch, (a.val_rows, a.test_rows))
+    train(cfg, run_dir)
+    out = {"name": f"ours (batch 32, micro {a.micro}, {a.dtype})", "arch": a.arch, **summarise(run_dir)}
     if a.keep_metrics:
         shutil.copy(run_dir / "metrics.jsonl", a.keep_metrics)
     return out
 
 
-def load(root: str, dtype=torch.bfloat16):
+def load(root: str, dtype=torch.bfloat16, arch: str = "phi2"):
     from core.model import add_lora, load_model, load_tokenizer
 
-    cfg = run_config(root, None)
+    cfg = run_config(root, None, arch=arch)
     tok = load_tokenizer(cfg.model)
     torch.manual_seed(0)
     model = load_model(cfg.model, 3, tok.pad_token_id, torch.device("cuda", 0), dtype)
@@ -152,7 +169,7 @@ def step_fn(stepper, enc, params, opt, bs):
 def sweep(a) -> dict:
     from core.data import batch_indices, encode, load_splits
 
-    cfg, tok, model = load(a.root)
+    cfg, tok, model = load(a.root, arch=a.arch)
     dev = torch.device("cuda", 0)
     splits, _ = load_splits(cfg.data, 0)
     enc = encode(splits["train"], tok, cfg.data)
@@ -269,7 +286,7 @@ def eval_speed(a) -> dict:
     from core.data import encode, load_splits
     from core.evaluate import predict
 
-    cfg, tok, model = load(a.root)
+    cfg, tok, model = load(a.root, arch=a.arch)
     dev = torch.device("cuda", 0)
     splits, _ = load_splits(cfg.data, 0)
     enc = encode(splits["test"], tok, cfg.data)
@@ -321,16 +338,19 @@ def eval_speed(a) -> dict:
 
 
 def fp16(a) -> dict:
-    """Train and evaluate in float16 (the T4's dtype: GradScaler, CUDA graphs): every loss finite?
-    Also a stress case: hidden states pushed past fp16's range by scaling the embedding, where an
-    fp16 residual stream overflows and our fp32 residual stream (tune_model on fp16) does not."""
+    """Train and evaluate in float16 as on a T4 (GradScaler, CUDA graphs, padded batches: no
+    FlashAttention varlen on Turing, and no Triton rotary): every loss finite? Also a stress case:
+    hidden states pushed past fp16's range by scaling the embedding, where an fp16 residual stream
+    overflows and our fp32 residual stream (tune_model on fp16) does not."""
     from core.train import train
 
-    run_dir = Path("/tmp/ours-fp16")
+    run_dir = Path(f"/tmp/ours-fp16-{a.arch}")
     shutil.rmtree(run_dir, ignore_errors=True)
-    train(run_config(a.root, None, "float16", epochs=1, train_rows=256), run_dir)
-    out = {"train_fp16": summarise(run_dir)}
-    cfg, tok, model = load(a.root, torch.float16)  # tuned: fp32 embedding
+    t4 = SpeedConfig(pack="off", triton_rotary=False)
+    cfg = run_config(a.root, None, "float16", 1, min(a.train_rows, 256), arch=a.arch, eval_rows=(128, 128), speed=t4)
+    train(cfg, run_dir)
+    out = {"arch": a.arch, "train_fp16": summarise(run_dir)}
+    cfg, tok, model = load(a.root, torch.float16, a.arch)  # tuned: fp32 embedding
     ids = torch.randint(5, 20000, (8, 32), device="cuda")
     res = {}
     model.eval()
@@ -355,6 +375,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("cmd", choices=["experiment", "sweep", "fp16", "eval"])
     ap.add_argument("root")
+    ap.add_argument("--arch", default="phi2", choices=sorted(ARCHS))
+    ap.add_argument("--val-rows", type=int, default=500)
+    ap.add_argument("--test-rows", type=int, default=1000)
     ap.add_argument("--micro", type=int, default=None)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--epochs", type=int, default=5)

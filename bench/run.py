@@ -1,10 +1,18 @@
 """One command: build the assets, run the reference and ours on the same GPU, print the table.
 
     python -m bench.run [--root /tmp/qlora-bench] [--ref-train-rows 240] [--out bench/out]
+    python -m bench.run --arch phi2,llama3b,qwen1p5b,gemma3-1b [--parts ours,tuned,seed] --out bench/out
 
 Each part runs in its own process (clean peak-memory figures). Writes <out>/*.json and
 <out>/table.md. The reference's full-experiment time is extrapolated from its measured rates
 unless --ref-train-rows 1000 --ref-epochs 5 (about 6 minutes on an H200).
+
+With --arch (bench/assets.py's ARCHS), per architecture: its assets, then ours (core.train, batch
+32), the tuned HF Trainer and the seed-like script (bench/reference.py), and with --parts sweep and
+fp16 the batch sweep (MFU at the best batch) and the fp16 (T4 path) check, all on the same rows;
+one table for all of them in <out>/families.md (family_table), read back from <out>/<arch>/*.json,
+so a later call with other parts adds to it. Rows and epochs are options (--rows, --epochs,
+--tuned-rows, --seed-rows, --eval-rows): the defaults keep the four architectures near 8 minutes.
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.assets import ARCHS
 
 
 def sh(args: list[str], log: Path, env: dict | None = None) -> float:
@@ -60,10 +70,191 @@ def table(ref: dict | None, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+FAMILY_PARTS = ("ours", "tuned", "seed", "sweep", "fp16")
+GOALS = [  # (figure, what it is, at least or at most, bound): the per-family issue's goals
+    ("x_tuned", "x the tuned HF Trainer", ">=", 12.0),
+    ("x_seed", "x the seed-like script", ">=", 40.0),
+    ("best_mfu", "MFU at the best batch", ">=", 0.30),
+    ("peak_x_seed", "peak memory / the seed-like script's", "<=", 1.6),
+]
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def family_row(arch: str, r: dict) -> dict:
+    """The figures of one architecture's table row from its parts' JSON (None where not run)."""
+    ours, tuned, seed, sweep = (r.get(k) or {} for k in ("ours", "tuned", "seed", "sweep"))
+    best = max(sweep.get("sweep") or [], key=lambda b: b.get("mfu") or 0.0, default={})
+    not_packed = [c for c in ours.get("speedups") or [] if c.startswith("rows not packed")]
+    return {
+        "arch": arch,
+        "name": ARCHS[arch]["name"],
+        "pairs_per_s": ours.get("pairs_per_s"),
+        "mfu": ours.get("mfu"),
+        "peak_gib": ours.get("peak_gib"),
+        "tuned_pairs_per_s": tuned.get("pairs_per_s"),
+        "seed_pairs_per_s": seed.get("pairs_per_s"),
+        "seed_peak_gib": seed.get("peak_gib"),
+        "x_tuned": ratio(ours.get("pairs_per_s"), tuned.get("pairs_per_s")),
+        "x_seed": ratio(ours.get("pairs_per_s"), seed.get("pairs_per_s")),
+        "peak_x_seed": ratio(ours.get("peak_gib"), seed.get("peak_gib")),
+        "best_batch": best.get("batch"),
+        "best_mfu": best.get("mfu"),
+        "best_pairs_per_s": best.get("pairs_per_s"),
+        "packed": None if not ours else not not_packed,
+        "why_not_packed": not_packed[0] if not_packed else None,
+        "fp16_finite": None
+        if not r.get("fp16")
+        else bool(r["fp16"]["train_fp16"]["losses_finite"] and r["fp16"]["train_fp16"]["eval_losses_finite"]),
+    }
+
+
+def times(value: float | None, ours_to_it: float | None) -> str:
+    """A table cell: the value, and the ratio of ours to it where there is one."""
+    spec = ".2f" if value is not None and value < 10 else ".1f"
+    return fmt(value, spec) + (f" ({ours_to_it:.1f}x)" if ours_to_it else "")
+
+
+def yes_no(flag: bool | None) -> str:
+    return "-" if flag is None else ("yes" if flag else "NO")
+
+
+def goals_met(f: dict) -> str:
+    """One line per architecture: each goal of GOALS that was measured, met or not."""
+    said = []
+    for key, what, op, bound in GOALS:
+        value = f[key]
+        if value is None:
+            continue
+        met = value >= bound if op == ">=" else value <= bound
+        said.append(f"{what} {value:.2f} ({op} {bound:g}: {'met' if met else 'NOT met'})")
+    if f["why_not_packed"]:
+        said.append(f["why_not_packed"])
+    return f"- {f['arch']}: " + ("; ".join(said) or "not measured")
+
+
+def family_table(results: dict[str, dict]) -> str:
+    """The per-architecture table (ours at batch 32 against the tuned HF Trainer and the seed-like
+    script, with ours' ratio to each), the best batch of the sweep, and each goal met or not."""
+    lines = [
+        "| model shape | ours pairs/s | MFU | peak GiB | HF Trainer tuned (bf16, dynamic pad, length groups, "
+        "fused AdamW, bs 32) | seed-like script (fp16, pad 128, bs 8, checkpointing, paged 8-bit AdamW) "
+        "| seed-like peak GiB (ours / it) | best sweep batch: pairs/s, MFU | packed | fp16 losses finite |",
+        "|" + "---|" * 10,
+    ]
+    rows = [family_row(arch, r) for arch, r in results.items()]
+    for f in rows:
+        best = "-"
+        if f["best_batch"]:
+            best = f"{f['best_batch']}: {fmt(f['best_pairs_per_s'], '.0f')}, {fmt(f['best_mfu'], '.1%')}"
+        cells = [
+            f["name"],
+            fmt(f["pairs_per_s"], ".1f"),
+            fmt(f["mfu"], ".1%"),
+            fmt(f["peak_gib"], ".2f"),
+            times(f["tuned_pairs_per_s"], f["x_tuned"]),
+            times(f["seed_pairs_per_s"], f["x_seed"]),
+            times(f["seed_peak_gib"], f["peak_x_seed"]),
+            best,
+            yes_no(f["packed"]),
+            yes_no(f["fp16_finite"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\ngoals:\n" + "\n".join(goals_met(f) for f in rows)
+
+
+def families(a) -> None:
+    """The --arch mode (see the module docstring)."""
+    archs = [x for x in a.arch.split(",") if x]
+    parts = [p for p in FAMILY_PARTS if p in set(a.parts.split(","))]
+    unknown = sorted(set(archs) - set(ARCHS)) + sorted(set(a.parts.split(",")) - set(FAMILY_PARTS))
+    if unknown:
+        raise SystemExit(
+            f"unknown architecture or part: {', '.join(unknown)} "
+            f"(archs: {', '.join(ARCHS)}; parts: {', '.join(FAMILY_PARTS)})"
+        )
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "bench.log"
+    py = sys.executable
+    t0 = time.time()
+    sh([py, "-c", PREWARM], log)
+    walls = {}
+    for arch in archs:
+        d = out / arch
+        d.mkdir(exist_ok=True)
+        sh([py, "-m", "bench.assets", a.root, "--arch", arch], log)
+        common = ["--arch", arch]
+        evals = ["--val-rows", str(a.eval_rows), "--test-rows", str(a.eval_rows)]
+        cmds = {
+            "ours": [
+                py,
+                "-m",
+                "bench.ours",
+                "experiment",
+                a.root,
+                *common,
+                "--micro",
+                "32",
+                "--train-rows",
+                str(a.rows),
+            ]
+            + [
+                "--epochs",
+                str(a.epochs),
+                *evals,
+                "--out",
+                str(d / "ours.json"),
+                "--keep-metrics",
+                str(d / "ours.metrics.jsonl"),
+            ],
+            "tuned": [py, "-m", "bench.reference", a.root, *common, "--tuned", "--train-rows", str(a.tuned_rows)]
+            + ["--eval-rows", str(a.eval_rows), "--out", str(d / "tuned.json")],
+            "seed": [py, "-m", "bench.reference", a.root, *common, "--train-rows", str(a.seed_rows)]
+            + ["--eval-rows", str(a.eval_rows), "--out", str(d / "seed.json")],
+            "sweep": [py, "-m", "bench.ours", "sweep", a.root, *common, "--batches", a.sweep_batches]
+            + ["--min-steps", "6", "--out", str(d / "sweep.json")],
+            "fp16": [py, "-m", "bench.ours", "fp16", a.root, *common, "--out", str(d / "fp16.json")],
+        }
+        envs = {"sweep": {"QLORA_MICRO_TOKENS": "0"}}
+        for part in parts:
+            walls[f"{arch}/{part}"] = round(sh(cmds[part], log, envs.get(part)), 1)
+    results = {}
+    for d in sorted(p for p in out.iterdir() if p.is_dir() and p.name in ARCHS):
+        results[d.name] = {
+            k: json.loads((d / f"{k}.json").read_text()) for k in FAMILY_PARTS if (d / f"{k}.json").is_file()
+        }
+    order = [x for x in ARCHS if x in results]
+    text = family_table({x: results[x] for x in order})
+    text += f"\n\n(process s: {json.dumps(walls)}; bench wall {time.time() - t0:.0f} s)"
+    (out / "families.md").write_text(text + "\n")
+    print(text)
+
+
+# Import everything once first, so that every timed process starts as on a machine that has run
+# Python before (a fresh GPU image without bytecode caches compiles ~8 s of imports; set
+# PYTHONPYCACHEPREFIX where site-packages is read-only).
+PREWARM = (
+    "import core.train, core.model, core.speed.qlinear, core.speed.rope, peft, bitsandbytes, transformers; "
+    "from transformers import AutoModelForSequenceClassification, Trainer"
+)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="/tmp/qlora-bench")
     ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--arch", default=None, help=f"comma list of {', '.join(ARCHS)}: the per-family table")
+    ap.add_argument(
+        "--parts", default="ours,tuned,seed", help=f"with --arch, a comma list of {', '.join(FAMILY_PARTS)}"
+    )
+    ap.add_argument("--rows", type=int, default=512, help="with --arch: ours' training rows")
+    ap.add_argument("--epochs", type=int, default=2, help="with --arch: ours' epochs (pairs/s over the last)")
+    ap.add_argument("--tuned-rows", type=int, default=256, help="with --arch: the tuned Trainer's training rows")
+    ap.add_argument("--seed-rows", type=int, default=160, help="with --arch: the seed-like script's training rows")
+    ap.add_argument("--eval-rows", type=int, default=128, help="with --arch: validation (and ours' test) rows")
     ap.add_argument("--ref-train-rows", type=int, default=240)
     ap.add_argument("--ref-epochs", type=int, default=1)
     ap.add_argument(
@@ -80,6 +271,8 @@ def main():
     ap.add_argument("--sweep-batches", default="32,64,128,256,512")
     ap.add_argument("--profile-batch", default="32,256")
     a = ap.parse_args()
+    if a.arch:
+        return families(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "bench.log"
@@ -88,18 +281,7 @@ def main():
     t0 = time.time()
     if skip != {"all"}:
         sh([py, "-m", "bench.assets", a.root], log)
-        # Import everything once first, so that every timed process starts as on a machine that has
-        # run Python before (a fresh GPU image without bytecode caches compiles ~8 s of imports;
-        # set PYTHONPYCACHEPREFIX where site-packages is read-only).
-        sh(
-            [
-                py,
-                "-c",
-                "import core.train, core.model, core.speed.qlinear, core.speed.rope, peft, bitsandbytes, transformers; "
-                "from transformers import AutoModelForSequenceClassification, Trainer",
-            ],
-            log,
-        )
+        sh([py, "-c", PREWARM], log)
     parts = {
         "ref": [
             py,

@@ -434,7 +434,8 @@ def main(argv=None) -> int:
     x.add_argument(
         "--dtype",
         choices=["float16", "bfloat16", "float32"],
-        help="weights' dtype (default: bfloat16 if the run trained in bf16, float16 for other GPU runs, float32 on CPU)",
+        help="the weights' dtype (default: bfloat16 if the run trained in bf16, float16 for other GPU runs, "
+        "float32 for CPU runs)",
     )
     x.set_defaults(func=cmd_export)
     r = sub.add_parser("report", help="print a run's report as Markdown")

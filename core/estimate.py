@@ -113,7 +113,9 @@ def gpu_memory_gb(params: dict, shape: dict, cfg: RunConfig, dtype: str) -> floa
     and two AdamW moments (16 bytes each); activations of one micro-batch at max_length, split
     as the trainer splits it on a GPU (speed.micro_tokens), about 29 bytes per token, layer and
     hidden unit in 16-bit (fitted to the Phi-2-shaped runs in bench/RESULTS.md); plus the CUDA
-    context. Batches are padded only to their longest row, so real use is usually lower."""
+    context. Batches are padded only to their longest row, so real use is usually lower. With
+    train.gradient_checkpointing a layer keeps only its input (one value per token and hidden
+    unit) and the activations of one layer exist at a time, while it is computed again."""
     if not params or not shape.get("hidden") or not shape.get("layers"):
         return None
     width = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 2)
@@ -126,6 +128,9 @@ def gpu_memory_gb(params: dict, shape: dict, cfg: RunConfig, dtype: str) -> floa
     if budget:  # long micro-batches are split in row halves; one row is never split
         tokens = min(tokens, max(budget, cfg.data.max_length))
     activations = ACTIVATION_BYTES * tokens * shape["layers"] * shape["hidden"] * width / 2
+    if cfg.train.gradient_checkpointing:  # each layer keeps its input; one layer's activations at a time
+        kept = tokens * shape["layers"] * shape["hidden"] * width
+        activations = kept + ACTIVATION_BYTES * tokens * shape["hidden"] * width / 2
     return round((weights + activations) / 2**30 + CUDA_CONTEXT_GB, 2)
 
 

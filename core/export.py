@@ -340,7 +340,9 @@ def merged_card(info: dict, run_dir: Path) -> str:
     lines.append(f"model = AutoModelForSequenceClassification.from_pretrained(folder{trust}).eval()")
     if fmt["template"]:
         example = (
-            'text="Your text."' if fmt["kind"] == "text" else 'premise="A man plays a guitar.", hypothesis="A man makes music."'
+            'text="Your text."'
+            if fmt["kind"] == "text"
+            else 'premise="A man plays a guitar.", hypothesis="A man makes music."'
         )
         special = ", add_special_tokens=False" if fmt.get("add_special_tokens") is False else ""
         lines += [

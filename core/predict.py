@@ -47,7 +47,9 @@ def output_path(run_dir: Path, data_file: Path, out: Path | None) -> Path:
         return rundir.predictions_file(run_dir, evaluation_name(data_file), "predicted")
     out = Path(out)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ValueError(f"--out {out}: the predictions are written as .jsonl or .csv, not {out.suffix or 'no suffix'!r}")
+        raise ValueError(
+            f"--out {out}: the predictions are written as .jsonl or .csv, not {out.suffix or 'no suffix'!r}"
+        )
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder: give a file name ending in .jsonl or .csv")
     return out
@@ -133,8 +135,8 @@ def predict_file(
         itertools.chain([first], rows), cfg.data, "predict", source=str(data_file), stats=stats, need_labels=False
     )
     batches = chunks(examples, CHUNK_ROWS)
-    chunk = next(batches, None)  # the column mapping is checked here, still before the model loads
-    if chunk is None:
+    first_chunk = next(batches, None)  # the column mapping is checked here, still before the model loads
+    if first_chunk is None:
         raise ValueError(
             f"{data_file}: no usable rows to predict: of {stats.rows_read} rows, {stats.dropped_empty} have an "
             "empty premise, hypothesis or text"
@@ -144,13 +146,13 @@ def predict_file(
     load_adapter_weights(model, folder)
     bs = batch_size or cfg.train.eval_batch_size
     labels = list(cfg.data.labels)
-    inputs = ["text"] if chunk[0].text else ["premise", "hypothesis"]
-    columns = ["id", *inputs] + (["tag"] if chunk[0].tag else []) + (["gold", "correct"] if has_labels else [])
+    inputs = ["text"] if first_chunk[0].text else ["premise", "hypothesis"]
+    columns = ["id", *inputs] + (["tag"] if first_chunk[0].tag else []) + (["gold", "correct"] if has_labels else [])
     writer = PredictionWriter(path, labels, columns)
     t0 = time.perf_counter()
     n = right = labelled = 0
     try:
-        for chunk in itertools.chain([chunk], batches):
+        for chunk in itertools.chain([first_chunk], batches):
             encoded = encode(chunk, tokenizer, cfg.data, split="predict")
             for e in encoded:
                 e["label"] = max(e["label"], 0)  # predict() also computes a loss: any valid class will do

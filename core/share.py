@@ -2,39 +2,57 @@
 
     data = zip_folder(run / "checkpoints" / "epoch-2", name="RUN-epoch-2")   # the zip's bytes
     url = push_to_hub(run / "checkpoints" / "epoch-2", "you/my-adapter")      # needs a write token
+    data = merged_zip(run, name="RUN-merged")          # the merged model (core/export.py), zipped
+    url = push_merged(run, "you/my-classifier")        # ... or pushed
 
 An epoch folder is a portable classifier (adapter + head, tokenizer, classifier.json, README.md
 model card; see core/checkpoint.py and core/classifier.py): the zip and the Hub repository hold
-exactly its files. Pushing needs a token with write access: HF_TOKEN, or the one `hf auth login`
-stored; without one, push_to_hub raises ValueError(NO_TOKEN). Every failure is a ValueError in one
-sentence (a refused token, no network, ...), never a traceback.
+exactly its files. A merged export (the base dequantised, LoRA merged in, the head included: plain
+transformers loads it) is written into a temporary folder, then zipped or pushed the same way; the
+Report page offers it for runs of at most MERGED_MAX_PARAMS parameters. Pushing needs a token with
+write access: HF_TOKEN, or the one `hf auth login` stored; without one, push_to_hub raises
+ValueError(NO_TOKEN). Every failure is a ValueError in one sentence (a refused token, no network,
+...), never a traceback.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 
 from . import access
-from .runs.rundir import ADAPTER_CONFIG
+from .runs.rundir import ADAPTER_CONFIG, CLASSIFIER_FILE
 
 # huggingface_hub is imported where it is used: the Report page imports this file, and only a push
 # (or asking for the stored token) needs it.
 
+MERGED_MAX_PARAMS = 200_000_000  # merged downloads are built in memory: the Report page offers them up to this size
 NO_TOKEN = "Set HF_TOKEN (a write token from huggingface.co/settings/tokens) as a secret/environment variable to push."
 
 
+def merged_info(folder: Path) -> dict | None:
+    """classifier.json's `merged` entry of a merged export (core/export.py), None for other folders."""
+    try:
+        info = json.loads((Path(folder) / CLASSIFIER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    merged = info.get("merged") if isinstance(info, dict) else None
+    return merged if isinstance(merged, dict) else None
+
+
 def epoch_files(folder: Path) -> list[Path]:
-    """The regular files of a checkpoint folder, sorted, symbolic links left out (and never
-    followed: linked folders are not entered); ValueError when it is not a folder of a finished
-    epoch (no adapter_config.json), or when it or checkpoints/ is itself a link."""
+    """The regular files of a checkpoint folder (or of a merged export), sorted, symbolic links left
+    out (and never followed: linked folders are not entered); ValueError when it is neither a folder
+    of a finished epoch (no adapter_config.json) nor an export, or when it or checkpoints/ is itself a link."""
     folder = Path(folder)
     for linked in (folder, *folder.parents[:1]):  # checkpoints/epoch-<k>: an imported run may link them anywhere
         if linked.is_symlink():
             raise ValueError(f"{linked} is a symbolic link, which is never followed in a run folder")
-    if not (folder / ADAPTER_CONFIG).is_file():
+    if not (folder / ADAPTER_CONFIG).is_file() and merged_info(folder) is None:
         raise ValueError(f"{folder} is not a checkpoint folder with a trained adapter (no {ADAPTER_CONFIG})")
     files = []
     for top, _, names in os.walk(folder):  # does not descend into linked folders
@@ -53,6 +71,34 @@ def zip_folder(folder: Path, name: str | None = None) -> bytes:
         for path in epoch_files(folder):
             z.write(path, f"{root}/{path.relative_to(folder).as_posix()}")
     return buf.getvalue()
+
+
+def merged_zip(run_dir: Path, name: str, dtype: str | None = None) -> bytes:
+    """The merged model of the run's selected epoch (core/export.py, its default dtype) as a zip of
+    one folder `name`, which AutoModelForSequenceClassification.from_pretrained reads as it is."""
+    from .export import export_merged  # torch and the model: only when asked for
+
+    with tempfile.TemporaryDirectory(prefix="qlora-merged-") as tmp:
+        out = Path(tmp) / name
+        export_merged(Path(run_dir), out, dtype=dtype, check_rows=0)
+        return zip_folder(out, name)
+
+
+def push_merged(
+    run_dir: Path, repo_id: str, token: str | None = None, private: bool = True, password: str | None = None
+) -> str:
+    """push_to_hub for the merged model of the run's selected epoch, exported into a temporary folder
+    (the checks that need no export come first)."""
+    from .export import export_merged  # see merged_zip
+
+    access.check("push", password)
+    check_repo_id(repo_id)
+    if not (token or hub_token()):
+        raise ValueError(NO_TOKEN)
+    with tempfile.TemporaryDirectory(prefix="qlora-merged-") as tmp:
+        out = Path(tmp) / f"{Path(run_dir).name}-merged"
+        export_merged(Path(run_dir), out, check_rows=0)
+        return push_to_hub(out, repo_id, token=token, private=private, password=password)
 
 
 def hub_token() -> str | None:
@@ -91,6 +137,17 @@ def _reason(error: BaseException) -> str:
     )
 
 
+def check_repo_id(repo_id: str) -> str:
+    """`repo_id` stripped, or a ValueError saying what a Hub repository id looks like."""
+    repo_id = (repo_id or "").strip()
+    if not access.is_hub_id(repo_id):
+        raise ValueError(
+            f"{repo_id!r} is not a Hub repository id: use NAME or OWNER/NAME, letters, digits, '.', "
+            "'_' and '-' (e.g. you/qlora-nli-adapter)"
+        )
+    return repo_id
+
+
 def push_to_hub(
     folder: Path, repo_id: str, token: str | None = None, private: bool = True, password: str | None = None
 ) -> str:
@@ -100,12 +157,7 @@ def push_to_hub(
     ValueError(NO_TOKEN) without a token; ValueError in one sentence when the Hub refuses or
     cannot be reached."""
     access.check("push", password)
-    repo_id = (repo_id or "").strip()
-    if not access.is_hub_id(repo_id):
-        raise ValueError(
-            f"{repo_id!r} is not a Hub repository id: use NAME or OWNER/NAME, letters, digits, '.', "
-            "'_' and '-' (e.g. you/qlora-nli-adapter)"
-        )
+    repo_id = check_repo_id(repo_id)
     folder = Path(folder)
     files = epoch_files(folder)
     token = token or hub_token()
@@ -122,8 +174,15 @@ def push_to_hub(
             folder_path=str(folder),
             repo_type="model",
             allow_patterns=[p.relative_to(folder).as_posix() for p in files],
-            commit_message=f"Upload {folder.parent.parent.name} {folder.name} from QLoRA Studio",
+            commit_message=_commit_message(folder),
         )
     except Exception as e:  # noqa: BLE001 - the network and the Hub fail in many ways; one sentence each
         raise ValueError(f"could not push {folder.name} to {repo_id}: {_reason(e)}") from e
     return str(url)
+
+
+def _commit_message(folder: Path) -> str:
+    merged = merged_info(folder)
+    if merged:
+        return f"Upload the merged model of {merged.get('run_id')} epoch-{merged.get('epoch')} from QLoRA Studio"
+    return f"Upload {folder.parent.parent.name} {folder.name} from QLoRA Studio"

@@ -292,7 +292,13 @@ def test_report_page_shows_every_section_with_the_run_numbers(tiny_run, monkeypa
     assert bars["y"] == pytest.approx([100 * b["accuracy"], 100 * a["accuracy"]])
     assert specs["Confusion after (rows gold, columns predicted)"]["data"][0]["z"] == a["confusion"]
     downloads = [d.proto.label for d in at.get("download_button")]
-    assert downloads == ["Download Markdown", "Download HTML", "Download reproducibility bundle", "Download adapter"]
+    assert downloads == [
+        "Download Markdown",
+        "Download HTML",
+        "Download reproducibility bundle",
+        "Download adapter",
+        "Download merged model",  # a small run: built on click (core/export.py)
+    ]
     assert f"**{report['headline']}**" in text_of(at)
     assert "CPU only" in text_of(at) or "GPU" in text_of(at)
 

@@ -20,7 +20,7 @@ from streamlit.testing.v1 import AppTest
 
 from app_pages.ui import PASSWORD_KEY, plain
 from core import access, jobs, share
-from core.config import BUILTIN_DATA, EMBEDDED_MODEL, get_preset, override
+from core.config import BUILTIN_DATA, EMBEDDED_LLM, EMBEDDED_MODEL, get_preset, override
 from core.runs import rundir
 from core.runs.state import list_runs, read_status, stop_requested, write_status
 from tests.helpers import (
@@ -162,7 +162,7 @@ def test_model_and_dataset_fields_take_hub_ids_and_builtin_names_only(tmp_path, 
     root = tmp_path / "runs"
     monkeypatch.setenv(rundir.RUNS_ENV, str(root))
     monkeypatch.setenv(access.LOCAL_PATHS_ENV, "0")
-    for name in ("microsoft/phi-2", "gpt2", "Org-1/name_2.v3", EMBEDDED_MODEL):
+    for name in ("microsoft/phi-2", "gpt2", "Org-1/name_2.v3", EMBEDDED_MODEL, EMBEDDED_LLM):
         access.check_sources(demo_cfg(**{"model.name": name}))
     for source in ("stanfordnlp/snli", "glue", BUILTIN_DATA):
         access.check_sources(demo_cfg(**{"data.source": source}))
@@ -184,7 +184,7 @@ def test_model_and_dataset_fields_take_hub_ids_and_builtin_names_only(tmp_path, 
         with pytest.raises(
             access.Refused,
             match=f"^Model '.*' {why}: give a Hugging Face Hub id such as "
-            f"microsoft/phi-2, or {EMBEDDED_MODEL}; local paths are off",
+            f"microsoft/phi-2, or {EMBEDDED_MODEL} or {EMBEDDED_LLM}; local paths are off",
         ):
             access.check_sources(demo_cfg(**{"model.name": name}))
         with pytest.raises(access.Refused, match=f"^Hub dataset id '.*' {why}: .*stanfordnlp/snli, or {BUILTIN_DATA}"):
@@ -323,7 +323,8 @@ def test_the_train_page_refuses_a_planted_server_path_without_reading_it(tmp_pat
     at.text_input(key="model@demo").set_value(str(planted)).run()
     assert [e.value for e in at.error] == [
         f"Check the settings: Model '{planted}' is not a Hub id: give a Hugging Face Hub id such as microsoft/phi-2, "
-        f"or {EMBEDDED_MODEL}; local paths are off on this server (QLORA_STUDIO_ALLOW_LOCAL_PATHS=1 allows them)."
+        f"or {EMBEDDED_MODEL} or {EMBEDDED_LLM}; local paths are off on this server "
+        "(QLORA_STUDIO_ALLOW_LOCAL_PATHS=1 allows them)."
     ]
     assert not any("16 tokens" in w.value for w in at.warning)  # never read
     assert at.button(key="launch_disabled").disabled and not [b for b in at.button if b.key == "launch"]

@@ -8,9 +8,9 @@ import json
 
 import torch
 
-from core.baseline import NLI_PROMPT, zero_shot
+from core.baseline import zero_shot
 from core.config import LoraSettings, ModelConfig
-from core.data import Example
+from core.data import NLI_PROMPT, Example
 from core.model import add_lora, load_model, load_tokenizer, quantization_config
 from tests.helpers import CPU, SNLI, save_tiny_model, save_word_tokenizer
 

@@ -54,8 +54,8 @@ else:
 with torch.no_grad():
     probs = model(**enc).logits.float().softmax(-1)
 diff = (probs - torch.tensor([r["probs"] for r in rows])).abs().max().item()
-print("\nRESULT " + json.dumps({"max_diff": diff, "id2label": model.config.id2label, "pad_token_id": model.config.pad_token_id,
-                  "class": type(model).__name__, "refused": refused,
+print("\nRESULT " + json.dumps({"max_diff": diff, "id2label": model.config.id2label,
+                  "pad_token_id": model.config.pad_token_id, "class": type(model).__name__, "refused": refused,
                   "peft": "peft" in sys.modules, "bitsandbytes": "bitsandbytes" in sys.modules}))
 """
 
@@ -155,7 +155,9 @@ def test_export_refuses_what_it_cannot_write_before_loading_a_model(tmp_path, ca
     assert f"error: --out {taken} is a folder that holds other files" in error(run, "--out", taken)
     assert (taken / "notes.txt").read_text() == "mine"
     assert f"error: --out {taken / 'notes.txt'} is a file" in error(run, "--out", taken / "notes.txt")
-    assert "error: run run has no checkpoint of epoch 4 (it has epoch-1)" in error(run, "--out", tmp_path / "m", "--epoch", 4)
+    assert "error: run run has no checkpoint of epoch 4 (it has epoch-1)" in error(
+        run, "--out", tmp_path / "m", "--epoch", 4
+    )
     assert "error: run x has no trained adapter yet" in error(_empty_run(tmp_path / "x"), "--out", tmp_path / "m")
     with pytest.raises(SystemExit):
         main(["export", str(run), "--out", str(tmp_path / "m"), "--dtype", "int8"])
@@ -167,3 +169,59 @@ def _empty_run(run: Path) -> Path:
     RunConfig().save(run / "config.json")
     (run / "metrics.jsonl").write_text("")
     return run
+
+
+class RecordingApi:
+    """huggingface_hub.HfApi as far as share.push_to_hub uses it, recording what it was given (the
+    Hub is not reachable here): the folder's files are listed at upload time (it is temporary)."""
+
+    uploads: list = []
+
+    def __init__(self, token=None, **kw):
+        pass
+
+    def create_repo(self, repo_id, **kw):
+        from huggingface_hub import RepoUrl
+
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, folder_path, **kw):
+        RecordingApi.uploads.append({**kw, "files": sorted(p.name for p in Path(folder_path).iterdir())})
+
+
+def test_the_report_page_offers_the_merged_model_and_pushes_it(tiny_run, tmp_path, monkeypatch):
+    import io
+    import shutil
+    import zipfile
+
+    import huggingface_hub
+
+    from core import share
+    from tests.helpers import start
+
+    root = tmp_path / "runs"
+    run = Path(shutil.copytree(tiny_run, root / tiny_run.name))
+    at = start(root, monkeypatch, page="report")
+    assert "Download merged model" in [d.proto.label for d in at.get("download_button")]
+
+    data = share.merged_zip(run, f"{run.name}-merged")
+    zipfile.ZipFile(io.BytesIO(data)).extractall(tmp_path / "unzipped")
+    folder = tmp_path / "unzipped" / f"{run.name}-merged"
+    assert {"config.json", "model.safetensors", "classifier.json", "README.md", "tokenizer.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    rows = [json.loads(line) for line in (run / "predictions" / "test_after.jsonl").read_text().splitlines()]
+    assert abs(load_classifier(folder, temperature=False).predict(rows) - [r["probs"] for r in rows]).max() < 2e-3
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    RecordingApi.uploads = []
+    at = start(root, monkeypatch, page="report")
+    at.radio(key="push_what").set_value("merged model").run()
+    at.text_input(key="push_repo").set_value("me/nli-merged").run()
+    at.button(key="push").click().run()
+    assert [s.value for s in at.success] == ["Pushed to https://huggingface.co/me/nli-merged"]
+    (upload,) = RecordingApi.uploads
+    assert upload["repo_id"] == "me/nli-merged" and "model.safetensors" in upload["files"]
+    assert not any(name.startswith("adapter") for name in upload["files"])
+    assert upload["commit_message"].startswith(f"Upload the merged model of {run.name} epoch-")

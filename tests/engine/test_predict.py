@@ -53,7 +53,7 @@ def no_model(monkeypatch):
 @pytest.mark.parametrize(
     "value, written",
     [
-        ("=HYPERLINK(\"http://x\",\"y\")", "'=HYPERLINK(\"http://x\",\"y\")"),
+        ('=HYPERLINK("http://x","y")', '\'=HYPERLINK("http://x","y")'),
         ("+1", "'+1"),
         ("-2+3", "'-2+3"),
         ("@SUM(A1)", "'@SUM(A1)"),
@@ -94,7 +94,7 @@ def test_predict_scores_a_file_without_labels_as_the_run_did(tiny_run, tmp_path)
         assert row["premise"] == want["premise"] and row["pred"] == want["pred"]
         probs = [float(row[f"prob_{x}"]) for x in labels]
         assert max(abs(a - b) for a, b in zip(probs, want["probs"])) < 1e-4  # the run's own probabilities
-    assert got[-1]["premise"] == "'=HYPERLINK(\"http://evil.example\",\"click\")"  # shown, never run
+    assert got[-1]["premise"] == '\'=HYPERLINK("http://evil.example","click")'  # shown, never run
     assert got[-1]["hypothesis"] == "'@cmd"
     assert not list(out.parent.glob(".*tmp*"))  # written through a temporary file, renamed into place
 
@@ -105,7 +105,9 @@ def test_predict_adds_correct_where_rows_have_labels_and_writes_jsonl(tiny_run, 
     lines = []
     for i, r in enumerate(rows):
         label = None if i % 3 == 0 else r["gold"]
-        lines.append(json.dumps({"id": r["id"], "premise": r["premise"], "hypothesis": r["hypothesis"], "label": label}))
+        lines.append(
+            json.dumps({"id": r["id"], "premise": r["premise"], "hypothesis": r["hypothesis"], "label": label})
+        )
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert main(["predict", str(tiny_run), "--data", str(data)]) == 0
     out = tiny_run / "predictions" / "mixed_predicted.jsonl"  # the default: inside the run folder
