@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import ui
+from app_pages.preview import data_preview
 from core import access, estimate, jobs, uploads
 from core.config import (
     BUILTIN_DATA,
@@ -309,6 +310,44 @@ def settings_form() -> None:
                 "Compute dtype", ["auto", "float32", "bfloat16", "float16"], key=k("dtype")
             )
             changes["model.device"] = st.selectbox("Device", ["auto", "cpu", "cuda"], key=k("device"))
+            variants = ["lora", "rslora", "dora"]
+            changes["lora.variant"] = st.selectbox(
+                "LoRA variant",
+                variants,
+                index=variants.index(base.lora.variant),
+                key=k("lora_variant"),
+                help="LoRA; rsLoRA scales the update by alpha / sqrt(r) instead of alpha / r (larger ranks keep "
+                "learning); DoRA splits each weight into a magnitude and a direction and adapts the direction "
+                "(runs peft's own layer: slower than the fused 4-bit + LoRA one).",
+            )
+            weights = base.train.class_weights
+            changes["train.class_weights"] = (
+                st.text_input(
+                    "Class weights",
+                    weights if isinstance(weights, str) else ",".join(f"{w:g}" for w in weights),
+                    key=k("class_weights"),
+                    help="Weights of the classes in the training loss: none; balanced (each class weighs as much "
+                    "as the others, from the training rows); or one weight per class in label order, e.g. 1,2,2.",
+                ).strip()
+                or "none"
+            )
+            patience = st.number_input(
+                "Early stopping patience (0 = off)",
+                0,
+                1000,
+                base.train.early_stopping_patience or 0,
+                key=k("patience"),
+                help="Stop when no epoch has beaten the best one (validation accuracy, a lower loss breaking ties) "
+                "for this many epochs.",
+            )
+            changes["train.early_stopping_patience"] = int(patience) or None
+            changes["train.gradient_checkpointing"] = st.checkbox(
+                "Gradient checkpointing",
+                base.train.gradient_checkpointing,
+                key=k("gradient_checkpointing"),
+                help="Keep only each layer's input and compute the layer again in the backward pass: much less "
+                "activation memory (for a model that does not fit otherwise), about a third more time per step.",
+            )
             changes["train.report_to"] = st.multiselect(
                 "Also log to",
                 list(TRACKERS),
@@ -375,6 +414,7 @@ def settings_form() -> None:
     except ValueError as e:
         errors.append(str(e))
 
+    data_preview(cfg, files, data_kind, k("class_weights"))  # app_pages/preview.py: the rows the trainer will read
     st.markdown("##### What will happen")
     d = cfg.to_dict()
     facts = model_facts(
@@ -467,6 +507,8 @@ def draw_plan(cfg, p: dict) -> None:
             "Weights + LoRA optimiser state + activations of one micro-batch at max length "
             "(an upper bound: batches are padded only to their longest row)."
         )
+        if cfg.train.gradient_checkpointing:
+            helptext += " With gradient checkpointing a layer keeps only its input: the activations are far smaller."
         if gm.get("measured_gb"):
             helptext += f" Run {gm['measured_run']} peaked at {gm['measured_gb']} GiB."
         c[4].metric("Estimated GPU memory", value, help=helptext)

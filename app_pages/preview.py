@@ -169,9 +169,10 @@ def data_preview(cfg: RunConfig, uploaded: dict[str, tuple[str, bytes]], data_ki
             right.caption(f"No token lengths: the tokenizer could not be loaded ({ui.plain(look['tokenizer_error'])}).")
     for d in look["duplicates"]:
         a, b = d["splits"]
+        rows = f"**{d['n']:,} {b} row** has" if d["n"] == 1 else f"**{d['n']:,} {b} rows** have"
         st.warning(
-            f"**{d['n']:,} {b} rows** have the same text as a {a} row (case and spaces ignored): a score on "
-            f"them measures memory. Examples: "
+            f"{rows} the same text as a {a} row (case and spaces ignored): a score on them measures memory. "
+            "Examples: "
             + "; ".join(ui.plain(" / ".join(v for k, v in e.items() if k != "label")) for e in d["examples"]),
             icon=":material/content_copy:",
         )

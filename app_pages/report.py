@@ -12,6 +12,8 @@ from core.results.bundle import build_bundle
 from core.results.render import (
     baseline_rows,
     change_rows,
+    class_balance_rows,
+    controls_rows,
     device_text,
     hint_rows,
     parameter_rows,
@@ -146,6 +148,9 @@ report["group"] = group_summary(run_dir)  # fresh: a later seed of the group may
 # --- header and downloads -----------------------------------------------------------------------
 head, dl = st.columns([2, 1])
 head.markdown(f"#### {ui.plain(report.get('model'))} on {ui.plain(report.get('dataset'))}")
+if report.get("base_model") and report["base_model"] != report.get("model"):  # an embedded model's Hub id
+    note = f": {report['base_weights_note']}" if report.get("base_weights_note") else ""
+    head.caption(ui.plain(f"Base model {report['base_model']}{note}."))
 hw = report.get("hardware")
 head.caption(
     f"Run `{run_dir.name}` · {ui.plain(report.get('state'))} · preset {ui.plain(report.get('preset'))} · "
@@ -330,6 +335,27 @@ if cal:
             "ECE: the mean gap between confidence and accuracy, weighted by the examples per bin (lower is "
             "better; noisy with few examples per bin)."
         )
+    ts = report.get("temperature_scaling")  # core/results/calibration.py
+    if ts:
+        scaled = ts["test"]
+        with left:
+            st.metric(
+                "Temperature T",
+                f"{ts['temperature']:.2f}",
+                help=f"fitted on the {ts['n_fit']} validation rows ({ts['method']}); the selected checkpoint's "
+                "classifier.json carries it, and load_classifier and predict divide the logits by it",
+            )
+            st.metric(
+                "Test ECE after scaling",
+                "n/a" if scaled["ece_after"] is None else f"{scaled['ece_after']:.3f}",
+                delta=None
+                if None in (scaled["ece_after"], scaled["ece_before"])
+                else f"{scaled['ece_after'] - scaled['ece_before']:+.3f}",
+                delta_color="inverse",
+                help=f"n = {scaled['n']}; test NLL {scaled['nll_before']:.3f} -> {scaled['nll_after']:.3f}. "
+                "Dividing the logits by T changes no prediction: accuracy stays.",
+            )
+        cal = {**cal, "after_T_scaled": ts["calibration_after"]}
     right.plotly_chart(ui.reliability_figure(cal), config=ui.PLOTLY, key="reliability")
 
 # --- slices -------------------------------------------------------------------------------------
@@ -415,6 +441,17 @@ if epochs:
         )
 else:
     st.caption("No epoch finished.")
+if report.get("early_stop"):
+    stop = report["early_stop"]
+    st.info(
+        f"Early stopping: stopped after epoch {stop['epoch']} of {stop['epochs']}: {stop['reason']}.",
+        icon=":material/front_hand:",
+    )
+controls = controls_rows(report)
+if controls:
+    with st.expander("Training controls and the class balance of each split"):
+        st.dataframe(pd.DataFrame(controls, columns=["control", "value"]), hide_index=True)
+        st.dataframe(pd.DataFrame(class_balance_rows(report)), hide_index=True)
 
 # --- parameters, resources, hardware ------------------------------------------------------------
 p_col, r_col, h_col = st.columns(3)

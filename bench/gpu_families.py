@@ -112,7 +112,7 @@ def check(family: str, dev: torch.device) -> tuple[dict, bool]:
         calls = []
         kept = rope.rope_heads, rope.rope
 
-        def counting(f):
+        def counting(f, calls=calls):
             def counted(*a):
                 calls.append(1)
                 return f(*a)

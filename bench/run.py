@@ -12,7 +12,9 @@ With --arch (bench/assets.py's ARCHS), per architecture: its assets, then ours (
 fp16 the batch sweep (MFU at the best batch) and the fp16 (T4 path) check, all on the same rows;
 one table for all of them in <out>/families.md (family_table), read back from <out>/<arch>/*.json,
 so a later call with other parts adds to it. Rows and epochs are options (--rows, --epochs,
---tuned-rows, --seed-rows, --eval-rows): the defaults keep the four architectures near 8 minutes.
+--tuned-rows, --seed-rows, --eval-rows). On one H200 (2026-12-02, 256/128/64/64 rows) a part took
+25 to 35 s with its process start, an architecture about 110 s with its assets: two architectures
+per call keep a call near 4 minutes.
 """
 
 from __future__ import annotations
@@ -250,7 +252,7 @@ def main():
     ap.add_argument(
         "--parts", default="ours,tuned,seed", help=f"with --arch, a comma list of {', '.join(FAMILY_PARTS)}"
     )
-    ap.add_argument("--rows", type=int, default=512, help="with --arch: ours' training rows")
+    ap.add_argument("--rows", type=int, default=1000, help="with --arch: ours' training rows")
     ap.add_argument("--epochs", type=int, default=2, help="with --arch: ours' epochs (pairs/s over the last)")
     ap.add_argument("--tuned-rows", type=int, default=256, help="with --arch: the tuned Trainer's training rows")
     ap.add_argument("--seed-rows", type=int, default=160, help="with --arch: the seed-like script's training rows")

@@ -315,7 +315,9 @@ def cmd_predict(args) -> int:
     from .predict import predict_file  # torch
 
     out = Path(args.out) if args.out else None
-    result = predict_file(Path(args.run_dir), Path(args.data), out=out, epoch=args.epoch)
+    result = predict_file(
+        Path(args.run_dir), Path(args.data), out=out, epoch=args.epoch, temperature=not args.no_temperature
+    )
     scored = f", accuracy {result['accuracy']:.4f} on the {result['labelled']} labelled" if result["labelled"] else ""
     print(f"predicted {result['n']} rows with epoch {result['epoch']}{scored}: {result['out']}")
     return 0
@@ -426,6 +428,11 @@ def main(argv=None) -> int:
     pr.add_argument("--data", required=True, help="JSONL, CSV or Parquet file with the run's input columns")
     pr.add_argument("--out", help="OUT.jsonl or OUT.csv (default: RUN/predictions/<file stem>_predicted.jsonl)")
     pr.add_argument("--epoch", type=int, help="the checkpoint of this epoch (default: the epoch the run selected)")
+    pr.add_argument(
+        "--no-temperature",
+        action="store_true",
+        help="the model's raw probabilities, not divided by the temperature in the checkpoint's classifier.json",
+    )
     pr.set_defaults(func=cmd_predict)
     x = sub.add_parser("export", help="write a run's model as one merged transformers model (no peft, no bitsandbytes)")
     x.add_argument("run_dir")

@@ -188,8 +188,10 @@ class DataConfig:
     """Share of train carved out (stratified) as validation when there is no validation split."""
     template: str | None = None
     """How a pair becomes text for models without a separator token (causal LMs), with
-    {premise} and {hypothesis}; None uses the built-in NLI prompt. Encoder models with a [SEP]
-    token get the pair encoded natively unless a template is given."""
+    {premise} and {hypothesis} (or {text}); None uses the zero-shot prompt (core/data.py,
+    causal_prompt: the NLI question answered by Yes / Maybe / No, through the tokenizer's chat
+    template for instruct models), so that a label-word head starts as the zero-shot baseline.
+    Encoder models with a [SEP] token get the pair encoded natively unless a template is given."""
     max_length: int = 128
     """Longest input in tokens; longer ones are truncated (batches are padded only to their own
     longest row)."""

@@ -77,8 +77,9 @@ def dequantized(weight: torch.Tensor) -> torch.Tensor:
 
 def merged_state_dict(peft_model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The state dict of the plain transformers model under `peft_model`, in `dtype` on the CPU:
-    each LoRA layer's base weight dequantised and its update added in float32, the head's trained
-    copy (peft's modules_to_save) under the head's own name, everything else as it is."""
+    each LoRA layer's base weight dequantised and its update added in float32 (for DoRA, then
+    scaled row by row to the learned magnitude), the head's trained copy (peft's modules_to_save)
+    under the head's own name, everything else as it is."""
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
@@ -92,7 +93,10 @@ def merged_state_dict(peft_model, dtype: torch.dtype) -> dict[str, torch.Tensor]
             if list(module.active_adapters) != ["default"] or module.merged:
                 raise RuntimeError(f"{prefix}: expected one unmerged adapter 'default', found {module.active_adapters}")
             base = module.get_base_layer()
-            weight = dequantized(base.weight) + module.get_delta_weight("default").float()
+            weight = dequantized(base.weight) + module.get_delta_weight("default").float()  # rsLoRA: in scaling
+            if module.use_dora.get("default"):  # DoRA: each output row's magnitude times its direction
+                magnitude = module.lora_magnitude_vector["default"].weight.float()
+                weight = (magnitude / torch.linalg.norm(weight, dim=1)).view(-1, 1) * weight
             put(prefix + "weight", weight)
             if base.bias is not None:
                 put(prefix + "bias", base.bias)

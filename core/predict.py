@@ -29,9 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import load_adapter_weights, run_checkpoint
+from .classifier import CLASSIFIER_FILE
 from .config import RunConfig
 from .data import LABEL_ALIASES, NO_LABEL, Example, SplitStats, drop_notes, encode, iter_examples, warn
 from .evaluate import evaluation_name, load_run_model, predict
+from .results.calibration import apply_temperature
 from .runs import rundir
 from .tables import iter_table
 from .text import csv_cell
@@ -115,11 +117,14 @@ def predict_file(
     epoch: int | None = None,
     batch_size: int | None = None,
     progress=None,
+    temperature: bool = True,
 ) -> dict:
     """Score every row of `data_file` with the run's checkpoint of `epoch` (default: the epoch the
     run selected) and write the predictions to `out` (see output_path). `progress(done, rows_per_s)`
-    is called after every chunk (default: a line on stderr). Returns {"n", "out", "epoch",
-    "labelled", "accuracy" (None without labelled rows), "dropped_empty", "seconds"}."""
+    is called after every chunk (default: a line on stderr). With `temperature` the probabilities
+    are those of the logits divided by the checkpoint's temperature (classifier.json, fitted on
+    validation: calibrated; the predicted labels are the same). Returns {"n", "out", "epoch",
+    "labelled", "accuracy" (None without labelled rows), "dropped_empty", "seconds", "temperature"}."""
     run_dir = Path(run_dir)
     folder, epoch = run_checkpoint(run_dir, epoch)  # not a run, no finished epoch: before any model loads
     path = output_path(run_dir, data_file, out)
@@ -144,6 +149,8 @@ def predict_file(
     progress = progress or _progress_line
     model, tokenizer, device, dtype, speed = load_run_model(cfg)
     load_adapter_weights(model, folder)
+    info = rundir.read_json(folder / CLASSIFIER_FILE) or {}
+    t = info.get("temperature") if temperature else None
     bs = batch_size or cfg.train.eval_batch_size
     labels = list(cfg.data.labels)
     inputs = ["text"] if first_chunk[0].text else ["premise", "hypothesis"]
@@ -157,6 +164,8 @@ def predict_file(
             for e in encoded:
                 e["label"] = max(e["label"], 0)  # predict() also computes a loss: any valid class will do
             probs, _ = predict(model, encoded, bs, tokenizer.pad_token_id, device, dtype, speed=speed)
+            if t:
+                probs = apply_temperature(probs, t, eps=1e-30)
             writer.write(output_rows(chunk, probs, labels))
             gold = np.array([e.label for e in chunk])
             mask = gold != NO_LABEL
@@ -178,6 +187,7 @@ def predict_file(
         "accuracy": right / labelled if labelled else None,
         "dropped_empty": stats.dropped_empty,
         "seconds": round(time.perf_counter() - t0, 3),
+        "temperature": t,
     }
 
 

@@ -191,10 +191,12 @@ def preview(
         both = [e for e in read[b] if _key(e) in seen]
         if both:
             out["duplicates"].append({"splits": [a, b], "n": len(both), "examples": _example_rows(both, labels, seed)})
+            rows = f"{len(both):,} {b} row has" if len(both) == 1 else f"{len(both):,} {b} rows have"
             out["notes"].append(
-                f"{len(both):,} {b} rows have the same text as a {a} row (case and spaces ignored): "
-                f"a {b} score on them measures memory, not understanding"
+                f"{rows} the same text as a {a} row (case and spaces ignored): a {b} score on them measures "
+                "memory, not understanding"
             )
+    out["splits"] = {split: out["splits"][split] for split in SPLITS if split in out["splits"]}
     counts = out["splits"].get("train", {}).get("label_counts")
     if counts and sum(counts.values()):
         largest, smallest = max(counts, key=counts.get), min(counts, key=counts.get)

@@ -119,10 +119,11 @@ def save_word_tokenizer(folder: Path, words: list[str], causal: bool) -> None:
     fast.save_pretrained(folder)
 
 
-def train_tiny(arch: str, tmp_path: Path, **train) -> Path:
+def train_tiny(arch: str, tmp_path: Path, lora: dict | None = None, **train) -> Path:
     """A real run (core.train.train, in this process) of a tiny random `arch` model ("llama": a
-    causal LM, "bert": a [CLS] encoder) on 48 SNLI rows, 2 epochs, a few seconds on a CPU; `train`
-    sets TrainConfig fields (e.g. report_to). Returns the run folder, tmp_path / "run"."""
+    causal LM, "bert": a [CLS] encoder) on 48 SNLI rows, 2 epochs, a few seconds on a CPU; `lora`
+    sets LoraSettings fields (e.g. variant), `train` TrainConfig fields (e.g. report_to). Returns the
+    run folder, tmp_path / "run"."""
     from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
     from core.train import train as train_run
 
@@ -141,7 +142,7 @@ def train_tiny(arch: str, tmp_path: Path, **train) -> Path:
             max_test_rows=24,
             max_length=64,
         ),
-        lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+        lora=LoraSettings(**{"r": 4, "alpha": 8, "dropout": 0.0, **(lora or {})}),
         train=TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": 3e-3, "head_lr": 1e-2, **train}),
     )
     train_run(cfg, tmp_path / "run")

@@ -37,9 +37,10 @@ def _log_probs(probs: np.ndarray) -> np.ndarray:
     return np.log(np.clip(np.asarray(probs, dtype=float), EPS, 1.0))
 
 
-def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log p / T) row by row: the probabilities of logits divided by T."""
-    z = _log_probs(probs) / temperature
+def apply_temperature(probs: np.ndarray, temperature: float, eps: float = EPS) -> np.ndarray:
+    """softmax(log p / T) row by row: the probabilities of logits divided by T (a probability
+    below `eps` counts as eps: EPS for the 5-decimal files, less for a model's own output)."""
+    z = np.log(np.clip(np.asarray(probs, dtype=float), eps, 1.0)) / temperature
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)

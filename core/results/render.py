@@ -421,6 +421,9 @@ def render_markdown(r: dict) -> str:
         f"Run {code_span(r['run_id'])} ({_t(r.get('state'))}), preset {code_span(r.get('preset'))}; "
         f"device {_t(device_text(r))}, compute dtype {_t(r.get('compute_dtype'))}; hardware: {_t(hardware)}."
     )
+    if r.get("base_model") and r["base_model"] != r.get("model"):
+        note = f": {r['base_weights_note']}" if r.get("base_weights_note") else ""
+        L += ["", f"Base model {code_span(r['base_model'])}{_t(note)}."]
     if r.get("error"):
         L += ["", f"**Error:** {_t(r['error'])}"]
     if r.get("headline"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..embedded import hub_id, weights_note
 from ..runs import rundir, state
 from ..runs.rundir import is_int, is_number
 from ..runs.state import read_config, read_status
@@ -138,6 +139,18 @@ def read_sections(run_dir: Path, labels: list[str], metrics: dict | None = None,
     )
 
 
+def _base_model(config: dict) -> str | None:
+    """The Hub id of the run's model (an embedded model's, core/embedded.py), as model cards name it."""
+    name = (config.get("model") or {}).get("name")
+    return hub_id(name) if isinstance(name, str) else None
+
+
+def _base_weights_note(config: dict) -> str | None:
+    """How the run's base weights differ from the Hub's (a dequantised GGUF), None when they do not."""
+    name = (config.get("model") or {}).get("name")
+    return weights_note(name) if isinstance(name, str) else None
+
+
 def build_report(run_dir: Path, group: dict | None = None) -> dict:
     """Everything the report shows, from the files of `run_dir` (works on unfinished runs too).
     "group" is `group`: the caller passes seeds.group_summary(run_dir) where the report should
@@ -159,6 +172,8 @@ def build_report(run_dir: Path, group: dict | None = None) -> dict:
         "error": status.get("error"),
         "preset": config.get("preset"),
         "model": (config.get("model") or {}).get("name"),
+        "base_model": _base_model(config),
+        "base_weights_note": _base_weights_note(config),
         "dataset": _dataset_name(config.get("data") or {}),
         "labels": labels,
         "config": config,
@@ -291,7 +306,17 @@ def report_problem(r) -> str | None:
     labels = r.get("labels")
     if not _names(labels):
         return '"labels" is not a list of names'
-    for k in ("model", "dataset", "preset", "device", "compute_dtype", "state", "error"):
+    for k in (
+        "model",
+        "base_model",
+        "base_weights_note",
+        "dataset",
+        "preset",
+        "device",
+        "compute_dtype",
+        "state",
+        "error",
+    ):
         if r.get(k) is not None and not isinstance(r[k], str):
             return f'"{k}" is not text'
     for k in ("test_before", "test_after"):

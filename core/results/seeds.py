@@ -16,23 +16,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runs import rundir
-from ..runs.state import read_status
+from ..runs.state import list_runs, read_status
 from .report import load_report
 from .slices import agreement, seed_summary
 
 
 def group_runs(run_dir: Path) -> list[Path]:
     """The run folders beside `run_dir` whose config.json names the same group (sorted by seed);
-    [] when the run belongs to no group."""
+    [] when the run belongs to no group. From list_runs, whose lines are kept between calls: a
+    runs folder of 2,000 runs is not 2,000 config.json files read on every report."""
     run_dir = Path(run_dir)
     group = (rundir.read_json(run_dir / rundir.CONFIG, {}) or {}).get("group")
     if not group or not run_dir.parent.is_dir():
         return []
-    found = []
-    for path in run_dir.parent.iterdir():
-        cfg = rundir.read_json(path / rundir.CONFIG, {}) if path.is_dir() else {}
-        if isinstance(cfg, dict) and cfg.get("group") == group:
-            found.append((((cfg.get("train") or {}).get("seed")), path))
+    found = [(r["seed"], r["path"]) for r in list_runs(run_dir.parent) if r.get("group") == group]
     return [p for _, p in sorted(found, key=lambda t: (t[0] is None, t[0] or 0, t[1].name))]
 
 

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from .rundir import (
     ACTIVE_STATES,
     CONFIG,
     DAMAGED,
+    LINK_REFUSED,
     METRICS,
     PREDICTIONS,
     REPORT,
@@ -225,6 +227,11 @@ def read_status(run_dir: Path, now: float | None = None) -> dict:
       reads {"state": "damaged", "damaged": "status.json: <why>", "error": ...}."""
     run_dir = Path(run_dir)
     status, problem = load_json(run_dir / STATUS)
+    return _status_as_read(run_dir, status, problem, now)
+
+
+def _status_as_read(run_dir: Path, status: Any, problem: str | None, now: float | None = None) -> dict:
+    """read_status's answer for a status.json already loaded (load_json's value and problem)."""
     if problem == "missing":
         return {}
     problem = problem or _status_problem(status)
@@ -328,49 +335,106 @@ def damaged_files(run_dir: Path) -> list[str]:
     return out
 
 
-def _run_entry(path: Path) -> dict:
-    status = read_status(path)
-    config, problem = read_config(path)
-    damaged = status.get("damaged") or (f"{CONFIG}: {problem}" if problem else None)
+def _run_entry(path: Path) -> tuple[dict, bool]:
+    """(the run's line in list_runs, whether its status.json says queued or running: then the
+    line changes with time alone, as its trainer lives or dies, and is never kept)."""
+    raw, problem = load_json(path / STATUS)
+    status = _status_as_read(path, raw, problem)
+    config, config_problem_ = read_config(path)
+    damaged = status.get("damaged") or (f"{CONFIG}: {config_problem_}" if config_problem_ else None)
     created = status.get("created_at")
-    return {
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    entry = {
         "id": path.name,
         "path": path,
         "state": DAMAGED if damaged else status.get("state", "unknown"),
         "created_at": created if isinstance(created, str) else "",
         "preset": config.get("preset") or "",
         "model": (config.get("model") or {}).get("name", ""),
+        "group": config.get("group") if isinstance(config.get("group"), str) else None,
+        "seed": train.get("seed") if is_int(train.get("seed")) else None,
         "damaged": damaged,
     }
+    active = problem is None and isinstance(raw, dict) and raw.get("state") in ACTIVE_STATES
+    return entry, active
+
+
+def _damaged_entry(path: Path, why: str) -> dict:
+    return {
+        "id": path.name,
+        "path": path,
+        "state": DAMAGED,
+        "created_at": "",
+        "preset": "",
+        "model": "",
+        "group": None,
+        "seed": None,
+        "damaged": why,
+    }
+
+
+def _signature(folder: str) -> tuple:
+    """(inode, size, mtime) of a run folder's status.json and config.json (None: missing), without
+    following a link: what a kept list_runs line depends on."""
+    out = []
+    for name in (STATUS, CONFIG):
+        try:
+            st = os.lstat(os.path.join(folder, name))
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+# list_runs' lines, kept between calls by run folder: (signature, line, active). A line is read
+# again only when status.json or config.json changed, or when the run is queued or running.
+_LISTED: dict[str, tuple[tuple, dict, bool]] = {}
+_LISTED_LOCK = threading.Lock()
 
 
 def list_runs(root: Path | None = None) -> list[dict]:
     """All runs in the runs folder, newest first: {id, path, state, created_at, preset, model,
-    damaged}. A run whose status.json or config.json cannot be read is listed with state
-    "damaged" and `damaged` naming the file and why ("config.json: not valid JSON ..."); it never
-    hides the other runs."""
+    group, seed, damaged}. A run whose status.json or config.json cannot be read is listed with
+    state "damaged" and `damaged` naming the file and why ("config.json: not valid JSON ..."); it
+    never hides the other runs. A run folder that is a symbolic link is listed as damaged and never
+    read. Each line is kept until its status.json or config.json changes (queued and running runs
+    are read on every call): 2,000 finished runs cost a stat() or two each, not two JSON files."""
     root = Path(root or runs_root())
     runs = []
     try:
-        entries = list(root.iterdir())
+        entries = list(os.scandir(root))
     except OSError:
         return runs
-    for path in entries:
+    seen = set()
+    for e in entries:
+        path = Path(e.path)
         try:
-            if not path.is_dir() or not RUN_ID_RE.match(path.name) or not (path / STATUS).exists():
+            if not RUN_ID_RE.fullmatch(e.name):
                 continue
-            runs.append(_run_entry(path))
-        except Exception as e:  # one unreadable folder never hides the others
-            runs.append(
-                {
-                    "id": path.name,
-                    "path": path,
-                    "state": DAMAGED,
-                    "created_at": "",
-                    "preset": "",
-                    "model": "",
-                    "damaged": f"unreadable ({type(e).__name__}: {e})",
-                }
-            )
+            if e.is_symlink():
+                if e.is_dir():  # a run folder linked from elsewhere (an imported run): shown, never read
+                    runs.append(_damaged_entry(path, f"the run folder is {LINK_REFUSED}"))
+                continue
+            if not e.is_dir(follow_symlinks=False):
+                continue
+            signature = _signature(e.path)
+            if signature[0] is None:  # no status.json: not a run folder
+                continue
+            seen.add(e.path)
+            with _LISTED_LOCK:
+                kept = _LISTED.get(e.path)
+            if kept is not None and kept[0] == signature and not kept[2]:
+                runs.append(dict(kept[1]))
+                continue
+            entry, active = _run_entry(path)
+            with _LISTED_LOCK:
+                _LISTED[e.path] = (signature, entry, active)
+            runs.append(dict(entry))
+        except Exception as ex:  # one unreadable folder never hides the others
+            runs.append(_damaged_entry(path, f"unreadable ({type(ex).__name__}: {ex})"))
+    with _LISTED_LOCK:  # forget the folders of this runs folder that are gone
+        for key in [k for k in _LISTED if os.path.dirname(k) == str(root) and k not in seen]:
+            del _LISTED[key]
     runs.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
     return runs

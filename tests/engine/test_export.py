@@ -75,9 +75,9 @@ def plain_transformers(folder: Path, rows_file: Path, trust: bool = False) -> di
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "bert"])
-def test_a_merged_export_reloads_in_plain_transformers_to_the_runs_probabilities(arch, tmp_path):
-    run = train_tiny(arch, tmp_path)
+@pytest.mark.parametrize("arch, variant", [("llama", "lora"), ("bert", "lora"), ("llama", "dora"), ("bert", "rslora")])
+def test_a_merged_export_reloads_in_plain_transformers_to_the_runs_probabilities(arch, variant, tmp_path):
+    run = train_tiny(arch, tmp_path, lora={"variant": variant})
     out = tmp_path / "merged"
     result = export_merged(run, out)  # a CPU run: float32 by default
     assert result["dtype"] == "float32" and result["note"] == "" and result["parity_rows"] == 24
@@ -97,7 +97,7 @@ def test_a_merged_export_reloads_in_plain_transformers_to_the_runs_probabilities
     got = plain_transformers(out, run / "predictions" / "test_after.jsonl")
     assert not got["peft"] and not got["bitsandbytes"]
     assert got["pad_token_id"] is not None
-    print(f"{arch}: max |p_export - p_run| = {got['max_diff']:.2e} (plain transformers, float32)")
+    print(f"{arch} {variant}: max |p_export - p_run| = {got['max_diff']:.2e} (plain transformers, float32)")
     assert got["max_diff"] < 2e-3
 
     half = export_merged(run, tmp_path / "merged-bf16", dtype="bfloat16", check_rows=8)

@@ -93,7 +93,7 @@ def test_plain_peft_reloads_a_tiny_causal_lm_to_the_runs_test_probabilities(tmp_
     want = torch.tensor([r["probs"] for r in predictions])
     torch.testing.assert_close(torch.stack(got), want, rtol=0, atol=2e-4)
     # and the project's one-call loader, in batches with padding
-    clf = load_classifier(best)
+    clf = load_classifier(best, temperature=False)  # the run's own probabilities, not temperature-scaled
     torch.testing.assert_close(torch.from_numpy(clf.predict(predictions)), want, rtol=0, atol=2e-4)
 
 
@@ -111,7 +111,7 @@ def test_a_mean_pooled_run_says_so_and_the_project_loader_reproduces_it(tiny_run
         == "sentence-transformers/all-MiniLM-L6-v2"
     )  # not a path inside this virtual environment
     predictions = [json.loads(l) for l in (tiny_run / "predictions" / "test_after.jsonl").read_text().splitlines()]
-    clf = load_classifier(best)
+    clf = load_classifier(best, temperature=False)  # the run's own probabilities, not temperature-scaled
     torch.testing.assert_close(
         torch.from_numpy(clf.predict(predictions[:16])),
         torch.tensor([r["probs"] for r in predictions[:16]]),

@@ -81,7 +81,9 @@ def test_predict_scores_a_file_without_labels_as_the_run_did(tiny_run, tmp_path)
     seen = []
     predict_module.CHUNK_ROWS, before = 16, predict_module.CHUNK_ROWS  # several chunks: streamed
     try:
-        result = predict_file(tiny_run, data, out=out, progress=lambda done, speed: seen.append(done))
+        result = predict_file(  # the run's own probabilities: not temperature-scaled
+            tiny_run, data, out=out, progress=lambda done, speed: seen.append(done), temperature=False
+        )
     finally:
         predict_module.CHUNK_ROWS = before
     assert seen == [16, 32, 48, 49]  # progress after every chunk

@@ -319,3 +319,55 @@ def test_class_weights_in_a_data_parallel_run_equal_one_process(bert, tmp_path):
     assert setup["world_size"] == 2 and setup["class_weights"]["neutral"] / setup["class_weights"]["entailment"] == (
         pytest.approx(3.0)
     )
+
+
+@pytest.mark.parametrize("variant", ["dora", "rslora"])
+def test_a_lora_variant_trains_is_named_and_reloads_portably(bert, tmp_path, variant):
+    """A real run with lora.variant: peft's flags in adapter_config.json, the variant in the setup
+    record, report, classifier.json and model card, and load_classifier reproduces its test
+    probabilities from the checkpoint folder alone."""
+    from core.classifier import load_classifier
+    from core.train import train
+
+    files = {"train": str(SNLI / "train.jsonl"), "test": str(SNLI / "test.jsonl")}
+    cfg = config(bert, files, epochs=1)
+    cfg = override(cfg, {"lora.variant": variant, "data.max_train_rows": 48, "data.max_validation_rows": 16})
+    report = train(cfg, tmp_path / "run")
+    assert records(tmp_path / "run", "setup")[0]["lora_variant"] == variant == report["controls"]["lora_variant"]
+    folder = tmp_path / "run" / "checkpoints" / f"epoch-{report['best_epoch']}"
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter_config["use_dora"] is (variant == "dora") and adapter_config["use_rslora"] is (variant == "rslora")
+    assert json.loads((folder / "classifier.json").read_text())["lora_variant"] == variant
+    card = (folder / "README.md").read_text()
+    assert ("- Adapter: DoRA" if variant == "dora" else "- Adapter: rsLoRA") in card
+    from core.results.render import render_markdown
+
+    assert ("| LoRA variant | DoRA" if variant == "dora" else "| LoRA variant | rsLoRA") in render_markdown(report)
+    speedups = records(tmp_path / "run", "setup")[0]["speedups"]
+    assert any(s.startswith("not fused: ") for s in speedups) == (variant == "dora")  # the reason, in setup
+    predictions = [json.loads(line) for line in (tmp_path / "run" / "predictions" / "test_after.jsonl").open()]
+    probs = load_classifier(folder, device="cpu", temperature=False).predict(predictions)
+    assert abs(probs - [r["probs"] for r in predictions]).max() < 2e-4
+
+
+def test_gradient_checkpointing_trains_the_same_run(bert, tmp_path):
+    """The same real run with and without --gradient-checkpointing: equal step losses and adapters;
+    the setup record says it was on."""
+    from safetensors.torch import load_file
+
+    from core.train import train
+
+    files = {"train": str(SNLI / "train.jsonl"), "test": str(SNLI / "test.jsonl")}
+    base = override(config(bert, files, epochs=1), {"data.max_train_rows": 48, "data.max_validation_rows": 16})
+    for name, on in (("plain", False), ("checkpointed", True)):
+        train(override(base, {"train.gradient_checkpointing": on}), tmp_path / name)
+    setup = records(tmp_path / "checkpointed", "setup")[0]
+    assert any(s.startswith("gradient checkpointing") for s in setup["speedups"])
+    steps = [[r["loss"] for r in records(tmp_path / name, "step")] for name in ("plain", "checkpointed")]
+    assert steps[1] == pytest.approx(steps[0], rel=1e-5)
+    a, b = (
+        load_file(tmp_path / name / "checkpoints" / "epoch-1" / "adapter_model.safetensors")
+        for name in ("plain", "checkpointed")
+    )
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)

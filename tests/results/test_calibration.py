@@ -108,7 +108,7 @@ def test_the_report_fits_on_validation_and_scores_test(tmp_path):
     assert temperature_section([], rows(test_p, test_g, "test"), LABELS) is None
 
 
-def test_the_selected_checkpoint_carries_the_temperature_and_load_classifier_applies_it(tiny_run):
+def test_the_selected_checkpoint_carries_the_temperature_and_load_classifier_applies_it(tiny_run, tmp_path):
     from core.classifier import load_classifier
 
     report = json.loads((tiny_run / "report.json").read_text())
@@ -129,3 +129,20 @@ def test_the_selected_checkpoint_carries_the_temperature_and_load_classifier_app
     calibrated = load_classifier(folder, device="cpu")
     assert calibrated.temperature == pytest.approx(ts["temperature"])
     np.testing.assert_allclose(calibrated.predict(some), apply_temperature(raw_probs, ts["temperature"]), atol=1e-4)
+    # and `python -m core predict` (core/predict.py), unless told --no-temperature
+    from core.predict import predict_file
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in some))
+    quiet = {"progress": lambda done, speed: None}
+    hot = predict_file(tiny_run, data, out=tmp_path / "hot.jsonl", **quiet)
+    cold = predict_file(tiny_run, data, out=tmp_path / "cold.jsonl", temperature=False, **quiet)
+    assert hot["temperature"] == pytest.approx(ts["temperature"]) and cold["temperature"] is None
+
+    def probs(path):
+        return np.array([list(json.loads(line)["probs"].values()) for line in path.read_text().splitlines()])
+
+    np.testing.assert_allclose(probs(tmp_path / "cold.jsonl"), raw_probs, atol=2e-4)
+    np.testing.assert_allclose(
+        probs(tmp_path / "hot.jsonl"), apply_temperature(probs(tmp_path / "cold.jsonl"), ts["temperature"]), atol=2e-4
+    )
