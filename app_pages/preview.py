@@ -66,7 +66,7 @@ def balance_figure(look: dict, labels: list[str]) -> go.Figure:
         template="plotly_white",
         barmode="group",
         yaxis=dict(tickformat=".0%"),
-        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1),
+        legend=dict(orientation="h", yanchor="top", y=-0.12, xanchor="center", x=0.5),
     )
     return fig
 
@@ -108,16 +108,19 @@ def split_rows(look: dict, labels: list[str]) -> list[dict]:
             rows.append({"split": split, "rows read": "", "kept": "", "the run uses": "", "error": s["error"]})
             continue
         counts = s.get("label_counts") or {}
+        carved = s.get("carved_from_train")
         rows.append(
             {
-                "split": split + (" (carved from train)" if s.get("carved_from_train") else ""),
-                "rows read": f"{s['rows_read']:,}" + ("" if s["complete"] else f" of {total_text(s)}"),
-                "no gold label": s["dropped_unlabelled"],
-                "empty text": s["dropped_empty"],
+                "split": split,
+                "rows read": "carved from train"
+                if carved
+                else f"{s['rows_read']:,}" + ("" if s["complete"] else f" of {total_text(s)}"),
+                "no gold label": "" if carved else f"{s['dropped_unlabelled']:,}",
+                "empty text": "" if carved else f"{s['dropped_empty']:,}",
                 "kept": s["kept"],
                 "the run uses": s["used"],
                 **{label: counts.get(label, 0) for label in labels},
-                "longer than max length": (
+                "> max length": (
                     f"{s['lengths']['over_max_length']} of {s['lengths']['sampled']}" if s.get("lengths") else "n/a"
                 ),
             }

@@ -13,11 +13,15 @@ import streamlit as st
 from app_pages import finished, launch, live, ui
 from app_pages.runcharts import draw_metrics_row, draw_resources
 from core.runs import rundir, watch
+from core.runs.state import read_status
 
 
 def draw_selected(run_dir: Path) -> bool:
     """The selected run's panel; returns whether the run is still active."""
-    snap = watch.snapshot(run_dir)
+    # A live run: the reader its live view shares (new lines only); an ended one: read once per
+    # version of its files (core.runs.watch.snapshot keeps it), not on every visit.
+    active = read_status(run_dir).get("state") in watch.ACTIVE
+    snap = live.watcher(str(run_dir)).snapshot() if active else watch.snapshot(run_dir)
     state = snap["state"]
     st.markdown(f"#### {ui.run_title(run_dir, snap['status'])}")
     ui.damage_note(run_dir)

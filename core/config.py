@@ -388,13 +388,15 @@ class SpeedConfig:
     eval_graphs: bool = True
     """GPU: replay padded validation batches from CUDA graphs (QLORA_EVAL_GRAPHS)."""
     pack: str = "auto"
-    """Phi models: lay a batch's rows end to end with no padding (FlashAttention varlen). auto: on
-    a GPU that runs FlashAttention 2 (Ampere or newer, 16-bit); on: wherever supported, CPU
-    included (masked SDPA: the tests); off: padded batches (QLORA_PACK = auto, 1, 0)."""
+    """Decoder models (core/speed/packing.py's FAMILIES): lay a batch's rows end to end with no
+    padding (FlashAttention varlen). auto: on a GPU that runs FlashAttention 2 (Ampere or newer,
+    16-bit); on: wherever supported, CPU included (masked SDPA: the tests); off: padded batches
+    (QLORA_PACK = auto, 1, 0)."""
     fused_linear: bool = True
     """Each 4-bit linear layer and its LoRA adapter as one autograd function (QLORA_FUSED)."""
     fused_rotary: bool = True
-    """Phi's partial rotary embedding in one pass instead of slices and cats (QLORA_ROTARY)."""
+    """The rotary embedding in one pass: Phi's partial one in torch too, every family's as one
+    Triton kernel with triton_rotary (core/speed/attention.py; QLORA_ROTARY)."""
     triton_rotary: bool = True
     """With fused_rotary, on an Ampere or newer GPU: the rotary as one Triton kernel (QLORA_TRITON)."""
     micro_tokens: int | None = None

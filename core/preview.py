@@ -124,8 +124,8 @@ def preview(
 
     Returns {"splits": {split: {"source", "rows_read", "complete", "total_rows", "dropped_unlabelled",
     "dropped_empty", "kept", "carved_from_train", "used", "label_counts", "lengths", "examples"}},
-    "duplicates": [{"splits": [a, b], "n", "examples"}], "imbalanced": {"ratio", "largest",
-    "smallest"} or None, "notes": [sentences]}."""
+    "duplicates": [{"splits": [a, b], "n", "examples", "note"}], "imbalanced": {"ratio", "largest",
+    "smallest"} or None, "notes": [what was sampled, in sentences]}."""
     labels = cfg.data.labels
     seed = cfg.train.seed if cfg.data.sample_seed is None else cfg.data.sample_seed
     read: dict[str, list[Example]] = {}
@@ -190,11 +190,13 @@ def preview(
         seen = {_key(e) for e in read[a]}
         both = [e for e in read[b] if _key(e) in seen]
         if both:
-            out["duplicates"].append({"splits": [a, b], "n": len(both), "examples": _example_rows(both, labels, seed)})
             rows = f"{len(both):,} {b} row has" if len(both) == 1 else f"{len(both):,} {b} rows have"
-            out["notes"].append(
+            note = (
                 f"{rows} the same text as a {a} row (case and spaces ignored): a {b} score on them measures "
                 "memory, not understanding"
+            )
+            out["duplicates"].append(
+                {"splits": [a, b], "n": len(both), "examples": _example_rows(both, labels, seed), "note": note}
             )
     out["splits"] = {split: out["splits"][split] for split in SPLITS if split in out["splits"]}
     counts = out["splits"].get("train", {}).get("label_counts")

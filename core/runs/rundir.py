@@ -397,6 +397,48 @@ def scan_metrics(run_dir: Path, complete: bool = False) -> tuple[dict[str, list[
     return by_kind, bad
 
 
+def iter_lines(path: Path, chunk: int = 1 << 20) -> Iterator[tuple[bytes, bool]]:
+    """(line, complete) for each line of a file of a run folder, read `chunk` bytes at a time (a
+    200 MB log is never one string): complete is False only for a last line without its newline.
+    A missing file yields nothing; a link is never followed (open_run_file)."""
+    try:
+        fd = open_run_file(path)
+    except FileNotFoundError:
+        return
+    with os.fdopen(fd, "rb") as f:
+        rest = b""
+        while block := f.read(chunk):
+            lines = (rest + block).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                yield line, True
+        if rest:
+            yield rest, False
+
+
+def metrics_health(run_dir: Path, complete: bool = False) -> tuple[set[str], int]:
+    """(kinds, bad): the kinds of the sound records of a run's metrics.jsonl and how many lines are
+    damaged, as scan_metrics counts them, read line by line and keeping no record (what
+    damaged_files asks of a file that may hold a million step records)."""
+    kinds: set[str] = set()
+    bad = 0
+    for line, whole in iter_lines(Path(run_dir) / METRICS):
+        if not line.strip():
+            continue
+        rec = json_object(line)
+        if rec is None:
+            bad += whole or complete  # a last line still being written is not damage until the run ended
+            continue
+        kind = rec.get("kind")
+        if not isinstance(kind, str):
+            continue
+        if metric_fields_ok(rec):
+            kinds.add(kind)
+        else:
+            bad += 1
+    return kinds, bad
+
+
 def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
     """The records of a run's metrics.jsonl split by their "kind", each list in file order.
 

@@ -44,12 +44,12 @@ from .rundir import (
     json_safe,
     json_type_name,
     load_json,
+    metrics_health,
     now_iso,
     read_json,
     read_predictions,
     runs_root,
     scan_jsonl,
-    scan_metrics,
 )
 
 # --- status -------------------------------------------------------------------------------------
@@ -290,6 +290,38 @@ def read_config(run_dir: Path) -> tuple[dict, str | None]:
     return ({}, problem) if problem else (value, None)
 
 
+# What damaged_files found in a file, kept by (path, whether the run had ended) until the file
+# changes (inode, size, mtime): a finished run's 200 MB metrics.jsonl is read once per server.
+_DAMAGE: dict[tuple[str, bool], tuple[tuple, Any]] = {}
+_DAMAGE_LOCK = threading.Lock()
+_DAMAGE_MAX = 4096
+
+
+def _kept(path: Path, ended: bool, scan) -> Any:
+    """scan(), or what it returned for this very version of the file."""
+    try:
+        st = os.lstat(path)
+        signature = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+    except OSError:
+        signature = None
+    key = (str(path), ended)
+    with _DAMAGE_LOCK:
+        kept = _DAMAGE.get(key)
+    if kept is not None and kept[0] == signature and signature is not None:
+        return kept[1]
+    value = scan()
+    with _DAMAGE_LOCK:
+        if len(_DAMAGE) >= _DAMAGE_MAX:
+            _DAMAGE.clear()
+        _DAMAGE[key] = (signature, value)
+    return value
+
+
+def _count(found: tuple[list, int]) -> tuple[int, int]:
+    rows, bad = found
+    return len(rows), bad
+
+
 def _lines(n: int) -> str:
     return f"{n} unreadable line{'s' if n != 1 else ''} (garbled, not UTF-8, or the wrong type)"
 
@@ -312,25 +344,29 @@ def damaged_files(run_dir: Path) -> list[str]:
         value, problem = load_json(run_dir / name)
         if problem != "missing" and (problem or check(value)):
             out.append(f"{name}: {problem or check(value)}")
-    by_kind, bad = scan_metrics(run_dir, complete=ended)
+    kinds, bad = _kept(run_dir / METRICS, ended, lambda: metrics_health(run_dir, complete=ended))
     if bad:
         out.append(f"{METRICS}: {_lines(bad)}")
-    elif state == "done" and not (by_kind["setup"] and by_kind["end"]):
+    elif state == "done" and not {"setup", "end"} <= kinds:
         out.append(f"{METRICS}: the setup or end record of this finished run is missing")
-    records, bad = scan_jsonl(run_dir / RESOURCES, complete=ended)
-    bad += sum(not is_number(r.get("t")) for r in records)
+
+    def resources_bad() -> int:
+        records, bad = scan_jsonl(run_dir / RESOURCES, complete=ended)
+        return bad + sum(not is_number(r.get("t")) for r in records)
+
+    bad = _kept(run_dir / RESOURCES, ended, resources_bad)
     if bad:
         out.append(f"{RESOURCES}: {_lines(bad)}")
     pred_dir = run_dir / PREDICTIONS
     if pred_dir.is_dir():
         for path in sorted(pred_dir.glob("*.jsonl")):
             if path.stem.endswith(("_before", "_after")):  # per-example predictions, written whole
-                rows, bad = read_predictions(path)
+                n, bad = _kept(path, ended, lambda p=path: _count(read_predictions(p)))
             else:  # other logs kept there (e.g. the trainer's dynamics.jsonl): JSON objects, one a line
-                rows, bad = scan_jsonl(path, complete=ended)
+                n, bad = _kept(path, ended, lambda p=path: _count(scan_jsonl(p, complete=ended)))
             if bad:
                 out.append(f"{PREDICTIONS}/{path.name}: {_lines(bad)}")
-            elif not rows and path.stem.endswith(("_before", "_after")):
+            elif not n and path.stem.endswith(("_before", "_after")):
                 out.append(f"{PREDICTIONS}/{path.name}: empty")
     return out
 

@@ -20,6 +20,7 @@ import itertools
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -74,16 +75,89 @@ def estimate_remaining(
     )
 
 
+STEPS_KEPT = 4 * MAX_POINTS
+"""Step records (and resource samples) a finished run's snapshot keeps at most: min-max thinned
+(downsample), the last TAIL_KEPT exactly; its charts show MAX_POINTS of them."""
+TAIL_KEPT = 20
+FINISHED_KEPT = 16  # finished runs' snapshots kept (the server's memory: a few hundred KB each)
+
+_FINISHED: OrderedDict[str, tuple[tuple, dict]] = OrderedDict()
+_FINISHED_LOCK = threading.Lock()
+
+
 def snapshot(run_dir: Path, now: float | None = None) -> dict:
-    """Everything the live view shows, read from the run folder (all of it, on every call)."""
+    """Everything the live view shows, read from the run folder. A queued or running run is read
+    whole on each call (the live view keeps a LiveRun instead); a run that has ended is read once
+    per version of its files (status.json, metrics.jsonl, resources.jsonl: inode, size, mtime),
+    line by line, its step records and resource samples thinned to STEPS_KEPT, and that snapshot
+    is handed to every later call (shared: do not modify it). A 200 MB metrics.jsonl is then one
+    read per server, not one per visit."""
     run_dir = Path(run_dir)
     status = read_status(run_dir)  # before the metrics: a final state means they are complete
-    metrics = rundir.read_metrics(run_dir)
-    resources = [r for r in rundir.read_jsonl(run_dir / rundir.RESOURCES) if rundir.is_number(r.get("t"))]
+    if status.get("state") in ACTIVE:
+        metrics = rundir.read_metrics(run_dir)
+        resources = [r for r in rundir.read_jsonl(run_dir / rundir.RESOURCES) if rundir.is_number(r.get("t"))]
+        return derive(run_dir.name, status, metrics, _with_elapsed(resources), now)
+    key, signature = str(run_dir), _files_signature(run_dir)
+    with _FINISHED_LOCK:
+        kept = _FINISHED.get(key)
+        if kept is not None and kept[0] == signature:
+            _FINISHED.move_to_end(key)
+            return kept[1]
+    snap = derive(run_dir.name, status, _thinned_metrics(run_dir), _with_elapsed(_thinned_resources(run_dir)), now)
+    with _FINISHED_LOCK:
+        _FINISHED[key] = (signature, snap)
+        while len(_FINISHED) > FINISHED_KEPT:
+            _FINISHED.popitem(last=False)
+    return snap
+
+
+def _with_elapsed(resources: list[dict]) -> list[dict]:
     t0 = resources[0]["t"] if resources else 0.0
     for r in resources:
         r["elapsed_s"] = round(r["t"] - t0, 2)
-    return derive(run_dir.name, status, metrics, resources, now)
+    return resources
+
+
+def _files_signature(run_dir: Path) -> tuple:
+    out = []
+    for name in (rundir.STATUS, rundir.METRICS, rundir.RESOURCES):
+        try:
+            st = os.lstat(run_dir / name)
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def _thin(rows: list[dict], y: str | Sequence[str]) -> list[dict]:
+    """Rows kept so far, thinned to STEPS_KEPT when they pass twice that (the last TAIL_KEPT whole)."""
+    if len(rows) <= 2 * STEPS_KEPT:
+        return rows
+    return downsample(rows[:-TAIL_KEPT], y, STEPS_KEPT) + rows[-TAIL_KEPT:]
+
+
+def _thinned_metrics(run_dir: Path) -> dict[str, list[dict]]:
+    """read_metrics, line by line, with the step records thinned (_thin): never all in memory."""
+    by_kind: dict[str, list[dict]] = {k: [] for k in rundir.METRIC_KINDS}
+    for line, _ in rundir.iter_lines(run_dir / rundir.METRICS):
+        rec = rundir.json_object(line) if line.strip() else None
+        if rec is None or not isinstance(rec.get("kind"), str) or not rundir.metric_fields_ok(rec):
+            continue
+        by_kind.setdefault(rec["kind"], []).append(rec)
+        if rec["kind"] == "step":
+            by_kind["step"] = _thin(by_kind["step"], "loss")
+    return by_kind
+
+
+def _thinned_resources(run_dir: Path) -> list[dict]:
+    samples: list[dict] = []
+    for line, _ in rundir.iter_lines(run_dir / rundir.RESOURCES):
+        rec = rundir.json_object(line) if line.strip() else None
+        if rec is not None and rundir.is_number(rec.get("t")):
+            samples.append(rec)
+            samples = _thin(samples, RESOURCE_KEYS)
+    return samples
 
 
 def derive(

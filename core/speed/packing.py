@@ -38,7 +38,8 @@ import torch
 
 MULTIPLE = 64  # packed length rounded up to this: few shapes to capture, filler < MULTIPLE
 IMPLEMENTATION = "qlora_packed"  # our attention implementation's name in transformers' registries
-# decoder families whose classifier packs: each is tested against its padded path on CPU
+# the decoder families packing may take, each tested against its padded path on CPU (Gemma 2 among
+# them: its checkpoints soft-cap attention logits, so why_not() keeps it padded)
 FAMILIES = ("phi", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 
 
