@@ -186,8 +186,8 @@ dl.download_button(
 )
 if report.get("headline"):
     with st.container(border=True, key="headline"):
-        st.markdown(f"**{ui.plain(report['headline'])}**")
-        st.caption(ui.plain((report.get("change") or {}).get("note") or ""))
+        st.markdown(f"**{ui.sentence(report['headline'])}**")
+        st.caption(ui.sentence((report.get("change") or {}).get("note") or ""))
 
 # --- accuracy -----------------------------------------------------------------------------------
 st.subheader("Accuracy on the test split, before vs after")
@@ -264,7 +264,7 @@ if change:
         values[5],
         help="80% power, two-sided 5% level, at this n (two-sample approximation)",
     )
-    st.markdown(f"**Verdict:** {ui.plain(ch['verdict'])}.")
+    st.markdown(f"**Verdict:** {ui.sentence(ch['verdict'])}.")
     st.dataframe(pd.DataFrame(change, columns=["item", "value"]), hide_index=True)
     z = (report.get("baselines") or {}).get("zero_shot") or {}
     if z.get("change"):

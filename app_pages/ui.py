@@ -3,6 +3,7 @@ and the Plotly figures. Everything here only reads the run folder through core."
 
 from __future__ import annotations
 
+import hashlib
 import html
 import logging
 import re
@@ -16,7 +17,7 @@ from core import access
 from core.results.report import damaged_files
 from core.runs import resources, rundir
 from core.runs.state import list_runs, read_config, read_status
-from core.text import code_span
+from core.text import WORD_JOINER, code_span, markdown_text
 
 # Material icons ship with Streamlit's frontend (emoji need a font the machine may not have).
 STATE_ICONS = {
@@ -32,6 +33,7 @@ COLORS = {"before": "#9ca3af", "after": "#4f46e5", "line": "#4f46e5", "second": 
 PLOTLY = {"displayModeBar": False}  # the charts are small; the toolbar only hides their legend
 RUN_KEY = "run"  # session_state key of the selected run id (a UI choice, nothing else)
 PASSWORD_KEY = "access_password"  # the deployment's password as this session typed it, once it was right
+FAILED_KEY = "access_failed"  # (sha256 of this session's last wrong guess, its error): a rerun is not a new guess
 
 
 # --- text from data -----------------------------------------------------------------------------
@@ -61,6 +63,19 @@ def plain(text) -> str:
     # leading spaces as no-break spaces: indentation shows, and never starts a code block
     lines = [_LEADING_SPACE.sub(lambda m: "\u00a0" * len(m.group().expandtabs(4)), line) for line in lines]
     return "  \n".join(lines)  # a line break in the text stays one
+
+
+# Streamlit's own inline syntax that CommonMark lacks: :red[...] directives, :smile: and
+# :material/icon: shortcodes. A word joiner after the colon stops them (no escape does, see plain).
+_DIRECTIVE = re.compile(r"(?<=:)(?=[A-Za-z0-9_/-]+[\[:])")
+
+
+def sentence(text) -> str:
+    """A sentence the app itself wrote into a run file (the headline, a verdict, a note), read back
+    from the folder, which anyone may have edited: inert (core.text.markdown_text: no link, image,
+    HTML, emphasis or code; no Streamlit directive or shortcode) with as few escapes as its
+    numbers and brackets allow, so that it reads as written."""
+    return _DIRECTIVE.sub(WORD_JOINER, markdown_text(text))
 
 
 def damage_text(lines: list[str]) -> str:
@@ -124,9 +139,15 @@ def access_gate() -> bool:
         if not typed:
             st.caption("Enter the password to launch, stop or resume a run, or to upload files.")
             return False
-        try:  # a wrong password is counted for this session (and the server), waits and is logged
+        attempt = hashlib.sha256(typed.encode("utf-8", "surrogatepass")).hexdigest()
+        failed = st.session_state.get(FAILED_KEY)
+        if failed and failed[0] == attempt:  # the same wrong password still in the field: not a new guess
+            st.error(failed[1])
+            return False
+        try:  # a new guess: a wrong one is counted for this session (and the server), waits and is logged
             access.check("launch", typed, who=session_id())
         except access.Refused as e:
+            st.session_state[FAILED_KEY] = (attempt, str(e))
             st.error(str(e))
             return False
         st.session_state[PASSWORD_KEY] = typed

@@ -73,10 +73,10 @@ def time_page(root: Path, run_id: str, page: str, repeat: int) -> dict:
     for _ in range(1 + repeat):
         at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
         at.query_params["run"] = run_id
+        if page != "train":
+            at.switch_page(f"app_pages/{page}.py")  # opened directly, as a link to it would
         t = time.perf_counter()
         at.run()
-        if page != "train":
-            at.switch_page(f"app_pages/{page}.py").run()
         times.append(time.perf_counter() - t)
         assert not at.exception, [e.value for e in at.exception]
     return {

@@ -95,7 +95,7 @@ def run_one(name: str, args, preset: str, model: str, flags: list[str], seed: in
         best_epoch=end.get("best_epoch"),
         total_s=end.get("total_s"),
         test_eval_s=evals.get(("test", "after"), {}).get("seconds"),
-        pairs_per_s=round(statistics.median(r["pairs_per_s"] for r in steps), 1) if steps else None,
+        pairs_per_s=round(statistics.median(r["samples_per_s"] for r in steps if "samples_per_s" in r), 1) if any("samples_per_s" in r for r in steps) else None,
         head_init=(setup.get("head_init") or {}).get("head_init"),
         error=proc.stderr.strip().splitlines()[-1] if proc.returncode and proc.stderr.strip() else None,
     )

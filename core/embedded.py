@@ -256,10 +256,18 @@ def convert_gguf(source: Path, dest: Path, model: EmbeddedModel) -> None:
     done = {
         "hub_id": model.hub_id,
         "source": {"package": model.package, "file": model.path, "sha256": model.sha256},
-        "version": importlib.metadata.version(model.package),
+        "version": _installed_version(model.package),
         "note": model.note,
     }
     (dest / DONE_FILE).write_text(json.dumps(done, indent=2) + "\n")
+
+
+def _installed_version(package: str) -> str | None:
+    """The package's installed version; None where the GGUF file was given without its package."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _conversion(name: str) -> dict:

@@ -134,10 +134,16 @@ def gpu_memory_gb(params: dict, shape: dict, cfg: RunConfig, dtype: str) -> floa
     return round((weights + activations) / 2**30 + CUDA_CONTEXT_GB, 2)
 
 
-def similar_runs(cfg: RunConfig, device: str | None, root: Path | None = None) -> list[dict]:
-    """Finished runs of the same model on the same kind of device, newest first (their reports)."""
+SIMILAR_RUNS = 10  # the newest similar runs plan() reads the reports of (a runs folder may hold thousands)
+
+
+def similar_runs(cfg: RunConfig, device: str | None, root: Path | None = None, limit: int = SIMILAR_RUNS) -> list[dict]:
+    """Finished runs of the same model on the same kind of device, newest first (their reports),
+    `limit` at most: only their report.json files are read."""
     out = []
     for r in list_runs(root):
+        if len(out) >= limit:
+            break
         if r["state"] != "done" or r["model"] != cfg.model.name:
             continue
         report = rundir.read_json(r["path"] / rundir.REPORT, {}) or {}

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..runs import rundir
+from ..runs import rundir, watch
 from ..runs.rundir import is_int, is_number
 from ..runs.state import read_config
 from .report import build_report, load_report
@@ -135,8 +135,14 @@ def val_accuracy_curve(run_dir: Path, metrics: dict | None = None) -> tuple[list
 
 
 def curves(run_dir: Path) -> dict:
-    """{"loss": (steps, losses), "val_accuracy": (epochs, accuracies)} of one run."""
-    metrics = _metrics(run_dir)
+    """{"loss": (steps, losses), "val_accuracy": (epochs, accuracies)} of one run, from its
+    snapshot (core/runs/watch.py: a finished run's files are read once per version, its step
+    records thinned to a few thousand for a chart of a few hundred points)."""
+    try:
+        snap = watch.snapshot(Path(run_dir))
+        metrics = {"step": snap["steps"], "eval": snap["evals"]}
+    except Exception:
+        metrics = {k: [] for k in rundir.METRIC_KINDS}
     return {"loss": loss_curve(run_dir, metrics), "val_accuracy": val_accuracy_curve(run_dir, metrics)}
 
 

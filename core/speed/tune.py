@@ -97,5 +97,8 @@ def checkpoint_layers(model) -> str:
             f"train.gradient_checkpointing is not available for {inner.config.model_type} models in "
             "transformers: turn it off"
         )
-    inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(inner, "activation_checkpointing_enable"):  # its newer name; older transformers have the other
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return "gradient checkpointing: each layer's forward runs again in backward (less memory, more time)"

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from core import jobs
 from core.results.report import CATEGORIES, load_comparison
 from core.runs.resources import describe_hardware, hardware_info
 from core.runs.state import list_runs, stop_requested, write_status
-from tests.helpers import make_failed_run, make_running_run, start, text_of
+from tests.helpers import make_failed_run, make_running_run, run_lock_holder, start, text_of
 
 
 def pct(x: float) -> str:
@@ -201,9 +200,10 @@ def test_failed_run_shows_error_traceback_and_log(tmp_path, monkeypatch):
 
 
 def test_running_run_reattaches_with_progress_eta_and_stop(tmp_path, monkeypatch):
-    trainer = subprocess.Popen(["sleep", "120"])  # stands in for the trainer process
+    run = make_running_run(tmp_path / "runs", os.getpid())
+    trainer = run_lock_holder(run)  # stands in for the trainer process: it holds the run's lock, as a trainer does
     try:
-        run = make_running_run(tmp_path / "runs", trainer.pid)
+        write_status(run, pid=trainer.pid)
         check_running_run(run, trainer, monkeypatch)
     finally:
         trainer.kill()

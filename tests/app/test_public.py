@@ -279,6 +279,8 @@ def test_password_mode_shows_actions_only_after_the_right_password(tmp_path, mon
     monkeypatch.setenv(access.PASSWORD_ENV, "s3cret")
     root = tmp_path / "runs"
     running = make_running_run(root, sleeper.pid)
+    sleeper = run_lock_holder(running)  # the stand-in trainer holds the run's lock, as a trainer does
+    write_status(running, pid=sleeper.pid)
     at = start(root, monkeypatch, run=running.name)
     field = at.text_input(key="password_field")
     assert field.proto.type == field.proto.PASSWORD and field.placeholder == "Enter the password to launch"
