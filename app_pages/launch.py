@@ -346,7 +346,7 @@ def settings_form() -> None:
                 base.train.gradient_checkpointing,
                 key=k("gradient_checkpointing"),
                 help="Keep only each layer's input and compute the layer again in the backward pass: much less "
-                "activation memory (for a model that does not fit otherwise), about a third more time per step.",
+                "activation memory (for a model that does not fit otherwise), at the cost of a slower step.",
             )
             changes["train.report_to"] = st.multiselect(
                 "Also log to",

@@ -6,11 +6,12 @@
 
 The template is a finished run: --template, else the demo preset trained here on 64 rows for one
 epoch (about a minute on 2 CPU cores). Case "runs": the template copied N times beside itself (no
-checkpoints), the Train, Report and Failures pages of one of them opened; also list_runs() alone,
-cold (first read) and warm. Case "metrics": one run whose metrics.jsonl is padded with step
-records to M MB, its Train and Report pages. Each page is timed from AppTest.run() to its return
-(the frame and the sidebar included), first visit (cold) and then --repeat more (warm: the
-server's caches filled), median of the warm ones. Prints one JSON object; --json also writes it.
+checkpoints), the Train, Report and Failures pages of one of them opened (each directly, as a link
+to it would); also list_runs() alone, cold (first read) and warm, and the sidebar alone (AppTest of
+ui.sidebar()). Case "metrics": one run whose metrics.jsonl is padded with step records to M MB,
+its Train and Report pages. Each page is timed from AppTest.run() to its return (the frame and the
+sidebar included), first visit (cold) and then --repeat more (warm: the server's caches filled),
+median of the warm ones. Prints one JSON object; --json also writes it.
 """
 
 from __future__ import annotations
@@ -86,6 +87,29 @@ def time_page(root: Path, run_id: str, page: str, repeat: int) -> dict:
     }
 
 
+SIDEBAR = """
+import sys
+sys.path.insert(0, {root!r})
+from app_pages import ui
+ui.sidebar()
+"""
+
+
+def time_sidebar(root: Path, repeat: int) -> dict:
+    """Seconds of the sidebar alone (the run list: list_runs, the radio, the captions), AppTest."""
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["QLORA_STUDIO_RUNS"] = str(root)
+    times = []
+    for _ in range(1 + repeat):
+        at = AppTest.from_string(SIDEBAR.format(root=str(ROOT)), default_timeout=600)
+        t = time.perf_counter()
+        at.run()
+        times.append(time.perf_counter() - t)
+        assert not at.exception, [e.value for e in at.exception]
+    return {"first_s": round(times[0], 3), "warm_median_s": round(statistics.median(times[1:]), 3) if repeat else None}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=2000)
@@ -113,6 +137,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         list_runs(root)
         out["list_runs"] = {"runs": n, "cold_s": round(cold, 3), "warm_s": round(time.perf_counter() - t, 3)}
+        out["sidebar"] = time_sidebar(root, args.repeat)
         out["many_runs"] = {
             page: time_page(root, chosen, page, args.repeat) for page in ("train", "report", "failures")
         }

@@ -401,7 +401,7 @@ def main(argv=None) -> int:
         "--gradient-checkpointing",
         action="store_true",
         default=None,
-        help="sets train.gradient_checkpointing: less activation memory, about a third more time per step",
+        help="sets train.gradient_checkpointing: less activation memory, more time per step",
     )
     t.add_argument(
         "--label-map",

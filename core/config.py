@@ -303,8 +303,9 @@ class TrainConfig:
     never weighted."""
     gradient_checkpointing: bool = False
     """Keep only each layer's input for the backward pass and compute the layer again there: less
-    activation memory (for models that do not fit otherwise) for about a third more time per step.
-    The same gradients."""
+    activation memory (for models that do not fit otherwise) for more time per step, each 4-bit
+    weight being dequantised once more (half the peak and 2.7x the step time of a Phi-shaped model
+    on an H200, bench/RESULTS.md). The same gradients."""
     report_to: list[str] = field(default_factory=list)
     """Experiment trackers the run also logs to as it goes (core/trackers.py): any of tensorboard
     (event files in RUN/tensorboard/), mlflow (MLFLOW_TRACKING_URI, experiment qlora-studio, run name

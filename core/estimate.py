@@ -115,7 +115,8 @@ def gpu_memory_gb(params: dict, shape: dict, cfg: RunConfig, dtype: str) -> floa
     hidden unit in 16-bit (fitted to the Phi-2-shaped runs in bench/RESULTS.md); plus the CUDA
     context. Batches are padded only to their longest row, so real use is usually lower. With
     train.gradient_checkpointing a layer keeps only its input (one value per token and hidden
-    unit) and the activations of one layer exist at a time, while it is computed again."""
+    unit), and the layer computed again in backward holds about twice one layer's activations
+    (its own and its backward's buffers: fitted to a Phi-shaped model on an H200, bench/RESULTS.md)."""
     if not params or not shape.get("hidden") or not shape.get("layers"):
         return None
     width = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 2)
@@ -128,9 +129,9 @@ def gpu_memory_gb(params: dict, shape: dict, cfg: RunConfig, dtype: str) -> floa
     if budget:  # long micro-batches are split in row halves; one row is never split
         tokens = min(tokens, max(budget, cfg.data.max_length))
     activations = ACTIVATION_BYTES * tokens * shape["layers"] * shape["hidden"] * width / 2
-    if cfg.train.gradient_checkpointing:  # each layer keeps its input; one layer's activations at a time
+    if cfg.train.gradient_checkpointing:  # each layer keeps its input; the layer computed again is on top
         kept = tokens * shape["layers"] * shape["hidden"] * width
-        activations = kept + ACTIVATION_BYTES * tokens * shape["hidden"] * width / 2
+        activations = kept + 2 * ACTIVATION_BYTES * tokens * shape["hidden"] * width / 2
     return round((weights + activations) / 2**30 + CUDA_CONTEXT_GB, 2)
 
 

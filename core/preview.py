@@ -152,7 +152,9 @@ def preview(
             "source": opened[1],
             "rows_read": stats.rows_read,
             "complete": complete,
-            "total_rows": stats.rows_read if complete else (_total_rows(cfg, split) if not sources else None),
+            "total_rows": stats.rows_read
+            if complete
+            else (None if split in (sources or {}) else _total_rows(cfg, split)),
             "dropped_unlabelled": stats.dropped_unlabelled,
             "dropped_empty": stats.dropped_empty,
             "kept": stats.kept,

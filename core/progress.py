@@ -264,6 +264,9 @@ def summary(report: dict) -> str:
         if best is not None
         else "best epoch: n/a"
     )
+    stop = report.get("early_stop")
+    if isinstance(stop, dict) and is_number(stop.get("epoch")) and is_number(stop.get("epochs")):
+        second += f"; stopped early after epoch {stop['epoch']} of {stop['epochs']}"
     total = report.get("total_s")
     detail = [
         f"{name} {format_duration(report[k])}"

@@ -1,13 +1,13 @@
-"""Untrusted text made inert where it leaves the app: Markdown exports, CSV cells, terminal lines.
+r"""Untrusted text made inert where it leaves the app: Markdown exports, CSV cells, terminal lines.
 
 Text from a dataset (premises, labels, tags), a config (the model's name, a seed group) or a run
 folder (report.json, metrics.jsonl) may hold markup or control characters. Every export writes it
 through one of these, so that it shows as typed and nothing in it becomes live:
 
-    markdown_text("<b>x</b> [a](http://e)")   # '\\<b\\>x\\</b\\> [a\\](http\\u2060://e)' (as text in CommonMark/GFM)
-    code_span("a`b")                          # '``a`b``' (a code span no backtick in the text can close)
-    csv_cell("=HYPERLINK(...)")               # "'=HYPERLINK(...)" (OWASP: no cell starts a formula)
-    terminal_text("\\x1b]8;;http://e\\x07")     # '\\\\x1b]8;;http://e\\\\x07' (escape sequences shown, not run)
+    markdown_text("<b>x</b> [a](http://e)")   # \<b\>x\</b\> [a\](http:<U+2060>//e): text in CommonMark and GFM
+    code_span("a`b")                          # ``a`b``: a code span no backtick in the text can close
+    csv_cell("=HYPERLINK(...)")               # '=HYPERLINK(...): OWASP, no cell starts a formula
+    terminal_text("\x1b[2J ok")               # \x1b[2J ok: an escape sequence written out, not run
 
 The app's pages escape for Streamlit's own Markdown with app_pages/ui.plain (its renderer has more
 syntax: directives, emoji shortcodes, autolinks found after escapes are resolved).
@@ -66,7 +66,7 @@ _INLINE_SPECIAL = re.compile(r"[`*_~<>&|$]|\\(?=[!-/:-@\[-`{-~]|$)")
 _LINK_CLOSE = re.compile(r"\](?=[(\[:])")
 # What starts a block at the start of a line: a heading (#), a list (- + * or 1. 1)), a quote (>),
 # a setext underline (= -), a table row (|), an indented code block (4 spaces).
-_LINE_START = re.compile(r"^(\s*)(\d{0,9})([#>+=.)-])")
+_LINE_START = re.compile(r"^(\d{0,9})([#>+=.)-])")
 # GitHub's autolink literals (www.x, http://x, a@b.c) are found in text after escapes are resolved:
 # an invisible word joiner (U+2060) breaks them.
 WORD_JOINER = "\u2060"
@@ -89,8 +89,8 @@ def markdown_text(text, line_start: bool = False) -> str:
     if line_start:
         text = text.lstrip(" \t")  # four spaces would start a code block
         start = _LINE_START.match(text)
-        if start and (start.group(2) or start.group(3) not in ".)"):  # "1." or "1)" is a list, "." alone is not
-            text = f"{start.group(1)}{start.group(2)}\\{text[start.start(3) :]}"
+        if start and (start.group(1) or start.group(2) not in ".)"):  # "1." or "1)" is a list, "." alone is not
+            text = f"{start.group(1)}\\{text[start.start(2) :]}"
     return text
 
 

@@ -85,6 +85,9 @@ def test_early_stopping_stops_when_the_best_epoch_is_patience_epochs_old(bert, n
     from core.results.render import render_markdown
 
     assert f"stopped after epoch {len(epochs)} of 5" in render_markdown(report)
+    from core.progress import summary
+
+    assert f"stopped early after epoch {len(epochs)} of 5" in summary(report)  # what the CLI prints at the end
     # the test split is scored once, with the best epoch's adapter
     assert [r["stage"] for r in records(tmp_path / "run", "eval") if r["split"] == "test"] == ["before", "after"]
 
