@@ -86,6 +86,7 @@ def run_one(name: str, args, preset: str, model: str, flags: list[str], seed: in
     end = next((r for r in records if r.get("kind") == "end"), {})
     setup = next((r for r in records if r.get("kind") == "setup"), {})
     steps = [r for r in records if r.get("kind") == "step"]
+    rates = [r["samples_per_s"] for r in steps if "samples_per_s" in r]  # pairs per second of each step
     result.update(
         zero_shot=evals.get(("test", "zero-shot"), {}).get("accuracy"),
         before=evals.get(("test", "before"), {}).get("accuracy"),
@@ -95,7 +96,7 @@ def run_one(name: str, args, preset: str, model: str, flags: list[str], seed: in
         best_epoch=end.get("best_epoch"),
         total_s=end.get("total_s"),
         test_eval_s=evals.get(("test", "after"), {}).get("seconds"),
-        pairs_per_s=round(statistics.median(r["samples_per_s"] for r in steps if "samples_per_s" in r), 1) if any("samples_per_s" in r for r in steps) else None,
+        pairs_per_s=round(statistics.median(rates), 1) if rates else None,
         head_init=(setup.get("head_init") or {}).get("head_init"),
         error=proc.stderr.strip().splitlines()[-1] if proc.returncode and proc.stderr.strip() else None,
     )
