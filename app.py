@@ -9,17 +9,11 @@ read run folders through core/, so a refresh or a server restart rebuilds everyt
 """
 
 import streamlit as st
-from streamlit import config as server_config
 
 from app_pages import ui
-from core import access
 
 st.set_page_config(page_title="QLoRA Studio", page_icon=":material/science:", layout="wide")
-if access.read_only() and server_config.get_option("server.maxUploadSize") != 0:
-    # Read-only: no uploader is drawn, but Streamlit's upload endpoint would still take files from
-    # any session into the server's memory. At 0 MB it refuses every file (413); the endpoint reads
-    # the option at each request. deploy/start.sh passes the same flag from the start.
-    server_config.set_option("server.maxUploadSize", 0, where_defined="app.py (QLORA_STUDIO_READ_ONLY)")
+ui.close_uploads_when_read_only()
 
 pages = st.navigation(
     [

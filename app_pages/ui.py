@@ -11,6 +11,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import streamlit as st
+from streamlit import config as server_config
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from core import access
@@ -153,6 +154,15 @@ def access_gate() -> bool:
         st.session_state[PASSWORD_KEY] = typed
     st.caption("Password accepted for this browser session: launching, stopping, resuming and uploading are on.")
     return True
+
+
+def close_uploads_when_read_only() -> None:
+    """On a read-only deployment, Streamlit's upload endpoint takes no bytes: no uploader is drawn
+    there, but the endpoint would still take files from any session into the server's memory. At
+    server.maxUploadSize 0 it refuses every file (413); the endpoint reads the option at each
+    request. deploy/start.sh passes the same flag from the start; this covers `streamlit run`."""
+    if access.read_only() and server_config.get_option("server.maxUploadSize") != 0:
+        server_config.set_option("server.maxUploadSize", 0, where_defined="app.py (QLORA_STUDIO_READ_ONLY)")
 
 
 @st.cache_resource(show_spinner=False)

@@ -45,6 +45,7 @@ from .config import RunConfig
 from .evaluate import load_run_model
 from .model import DTYPES, pretrained_source
 from .runs import rundir
+from .text import code_span, markdown_text
 
 MEAN_POOLED_CODE = Path(__file__).with_name("mean_pooled_bert.py")
 MEAN_POOLED_FILE = "modeling_mean_pooled_bert.py"  # its name inside an export
@@ -301,7 +302,8 @@ def merged_card(info: dict, run_dir: Path) -> str:
     labels = info["labels"]
     fmt = info["input"]
     lines = [
-        f"# {info['base_model']} + LoRA, merged: a {len(labels)}-class classifier (epoch {merged['epoch']})",
+        f"# {markdown_text(info['base_model'])} + LoRA, merged: a {len(labels)}-class classifier "
+        f"(epoch {merged['epoch']})",
         "",
     ]
     if merged.get("note"):
@@ -311,9 +313,9 @@ def merged_card(info: dict, run_dir: Path) -> str:
         "the LoRA update added in float32 and the trained head included. It loads without peft or "
         "bitsandbytes.",
         "",
-        f"- Base model: `{info['base_model']}`",
+        f"- Base model: {code_span(info['base_model'])}",
         f"- Weights: {merged['dtype']}, `{merged['architecture']}`",
-        f"- Labels, in output order: {', '.join(f'`{x}`' for x in labels)} (also `id2label` in config.json)",
+        f"- Labels, in output order: {', '.join(map(code_span, labels))} (also `id2label` in config.json)",
         f"- Pooling: {info['pooling']}; maximum length {info['max_length']} tokens",
     ]
     if info.get("temperature"):

@@ -2,7 +2,7 @@
 
     tokenizer = load_tokenizer(cfg.model)                    # checked against the model's embedding
     model = load_model(cfg.model, 3, tokenizer.pad_token_id, device, dtype)   # NF4, head unquantised
-    init_head(model, cfg.model, prompt_for(cfg.data, tokenizer))   # label words' LM-head rows, or random
+    init_head(model, cfg.model, prompt_for(cfg.data, tokenizer), tokenizer)  # label words' LM-head rows
     model = add_lora(model, cfg.lora)                        # only LoRA + head train
     counts = count_parameters(model)                         # true, packed 4-bit, trainable
 

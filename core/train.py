@@ -383,7 +383,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             epoch_s = time.time() - steps.t_epoch
             train_peak_gb = setup.memory.phase()
             stop.check()
-            _, val_acc, val_loss = evaluate("validation", f"epoch-{epoch}")
+            val_probs, val_acc, val_loss = evaluate("validation", f"epoch-{epoch}")
             if cfg.train.track_test:  # for the per-example learning dynamics only: chooses nothing
                 evaluate("test", f"epoch-{epoch}")
             validation = (val_acc, len(setup.splits["validation"]))
@@ -391,6 +391,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             this = {"epoch": epoch, "val_accuracy": val_acc, "val_loss": val_loss}
             candidates = [this] if best is None else [best, this]
             best = checkpoint.best_epoch(candidates)
+            if best is this:  # the kept epoch's validation predictions: the report fits its temperature on them
+                evaluate.write_predictions("validation", "after", val_probs)
             log(
                 kind="epoch",
                 epoch=epoch,
@@ -412,7 +414,6 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         # --- after: the best epoch by validation, scored once on test ---------------------------------
         stop.check()
         saver.load_adapter(f"epoch-{best['epoch']}")  # into every process
-        evaluate("validation", "after", save=True)  # the report fits its temperature on these
         _, test_acc, _ = evaluate("test", "after", save=True)
         validation = (best["val_accuracy"], len(setup.splits["validation"]))
         test = (test_acc, len(setup.splits["test"]))
@@ -547,10 +548,7 @@ class Evaluator:
             **({"graph_error": self.graphs.error} if self.graphs.error else {}),
         )
         if save:
-            rundir.atomic_write_jsonl(
-                rundir.predictions_file(self.run_dir, split, stage),
-                prediction_rows(self.splits[split], probs, self.cfg.data.labels),
-            )
+            self.write_predictions(split, stage, probs)
         if stage == "before" or stage.startswith("epoch-"):  # per-example learning dynamics: probabilities only
             rundir.append_jsonl(
                 self.run_dir / rundir.PREDICTIONS / rundir.DYNAMICS,
@@ -562,6 +560,14 @@ class Evaluator:
                 },
             )
         return probs, acc, loss
+
+    def write_predictions(self, split: str, stage: str, probs: np.ndarray) -> None:
+        """predictions/<split>_<stage>.jsonl of `probs` (rank 0 writes; the others do nothing)."""
+        if self.ranks.main:
+            rundir.atomic_write_jsonl(
+                rundir.predictions_file(self.run_dir, split, stage),
+                prediction_rows(self.splits[split], probs, self.cfg.data.labels),
+            )
 
     def zero_shot(self, tokenizer) -> None:
         """The zero-shot baseline on test (core/baseline.py): predictions/test_zero_shot.jsonl and
