@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import best_epoch, load_adapter_weights
+from .checkpoint import load_adapter_weights, run_checkpoint
 from .config import RunConfig, SpeedConfig, speed_from_env
 from .data import Example, collate, encode, to_examples
 from .model import add_lora, autocast, is_causal, load_model, load_tokenizer, pick_compute_dtype, pick_device
@@ -219,18 +219,8 @@ def evaluate_run(run_dir: Path, data_file: Path, name: str | None = None, batch_
     name = evaluation_name(data_file, name)
     rows = iter_table(data_file)  # a missing file or an unknown type fails here, before any model loads
     cfg = RunConfig.load(run_dir / rundir.CONFIG)
-    report = rundir.read_json(run_dir / rundir.REPORT) or {}
-    best = report.get("best_epoch")
-    if best is None:
-        epochs = rundir.read_metrics(run_dir)["epoch"]
-        if not epochs:
-            raise ValueError(f"run {run_dir.name} has no trained adapter yet (no finished epoch)")
-        best = best_epoch(epochs)["epoch"]
-    before_dir = run_dir / rundir.CHECKPOINTS / "epoch-0"
-    after_dir = run_dir / rundir.CHECKPOINTS / f"epoch-{best}"
-    for d in (before_dir, after_dir):
-        if not (d / rundir.ADAPTER_FILE).is_file():
-            raise ValueError(f"missing checkpoint {d}")
+    after_dir, best = run_checkpoint(run_dir)  # the epoch the run selected
+    before_dir, _ = run_checkpoint(run_dir, 0)  # the base model: the step-0 adapter
     examples, stats = to_examples(rows, cfg.data, name, source=str(data_file))
     if not examples:
         raise ValueError(
