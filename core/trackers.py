@@ -181,9 +181,6 @@ class MLflowTracker:
             self.run_id = None
 
 
-WANDB_IN_USE_TRIES = 15  # about 30 s: how long a resume waits for a killed run's W&B service to let go
-
-
 class WandbTracker:
     """One W&B run per run folder (id kept in trackers.json: a resume continues it)."""
 
@@ -197,23 +194,19 @@ class WandbTracker:
     def open(self, saved: dict, resumed: bool) -> dict:
         import wandb
 
+        # W&B leaves its service's address in WANDB_SERVICE for child processes. A trainer that
+        # inherits one (launched by a process that used W&B itself) would log through that
+        # service, which outlives the trainer if it is killed and keeps the run id busy: a resume
+        # then fails with "run ID ... is in use". The trainer starts its own service instead.
+        os.environ.pop("WANDB_SERVICE", None)
         run_id = saved.get("run_id") or secrets.token_hex(4)  # W&B ids: 8 lowercase letters or digits
-        for attempt in range(WANDB_IN_USE_TRIES):
-            try:
-                self.run = wandb.init(
-                    project=os.environ.get("WANDB_PROJECT") or EXPERIMENT,
-                    name=self.run_dir.name,
-                    id=run_id,
-                    resume="allow",
-                    dir=os.environ.get("WANDB_DIR") or str(self.run_dir),
-                )
-                break
-            except Exception as e:
-                # a killed trainer's W&B service can hold its run for a few seconds after the kill:
-                # a resume right after it waits for the run to be free instead of losing the tracker
-                if "in use" not in str(e) or attempt + 1 == WANDB_IN_USE_TRIES:
-                    raise
-                time.sleep(2.0)
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT") or EXPERIMENT,
+            name=self.run_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=os.environ.get("WANDB_DIR") or str(self.run_dir),
+        )
         return {"run_id": self.run.id, "project": self.run.project}
 
     def logged(self, keys: list[str]) -> dict[str, int]:

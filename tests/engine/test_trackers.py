@@ -237,6 +237,28 @@ RESUME_ARGS = [
 ]
 
 
+def test_a_trainer_starts_its_own_wandb_service_rather_than_one_it_inherits(tmp_path, tracker_env):
+    """A process that used W&B leaves its service's address in WANDB_SERVICE; a trainer launched
+    from it must not log through that service (it outlives a killed trainer and keeps the run id
+    busy, so the resume failed with "run ID ... is in use"). Here the inherited address is one no
+    service listens on: a trainer that used it could not start W&B at all."""
+    import os
+
+    script = (
+        "import sys; from pathlib import Path; from core.trackers import WandbTracker\n"
+        "t = WandbTracker(Path(sys.argv[1]))\n"
+        "print(t.open({}, False)['run_id'])\n"
+        "t.close('done')\n"
+    )
+    env = {**os.environ, "WANDB_SERVICE": f"3-{os.getpid()}-unix-{tmp_path / 'gone.sock'}"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id = done.stdout.split()[-1]
+    assert [p.name.rsplit("-", 1)[1] for p in (tmp_path / "run" / "wandb").glob("offline-run-*")] == [run_id]
+
+
 @pytest.mark.real_model
 @pytest.mark.e2e
 def test_a_killed_and_resumed_run_logs_every_step_once_into_the_same_tracker_runs(tmp_path, tracker_env):
