@@ -43,7 +43,7 @@ def pick_device_dtype(cfg: RunConfig) -> dict:
     """The device and compute dtype the trainer will choose (same functions it uses)."""
     try:
         device = pick_device(cfg.model.device)
-        dtype = pick_compute_dtype(device, cfg.model.compute_dtype)
+        dtype = pick_compute_dtype(device, cfg.model.compute_dtype, cfg.speed.cpu_bf16)
     except RuntimeError as e:
         return {"device": None, "dtype": None, "error": str(e)}
     out = {"device": device.type, "dtype": str(dtype).replace("torch.", ""), "error": None}

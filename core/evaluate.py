@@ -187,7 +187,7 @@ def load_run_model(cfg: RunConfig, tune: bool = True) -> tuple:
     """(model, tokenizer, device, dtype, speed): the run's model as it trained (4-bit base, LoRA
     layout, and with `tune` its speed-ups), ready for load_adapter_weights of one of its checkpoints."""
     device = pick_device(cfg.model.device)
-    dtype = pick_compute_dtype(device, cfg.model.compute_dtype)
+    dtype = pick_compute_dtype(device, cfg.model.compute_dtype, cfg.speed.cpu_bf16)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(
         cfg.model,

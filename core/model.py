@@ -173,22 +173,34 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision on GPU (bf16/fp16 matmuls, fp32 master weights); nothing on CPU/fp32."""
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=dtype)
+    """Mixed precision (16-bit matmuls, fp32 master weights): bf16/fp16 on a GPU, bf16 on a CPU;
+    nothing in fp32."""
+    if dtype == torch.bfloat16 or (device.type == "cuda" and dtype == torch.float16):
+        return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()
 
 
-def pick_compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
-    """bf16 on GPUs that support it, fp16 on older ones (T4: compute capability 7.5), fp32 on CPU."""
+def pick_compute_dtype(device: torch.device, requested: str = "auto", cpu_bf16: bool = False) -> torch.dtype:
+    """bf16 on GPUs that support it, fp16 on older ones (T4: compute capability 7.5), fp32 on CPU
+    (bf16 with `cpu_bf16`, speed.cpu_bf16, where the CPU multiplies bf16 natively)."""
     if requested != "auto":
         dtype = DTYPES[requested]
         if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             raise RuntimeError("this GPU does not support bfloat16: use float16 (or auto)")
+        if device.type != "cuda" and dtype == torch.float16:
+            raise RuntimeError("float16 compute needs a GPU: on a CPU use float32 (auto) or bfloat16")
         return dtype
     if device.type != "cuda":
-        return torch.float32
+        return torch.bfloat16 if cpu_bf16 and cpu_has_native_bf16() else torch.float32
     return torch.bfloat16 if gpu_supports_bf16(torch.cuda.get_device_capability(device)) else torch.float16
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), as oneDNN reports it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def gpu_supports_bf16(capability: tuple[int, int]) -> bool:

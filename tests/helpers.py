@@ -119,12 +119,13 @@ def save_word_tokenizer(folder: Path, words: list[str], causal: bool) -> None:
     fast.save_pretrained(folder)
 
 
-def train_tiny(arch: str, tmp_path: Path, lora: dict | None = None, **train) -> Path:
+def train_tiny(arch: str, tmp_path: Path, lora: dict | None = None, speed: dict | None = None, **train) -> Path:
     """A real run (core.train.train, in this process) of a tiny random `arch` model ("llama": a
     causal LM, "bert": a [CLS] encoder) on 48 SNLI rows, 2 epochs, a few seconds on a CPU; `lora`
-    sets LoraSettings fields (e.g. variant), `train` TrainConfig fields (e.g. report_to). Returns the
+    sets LoraSettings fields (e.g. variant), `speed` SpeedConfig fields, `train` TrainConfig fields
+    (e.g. report_to). Returns the
     run folder, tmp_path / "run"."""
-    from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
+    from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, SpeedConfig, TrainConfig
     from core.train import train as train_run
 
     rows = [json.loads(l) for l in (SNLI / "train.jsonl").read_text().splitlines()[:200]]
@@ -144,6 +145,7 @@ def train_tiny(arch: str, tmp_path: Path, lora: dict | None = None, **train) -> 
         ),
         lora=LoraSettings(**{"r": 4, "alpha": 8, "dropout": 0.0, **(lora or {})}),
         train=TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": 3e-3, "head_lr": 1e-2, **train}),
+        speed=SpeedConfig(**(speed or {})),
     )
     train_run(cfg, tmp_path / "run")
     return tmp_path / "run"

@@ -13,7 +13,9 @@ It saves x, the dropout mask and u (rows x r, tiny), and recomputes m * x in bac
 and fc1 read the same x, so they keep one copy between them. Never W. A base layer with no
 adapter (k_proj, dense) saves nothing: a frozen weight needs no input to pass the gradient on.
 With act="gelu_tanh" (Phi's MLP: fc2(gelu(h))) the input is h, the GELU runs inside and is
-recomputed in backward, so its output is never stored. LoRA weights stay fp32 (the optimiser's
+recomputed in backward, so its output is never stored; likewise act="silu_glu" / "gelu_tanh_glu"
+(the gated MLPs of Llama, Mistral, Qwen, Gemma, Phi-3: down_proj(act(gate) * up)) takes the
+input [gate | up] and never stores act(gate) nor the product. LoRA weights stay fp32 (the optimiser's
 copy); their 16-bit copies are made per call (r x d: tiny) and their gradients come back in
 fp32. Without gradients and on more rows than inputs, s B A is added into the call's own copy
 of W instead (one GEMM over the rows, not two).
@@ -79,8 +81,37 @@ def _apply_mask(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
     return x * mask
 
 
+GLU = ("silu_glu", "gelu_tanh_glu")  # x = [gate | up] -> act(gate) * up (SwiGLU, GeGLU MLPs)
+
+
 def _activate(h: torch.Tensor, act: str | None) -> torch.Tensor:
-    return torch.nn.functional.gelu(h, approximate="tanh") if act == "gelu_tanh" else h
+    if act == "gelu_tanh":
+        return torch.nn.functional.gelu(h, approximate="tanh")
+    if act in GLU:
+        gate, up = h.chunk(2, dim=-1)
+        return _gate(gate, act) * up
+    return h
+
+
+def _gate(gate: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "silu_glu":
+        return torch.nn.functional.silu(gate)
+    return torch.nn.functional.gelu(gate, approximate="tanh")
+
+
+def _activation_backward(g: torch.Tensor, x: torch.Tensor, act: str) -> torch.Tensor:
+    """The gradient with respect to the activation's input x, from g, the one with respect to its
+    output (recomputed from x: the activation's output is never stored)."""
+    if act == "gelu_tanh":
+        return torch.ops.aten.gelu_backward(g, x, approximate="tanh")
+    gate, up = x.chunk(2, dim=-1)
+    g_up = g * _gate(gate, act)
+    g = g.mul_(up)  # the gradient with respect to act(gate)
+    if act == "silu_glu":
+        g_gate = torch.ops.aten.silu_backward(g, gate)
+    else:
+        g_gate = torch.ops.aten.gelu_backward(g, gate, approximate="tanh")
+    return torch.cat([g_gate, g_up], dim=-1)
 
 
 class QLoRALinearFn(torch.autograd.Function):
@@ -157,8 +188,8 @@ class QLoRALinearFn(torch.autograd.Function):
             if need_b:
                 gb = _mm_fp32(g.t(), u)
         if gx is not None:
-            if ctx.act == "gelu_tanh":
-                gx = torch.ops.aten.gelu_backward(gx, x2, approximate="tanh")
+            if ctx.act is not None:
+                gx = _activation_backward(gx, x2, ctx.act)
             gx = gx.view(ctx.x_shape)
         return gx, None, None, None, ga, gb, None, None, None
 
@@ -223,10 +254,29 @@ def _mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return self.fc2(self.fc1(hidden_states), act="gelu_tanh")
 
 
+def _glu_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """down_proj(act(gate_proj(x)) * up_proj(x)) (Llama, Mistral, Qwen, Gemma) with the gating
+    inside down_proj's function: of the four intermediate-wide tensors autograd would keep per
+    token (gate, act(gate), up, their product), only gate and up are stored."""
+    return self.down_proj(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1), act=self._qlora_glu)
+
+
+def _fused_glu_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Phi-3's MLP: gate_up_proj already gives [gate | up]; the gating runs inside down_proj."""
+    return self.down_proj(self.gate_up_proj(hidden_states), act=self._qlora_glu)
+
+
 def _is_tanh_gelu(module) -> bool:
     if isinstance(module, torch.nn.GELU):
         return module.approximate == "tanh"
     return type(module).__name__ in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "GELUPytorchTanh")
+
+
+def _glu_kind(act) -> str | None:
+    """The GLU gate QLoRALinearFn computes for an MLP's activation module (SiLU or tanh GELU)."""
+    if isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation":
+        return "silu_glu"
+    return "gelu_tanh_glu" if _is_tanh_gelu(act) else None
 
 
 def _variant(module) -> bool:
@@ -261,8 +311,33 @@ def install(model) -> int:
             continue
         patch_forward(module, _fused_forward)
         count += 1
-    for module in model.modules():  # Phi-style MLPs: fc1 -> tanh GELU -> fc2
+    for module in model.modules():
+        if is_patched(module):
+            continue
         fc1, fc2, act = (getattr(module, n, None) for n in ("fc1", "fc2", "activation_fn"))
-        if fc1 is not None and is_patched(fc2) and _is_tanh_gelu(act) and not is_patched(module):
+        if fc1 is not None and is_patched(fc2) and _is_tanh_gelu(act):  # Phi: fc1 -> tanh GELU -> fc2
             patch_forward(module, _mlp_forward)
+            continue
+        down = getattr(module, "down_proj", None)
+        if not is_patched(down) or type(module).__name__ not in GLU_MLPS:
+            continue
+        kind = _glu_kind(getattr(module, "act_fn", None) or getattr(module, "activation_fn", None))
+        if kind is None:
+            continue
+        module._qlora_glu = kind
+        patch_forward(module, _fused_glu_forward if hasattr(module, "gate_up_proj") else _glu_forward)
     return count
+
+
+# MLP classes whose forward is down_proj(act(gate_proj(x)) * up_proj(x)), or Phi-3's with one
+# gate_up_proj: their forward is replaced, so only classes read to compute exactly that are listed
+GLU_MLPS = {
+    "LlamaMLP",
+    "MistralMLP",
+    "Qwen2MLP",
+    "Qwen3MLP",
+    "GemmaMLP",
+    "Gemma2MLP",
+    "Gemma3MLP",
+    "Phi3MLP",
+}

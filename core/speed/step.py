@@ -207,8 +207,8 @@ class TrainStep:
         return value
 
     def _autocast(self):
-        if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
-            return torch.autocast("cuda", dtype=self.dtype, cache_enabled=False)
+        if self.dtype == torch.bfloat16 or (self.device.type == "cuda" and self.dtype == torch.float16):
+            return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
         return contextlib.nullcontext()
 
     def _fwd_bwd(self, b: dict[str, torch.Tensor]) -> None:

@@ -38,7 +38,8 @@ def tune_model(model, dtype: torch.dtype, speed: SpeedConfig | None = None) -> l
     - GELU written out in Python (gelu_new: 8 kernels, 4 saved tensors) -> the fused tanh GELU
       (the same formula in one kernel);
     - every bitsandbytes 4-bit linear layer, with its LoRA adapter if it has one, runs as one
-      autograd function (qlinear.py; speed.fused_linear = false keeps peft's path);
+      autograd function (qlinear.py; speed.fused_linear = false keeps peft's path), and a gated
+      MLP's act(gate) * up runs inside down_proj's (its product is never stored);
     - on a CPU, the tokens that every row of a causal LM's batch starts with run once per batch
       (prefix.py; speed.shared_prefix);
     - the rotary embedding in one pass: Phi's partial one always, the other families' in one
@@ -72,6 +73,8 @@ def tune_model(model, dtype: torch.dtype, speed: SpeedConfig | None = None) -> l
 
     if speed.fused_linear and qlinear.install(model):  # fewer kernels and saved tensors per 4-bit linear (+ LoRA)
         changes.append("4-bit linear + LoRA as one autograd function")
+        if any(getattr(m, "_qlora_glu", None) for m in model.modules()):
+            changes.append("gated MLP: act(gate) * up inside down_proj's function, recomputed in backward")
     left = qlinear.left_to_peft(model) if speed.fused_linear else None  # DoRA: the fused function steps aside
     if left:
         changes.append(f"not fused: {left}")

@@ -2,6 +2,7 @@
 (no download), as transformers and peft test themselves."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -180,3 +181,39 @@ def test_mean_pooling_ignores_padding_and_auto_follows_the_model_folder(tmp_path
         batch = model(input_ids=torch.cat([padded, other]), attention_mask=mask).logits
     assert torch.allclose(alone[0], batch[0], atol=1e-5)
     assert not torch.allclose(batch[0], batch[1], atol=1e-3)
+
+
+def test_cpu_bf16_computes_in_bf16_where_the_cpu_has_it_and_float16_needs_a_gpu(tmp_path):
+    """speed.cpu_bf16 (the llm-demo preset's): with compute_dtype auto, a CPU that multiplies bf16
+    natively trains and evaluates under bf16 autocast (attention in fp32), others stay fp32; the
+    run's probabilities are those of the same checkpoint scored in fp32, to bf16's rounding."""
+    from core.config import SpeedConfig
+    from core.evaluate import load_run_model, predict
+    from core.model import cpu_has_native_bf16, pick_compute_dtype
+    from tests.helpers import train_tiny
+
+    want = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert pick_compute_dtype(CPU, "auto", cpu_bf16=True) == want
+    assert pick_compute_dtype(CPU, "auto") == torch.float32
+    assert pick_compute_dtype(CPU, "bfloat16") == torch.bfloat16
+    with pytest.raises(RuntimeError, match="float16 compute needs a GPU"):
+        pick_compute_dtype(CPU, "float16")
+
+    run = train_tiny("llama", tmp_path, speed={"cpu_bf16": True})
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["compute_dtype"] == str(want).replace("torch.", "")
+    steps = [r["loss"] for r in records if r["kind"] == "step"]
+    assert steps and all(math.isfinite(x) for x in steps)
+    cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    assert cfg.speed == SpeedConfig(cpu_bf16=True)
+    fp32 = RunConfig.from_dict({**cfg.to_dict(), "speed": {**cfg.to_dict()["speed"], "cpu_bf16": False}})
+    model, tokenizer, device, dtype, _ = load_run_model(fp32)
+    assert dtype == torch.float32
+    load_adapter_weights(model, run / "checkpoints" / "epoch-2")
+    after = [json.loads(line) for line in (run / "predictions" / "test_after.jsonl").read_text().splitlines()]
+    from core.data import encode, load_splits
+
+    splits, _ = load_splits(cfg.data, cfg.train.seed)
+    probs, _ = predict(model, encode(splits["test"], tokenizer, cfg.data), 8, tokenizer.pad_token_id, device, dtype)
+    got = torch.tensor([r["probs"] for r in after])
+    torch.testing.assert_close(torch.from_numpy(probs), got, rtol=0, atol=0.03 if want == torch.bfloat16 else 1e-4)

@@ -37,6 +37,7 @@ def test_smollm2_trains_and_before_is_the_zero_shot_baseline_and_plain_peft_relo
             "data.max_test_rows": 12,
             "train.epochs": 1,
             "train.batch_size": 8,
+            "speed.cpu_bf16": False,  # float32, as the stranger's program below computes
         },
     )
     run = tmp_path / "run"

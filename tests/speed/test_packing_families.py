@@ -25,6 +25,7 @@ from core.config import LoraSettings, ModelConfig, SpeedConfig
 from core.data import collate
 from core.evaluate import predict
 from core.speed import attention, packing, rope, tune
+from core.speed.patch import is_patched
 from core.speed.step import TrainStep
 from tests.helpers import CPU, ROOT, tiny_config, tiny_decoder_config
 
@@ -85,6 +86,10 @@ def test_packed_rows_match_the_padded_path(family, tmp_path):
     assert "attention per packed row (padded batches: SDPA)" in changes, changes
     assert (attention.PHI_CHANGE if family == "phi" else attention.ROTARY_CHANGE) in changes, changes
     assert packing.why_not(fast) is None and packing.enabled(fast, CPU, torch.float32, "on")
+    mlps = [m for name, m in fast.named_modules() if name.endswith(".mlp")]
+    assert len(mlps) == 2 and all(is_patched(m) for m in mlps)  # Phi's GELU or the gated MLP, fused
+    glu = "gated MLP: act(gate) * up inside down_proj's function, recomputed in backward"
+    assert (glu in changes) == (family != "phi"), changes
     assert not packing.supported(plain)  # untuned: transformers' own attention
     assert not packing.enabled(fast, CPU, torch.float32, "auto")  # CPU: padded by default
     enc = rows()
@@ -210,6 +215,7 @@ ROTARY_CHECK = r"""
 import copy, sys, torch
 from transformers import AutoModelForSequenceClassification
 from core.speed import attention, packing, rope, tune
+from core.speed.patch import is_patched
 from core.config import SpeedConfig
 from core.data import collate
 from tests.helpers import tiny_decoder_config
