@@ -172,11 +172,12 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
+def autocast(device: torch.device, dtype: torch.dtype, cache_enabled: bool = True):
     """Mixed precision (16-bit matmuls, fp32 master weights): bf16/fp16 on a GPU, bf16 on a CPU;
-    nothing in fp32."""
+    nothing in fp32. The training step (speed/step.py) runs it with `cache_enabled=False`: no
+    cache of cast weights kept from one call to the next."""
     if dtype == torch.bfloat16 or (device.type == "cuda" and dtype == torch.float16):
-        return torch.autocast(device.type, dtype=dtype)
+        return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
     return contextlib.nullcontext()
 
 

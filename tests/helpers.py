@@ -123,8 +123,7 @@ def train_tiny(arch: str, tmp_path: Path, lora: dict | None = None, speed: dict 
     """A real run (core.train.train, in this process) of a tiny random `arch` model ("llama": a
     causal LM, "bert": a [CLS] encoder) on 48 SNLI rows, 2 epochs, a few seconds on a CPU; `lora`
     sets LoraSettings fields (e.g. variant), `speed` SpeedConfig fields, `train` TrainConfig fields
-    (e.g. report_to). Returns the
-    run folder, tmp_path / "run"."""
+    (e.g. report_to). Returns the run folder, tmp_path / "run"."""
     from core.config import DataConfig, LoraSettings, ModelConfig, RunConfig, SpeedConfig, TrainConfig
     from core.train import train as train_run
 

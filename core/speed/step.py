@@ -21,14 +21,13 @@ new.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
 
 from ..config import SpeedConfig
 from ..data import collate
-from ..model import is_causal
+from ..model import autocast, is_causal
 from . import packing
 from .graphs import capture_graph
 
@@ -206,14 +205,9 @@ class TrainStep:
         self.loss_sum.zero_()
         return value
 
-    def _autocast(self):
-        if self.dtype == torch.bfloat16 or (self.device.type == "cuda" and self.dtype == torch.float16):
-            return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
-        return contextlib.nullcontext()
-
     def _fwd_bwd(self, b: dict[str, torch.Tensor]) -> None:
         if "cu_seqlens" in b:  # packed (packing.py)
-            with self._autocast():
+            with autocast(self.device, self.dtype, cache_enabled=False):
                 logits = packing.packed_logits(self.model, b, self.max_len)
         else:
             kwargs = {"input_ids": b["input_ids"]}
@@ -221,7 +215,7 @@ class TrainStep:
                 kwargs["attention_mask"] = b["attention_mask"]
             if "token_type_ids" in b:
                 kwargs["token_type_ids"] = b["token_type_ids"]
-            with self._autocast():
+            with autocast(self.device, self.dtype, cache_enabled=False):
                 logits = self.model(**kwargs).logits
         # weight=: each row's CE times its class's weight (train.class_weights); filler rows weigh 0 below
         ce = torch.nn.functional.cross_entropy(logits.float(), b["labels"], weight=self.class_weights, reduction="none")

@@ -188,6 +188,7 @@ def test_cpu_bf16_computes_in_bf16_where_the_cpu_has_it_and_float16_needs_a_gpu(
     natively trains and evaluates under bf16 autocast (attention in fp32), others stay fp32; the
     run's probabilities are those of the same checkpoint scored in fp32, to bf16's rounding."""
     from core.config import SpeedConfig
+    from core.data import encode, load_splits
     from core.evaluate import load_run_model, predict
     from core.model import cpu_has_native_bf16, pick_compute_dtype
     from tests.helpers import train_tiny
@@ -211,8 +212,6 @@ def test_cpu_bf16_computes_in_bf16_where_the_cpu_has_it_and_float16_needs_a_gpu(
     assert dtype == torch.float32
     load_adapter_weights(model, run / "checkpoints" / "epoch-2")
     after = [json.loads(line) for line in (run / "predictions" / "test_after.jsonl").read_text().splitlines()]
-    from core.data import encode, load_splits
-
     splits, _ = load_splits(cfg.data, cfg.train.seed)
     probs, _ = predict(model, encode(splits["test"], tokenizer, cfg.data), 8, tokenizer.pad_token_id, device, dtype)
     got = torch.tensor([r["probs"] for r in after])

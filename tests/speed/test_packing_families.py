@@ -215,7 +215,6 @@ ROTARY_CHECK = r"""
 import copy, sys, torch
 from transformers import AutoModelForSequenceClassification
 from core.speed import attention, packing, rope, tune
-from core.speed.patch import is_patched
 from core.config import SpeedConfig
 from core.data import collate
 from tests.helpers import tiny_decoder_config
