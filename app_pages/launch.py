@@ -36,7 +36,11 @@ DATA_CHOICES = {
     "hub": "Hugging Face Hub dataset",
     "upload": "Upload files (CSV / JSONL)",
 }
-PRESET_LABELS = {"demo": "Embedded demo (MiniLM, CPU, offline)", "phi2-snli": "Phi-2 on SNLI (GPU, Hub)"}
+PRESET_LABELS = {
+    "demo": "Embedded demo (MiniLM, CPU, offline)",
+    "llm-demo": "Embedded causal LM demo (SmolLM2-135M, CPU, offline)",
+    "phi2-snli": "Phi-2 on SNLI (GPU, Hub)",
+}
 
 
 @st.cache_data(show_spinner="Reading the model's configuration…", max_entries=32)
@@ -157,7 +161,9 @@ def settings_form() -> None:
         format_func=lambda p: PRESET_LABELS.get(p, p),
         key="preset",
         help="Starting settings; every field below can be changed. Embedded demo: all-MiniLM-L6-v2 in "
-        "4-bit on the built-in NLI sample, runs on a CPU without network. Phi-2 on SNLI: "
+        "4-bit on the built-in NLI sample, runs on a CPU without network. Embedded causal LM demo: "
+        "SmolLM2-135M-Instruct the same way, its head started from the label words (a few minutes on a "
+        "CPU). Phi-2 on SNLI: "
         "the reference experiment, needs a GPU and the Hugging Face Hub.",
     )
     base = get_preset(preset)

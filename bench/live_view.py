@@ -200,10 +200,16 @@ def warm_up(browser, url: str) -> None:
     ctx.close()
 
 
-def launch_with_button(page, quick: bool, runs: Path) -> Path:
+def launch_with_button(page, quick: bool, runs: Path, preset: str = "demo") -> Path:
     """Set the form like the config and press Launch on the Train page; returns the new run folder."""
     page.get_by_role("button", name="Launch").wait_for(state="visible")
     settle(page)
+    if preset != "demo":  # the form opens on the first preset
+        from app_pages.launch import PRESET_LABELS
+
+        page.get_by_role("combobox", name="Preset").click()
+        page.get_by_role("option", name=PRESET_LABELS.get(preset, preset)).click()
+        settle(page)
     if quick:
         for label, value in (("Epochs", QUICK["train.epochs"]), ("Max train rows", QUICK["data.max_train_rows"])):
             box = page.locator(f'input[aria-label="{label}"]')
@@ -261,6 +267,7 @@ def run_watched(
     button: bool,
     quick: bool,
     timeline: Path | None = None,
+    preset: str = "demo",
 ) -> dict:
     from core import jobs
 
@@ -270,7 +277,7 @@ def run_watched(
     viewers = []
     if button:
         viewers.append(open_viewer(browser, url, None))
-        run = launch_with_button(viewers[0][1], quick, runs)
+        run = launch_with_button(viewers[0][1], quick, runs, preset)
     else:
         run = jobs.launch(cfg)
     viewers += [open_viewer(browser, url, run.name) for _ in range(n - len(viewers))]
@@ -443,6 +450,7 @@ def main() -> None:
     ap.add_argument(
         "--button", action="store_true", help="start watched runs with the Launch button of the first viewer"
     )
+    ap.add_argument("--preset", default="demo", help="the preset every case trains (llm-demo: SmolLM2)")
     ap.add_argument("--synthetic", type=float, metavar="SECONDS", help="UI cost only: a fake run watched for SECONDS")
     ap.add_argument("--json", type=Path, help="also write the rows and summary to this file")
     ap.add_argument("--keep", action="store_true", help="keep the temporary runs folder")
@@ -471,13 +479,14 @@ def main() -> None:
     runs = tmp / "runs"
     runs.mkdir()
     os.environ["QLORA_STUDIO_RUNS"] = str(runs)  # jobs.launch() puts the runs here too
-    cfg = override(get_preset("demo"), QUICK) if args.quick else get_preset("demo")
+    cfg = override(get_preset(args.preset), QUICK) if args.quick else get_preset(args.preset)
     cfg_path = tmp / "config.json"
     cfg.save(cfg_path)
     proc, url = start_server(runs, tmp / "streamlit.log")
     server = psutil.Process(proc.pid)
     info = {
         "cpus": os.cpu_count(),
+        "preset": args.preset,
         "quick": args.quick,
         "button": args.button,
         "load_start": load(),
@@ -503,7 +512,9 @@ def main() -> None:
                             row = (
                                 run_cli(cfg_path, runs, f"cli-{k}")
                                 if n == 0
-                                else run_watched(n, cfg, runs, url, browser, server, args.button, args.quick, tl)
+                                else run_watched(
+                                    n, cfg, runs, url, browser, server, args.button, args.quick, tl, args.preset
+                                )
                             )
                             if args.timeline:
                                 shutil.copy(

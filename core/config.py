@@ -396,6 +396,10 @@ class SpeedConfig:
     (QLORA_PACK = auto, 1, 0)."""
     fused_linear: bool = True
     """Each 4-bit linear layer and its LoRA adapter as one autograd function (QLORA_FUSED)."""
+    fused_norm: bool = True
+    """Every RMSNorm (Llama, Qwen, Mistral, Gemma, Phi-3 ...) as one autograd function that keeps its
+    input and one number a row, one Triton kernel each way on an Ampere+ GPU (core/speed/rmsnorm.py;
+    QLORA_FUSED_NORM)."""
     fused_rotary: bool = True
     """The rotary embedding in one pass: Phi's partial one in torch too, every family's as one
     Triton kernel with triton_rotary (core/speed/attention.py; QLORA_ROTARY)."""
@@ -430,6 +434,7 @@ class SpeedConfig:
             "cuda_graphs",
             "eval_graphs",
             "fused_linear",
+            "fused_norm",
             "fused_rotary",
             "triton_rotary",
             "shared_prefix",
@@ -455,6 +460,7 @@ SPEED_ENV = {
     "QLORA_EVAL_GRAPHS": "eval_graphs",
     "QLORA_PACK": "pack",
     "QLORA_FUSED": "fused_linear",
+    "QLORA_FUSED_NORM": "fused_norm",
     "QLORA_ROTARY": "fused_rotary",
     "QLORA_TRITON": "triton_rotary",
     "QLORA_MICRO_TOKENS": "micro_tokens",

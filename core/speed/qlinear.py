@@ -37,6 +37,7 @@ import bitsandbytes.functional as bnbF
 import torch
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
+from . import glu
 from .patch import is_patched, original_forward, patch_forward
 
 
@@ -88,6 +89,8 @@ def _activate(h: torch.Tensor, act: str | None) -> torch.Tensor:
     if act == "gelu_tanh":
         return torch.nn.functional.gelu(h, approximate="tanh")
     if act in GLU:
+        if glu.available(h):  # one kernel reading both halves in place (Ampere+ GPUs)
+            return glu.forward(h.reshape(-1, h.shape[-1]), act).view(*h.shape[:-1], h.shape[-1] // 2)
         gate, up = h.chunk(2, dim=-1)
         return _gate(gate, act) * up
     return h
@@ -104,6 +107,8 @@ def _activation_backward(g: torch.Tensor, x: torch.Tensor, act: str) -> torch.Te
     output (recomputed from x: the activation's output is never stored)."""
     if act == "gelu_tanh":
         return torch.ops.aten.gelu_backward(g, x, approximate="tanh")
+    if glu.available(x):
+        return glu.backward(g, x, act)
     gate, up = x.chunk(2, dim=-1)
     g_up = g * _gate(gate, act)
     g = g.mul_(up)  # the gradient with respect to act(gate)

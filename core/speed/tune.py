@@ -10,7 +10,7 @@ import torch
 
 from ..config import SpeedConfig
 from ..model import is_lora_part
-from . import packing
+from . import packing, rmsnorm
 from .attention import patch_attention
 from .prefix import install_shared_prefix
 
@@ -47,6 +47,8 @@ def tune_model(model, dtype: torch.dtype, speed: SpeedConfig | None = None) -> l
     - attention through packing.py's implementation, which attends packed rows per row and is
       SDPA for padded batches (speed.pack not off; a family it does not cover says why);
     - on a 16-bit compute dtype, LayerNorm outputs that dtype (see _LayerNormInDtype);
+    - every RMSNorm that computes transformers' Llama or Gemma formula keeps only its input and
+      rstd for backward, one Triton kernel each way on Ampere+ GPUs (rmsnorm.py; speed.fused_norm);
     - with float16, the embedding is kept in float32 so the residual stream is float32 and cannot
       overflow (Phi's activations exceed fp16's 65504 in the residual stream)."""
     speed = speed or SpeedConfig()
@@ -64,6 +66,8 @@ def tune_model(model, dtype: torch.dtype, speed: SpeedConfig | None = None) -> l
             elif lowp and type(child) is torch.nn.LayerNorm and not is_lora_part(f"{name}.{child_name}"):
                 setattr(module, child_name, _LayerNormInDtype(child, dtype))
                 changes.append("layernorm->compute dtype")
+    if speed.fused_norm:
+        changes += rmsnorm.install(model)
     if speed.fused_rotary:
         changes += patch_attention(model, triton=speed.triton_rotary)
     if speed.pack != "off":

@@ -24,7 +24,7 @@ import torch
 from core.config import LoraSettings, ModelConfig, SpeedConfig
 from core.data import collate
 from core.evaluate import predict
-from core.speed import attention, packing, rope, tune
+from core.speed import attention, packing, rmsnorm, rope, tune
 from core.speed.patch import is_patched
 from core.speed.step import TrainStep
 from tests.helpers import CPU, ROOT, tiny_config, tiny_decoder_config
@@ -90,6 +90,9 @@ def test_packed_rows_match_the_padded_path(family, tmp_path):
     assert len(mlps) == 2 and all(is_patched(m) for m in mlps)  # Phi's GELU or the gated MLP, fused
     glu = "gated MLP: act(gate) * up inside down_proj's function, recomputed in backward"
     assert (glu in changes) == (family != "phi"), changes
+    norms = [m for m in fast.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert (rmsnorm.CHANGE in changes) == (family != "phi") == bool(norms), changes
+    assert all(is_patched(m) for m in norms)  # every RMSNorm (q/k norms too) keeps only x and rstd
     assert not packing.supported(plain)  # untuned: transformers' own attention
     assert not packing.enabled(fast, CPU, torch.float32, "auto")  # CPU: padded by default
     enc = rows()
@@ -214,7 +217,7 @@ def test_a_rotary_that_is_not_transformers_formula_is_left_alone():
 ROTARY_CHECK = r"""
 import copy, sys, torch
 from transformers import AutoModelForSequenceClassification
-from core.speed import attention, packing, rope, tune
+from core.speed import attention, packing, rmsnorm, rope, tune
 from core.config import SpeedConfig
 from core.data import collate
 from tests.helpers import tiny_decoder_config
@@ -278,6 +281,85 @@ for family in sys.argv[1:]:
 # Llama, q/k norms (Qwen3), q/k norms with local and global rotary tables (Gemma 3), a fused qkv
 # projection with partial rotary (Phi-3). The interpreter takes ~10 s a family on a loaded CPU.
 TRITON_FAMILIES = ("phi", "llama", "qwen3", "gemma3_text", "phi3")
+
+KERNEL_CHECK = r"""
+import sys, torch
+from core.speed import glu, qlinear, rmsnorm
+assert rmsnorm.available(torch.zeros(1)) and glu.available(torch.zeros(1))  # the interpreter stands in for a GPU
+torch.manual_seed(0)
+# RMSNorm: both formulas, fp32 and bf16 inputs and weights, widths that are no power of two (a head's
+# 40, a hidden 200), rows that fill no block; forward and the input's gradient against torch's ops
+for formula in rmsnorm.FORMULAS:
+    for wd in (torch.float32, torch.bfloat16):
+        for xd in (torch.float32, torch.bfloat16):
+            for shape in ((3, 7, 200), (2, 5, 3, 40), (1, 1, 200)):
+                w = torch.randn(shape[-1]).to(wd)
+                x = (torch.randn(shape) * 3).to(xd).requires_grad_(True)
+                y = rmsnorm.rms_norm(x, w, 1e-6, formula)
+                ref, _ = rmsnorm.reference(x, w, 1e-6, formula)
+                tol = dict(rtol=1e-5, atol=1e-5) if xd == torch.float32 else dict(rtol=2e-2, atol=0.13)
+                assert y.dtype == ref.dtype and y.shape == ref.shape, (y.dtype, ref.dtype)
+                torch.testing.assert_close(y.float(), ref.float(), **tol)
+                g = torch.randn_like(y)
+                got, = torch.autograd.grad(y, x, g)
+                want, = torch.autograd.grad(ref, x, g)
+                torch.testing.assert_close(got.float(), want.float(), **tol)
+print("rmsnorm ok")
+# the gated MLP's act(gate) * up: forward and both halves' gradients against torch's formula
+for act in qlinear.GLU:
+    x = (torch.randn(5, 2 * 1500) * 2).double().float().requires_grad_(True)
+    gate, up = x.chunk(2, -1)
+    ref = qlinear._gate(gate, act) * up
+    g = torch.randn_like(ref)
+    want, = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(glu.forward(x.detach(), act), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(glu.backward(g, x.detach(), act), want, rtol=1e-5, atol=1e-5)
+print("glu ok")
+# whole tiny NF4 + LoRA models with every kernel bound (norms, the gated MLP, the rotary) against
+# the plain path: logits and every LoRA and head gradient
+import tempfile
+from core.data import collate
+from tests.speed.test_packing_families import grads, make_tiny, max_diff, rows
+from core.config import SpeedConfig
+from core.speed import tune
+enc = rows()
+batch = collate(enc, list(range(len(enc))), 0)
+for family in sys.argv[1:]:
+    make = make_tiny(family, tempfile.mkdtemp())
+    plain, fast = make(), make()
+    changes = tune.tune_model(fast, torch.float32, SpeedConfig(pack="off"))
+    assert rmsnorm.CHANGE in changes, changes
+    out = {}
+    for label, model in (("plain", plain), ("fast", fast)):
+        model.train()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+        out[label] = (logits.detach(), grads(model))
+    torch.testing.assert_close(out["fast"][0], out["plain"][0], rtol=1e-4, atol=1e-4)
+    for n, w in out["plain"][1].items():
+        torch.testing.assert_close(out["fast"][1][n], w, rtol=1e-3, atol=1e-4, msg=f"{family} {n}")
+    print(f"{family} ok: gradients {max_diff(out['fast'][1], out['plain'][1]):.1e}")
+"""
+
+
+def test_rmsnorm_and_gated_mlp_kernels_match_torch():
+    """rmsnorm.py's and glu.py's Triton kernels (the GPU path) through Triton's interpreter on CPU,
+    against the torch formulas that transformers' own norms and MLPs compute (the families' own
+    forwards are compared with those formulas in test_packed_rows_match_the_padded_path)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", KERNEL_CHECK, "llama", "gemma3_text"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    for part in ("rmsnorm ok", "glu ok", "llama ok", "gemma3_text ok"):
+        assert part in out.stdout, out.stdout
+    print(out.stdout)
 
 
 def test_triton_rotary_matches_each_familys_own_formula():
