@@ -207,8 +207,16 @@ def launch_with_button(page, quick: bool, runs: Path, preset: str = "demo") -> P
     if preset != "demo":  # the form opens on the first preset
         from app_pages.launch import PRESET_LABELS
 
-        page.get_by_role("combobox", name="Preset").click()
-        page.get_by_role("option", name=PRESET_LABELS.get(preset, preset)).click()
+        option = page.get_by_role("option", name=PRESET_LABELS.get(preset, preset))
+        for attempt in range(5):  # a rerun of the page can close the list just opened
+            page.get_by_role("combobox", name="Preset").click()
+            try:
+                option.click(timeout=10_000)
+                break
+            except Exception:  # noqa: BLE001 (Playwright's TimeoutError)
+                if attempt == 4:
+                    raise
+                settle(page)
         settle(page)
     if quick:
         for label, value in (("Epochs", QUICK["train.epochs"]), ("Max train rows", QUICK["data.max_train_rows"])):

@@ -182,9 +182,10 @@ def families(a) -> None:
     log = out / "bench.log"
     py = sys.executable
     t0 = time.time()
-    sh([py, "-c", PREWARM], log)
     walls = {}
-    for arch in archs:
+    if not a.table_only:
+        sh([py, "-c", PREWARM], log)
+    for arch in [] if a.table_only else archs:
         d = out / arch
         d.mkdir(exist_ok=True)
         sh([py, "-m", "bench.assets", a.root, "--arch", arch], log)
@@ -251,6 +252,9 @@ def main():
     ap.add_argument("--arch", default=None, help=f"comma list of {', '.join(ARCHS)}: the per-family table")
     ap.add_argument(
         "--parts", default="ours,tuned,seed", help=f"with --arch, a comma list of {', '.join(FAMILY_PARTS)}"
+    )
+    ap.add_argument(
+        "--table-only", action="store_true", help="with --arch: run nothing, only rebuild families.md from --out"
     )
     ap.add_argument("--rows", type=int, default=1000, help="with --arch: ours' training rows")
     ap.add_argument("--epochs", type=int, default=2, help="with --arch: ours' epochs (pairs/s over the last)")
