@@ -9,8 +9,10 @@ rows), LoRA on every linear layer, rows of 5 to 60 tokens. bf16: the tuned model
 TrainStep (captured, then replayed) gives the plain model's gradients, packed evaluation its
 probabilities (eager and through graphs). fp16 as on a T4 (padded, no Triton rotary, GradScaler):
 finite losses and the same gradients. Prints the largest relative differences per family and OK,
-or MISMATCH (exit 1). The CPU tests (tests/speed/test_packing_families.py) check the same maths in
-float32; this checks the 16-bit GPU kernels.
+or MISMATCH (exit 1). First the Triton kernels alone on the GPU (rmsnorm.py, glu.py, lora_grad.py
+against their torch formulas, nf4.py against bitsandbytes' CUDA dequantisation). The CPU tests
+(tests/speed/test_packing_families.py) check the same maths in float32; this checks the 16-bit
+GPU kernels.
 """
 
 from __future__ import annotations
@@ -164,6 +166,44 @@ def check(family: str, dev: torch.device) -> tuple[dict, bool]:
     return report, ok
 
 
+def kernels(dev: torch.device) -> tuple[dict, bool]:
+    """This session's Triton kernels on the GPU against their torch formulas (and NF4 against
+    bitsandbytes' own CUDA dequantisation): the largest differences, bf16 and fp16."""
+    import bitsandbytes.functional as bnbF
+
+    from core.speed import glu, lora_grad, nf4, qlinear, rmsnorm
+
+    torch.manual_seed(0)
+    out, ok = {}, True
+    for dt in (torch.bfloat16, torch.float16):
+        r = {}
+        for formula in rmsnorm.FORMULAS:
+            x = (torch.randn(700, 1536, device=dev) * 3).to(dt).requires_grad_(True)
+            w = torch.randn(1536, device=dev).to(dt)
+            y = rmsnorm.rms_norm(x, w, 1e-6, formula)
+            ref, _ = rmsnorm.reference(x, w, 1e-6, formula)
+            g = torch.randn_like(y)
+            (gx,) = torch.autograd.grad(y, x, g)
+            (want,) = torch.autograd.grad(ref, x, g)
+            r[f"rmsnorm_{formula}"] = [rel(y, ref), rel(gx, want)]
+        for act in qlinear.GLU:
+            x = torch.randn(700, 2 * 4480, device=dev).to(dt)
+            gate, up = x.float().chunk(2, -1)
+            h = qlinear._gate(gate, act) * up
+            r[act] = rel(glu.forward(x, act), h)
+        gx, v, a = (torch.randn(s, device=dev).to(dt) for s in ((700, 4480), (700, 16), (16, 4480)))
+        mask = torch.rand(700, 4480, device=dev) > 0.05
+        want = gx.float() + (v.float() @ a.float()) * mask / 0.95
+        r["lora_grad"] = rel(lora_grad.add_masked(gx.clone(), v, a, mask, 0.05), want)
+        q, st = bnbF.quantize_4bit(torch.randn(4480, 1536, device=dev).to(dt) * 0.05, quant_type="nf4")
+        r["nf4_equal_to_bitsandbytes"] = bool(torch.equal(nf4.dequantize(q, st), bnbF.dequantize_4bit(q, st)))
+        r["nf4_max_abs_diff"] = float((nf4.dequantize(q, st).float() - bnbF.dequantize_4bit(q, st).float()).abs().max())
+        ok &= all(e < 1e-2 for k, e in r.items() if k.startswith("rmsnorm") for e in e)
+        ok &= all(r[k] < 1e-2 for k in (*qlinear.GLU, "lora_grad")) and r["nf4_max_abs_diff"] < 1e-2
+        out[str(dt).replace("torch.", "")] = r
+    return out, ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", default=",".join(FAMILIES))
@@ -171,6 +211,11 @@ def main() -> int:
     a = ap.parse_args()
     dev = torch.device("cuda", 0)
     report, ok = {}, True
+    try:
+        report["kernels"], ok = kernels(dev)
+    except Exception as e:  # noqa: BLE001 - reported, and the families still run
+        report["kernels"], ok = {"error": f"{type(e).__name__}: {e}"[:2000]}, False
+    print("kernels", "OK" if ok else "MISMATCH", json.dumps(report["kernels"]), flush=True)
     for family in a.families.split(","):
         try:
             report[family], fine = check(family, dev)
