@@ -216,7 +216,7 @@ def main() -> int:
     except Exception as e:  # noqa: BLE001 - reported, and the families still run
         report["kernels"], ok = {"error": f"{type(e).__name__}: {e}"[:2000]}, False
     print("kernels", "OK" if ok else "MISMATCH", json.dumps(report["kernels"]), flush=True)
-    for family in a.families.split(","):
+    for family in filter(None, a.families.split(",")):
         try:
             report[family], fine = check(family, dev)
         except Exception as e:  # one family's failure must not hide the others'
