@@ -37,15 +37,12 @@ import bitsandbytes.functional as bnbF
 import torch
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
-from . import glu, lora_grad, nf4
+from . import glu
 from .patch import is_patched, original_forward, patch_forward
 
 
 def dequantize(weight, quant_state) -> torch.Tensor:
-    """The 16-bit (or fp32) weight [out, in] of a bnb Params4bit, double quantisation included
-    (one Triton kernel on Ampere+ GPUs for NF4: nf4.py; bitsandbytes' kernels elsewhere)."""
-    if nf4.available(weight, quant_state):
-        return nf4.dequantize(weight, quant_state)
+    """The 16-bit (or fp32) weight [out, in] of a bnb Params4bit, double quantisation included."""
     return bnbF.dequantize_4bit(weight, quant_state)
 
 
@@ -185,8 +182,6 @@ class QLoRALinearFn(torch.autograd.Function):
             if need_x:
                 if mask is None:
                     gx.addmm_(v, a)
-                elif mask.dtype == torch.bool and gx.is_contiguous() and lora_grad.available(gx):
-                    lora_grad.add_masked(gx, v, a, mask, ctx.p)  # one kernel, no temporaries
                 else:
                     gx.add_(_apply_mask(torch.mm(v, a), mask, ctx.p))
             if need_a:
