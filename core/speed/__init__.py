@@ -4,7 +4,7 @@ Every piece is tested against the plain path (tests/speed/test_perf.py on CPU, b
 GPU) and has a switch in config.SpeedConfig (`speed` in a run's config.json).
 
 - tune.py: tune_model(), the model surgery that keeps the function (fused GELU, 16-bit LayerNorm
-  output, fp32 residual stream under fp16) and installs the two patches below;
+  output, fp32 residual stream under fp16) and installs the patches below;
 - qlinear.py: a 4-bit linear layer and its LoRA adapter as one autograd function (a gated MLP's
   act(gate) * up inside down_proj's, as one Triton kernel each way on a GPU: glu.py);
 - rmsnorm.py: every RMSNorm as one autograd function keeping its input and rstd (one Triton kernel
