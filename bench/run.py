@@ -11,10 +11,11 @@ With --arch (bench/assets.py's ARCHS), per architecture: its assets, then ours (
 32), the tuned HF Trainer and the seed-like script (bench/reference.py), and with --parts sweep and
 fp16 the batch sweep (MFU at the best batch) and the fp16 (T4 path) check, all on the same rows;
 one table for all of them in <out>/families.md (family_table), read back from <out>/<arch>/*.json,
-so a later call with other parts adds to it. Rows and epochs are options (--rows, --epochs,
---tuned-rows, --seed-rows, --eval-rows). On one H200 (2026-12-02, 256/128/64/64 rows) a part took
-25 to 35 s with its process start, an architecture about 110 s with its assets: two architectures
-per call keep a call near 4 minutes.
+so a later call with other parts adds to it; --table-only runs nothing and only rebuilds that table
+(from the folders of several GPU calls: bench/families_gpu.sh runs the parts there). Rows and
+epochs are options (--rows, --epochs, --tuned-rows, --seed-rows, --eval-rows). On one H200
+(2026-12-03, the defaults but --seed-rows 128 and --sweep-batches 128,512) an architecture took
+170-225 s with all five parts and its assets, ours alone 35 s: two architectures a call.
 """
 
 from __future__ import annotations

@@ -105,3 +105,25 @@ def test_family_table_says_each_goal_met_or_not():
     assert "peak memory / the seed-like script's 1.45 (<= 1.6: met)" in text
     assert "- gemma3-1b: rows not packed: gemma3_text soft-caps" in text
     assert text.count("\n| ") == 2
+
+
+def test_table_only_joins_the_parts_of_several_calls_and_runs_nothing(tmp_path):
+    """bench.run --table-only: one families.md from the <arch>/*.json of earlier calls (the GPU
+    machine returns a call's files; bench/families_gpu.sh), without building assets or running parts."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    out, root = tmp_path / "out", tmp_path / "root"
+    for arch, ours, seed in (("phi2", 616.0, 14.3), ("qwen1p5b", 672.5, 16.2)):
+        (out / arch).mkdir(parents=True)
+        (out / arch / "ours.json").write_text(json.dumps({"pairs_per_s": ours, "mfu": 0.1, "peak_gib": 3.0}))
+        (out / arch / "seed.json").write_text(json.dumps({"pairs_per_s": seed, "peak_gib": 2.0}))
+    args = ["--arch", "phi2,qwen1p5b", "--table-only", "--out", str(out), "--root", str(root)]
+    proc = subprocess.run([sys.executable, "-m", "bench.run", *args], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (out / "families.md").read_text()
+    assert "| Phi-2 (2.7B) | 616.0 |" in text and "| Qwen2.5-1.5B (GQA 12/2) | 672.5 |" in text
+    assert "x the seed-like script 41.51 (>= 40: met)" in text
+    assert not root.exists() and not (out / "bench.log").exists()  # no assets, no part ran
