@@ -140,6 +140,55 @@ def test_packed_rows_match_the_padded_path(family, tmp_path):
     )
 
 
+def test_fused_norm_off_keeps_every_familys_own_norm(tmp_path):
+    """speed.fused_norm = false (QLORA_FUSED_NORM=0, the benchmarks' switch) leaves each RMSNorm to
+    its family's forward and says nothing of it; on, the same model's norms give the same numbers."""
+    from core.config import speed_from_env
+
+    speed = speed_from_env(SpeedConfig(pack="on"), {"QLORA_FUSED_NORM": "0"})
+    assert speed.fused_norm is False
+    make = make_tiny("qwen3", tmp_path / "qwen3")
+    off, on = make(), make()
+    assert rmsnorm.CHANGE not in tune.tune_model(off, torch.float32, speed)
+    assert rmsnorm.CHANGE in tune.tune_model(on, torch.float32, SpeedConfig(pack="on"))
+    norms = [m for m in off.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert len(norms) >= 4 and not any(is_patched(m) for m in norms)  # layer norms and q/k norms
+    enc = rows()
+    batch = collate(enc, list(range(len(enc))), 0)
+    with torch.no_grad():
+        want = off(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = on(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_rmsnorm_that_computes_something_else_keeps_its_own_forward():
+    """rmsnorm.install takes a class only where its own forward gives one of the two formulas on a
+    probe: a norm that divides by the mean of |x| instead is left alone, a copy of Llama's formula
+    under another name is taken."""
+
+    class OtherRMSNorm(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(d))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            x32 = x.float()
+            return self.weight * (x32 / (x32.abs().mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+
+    class CopiedRMSNorm(OtherRMSNorm):
+        def forward(self, x):
+            x32 = x.float()
+            x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return self.weight * x32.to(x.dtype)
+
+    model = torch.nn.Sequential(OtherRMSNorm(8), CopiedRMSNorm(8)).requires_grad_(False)
+    assert rmsnorm.install(model) == [rmsnorm.CHANGE]
+    assert not is_patched(model[0]) and is_patched(model[1])
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model[1](x), CopiedRMSNorm.forward(model[1], x), rtol=1e-6, atol=1e-6)
+
+
 def test_gemma2_soft_capping_and_encoders_stay_padded_and_say_why(tmp_path):
     """Gemma 2 caps its attention logits (50.0 in every Gemma 2 checkpoint): torch's FlashAttention
     kernel cannot, so its rows stay padded, with the reason in tune_model's list (the setup
