@@ -3,9 +3,9 @@
     changes = install(model)     # every RMSNorm whose forward computes one of FORMULAS
 
 transformers writes each family's RMSNorm out in torch ops: a cast to fp32, pow, mean, rsqrt, two
-products, a cast back. Autograd keeps an fp32 copy of the input and the normalised rows for
-backward (6 to 12 bytes an element, where the input is 2), and runs about eight kernels forward and
-ten backward, per norm: two to six norms a layer (Gemma 3: four, and a q and a k norm). Here
+products, a cast back. Autograd keeps the fp32 copy of the input for backward (4 bytes an element,
+where a bf16 input is 2), and runs about eight kernels forward and ten backward, per norm: two to
+six norms a layer (Gemma 3: four, and a q and a k norm). Here
 forward keeps x (its own dtype) and rstd (fp32, one a row) and backward recomputes the normalised
 rows from them; on an Ampere or newer GPU with Triton each direction is one kernel, elsewhere the
 same maths in torch ops (the CPU, a T4, and the tests' reference). The two formulas (FORMULAS):
