@@ -12,6 +12,7 @@ GPU) and has a switch in config.SpeedConfig (`speed` in a run's config.json).
 - attention.py: the rotary embedding in one pass in every rotary family's attention (Phi's own
   forward; the others' transformers forward with apply_rotary_pos_emb bound to rope.py);
 - rope.py: the rotary embedding (partial or full) as one Triton kernel;
+- triton_gpu.py: where the Triton kernels of rope.py, rmsnorm.py and glu.py run;
 - packing.py: a batch's rows end to end with no padding, for every decoder family it lists (its
   attention function in transformers' AttentionInterface; FlashAttention's varlen kernel);
 - patch.py: how a module's forward is replaced, and how other code tells it was;

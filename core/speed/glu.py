@@ -16,22 +16,17 @@ TRITON_INTERPRET=1 anywhere: the tests); elsewhere qlinear keeps its torch ops.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from . import triton_gpu
 
 BLOCK = 1024
 
 
 def available(x: torch.Tensor) -> bool:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return _kernels() is not None
-    return x.is_cuda and _capable(x.device.index) and _kernels() is not None
-
-
-@functools.cache
-def _capable(index: int | None) -> bool:
-    return torch.cuda.get_device_capability(index) >= (8, 0)
+    """True where the kernels run (triton_gpu.runs_on) and Triton imports."""
+    return triton_gpu.runs_on(x) and _kernels() is not None
 
 
 @functools.cache

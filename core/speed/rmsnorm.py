@@ -23,10 +23,10 @@ gradient: a norm weight that trains (a user who targets it) runs the family's ow
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from . import triton_gpu
 from .patch import is_patched, original_forward, patch_forward
 
 FORMULAS = ("llama", "gemma")
@@ -34,16 +34,9 @@ CHANGE = "RMSNorm as one function keeping its input and rstd (one Triton kernel 
 
 
 def available(x: torch.Tensor) -> bool:
-    """True where the Triton kernels run: a CUDA tensor on Ampere or newer (or any tensor under
-    Triton's interpreter, TRITON_INTERPRET=1) with Triton installed."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return _kernels() is not None
-    return x.is_cuda and _capable(x.device.index) and _kernels() is not None
-
-
-@functools.cache
-def _capable(index: int | None) -> bool:
-    return torch.cuda.get_device_capability(index) >= (8, 0)
+    """True where the kernels run (triton_gpu.runs_on: an Ampere or newer GPU, or Triton's
+    interpreter) and Triton imports."""
+    return triton_gpu.runs_on(x) and _kernels() is not None
 
 
 @functools.cache

@@ -22,22 +22,16 @@ kernel on CPU through Triton's interpreter (TRITON_INTERPRET=1, set before the f
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from . import triton_gpu
+
 
 def available(x: torch.Tensor) -> bool:
-    """True where the kernel runs: a CUDA tensor (or any, under Triton's interpreter) and Triton."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return _kernel() is not None
-    # Ampere or newer: the GPUs it was measured on; elsewhere (a T4) the torch formula runs
-    return x.is_cuda and _capable(x.device.index) and _kernel() is not None
-
-
-@functools.cache
-def _capable(index: int | None) -> bool:  # asked by every attention layer: once per device
-    return torch.cuda.get_device_capability(index) >= (8, 0)
+    """True where the kernel runs (triton_gpu.runs_on: an Ampere or newer GPU, or Triton's
+    interpreter; a T4 keeps the torch formula) and Triton imports."""
+    return triton_gpu.runs_on(x) and _kernel() is not None
 
 
 @functools.cache
