@@ -10,9 +10,8 @@ TrainStep (captured, then replayed) gives the plain model's gradients, packed ev
 probabilities (eager and through graphs). fp16 as on a T4 (padded, no Triton rotary, GradScaler):
 finite losses and the same gradients. Prints the largest relative differences per family and OK,
 or MISMATCH (exit 1). First the Triton kernels alone on the GPU (rmsnorm.py and glu.py against
-their torch formulas). The CPU tests
-(tests/speed/test_packing_families.py) check the same maths in float32; this checks the 16-bit
-GPU kernels.
+their torch formulas). The CPU tests (tests/speed/test_packing_families.py) check the same maths
+in float32; this checks the 16-bit GPU kernels.
 """
 
 from __future__ import annotations

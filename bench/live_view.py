@@ -204,7 +204,9 @@ def launch_with_button(page, quick: bool, runs: Path, preset: str = "demo") -> P
     """Set the form like the config and press Launch on the Train page; returns the new run folder."""
     page.get_by_role("button", name="Launch").wait_for(state="visible")
     settle(page)
-    if preset != "demo":  # the form opens on the first preset
+    from core.config import PRESETS
+
+    if preset != next(iter(PRESETS)):  # the Preset box opens on the first preset
         from app_pages.launch import PRESET_LABELS
 
         option = page.get_by_role("option", name=PRESET_LABELS.get(preset, preset))
