@@ -396,6 +396,10 @@ class SpeedConfig:
     (QLORA_PACK = auto, 1, 0)."""
     fused_linear: bool = True
     """Each 4-bit linear layer and its LoRA adapter as one autograd function (QLORA_FUSED)."""
+    keep_absmax: bool = True
+    """With fused_linear and model.double_quant: dequantise each weight's block scales once and keep
+    them in fp32 (0.5 bit more a weight: 170 MB for Phi-2), so every dequantisation of a weight is
+    one kernel instead of three (core/speed/qlinear.py; QLORA_KEEP_ABSMAX)."""
     fused_norm: bool = True
     """Every RMSNorm (Llama, Qwen, Mistral, Gemma, Phi-3 ...) as one autograd function that keeps its
     input and one number a row, one Triton kernel each way on an Ampere+ GPU (core/speed/rmsnorm.py;
@@ -434,6 +438,7 @@ class SpeedConfig:
             "cuda_graphs",
             "eval_graphs",
             "fused_linear",
+            "keep_absmax",
             "fused_norm",
             "fused_rotary",
             "triton_rotary",
@@ -460,6 +465,7 @@ SPEED_ENV = {
     "QLORA_EVAL_GRAPHS": "eval_graphs",
     "QLORA_PACK": "pack",
     "QLORA_FUSED": "fused_linear",
+    "QLORA_KEEP_ABSMAX": "keep_absmax",
     "QLORA_FUSED_NORM": "fused_norm",
     "QLORA_ROTARY": "fused_rotary",
     "QLORA_TRITON": "triton_rotary",

@@ -109,9 +109,10 @@ def gpu_memory_gb(params: dict, shape: dict, cfg: RunConfig, dtype: str) -> floa
     """A rough upper bound of the peak GPU memory of training, in GiB.
 
     weights: quantised linear weights at 4 bits (+ about 0.13 bit of scales with double
-    quantisation), the rest in the compute dtype; trainable weights in fp32 with their gradient
-    and two AdamW moments (16 bytes each); activations of one micro-batch at max_length, split
-    as the trainer splits it on a GPU (speed.micro_tokens), about 29 bytes per token, layer and
+    quantisation, and 0.5 bit more where speed.keep_absmax keeps them dequantised), the rest in
+    the compute dtype; trainable weights in fp32 with their gradient and two AdamW moments (16
+    bytes each); activations of one micro-batch at max_length, split as the trainer splits it on
+    a GPU (speed.micro_tokens), about 29 bytes per token, layer and
     hidden unit in 16-bit (fitted to the Phi-2-shaped runs in bench/RESULTS.md); plus the CUDA
     context. Batches are padded only to their longest row, so real use is usually lower. With
     train.gradient_checkpointing a layer keeps only its input (one value per token and hidden
@@ -122,10 +123,13 @@ def gpu_memory_gb(params: dict, shape: dict, cfg: RunConfig, dtype: str) -> floa
     width = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 2)
     quantised = 2 * (params["total"] - params["packed"]) if cfg.model.quantize else 0
     other = params["total"] - quantised
+    speed = speed_from_env(cfg.speed)
     bits = 4 + (0.127 if cfg.model.double_quant else 0.5)
+    if cfg.model.double_quant and speed.fused_linear and speed.keep_absmax:
+        bits += 0.5  # the block scales kept dequantised, fp32 (core/speed/qlinear.keep_absmax)
     weights = quantised * bits / 8 + other * width + params["trainable"] * 16
     tokens = (cfg.train.micro_batch_size or cfg.train.batch_size) * cfg.data.max_length
-    budget = micro_token_budget(torch.device("cuda"), speed_from_env(cfg.speed).micro_tokens)
+    budget = micro_token_budget(torch.device("cuda"), speed.micro_tokens)
     if budget:  # long micro-batches are split in row halves; one row is never split
         tokens = min(tokens, max(budget, cfg.data.max_length))
     activations = ACTIVATION_BYTES * tokens * shape["layers"] * shape["hidden"] * width / 2

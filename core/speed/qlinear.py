@@ -32,6 +32,8 @@ left_to_peft() says why for the setup record.
 
 from __future__ import annotations
 
+import itertools
+
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
@@ -40,10 +42,53 @@ from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 from . import glu
 from .patch import is_patched, original_forward, patch_forward
 
+_ABSMAX = "_qlora_absmax"  # on a double-quantised QuantState: its block scales, dequantised once
+
+
+def keep_absmax(quant_state) -> bool:
+    """Dequantise a double-quantised weight's block scales once and keep them (fp32, one per block
+    of 64 weights: 0.5 bit a weight, on top of the 4.127 bits stored), so each later dequantise()
+    is one kernel instead of three (the scales' own dequantisation and offset add, then the
+    weights'). The base weights are frozen, so the scales never change. Returns whether it kept
+    them (False for a single-quantised weight, which has fp32 scales already). speed.keep_absmax."""
+    if quant_state is None or not quant_state.nested:
+        return False
+    if getattr(quant_state, _ABSMAX, None) is None:
+        absmax = bnbF.dequantize_blockwise(quant_state.absmax, quant_state.state2)
+        absmax += quant_state.offset
+        setattr(quant_state, _ABSMAX, absmax.float())
+    return True
+
+
+def kept_absmax(module) -> bool:
+    """Whether a 4-bit layer (or the LoRA layer around one) dequantises from kept scales."""
+    base = _base_of(module)
+    return base is not None and getattr(base.weight.quant_state, _ABSMAX, None) is not None
+
 
 def dequantize(weight, quant_state) -> torch.Tensor:
-    """The 16-bit (or fp32) weight [out, in] of a bnb Params4bit, double quantisation included."""
-    return bnbF.dequantize_4bit(weight, quant_state)
+    """The 16-bit (or fp32) weight [out, in] of a bnb Params4bit, double quantisation included:
+    bitsandbytes' own kernel, from the scales keep_absmax() kept where it did (the same numbers)."""
+    absmax = getattr(quant_state, _ABSMAX, None)
+    if absmax is None or absmax.device != weight.device or weight.shape[0] == 1:
+        return bnbF.dequantize_4bit(weight, quant_state)
+    return torch.ops.bitsandbytes.dequantize_4bit.default(
+        weight, absmax, quant_state.blocksize, quant_state.quant_type, quant_state.shape, quant_state.dtype
+    )
+
+
+def dequantize_into(weight, quant_state, out: torch.Tensor) -> None:
+    """dequantize() written into `out` (rows of a larger buffer: QLoRAStackFn), straight from
+    bitsandbytes' CUDA kernel where the scales are kept and the dtypes agree, else through a copy
+    (bitsandbytes has no CPU kernel that writes into a given tensor)."""
+    absmax = getattr(quant_state, _ABSMAX, None)
+    direct = weight.is_cuda and absmax is not None and absmax.device == weight.device
+    if not direct or weight.shape[0] == 1 or out.dtype != quant_state.dtype:
+        out.copy_(dequantize(weight, quant_state))
+        return
+    torch.ops.bitsandbytes.dequantize_4bit.out(
+        weight, absmax, quant_state.blocksize, quant_state.quant_type, quant_state.shape, quant_state.dtype, out=out
+    )
 
 
 _MM_OUT_DTYPE: dict[str, bool] = {}  # device type -> torch.mm(..., out_dtype=) works there
@@ -199,6 +244,143 @@ class QLoRALinearFn(torch.autograd.Function):
         return gx, None, None, None, ga, gb, None, None, None
 
 
+class QLoRAStackFn(torch.autograd.Function):
+    """[y_1 | y_2 | ...] of several 4-bit (+ LoRA) layers that read the same x (a gated MLP's
+    gate_proj and up_proj): their weights are dequantised into one [sum d_out, d_in] buffer, so
+    each direction is one GEMM (and the MLP's [gate | up] needs no concatenation); every adapter
+    keeps its own dropout mask, drawn in the layers' order as their separate calls would. `layers`:
+    one (weight, quant_state, bias, scale, p) per layer; `loras`: lora_A, lora_B of each (None,
+    None without an adapter)."""
+
+    @staticmethod
+    def forward(ctx, x, layers, *loras):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        dtype = x2.dtype
+        outs = [quant_state.shape[0] for _, quant_state, _, _, _ in layers]
+        w = torch.empty(sum(outs), x2.shape[1], dtype=dtype, device=x2.device)
+        rows = list(zip([0, *itertools.accumulate(outs)], itertools.accumulate(outs)))
+        for (weight, quant_state, _, _, _), (r0, r1) in zip(layers, rows):
+            dequantize_into(weight, quant_state, w[r0:r1])
+        pairs = [(loras[2 * k], loras[2 * k + 1]) for k in range(len(layers))]
+        infer = not any(ctx.needs_input_grad) and x2.shape[0] > x2.shape[1]
+        if infer and all(p == 0 for *_, p in layers):  # as QLoRALinearFn: s B A into the copy of W
+            for (a, b), (*_, scale, _), (r0, r1) in zip(pairs, layers, rows):
+                if a is not None:
+                    w[r0:r1].addmm_(b.to(dtype), a.to(dtype), alpha=scale)
+            pairs = [(None, None)] * len(layers)
+        if any(bias is not None for _, _, bias, _, _ in layers):
+            bias = torch.cat(
+                [b.to(dtype) if b is not None else w.new_zeros(n) for (_, _, b, _, _), n in zip(layers, outs)]
+            )
+            y = torch.addmm(bias, x2, w.t())
+        else:
+            y = torch.mm(x2, w.t())
+        del w
+        saved = [x2]
+        ctx.lora = []
+        for (a, b), (*_, scale, p), (r0, r1) in zip(pairs, layers, rows):
+            if a is None:
+                ctx.lora.append(False)
+                continue
+            a = a.to(dtype)
+            b = b.to(dtype)
+            hd, mask = _dropout(x2, p) if p > 0 else (x2, None)
+            u = torch.mm(hd, a.t()).mul_(scale)
+            del hd
+            y[:, r0:r1].addmm_(u, b.t())
+            ctx.lora.append(True)
+            saved += [mask, u, a, b]
+        ctx.layers, ctx.rows, ctx.x_shape = layers, rows, shape
+        ctx.save_for_backward(*saved)
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = grad.reshape(-1, grad.shape[-1])
+        x2, *saved = ctx.saved_tensors
+        if g.dtype != x2.dtype:
+            g = g.to(x2.dtype)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            w = torch.empty(ctx.rows[-1][1], x2.shape[1], dtype=g.dtype, device=g.device)
+            for (weight, quant_state, _, _, _), (r0, r1) in zip(ctx.layers, ctx.rows):
+                dequantize_into(weight, quant_state, w[r0:r1])
+            gx = torch.mm(g, w)
+            del w
+        lora_grads = []
+        for k, ((*_, scale, p), (r0, r1)) in enumerate(zip(ctx.layers, ctx.rows)):
+            if not ctx.lora[k]:
+                lora_grads += [None, None]
+                continue
+            mask, u, a, b = saved[:4]
+            saved = saved[4:]
+            gk = g[:, r0:r1]
+            v = torch.mm(gk, b).mul_(scale)
+            if gx is not None:
+                if mask is None:
+                    gx.addmm_(v, a)
+                else:
+                    gx.add_(_apply_mask(torch.mm(v, a), mask, p))
+            ga = gb = None
+            if ctx.needs_input_grad[2 + 2 * k]:
+                hd = x2 if mask is None else _apply_mask(x2, mask, p)
+                ga = _mm_fp32(v.t(), hd)
+                del hd
+            if ctx.needs_input_grad[3 + 2 * k]:
+                gb = _mm_fp32(gk.t(), u)
+            lora_grads += [ga, gb]
+        if gx is not None:
+            gx = gx.view(ctx.x_shape)
+        return gx, None, *lora_grads
+
+
+def _stack_args(modules, x: torch.Tensor):
+    """QLoRAStackFn's (layers, loras) for `modules`, all fused 4-bit layers (or LoRA layers on
+    them) with one compute dtype; None where any of them is in a state _fused_forward hands to its
+    original forward."""
+    layers, loras = [], []
+    dtypes = set()
+    for module in modules:
+        base = _base_of(module)
+        if base is None or not is_patched(module):
+            return None
+        parts = None
+        if base is not module:
+            parts = _lora_parts(module)
+            if parts is None:
+                return None
+        fix_4bit_weight_quant_state_from_module(base)
+        quant_state = base.weight.quant_state
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            return None
+        dtypes.add(base.compute_dtype or x.dtype)
+        if parts is None:
+            layers.append((base.weight, quant_state, base.bias, 1.0, 0.0))
+            loras += [None, None]
+            continue
+        a, b, scale, drop = parts
+        p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+        layers.append((base.weight, quant_state, base.bias, float(scale), float(p)))
+        loras += [a, b]
+    if len(dtypes) != 1:
+        return None
+    return dtypes.pop(), tuple(layers), loras
+
+
+def _stacked(modules, x: torch.Tensor) -> torch.Tensor | None:
+    """[m(x) for m in modules] concatenated on the last axis, as one QLoRAStackFn; None where the
+    modules' state asks for their own forwards."""
+    args = _stack_args(modules, x)
+    if args is None:
+        return None
+    compute, layers, loras = args
+    h = x.to(compute) if x.dtype != compute else x
+    with torch.autocast(x.device.type, enabled=False):
+        y = QLoRAStackFn.apply(h, layers, *loras)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
 def _base_of(module):
     """The bnb Linear4bit under a peft LoRA layer, or the module itself if it is one."""
     base = getattr(module, "base_layer", module)
@@ -263,7 +445,10 @@ def _glu_forward(self, x: torch.Tensor) -> torch.Tensor:
     """down_proj(act(gate_proj(x)) * up_proj(x)) (Llama, Mistral, Qwen, Gemma) with the gating
     inside down_proj's function: of the four intermediate-wide tensors autograd would keep per
     token (gate, act(gate), up, their product), only gate and up are stored."""
-    return self.down_proj(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1), act=self._qlora_glu)
+    h = _stacked((self.gate_proj, self.up_proj), x)  # one GEMM each way, no concatenation
+    if h is None:
+        h = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
+    return self.down_proj(h, act=self._qlora_glu)
 
 
 def _fused_glu_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -301,10 +486,11 @@ def left_to_peft(model) -> str | None:
     )
 
 
-def install(model) -> int:
+def install(model, absmax: bool = True) -> int:
     """Route every 4-bit linear layer (LoRA-wrapped or plain) through QLoRALinearFn, but the layers
     of a LoRA variant it does not compute (DoRA: left_to_peft); returns how many layers now take
-    it (core.speed.tune skips it when speed.fused_linear is off)."""
+    it (core.speed.tune skips it when speed.fused_linear is off). `absmax`: keep each
+    double-quantised weight's scales dequantised (keep_absmax; speed.keep_absmax)."""
     under_lora = {id(m.base_layer) for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
     count = 0
     for module in model.modules():
@@ -316,6 +502,10 @@ def install(model) -> int:
             continue
         patch_forward(module, _fused_forward)
         count += 1
+        if absmax:
+            base = _base_of(module)
+            fix_4bit_weight_quant_state_from_module(base)
+            keep_absmax(base.weight.quant_state)
     for module in model.modules():
         if is_patched(module):
             continue

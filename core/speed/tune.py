@@ -75,8 +75,10 @@ def tune_model(model, dtype: torch.dtype, speed: SpeedConfig | None = None) -> l
         changes.append(f"rows not packed: {why}" if why else "attention per packed row (padded batches: SDPA)")
     from . import qlinear  # bitsandbytes' kernels: imported once a model is loaded
 
-    if speed.fused_linear and qlinear.install(model):  # fewer kernels and saved tensors per 4-bit linear (+ LoRA)
+    if speed.fused_linear and qlinear.install(model, absmax=speed.keep_absmax):  # fewer kernels, saved tensors
         changes.append("4-bit linear + LoRA as one autograd function")
+        if speed.keep_absmax and any(qlinear.kept_absmax(m) for m in model.modules()):
+            changes.append("double-quantised scales dequantised once (0.5 bit a weight; one kernel a dequantisation)")
         if any(getattr(m, "_qlora_glu", None) for m in model.modules()):
             changes.append("gated MLP: act(gate) * up inside down_proj's function, recomputed in backward")
     left = qlinear.left_to_peft(model) if speed.fused_linear else None  # DoRA: the fused function steps aside

@@ -33,7 +33,7 @@ PACKED = ("phi", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
 
 
-def make_tiny(family: str, folder, **overrides):
+def make_tiny(family: str, folder, lora: LoraSettings = LORA, **overrides):
     """make() -> a fresh NF4 + LoRA classifier of `family`, saved once to `folder` (the same base
     weights and, seeded, the same head and LoRA weights every call); B is random, not zero, so
     that every LoRA matrix gets a gradient."""
@@ -49,7 +49,7 @@ def make_tiny(family: str, folder, **overrides):
         model = load_model(
             ModelConfig(name=str(folder), compute_dtype="float32", device="cpu"), 3, 0, CPU, torch.float32
         )
-        model = add_lora(model, LORA)
+        model = add_lora(model, lora)
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
@@ -138,6 +138,77 @@ def test_packed_rows_match_the_padded_path(family, tmp_path):
         f"{family}: max |packed - padded| logits {float((got[: len(enc)] - ref).abs().max()):.2e}, "
         f"gradients {max_diff(got_grads, want):.2e}"
     )
+
+
+@pytest.mark.parametrize("family", ("llama", "gemma3_text", "phi3"))
+def test_gated_mlps_stack_gate_and_up_under_dropout_as_peft_computes(family, tmp_path, monkeypatch):
+    """gate_proj and up_proj as one QLoRAStackFn (one GEMM each way; Phi-3's gate_up_proj is one
+    layer already) and the scales kept dequantised: peft's logits and LoRA gradients in training
+    mode with dropout 0.3, the same masks drawn (seeded) in the same order."""
+    from dataclasses import replace
+
+    from core.speed import qlinear
+
+    make = make_tiny(family, tmp_path / family, lora=replace(LORA, dropout=0.3))
+    plain, fast = make(), make()
+    changes = tune.tune_model(fast, torch.float32, SpeedConfig())
+    assert "double-quantised scales dequantised once (0.5 bit a weight; one kernel a dequantisation)" in changes
+    fused = [m for m in fast.modules() if hasattr(m, "base_layer") and is_patched(m)]
+    assert len(fused) == 2 * (4 if family == "phi3" else 7) and all(qlinear.kept_absmax(m) for m in fused)
+    stacked = []
+    forward = qlinear.QLoRAStackFn.forward
+    monkeypatch.setattr(
+        qlinear.QLoRAStackFn,
+        "forward",
+        staticmethod(
+            lambda ctx, x, layers, *loras: stacked.append([p for *_, p in layers]) or forward(ctx, x, layers, *loras)
+        ),
+    )
+    enc = rows()
+    batch = collate(enc, list(range(len(enc))), 0)
+    out = {}
+    for name, model in (("plain", plain), ("fast", fast)):
+        model.train()
+        torch.manual_seed(5)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+        out[name] = (logits.detach(), grads(model))
+    assert stacked == ([] if family == "phi3" else [[0.3, 0.3]] * 2)  # both layers' gate and up, with dropout
+    torch.testing.assert_close(out["fast"][0], out["plain"][0], rtol=1e-5, atol=1e-5)
+    for name, g in out["plain"][1].items():
+        assert float(g.abs().max()) > 0, name
+        torch.testing.assert_close(out["fast"][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    torch.manual_seed(6)  # other masks: other logits (dropout is on)
+    assert not torch.allclose(fast(input_ids=batch["input_ids"]).logits, out["fast"][0])
+    fast.eval()
+    plain.eval()
+    with torch.no_grad():  # no gradient, more rows than inputs: s B A added into the weight copy
+        torch.testing.assert_close(fast(**batch_inputs(batch)).logits, plain(**batch_inputs(batch)).logits)
+    kept = make()
+    tune.tune_model(kept, torch.float32, SpeedConfig(keep_absmax=False))
+    assert not any(qlinear.kept_absmax(m) for m in kept.modules())
+
+
+def batch_inputs(batch):
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def test_kept_scales_dequantise_to_bitsandbytes_own_numbers():
+    """qlinear.dequantize from kept scales (and dequantize_into a buffer's rows) = bitsandbytes'
+    dequantize_4bit, bit for bit; a single-quantised weight keeps nothing."""
+    import bitsandbytes.functional as bnbF
+
+    from core.speed import qlinear
+
+    w = torch.randn(192, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for nested in (True, False):
+        packed, state = bnbF.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
+        want = bnbF.dequantize_4bit(packed, state)
+        assert qlinear.keep_absmax(state) == nested
+        assert torch.equal(qlinear.dequantize(packed, state), want)
+        buffer = torch.zeros(256, 128, dtype=torch.bfloat16)
+        qlinear.dequantize_into(packed, state, buffer[64:])
+        assert torch.equal(buffer[64:], want) and not buffer[:64].any()
 
 
 def test_fused_norm_off_keeps_every_familys_own_norm(tmp_path):
