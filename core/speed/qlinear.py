@@ -7,7 +7,8 @@ kernels and saved tensors (s = alpha / r, m = dropout mask / (1 - p)):
 
     forward:   W = dequant(W4);  y = x W^T + b;  u = s * (m * x) A^T;  y += u B^T
     backward:  W = dequant(W4)              (dequantised again: a 16-bit W is never kept)
-               v = s * g B;  gx = g W + m * (v A);  gA = v^T (m * x);  gB = g^T u
+               v = s * g B;  gx = g W + m * (v A) (the mask and the add one kernel);
+               gA = v^T (m * x);  gB = g^T u
 
 It saves x, the dropout mask and u (rows x r, tiny), and recomputes m * x in backward: q, k, v
 and fc1 read the same x, so they keep one copy between them. Never W. A base layer with no
@@ -19,6 +20,13 @@ input [gate | up] and never stores act(gate) nor the product. LoRA weights stay 
 copy); their 16-bit copies are made per call (r x d: tiny) and their gradients come back in
 fp32. Without gradients and on more rows than inputs, s B A is added into the call's own copy
 of W instead (one GEMM over the rows, not two).
+
+Layers that read one input run as one `QLoRAStackFn`: an attention layer's q_proj, k_proj and
+v_proj (QKV_ATTENTION) and a gated MLP's gate_proj and up_proj. Their weights are dequantised into
+one buffer, so each direction is one GEMM, and the MLP's [gate | up] needs no concatenation; each
+adapter keeps its own dropout mask, drawn in the order the separate calls draw them. A
+double-quantised weight's block scales are dequantised once and kept (keep_absmax: 0.5 bit a
+weight), so each dequantisation is one kernel, not three.
 
     install(model)     # every bnb Linear4bit, with or without a peft LoRA adapter; returns a count
 
@@ -127,6 +135,12 @@ def _apply_mask(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
     return x * mask
 
 
+def _add_masked(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, p: float) -> None:
+    """out += x * mask / (1 - p) in one kernel (a mask from _dropout: bool on a GPU, or already
+    divided by 1 - p)."""
+    out.addcmul_(x, mask, value=1.0 / (1 - p) if mask.dtype == torch.bool else 1.0)
+
+
 GLU = ("silu_glu", "gelu_tanh_glu")  # x = [gate | up] -> act(gate) * up (SwiGLU, GeGLU MLPs)
 
 
@@ -228,7 +242,7 @@ class QLoRALinearFn(torch.autograd.Function):
                 if mask is None:
                     gx.addmm_(v, a)
                 else:
-                    gx.add_(_apply_mask(torch.mm(v, a), mask, ctx.p))
+                    _add_masked(gx, torch.mm(v, a), mask, ctx.p)
             if need_a:
                 hd = _activate(x2, ctx.act)
                 if mask is not None:
@@ -321,7 +335,7 @@ class QLoRAStackFn(torch.autograd.Function):
                 if mask is None:
                     gx.addmm_(v, a)
                 else:
-                    gx.add_(_apply_mask(torch.mm(v, a), mask, p))
+                    _add_masked(gx, torch.mm(v, a), mask, p)
             ga = gb = None
             if ctx.needs_input_grad[2 + 2 * k]:
                 hd = x2 if mask is None else _apply_mask(x2, mask, p)
@@ -409,6 +423,19 @@ def _lora_parts(module):
 def _fused_forward(self, x: torch.Tensor, *args, act: str | None = None, **kwargs) -> torch.Tensor:
     """forward() of a 4-bit layer (or its LoRA wrapper) through QLoRALinearFn; `act` applies an
     activation to x first, inside the function (see _mlp_forward)."""
+    stack = self.__dict__.get("_qlora_stack")  # q_proj, k_proj, v_proj of one attention layer
+    if stack is not None and not args and not kwargs and act is None:
+        if stack[0] is self:  # the first: all of them as one QLoRAStackFn, the others' outputs kept
+            y = _stacked(stack, x)
+            if y is not None:
+                first, *rest = y.split([_base_of(m).out_features for m in stack], dim=-1)
+                for module, out in zip(stack[1:], rest):
+                    module.__dict__["_qlora_next"] = (x, out)
+                return first
+        else:
+            kept = self.__dict__.pop("_qlora_next", None)
+            if kept is not None and kept[0] is x:  # the same input the first one had: its output
+                return kept[1]
     original = original_forward(self)
     base = _base_of(self)
     parts = None
@@ -507,6 +534,11 @@ def install(model, absmax: bool = True) -> int:
             fix_4bit_weight_quant_state_from_module(base)
             keep_absmax(base.weight.quant_state)
     for module in model.modules():
+        qkv = tuple(getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj"))
+        if type(module).__name__ in QKV_ATTENTION and all(m is not None and _fused(m) for m in qkv):
+            for m in qkv:
+                m.__dict__["_qlora_stack"] = qkv
+    for module in model.modules():
         if is_patched(module):
             continue
         fc1, fc2, act = (getattr(module, n, None) for n in ("fc1", "fc2", "activation_fn"))
@@ -522,6 +554,26 @@ def install(model, absmax: bool = True) -> int:
         module._qlora_glu = kind
         patch_forward(module, _fused_glu_forward if hasattr(module, "gate_up_proj") else _glu_forward)
     return count
+
+
+def _fused(module) -> bool:
+    """Whether install() routed this layer through _fused_forward."""
+    return is_patched(module) and _base_of(module) is not None
+
+
+# Attention classes whose forward calls q_proj, k_proj and v_proj in that order on one input (read
+# in transformers 5.17; PhiAttention's is core/speed/attention.py's too): their three projections
+# run as one QLoRAStackFn (_fused_forward), the second and third returning what the first computed
+QKV_ATTENTION = {
+    "LlamaAttention",
+    "MistralAttention",
+    "Qwen2Attention",
+    "Qwen3Attention",
+    "GemmaAttention",
+    "Gemma2Attention",
+    "Gemma3Attention",
+    "PhiAttention",
+}
 
 
 # MLP classes whose forward is down_proj(act(gate_proj(x)) * up_proj(x)), or Phi-3's with one

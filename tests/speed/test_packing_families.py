@@ -140,11 +140,12 @@ def test_packed_rows_match_the_padded_path(family, tmp_path):
     )
 
 
-@pytest.mark.parametrize("family", ("llama", "gemma3_text", "phi3"))
-def test_gated_mlps_stack_gate_and_up_under_dropout_as_peft_computes(family, tmp_path, monkeypatch):
-    """gate_proj and up_proj as one QLoRAStackFn (one GEMM each way; Phi-3's gate_up_proj is one
-    layer already) and the scales kept dequantised: peft's logits and LoRA gradients in training
-    mode with dropout 0.3, the same masks drawn (seeded) in the same order."""
+@pytest.mark.parametrize("family", ("phi", "llama", "gemma3_text", "phi3"))
+def test_stacked_projections_under_dropout_compute_what_peft_computes(family, tmp_path, monkeypatch):
+    """q_proj, k_proj and v_proj, and a gated MLP's gate_proj and up_proj, each as one
+    QLoRAStackFn (one GEMM each way; Phi-3's qkv_proj and gate_up_proj are one layer each
+    already), the scales kept dequantised: peft's logits and LoRA gradients in training mode with
+    dropout 0.3, the same masks drawn (seeded) in the same order."""
     from dataclasses import replace
 
     from core.speed import qlinear
@@ -154,7 +155,7 @@ def test_gated_mlps_stack_gate_and_up_under_dropout_as_peft_computes(family, tmp
     changes = tune.tune_model(fast, torch.float32, SpeedConfig())
     assert "double-quantised scales dequantised once (0.5 bit a weight; one kernel a dequantisation)" in changes
     fused = [m for m in fast.modules() if hasattr(m, "base_layer") and is_patched(m)]
-    assert len(fused) == 2 * (4 if family == "phi3" else 7) and all(qlinear.kept_absmax(m) for m in fused)
+    assert len(fused) == 2 * {"phi3": 4, "phi": 6}.get(family, 7) and all(qlinear.kept_absmax(m) for m in fused)
     stacked = []
     forward = qlinear.QLoRAStackFn.forward
     monkeypatch.setattr(
@@ -173,7 +174,9 @@ def test_gated_mlps_stack_gate_and_up_under_dropout_as_peft_computes(family, tmp
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
         out[name] = (logits.detach(), grads(model))
-    assert stacked == ([] if family == "phi3" else [[0.3, 0.3]] * 2)  # both layers' gate and up, with dropout
+    per_layer = {"phi": [[0.3] * 3], "phi3": []}.get(family, [[0.3] * 3, [0.3] * 2])  # q, k, v; gate, up
+    assert stacked == per_layer * 2  # both layers, every adapter with its dropout
+    assert not any("_qlora_next" in m.__dict__ for m in fast.modules())  # every kept output was taken
     torch.testing.assert_close(out["fast"][0], out["plain"][0], rtol=1e-5, atol=1e-5)
     for name, g in out["plain"][1].items():
         assert float(g.abs().max()) > 0, name
