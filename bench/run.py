@@ -132,7 +132,8 @@ def goals_met(f: dict) -> str:
         if value is None:
             continue
         met = value >= bound if op == ">=" else value <= bound
-        said.append(f"{what} {value:.2f} ({op} {bound:g}: {'met' if met else 'NOT met'})")
+        shown = f"{value:.1%} ({op} {bound:.0%}" if key == "best_mfu" else f"{value:.2f} ({op} {bound:g}"
+        said.append(f"{what} {shown}: {'met' if met else 'NOT met'})")  # 29.6%, not a rounded 0.30
     if f["why_not_packed"]:
         said.append(f["why_not_packed"])
     return f"- {f['arch']}: " + ("; ".join(said) or "not measured")

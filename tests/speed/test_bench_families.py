@@ -94,6 +94,7 @@ def test_family_table_says_each_goal_met_or_not():
                 ]
             },
         },
+        "qwen1p5b": {"sweep": {"sweep": [{"batch": 512, "mfu": 0.296, "pairs_per_s": 2594}]}},
         "gemma3-1b": {"ours": {"pairs_per_s": 500.0, "speedups": ["rows not packed: gemma3_text soft-caps"]}},
     }
     text = family_table(results)
@@ -101,10 +102,11 @@ def test_family_table_says_each_goal_met_or_not():
         "| Phi-2 (2.7B) | 616.0 | 16.9% | 3.65 | 36.6 (16.8x) | 14.3 (43.1x) | 2.51 (1.5x) | 256: 900, 31.0% |" in text
     )
     assert "x the tuned HF Trainer 16.83 (>= 12: met)" in text
-    assert "MFU at the best batch 0.31 (>= 0.3: met)" in text
+    assert "MFU at the best batch 31.0% (>= 30%: met)" in text
     assert "peak memory / the seed-like script's 1.45 (<= 1.6: met)" in text
+    assert "- qwen1p5b: MFU at the best batch 29.6% (>= 30%: NOT met)" in text  # not a rounded 0.30
     assert "- gemma3-1b: rows not packed: gemma3_text soft-caps" in text
-    assert text.count("\n| ") == 2
+    assert text.count("\n| ") == 3
 
 
 def test_table_only_joins_the_parts_of_several_calls_and_runs_nothing(tmp_path):
