@@ -2,9 +2,10 @@
 # Ours from this tree against ours from an older one, side by side on the GPU machine, interleaved
 # per architecture (the machine's speed drifts: compare within one call), plus variants of this
 # tree given as environment assignments (SpeedConfig's QLORA_* switches):
-#   git archive COMMIT core bench/*.py bench/snli_lengths.json | tar -x -C .keep/old   # here
+#   mkdir -p .keep/old && git archive COMMIT core bench/*.py bench/snli_lengths.json | tar -x -C .keep/old
 #   bash bench/ab_gpu.sh .keep/old phi2,qwen1p5b QLORA_KEEP_ABSMAX=0                  # there
-# carry .whl (the bitsandbytes wheel) and the old tree. Each run is bench.ours experiment as
+# carry .whl (the bitsandbytes wheel) and the old tree (keep both out of git: echo /.keep/ >>
+# .git/info/exclude). Each run is bench.ours experiment as
 # bench.run's ours part runs it (batch 32, 1,000 rows, 2 epochs); everything under $OUT/ab comes
 # back as one tar (at most 8 files return from a call). Prints one line a run: pairs/s, peak GiB.
 set -o pipefail

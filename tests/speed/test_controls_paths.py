@@ -188,10 +188,13 @@ def test_dora_is_left_to_peft_said_so_and_reloads(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("pack", ["off", "on"])
-def test_gradient_checkpointing_gives_the_plain_gradients(tiny, pack):
+def test_gradient_checkpointing_gives_the_plain_gradients(tiny, pack, monkeypatch):
     """Each layer runs twice (the forward again in backward: the MLP is called twice per step),
     and the gradients are those without checkpointing, LoRA dropout included (its masks are drawn
-    again from the restored RNG state)."""
+    again from the restored RNG state), q/k/v stacked as on a GPU (qlinear.QLoRAStackFn)."""
+    from core.speed import qlinear
+
+    monkeypatch.setattr(qlinear, "STACK_DEVICES", {"cuda", "cpu"})
     lora = replace(LORA, dropout=0.3)
     plain, checkpointed = tiny(lora), tiny(lora)
     for m in (plain, checkpointed):

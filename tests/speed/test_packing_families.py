@@ -150,6 +150,7 @@ def test_stacked_projections_under_dropout_compute_what_peft_computes(family, tm
 
     from core.speed import qlinear
 
+    monkeypatch.setattr(qlinear, "STACK_DEVICES", {"cuda", "cpu"})  # by default only on a GPU
     make = make_tiny(family, tmp_path / family, lora=replace(LORA, dropout=0.3))
     plain, fast = make(), make()
     changes = tune.tune_model(fast, torch.float32, SpeedConfig())
@@ -190,6 +191,11 @@ def test_stacked_projections_under_dropout_compute_what_peft_computes(family, tm
     kept = make()
     tune.tune_model(kept, torch.float32, SpeedConfig(keep_absmax=False))
     assert not any(qlinear.kept_absmax(m) for m in kept.modules())
+    monkeypatch.setattr(qlinear, "STACK_DEVICES", {"cuda"})  # the CPU default: each layer its own call
+    stacked.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(**batch_inputs(batch)).logits, plain(**batch_inputs(batch)).logits)
+    assert stacked == [] and not any("_qlora_next" in m.__dict__ for m in fast.modules())
 
 
 def batch_inputs(batch):
