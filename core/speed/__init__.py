@@ -6,7 +6,9 @@ GPU) and has a switch in config.SpeedConfig (`speed` in a run's config.json).
 - tune.py: tune_model(), the model surgery that keeps the function (fused GELU, 16-bit LayerNorm
   output, fp32 residual stream under fp16) and installs the patches below;
 - qlinear.py: a 4-bit linear layer and its LoRA adapter as one autograd function (a gated MLP's
-  act(gate) * up inside down_proj's, as one Triton kernel each way on a GPU: glu.py);
+  act(gate) * up inside down_proj's, as one Triton kernel each way on a GPU: glu.py); on a GPU,
+  layers that read one input (q/k/v, gate/up) as one (one GEMM each way); double-quantised scales
+  dequantised once and kept;
 - rmsnorm.py: every RMSNorm as one autograd function keeping its input and rstd (one Triton kernel
   each way on a GPU);
 - attention.py: the rotary embedding in one pass in every rotary family's attention (Phi's own
