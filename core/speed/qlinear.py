@@ -74,11 +74,20 @@ def kept_absmax(module) -> bool:
     return base is not None and getattr(base.weight.quant_state, _ABSMAX, None) is not None
 
 
+def _kept(weight, quant_state) -> torch.Tensor | None:
+    """The scales keep_absmax() kept for this weight, where bitsandbytes' kernel can take them
+    (on the weight's device; not bitsandbytes' transposed [1, n] layout)."""
+    absmax = getattr(quant_state, _ABSMAX, None)
+    if absmax is None or absmax.device != weight.device or weight.shape[0] == 1:
+        return None
+    return absmax
+
+
 def dequantize(weight, quant_state) -> torch.Tensor:
     """The 16-bit (or fp32) weight [out, in] of a bnb Params4bit, double quantisation included:
     bitsandbytes' own kernel, from the scales keep_absmax() kept where it did (the same numbers)."""
-    absmax = getattr(quant_state, _ABSMAX, None)
-    if absmax is None or absmax.device != weight.device or weight.shape[0] == 1:
+    absmax = _kept(weight, quant_state)
+    if absmax is None:
         return bnbF.dequantize_4bit(weight, quant_state)
     return torch.ops.bitsandbytes.dequantize_4bit.default(
         weight, absmax, quant_state.blocksize, quant_state.quant_type, quant_state.shape, quant_state.dtype
@@ -89,9 +98,8 @@ def dequantize_into(weight, quant_state, out: torch.Tensor) -> None:
     """dequantize() written into `out` (rows of a larger buffer: QLoRAStackFn), straight from
     bitsandbytes' CUDA kernel where the scales are kept and the dtypes agree, else through a copy
     (bitsandbytes has no CPU kernel that writes into a given tensor)."""
-    absmax = getattr(quant_state, _ABSMAX, None)
-    direct = weight.is_cuda and absmax is not None and absmax.device == weight.device
-    if not direct or weight.shape[0] == 1 or out.dtype != quant_state.dtype:
+    absmax = _kept(weight, quant_state)
+    if absmax is None or not weight.is_cuda or out.dtype != quant_state.dtype:
         out.copy_(dequantize(weight, quant_state))
         return
     torch.ops.bitsandbytes.dequantize_4bit.out(
@@ -139,6 +147,43 @@ def _add_masked(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, p: float
     """out += x * mask / (1 - p) in one kernel (a mask from _dropout: bool on a GPU, or already
     divided by 1 - p)."""
     out.addcmul_(x, mask, value=1.0 / (1 - p) if mask.dtype == torch.bool else 1.0)
+
+
+def _lora_forward(y: torch.Tensor, h: torch.Tensor, lora_a, lora_b, scale: float, p: float):
+    """y += s * dropout(h) A^T B^T in place (y may be a column slice of a stack's output); returns
+    what backward needs: (mask or None, u = s * dropout(h) A^T, A and B in h's dtype)."""
+    a = lora_a.to(h.dtype)
+    b = lora_b.to(h.dtype)
+    if p > 0:
+        hd, mask = _dropout(h, p)
+    else:
+        hd, mask = h, None
+    u = torch.mm(hd, a.t()).mul_(scale)
+    del hd
+    y.addmm_(u, b.t())
+    return mask, u, a, b
+
+
+def _lora_backward(g, gx, x2, act, mask, u, a, b, scale: float, p: float, need_a: bool, need_b: bool):
+    """The LoRA path's gradients from g (the output's, rows x d_out): its share of the input's
+    added into gx in place (where gx is not None), and (gA, gB) in fp32 (None where not needed).
+    h = act(x2) is recomputed for gA (x2 itself without an activation)."""
+    v = torch.mm(g, b).mul_(scale)  # the gradient of dropout(h) A^T, rows x r
+    if gx is not None:
+        if mask is None:
+            gx.addmm_(v, a)
+        else:
+            _add_masked(gx, torch.mm(v, a), mask, p)
+    ga = gb = None
+    if need_a:
+        hd = _activate(x2, act)
+        if mask is not None:
+            hd = _apply_mask(hd, mask, p)
+        ga = _mm_fp32(v.t(), hd)
+        del hd
+    if need_b:
+        gb = _mm_fp32(g.t(), u)
+    return ga, gb
 
 
 GLU = ("silu_glu", "gelu_tanh_glu")  # x = [gate | up] -> act(gate) * up (SwiGLU, GeGLU MLPs)
@@ -205,15 +250,7 @@ class QLoRALinearFn(torch.autograd.Function):
             if act is not None:
                 ctx.save_for_backward(x2)
             return y.view(*shape[:-1], y.shape[-1])
-        a = lora_a.to(dtype)
-        b = lora_b.to(dtype)
-        if p > 0:
-            hd, mask = _dropout(h, p)
-        else:
-            hd, mask = h, None
-        u = torch.mm(hd, a.t()).mul_(scale)
-        del hd
-        y.addmm_(u, b.t())
+        mask, u, a, b = _lora_forward(y, h, lora_a, lora_b, scale, p)
         # the input, not its dropped-out copy: layers that share an input (q, k, v, fc1) share it
         ctx.save_for_backward(x2, mask, u, a, b)
         return y.view(*shape[:-1], y.shape[-1])
@@ -237,20 +274,7 @@ class QLoRALinearFn(torch.autograd.Function):
             gx = torch.mm(g, w)  # the gradient with respect to h
             del w
         if ctx.lora:
-            v = torch.mm(g, b).mul_(ctx.scale)  # the gradient of dropout(h) A^T, rows x r
-            if need_x:
-                if mask is None:
-                    gx.addmm_(v, a)
-                else:
-                    _add_masked(gx, torch.mm(v, a), mask, ctx.p)
-            if need_a:
-                hd = _activate(x2, ctx.act)
-                if mask is not None:
-                    hd = _apply_mask(hd, mask, ctx.p)
-                ga = _mm_fp32(v.t(), hd)
-                del hd
-            if need_b:
-                gb = _mm_fp32(g.t(), u)
+            ga, gb = _lora_backward(g, gx, x2, ctx.act, mask, u, a, b, ctx.scale, ctx.p, need_a, need_b)
         if gx is not None:
             if ctx.act is not None:
                 gx = _activation_backward(gx, x2, ctx.act)
@@ -272,10 +296,8 @@ class QLoRAStackFn(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])
         dtype = x2.dtype
         outs = [quant_state.shape[0] for _, quant_state, _, _, _ in layers]
-        w = torch.empty(sum(outs), x2.shape[1], dtype=dtype, device=x2.device)
         rows = list(zip([0, *itertools.accumulate(outs)], itertools.accumulate(outs)))
-        for (weight, quant_state, _, _, _), (r0, r1) in zip(layers, rows):
-            dequantize_into(weight, quant_state, w[r0:r1])
+        w = _dequantize_stack(layers, rows, x2)
         pairs = [(loras[2 * k], loras[2 * k + 1]) for k in range(len(layers))]
         infer = not any(ctx.needs_input_grad) and x2.shape[0] > x2.shape[1]
         if infer and all(p == 0 for *_, p in layers):  # as QLoRALinearFn: s B A into the copy of W
@@ -294,17 +316,9 @@ class QLoRAStackFn(torch.autograd.Function):
         saved = [x2]
         ctx.lora = []
         for (a, b), (*_, scale, p), (r0, r1) in zip(pairs, layers, rows):
-            if a is None:
-                ctx.lora.append(False)
-                continue
-            a = a.to(dtype)
-            b = b.to(dtype)
-            hd, mask = _dropout(x2, p) if p > 0 else (x2, None)
-            u = torch.mm(hd, a.t()).mul_(scale)
-            del hd
-            y[:, r0:r1].addmm_(u, b.t())
-            ctx.lora.append(True)
-            saved += [mask, u, a, b]
+            ctx.lora.append(a is not None)
+            if a is not None:
+                saved += _lora_forward(y[:, r0:r1], x2, a, b, scale, p)
         ctx.layers, ctx.rows, ctx.x_shape = layers, rows, shape
         ctx.save_for_backward(*saved)
         return y.view(*shape[:-1], y.shape[-1])
@@ -317,9 +331,7 @@ class QLoRAStackFn(torch.autograd.Function):
             g = g.to(x2.dtype)
         gx = None
         if ctx.needs_input_grad[0]:
-            w = torch.empty(ctx.rows[-1][1], x2.shape[1], dtype=g.dtype, device=g.device)
-            for (weight, quant_state, _, _, _), (r0, r1) in zip(ctx.layers, ctx.rows):
-                dequantize_into(weight, quant_state, w[r0:r1])
+            w = _dequantize_stack(ctx.layers, ctx.rows, x2)
             gx = torch.mm(g, w)
             del w
         lora_grads = []
@@ -329,24 +341,19 @@ class QLoRAStackFn(torch.autograd.Function):
                 continue
             mask, u, a, b = saved[:4]
             saved = saved[4:]
-            gk = g[:, r0:r1]
-            v = torch.mm(gk, b).mul_(scale)
-            if gx is not None:
-                if mask is None:
-                    gx.addmm_(v, a)
-                else:
-                    _add_masked(gx, torch.mm(v, a), mask, p)
-            ga = gb = None
-            if ctx.needs_input_grad[2 + 2 * k]:
-                hd = x2 if mask is None else _apply_mask(x2, mask, p)
-                ga = _mm_fp32(v.t(), hd)
-                del hd
-            if ctx.needs_input_grad[3 + 2 * k]:
-                gb = _mm_fp32(gk.t(), u)
-            lora_grads += [ga, gb]
+            need_a, need_b = ctx.needs_input_grad[2 + 2 * k], ctx.needs_input_grad[3 + 2 * k]
+            lora_grads += _lora_backward(g[:, r0:r1], gx, x2, None, mask, u, a, b, scale, p, need_a, need_b)
         if gx is not None:
             gx = gx.view(ctx.x_shape)
         return gx, None, *lora_grads
+
+
+def _dequantize_stack(layers, rows, x2: torch.Tensor) -> torch.Tensor:
+    """The stacked layers' weights [sum d_out, d_in] in x2's dtype, each dequantised into its rows."""
+    w = torch.empty(rows[-1][1], x2.shape[1], dtype=x2.dtype, device=x2.device)
+    for (weight, quant_state, _, _, _), (r0, r1) in zip(layers, rows):
+        dequantize_into(weight, quant_state, w[r0:r1])
+    return w
 
 
 def _stack_args(modules, x: torch.Tensor):
@@ -356,26 +363,12 @@ def _stack_args(modules, x: torch.Tensor):
     layers, loras = [], []
     dtypes = set()
     for module in modules:
-        base = _base_of(module)
-        if base is None or not is_patched(module):
+        args = _layer_args(module, x) if _fused(module) else None
+        if args is None:
             return None
-        parts = None
-        if base is not module:
-            parts = _lora_parts(module)
-            if parts is None:
-                return None
-        fix_4bit_weight_quant_state_from_module(base)
-        quant_state = base.weight.quant_state
-        if getattr(quant_state, "packing_format_for_cpu", False):
-            return None
-        dtypes.add(base.compute_dtype or x.dtype)
-        if parts is None:
-            layers.append((base.weight, quant_state, base.bias, 1.0, 0.0))
-            loras += [None, None]
-            continue
-        a, b, scale, drop = parts
-        p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
-        layers.append((base.weight, quant_state, base.bias, float(scale), float(p)))
+        compute, layer, a, b = args
+        dtypes.add(compute)
+        layers.append(layer)
         loras += [a, b]
     if len(dtypes) != 1:
         return None
@@ -430,6 +423,29 @@ def _lora_parts(module):
     return module.lora_A[name].weight, lora_b.weight, module.scaling[name], module.lora_dropout[name]
 
 
+def _layer_args(module, x: torch.Tensor):
+    """(compute dtype, (weight, quant_state, bias, scale, p), lora_A, lora_B) of a 4-bit layer or
+    the LoRA layer around one, as QLoRALinearFn and QLoRAStackFn take them (None, None and scale 1,
+    p 0 without an adapter); None in a state the layer's original forward handles (several or
+    disabled adapters, merged weights, LoRA bias, bitsandbytes' CPU packing)."""
+    base = _base_of(module)
+    parts = None
+    if base is not module:  # a peft LoRA layer
+        parts = _lora_parts(module)
+        if parts is None:
+            return None
+    fix_4bit_weight_quant_state_from_module(base)
+    quant_state = base.weight.quant_state
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        return None
+    compute = base.compute_dtype or x.dtype
+    if parts is None:
+        return compute, (base.weight, quant_state, base.bias, 1.0, 0.0), None, None
+    a, b, scale, drop = parts
+    p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+    return compute, (base.weight, quant_state, base.bias, float(scale), float(p)), a, b
+
+
 def _fused_forward(self, x: torch.Tensor, *args, act: str | None = None, **kwargs) -> torch.Tensor:
     """forward() of a 4-bit layer (or its LoRA wrapper) through QLoRALinearFn; `act` applies an
     activation to x first, inside the function (see _mlp_forward)."""
@@ -446,31 +462,14 @@ def _fused_forward(self, x: torch.Tensor, *args, act: str | None = None, **kwarg
             kept = self.__dict__.pop("_qlora_next", None)
             if kept is not None and kept[0] is x:  # the same input the first one had: its output
                 return kept[1]
-    original = original_forward(self)
-    base = _base_of(self)
-    parts = None
-    if base is not self:  # a peft LoRA layer
-        parts = _lora_parts(self)
-    fix_4bit_weight_quant_state_from_module(base)
-    quant_state = base.weight.quant_state
-    if (
-        args
-        or kwargs
-        or (base is not self and parts is None)  # adapter_names and other cases peft handles
-        or getattr(quant_state, "packing_format_for_cpu", False)
-    ):
-        return original(_activate(x, act), *args, **kwargs)
-    compute = base.compute_dtype or x.dtype
-    inp_dtype = x.dtype
+    layer = None if args or kwargs else _layer_args(self, x)  # adapter_names and the like: peft's
+    if layer is None:
+        return original_forward(self)(_activate(x, act), *args, **kwargs)
+    compute, (weight, quant_state, bias, scale, p), a, b = layer
     h = x.to(compute) if x.dtype != compute else x
     with torch.autocast(x.device.type, enabled=False):
-        if parts is None:
-            y = QLoRALinearFn.apply(h, base.weight, quant_state, base.bias, None, None, 1.0, 0.0, act)
-        else:
-            a, b, scale, drop = parts
-            p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
-            y = QLoRALinearFn.apply(h, base.weight, quant_state, base.bias, a, b, float(scale), float(p), act)
-    return y if y.dtype == inp_dtype else y.to(inp_dtype)
+        y = QLoRALinearFn.apply(h, weight, quant_state, bias, a, b, scale, p, act)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
