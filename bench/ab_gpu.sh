@@ -12,13 +12,7 @@ set -o pipefail
 old=$1
 archs=$2
 shift 2
-t=/tmp/site
-[ -d $t/bitsandbytes ] || python3 -m pip install -q --no-index --no-deps --no-compile --target $t .whl/*.whl || exit 1
-export PYTHONUNBUFFERED=1 PYTHONPYCACHEPREFIX=/tmp/pyc
-name=ab-$(date -u +%H%M%S)
-trap 'cd $OUT && tar czf $name.tgz ab 2>/dev/null && rm -rf ab' EXIT
-mkdir -p $OUT/ab
-date -u
+. bench/gpu_setup.sh ab
 ours() {  # ours TREE LABEL ARCH [ENV ...]
   local tree=$1 label=$2 arch=$3
   shift 3

@@ -9,15 +9,10 @@
 # where DIR holds the untarred fam/ folders of every call. bench/RESULTS.md has the figures of
 # 2026-12-03: one H200, about 170-225 s an architecture with all five parts, 35 s for ours alone.
 set -o pipefail
-t=/tmp/site
-[ -d $t/bitsandbytes ] || python3 -m pip install -q --no-index --no-deps --no-compile --target $t .whl/*.whl || exit 1
-export PYTHONPATH=$t:$PWD PYTHONUNBUFFERED=1 PYTHONPYCACHEPREFIX=/tmp/pyc
-name=fam-$(date -u +%H%M%S)
-trap 'cd $OUT && tar czf $name.tgz fam 2>/dev/null && rm -rf fam' EXIT
-date -u
+. bench/gpu_setup.sh fam
+export PYTHONPATH=$t:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch,transformers,peft,bitsandbytes,triton;print(torch.__version__,transformers.__version__,peft.__version__,bitsandbytes.__version__,triton.__version__)"
-mkdir -p $OUT/fam
 if [ "$1" = check ]; then
   shift
   timeout 150 python3 -m bench.gpu_families --families llama,gemma3_text --out $OUT/fam/gpu_families.json > $OUT/fam/gpu_families.log 2>&1
