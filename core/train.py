@@ -609,25 +609,39 @@ class Evaluator:
 
 
 class StopRequest:
-    """A stop asked for by the STOP file in the run folder (the app's Stop button) or SIGTERM:
-    check() raises Stopped at the next step; restore() puts the previous SIGTERM handler back."""
+    """A stop asked for by the STOP file in the run folder (the app's Stop button), SIGTERM or Ctrl-C:
+    check() raises Stopped (KeyboardInterrupt after Ctrl-C) at the next step; restore() puts the
+    previous handlers back.
+
+    Ctrl-C still raises KeyboardInterrupt at once, and is remembered too: a library that swallows it
+    (an import inside a bare `except:` while the model loads) cannot make the run carry on to the end."""
 
     def __init__(self, run_dir: Path, ranks: dist.Ranks | None = None):
         self.run_dir = run_dir
         self.ranks = ranks or dist.Ranks()  # several processes agree, so all stop at the same step
         self.signalled = False
-        self.previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        self.interrupted = False
+        self.previous = None
+        if _main_thread():
+            sigint = signal.getsignal(signal.SIGINT)  # ignored (a background job's) stays ignored
+            own_int = self._on_sigint if sigint is signal.default_int_handler else sigint
+            self.previous = (signal.signal(signal.SIGTERM, self._on_sigterm), signal.signal(signal.SIGINT, own_int))
 
     def _on_sigterm(self, signum, frame):
         self.signalled = True
 
+    def _on_sigint(self, signum, frame):
+        self.interrupted = True
+        signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as Python's own handler
+
     def check(self) -> None:
-        if self.ranks.agree(self.signalled or stop_requested(self.run_dir)):
-            raise Stopped()
+        if self.ranks.agree(self.signalled or self.interrupted or stop_requested(self.run_dir)):
+            raise KeyboardInterrupt() if self.interrupted else Stopped()
 
     def restore(self) -> None:
         if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+            signal.signal(signal.SIGTERM, self.previous[0])
+            signal.signal(signal.SIGINT, self.previous[1])
 
 
 def _main_thread() -> bool:

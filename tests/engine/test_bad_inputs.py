@@ -338,13 +338,45 @@ def test_ctrl_c_prints_one_line_exits_130_and_marks_the_run_stopped(tmp_path):
         if proc.poll() is None:
             proc.kill()
             print(proc.communicate())
-    assert proc.returncode == 130, (out[-2000:], err[-3000:])
+    # 130, or killed by SIGINT: what a shell reads as 130 too. CPython ends by SIGINT when the
+    # KeyboardInterrupt went through an exec() of a string (a dataclass's __init__ being made while
+    # transformers imports), even though `core` caught it and returned 130
+    assert proc.returncode in (130, -signal.SIGINT), (out[-2000:], err[-3000:])
     last = err.strip().splitlines()[-1]
     assert (
         "Traceback" not in err
         and last == f"interrupted (Ctrl-C); run folder {run} marked stopped, what it wrote is kept"
     )
     assert json.loads((run / "status.json").read_text())["state"] == "stopped"
+
+
+def test_a_ctrl_c_that_a_library_swallows_still_stops_the_run_at_the_next_step(tmp_path):
+    from core.runs import rundir
+    from core.train import Stopped, StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    stop = StopRequest(tmp_path)
+    try:
+        caught = None
+        try:  # a library importing inside a bare `except:` while the model loads (CI saw one)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler runs here, in the main thread
+        except BaseException as e:  # noqa: BLE001 - the swallowing library
+            caught = e
+        assert isinstance(caught, KeyboardInterrupt)  # Ctrl-C still acts at once
+        with pytest.raises(KeyboardInterrupt):
+            stop.check()  # and is not forgotten: the next step ends the run as stopped
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is before  # the previous handler is back
+    fresh = StopRequest(tmp_path)
+    try:
+        fresh.check()  # no signal, no STOP file: it trains on
+        (tmp_path / rundir.STOP).write_text("")
+        with pytest.raises(Stopped):  # the Stop button is a stop, not an interrupt
+            fresh.check()
+    finally:
+        fresh.restore()
 
 
 def test_max_length_above_the_model_limit_is_refused_before_loading(tmp_path, capsys, no_training):
