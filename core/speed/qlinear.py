@@ -565,6 +565,20 @@ def install(model, absmax: bool = True) -> int:
     return count
 
 
+def stacks(model) -> list[str]:
+    """The groups of layers that run as one QLoRAStackFn in this model ("q/k/v", "gate/up"), where
+    its device stacks (STACK_DEVICES); for the setup record."""
+    param = next(model.parameters(), None)
+    if param is None or param.device.type not in STACK_DEVICES:
+        return []
+    groups = []
+    if any("_qlora_stack" in m.__dict__ for m in model.modules()):
+        groups.append("q/k/v")
+    if any(getattr(m, "_qlora_glu", None) and not hasattr(m, "gate_up_proj") for m in model.modules()):
+        groups.append("gate/up")
+    return groups
+
+
 def _fused(module) -> bool:
     """Whether install() routed this layer through _fused_forward."""
     return is_patched(module) and _base_of(module) is not None

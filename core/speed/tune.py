@@ -39,7 +39,8 @@ def tune_model(model, dtype: torch.dtype, speed: SpeedConfig | None = None) -> l
       (the same formula in one kernel);
     - every bitsandbytes 4-bit linear layer, with its LoRA adapter if it has one, runs as one
       autograd function (qlinear.py; speed.fused_linear = false keeps peft's path), and a gated
-      MLP's act(gate) * up runs inside down_proj's (its product is never stored);
+      MLP's act(gate) * up runs inside down_proj's (its product is never stored); on a GPU, layers
+      that read one input (q/k/v, gate/up) run as one, a GEMM each way (qlinear.STACK_DEVICES);
     - on a CPU, the tokens that every row of a causal LM's batch starts with run once per batch
       (prefix.py; speed.shared_prefix);
     - the rotary embedding in one pass: Phi's partial one always, the other families' in one
@@ -81,6 +82,9 @@ def tune_model(model, dtype: torch.dtype, speed: SpeedConfig | None = None) -> l
             changes.append("double-quantised scales dequantised once (0.5 bit a weight; one kernel a dequantisation)")
         if any(getattr(m, "_qlora_glu", None) for m in model.modules()):
             changes.append("gated MLP: act(gate) * up inside down_proj's function, recomputed in backward")
+        groups = qlinear.stacks(model)
+        if groups:
+            changes.append(f"{' and '.join(groups)} stacked: one dequantised buffer, one GEMM each way")
     left = qlinear.left_to_peft(model) if speed.fused_linear else None  # DoRA: the fused function steps aside
     if left:
         changes.append(f"not fused: {left}")

@@ -90,6 +90,7 @@ def test_packed_rows_match_the_padded_path(family, tmp_path):
     assert len(mlps) == 2 and all(is_patched(m) for m in mlps)  # Phi's GELU or the gated MLP, fused
     glu = "gated MLP: act(gate) * up inside down_proj's function, recomputed in backward"
     assert (glu in changes) == (family != "phi"), changes
+    assert not any("stacked" in c for c in changes), changes  # a CPU runs each layer alone (STACK_DEVICES)
     norms = [m for m in fast.modules() if type(m).__name__.endswith("RMSNorm")]
     assert (rmsnorm.CHANGE in changes) == (family != "phi") == bool(norms), changes
     assert all(is_patched(m) for m in norms)  # every RMSNorm (q/k norms too) keeps only x and rstd
@@ -155,6 +156,9 @@ def test_stacked_projections_under_dropout_compute_what_peft_computes(family, tm
     plain, fast = make(), make()
     changes = tune.tune_model(fast, torch.float32, SpeedConfig())
     assert "double-quantised scales dequantised once (0.5 bit a weight; one kernel a dequantisation)" in changes
+    groups = {"phi": "q/k/v", "phi3": None}.get(family, "q/k/v and gate/up")  # Phi-3's are one layer each
+    stacked_change = [c for c in changes if c.endswith(" stacked: one dequantised buffer, one GEMM each way")]
+    assert stacked_change == ([f"{groups} stacked: one dequantised buffer, one GEMM each way"] if groups else [])
     fused = [m for m in fast.modules() if hasattr(m, "base_layer") and is_patched(m)]
     assert len(fused) == 2 * {"phi3": 4, "phi": 6}.get(family, 7) and all(qlinear.kept_absmax(m) for m in fused)
     stacked = []
