@@ -69,7 +69,7 @@ def grads(model, scale: float = 1.0) -> dict[str, torch.Tensor]:
 def check(family: str, dev: torch.device) -> tuple[dict, bool]:
     import transformers
 
-    from core.config import LoraSettings, ModelConfig, SpeedConfig
+    from core.config import LoraSettings, ModelConfig, SpeedConfig, speed_from_env
     from core.data import collate
     from core.evaluate import predict
     from core.model import add_lora, load_model
@@ -103,7 +103,9 @@ def check(family: str, dev: torch.device) -> tuple[dict, bool]:
 
         plain, tuned = make(), make()
         t4 = dtype == torch.float16  # the T4 path: padded batches, the rotary in torch, a GradScaler
-        speed = SpeedConfig(pack="off", triton_rotary=False) if t4 else SpeedConfig()
+        speed = speed_from_env(
+            SpeedConfig(pack="off", triton_rotary=False) if t4 else SpeedConfig()
+        )  # QLORA_* variants
         changes = tune_model(tuned, dtype, speed)
         plain.train()
         with torch.autocast("cuda", dtype=dtype):

@@ -400,6 +400,11 @@ class SpeedConfig:
     """With fused_linear and model.double_quant: dequantise each weight's block scales once and keep
     them in fp32 (0.5 bit more a weight: 170 MB for Phi-2), so every dequantisation of a weight is
     one kernel instead of three (core/speed/qlinear.py; QLORA_KEEP_ABSMAX)."""
+    lora_stream: bool = False
+    """With fused_linear, on a GPU: each LoRA adapter's path (dropout, its two thin GEMMs, their
+    gradients) on a second CUDA stream, beside its base layer's dequantisation and GEMM, which at
+    small batches leave most of the GPU idle; the same maths (core/speed/qlinear.py's _Side;
+    QLORA_LORA_STREAM). Off until measured on a GPU (bench/RESULTS.md)."""
     fused_norm: bool = True
     """Every RMSNorm (Llama, Qwen, Mistral, Gemma, Phi-3 ...) as one autograd function that keeps its
     input and one number a row, one Triton kernel each way on an Ampere+ GPU (core/speed/rmsnorm.py;
@@ -439,6 +444,7 @@ class SpeedConfig:
             "eval_graphs",
             "fused_linear",
             "keep_absmax",
+            "lora_stream",
             "fused_norm",
             "fused_rotary",
             "triton_rotary",
@@ -466,6 +472,7 @@ SPEED_ENV = {
     "QLORA_PACK": "pack",
     "QLORA_FUSED": "fused_linear",
     "QLORA_KEEP_ABSMAX": "keep_absmax",
+    "QLORA_LORA_STREAM": "lora_stream",
     "QLORA_FUSED_NORM": "fused_norm",
     "QLORA_ROTARY": "fused_rotary",
     "QLORA_TRITON": "triton_rotary",

@@ -149,9 +149,9 @@ def _add_masked(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, p: float
     out.addcmul_(x, mask, value=1.0 / (1 - p) if mask.dtype == torch.bool else 1.0)
 
 
-def _lora_forward(y: torch.Tensor, h: torch.Tensor, lora_a, lora_b, scale: float, p: float):
-    """y += s * dropout(h) A^T B^T in place (y may be a column slice of a stack's output); returns
-    what backward needs: (mask or None, u = s * dropout(h) A^T, A and B in h's dtype)."""
+def _lora_u(h: torch.Tensor, lora_a, lora_b, scale: float, p: float):
+    """What the LoRA path adds to the output is u B^T; returns what its backward needs: (mask or
+    None, u = s * dropout(h) A^T, A and B in h's dtype)."""
     a = lora_a.to(h.dtype)
     b = lora_b.to(h.dtype)
     if p > 0:
@@ -160,20 +160,23 @@ def _lora_forward(y: torch.Tensor, h: torch.Tensor, lora_a, lora_b, scale: float
         hd, mask = h, None
     u = torch.mm(hd, a.t()).mul_(scale)
     del hd
+    return mask, u, a, b
+
+
+def _lora_forward(y: torch.Tensor, h: torch.Tensor, lora_a, lora_b, scale: float, p: float):
+    """y += s * dropout(h) A^T B^T in place (y may be a column slice of a stack's output); returns
+    _lora_u's (mask or None, u, A, B)."""
+    mask, u, a, b = _lora_u(h, lora_a, lora_b, scale, p)
     y.addmm_(u, b.t())
     return mask, u, a, b
 
 
-def _lora_backward(g, gx, x2, act, mask, u, a, b, scale: float, p: float, need_a: bool, need_b: bool):
-    """The LoRA path's gradients from g (the output's, rows x d_out): its share of the input's
-    added into gx in place (where gx is not None), and (gA, gB) in fp32 (None where not needed).
-    h = act(x2) is recomputed for gA (x2 itself without an activation)."""
-    v = torch.mm(g, b).mul_(scale)  # the gradient of dropout(h) A^T, rows x r
-    if gx is not None:
-        if mask is None:
-            gx.addmm_(v, a)
-        else:
-            _add_masked(gx, torch.mm(v, a), mask, p)
+def _lora_backward(g, x2, act, mask, u, a, b, scale: float, p: float, need_a: bool, need_b: bool):
+    """The LoRA path's gradients from g (the output's, rows x d_out): (v, gA, gB), v = s g B the
+    gradient of dropout(h) A^T (rows x r: _add_lora_input_grad turns it into the input's share),
+    gA and gB in fp32 (None where not needed). h = act(x2) is recomputed for gA (x2 itself
+    without an activation)."""
+    v = torch.mm(g, b).mul_(scale)
     ga = gb = None
     if need_a:
         hd = _activate(x2, act)
@@ -183,7 +186,21 @@ def _lora_backward(g, gx, x2, act, mask, u, a, b, scale: float, p: float, need_a
         del hd
     if need_b:
         gb = _mm_fp32(g.t(), u)
-    return ga, gb
+    return v, ga, gb
+
+
+def _add_lora_input_grad(gx: torch.Tensor, v, a, mask, p: float, t: torch.Tensor | None = None) -> None:
+    """gx += mask * (v A) / (1 - p) in place: the LoRA path's share of the input gradient (gx may
+    be a stack's). t: v A where it was computed already, beside gx (_Side)."""
+    if t is None and mask is None:
+        gx.addmm_(v, a)
+        return
+    if t is None:
+        t = torch.mm(v, a)
+    if mask is None:
+        gx.add_(t)
+    else:
+        _add_masked(gx, t, mask, p)
 
 
 GLU = ("silu_glu", "gelu_tanh_glu")  # x = [gate | up] -> act(gate) * up (SwiGLU, GeGLU MLPs)
@@ -223,34 +240,88 @@ def _activation_backward(g: torch.Tensor, x: torch.Tensor, act: str) -> torch.Te
     return torch.cat([g_gate, g_up], dim=-1)
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+class _Side:
+    """The LoRA path of one call on a second CUDA stream (speed.lora_stream), beside the base
+    layer's dequantisation and GEMM on the current one: at small batches each of those kernels
+    leaves most of a GPU idle. Made after the inputs are ready (the side stream waits for the
+    current one), the LoRA work runs inside `with side:`, and join() comes before its results
+    are used (the current stream waits for the side one; the tensors made there are marked used
+    by the current stream, so the allocator does not hand their memory on too early).
+
+    Without a side stream (a CPU, or the switch off: enabled False) the same code runs in the
+    same order on the current stream, so the CPU tests check the reordered maths."""
+
+    def __init__(self, x: torch.Tensor, enabled: bool):
+        self.stream = None
+        if enabled and x.is_cuda:
+            self.main = torch.cuda.current_stream(x.device)
+            self.stream = _SIDE_STREAMS.get(x.device)
+            if self.stream is None:
+                self.stream = _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device)
+            self.stream.wait_stream(self.main)
+        self._context = None
+
+    def __enter__(self):
+        if self.stream is not None:
+            self._context = torch.cuda.stream(self.stream)
+            self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._context is not None:
+            self._context.__exit__(*exc)
+            self._context = None
+        return False
+
+    def join(self, *tensors) -> None:
+        if self.stream is None:
+            return
+        self.main.wait_stream(self.stream)
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                t.record_stream(self.main)
+
+
 class QLoRALinearFn(torch.autograd.Function):
     """y = h dequant(W4)^T + b [+ s * dropout(h) A^T B^T] with h = act(x), or x; see the module
     docstring. With an activation, its input x is saved and act(x) recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, quant_state, bias, lora_a, lora_b, scale, p, act):
+    def forward(ctx, x, weight, quant_state, bias, lora_a, lora_b, scale, p, act, side=False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         dtype = x2.dtype
         h = _activate(x2, act)
-        w = dequantize(weight, quant_state)
-        if w.dtype != dtype:
-            w = w.to(dtype)
         if lora_a is not None and p == 0 and not any(ctx.needs_input_grad) and h.shape[0] > h.shape[1]:
             # inference on many rows: add s B A into this call's copy of W (d_out x d_in) rather than
             # s (h A^T) B^T into the output (rows x d_out); the same sum, fewer bytes moved
+            w = dequantize(weight, quant_state).to(dtype)
             w.addmm_(lora_b.to(dtype), lora_a.to(dtype), alpha=scale)
             lora_a = None
-        y = torch.addmm(bias.to(dtype), h, w.t()) if bias is not None else torch.mm(h, w.t())
-        del w
-        ctx.weight, ctx.quant_state, ctx.p, ctx.scale, ctx.act = weight, quant_state, p, scale, act
+        else:
+            w = None
+        ctx.weight, ctx.quant_state, ctx.p, ctx.scale, ctx.act, ctx.side = weight, quant_state, p, scale, act, side
         ctx.x_shape = shape
         ctx.lora = lora_a is not None
+        lora = _Side(h, side and ctx.lora)  # u = s * dropout(h) A^T beside the dequantisation and GEMM
+        with lora:
+            parts = _lora_u(h, lora_a, lora_b, scale, p) if ctx.lora else None
+        if w is None:
+            w = dequantize(weight, quant_state)
+            if w.dtype != dtype:
+                w = w.to(dtype)
+        y = torch.addmm(bias.to(dtype), h, w.t()) if bias is not None else torch.mm(h, w.t())
+        del w
         if not ctx.lora:
             if act is not None:
                 ctx.save_for_backward(x2)
             return y.view(*shape[:-1], y.shape[-1])
-        mask, u, a, b = _lora_forward(y, h, lora_a, lora_b, scale, p)
+        lora.join(*parts)
+        mask, u, a, b = parts
+        y.addmm_(u, b.t())
         # the input, not its dropped-out copy: layers that share an input (q, k, v, fc1) share it
         ctx.save_for_backward(x2, mask, u, a, b)
         return y.view(*shape[:-1], y.shape[-1])
@@ -267,19 +338,27 @@ class QLoRALinearFn(torch.autograd.Function):
                 g = g.to(a.dtype)
         elif ctx.act is not None:
             (x2,) = ctx.saved_tensors
+        lora = _Side(g, ctx.side and ctx.lora)  # the LoRA gradients beside the dequantisation and GEMM
+        v = t = None
+        with lora:
+            if ctx.lora:
+                v, ga, gb = _lora_backward(g, x2, ctx.act, mask, u, a, b, ctx.scale, ctx.p, need_a, need_b)
+                if need_x and ctx.side:
+                    t = torch.mm(v, a)
         if need_x:
             w = dequantize(ctx.weight, ctx.quant_state)
             if w.dtype != g.dtype:
                 w = w.to(g.dtype)
             gx = torch.mm(g, w)  # the gradient with respect to h
             del w
-        if ctx.lora:
-            ga, gb = _lora_backward(g, gx, x2, ctx.act, mask, u, a, b, ctx.scale, ctx.p, need_a, need_b)
+        lora.join(v, ga, gb, t)
         if gx is not None:
+            if ctx.lora:
+                _add_lora_input_grad(gx, v, a, mask, ctx.p, t)
             if ctx.act is not None:
                 gx = _activation_backward(gx, x2, ctx.act)
             gx = gx.view(ctx.x_shape)
-        return gx, None, None, None, ga, gb, None, None, None
+        return gx, None, None, None, ga, gb, None, None, None, None
 
 
 class QLoRAStackFn(torch.autograd.Function):
@@ -291,20 +370,27 @@ class QLoRAStackFn(torch.autograd.Function):
     None without an adapter)."""
 
     @staticmethod
-    def forward(ctx, x, layers, *loras):
+    def forward(ctx, x, layers, side, *loras):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         dtype = x2.dtype
         outs = [quant_state.shape[0] for _, quant_state, _, _, _ in layers]
         rows = list(zip([0, *itertools.accumulate(outs)], itertools.accumulate(outs)))
-        w = _dequantize_stack(layers, rows, x2)
         pairs = [(loras[2 * k], loras[2 * k + 1]) for k in range(len(layers))]
         infer = not any(ctx.needs_input_grad) and x2.shape[0] > x2.shape[1]
-        if infer and all(p == 0 for *_, p in layers):  # as QLoRALinearFn: s B A into the copy of W
+        merge = infer and all(p == 0 for *_, p in layers)  # as QLoRALinearFn: s B A into the copy of W
+        ctx.lora = [a is not None and not merge for a, _ in pairs]
+        lora = _Side(x2, side and any(ctx.lora))  # every adapter's u beside the dequantisation and GEMM
+        with lora:
+            parts = [
+                _lora_u(x2, a, b, scale, p) if on else None
+                for on, (a, b), (*_, scale, p) in zip(ctx.lora, pairs, layers)
+            ]
+        w = _dequantize_stack(layers, rows, x2)
+        if merge:
             for (a, b), (*_, scale, _), (r0, r1) in zip(pairs, layers, rows):
                 if a is not None:
                     w[r0:r1].addmm_(b.to(dtype), a.to(dtype), alpha=scale)
-            pairs = [(None, None)] * len(layers)
         if any(bias is not None for _, _, bias, _, _ in layers):
             bias = torch.cat(
                 [b.to(dtype) if b is not None else w.new_zeros(n) for (_, _, b, _, _), n in zip(layers, outs)]
@@ -314,12 +400,13 @@ class QLoRAStackFn(torch.autograd.Function):
             y = torch.mm(x2, w.t())
         del w
         saved = [x2]
-        ctx.lora = []
-        for (a, b), (*_, scale, p), (r0, r1) in zip(pairs, layers, rows):
-            ctx.lora.append(a is not None)
-            if a is not None:
-                saved += _lora_forward(y[:, r0:r1], x2, a, b, scale, p)
-        ctx.layers, ctx.rows, ctx.x_shape = layers, rows, shape
+        lora.join(*(t for part in parts if part is not None for t in part))
+        for part, (r0, r1) in zip(parts, rows):
+            if part is not None:
+                mask, u, a, b = part
+                y[:, r0:r1].addmm_(u, b.t())
+                saved += part
+        ctx.layers, ctx.rows, ctx.x_shape, ctx.side = layers, rows, shape, side
         ctx.save_for_backward(*saved)
         return y.view(*shape[:-1], y.shape[-1])
 
@@ -329,23 +416,32 @@ class QLoRAStackFn(torch.autograd.Function):
         x2, *saved = ctx.saved_tensors
         if g.dtype != x2.dtype:
             g = g.to(x2.dtype)
+        need_x = ctx.needs_input_grad[0]
+        lora = _Side(g, ctx.side and any(ctx.lora))  # the adapters' gradients beside the dequantisation and GEMM
+        lora_grads = []
+        inputs = []  # per adapter: (mask, v, A, v A where computed beside gx)
+        with lora:
+            for k, ((*_, scale, p), (r0, r1)) in enumerate(zip(ctx.layers, ctx.rows)):
+                if not ctx.lora[k]:
+                    lora_grads += [None, None]
+                    continue
+                mask, u, a, b = saved[:4]
+                saved = saved[4:]
+                need_a, need_b = ctx.needs_input_grad[3 + 2 * k], ctx.needs_input_grad[4 + 2 * k]
+                v, ga, gb = _lora_backward(g[:, r0:r1], x2, None, mask, u, a, b, scale, p, need_a, need_b)
+                lora_grads += [ga, gb]
+                inputs.append((mask, v, a, p, torch.mm(v, a) if need_x and ctx.side else None))
         gx = None
-        if ctx.needs_input_grad[0]:
+        if need_x:
             w = _dequantize_stack(ctx.layers, ctx.rows, x2)
             gx = torch.mm(g, w)
             del w
-        lora_grads = []
-        for k, ((*_, scale, p), (r0, r1)) in enumerate(zip(ctx.layers, ctx.rows)):
-            if not ctx.lora[k]:
-                lora_grads += [None, None]
-                continue
-            mask, u, a, b = saved[:4]
-            saved = saved[4:]
-            need_a, need_b = ctx.needs_input_grad[2 + 2 * k], ctx.needs_input_grad[3 + 2 * k]
-            lora_grads += _lora_backward(g[:, r0:r1], gx, x2, None, mask, u, a, b, scale, p, need_a, need_b)
+        lora.join(*lora_grads, *(x for _, v, _, _, t in inputs for x in (v, t)))
         if gx is not None:
+            for mask, v, a, p, t in inputs:
+                _add_lora_input_grad(gx, v, a, mask, p, t)
             gx = gx.view(ctx.x_shape)
-        return gx, None, *lora_grads
+        return gx, None, None, *lora_grads
 
 
 def _dequantize_stack(layers, rows, x2: torch.Tensor) -> torch.Tensor:
@@ -394,8 +490,13 @@ def _stacked(modules, x: torch.Tensor) -> torch.Tensor | None:
     compute, layers, loras = args
     h = x.to(compute) if x.dtype != compute else x
     with torch.autocast(x.device.type, enabled=False):
-        y = QLoRAStackFn.apply(h, layers, *loras)
+        y = QLoRAStackFn.apply(h, layers, _side_of(modules[0]), *loras)
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _side_of(module) -> bool:
+    """Whether install() put this layer's LoRA path on a second CUDA stream (speed.lora_stream)."""
+    return module.__dict__.get("_qlora_side", False)
 
 
 def _base_of(module):
@@ -468,7 +569,7 @@ def _fused_forward(self, x: torch.Tensor, *args, act: str | None = None, **kwarg
     compute, (weight, quant_state, bias, scale, p), a, b = layer
     h = x.to(compute) if x.dtype != compute else x
     with torch.autocast(x.device.type, enabled=False):
-        y = QLoRALinearFn.apply(h, weight, quant_state, bias, a, b, scale, p, act)
+        y = QLoRALinearFn.apply(h, weight, quant_state, bias, a, b, scale, p, act, _side_of(self))
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -522,11 +623,12 @@ def left_to_peft(model) -> str | None:
     )
 
 
-def install(model, absmax: bool = True) -> int:
+def install(model, absmax: bool = True, side: bool = False) -> int:
     """Route every 4-bit linear layer (LoRA-wrapped or plain) through QLoRALinearFn, but the layers
     of a LoRA variant it does not compute (DoRA: left_to_peft); returns how many layers now take
     it (core.speed.tune skips it when speed.fused_linear is off). `absmax`: keep each
-    double-quantised weight's scales dequantised (keep_absmax; speed.keep_absmax)."""
+    double-quantised weight's scales dequantised (keep_absmax; speed.keep_absmax). `side`: each
+    LoRA path on a second CUDA stream beside its base layer (_Side; speed.lora_stream)."""
     under_lora = {id(m.base_layer) for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
     count = 0
     for module in model.modules():
@@ -537,6 +639,7 @@ def install(model, absmax: bool = True) -> int:
         if _base_of(module) is None:  # neither a Linear4bit nor a layer wrapping one
             continue
         patch_forward(module, _fused_forward)
+        module.__dict__["_qlora_side"] = side
         count += 1
         if absmax:
             base = _base_of(module)
@@ -563,6 +666,12 @@ def install(model, absmax: bool = True) -> int:
         module._qlora_glu = kind
         patch_forward(module, _fused_glu_forward if hasattr(module, "gate_up_proj") else _glu_forward)
     return count
+
+
+def side_streams(model) -> bool:
+    """Whether this model's LoRA paths run on a second CUDA stream (install's `side`, on a GPU)."""
+    param = next(model.parameters(), None)
+    return param is not None and param.is_cuda and any(_side_of(m) for m in model.modules())
 
 
 def stacks(model) -> list[str]:

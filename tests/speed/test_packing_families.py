@@ -142,25 +142,35 @@ def test_packed_rows_match_the_padded_path(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ("phi", "llama", "gemma3_text", "phi3"))
-def test_stacked_projections_under_dropout_compute_what_peft_computes(family, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "stack, side", [(True, False), (True, True), (False, True)], ids=["stack", "stack-side", "side"]
+)
+def test_stacked_projections_under_dropout_compute_what_peft_computes(family, stack, side, tmp_path, monkeypatch):
     """q_proj, k_proj and v_proj, and a gated MLP's gate_proj and up_proj, each as one
     QLoRAStackFn (one GEMM each way; Phi-3's qkv_proj and gate_up_proj are one layer each
     already), the scales kept dequantised: peft's logits and LoRA gradients in training mode with
-    dropout 0.3, the same masks drawn (seeded) in the same order."""
+    dropout 0.3, the same masks drawn (seeded) in the same order. `side`: speed.lora_stream's
+    order of work (the LoRA path before the base GEMM, its input gradient added after; on a CPU
+    without the second stream), stacked or layer by layer."""
     from dataclasses import replace
 
     from core.speed import qlinear
 
-    monkeypatch.setattr(qlinear, "STACK_DEVICES", {"cuda", "cpu"})  # by default only on a GPU
+    if stack:
+        monkeypatch.setattr(qlinear, "STACK_DEVICES", {"cuda", "cpu"})  # by default only on a GPU
     make = make_tiny(family, tmp_path / family, lora=replace(LORA, dropout=0.3))
     plain, fast = make(), make()
-    changes = tune.tune_model(fast, torch.float32, SpeedConfig())
+    changes = tune.tune_model(fast, torch.float32, SpeedConfig(lora_stream=side))
     assert "double-quantised scales dequantised once (0.5 bit a weight; one kernel a dequantisation)" in changes
-    groups = {"phi": "q/k/v", "phi3": None}.get(family, "q/k/v and gate/up")  # Phi-3's are one layer each
+    groups = (
+        {"phi": "q/k/v", "phi3": None}.get(family, "q/k/v and gate/up") if stack else None
+    )  # Phi-3's: one layer each
     stacked_change = [c for c in changes if c.endswith(" stacked: one dequantised buffer, one GEMM each way")]
     assert stacked_change == ([f"{groups} stacked: one dequantised buffer, one GEMM each way"] if groups else [])
+    assert not any("second CUDA stream" in c for c in changes)  # no such stream on a CPU: not claimed
     fused = [m for m in fast.modules() if hasattr(m, "base_layer") and is_patched(m)]
     assert len(fused) == 2 * {"phi3": 4, "phi": 6}.get(family, 7) and all(qlinear.kept_absmax(m) for m in fused)
+    assert all(qlinear._side_of(m) is side for m in fused)
     stacked = []
     forward = qlinear.QLoRAStackFn.forward
     monkeypatch.setattr(
@@ -179,7 +189,9 @@ def test_stacked_projections_under_dropout_compute_what_peft_computes(family, tm
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
         out[name] = (logits.detach(), grads(model))
-    per_layer = {"phi": [[0.3] * 3], "phi3": []}.get(family, [[0.3] * 3, [0.3] * 2])  # q, k, v; gate, up
+    per_layer = (
+        {"phi": [[0.3] * 3], "phi3": []}.get(family, [[0.3] * 3, [0.3] * 2]) if stack else []
+    )  # q, k, v; gate, up
     assert stacked == per_layer * 2  # both layers, every adapter with its dropout
     assert not any("_qlora_next" in m.__dict__ for m in fast.modules())  # every kept output was taken
     torch.testing.assert_close(out["fast"][0], out["plain"][0], rtol=1e-5, atol=1e-5)
