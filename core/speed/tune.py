@@ -91,7 +91,8 @@ def tune_model(model, dtype: torch.dtype, speed: SpeedConfig | None = None) -> l
     left = qlinear.left_to_peft(model) if speed.fused_linear else None  # DoRA: the fused function steps aside
     if left:
         changes.append(f"not fused: {left}")
-    if speed.shared_prefix and install_shared_prefix(model):
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())  # the shared prefix runs on a CPU only
+    if speed.shared_prefix and on_cpu and install_shared_prefix(model):
         changes.append("shared prompt prefix run once per batch (CPU)")
     if dtype == torch.float16:
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
