@@ -405,6 +405,12 @@ class SpeedConfig:
     gradients) on a second CUDA stream, beside its base layer's dequantisation and GEMM, which at
     small batches leave most of the GPU idle; the same maths (core/speed/qlinear.py's _Side;
     QLORA_LORA_STREAM). Off until measured on a GPU (bench/RESULTS.md)."""
+    fused_dropout: bool = False
+    """With fused_linear, on an Ampere+ GPU: a gated MLP's LoRA dropout on down_proj's input drawn
+    inside the act(gate) * up kernel from a seed, no mask kept (recomputed in backward, its input
+    gradient summed in that kernel's backward): one pass and a mask fewer a layer each way; the
+    same distribution as torch's dropout, other numbers (core/speed/glu.py; QLORA_FUSED_DROPOUT).
+    Off until measured on a GPU (bench/RESULTS.md)."""
     fused_norm: bool = True
     """Every RMSNorm (Llama, Qwen, Mistral, Gemma, Phi-3 ...) as one autograd function that keeps its
     input and one number a row, one Triton kernel each way on an Ampere+ GPU (core/speed/rmsnorm.py;
@@ -445,6 +451,7 @@ class SpeedConfig:
             "fused_linear",
             "keep_absmax",
             "lora_stream",
+            "fused_dropout",
             "fused_norm",
             "fused_rotary",
             "triton_rotary",
@@ -473,6 +480,7 @@ SPEED_ENV = {
     "QLORA_FUSED": "fused_linear",
     "QLORA_KEEP_ABSMAX": "keep_absmax",
     "QLORA_LORA_STREAM": "lora_stream",
+    "QLORA_FUSED_DROPOUT": "fused_dropout",
     "QLORA_FUSED_NORM": "fused_norm",
     "QLORA_ROTARY": "fused_rotary",
     "QLORA_TRITON": "triton_rotary",

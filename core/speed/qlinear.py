@@ -149,12 +149,15 @@ def _add_masked(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, p: float
     out.addcmul_(x, mask, value=1.0 / (1 - p) if mask.dtype == torch.bool else 1.0)
 
 
-def _lora_u(h: torch.Tensor, lora_a, lora_b, scale: float, p: float):
+def _lora_u(h: torch.Tensor, lora_a, lora_b, scale: float, p: float, dropped=None):
     """What the LoRA path adds to the output is u B^T; returns what its backward needs: (mask or
-    None, u = s * dropout(h) A^T, A and B in h's dtype)."""
+    None, u = s * dropout(h) A^T, A and B in h's dtype). `dropped`: (dropout(h), its seed) where
+    glu.forward_dropout drew it; the seed then stands in the mask's place (_is_seed)."""
     a = lora_a.to(h.dtype)
     b = lora_b.to(h.dtype)
-    if p > 0:
+    if dropped is not None:
+        hd, mask = dropped
+    elif p > 0:
         hd, mask = _dropout(h, p)
     else:
         hd, mask = h, None
@@ -179,14 +182,22 @@ def _lora_backward(g, x2, act, mask, u, a, b, scale: float, p: float, need_a: bo
     v = torch.mm(g, b).mul_(scale)
     ga = gb = None
     if need_a:
-        hd = _activate(x2, act)
-        if mask is not None:
-            hd = _apply_mask(hd, mask, p)
+        if _is_seed(mask):  # dropout(act(x2)) from glu's kernel, the same elements kept
+            hd = glu.dropped(x2, act, p, mask)
+        else:
+            hd = _activate(x2, act)
+            if mask is not None:
+                hd = _apply_mask(hd, mask, p)
         ga = _mm_fp32(v.t(), hd)
         del hd
     if need_b:
         gb = _mm_fp32(g.t(), u)
     return v, ga, gb
+
+
+def _is_seed(mask) -> bool:
+    """Whether a saved mask is glu.forward_dropout's seed (one int64) rather than a mask."""
+    return mask is not None and mask.dtype == torch.int64
 
 
 def _add_lora_input_grad(gx: torch.Tensor, v, a, mask, p: float, t: torch.Tensor | None = None) -> None:
@@ -290,11 +301,17 @@ class QLoRALinearFn(torch.autograd.Function):
     docstring. With an activation, its input x is saved and act(x) recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, quant_state, bias, lora_a, lora_b, scale, p, act, side=False):
+    def forward(ctx, x, weight, quant_state, bias, lora_a, lora_b, scale, p, act, side=False, seeded=False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         dtype = x2.dtype
-        h = _activate(x2, act)
+        dropped = None
+        if seeded and act in GLU and lora_a is not None and p > 0 and any(ctx.needs_input_grad) and glu.available(x2):
+            seed = glu.new_seed(x2.device)  # act(gate) * up and its dropout in one kernel, no mask kept
+            h, hd = glu.forward_dropout(x2, act, p, seed)
+            dropped = (hd, seed)
+        else:
+            h = _activate(x2, act)
         if lora_a is not None and p == 0 and not any(ctx.needs_input_grad) and h.shape[0] > h.shape[1]:
             # inference on many rows: add s B A into this call's copy of W (d_out x d_in) rather than
             # s (h A^T) B^T into the output (rows x d_out); the same sum, fewer bytes moved
@@ -308,7 +325,8 @@ class QLoRALinearFn(torch.autograd.Function):
         ctx.lora = lora_a is not None
         lora = _Side(h, side and ctx.lora)  # u = s * dropout(h) A^T beside the dequantisation and GEMM
         with lora:
-            parts = _lora_u(h, lora_a, lora_b, scale, p) if ctx.lora else None
+            parts = _lora_u(h, lora_a, lora_b, scale, p, dropped) if ctx.lora else None
+        del dropped
         if w is None:
             w = dequantize(weight, quant_state)
             if w.dtype != dtype:
@@ -353,12 +371,15 @@ class QLoRALinearFn(torch.autograd.Function):
             del w
         lora.join(v, ga, gb, t)
         if gx is not None:
-            if ctx.lora:
-                _add_lora_input_grad(gx, v, a, mask, ctx.p, t)
-            if ctx.act is not None:
-                gx = _activation_backward(gx, x2, ctx.act)
+            if ctx.lora and _is_seed(mask):  # the LoRA share through its dropout, inside glu's kernel
+                gx = glu.backward(gx, x2, ctx.act, t if t is not None else torch.mm(v, a), ctx.p, mask)
+            else:
+                if ctx.lora:
+                    _add_lora_input_grad(gx, v, a, mask, ctx.p, t)
+                if ctx.act is not None:
+                    gx = _activation_backward(gx, x2, ctx.act)
             gx = gx.view(ctx.x_shape)
-        return gx, None, None, None, ga, gb, None, None, None, None
+        return gx, None, None, None, ga, gb, None, None, None, None, None
 
 
 class QLoRAStackFn(torch.autograd.Function):
@@ -499,6 +520,12 @@ def _side_of(module) -> bool:
     return module.__dict__.get("_qlora_side", False)
 
 
+def _seeded(module) -> bool:
+    """Whether install() has this layer draw a gated MLP's LoRA dropout inside glu's kernels
+    (speed.fused_dropout)."""
+    return module.__dict__.get("_qlora_seeded", False)
+
+
 def _base_of(module):
     """The bnb Linear4bit under a peft LoRA layer, or the module itself if it is one."""
     base = getattr(module, "base_layer", module)
@@ -569,7 +596,7 @@ def _fused_forward(self, x: torch.Tensor, *args, act: str | None = None, **kwarg
     compute, (weight, quant_state, bias, scale, p), a, b = layer
     h = x.to(compute) if x.dtype != compute else x
     with torch.autocast(x.device.type, enabled=False):
-        y = QLoRALinearFn.apply(h, weight, quant_state, bias, a, b, scale, p, act, _side_of(self))
+        y = QLoRALinearFn.apply(h, weight, quant_state, bias, a, b, scale, p, act, _side_of(self), _seeded(self))
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -623,12 +650,14 @@ def left_to_peft(model) -> str | None:
     )
 
 
-def install(model, absmax: bool = True, side: bool = False) -> int:
+def install(model, absmax: bool = True, side: bool = False, seeded: bool = False) -> int:
     """Route every 4-bit linear layer (LoRA-wrapped or plain) through QLoRALinearFn, but the layers
     of a LoRA variant it does not compute (DoRA: left_to_peft); returns how many layers now take
     it (core.speed.tune skips it when speed.fused_linear is off). `absmax`: keep each
     double-quantised weight's scales dequantised (keep_absmax; speed.keep_absmax). `side`: each
-    LoRA path on a second CUDA stream beside its base layer (_Side; speed.lora_stream)."""
+    LoRA path on a second CUDA stream beside its base layer (_Side; speed.lora_stream). `seeded`:
+    down_proj's LoRA dropout drawn inside glu's kernels from a seed, no mask kept (where those
+    kernels run; speed.fused_dropout)."""
     under_lora = {id(m.base_layer) for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
     count = 0
     for module in model.modules():
@@ -640,6 +669,7 @@ def install(model, absmax: bool = True, side: bool = False) -> int:
             continue
         patch_forward(module, _fused_forward)
         module.__dict__["_qlora_side"] = side
+        module.__dict__["_qlora_seeded"] = seeded
         count += 1
         if absmax:
             base = _base_of(module)
@@ -672,6 +702,20 @@ def side_streams(model) -> bool:
     """Whether this model's LoRA paths run on a second CUDA stream (install's `side`, on a GPU)."""
     param = next(model.parameters(), None)
     return param is not None and param.is_cuda and any(_side_of(m) for m in model.modules())
+
+
+def seeded_dropout(model) -> bool:
+    """Whether some gated MLP's down_proj draws its LoRA dropout inside glu's kernels (install's
+    `seeded`, where they run and the adapter has dropout)."""
+    param = next(model.parameters(), None)
+    if param is None or not glu.available(param):
+        return False
+    for module in model.modules():
+        down = getattr(module, "down_proj", None) if getattr(module, "_qlora_glu", None) else None
+        parts = _lora_parts(down) if down is not None and _seeded(down) else None
+        if parts is not None and isinstance(parts[3], torch.nn.Dropout) and parts[3].p > 0:
+            return True
+    return False
 
 
 def stacks(model) -> list[str]:

@@ -42,6 +42,7 @@ def tune_model(model, dtype: torch.dtype, speed: SpeedConfig | None = None) -> l
       MLP's act(gate) * up runs inside down_proj's (its product is never stored); on a GPU, layers
       that read one input (q/k/v, gate/up) run as one, a GEMM each way (qlinear.STACK_DEVICES);
       with speed.lora_stream, each LoRA path runs on a second CUDA stream beside its base layer;
+      with speed.fused_dropout, down_proj's LoRA dropout is drawn inside glu.py's kernel;
     - on a CPU, the tokens that every row of a causal LM's batch starts with run once per batch
       (prefix.py; speed.shared_prefix);
     - the rotary embedding in one pass: Phi's partial one always, the other families' in one
@@ -77,7 +78,9 @@ def tune_model(model, dtype: torch.dtype, speed: SpeedConfig | None = None) -> l
         changes.append(f"rows not packed: {why}" if why else "attention per packed row (padded batches: SDPA)")
     from . import qlinear  # bitsandbytes' kernels: imported once a model is loaded
 
-    if speed.fused_linear and qlinear.install(model, absmax=speed.keep_absmax, side=speed.lora_stream):
+    if speed.fused_linear and qlinear.install(
+        model, absmax=speed.keep_absmax, side=speed.lora_stream, seeded=speed.fused_dropout
+    ):
         changes.append("4-bit linear + LoRA as one autograd function")
         if speed.keep_absmax and any(qlinear.kept_absmax(m) for m in model.modules()):
             changes.append("double-quantised scales dequantised once (0.5 bit a weight; one kernel a dequantisation)")
@@ -85,6 +88,8 @@ def tune_model(model, dtype: torch.dtype, speed: SpeedConfig | None = None) -> l
             changes.append("gated MLP: act(gate) * up inside down_proj's function, recomputed in backward")
         if speed.lora_stream and qlinear.side_streams(model):
             changes.append("LoRA paths on a second CUDA stream, beside the base layers' dequantisation and GEMM")
+        if speed.fused_dropout and qlinear.seeded_dropout(model):
+            changes.append("gated MLP: down_proj's LoRA dropout drawn inside the act(gate) * up kernel, no mask kept")
         groups = qlinear.stacks(model)
         if groups:
             changes.append(f"{' and '.join(groups)} stacked: one dequantised buffer, one GEMM each way")

@@ -487,6 +487,103 @@ for family in sys.argv[1:]:
 """
 
 
+DROPOUT_CHECK = r"""
+import sys, tempfile, torch
+from dataclasses import replace
+from core.config import SpeedConfig
+from core.data import collate
+from core.speed import glu, tune
+from tests.speed.test_packing_families import LORA, grads, make_tiny, max_diff, rows
+
+P = 0.3
+CHANGE = "gated MLP: down_proj's LoRA dropout drawn inside the act(gate) * up kernel, no mask kept"
+
+
+def counted(calls, name, f, when=lambda *a, **k: True):
+    def call(*a, **k):
+        calls[name] += bool(when(*a, **k))
+        return f(*a, **k)
+
+    return call
+
+
+class SeededDropout(torch.nn.Module):
+    # peft's dropout on down_proj's input with glu's mask for the seed the fused path draws (drawn
+    # from torch's generator at the same point: both models then draw every other mask alike)
+    def __init__(self, act):
+        super().__init__()
+        self.act = act
+        self.kept = []
+
+    def forward(self, h):
+        seed = glu.new_seed(h.device)
+        flat = h.reshape(-1, h.shape[-1])
+        keep = glu.dropped(torch.ones(flat.shape[0], 2 * flat.shape[1]), self.act, P, seed) != 0
+        self.kept.append(keep.float().mean().item())
+        return (flat * keep / (1 - P)).view(h.shape)
+
+
+enc = rows()
+batch = collate(enc, list(range(len(enc))), 0)
+inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+for family in sys.argv[1:]:
+    make = make_tiny(family, tempfile.mkdtemp(), lora=replace(LORA, dropout=P))
+    plain, fast = make(), make()
+    changes = tune.tune_model(fast, torch.float32, SpeedConfig(pack="off", fused_dropout=True))
+    assert CHANGE in changes, changes
+    act = next(m._qlora_glu for m in fast.modules() if getattr(m, "_qlora_glu", None))
+    swapped = [SeededDropout(act) for name, _ in plain.named_modules() if name.endswith("mlp.down_proj")]
+    downs = [m for name, m in plain.named_modules() if name.endswith("mlp.down_proj")]
+    for m, d in zip(downs, swapped):
+        m.lora_dropout["default"] = d
+    calls = {"forward_dropout": 0, "dropped": 0, "backward_t": 0}
+    fd, dr, bw = glu.forward_dropout, glu.dropped, glu.backward
+    out = {}
+    for label, model in (("plain", plain), ("fast", fast)):
+        if label == "fast":  # count what the fused path calls
+            glu.forward_dropout = counted(calls, "forward_dropout", fd)
+            glu.dropped = counted(calls, "dropped", dr)
+            glu.backward = counted(calls, "backward_t", bw, when=lambda g, x, act, t=None, *rest: t is not None)
+        model.train()
+        torch.manual_seed(5)
+        logits = model(**inputs).logits
+        torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+        out[label] = (logits.detach(), grads(model))
+    glu.forward_dropout, glu.dropped, glu.backward = fd, dr, bw
+    assert calls == {"forward_dropout": 2, "dropped": 2, "backward_t": 2}, calls  # both layers, each way
+    kept = [k for d in swapped for k in d.kept]
+    assert len(kept) == 2 and all(0.6 < k < 0.8 for k in kept), kept  # 1 - p of the elements kept
+    torch.testing.assert_close(out["fast"][0], out["plain"][0], rtol=1e-4, atol=1e-5)
+    for n, w in out["plain"][1].items():
+        assert float(w.abs().max()) > 0, n
+        torch.testing.assert_close(out["fast"][1][n], w, rtol=1e-3, atol=1e-5, msg=f"{family} {n}")
+    torch.manual_seed(6)  # other seeds: other masks, other logits
+    assert not torch.allclose(fast(**inputs).logits, out["fast"][0])
+    print(f"{family} ok: gradients {max_diff(out['fast'][1], out['plain'][1]):.1e}, kept {kept}")
+"""
+
+
+def test_gated_mlp_lora_dropout_drawn_in_the_kernel_computes_what_peft_computes():
+    """speed.fused_dropout: down_proj's LoRA dropout drawn inside glu.py's kernel from a seed
+    (through Triton's interpreter on CPU), against peft with a dropout module that keeps the same
+    elements (the mask read back from the kernel for the same seed): logits and every gradient, the
+    kernel's own recomputation in backward and its input-gradient sum included."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", DROPOUT_CHECK, "llama", "gemma3_text"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    for family in ("llama", "gemma3_text"):
+        assert f"{family} ok" in out.stdout, out.stdout
+    print(out.stdout)
+
+
 def test_rmsnorm_and_gated_mlp_kernels_match_torch():
     """rmsnorm.py's and glu.py's Triton kernels (the GPU path) through Triton's interpreter on CPU,
     against the torch formulas that transformers' own norms and MLPs compute (the families' own
