@@ -257,10 +257,17 @@ _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 class _Side:
     """The LoRA path of one call on a second CUDA stream (speed.lora_stream), beside the base
     layer's dequantisation and GEMM on the current one: at small batches each of those kernels
-    leaves most of a GPU idle. Made after the inputs are ready (the side stream waits for the
-    current one), the LoRA work runs inside `with side:`, and join() comes before its results
-    are used (the current stream waits for the side one; the tensors made there are marked used
-    by the current stream, so the allocator does not hand their memory on too early).
+    leaves most of a GPU idle. Made once the inputs are ready (the side stream waits for all work
+    queued on the current one), the LoRA work runs inside `with side:`, and join() comes before
+    its results are used (the current stream waits for the side one).
+
+    Memory needs no record_stream (which, during a CUDA graph capture, would keep every such block
+    from being reused until the capture ends): the allocator hands a freed block only to the stream
+    it was allocated on. The current stream never gets the side stream's blocks, and the side
+    stream allocates only inside a side block. Every side block starts by waiting for all the work
+    queued on the current stream, including the work that read a block freed before it. The
+    current stream's tensors that the side stream reads (the input, the output's gradient) are
+    held until join().
 
     Without a side stream (a CPU, or the switch off: enabled False) the same code runs in the
     same order on the current stream, so the CPU tests check the reordered maths."""
@@ -287,13 +294,9 @@ class _Side:
             self._context = None
         return False
 
-    def join(self, *tensors) -> None:
-        if self.stream is None:
-            return
-        self.main.wait_stream(self.stream)
-        for t in tensors:
-            if isinstance(t, torch.Tensor):
-                t.record_stream(self.main)
+    def join(self) -> None:
+        if self.stream is not None:
+            self.main.wait_stream(self.stream)
 
 
 class QLoRALinearFn(torch.autograd.Function):
@@ -326,7 +329,6 @@ class QLoRALinearFn(torch.autograd.Function):
         lora = _Side(h, side and ctx.lora)  # u = s * dropout(h) A^T beside the dequantisation and GEMM
         with lora:
             parts = _lora_u(h, lora_a, lora_b, scale, p, dropped) if ctx.lora else None
-        del dropped
         if w is None:
             w = dequantize(weight, quant_state)
             if w.dtype != dtype:
@@ -337,7 +339,8 @@ class QLoRALinearFn(torch.autograd.Function):
             if act is not None:
                 ctx.save_for_backward(x2)
             return y.view(*shape[:-1], y.shape[-1])
-        lora.join(*parts)
+        lora.join()
+        del dropped  # read by the side stream: held until join()
         mask, u, a, b = parts
         y.addmm_(u, b.t())
         # the input, not its dropped-out copy: layers that share an input (q, k, v, fc1) share it
@@ -369,7 +372,7 @@ class QLoRALinearFn(torch.autograd.Function):
                 w = w.to(g.dtype)
             gx = torch.mm(g, w)  # the gradient with respect to h
             del w
-        lora.join(v, ga, gb, t)
+        lora.join()
         if gx is not None:
             if ctx.lora and _is_seed(mask):  # the LoRA share through its dropout, inside glu's kernel
                 gx = glu.backward(gx, x2, ctx.act, t if t is not None else torch.mm(v, a), ctx.p, mask)
@@ -421,7 +424,7 @@ class QLoRAStackFn(torch.autograd.Function):
             y = torch.mm(x2, w.t())
         del w
         saved = [x2]
-        lora.join(*(t for part in parts if part is not None for t in part))
+        lora.join()
         for part, (r0, r1) in zip(parts, rows):
             if part is not None:
                 mask, u, a, b = part
@@ -457,7 +460,7 @@ class QLoRAStackFn(torch.autograd.Function):
             w = _dequantize_stack(ctx.layers, ctx.rows, x2)
             gx = torch.mm(g, w)
             del w
-        lora.join(*lora_grads, *(x for _, v, _, _, t in inputs for x in (v, t)))
+        lora.join()
         if gx is not None:
             for mask, v, a, p, t in inputs:
                 _add_lora_input_grad(gx, v, a, mask, p, t)
