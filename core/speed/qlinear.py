@@ -28,6 +28,11 @@ adapter keeps its own dropout mask, drawn in the order the separate calls draw t
 double-quantised weight's block scales are dequantised once and kept (keep_absmax: 0.5 bit a
 weight), so each dequantisation is one kernel, not three.
 
+Two switches, off until measured on a GPU: with speed.lora_stream (install's `side`) each LoRA
+path runs on a second CUDA stream beside its base layer's dequantisation and GEMM (_Side); with
+speed.fused_dropout (`seeded`) a gated MLP's down_proj draws its LoRA dropout inside glu.py's
+act(gate) * up kernel from a seed, which then stands in the mask's place.
+
     install(model)     # every bnb Linear4bit, with or without a peft LoRA adapter; returns a count
 
 A layer falls back to its original forward for anything the function does not cover (several or
@@ -163,14 +168,6 @@ def _lora_u(h: torch.Tensor, lora_a, lora_b, scale: float, p: float, dropped=Non
         hd, mask = h, None
     u = torch.mm(hd, a.t()).mul_(scale)
     del hd
-    return mask, u, a, b
-
-
-def _lora_forward(y: torch.Tensor, h: torch.Tensor, lora_a, lora_b, scale: float, p: float):
-    """y += s * dropout(h) A^T B^T in place (y may be a column slice of a stack's output); returns
-    _lora_u's (mask or None, u, A, B)."""
-    mask, u, a, b = _lora_u(h, lora_a, lora_b, scale, p)
-    y.addmm_(u, b.t())
     return mask, u, a, b
 
 
