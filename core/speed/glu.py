@@ -17,7 +17,7 @@ With speed.fused_dropout, down_proj's LoRA dropout is drawn inside the same kern
 
     seed = new_seed(x.device)
     h, hd = forward_dropout(x, act, p, seed)   # h and dropout(h) in one pass, no mask stored
-    hd = dropped(x, act, p, seed)              # backward: dropout(h) again, the same elements kept
+    hd = dropped(x, act, p, seed, s)           # backward: s * dropout(h) again, the same elements kept
     dx = backward(g, x, act, t, p, seed)       # with g + mask * t / (1 - p) as the output's gradient
 
 An element (row r, column j) is kept where Philox(seed, r * I + j) >= p: the same distribution as
@@ -49,13 +49,14 @@ def _kernels():
         return None
 
     # the row count varies with the batch: not specialised on (a new shape never compiles)
-    @triton.jit(do_not_specialize=["rows", "p"])
+    @triton.jit(do_not_specialize=["rows", "p", "mult"])
     def forward_kernel(
         x_ptr,
         h_ptr,
         hd_ptr,
         seed_ptr,
         p,
+        mult,
         rows,
         WIDTH: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -77,7 +78,7 @@ def _kernels():
             tl.store(h_ptr + r * WIDTH + j, h.to(h_ptr.dtype.element_ty), mask=inside)
         if DROP:  # dropout(h), rounded once
             keep = tl.rand(tl.load(seed_ptr), r * WIDTH + j) >= p  # Philox: the same draw in backward
-            hd = tl.where(keep, h / (1.0 - p), 0.0)
+            hd = tl.where(keep, h * mult, 0.0)
             tl.store(hd_ptr + r * WIDTH + j, hd.to(hd_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit(do_not_specialize=["rows", "p"])
@@ -119,7 +120,7 @@ def _kernels():
     return forward_kernel, backward_kernel
 
 
-def _launch_forward(x: torch.Tensor, act: str, h, hd, p: float, seed) -> None:
+def _launch_forward(x: torch.Tensor, act: str, h, hd, p: float, seed, scale: float = 1.0) -> None:
     rows, width = x.shape[0], x.shape[1] // 2
     if rows:
         any_out = h if h is not None else hd
@@ -129,6 +130,7 @@ def _launch_forward(x: torch.Tensor, act: str, h, hd, p: float, seed) -> None:
             hd if hd is not None else any_out,
             seed if seed is not None else any_out,
             float(p),
+            float(scale) / (1.0 - p),
             rows,
             WIDTH=width,
             BLOCK=BLOCK,
@@ -161,10 +163,10 @@ def forward_dropout(x: torch.Tensor, act: str, p: float, seed: torch.Tensor) -> 
     return h, hd
 
 
-def dropped(x: torch.Tensor, act: str, p: float, seed: torch.Tensor) -> torch.Tensor:
-    """forward_dropout's dropout(h) again (backward recomputes it rather than keeping it)."""
+def dropped(x: torch.Tensor, act: str, p: float, seed: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """scale * forward_dropout's dropout(h) again (backward recomputes it rather than keeping it)."""
     hd = torch.empty((x.shape[0], x.shape[1] // 2), dtype=x.dtype, device=x.device)
-    _launch_forward(x, act, None, hd, p, seed)
+    _launch_forward(x, act, None, hd, p, seed, scale)
     return hd
 
 

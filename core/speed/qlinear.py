@@ -3,12 +3,13 @@
 peft runs a LoRA layer on a bitsandbytes NF4 base as bnb's matmul_4bit (dequantise, GEMM), a
 defensive clone of the output, dropout, autocast casts, two small GEMMs, a scale and an add: a
 dozen kernels and as many saved tensors. `QLoRALinearFn` computes the same function with fewer
-kernels and saved tensors (s = alpha / r, m = dropout mask / (1 - p)):
+kernels and saved tensors (s = alpha / r, m = dropout mask / (1 - p), A' = s A the 16-bit copy
+of A, made in one kernel: no kernel of its own scales u or v):
 
-    forward:   W = dequant(W4);  y = x W^T + b;  u = s * (m * x) A^T;  y += u B^T
+    forward:   W = dequant(W4);  y = x W^T + b;  u = (m * x) A'^T;  y += u B^T
     backward:  W = dequant(W4)              (dequantised again: a 16-bit W is never kept)
-               v = s * g B;  gx = g W + m * (v A) (the mask and the add one kernel);
-               gA = v^T (m * x);  gB = g^T u
+               v = g B;  gx = g W + m * (v A') (the mask and the add one kernel);
+               gA = v^T (s * m * x) (s inside the mask's kernel);  gB = g^T u
 
 It saves x, the dropout mask and u (rows x r, tiny), and recomputes m * x in backward: q, k, v
 and fc1 read the same x, so they keep one copy between them. Never W. A base layer with no
@@ -141,11 +142,23 @@ def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     return x * noise, noise
 
 
-def _apply_mask(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
-    """x * mask / (1 - p) with a mask from _dropout (the dropout's output, or its gradient)."""
+def _apply_mask(x: torch.Tensor, mask: torch.Tensor, p: float, scale: float = 1.0) -> torch.Tensor:
+    """scale * x * mask / (1 - p) with a mask from _dropout (the dropout's output, or its
+    gradient): one kernel either way."""
     if mask.dtype == torch.bool:
-        return torch.ops.aten.native_dropout_backward(x, mask, 1.0 / (1 - p))
-    return x * mask
+        return torch.ops.aten.native_dropout_backward(x, mask, scale / (1 - p))
+    if scale == 1.0:
+        return x * mask
+    return torch.addcmul(torch.zeros((), dtype=x.dtype, device=x.device), x, mask, value=scale)
+
+
+def _scaled(w: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """scale * w in `dtype` in one kernel (an fp32 LoRA matrix to the compute dtype); w itself
+    where there is nothing to do."""
+    if scale == 1.0:
+        return w.to(dtype)
+    out = torch.empty(w.shape, dtype=dtype, device=w.device)
+    return torch.mul(w, scale, out=out)
 
 
 def _add_masked(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, p: float) -> None:
@@ -156,9 +169,10 @@ def _add_masked(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, p: float
 
 def _lora_u(h: torch.Tensor, lora_a, lora_b, scale: float, p: float, dropped=None):
     """What the LoRA path adds to the output is u B^T; returns what its backward needs: (mask or
-    None, u = s * dropout(h) A^T, A and B in h's dtype). `dropped`: (dropout(h), its seed) where
+    None, u = s * dropout(h) A^T, s A and B in h's dtype: the scale rides on A's copy, so no
+    kernel scales u, nor v in backward). `dropped`: (dropout(h), its seed) where
     glu.forward_dropout drew it; the seed then stands in the mask's place (_is_seed)."""
-    a = lora_a.to(h.dtype)
+    a = _scaled(lora_a, scale, h.dtype)
     b = lora_b.to(h.dtype)
     if dropped is not None:
         hd, mask = dropped
@@ -166,26 +180,30 @@ def _lora_u(h: torch.Tensor, lora_a, lora_b, scale: float, p: float, dropped=Non
         hd, mask = _dropout(h, p)
     else:
         hd, mask = h, None
-    u = torch.mm(hd, a.t()).mul_(scale)
+    u = torch.mm(hd, a.t())
     del hd
     return mask, u, a, b
 
 
 def _lora_backward(g, x2, act, mask, u, a, b, scale: float, p: float, need_a: bool, need_b: bool):
-    """The LoRA path's gradients from g (the output's, rows x d_out): (v, gA, gB), v = s g B the
-    gradient of dropout(h) A^T (rows x r: _add_lora_input_grad turns it into the input's share),
-    gA and gB in fp32 (None where not needed). h = act(x2) is recomputed for gA (x2 itself
-    without an activation)."""
-    v = torch.mm(g, b).mul_(scale)
+    """The LoRA path's gradients from g (the output's, rows x d_out): (v, gA, gB), v = g B (rows
+    x r: with `a` = s A from _lora_u, _add_lora_input_grad turns it into the input's share), gA
+    and gB in fp32 (None where not needed). h = act(x2) is recomputed for gA (x2 itself without
+    an activation), times s inside the mask's kernel where there is one."""
+    v = torch.mm(g, b)
     ga = gb = None
     if need_a:
-        if _is_seed(mask):  # dropout(act(x2)) from glu's kernel, the same elements kept
-            hd = glu.dropped(x2, act, p, mask)
+        if _is_seed(mask):  # s * dropout(act(x2)) from glu's kernel, the same elements kept
+            hd = glu.dropped(x2, act, p, mask, scale)
+            ga = _mm_fp32(v.t(), hd)
+        elif mask is not None:
+            hd = _apply_mask(_activate(x2, act), mask, p, scale)
+            ga = _mm_fp32(v.t(), hd)
         else:
             hd = _activate(x2, act)
-            if mask is not None:
-                hd = _apply_mask(hd, mask, p)
-        ga = _mm_fp32(v.t(), hd)
+            ga = _mm_fp32(v.t(), hd)
+            if scale != 1.0:
+                ga.mul_(scale)  # r x d_in: a small kernel in place of one over rows x r
         del hd
     if need_b:
         gb = _mm_fp32(g.t(), u)
