@@ -46,6 +46,7 @@ left_to_peft() says why for the setup record.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import bitsandbytes as bnb
@@ -167,13 +168,17 @@ def _add_masked(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, p: float
     out.addcmul_(x, mask, value=1.0 / (1 - p) if mask.dtype == torch.bool else 1.0)
 
 
-def _lora_u(h: torch.Tensor, lora_a, lora_b, scale: float, p: float, dropped=None):
+def _lora_u(h: torch.Tensor, lora_a, lora_b, scale: float, p: float, dropped=None, copies=None):
     """What the LoRA path adds to the output is u B^T; returns what its backward needs: (mask or
     None, u = s * dropout(h) A^T, s A and B in h's dtype: the scale rides on A's copy, so no
     kernel scales u, nor v in backward). `dropped`: (dropout(h), its seed) where
-    glu.forward_dropout drew it; the seed then stands in the mask's place (_is_seed)."""
-    a = _scaled(lora_a, scale, h.dtype)
-    b = lora_b.to(h.dtype)
+    glu.forward_dropout drew it; the seed then stands in the mask's place (_is_seed). `copies`:
+    (s A, B) made already for this step (LoraCopies), used where their dtype is h's."""
+    if copies is not None and copies[0].dtype == h.dtype:
+        a, b = copies
+    else:
+        a = _scaled(lora_a, scale, h.dtype)
+        b = lora_b.to(h.dtype)
     if dropped is not None:
         hd, mask = dropped
     elif p > 0:
@@ -319,7 +324,9 @@ class QLoRALinearFn(torch.autograd.Function):
     docstring. With an activation, its input x is saved and act(x) recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, quant_state, bias, lora_a, lora_b, scale, p, act, side=False, seeded=False):
+    def forward(
+        ctx, x, weight, quant_state, bias, lora_a, lora_b, scale, p, act, side=False, seeded=False, copies=None
+    ):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         dtype = x2.dtype
@@ -343,7 +350,7 @@ class QLoRALinearFn(torch.autograd.Function):
         ctx.lora = lora_a is not None
         lora = _Side(h, side and ctx.lora)  # u = s * dropout(h) A^T beside the dequantisation and GEMM
         with lora:
-            parts = _lora_u(h, lora_a, lora_b, scale, p, dropped) if ctx.lora else None
+            parts = _lora_u(h, lora_a, lora_b, scale, p, dropped, copies) if ctx.lora else None
         if w is None:
             w = dequantize(weight, quant_state)
             if w.dtype != dtype:
@@ -397,7 +404,7 @@ class QLoRALinearFn(torch.autograd.Function):
                 if ctx.act is not None:
                     gx = _activation_backward(gx, x2, ctx.act)
             gx = gx.view(ctx.x_shape)
-        return gx, None, None, None, ga, gb, None, None, None, None, None
+        return gx, None, None, None, ga, gb, None, None, None, None, None, None
 
 
 class QLoRAStackFn(torch.autograd.Function):
@@ -409,7 +416,7 @@ class QLoRAStackFn(torch.autograd.Function):
     None without an adapter)."""
 
     @staticmethod
-    def forward(ctx, x, layers, side, *loras):
+    def forward(ctx, x, layers, side, copies, *loras):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         dtype = x2.dtype
@@ -422,8 +429,8 @@ class QLoRAStackFn(torch.autograd.Function):
         lora = _Side(x2, side and any(ctx.lora))  # every adapter's u beside the dequantisation and GEMM
         with lora:
             parts = [
-                _lora_u(x2, a, b, scale, p) if on else None
-                for on, (a, b), (*_, scale, p) in zip(ctx.lora, pairs, layers)
+                _lora_u(x2, a, b, scale, p, copies=c) if on else None
+                for on, (a, b), (*_, scale, p), c in zip(ctx.lora, pairs, layers, copies)
             ]
         w = _dequantize_stack(layers, rows, x2)
         if merge:
@@ -466,7 +473,10 @@ class QLoRAStackFn(torch.autograd.Function):
                     continue
                 mask, u, a, b = saved[:4]
                 saved = saved[4:]
-                need_a, need_b = ctx.needs_input_grad[3 + 2 * k], ctx.needs_input_grad[4 + 2 * k]
+                need_a, need_b = (
+                    ctx.needs_input_grad[4 + 2 * k],
+                    ctx.needs_input_grad[5 + 2 * k],
+                )  # after x, layers, side, copies
                 v, ga, gb = _lora_backward(g[:, r0:r1], x2, None, mask, u, a, b, scale, p, need_a, need_b)
                 lora_grads += [ga, gb]
                 inputs.append((mask, v, a, p, torch.mm(v, a) if need_x and ctx.side else None))
@@ -480,7 +490,7 @@ class QLoRAStackFn(torch.autograd.Function):
             for mask, v, a, p, t in inputs:
                 _add_lora_input_grad(gx, v, a, mask, p, t)
             gx = gx.view(ctx.x_shape)
-        return gx, None, None, *lora_grads
+        return gx, None, None, None, *lora_grads
 
 
 def _dequantize_stack(layers, rows, x2: torch.Tensor) -> torch.Tensor:
@@ -492,10 +502,10 @@ def _dequantize_stack(layers, rows, x2: torch.Tensor) -> torch.Tensor:
 
 
 def _stack_args(modules, x: torch.Tensor):
-    """QLoRAStackFn's (layers, loras) for `modules`, all fused 4-bit layers (or LoRA layers on
+    """QLoRAStackFn's (compute dtype, layers, copies, loras) for `modules`, all fused 4-bit layers (or LoRA layers on
     them) with one compute dtype; None where any of them is in a state _fused_forward hands to its
     original forward."""
-    layers, loras = [], []
+    layers, loras, copies = [], [], []
     dtypes = set()
     for module in modules:
         args = _layer_args(module, x) if _fused(module) else None
@@ -505,9 +515,10 @@ def _stack_args(modules, x: torch.Tensor):
         dtypes.add(compute)
         layers.append(layer)
         loras += [a, b]
+        copies.append(_copies_of(module))
     if len(dtypes) != 1:
         return None
-    return dtypes.pop(), tuple(layers), loras
+    return dtypes.pop(), tuple(layers), tuple(copies), loras
 
 
 # Devices whose layers stack (QLoRAStackFn). With it, on one H200, Phi-2 was 5% and Qwen 11% faster
@@ -526,10 +537,10 @@ def _stacked(modules, x: torch.Tensor) -> torch.Tensor | None:
     args = _stack_args(modules, x)
     if args is None:
         return None
-    compute, layers, loras = args
+    compute, layers, copies, loras = args
     h = x.to(compute) if x.dtype != compute else x
     with torch.autocast(x.device.type, enabled=False):
-        y = QLoRAStackFn.apply(h, layers, _side_of(modules[0]), *loras)
+        y = QLoRAStackFn.apply(h, layers, _side_of(modules[0]), copies, *loras)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -542,6 +553,67 @@ def _seeded(module) -> bool:
     """Whether install() has this layer draw a gated MLP's LoRA dropout inside glu's kernels
     (speed.fused_dropout)."""
     return module.__dict__.get("_qlora_seeded", False)
+
+
+_COPIES = "_qlora_copies"  # on a fused LoRA layer, while a LoraCopies is armed: (s A, B) for this step
+
+
+def _copies_of(module):
+    """The (s A, B) an armed LoraCopies made for this layer's adapter, or None."""
+    return module.__dict__.get(_COPIES)
+
+
+class LoraCopies:
+    """The 16-bit copies of every fused LoRA layer's matrices, s A and B, made in a few
+    multi-tensor kernels at the start of a micro-batch's forward instead of at every call (two
+    kernels per adapter): TrainStep arms them around each forward and backward, inside the CUDA
+    graph where there is one, so a replay makes them afresh from the weights of that moment. The
+    numbers are those of the per-call copies, bit for bit.
+
+        copies = LoraCopies(model, torch.bfloat16)   # false where there is nothing to copy
+        with copies.armed():                          # refresh(), then the layers read them; gone after
+            ...one forward and backward...
+
+    Only while armed do the layers read them: evaluation and prediction cast per call as before."""
+
+    def __init__(self, model, dtype: torch.dtype):
+        self.modules, self.a_src, self.a, self.scales, self.b_src, self.b = [], [], [], [], [], []
+        for module in model.modules():
+            parts = _lora_parts(module) if _fused(module) else None
+            if parts is None:
+                continue
+            lora_a, lora_b, scale, _ = parts
+            compute = _base_of(module).compute_dtype or dtype
+            self.modules.append(module)
+            self.a_src.append(lora_a)
+            self.a.append(torch.empty(lora_a.shape, dtype=compute, device=lora_a.device))
+            self.scales.append(float(scale))
+            self.b_src.append(lora_b)
+            self.b.append(
+                lora_b if lora_b.dtype == compute else torch.empty(lora_b.shape, dtype=compute, device=lora_b.device)
+            )
+
+    def __bool__(self) -> bool:
+        return bool(self.modules)
+
+    def refresh(self) -> None:
+        """s A and B from the current weights (a few multi-tensor kernels)."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.a, torch._foreach_mul(self.a_src, self.scales))  # rounded once, as per call
+            copied = [(b, src) for b, src in zip(self.b, self.b_src) if b is not src]
+            if copied:
+                torch._foreach_copy_([b for b, _ in copied], [src for _, src in copied])
+
+    @contextlib.contextmanager
+    def armed(self):
+        self.refresh()
+        for module, a, b in zip(self.modules, self.a, self.b):
+            module.__dict__[_COPIES] = (a, b)
+        try:
+            yield self
+        finally:
+            for module in self.modules:
+                module.__dict__.pop(_COPIES, None)
 
 
 def _base_of(module):
@@ -614,7 +686,9 @@ def _fused_forward(self, x: torch.Tensor, *args, act: str | None = None, **kwarg
     compute, (weight, quant_state, bias, scale, p), a, b = layer
     h = x.to(compute) if x.dtype != compute else x
     with torch.autocast(x.device.type, enabled=False):
-        y = QLoRALinearFn.apply(h, weight, quant_state, bias, a, b, scale, p, act, _side_of(self), _seeded(self))
+        y = QLoRALinearFn.apply(
+            h, weight, quant_state, bias, a, b, scale, p, act, _side_of(self), _seeded(self), _copies_of(self)
+        )
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 

@@ -21,6 +21,7 @@ new.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -128,6 +129,11 @@ class TrainStep:
         self.capture_s = 0.0  # wall time spent capturing graphs (warm-up included)
         self.graph_error: str | None = None
         self.token_budget = micro_token_budget(device, speed.micro_tokens)
+        self.copies = None  # the fused layers' LoRA copies, made once a micro-batch (qlinear.LoraCopies)
+        if speed.fused_linear and any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+            from . import qlinear  # bitsandbytes: only for a 4-bit model
+
+            self.copies = qlinear.LoraCopies(model, dtype) or None
         self.warmup_each = speed.graph_warmup == "each"
         self.micro = micro
         self.oom_retries = 0
@@ -206,6 +212,11 @@ class TrainStep:
         return value
 
     def _fwd_bwd(self, b: dict[str, torch.Tensor]) -> None:
+        # the LoRA copies made once for the micro-batch (inside its graph where there is one), not per call
+        with self.copies.armed() if self.copies else contextlib.nullcontext():
+            self._loss_backward(b)
+
+    def _loss_backward(self, b: dict[str, torch.Tensor]) -> None:
         if "cu_seqlens" in b:  # packed (packing.py)
             with autocast(self.device, self.dtype, cache_enabled=False):
                 logits = packing.packed_logits(self.model, b, self.max_len)

@@ -214,6 +214,51 @@ def test_stacked_projections_under_dropout_compute_what_peft_computes(family, st
     assert stacked == [] and not any("_qlora_next" in m.__dict__ for m in fast.modules())
 
 
+@pytest.mark.parametrize("family", ("llama", "phi"))
+def test_lora_copies_made_once_a_micro_batch_give_the_per_call_numbers(family, tmp_path, monkeypatch):
+    """TrainStep's LoraCopies: every adapter's s A and B made once per micro-batch (a few
+    multi-tensor kernels) instead of at every call give the per-call copies' loss and gradients
+    bit for bit, stacked and not, under dropout; afresh after the weights change; and no layer
+    reads them outside a forward and backward."""
+    from dataclasses import replace
+
+    from core.speed import qlinear
+
+    monkeypatch.setattr(qlinear, "STACK_DEVICES", {"cuda", "cpu"})  # stacked as on a GPU
+    model = make_tiny(family, tmp_path / family, lora=replace(LORA, dropout=0.3))()
+    tune.tune_model(model, torch.float32, SpeedConfig())
+    model.train()
+    step = TrainStep(model, CPU, torch.float32, 0, SpeedConfig())
+    assert step.copies and len(step.copies.modules) == 2 * {"phi": 6}.get(family, 7)
+    copies = step.copies
+    refreshed = []
+    refresh = qlinear.LoraCopies.refresh
+    monkeypatch.setattr(qlinear.LoraCopies, "refresh", lambda self: refreshed.append(1) or refresh(self))
+    enc = rows()
+
+    def run(armed: bool):
+        step.copies = copies if armed else None  # None: the layers copy at every call
+        step.zero_grad()
+        torch.manual_seed(5)
+        step.forward_backward(enc, micro=6)
+        return step.take_loss(), grads(model)
+
+    for change in (False, True):
+        if change:  # the optimiser moved the weights: the next micro-batch copies the new ones
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if "lora_" in name:
+                        param.mul_(1.5).add_(0.01)
+        refreshed.clear()
+        (loss, got), (want_loss, want) = run(True), run(False)
+        assert len(refreshed) == 2  # 12 rows in micro-batches of 6: once each
+        assert loss == want_loss and got.keys() == want.keys()
+        for name, g in want.items():
+            assert torch.equal(got[name], g), name
+        assert any(float(g.abs().max()) > 0 for name, g in want.items() if "lora_A" in name)
+    assert not any(qlinear._COPIES in m.__dict__ for m in model.modules())  # unarmed after the step
+
+
 def batch_inputs(batch):
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
