@@ -10,7 +10,9 @@ The rows are laid end to end where the model allows it (packing.py), else padded
 a multiple of 16 on a GPU (few distinct shapes). A step of more than the token budget is split
 into micro-batches with the same gradient. On a CUDA GPU each shape's forward+backward is
 captured once as a CUDA graph (graphs.py) and replayed; rows (or packed slots) that only fill a
-graph's shape have loss weight 0. speed.cuda_graphs = false runs the same step eagerly.
+graph's shape have loss weight 0. speed.cuda_graphs = false runs the same step eagerly. Each
+micro-batch's forward starts by making the 16-bit copies of every fused LoRA adapter at once
+(qlinear.LoraCopies, inside the graph where there is one), which its layers then read.
 
 Class weights (train.class_weights) multiply each row's cross-entropy by its class's weight in
 _fwd_bwd, the one place every path (padded, packed, graphs; each process of a data-parallel run)
