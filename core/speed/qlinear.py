@@ -473,10 +473,8 @@ class QLoRAStackFn(torch.autograd.Function):
                     continue
                 mask, u, a, b = saved[:4]
                 saved = saved[4:]
-                need_a, need_b = (
-                    ctx.needs_input_grad[4 + 2 * k],
-                    ctx.needs_input_grad[5 + 2 * k],
-                )  # after x, layers, side, copies
+                # the inputs: x, layers, side, copies, then lora_A and lora_B of each layer
+                need_a, need_b = ctx.needs_input_grad[4 + 2 * k], ctx.needs_input_grad[5 + 2 * k]
                 v, ga, gb = _lora_backward(g[:, r0:r1], x2, None, mask, u, a, b, scale, p, need_a, need_b)
                 lora_grads += [ga, gb]
                 inputs.append((mask, v, a, p, torch.mm(v, a) if need_x and ctx.side else None))
