@@ -19,7 +19,7 @@ ours() {  # ours TREE LABEL ARCH [ENV ...]
   (cd $tree && env PYTHONPATH=$t:$PWD "$@" timeout 150 python3 -m bench.ours experiment /tmp/qb --arch $arch \
     --micro 32 --train-rows 1000 --epochs 2 --val-rows 128 --test-rows 128 --out $OUT/ab/$arch.$label.json) \
     > $OUT/ab/$arch.$label.log 2>&1
-  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], f\"{d['pairs_per_s']:.1f} pairs/s\", f\"peak {d['peak_gib']:.2f} GiB\", f\"mfu {d['mfu']:.3f}\", d['state'], [x for x in d.get('speedups', []) if 'stream' in x or 'drawn inside' in x])" \
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], f\"{d['pairs_per_s']:.1f} pairs/s\", f\"peak {d['peak_gib']:.2f} GiB\", f\"mfu {d['mfu']:.3f}\", d['state'], [x for x in (d.get('speedups') or []) if 'stream' in x or 'drawn inside' in x])" \
     $OUT/ab/$arch.$label.json "$arch $label" 2>/dev/null || echo "$arch $label failed: $(tail -2 $OUT/ab/$arch.$label.log)"
 }
 for arch in ${archs//,/ }; do
