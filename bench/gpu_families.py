@@ -103,9 +103,8 @@ def check(family: str, dev: torch.device) -> tuple[dict, bool]:
 
         plain, tuned = make(), make()
         t4 = dtype == torch.float16  # the T4 path: padded batches, the rotary in torch, a GradScaler
-        speed = speed_from_env(
-            SpeedConfig(pack="off", triton_rotary=False) if t4 else SpeedConfig()
-        )  # QLORA_* variants
+        # the QLORA_* variants of the environment apply (bench/ab_gpu.sh, families_gpu.sh)
+        speed = speed_from_env(SpeedConfig(pack="off", triton_rotary=False) if t4 else SpeedConfig())
         changes = tune_model(tuned, dtype, speed)
         plain.train()
         with torch.autocast("cuda", dtype=dtype):

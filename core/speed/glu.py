@@ -122,13 +122,12 @@ def _kernels():
 
 def _launch_forward(x: torch.Tensor, act: str, h, hd, p: float, seed, scale: float = 1.0) -> None:
     rows, width = x.shape[0], x.shape[1] // 2
-    if rows:
-        any_out = h if h is not None else hd
+    if rows:  # an output the kernel does not write gets the other one's pointer (never dereferenced)
         _kernels()[0][(rows, -(-width // BLOCK))](
             x.contiguous(),
-            h if h is not None else any_out,
-            hd if hd is not None else any_out,
-            seed if seed is not None else any_out,
+            h if h is not None else hd,
+            hd if hd is not None else h,
+            seed if seed is not None else x,
             float(p),
             float(scale) / (1.0 - p),
             rows,

@@ -198,18 +198,17 @@ def _lora_backward(g, x2, act, mask, u, a, b, scale: float, p: float, need_a: bo
     v = torch.mm(g, b)
     ga = gb = None
     if need_a:
+        after = 1.0  # what s is left to multiply gA by (none where the mask's kernel took it)
         if _is_seed(mask):  # s * dropout(act(x2)) from glu's kernel, the same elements kept
             hd = glu.dropped(x2, act, p, mask, scale)
-            ga = _mm_fp32(v.t(), hd)
         elif mask is not None:
             hd = _apply_mask(_activate(x2, act), mask, p, scale)
-            ga = _mm_fp32(v.t(), hd)
         else:
-            hd = _activate(x2, act)
-            ga = _mm_fp32(v.t(), hd)
-            if scale != 1.0:
-                ga.mul_(scale)  # r x d_in: a small kernel in place of one over rows x r
+            hd, after = _activate(x2, act), scale
+        ga = _mm_fp32(v.t(), hd)
         del hd
+        if after != 1.0:
+            ga.mul_(after)  # r x d_in: a small kernel in place of one over rows x r
     if need_b:
         gb = _mm_fp32(g.t(), u)
     return v, ga, gb

@@ -608,21 +608,22 @@ for family in sys.argv[1:]:
 """
 
 
+def interpreted(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`script` run in a fresh Python under Triton's interpreter (TRITON_INTERPRET is read when a
+    kernel is first defined: a process of its own), which stands in for a GPU on CPU."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+
+
 def test_gated_mlp_lora_dropout_drawn_in_the_kernel_computes_what_peft_computes():
     """speed.fused_dropout: down_proj's LoRA dropout drawn inside glu.py's kernel from a seed
     (through Triton's interpreter on CPU), against peft with a dropout module that keeps the same
     elements (the mask read back from the kernel for the same seed): logits and every gradient, the
     kernel's own recomputation in backward and its input-gradient sum included."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-c", DROPOUT_CHECK, "llama", "gemma3_text"],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
+    out = interpreted(DROPOUT_CHECK, "llama", "gemma3_text")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     for family in ("llama", "gemma3_text"):
         assert f"{family} ok" in out.stdout, out.stdout
@@ -634,16 +635,7 @@ def test_rmsnorm_and_gated_mlp_kernels_match_torch():
     against the torch formulas that transformers' own norms and MLPs compute (the families' own
     forwards are compared with those formulas in test_packed_rows_match_the_padded_path); then whole
     tiny NF4 + LoRA models with every kernel bound against the plain path."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-c", KERNEL_CHECK, "llama", "gemma3_text"],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
+    out = interpreted(KERNEL_CHECK, "llama", "gemma3_text")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     for part in ("rmsnorm ok", "glu ok", "llama ok", "gemma3_text ok"):
         assert part in out.stdout, out.stdout
@@ -654,16 +646,7 @@ def test_triton_rotary_matches_each_familys_own_formula():
     """rope.py's kernel (the GPU path) through Triton's interpreter on CPU: rope_heads on
     transformers' layouts, and attention with the kernel bound (Phi's own forward) against
     transformers' forward: logits and every gradient."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-c", ROTARY_CHECK, *TRITON_FAMILIES],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
+    out = interpreted(ROTARY_CHECK, *TRITON_FAMILIES)
     assert out.returncode == 0 and "kernel ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
     for family in TRITON_FAMILIES:
         assert f"{family} ok" in out.stdout, out.stdout
