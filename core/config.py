@@ -400,17 +400,19 @@ class SpeedConfig:
     """With fused_linear and model.double_quant: dequantise each weight's block scales once and keep
     them in fp32 (0.5 bit more a weight: 170 MB for Phi-2), so every dequantisation of a weight is
     one kernel instead of three (core/speed/qlinear.py; QLORA_KEEP_ABSMAX)."""
-    lora_stream: bool = False
+    lora_stream: bool = True
     """With fused_linear, on a GPU: each LoRA adapter's path (dropout, its two thin GEMMs, their
     gradients) on a second CUDA stream, beside its base layer's dequantisation and GEMM, which at
-    small batches leave most of the GPU idle; the same maths (core/speed/qlinear.py's _Side;
-    QLORA_LORA_STREAM). Off until measured on a GPU (bench/RESULTS.md)."""
+    small batches leave most of the GPU idle; the same maths and losses (core/speed/qlinear.py's
+    _Side; QLORA_LORA_STREAM). 1.04-1.14x at batch 32 on one H100 for Phi-2, Llama, Qwen and
+    Gemma 3 shapes, 0.05-0.10 GiB more peak memory (bench/RESULTS.md, 2026-12-06)."""
     fused_dropout: bool = False
     """With fused_linear, on an Ampere+ GPU: a gated MLP's LoRA dropout on down_proj's input drawn
     inside the act(gate) * up kernel from a seed, no mask kept (recomputed in backward, its input
     gradient summed in that kernel's backward): one pass and a mask fewer a layer each way; the
     same distribution as torch's dropout, other numbers (core/speed/glu.py; QLORA_FUSED_DROPOUT).
-    Off until measured on a GPU (bench/RESULTS.md)."""
+    Off: measured 0.974x on one H100 (Qwen2.5-1.5B shape), 0.15 GiB less peak memory
+    (bench/RESULTS.md, 2026-12-06)."""
     fused_norm: bool = True
     """Every RMSNorm (Llama, Qwen, Mistral, Gemma, Phi-3 ...) as one autograd function that keeps its
     input and one number a row, one Triton kernel each way on an Ampere+ GPU (core/speed/rmsnorm.py;

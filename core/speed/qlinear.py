@@ -29,10 +29,11 @@ adapter keeps its own dropout mask, drawn in the order the separate calls draw t
 double-quantised weight's block scales are dequantised once and kept (keep_absmax: 0.5 bit a
 weight), so each dequantisation is one kernel, not three.
 
-Two switches, off until measured on a GPU: with speed.lora_stream (install's `side`) each LoRA
-path runs on a second CUDA stream beside its base layer's dequantisation and GEMM (_Side); with
-speed.fused_dropout (`seeded`) a gated MLP's down_proj draws its LoRA dropout inside glu.py's
-act(gate) * up kernel from a seed, which then stands in the mask's place.
+Two switches: with speed.lora_stream (install's `side`; on by default) each LoRA path runs on a
+second CUDA stream beside its base layer's dequantisation and GEMM (_Side); with
+speed.fused_dropout (`seeded`; off, it saved memory but no time) a gated MLP's down_proj draws its
+LoRA dropout inside glu.py's act(gate) * up kernel from a seed, which then stands in the mask's
+place.
 
     install(model)     # every bnb Linear4bit, with or without a peft LoRA adapter; returns a count
 
