@@ -740,14 +740,14 @@ def left_to_peft(model) -> str | None:
     )
 
 
-def install(model, absmax: bool = True, side: bool = False, seeded: bool = False) -> int:
+def install(model, absmax: bool = True, side: bool = True, seeded: bool = False) -> int:
     """Route every 4-bit linear layer (LoRA-wrapped or plain) through QLoRALinearFn, but the layers
     of a LoRA variant it does not compute (DoRA: left_to_peft); returns how many layers now take
     it (core.speed.tune skips it when speed.fused_linear is off). `absmax`: keep each
     double-quantised weight's scales dequantised (keep_absmax; speed.keep_absmax). `side`: each
     LoRA path on a second CUDA stream beside its base layer (_Side; speed.lora_stream). `seeded`:
     down_proj's LoRA dropout drawn inside glu's kernels from a seed, no mask kept (where those
-    kernels run; speed.fused_dropout)."""
+    kernels run; speed.fused_dropout). The defaults are SpeedConfig's."""
     under_lora = {id(m.base_layer) for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
     count = 0
     for module in model.modules():
