@@ -4,6 +4,7 @@
 # tree given as environment assignments (SpeedConfig's QLORA_* switches):
 #   mkdir -p .keep/old && git archive COMMIT core bench/*.py bench/snli_lengths.json | tar -x -C .keep/old
 #   bash bench/ab_gpu.sh .keep/old phi2,qwen1p5b QLORA_KEEP_ABSMAX=0                  # there
+#   bash bench/ab_gpu.sh - phi2 QLORA_MICRO_TOKENS=0                                  # no old tree: new and variants
 # carry .whl (the bitsandbytes wheel) and the old tree (keep both out of git: echo /.keep/ >>
 # .git/info/exclude). Each run is bench.ours experiment as
 # bench.run's ours part runs it (batch 32, 1,000 rows, 2 epochs); everything under $OUT/ab comes
@@ -24,7 +25,7 @@ ours() {  # ours TREE LABEL ARCH [ENV ...]
 }
 for arch in ${archs//,/ }; do
   PYTHONPATH=$t:$PWD python3 -m bench.assets /tmp/qb --arch $arch > $OUT/ab/$arch.assets.log 2>&1 || { tail -3 $OUT/ab/$arch.assets.log; continue; }
-  ours $old old $arch
+  [ "$old" = - ] || ours $old old $arch
   ours . new $arch
   for v in "$@"; do ours . "${v//[^A-Za-z0-9]/_}" $arch $v; done
 done
