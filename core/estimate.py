@@ -36,7 +36,14 @@ from .tables import iter_table
 # to show a plan, and builds a model on the meta device only when it asks for parameter counts.
 
 CUDA_CONTEXT_GB = 0.5  # what the CUDA runtime and cuBLAS workspaces take before any tensor
-ACTIVATION_BYTES = 29  # per token, layer and hidden unit in 16-bit, kept for the backward pass
+# What one layer keeps for its backward pass, per token, in 16-bit: bytes per hidden unit and per
+# intermediate (MLP) unit. A gated MLP (GATED_MLP) keeps [gate | up] (2 values an intermediate unit)
+# and the down projection's dropout mask; a plain one its fc1 output and mask; the hidden part is
+# the norms' and projections' inputs, the adapters' masks and the attention's q, k, v and output.
+# Fitted to the growth of the peak from 768 to 1,472 tokens a micro-batch on one H100 (Phi-2,
+# Llama-3.2-3B, Qwen2.5-1.5B and Gemma 3 1B shapes, bench/RESULTS.md 2026-12-06): within 7%.
+ACTIVATION_BYTES = {"gated": (20.0, 5.5), "plain": (15.0, 3.0)}
+GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3")
 
 
 def pick_device_dtype(cfg: RunConfig) -> dict:
@@ -92,7 +99,8 @@ def planned_rows(cfg: RunConfig, known: dict[str, int] | None = None) -> dict[st
 
 
 def model_shape(name: str, revision: str | None = None) -> dict:
-    """hidden size, layers, heads and vocabulary of a model, from its config (no weights)."""
+    """hidden size, layers, heads, MLP width (intermediate) and model type of a model, from its
+    config (no weights)."""
     from transformers import AutoConfig  # here, not at the top: see the imports
 
     name, source = pretrained_source(name, revision)
@@ -101,8 +109,18 @@ def model_shape(name: str, revision: str | None = None) -> dict:
         "hidden": getattr(c, "hidden_size", None) or getattr(c, "n_embd", None),
         "layers": getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None),
         "heads": getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None),
+        "intermediate": getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None),
         "model_type": getattr(c, "model_type", None),
     }
+
+
+def activation_bytes(shape: dict, width: int = 2) -> float:
+    """Bytes one layer keeps for backward per token (ACTIVATION_BYTES) for model_shape's `shape`;
+    `width`: bytes per value of the compute dtype. Without a known MLP width, 4 x hidden."""
+    hidden = shape["hidden"]
+    intermediate = shape.get("intermediate") or 4 * hidden
+    per_hidden, per_intermediate = ACTIVATION_BYTES["gated" if shape.get("model_type") in GATED_MLP else "plain"]
+    return (per_hidden * hidden + per_intermediate * intermediate) * width / 2
 
 
 def gpu_memory_gb(params: dict, shape: dict, cfg: RunConfig, dtype: str) -> float | None:
@@ -112,8 +130,7 @@ def gpu_memory_gb(params: dict, shape: dict, cfg: RunConfig, dtype: str) -> floa
     quantisation, and 0.5 bit more where speed.keep_absmax keeps them dequantised), the rest in
     the compute dtype; trainable weights in fp32 with their gradient and two AdamW moments (16
     bytes each); activations of one micro-batch at max_length, split as the trainer splits it on
-    a GPU (speed.micro_tokens), about 29 bytes per token, layer and
-    hidden unit in 16-bit (fitted to the Phi-2-shaped runs in bench/RESULTS.md); plus the CUDA
+    a GPU (speed.micro_tokens), activation_bytes per token and layer; plus the CUDA
     context. Batches are padded only to their longest row, so real use is usually lower. With
     train.gradient_checkpointing a layer keeps only its input (one value per token and hidden
     unit), and the layer computed again in backward holds about twice one layer's activations
@@ -132,10 +149,11 @@ def gpu_memory_gb(params: dict, shape: dict, cfg: RunConfig, dtype: str) -> floa
     budget = micro_token_budget(torch.device("cuda"), speed.micro_tokens)
     if budget:  # long micro-batches are split in row halves; one row is never split
         tokens = min(tokens, max(budget, cfg.data.max_length))
-    activations = ACTIVATION_BYTES * tokens * shape["layers"] * shape["hidden"] * width / 2
+    per_layer = activation_bytes(shape, width) * tokens
+    activations = per_layer * shape["layers"]
     if cfg.train.gradient_checkpointing:  # each layer keeps its input; the layer computed again is on top
         kept = tokens * shape["layers"] * shape["hidden"] * width
-        activations = kept + 2 * ACTIVATION_BYTES * tokens * shape["hidden"] * width / 2
+        activations = kept + 2 * per_layer
     return round((weights + activations) / 2**30 + CUDA_CONTEXT_GB, 2)
 
 

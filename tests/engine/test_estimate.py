@@ -73,3 +73,35 @@ def test_plan_of_the_demo_and_the_time_estimate_from_an_earlier_run(tmp_path, ti
     assert p["time"]["seconds"] > 2 * 128 * per_row  # at least the training rows at the measured speed
     bad = estimate.plan(override(cfg, {"model.name": str(tmp_path / "no-such-model")}), root=tmp_path)
     assert bad["params"] is None and bad["params_error"]
+
+
+def test_activation_bytes_follow_the_measured_growth_of_every_familys_peak():
+    """activation_bytes per token and layer against what the peak grew by on one H100 from the
+    768-token budget to one micro-batch a step (bench/h100-2026-12-06-s2: the largest micro-batch
+    768 and about 1,472 tokens, counted in bench/RESULTS.md), for the four benchmark shapes."""
+    import transformers
+
+    from bench.assets import ARCHS
+    from tests.helpers import ROOT
+
+    runs = ROOT / "bench" / "h100-2026-12-06-s2" / "mt1" / "ab"
+    for arch, spec in ARCHS.items():
+        c = spec["shape"]
+        shape = {
+            "hidden": c["hidden_size"],
+            "intermediate": c["intermediate_size"],
+            "model_type": getattr(transformers, spec["config"]).model_type,
+        }
+        peak = {
+            k: json.loads((runs / f"{arch}.{k}.json").read_text())["peak_gib"] for k in ("new", "QLORA_MICRO_TOKENS_0")
+        }
+        measured = (peak["QLORA_MICRO_TOKENS_0"] - peak["new"]) * 2**30 / (1472 - 768) / c["num_hidden_layers"]
+        assert 0.9 <= estimate.activation_bytes(shape) / measured <= 1.1, (
+            arch,
+            estimate.activation_bytes(shape),
+            measured,
+        )
+    # a plain MLP keeps less per intermediate unit than a gated one
+    assert estimate.activation_bytes({"hidden": 64, "model_type": "phi"}) < estimate.activation_bytes(
+        {"hidden": 64, "model_type": "llama"}
+    )
